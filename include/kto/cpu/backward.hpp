@@ -1,0 +1,63 @@
+// cpu/backward.hpp — the gradient of the KTO loss w.r.t. the policy logits.
+//
+//   ∂L/∂Z[r, v] = g_s · c_r · (1[v = t_r] − exp(Z[r, v] − lse_r))
+//
+// with g_s = ∂L/∂logp_s from finish(), c_r = 1 (sum) or 1/n_s (average) on
+// scored rows. Ignored rows and rows outside every sequence get all zeros, so
+// every element of the output is written. One read of the logits and one write
+// of the gradient, in the logit type; `grad` may alias `logits` exactly (in place).
+#pragma once
+
+#include <vector>
+
+#include "../layout.hpp"
+#include "../options.hpp"
+#include "../validate.hpp"
+#include "parallel.hpp"
+#include "row_kernels.hpp"
+#include "sequence_logprobs.hpp"
+
+namespace kto {
+namespace cpu {
+
+template <class T>
+void backward(const LogitsView<const T>& logits, const TargetsView& targets,
+              const SequencesView& seqs, Span<const accumulator_t<T>> row_lse,
+              Span<const accumulator_t<T>> grad_logp, Span<const index_t> num_tokens,
+              const Options& o, const LogitsView<T>& grad, const ExecutionPolicy& exec = {}) {
+  using Acc = accumulator_t<T>;
+  const char* fn = "kto::cpu::backward";
+  kto::detail::validate_logits(logits, fn, "logits");
+  detail::validate_forward_inputs(fn, logits.rows.rows, logits.vocab, targets, seqs, o, true);
+  kto::detail::validate_gradient(grad, logits, fn);
+  kto::detail::validate_span(row_lse, logits.rows.rows, fn, "row_lse");
+  kto::detail::validate_span(grad_logp, seqs.count, fn, "grad_logp");
+  kto::detail::validate_span(num_tokens, seqs.count, fn, "num_tokens");
+  kto::detail::validate_finite(grad_logp, fn, "grad_logp");
+
+  const index_t first = seqs.offsets[0];
+  const index_t last = seqs.offsets[seqs.count];
+  parallel_for(logits.rows.rows, exec, [&](index_t b, index_t e) {
+    index_t s = b >= first && b < last ? detail::sequence_of_row(seqs, b) : -1;
+    for (index_t r = b; r < e; ++r) {
+      T* out = grad.row(r);
+      if (r < first || r >= last) {
+        zero_row(out, grad.vocab);
+        continue;
+      }
+      while (r >= seqs.end(s)) ++s;  // skips empty sequences too
+      const index_t t = targets.at(r);
+      if (t == o.ignore_index) {
+        zero_row(out, grad.vocab);
+        continue;
+      }
+      const index_t n = num_tokens[s];
+      const double c = o.average_logprob ? 1.0 / static_cast<double>(n) : 1.0;
+      const Acc scale = static_cast<Acc>(static_cast<double>(grad_logp[s]) * c);
+      row_gradient<T, Acc>(logits.row(r), logits.vocab, t, row_lse[r], scale, out);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace kto

@@ -1,0 +1,97 @@
+// cpu/row_kernels.hpp — the two per-row primitives, vectorised with Eigen.
+//
+// Forward, one read of the row:  lse = m + log Σ_v exp(z_v − m),  target logit.
+//   The row streams through an L1-sized fp32 (fp64 for double) buffer in chunks;
+//   the running max m and sum s are rescaled when a chunk raises the max
+//   (online log-sum-exp), so a 128K-vocab row is read exactly once.
+// Backward, one read and one write:  out_v = scale · (1[v = t] − exp(z_v − lse)).
+//   The chunk is converted before it is written, so out may alias the row (in place).
+//
+// Chunks are copied to an aligned buffer first: Eigen's reductions then see the
+// same alignment whatever the caller's pointer, so the summation order, and the
+// result bits, depend on the values alone.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../config.hpp"
+
+namespace kto {
+namespace cpu {
+
+constexpr index_t kRowChunk = 2048;
+
+template <class Acc>
+struct RowStats {
+  Acc lse;
+  Acc target_logit;
+};
+
+namespace detail {
+
+template <class Acc>
+using AlignedChunk = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>, Eigen::Aligned64>;
+
+template <class T, class Acc>
+inline void load_chunk(const T* src, index_t n, Acc* buf) {
+  AlignedChunk<Acc>(buf, n) =
+      Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(src, n).template cast<Acc>();
+}
+
+template <class T, class Acc>
+inline void store_chunk(const Acc* buf, index_t n, T* dst) {
+  Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>(dst, n) =
+      Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>, Eigen::Aligned64>(buf, n)
+          .template cast<T>();
+}
+
+}  // namespace detail
+
+/// lse of one row and its logit at `target` (target must be in [0, vocab)).
+/// A NaN or +inf anywhere, or a row of only −inf, yields a non-finite lse.
+template <class T, class Acc = accumulator_t<T>>
+inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target) {
+  alignas(64) Acc buf[kRowChunk];
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  Acc m = neg_inf;
+  Acc s = Acc(0);
+  for (index_t begin = 0; begin < vocab; begin += kRowChunk) {
+    const index_t n = std::min(kRowChunk, vocab - begin);
+    detail::load_chunk(row + begin, n, buf);
+    detail::AlignedChunk<Acc> chunk(buf, n);
+    const Acc chunk_max = chunk.maxCoeff();
+    if (chunk_max == neg_inf) continue;  // every term is exp(−inf) = 0
+    if (chunk_max > m) {
+      s *= std::exp(m - chunk_max);
+      m = chunk_max;
+    }
+    s += (chunk - m).exp().sum();
+  }
+  return RowStats<Acc>{m + std::log(s), static_cast<Acc>(row[target])};
+}
+
+/// out[v] = scale · (1[v = target] − exp(row[v] − lse)); out may equal row.
+template <class T, class Acc>
+inline void row_gradient(const T* row, index_t vocab, index_t target, Acc lse, Acc scale,
+                         T* out) {
+  alignas(64) Acc buf[kRowChunk];
+  for (index_t begin = 0; begin < vocab; begin += kRowChunk) {
+    const index_t n = std::min(kRowChunk, vocab - begin);
+    detail::load_chunk(row + begin, n, buf);
+    detail::AlignedChunk<Acc> chunk(buf, n);
+    chunk = (chunk - lse).exp() * (-scale);
+    if (target >= begin && target < begin + n) buf[target - begin] += scale;
+    detail::store_chunk(buf, n, out + begin);
+  }
+}
+
+template <class T>
+inline void zero_row(T* out, index_t vocab) {
+  std::fill(out, out + vocab, T(0));
+}
+
+}  // namespace cpu
+}  // namespace kto

@@ -1,0 +1,114 @@
+// layout.hpp — where a row of logits, a target id and a sequence live in memory.
+//
+// Rows are addressed in two levels so that the views frameworks hand out need
+// no copy: row r sits at
+//
+//     (r / rows_per_batch) * batch_stride + (r % rows_per_batch) * row_stride
+//
+// A plain (rows × V) matrix has one batch entry. The shifted view
+// `logits[:, :-1]` of a [B, T, V] tensor is batch = B, rows_per_batch = T − 1,
+// batch_stride = T·V, row_stride = V; its targets `labels[:, 1:]` are the same
+// two-level view over the labels (data + 1, batch_stride = T, stride 1).
+//
+// Sequences are CSR offsets over the row index: sequence s owns rows
+// [offsets[s], offsets[s+1]). Padded batches use offsets s·T, packed batches any
+// non-decreasing offsets.
+#pragma once
+
+#include <vector>
+
+#include "config.hpp"
+
+namespace kto {
+
+/// A pointer with its element count, so sizes can be checked.
+template <class T>
+struct Span {
+  T* data = nullptr;
+  index_t size = 0;
+  KTO_HOST_DEVICE T& operator[](index_t i) const { return data[i]; }
+};
+template <class T>
+Span<T> make_span(T* data, index_t size) {
+  return Span<T>{data, size};
+}
+template <class T, class A>
+Span<const T> make_span(const std::vector<T, A>& v) {
+  return Span<const T>{v.data(), static_cast<index_t>(v.size())};
+}
+
+struct RowIndex {
+  index_t rows = 0;
+  index_t rows_per_batch = 1;
+  index_t batch_stride = 0;
+  index_t row_stride = 0;
+  /// Element offset of row r from the base pointer.
+  KTO_HOST_DEVICE index_t offset(index_t r) const {
+    return (r / rows_per_batch) * batch_stride + (r % rows_per_batch) * row_stride;
+  }
+};
+
+/// Logits (or their gradient): `rows.rows` rows of `vocab` contiguous elements.
+template <class T>
+struct LogitsView {
+  T* data = nullptr;
+  index_t vocab = 0;
+  RowIndex rows;
+  KTO_HOST_DEVICE T* row(index_t r) const { return data + rows.offset(r); }
+  KTO_HOST_DEVICE index_t num_rows() const { return rows.rows; }
+};
+
+/// One target id per row; `ignore_index` marks rows that are not scored.
+struct TargetsView {
+  const index_t* data = nullptr;
+  RowIndex rows;
+  KTO_HOST_DEVICE index_t at(index_t r) const { return data[rows.offset(r)]; }
+};
+
+struct SequencesView {
+  const index_t* offsets = nullptr;  ///< count + 1 entries
+  index_t count = 0;
+  KTO_HOST_DEVICE index_t begin(index_t s) const { return offsets[s]; }
+  KTO_HOST_DEVICE index_t end(index_t s) const { return offsets[s + 1]; }
+};
+
+/// A (rows × vocab) matrix; row_stride ≥ vocab (default: vocab).
+template <class T>
+LogitsView<T> logits_matrix(T* data, index_t rows, index_t vocab, index_t row_stride = 0) {
+  const index_t stride = row_stride > 0 ? row_stride : vocab;
+  return LogitsView<T>{data, vocab, RowIndex{rows, rows > 0 ? rows : 1, rows * stride, stride}};
+}
+
+/// A [batch, seq_len, vocab] view with element strides (batch_stride, row_stride, 1).
+template <class T>
+LogitsView<T> logits_batched(T* data, index_t batch, index_t seq_len, index_t vocab,
+                             index_t batch_stride, index_t row_stride) {
+  return LogitsView<T>{data, vocab,
+                       RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride,
+                                row_stride}};
+}
+
+/// `rows` target ids, `stride` elements apart.
+inline TargetsView targets_vector(const index_t* data, index_t rows, index_t stride = 1) {
+  return TargetsView{data, RowIndex{rows, rows > 0 ? rows : 1, rows * stride, stride}};
+}
+
+/// A [batch, seq_len] view of target ids with element strides (batch_stride, stride).
+inline TargetsView targets_batched(const index_t* data, index_t batch, index_t seq_len,
+                                   index_t batch_stride, index_t stride = 1) {
+  return TargetsView{data, RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride,
+                                    stride}};
+}
+
+inline SequencesView sequences(const index_t* offsets, index_t count) {
+  return SequencesView{offsets, count};
+}
+
+/// Offsets of a padded batch: sequence s owns rows [s·seq_len, (s+1)·seq_len).
+inline std::vector<index_t> padded_offsets(index_t batch, index_t seq_len) {
+  std::vector<index_t> off(static_cast<size_t>(batch + 1));
+  for (index_t s = 0; s <= batch; ++s) off[static_cast<size_t>(s)] = s * seq_len;
+  return off;
+}
+
+}  // namespace kto

@@ -1,0 +1,158 @@
+// The CPU path against the float64 reference: every dtype, layout and option.
+#include "check_step.hpp"
+
+using test::Layout;
+
+#define KTO_DTYPES float, double, Eigen::half, Eigen::bfloat16
+
+TEMPLATE_TEST_CASE("sequence_logprobs matches the float64 reference", "[forward]", KTO_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const Layout layout = GENERATE(Layout::padded, Layout::packed, Layout::strided, Layout::shifted);
+  const kto::index_t vocab = GENERATE(1, 3, 123, 2500);
+  const bool average = GENERATE(false, true);
+  INFO("seed " << seed << " dtype " << test::type_name<T>() << " layout "
+               << test::layout_name(layout) << " V " << vocab << " average " << average);
+  test::ShapeSpec spec;
+  spec.vocab = vocab;
+  spec.sequences = 5;
+  const auto st = test::make_problem<T>(rng, layout, spec);
+  kto::Options o;
+  o.average_logprob = average;
+  const auto got = kto::cpu::sequence_logprobs<T>(st.logits, st.targets, st.sequences(), o);
+  const auto want = ref::forward(st.problem, o.ignore_index, average);
+  const double tol = test::rtol<T>();
+  for (kto::index_t r = 0; r < st.problem.rows; ++r) {
+    const bool in_seq = r >= st.offsets.front() && r < st.offsets.back();
+    if (!in_seq || st.problem.targets[r] == o.ignore_index) {
+      CHECK(got.token_logp[r] == 0);
+      continue;
+    }
+    const double scale = std::fabs(want.lse[r]) + 1.0;
+    KTO_CHECK_CLOSE(got.row_lse[r], want.lse[r], scale, tol);
+    KTO_CHECK_CLOSE(got.token_logp[r], want.token_logp[r], scale, tol);
+  }
+  for (kto::index_t s = 0; s < st.problem.num_sequences(); ++s) {
+    double scale = 1.0;
+    for (kto::index_t r = st.offsets[s]; r < st.offsets[s + 1]; ++r)
+      if (st.problem.targets[r] != o.ignore_index)
+        scale += std::fabs(want.lse[r]) + std::fabs(want.token_logp[r]);
+    CHECK(got.num_tokens[s] == want.num_tokens[s]);
+    KTO_CHECK_CLOSE(got.logp[s], want.logp[s], scale, tol);
+  }
+}
+
+TEMPLATE_TEST_CASE("kto_step matches the reference in every layout out of place and in place",
+                   "[step]", KTO_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const Layout layout = GENERATE(Layout::padded, Layout::packed, Layout::strided, Layout::shifted);
+  const bool in_place = GENERATE(false, true);
+  INFO("seed " << seed << " dtype " << test::type_name<T>() << " layout "
+               << test::layout_name(layout) << " in_place " << in_place);
+  kto::Options o;
+  o.desirable_weight = 1.0;
+  o.undesirable_weight = 1.33;
+  test::ShapeSpec spec;
+  spec.vocab = 123;
+  const auto c = test::make_step_case<T>(rng, layout, spec, o);
+  test::check_step(c, o, in_place);
+}
+
+TEST_CASE("kto_step matches the reference for every option combination", "[step][options]") {
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto loss_type = GENERATE(kto::LossType::kto, kto::LossType::apo_zero_unpaired);
+  const auto link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);
+  const auto point = GENERATE(kto::ReferencePoint::kl_batch, kto::ReferencePoint::fixed,
+                              kto::ReferencePoint::zero);
+  const auto estimator = GENERATE(kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean);
+  const bool clamp = GENERATE(true, false);
+  const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
+  const bool average = GENERATE(false, true);
+  kto::Options o;
+  o.beta = 0.5;
+  o.desirable_weight = 1.7;
+  o.undesirable_weight = 0.6;
+  o.loss_type = loss_type;
+  o.link = link;
+  o.reference_point = point;
+  o.kl_estimator = estimator;
+  o.clamp_kl = clamp;
+  o.fixed_z0 = 0.75;
+  o.reduction = reduction;
+  o.average_logprob = average;
+  INFO("seed " << seed << " loss_type " << int(loss_type) << " link " << int(link) << " point "
+               << int(point) << " estimator " << int(estimator) << " clamp " << clamp
+               << " reduction " << int(reduction) << " average " << average);
+  test::ShapeSpec spec;
+  spec.vocab = 41;
+  const auto c = test::make_step_case<float>(rng, Layout::packed, spec, o);
+  test::check_step(c, o, false);
+}
+
+TEST_CASE("kto_step clamps a negative KL estimate only when asked", "[step][options]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  kto::Options o;
+  auto c = test::make_step_case<double>(rng, Layout::padded, {}, o);
+  for (size_t j = 0; j < c.kl_policy.size(); ++j) c.kl_reference[j] = c.kl_policy[j] + 2.0;
+  const auto in = test::step_inputs(c);
+  std::vector<double> g = c.st.poisoned_like();
+  o.clamp_kl = true;
+  CHECK(kto::cpu::kto_step<double>(in, o, c.st.view_over(g)).metrics.kl == 0.0);
+  o.clamp_kl = false;
+  CHECK(kto::cpu::kto_step<double>(in, o, c.st.view_over(g)).metrics.kl == Approx(-2.0));
+  o.kl_estimator = kto::KlEstimator::nonempty_mean;  // KL example 0 is empty
+  CHECK(kto::cpu::kto_step<double>(in, o, c.st.view_over(g)).metrics.kl == Approx(-2.0));
+  test::check_step(c, o, false);
+}
+
+TEMPLATE_TEST_CASE("kto_step at odd shapes: V 1 3 50257 and all-desirable / all-undesirable",
+                   "[step][shapes]", KTO_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const kto::index_t vocab = GENERATE(1, 3, 50257);
+  const int labels = GENERATE(-1, 0, 1);
+  INFO("seed " << seed << " dtype " << test::type_name<T>() << " V " << vocab << " labels "
+               << labels);
+  test::ShapeSpec spec;
+  spec.vocab = vocab;
+  spec.sequences = vocab > 1000 ? 3 : 6;
+  spec.max_len = vocab > 1000 ? 2 : 5;
+  kto::Options o;
+  const auto c = test::make_step_case<T>(rng, Layout::packed, spec, o, labels);
+  test::check_step(c, o, false);
+}
+
+TEST_CASE("kto_step: the seed's sequences of length 1 and all-ignored sequences", "[step]") {
+  // Three sequences: length 1, all ignored, length 0 (packed offsets 0,1,3,3).
+  const kto::index_t V = 7;
+  std::vector<double> Z(3 * V);
+  for (size_t i = 0; i < Z.size(); ++i) Z[i] = std::cos(0.37 * double(i)) * 4.0;
+  std::vector<kto::index_t> targets = {3, -100, -100};
+  std::vector<kto::index_t> offsets = {0, 1, 3, 3};
+  std::vector<double> ref = {-2.0, 0.0, 0.0};
+  std::vector<uint8_t> des = {1, 0, 1};
+  std::vector<double> klp = {-3.0}, klr = {-3.5};
+  kto::cpu::StepInputs<double> in{kto::logits_matrix<const double>(Z.data(), 3, V),
+                                  kto::targets_vector(targets.data(), 3),
+                                  kto::sequences(offsets.data(), 3),
+                                  kto::make_span(ref),
+                                  kto::make_span(des),
+                                  {kto::make_span(klp), kto::make_span(klr), {}}};
+  kto::Options o;
+  o.average_logprob = true;  // all-ignored stays 0, not 0/0
+  std::vector<double> G(Z.size(), NAN);
+  const auto r = kto::cpu::kto_step<double>(in, o, kto::logits_matrix<double>(G.data(), 3, V));
+  CHECK(r.num_tokens == std::vector<kto::index_t>{1, 0, 0});
+  CHECK(r.logp[1] == 0.0);
+  CHECK(r.logp[2] == 0.0);
+  for (kto::index_t i = V; i < 3 * V; ++i) CHECK(G[i] == 0.0);
+  double m = -INFINITY, s = 0;
+  for (int v = 0; v < V; ++v) m = std::max(m, Z[v]);
+  for (int v = 0; v < V; ++v) s += std::exp(Z[v] - m);
+  CHECK(r.logp[0] == Approx(Z[3] - m - std::log(s)).epsilon(1e-13));
+}
