@@ -1,0 +1,313 @@
+// One test per argument check: each bad input raises kto::Error whose message
+// names the argument, the expectation and the value that came.
+#include "support.hpp"
+
+namespace {
+
+using kto::index_t;
+
+template <class F>
+void expect_error(F&& f, const std::string& argument, const std::string& expectation,
+                  const std::string& got) {
+  try {
+    f();
+    FAIL("no kto::Error for " << argument);
+  } catch (const kto::Error& e) {
+    INFO("message: " << e.what());
+    CHECK(e.argument() == argument);
+    const std::string msg = e.what();
+    CHECK(msg.find("'" + argument + "'") != std::string::npos);
+    CHECK(msg.find(expectation) != std::string::npos);
+    CHECK(msg.find("got " + got) != std::string::npos);
+  }
+}
+
+/// A small valid step that each test breaks in one place.
+struct Fixture {
+  index_t V = 5, rows = 6;
+  std::vector<float> Z = std::vector<float>(30, 0.5f);
+  std::vector<float> G = std::vector<float>(30, 0.0f);
+  std::vector<index_t> targets = {0, 1, 2, 3, 4, -100};
+  std::vector<index_t> offsets = {0, 3, 6};
+  std::vector<float> ref = {-4.f, -5.f};
+  std::vector<uint8_t> desirable = {1, 0};
+  std::vector<float> klp = {-3.f, -2.f}, klr = {-3.5f, -2.5f};
+  std::vector<index_t> kln = {2, 3};
+  kto::Options o;
+
+  kto::cpu::StepInputs<float> inputs() const {
+    return {kto::logits_matrix<const float>(Z.data(), rows, V),
+            kto::targets_vector(targets.data(), rows),
+            kto::sequences(offsets.data(), 2),
+            kto::make_span(ref),
+            kto::make_span(desirable),
+            {kto::make_span(klp), kto::make_span(klr), kto::make_span(kln)}};
+  }
+  kto::LogitsView<float> grad() { return kto::logits_matrix<float>(G.data(), rows, V); }
+  void run(const kto::cpu::StepInputs<float>& in) { kto::cpu::kto_step<float>(in, o, grad()); }
+  void run() { run(inputs()); }
+};
+
+}  // namespace
+
+TEST_CASE("the fixture itself is valid", "[errors]") {
+  Fixture f;
+  CHECK_NOTHROW(f.run());
+}
+
+TEST_CASE("error: beta <= 0", "[errors]") {
+  Fixture f;
+  f.o.beta = 0.0;
+  expect_error([&] { f.run(); }, "options.beta", "be finite and > 0", "0");
+}
+TEST_CASE("error: beta not finite", "[errors]") {
+  Fixture f;
+  f.o.beta = NAN;
+  expect_error([&] { f.run(); }, "options.beta", "be finite and > 0", "nan");
+}
+TEST_CASE("error: negative desirable weight", "[errors]") {
+  Fixture f;
+  f.o.desirable_weight = -1.0;
+  expect_error([&] { f.run(); }, "options.desirable_weight", "be finite and >= 0", "-1");
+}
+TEST_CASE("error: non-finite undesirable weight", "[errors]") {
+  Fixture f;
+  f.o.undesirable_weight = INFINITY;
+  expect_error([&] { f.run(); }, "options.undesirable_weight", "be finite and >= 0", "inf");
+}
+TEST_CASE("error: unknown loss type", "[errors]") {
+  Fixture f;
+  f.o.loss_type = static_cast<kto::LossType>(7);
+  expect_error([&] { f.run(); }, "options.loss_type", "be kto or apo_zero_unpaired", "7");
+}
+TEST_CASE("error: unknown link", "[errors]") {
+  Fixture f;
+  f.o.link = static_cast<kto::Link>(3);
+  expect_error([&] { f.run(); }, "options.link", "be one_minus_sigmoid or neg_log_sigmoid", "3");
+}
+TEST_CASE("error: unknown reference point", "[errors]") {
+  Fixture f;
+  f.o.reference_point = static_cast<kto::ReferencePoint>(9);
+  expect_error([&] { f.run(); }, "options.reference_point", "be kl_batch, fixed or zero", "9");
+}
+TEST_CASE("error: unknown KL estimator", "[errors]") {
+  Fixture f;
+  f.o.kl_estimator = static_cast<kto::KlEstimator>(4);
+  expect_error([&] { f.run(); }, "options.kl_estimator", "be mean or nonempty_mean", "4");
+}
+TEST_CASE("error: unknown reduction", "[errors]") {
+  Fixture f;
+  f.o.reduction = static_cast<kto::Reduction>(2);
+  expect_error([&] { f.run(); }, "options.reduction", "be mean or sum", "2");
+}
+TEST_CASE("error: non-finite fixed z0", "[errors]") {
+  Fixture f;
+  f.o.reference_point = kto::ReferencePoint::fixed;
+  f.o.fixed_z0 = NAN;
+  expect_error([&] { f.run(); }, "options.fixed_z0", "be finite", "nan");
+}
+TEST_CASE("error: negative mean denominator", "[errors]") {
+  Fixture f;
+  f.o.mean_denominator = -3;
+  expect_error([&] { f.run(); }, "options.mean_denominator", "be >= 0", "-3");
+}
+
+TEST_CASE("error: vocab < 1", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.policy_logits.vocab = 0;
+  expect_error([&] { f.run(in); }, "policy_logits.vocab", "be >= 1", "0");
+}
+TEST_CASE("error: negative row count", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.policy_logits.rows.rows = -2;
+  expect_error([&] { f.run(in); }, "policy_logits.rows", "be >= 0", "-2");
+}
+TEST_CASE("error: row stride smaller than the vocabulary", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.policy_logits.rows.row_stride = 4;
+  expect_error([&] { f.run(in); }, "policy_logits.row_stride", "be >= 5 so rows do not overlap",
+               "4");
+}
+TEST_CASE("error: batch stride that makes batch entries overlap", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.policy_logits = kto::logits_batched<const float>(f.Z.data(), 2, 3, 5, 12, 5);
+  expect_error([&] { f.run(in); }, "policy_logits.batch_stride",
+               "be >= 15 so batch entries do not overlap", "12");
+}
+TEST_CASE("error: null logits", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.policy_logits.data = nullptr;
+  expect_error([&] { f.run(in); }, "policy_logits.data", "be non-null", "nullptr");
+}
+TEST_CASE("error: targets with a different row count", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.targets = kto::targets_vector(f.targets.data(), 5);
+  expect_error([&] { f.run(in); }, "targets.rows", "equal the number of logit rows (6)", "5");
+}
+TEST_CASE("error: null targets", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.targets.data = nullptr;
+  expect_error([&] { f.run(in); }, "targets.data", "be non-null", "nullptr");
+}
+TEST_CASE("error: target stride 0", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.targets.rows.row_stride = 0;
+  expect_error([&] { f.run(in); }, "targets.row_stride", "be >= 1", "0");
+}
+TEST_CASE("error: target id >= vocab", "[errors]") {
+  Fixture f;
+  f.targets[4] = 5;
+  expect_error([&] { f.run(); }, "targets[4]", "be in [0, 5) or ignore_index (-100)", "5");
+}
+TEST_CASE("error: negative target id other than ignore_index", "[errors]") {
+  Fixture f;
+  f.targets[1] = -1;
+  expect_error([&] { f.run(); }, "targets[1]", "be in [0, 5) or ignore_index (-100)", "-1");
+}
+TEST_CASE("error: empty batch", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.sequences.count = 0;
+  expect_error([&] { f.run(in); }, "sequences.count", "be >= 1 (an empty batch has no loss)",
+               "0");
+}
+TEST_CASE("error: null offsets", "[errors]") {
+  Fixture f;
+  auto in = f.inputs();
+  in.sequences.offsets = nullptr;
+  expect_error([&] { f.run(in); }, "sequences.offsets", "be non-null", "nullptr");
+}
+TEST_CASE("error: negative first offset", "[errors]") {
+  Fixture f;
+  f.offsets[0] = -1;
+  expect_error([&] { f.run(); }, "sequences.offsets[0]", "be >= 0", "-1");
+}
+TEST_CASE("error: offsets not monotone", "[errors]") {
+  Fixture f;
+  f.offsets = {0, 4, 3};
+  expect_error([&] { f.run(); }, "sequences.offsets[2]", "be >= offsets[1] = 4 (non-decreasing)",
+               "3");
+}
+TEST_CASE("error: offsets past the rows", "[errors]") {
+  Fixture f;
+  f.offsets = {0, 3, 7};
+  expect_error([&] { f.run(); }, "sequences.offsets[2]", "be <= the number of rows (6)", "7");
+}
+TEST_CASE("error: reference log-probs of the wrong size", "[errors]") {
+  Fixture f;
+  f.ref.pop_back();
+  expect_error([&] { f.run(); }, "reference_logp.size", "be 2", "1");
+}
+TEST_CASE("error: non-finite reference log-prob", "[errors]") {
+  Fixture f;
+  f.ref[1] = -INFINITY;
+  expect_error([&] { f.run(); }, "reference_logp[1]", "be finite", "-inf");
+}
+TEST_CASE("error: labels of the wrong size", "[errors]") {
+  Fixture f;
+  f.desirable.push_back(1);
+  expect_error([&] { f.run(); }, "desirable.size", "be 2", "3");
+}
+TEST_CASE("error: label other than 0 or 1", "[errors]") {
+  Fixture f;
+  f.desirable[0] = 2;
+  expect_error([&] { f.run(); }, "desirable[0]", "be 0 (undesirable) or 1 (desirable)", "2");
+}
+TEST_CASE("error: KL reference log-probs of another size than the policy's", "[errors]") {
+  Fixture f;
+  f.klr.push_back(0.f);
+  expect_error([&] { f.run(); }, "kl_reference_logp.size", "be 2", "3");
+}
+TEST_CASE("error: nonempty_mean without KL token counts", "[errors]") {
+  Fixture f;
+  f.o.kl_estimator = kto::KlEstimator::nonempty_mean;
+  auto in = f.inputs();
+  in.kl.num_tokens = {};
+  expect_error([&] { f.run(in); }, "kl_num_tokens.size", "be 2", "0");
+}
+TEST_CASE("error: non-finite KL log-prob", "[errors]") {
+  Fixture f;
+  f.klp[0] = NAN;
+  expect_error([&] { f.run(); }, "kl_policy_logp[0]", "be finite", "nan");
+}
+TEST_CASE("error: gradient with another vocabulary", "[errors]") {
+  Fixture f;
+  expect_error(
+      [&] {
+        kto::cpu::kto_step<float>(f.inputs(), f.o, kto::logits_matrix<float>(f.G.data(), 5, 6));
+      },
+      "grad.vocab", "equal logits.vocab (5)", "6");
+}
+TEST_CASE("error: gradient with another row count", "[errors]") {
+  Fixture f;
+  expect_error(
+      [&] {
+        kto::cpu::kto_step<float>(f.inputs(), f.o, kto::logits_matrix<float>(f.G.data(), 5, 5));
+      },
+      "grad.rows", "equal logits.rows (6)", "5");
+}
+TEST_CASE("error: gradient that partially overlaps the logits", "[errors]") {
+  Fixture f;
+  std::vector<float> both(40, 0.5f);
+  auto in = f.inputs();
+  in.policy_logits = kto::logits_matrix<const float>(both.data(), 6, 5);
+  expect_error(
+      [&] {
+        kto::cpu::kto_step<float>(in, f.o, kto::logits_matrix<float>(both.data() + 5, 6, 5));
+      },
+      "grad", "either not overlap the logits or alias them exactly", "a partial overlap");
+}
+TEST_CASE("error: backward with a row_lse of the wrong size", "[errors]") {
+  Fixture f;
+  const auto in = f.inputs();
+  std::vector<float> lse(5, 0.f), g(2, 0.f);
+  std::vector<index_t> n = {3, 2};
+  expect_error(
+      [&] {
+        kto::cpu::backward<float>(in.policy_logits, in.targets, in.sequences, kto::make_span(lse),
+                                  kto::make_span(g), kto::make_span(n), f.o, f.grad());
+      },
+      "row_lse.size", "be 6", "5");
+}
+TEST_CASE("error: backward with non-finite g_s", "[errors]") {
+  Fixture f;
+  const auto in = f.inputs();
+  std::vector<float> lse(6, 0.f), g = {0.f, NAN};
+  std::vector<index_t> n = {3, 2};
+  expect_error(
+      [&] {
+        kto::cpu::backward<float>(in.policy_logits, in.targets, in.sequences, kto::make_span(lse),
+                                  kto::make_span(g), kto::make_span(n), f.o, f.grad());
+      },
+      "grad_logp[1]", "be finite", "nan");
+}
+TEST_CASE("error: finish with a non-finite KL partial", "[errors]") {
+  Fixture f;
+  kto::KlPartial p;
+  p.sum = NAN;
+  p.count = 1;
+  expect_error(
+      [&] {
+        kto::finish<float>(p, kto::make_span(f.ref), kto::make_span(f.ref),
+                           kto::make_span(f.desirable), f.o);
+      },
+      "kl", "hold a finite sum and a count >= 0", "nan");
+}
+TEST_CASE("error: weight proposal with an empty side", "[errors]") {
+  expect_error([] { kto::propose_weights(0, 4); }, "num_desirable", "be >= 1", "0");
+}
+TEST_CASE("error: weight proposal outside the band", "[errors]") {
+  expect_error([] { kto::propose_weights(3, 4, 2.0); }, "target_ratio", "be in [1, 4/3]", "2");
+}
+TEST_CASE("error: weight check with a negative weight", "[errors]") {
+  expect_error([] { kto::check_weights(-1.0, 1.0, 3, 4); }, "desirable_weight",
+               "be finite and >= 0", "-1");
+}
