@@ -18,6 +18,7 @@
 #include <limits>
 
 #include "../config.hpp"
+#include "convert.hpp"
 
 namespace kto {
 namespace cpu {
@@ -37,15 +38,12 @@ using AlignedChunk = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>, Eigen::Ali
 
 template <class T, class Acc>
 inline void load_chunk(const T* src, index_t n, Acc* buf) {
-  AlignedChunk<Acc>(buf, n) =
-      Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(src, n).template cast<Acc>();
+  widen(src, n, buf);
 }
 
 template <class T, class Acc>
 inline void store_chunk(const Acc* buf, index_t n, T* dst) {
-  Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>(dst, n) =
-      Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>, Eigen::Aligned64>(buf, n)
-          .template cast<T>();
+  narrow(buf, n, dst);
 }
 
 }  // namespace detail

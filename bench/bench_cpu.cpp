@@ -1,0 +1,160 @@
+// bench_cpu — throughput of the Eigen CPU path against a plain scalar loop.
+//
+// Forward: one read of the logits (lse + target logit per row).
+// Forward+backward: the whole kto_step — read (forward), read + write (backward).
+// Counters: elements/s (logit elements per second, per pass) and bytes/s
+// (bytes of logits and gradient moved: 1× forward, 3× forward+backward).
+#include <benchmark/benchmark.h>
+
+#include <kto/kto.hpp>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+namespace {
+
+using kto::index_t;
+
+template <class T>
+struct Workload {
+  index_t rows, vocab;
+  std::vector<T> logits, grad;
+  std::vector<index_t> targets, offsets;
+  std::vector<float> ref_logp, kl_policy, kl_reference;
+  std::vector<uint8_t> desirable;
+  Workload(index_t vocab_, index_t total_elements) : vocab(vocab_) {
+    rows = total_elements / vocab;
+    const index_t seqs = 8, T_len = rows / seqs;
+    rows = seqs * T_len;
+    std::mt19937_64 rng(1);
+    std::normal_distribution<float> n(0.f, 2.f);
+    std::uniform_int_distribution<index_t> tok(0, vocab - 1);
+    logits.resize(rows * vocab);
+    for (auto& x : logits) x = T(n(rng));
+    grad.resize(logits.size());
+    for (index_t r = 0; r < rows; ++r) targets.push_back(tok(rng));
+    offsets = kto::padded_offsets(seqs, T_len);
+    for (index_t s = 0; s < seqs; ++s) {
+      ref_logp.push_back(-float(T_len) * 11.f);
+      desirable.push_back(uint8_t(s % 2));
+      kl_policy.push_back(-float(T_len) * 11.f);
+      kl_reference.push_back(-float(T_len) * 11.f - 1.f);
+    }
+  }
+  kto::cpu::StepInputs<T> inputs() const {
+    return {kto::logits_matrix<const T>(logits.data(), rows, vocab),
+            kto::targets_vector(targets.data(), rows),
+            kto::sequences(offsets.data(), static_cast<index_t>(offsets.size()) - 1),
+            kto::make_span(ref_logp),
+            kto::make_span(desirable),
+            {kto::make_span(kl_policy), kto::make_span(kl_reference), {}}};
+  }
+};
+
+constexpr index_t kElements = index_t{1} << 24;  // 16.8 M logits per call
+
+template <class T>
+void set_counters(benchmark::State& state, const Workload<T>& w, int passes_bytes) {
+  const auto elements = static_cast<double>(w.rows * w.vocab);
+  state.counters["elem/s"] =
+      benchmark::Counter(elements * state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["GB/s"] = benchmark::Counter(
+      elements * sizeof(T) * passes_bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
+// ---- baseline: the straightforward scalar loops a first implementation writes ----
+template <class T>
+float scalar_row_lse(const T* z, index_t V) {
+  float m = -INFINITY;
+  for (index_t v = 0; v < V; ++v) m = std::max(m, static_cast<float>(z[v]));
+  float s = 0.f;
+  for (index_t v = 0; v < V; ++v) s += std::exp(static_cast<float>(z[v]) - m);
+  return m + std::log(s);
+}
+
+template <class T>
+void BM_scalar_forward(benchmark::State& state) {
+  Workload<T> w(state.range(0), kElements);
+  for (auto _ : state) {
+    float total = 0;
+    for (index_t r = 0; r < w.rows; ++r) {
+      const T* z = &w.logits[r * w.vocab];
+      total += static_cast<float>(z[w.targets[r]]) - scalar_row_lse(z, w.vocab);
+    }
+    benchmark::DoNotOptimize(total);
+  }
+  set_counters(state, w, 1);
+}
+
+template <class T>
+void BM_scalar_forward_backward(benchmark::State& state) {
+  Workload<T> w(state.range(0), kElements);
+  std::vector<float> lse(w.rows);
+  for (auto _ : state) {
+    for (index_t r = 0; r < w.rows; ++r) lse[r] = scalar_row_lse(&w.logits[r * w.vocab], w.vocab);
+    const float g = 0.01f;
+    for (index_t r = 0; r < w.rows; ++r) {
+      const T* z = &w.logits[r * w.vocab];
+      T* out = &w.grad[r * w.vocab];
+      for (index_t v = 0; v < w.vocab; ++v) {
+        const float p = std::exp(static_cast<float>(z[v]) - lse[r]);
+        out[v] = T(g * ((v == w.targets[r] ? 1.f : 0.f) - p));
+      }
+    }
+    benchmark::DoNotOptimize(w.grad.data());
+  }
+  set_counters(state, w, 3);
+}
+
+// ---- the library ----
+template <class T>
+void BM_kto_forward(benchmark::State& state) {
+  Workload<T> w(state.range(0), kElements);
+  kto::cpu::ExecutionPolicy exec;
+  exec.num_threads = static_cast<int>(state.range(1));
+  const auto in = w.inputs();
+  for (auto _ : state) {
+    auto f = kto::cpu::sequence_logprobs<T>(in.policy_logits, in.targets, in.sequences, {}, exec);
+    benchmark::DoNotOptimize(f.logp.data());
+  }
+  set_counters(state, w, 1);
+}
+
+template <class T>
+void BM_kto_forward_backward(benchmark::State& state) {
+  Workload<T> w(state.range(0), kElements);
+  kto::cpu::ExecutionPolicy exec;
+  exec.num_threads = static_cast<int>(state.range(1));
+  const auto in = w.inputs();
+  const auto grad = kto::logits_matrix<T>(w.grad.data(), w.rows, w.vocab);
+  for (auto _ : state) {
+    auto r = kto::cpu::kto_step<T>(in, {}, grad, exec);
+    benchmark::DoNotOptimize(r.metrics.loss);
+  }
+  set_counters(state, w, 3);
+}
+
+void vocab_args(benchmark::internal::Benchmark* b) {
+  for (int64_t v : {32000, 128256}) b->Args({v});
+}
+void vocab_thread_args(benchmark::internal::Benchmark* b) {
+  for (int64_t v : {32000, 128256})
+    for (int64_t t : {1, 2}) b->Args({v, t});
+}
+
+#define KTO_BENCH(fn, T, args) \
+  BENCHMARK_TEMPLATE(fn, T)->Apply(args)->Unit(benchmark::kMillisecond)->UseRealTime()
+
+KTO_BENCH(BM_scalar_forward, float, vocab_args);
+KTO_BENCH(BM_scalar_forward, Eigen::bfloat16, vocab_args);
+KTO_BENCH(BM_scalar_forward_backward, float, vocab_args);
+KTO_BENCH(BM_scalar_forward_backward, Eigen::bfloat16, vocab_args);
+KTO_BENCH(BM_kto_forward, float, vocab_thread_args);
+KTO_BENCH(BM_kto_forward, Eigen::bfloat16, vocab_thread_args);
+KTO_BENCH(BM_kto_forward_backward, float, vocab_thread_args);
+KTO_BENCH(BM_kto_forward_backward, Eigen::bfloat16, vocab_thread_args);
+
+}  // namespace
+
+BENCHMARK_MAIN();
