@@ -47,7 +47,8 @@ Example sample(const Matrix& W, int prompt, std::mt19937_64& rng) {
   Example e{prompt, {}};
   int prev = prompt;
   for (int i = 0; i < kCompletion; ++i) {
-    Eigen::Array<float, kVocab, 1> p = (W.row(prev).transpose().array() - W.row(prev).maxCoeff()).exp();
+    Eigen::Array<float, kVocab, 1> p =
+        (W.row(prev).transpose().array() - W.row(prev).maxCoeff()).exp();
     std::discrete_distribution<int> next(p.data(), p.data() + kVocab);
     prev = next(rng);
     e.completion.push_back(prev);
@@ -87,9 +88,9 @@ struct Batch {
   std::vector<float> logprobs(const Matrix& W, const kto::Options& o,
                               std::vector<kto::index_t>* tokens = nullptr) const {
     const std::vector<float> z = logits(W);
-    auto f = kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows(), kVocab),
-                                                kto::targets_vector(targets.data(), rows()),
-                                                kto::sequences(offsets.data(), count()), o);
+    auto f = kto::cpu::sequence_logprobs<float>(
+        kto::logits_matrix<const float>(z.data(), rows(), kVocab),
+        kto::targets_vector(targets.data(), rows()), kto::sequences(offsets.data(), count()), o);
     if (tokens) *tokens = f.num_tokens;
     return f.logp;
   }
@@ -113,8 +114,10 @@ int main(int argc, char** argv) {
   int steps = 120;
   uint64_t seed = 7;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--steps")) steps = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(argv[i + 1], nullptr, 10);
+    if (!std::strcmp(argv[i], "--steps"))
+      steps = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--seed"))
+      seed = std::strtoull(argv[i + 1], nullptr, 10);
     else {
       std::fprintf(stderr, "usage: %s [--steps N] [--seed S]\n", argv[0]);
       return 2;
@@ -147,10 +150,11 @@ int main(int argc, char** argv) {
   opt.undesirable_weight = w.undesirable;
   std::printf("KTO on a bigram LM (V=%d, %d-token completions), binary feedback only\n", kVocab,
               kCompletion);
-  std::printf("dataset: %zu desirable, %zu undesirable (1:4); weights lambda_D=%.2f lambda_U=%.2f"
-              " -> %s\n",
-              good.size(), bad.size(), w.desirable, w.undesirable,
-              kto::check_weights(w.desirable, w.undesirable, 300, 1200).message.c_str());
+  std::printf(
+      "dataset: %zu desirable, %zu undesirable (1:4); weights lambda_D=%.2f lambda_U=%.2f"
+      " -> %s\n",
+      good.size(), bad.size(), w.desirable, w.undesirable,
+      kto::check_weights(w.desirable, w.undesirable, 300, 1200).message.c_str());
 
   Matrix W = ref;
   const double rate_before = desirable_rate(W, 4000, 99);
@@ -195,10 +199,11 @@ int main(int argc, char** argv) {
     adam.step(W, grad, 0.05f);
 
     if (step == 1 || step % 10 == 0 || step == steps) {
-      std::printf("step %4d/%d  loss %.4f  z0 %.4f  rewards/chosen %+.3f  rewards/rejected %+.3f"
-                  "  desirable rate %.3f\n",
-                  step, steps, r.metrics.loss, r.metrics.kl, r.metrics.rewards_chosen,
-                  r.metrics.rewards_rejected, desirable_rate(W, 1000, 1000 + step));
+      std::printf(
+          "step %4d/%d  loss %.4f  z0 %.4f  rewards/chosen %+.3f  rewards/rejected %+.3f"
+          "  desirable rate %.3f\n",
+          step, steps, r.metrics.loss, r.metrics.kl, r.metrics.rewards_chosen,
+          r.metrics.rewards_rejected, desirable_rate(W, 1000, 1000 + step));
     }
   }
   const double rate_after = desirable_rate(W, 4000, 99);

@@ -125,17 +125,17 @@ void check_step(const StepCase<T>& c, const kto::Options& o, bool in_place,
       if (r >= p.offsets[q] && r < p.offsets[q + 1]) s = q;
     const bool scored = s >= 0 && p.targets[r] != o.ignore_index;
     const double c_r = scored && o.average_logprob ? 1.0 / want.fwd.num_tokens[s] : 1.0;
-    const double row_scale =
-        scored ? std::fabs(want.g[s]) * c_r * (1.0 + std::fabs(want.fwd.lse[r])) +
-                     c_r * lam * o.beta * o.beta * seq_scale[s] / denom
-               : 0.0;
+    const double row_scale = scored
+                                 ? std::fabs(want.g[s]) * c_r * (1.0 + std::fabs(want.fwd.lse[r])) +
+                                       c_r * lam * o.beta * o.beta * seq_scale[s] / denom
+                                 : 0.0;
     for (index_t v = 0; v < p.vocab; ++v) {
       const double g = grad_at(c.st, storage, r, v);
       const double w = want.grad[r * p.vocab + v];
       const bool ok = std::fabs(g - w) <= tol * row_scale + u * std::fabs(w) && !std::isnan(g);
       if (!ok && bad++ < 5) {
-        INFO("grad row " << r << " col " << v << " got " << g << " want " << w
-                         << " row_scale " << row_scale);
+        INFO("grad row " << r << " col " << v << " got " << g << " want " << w << " row_scale "
+                         << row_scale);
         CHECK(ok);
       }
     }

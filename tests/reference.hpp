@@ -15,9 +15,9 @@ namespace ref {
 
 struct Problem {
   int64_t rows = 0, vocab = 0;
-  std::vector<double> logits;   // rows × vocab, dense, already upcast from the test dtype
-  std::vector<int64_t> targets; // rows
-  std::vector<int64_t> offsets; // sequences + 1
+  std::vector<double> logits;    // rows × vocab, dense, already upcast from the test dtype
+  std::vector<int64_t> targets;  // rows
+  std::vector<int64_t> offsets;  // sequences + 1
   int64_t num_sequences() const { return static_cast<int64_t>(offsets.size()) - 1; }
 };
 
@@ -56,7 +56,9 @@ inline Forward forward(const Problem& p, int64_t ignore_index, bool average) {
   return f;
 }
 
-inline double sig(double u) { return 1.0 / (1.0 + std::exp(-u)); }
+inline double sig(double u) {
+  return 1.0 / (1.0 + std::exp(-u));
+}
 
 struct Step {
   double z0 = 0, loss = 0;
@@ -129,7 +131,8 @@ inline Step step(const Problem& p, const std::vector<double>& ref_logp,
   if (out.n_chosen) out.rewards_chosen = rc / out.n_chosen, out.logps_chosen = lc / out.n_chosen;
   if (out.n_rejected)
     out.rewards_rejected = rr / out.n_rejected, out.logps_rejected = lr / out.n_rejected;
-  out.margins = (out.n_chosen ? out.rewards_chosen : 0) - (out.n_rejected ? out.rewards_rejected : 0);
+  out.margins =
+      (out.n_chosen ? out.rewards_chosen : 0) - (out.n_rejected ? out.rewards_rejected : 0);
 
   // ∂L/∂Z[r,v] = g_s c_r (1[v = t_r] − softmax(Z_r)_v); zero on unscored rows.
   out.grad.assign(p.rows * p.vocab, 0.0);

@@ -70,10 +70,14 @@ inline bool close(double got, double want, double scale, double tol) {
 enum class Layout { padded, packed, strided, shifted };
 inline const char* layout_name(Layout l) {
   switch (l) {
-    case Layout::padded: return "padded";
-    case Layout::packed: return "packed";
-    case Layout::strided: return "strided";
-    default: return "shifted";
+    case Layout::padded:
+      return "padded";
+    case Layout::packed:
+      return "packed";
+    case Layout::strided:
+      return "strided";
+    default:
+      return "shifted";
   }
 }
 
@@ -183,8 +187,7 @@ Stored<T> make_problem(std::mt19937_64& rng, Layout layout, const ShapeSpec& spe
     const index_t stride = layout == Layout::strided ? V + 3 : V;
     st.buffer.assign(rows * stride, T(poison));
     for (index_t r = 0; r < rows; ++r)
-      for (index_t v = 0; v < V; ++v)
-        st.buffer[r * stride + v] = to_type<T>(p.logits[r * V + v]);
+      for (index_t v = 0; v < V; ++v) st.buffer[r * stride + v] = to_type<T>(p.logits[r * V + v]);
     const index_t tstride = layout == Layout::strided ? 2 : 1;
     st.target_buffer.assign(rows * tstride, 12345678);
     for (index_t r = 0; r < rows; ++r) st.target_buffer[r * tstride] = p.targets[r];

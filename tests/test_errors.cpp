@@ -176,8 +176,7 @@ TEST_CASE("error: empty batch", "[errors]") {
   Fixture f;
   auto in = f.inputs();
   in.sequences.count = 0;
-  expect_error([&] { f.run(in); }, "sequences.count", "be >= 1 (an empty batch has no loss)",
-               "0");
+  expect_error([&] { f.run(in); }, "sequences.count", "be >= 1 (an empty batch has no loss)", "0");
 }
 TEST_CASE("error: null offsets", "[errors]") {
   Fixture f;
@@ -260,9 +259,7 @@ TEST_CASE("error: gradient that partially overlaps the logits", "[errors]") {
   auto in = f.inputs();
   in.policy_logits = kto::logits_matrix<const float>(both.data(), 6, 5);
   expect_error(
-      [&] {
-        kto::cpu::kto_step<float>(in, f.o, kto::logits_matrix<float>(both.data() + 5, 6, 5));
-      },
+      [&] { kto::cpu::kto_step<float>(in, f.o, kto::logits_matrix<float>(both.data() + 5, 6, 5)); },
       "grad", "either not overlap the logits or alias them exactly", "a partial overlap");
 }
 TEST_CASE("error: backward with a row_lse of the wrong size", "[errors]") {

@@ -232,9 +232,9 @@ TEST_CASE("data parallel: two ranks with one all-reduce equal one process", "[di
       rc.kl_reference.push_back(whole.kl_reference[j]);
       rc.kl_tokens.push_back(whole.kl_tokens[j]);
     }
-    partials[k] = kto::kl_partial<double>(kto::make_span(rc.kl_policy),
-                                          kto::make_span(rc.kl_reference),
-                                          kto::make_span(rc.kl_tokens), o);
+    partials[k] =
+        kto::kl_partial<double>(kto::make_span(rc.kl_policy), kto::make_span(rc.kl_reference),
+                                kto::make_span(rc.kl_tokens), o);
   }
   // The all-reduce every rank performs: sum of the two doubles.
   const kto::KlPartial global = kto::merge(partials[0], partials[1]);
@@ -244,9 +244,9 @@ TEST_CASE("data parallel: two ranks with one all-reduce equal one process", "[di
   for (int k = 0; k < 2; ++k) {
     auto& rc = ranks[k];
     std::vector<double> g(rc.st.buffer.size(), NAN);
-    const auto res = kto::cpu::kto_step<double>(
-        test::step_inputs(rc), dp, kto::logits_matrix<double>(g.data(), 3 * T, V), {},
-        [&](kto::KlPartial& p) { p = global; });
+    const auto res = kto::cpu::kto_step<double>(test::step_inputs(rc), dp,
+                                                kto::logits_matrix<double>(g.data(), 3 * T, V), {},
+                                                [&](kto::KlPartial& p) { p = global; });
     loss += res.metrics.loss;
     CHECK(res.metrics.kl == Approx(single.metrics.kl).epsilon(1e-14));
     for (size_t i = 0; i < g.size(); ++i)
@@ -280,29 +280,31 @@ TEST_CASE("non-finite logits are reported with their sequence and row", "[errors
   // An all −inf row, and a −inf target logit, have no finite log-prob either.
   std::vector<float> z = Z;
   std::fill(z.begin() + 4 * V, z.begin() + 5 * V, -INFINITY);
-  CHECK_THROWS_AS(kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows, V),
-                                                     kto::targets_vector(tg.data(), rows), seqs, {}),
-                  kto::NonFiniteLogitsError);
+  CHECK_THROWS_AS(
+      kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows, V),
+                                         kto::targets_vector(tg.data(), rows), seqs, {}),
+      kto::NonFiniteLogitsError);
   z = Z;
   z[5 * V + tg[5]] = -INFINITY;
-  CHECK_THROWS_AS(kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows, V),
-                                                     kto::targets_vector(tg.data(), rows), seqs, {}),
-                  kto::NonFiniteLogitsError);
+  CHECK_THROWS_AS(
+      kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows, V),
+                                         kto::targets_vector(tg.data(), rows), seqs, {}),
+      kto::NonFiniteLogitsError);
   // −inf on non-target logits (a masked vocabulary) is legitimate, even a whole chunk.
   z = Z;
   std::fill(z.begin(), z.begin() + 2100, -INFINITY);
   tg[0] = 2500;
-  const auto ok = kto::cpu::sequence_logprobs<float>(
-      kto::logits_matrix<const float>(z.data(), rows, V), kto::targets_vector(tg.data(), rows),
-      seqs, {});
+  const auto ok =
+      kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows, V),
+                                         kto::targets_vector(tg.data(), rows), seqs, {});
   CHECK(ok.token_logp[0] == Approx(-std::log(double(V - 2100))).epsilon(1e-6));
   // A NaN on an ignored row or outside every sequence is never read.
   z = Z;
   tg[0] = -100;
   z[0] = NAN;
-  CHECK_NOTHROW(kto::cpu::sequence_logprobs<float>(
-      kto::logits_matrix<const float>(z.data(), rows, V), kto::targets_vector(tg.data(), rows),
-      seqs, {}));
+  CHECK_NOTHROW(
+      kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows, V),
+                                         kto::targets_vector(tg.data(), rows), seqs, {}));
 }
 
 TEST_CASE("class weights: proposal and the paper's band", "[weights]") {
@@ -322,5 +324,5 @@ TEST_CASE("class weights: proposal and the paper's band", "[weights]") {
   CHECK(seed.message.find("outside") != std::string::npos);
   CHECK(seed.message.find("propose") != std::string::npos);
   CHECK_FALSE(kto::check_weights(2.0, 1.0, 100, 100).within_band);  // 2 > 4/3
-  CHECK(kto::check_weights(1.0, 1.0, 0, 5).within_band);  // band does not apply
+  CHECK(kto::check_weights(1.0, 1.0, 0, 5).within_band);            // band does not apply
 }

@@ -37,9 +37,7 @@ class NonFiniteLogitsError : public Error {
  public:
   NonFiniteLogitsError(std::string function, std::string argument, index_t sequence, index_t row,
                        const std::string& message)
-      : Error(std::move(function), std::move(argument), message),
-        sequence_(sequence),
-        row_(row) {}
+      : Error(std::move(function), std::move(argument), message), sequence_(sequence), row_(row) {}
   index_t sequence() const noexcept { return sequence_; }
   index_t row() const noexcept { return row_; }
 

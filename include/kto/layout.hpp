@@ -83,9 +83,8 @@ LogitsView<T> logits_matrix(T* data, index_t rows, index_t vocab, index_t row_st
 template <class T>
 LogitsView<T> logits_batched(T* data, index_t batch, index_t seq_len, index_t vocab,
                              index_t batch_stride, index_t row_stride) {
-  return LogitsView<T>{data, vocab,
-                       RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride,
-                                row_stride}};
+  return LogitsView<T>{
+      data, vocab, RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride, row_stride}};
 }
 
 /// `rows` target ids, `stride` elements apart.
@@ -96,8 +95,8 @@ inline TargetsView targets_vector(const index_t* data, index_t rows, index_t str
 /// A [batch, seq_len] view of target ids with element strides (batch_stride, stride).
 inline TargetsView targets_batched(const index_t* data, index_t batch, index_t seq_len,
                                    index_t batch_stride, index_t stride = 1) {
-  return TargetsView{data, RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride,
-                                    stride}};
+  return TargetsView{data,
+                     RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride, stride}};
 }
 
 inline SequencesView sequences(const index_t* offsets, index_t count) {

@@ -74,8 +74,8 @@ KTO_HOST_DEVICE inline Metrics finalize(const MetricSums& s, double z0, double s
   m.rewards_rejected = s.count_rejected ? s.reward_rejected / nr : nan;
   m.logps_chosen = s.count_chosen ? s.logp_chosen / nc : nan;
   m.logps_rejected = s.count_rejected ? s.logp_rejected / nr : nan;
-  m.rewards_margins = (s.count_chosen ? m.rewards_chosen : 0.0) -
-                      (s.count_rejected ? m.rewards_rejected : 0.0);
+  m.rewards_margins =
+      (s.count_chosen ? m.rewards_chosen : 0.0) - (s.count_rejected ? m.rewards_rejected : 0.0);
   return m;
 }
 

@@ -35,7 +35,7 @@ struct Options {
   Link link = Link::one_minus_sigmoid;
   ReferencePoint reference_point = ReferencePoint::kl_batch;
   KlEstimator kl_estimator = KlEstimator::mean;
-  bool clamp_kl = true;  ///< z0 = max(0, S/C); off: z0 = S/C
+  bool clamp_kl = true;   ///< z0 = max(0, S/C); off: z0 = S/C
   double fixed_z0 = 0.0;  ///< used when reference_point == fixed
   /// Sequence log-prob is the mean over its non-ignored tokens instead of the sum.
   bool average_logprob = false;
@@ -72,13 +72,11 @@ inline void validate_options(const Options& o, const char* function) {
                   function, "options.reference_point", "be kl_batch, fixed or zero",
                   static_cast<int>(o.reference_point));
   detail::require(
-      o.kl_estimator == KlEstimator::mean || o.kl_estimator == KlEstimator::nonempty_mean,
-      function, "options.kl_estimator", "be mean or nonempty_mean",
-      static_cast<int>(o.kl_estimator));
+      o.kl_estimator == KlEstimator::mean || o.kl_estimator == KlEstimator::nonempty_mean, function,
+      "options.kl_estimator", "be mean or nonempty_mean", static_cast<int>(o.kl_estimator));
   detail::require(o.reduction == Reduction::mean || o.reduction == Reduction::sum, function,
                   "options.reduction", "be mean or sum", static_cast<int>(o.reduction));
-  detail::require(std::isfinite(o.fixed_z0), function, "options.fixed_z0", "be finite",
-                  o.fixed_z0);
+  detail::require(std::isfinite(o.fixed_z0), function, "options.fixed_z0", "be finite", o.fixed_z0);
   detail::require(o.mean_denominator >= 0, function, "options.mean_denominator",
                   "be >= 0 (0 = number of target examples)", o.mean_denominator);
 }

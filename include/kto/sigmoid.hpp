@@ -14,10 +14,18 @@
 
 namespace kto {
 namespace detail {
-KTO_HOST_DEVICE inline float exp_of(float x) { return ::expf(x); }
-KTO_HOST_DEVICE inline double exp_of(double x) { return ::exp(x); }
-KTO_HOST_DEVICE inline float log1p_of(float x) { return ::log1pf(x); }
-KTO_HOST_DEVICE inline double log1p_of(double x) { return ::log1p(x); }
+KTO_HOST_DEVICE inline float exp_of(float x) {
+  return ::expf(x);
+}
+KTO_HOST_DEVICE inline double exp_of(double x) {
+  return ::exp(x);
+}
+KTO_HOST_DEVICE inline float log1p_of(float x) {
+  return ::log1pf(x);
+}
+KTO_HOST_DEVICE inline double log1p_of(double x) {
+  return ::log1p(x);
+}
 }  // namespace detail
 
 template <class R>

@@ -23,8 +23,7 @@ inline void validate_row_index(const RowIndex& ix, index_t width, const char* fn
   if (ix.rows > ix.rows_per_batch) {
     const index_t span = (ix.rows_per_batch - 1) * ix.row_stride + width;
     require(ix.batch_stride >= span, fn, name + ".batch_stride",
-            "be >= " + std::to_string(span) + " so batch entries do not overlap",
-            ix.batch_stride);
+            "be >= " + std::to_string(span) + " so batch entries do not overlap", ix.batch_stride);
   }
 }
 
@@ -89,8 +88,8 @@ inline void validate_target_ids(const TargetsView& t, const SequencesView& s, in
 template <class T>
 void validate_span(const Span<T>& sp, index_t expected, const char* fn, const std::string& name) {
   require(sp.size == expected, fn, name + ".size", "be " + std::to_string(expected), sp.size);
-  require(sp.data != nullptr || expected == 0, fn, name + ".data",
-          "be non-null when size > 0", "nullptr");
+  require(sp.data != nullptr || expected == 0, fn, name + ".data", "be non-null when size > 0",
+          "nullptr");
 }
 
 template <class T>

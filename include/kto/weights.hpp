@@ -43,16 +43,16 @@ inline ClassWeights propose_weights(index_t num_desirable, index_t num_undesirab
 }
 
 struct WeightCheck {
-  double ratio;        ///< λ_D n_D / (λ_U n_U); NaN when a side is empty
-  bool within_band;    ///< ratio in [1, 4/3] (true when the band does not apply)
+  double ratio;      ///< λ_D n_D / (λ_U n_U); NaN when a side is empty
+  bool within_band;  ///< ratio in [1, 4/3] (true when the band does not apply)
   std::string message;
 };
 
 inline WeightCheck check_weights(double desirable_weight, double undesirable_weight,
                                  index_t num_desirable, index_t num_undesirable) {
   const char* fn = "kto::check_weights";
-  detail::require(std::isfinite(desirable_weight) && desirable_weight >= 0, fn,
-                  "desirable_weight", "be finite and >= 0", desirable_weight);
+  detail::require(std::isfinite(desirable_weight) && desirable_weight >= 0, fn, "desirable_weight",
+                  "be finite and >= 0", desirable_weight);
   detail::require(std::isfinite(undesirable_weight) && undesirable_weight >= 0, fn,
                   "undesirable_weight", "be finite and >= 0", undesirable_weight);
   detail::require(num_desirable >= 0, fn, "num_desirable", "be >= 0", num_desirable);

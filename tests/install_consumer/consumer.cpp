@@ -24,7 +24,7 @@ int main() {
   const double lse = 3.0 + std::log(1.0 + std::exp(-1.0) + std::exp(-2.0));
   const double rho = (3.0 - lse) + (-std::log(3.0)) + 2.0;
   const double want = 1.0 / (1.0 + std::exp(rho));
-  std::printf("installed kto %d.%d: loss %.7f (want %.7f)\n", KTO_VERSION_MAJOR,
-              KTO_VERSION_MINOR, r.metrics.loss, want);
+  std::printf("installed kto %d.%d: loss %.7f (want %.7f)\n", KTO_VERSION_MAJOR, KTO_VERSION_MINOR,
+              r.metrics.loss, want);
   return std::fabs(r.metrics.loss - want) < 1e-6 ? 0 : 1;
 }

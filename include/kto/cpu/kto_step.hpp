@@ -36,9 +36,9 @@ template <class T>
 struct StepInputs {
   LogitsView<const T> policy_logits;  ///< target batch, policy model
   TargetsView targets;
-  SequencesView sequences;                    ///< B ≥ 1 target examples
+  SequencesView sequences;                      ///< B ≥ 1 target examples
   Span<const accumulator_t<T>> reference_logp;  ///< B reference log-probs
-  Span<const std::uint8_t> desirable;         ///< B labels: 1 desirable, 0 undesirable
+  Span<const std::uint8_t> desirable;           ///< B labels: 1 desirable, 0 undesirable
   KlInputs<accumulator_t<T>> kl;
 };
 
@@ -55,22 +55,20 @@ using KlAllReduce = std::function<void(KlPartial&)>;
 
 template <class T>
 StepResult<accumulator_t<T>> kto_step(const StepInputs<T>& in, const Options& o,
-                                      const LogitsView<T>& grad,
-                                      const ExecutionPolicy& exec = {},
+                                      const LogitsView<T>& grad, const ExecutionPolicy& exec = {},
                                       const KlAllReduce& all_reduce = {}) {
   using Acc = accumulator_t<T>;
   const char* fn = "kto::cpu::kto_step";
   validate_options(o, fn);
   kto::detail::validate_logits(in.policy_logits, fn, "policy_logits");
-  kto::detail::validate_sequences(in.sequences, in.policy_logits.rows.rows, fn, "sequences",
-                                  false);
+  kto::detail::validate_sequences(in.sequences, in.policy_logits.rows.rows, fn, "sequences", false);
   kto::detail::validate_gradient(grad, in.policy_logits, fn);
 
-  SequenceForward<Acc> fwd = sequence_logprobs<T>(in.policy_logits, in.targets, in.sequences, o,
-                                                  exec);
+  SequenceForward<Acc> fwd =
+      sequence_logprobs<T>(in.policy_logits, in.targets, in.sequences, o, exec);
   KlPartial kl;
-  if (uses_kl_batch(o)) kl = kl_partial<Acc>(in.kl.policy_logp, in.kl.reference_logp,
-                                             in.kl.num_tokens, o);
+  if (uses_kl_batch(o))
+    kl = kl_partial<Acc>(in.kl.policy_logp, in.kl.reference_logp, in.kl.num_tokens, o);
   if (all_reduce) all_reduce(kl);
   FinishResult<Acc> fin = finish<Acc>(kl, make_span(fwd.logp), in.reference_logp, in.desirable, o);
   backward<T>(in.policy_logits, in.targets, in.sequences, make_span(fwd.row_lse),

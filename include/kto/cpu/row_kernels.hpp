@@ -73,8 +73,7 @@ inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target) {
 
 /// out[v] = scale · (1[v = target] − exp(row[v] − lse)); out may equal row.
 template <class T, class Acc>
-inline void row_gradient(const T* row, index_t vocab, index_t target, Acc lse, Acc scale,
-                         T* out) {
+inline void row_gradient(const T* row, index_t vocab, index_t target, Acc lse, Acc scale, T* out) {
   alignas(64) Acc buf[kRowChunk];
   for (index_t begin = 0; begin < vocab; begin += kRowChunk) {
     const index_t n = std::min(kRowChunk, vocab - begin);

@@ -102,9 +102,10 @@ SequenceForward<accumulator_t<T>> sequence_logprobs(const LogitsView<const T>& l
     const index_t t = targets.at(r);
     std::ostringstream os;
     os << fn << ": argument 'logits' must be finite on scored rows; got lse = "
-       << out.row_lse[static_cast<size_t>(r)] << ", target logit = "
-       << static_cast<double>(static_cast<Acc>(row[t])) << " (target " << t << ") in sequence "
-       << s << ", row " << r << " (a NaN/+inf logit, an all -inf row, or a -inf target logit)";
+       << out.row_lse[static_cast<size_t>(r)]
+       << ", target logit = " << static_cast<double>(static_cast<Acc>(row[t])) << " (target " << t
+       << ") in sequence " << s << ", row " << r
+       << " (a NaN/+inf logit, an all -inf row, or a -inf target logit)";
     throw NonFiniteLogitsError(fn, "logits", s, r, os.str());
   }
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kto builds and tests with, when they are missing.
+# Safe to run repeatedly: it only calls apt-get when something is absent.
+set -euo pipefail
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "bootstrap: installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
