@@ -278,6 +278,29 @@ TEST_CASE("non-finite logits are reported with their sequence and row", "[errors
         CHECK(std::string(e.what()).find("sequence 1, row 3") != std::string::npos);
       }
     }
+  // A row of only NaN, and NaNs hidden in an otherwise −inf chunk: the max of
+  // such a chunk may come out −inf, and the NaN must still be reported.
+  for (int variant = 0; variant < 3; ++variant) {
+    std::vector<float> z = Z;
+    if (variant == 0) std::fill(z.begin() + 2 * V, z.begin() + 3 * V, NAN);
+    if (variant == 1) {
+      std::fill(z.begin() + 2 * V, z.begin() + 2 * V + 2048, -INFINITY);
+      z[2 * V + 100] = NAN;
+    }
+    if (variant == 2) {
+      std::fill(z.begin() + 2 * V + 2048, z.begin() + 2 * V + 4096, NAN);
+      z[2 * V + 3000] = -INFINITY;
+    }
+    INFO("variant " << variant);
+    try {
+      kto::cpu::sequence_logprobs<float>(kto::logits_matrix<const float>(z.data(), rows, V),
+                                         kto::targets_vector(tg.data(), rows), seqs, {});
+      FAIL("no exception");
+    } catch (const kto::NonFiniteLogitsError& e) {
+      CHECK(e.row() == 2);
+      CHECK(e.sequence() == 1);
+    }
+  }
   // An all −inf row, and a −inf target logit, have no finite log-prob either.
   std::vector<float> z = Z;
   std::fill(z.begin() + 4 * V, z.begin() + 5 * V, -INFINITY);

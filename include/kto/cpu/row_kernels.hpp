@@ -61,7 +61,10 @@ inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target) {
     detail::load_chunk(row + begin, n, buf);
     detail::AlignedChunk<Acc> chunk(buf, n);
     const Acc chunk_max = chunk.maxCoeff();
-    if (chunk_max == neg_inf) continue;  // every term is exp(−inf) = 0
+    if (chunk_max == neg_inf) {  // every term is exp(−inf) = 0, unless a NaN hid from the max
+      if (chunk.isNaN().any()) s = std::numeric_limits<Acc>::quiet_NaN();
+      continue;
+    }
     if (chunk_max > m) {
       s *= std::exp(m - chunk_max);
       m = chunk_max;
