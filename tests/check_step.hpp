@@ -2,6 +2,7 @@
 // output with the float64 reference under the tolerance rule of support.hpp.
 #pragma once
 
+#include "compare.hpp"
 #include "support.hpp"
 
 namespace test {
@@ -77,81 +78,20 @@ void check_step(const StepCase<T>& c, const kto::Options& o, bool in_place,
   if (in_place) in.policy_logits.data = storage.data();
   const auto got = kto::cpu::kto_step<T>(in, o, c.st.view_over(storage), exec);
 
-  const index_t B = p.num_sequences();
-  // Condition scale of each sequence: Σ |ℓ_r| + |lse_r| over its scored rows.
-  std::vector<double> seq_scale(B, 1.0);
-  for (index_t s = 0; s < B; ++s) {
-    double a = 0;
-    for (index_t r = p.offsets[s]; r < p.offsets[s + 1]; ++r)
-      if (p.targets[r] != o.ignore_index)
-        a += std::fabs(want.fwd.token_logp[r]) + std::fabs(want.fwd.lse[r]);
-    if (o.average_logprob && want.fwd.num_tokens[s] > 0) a /= double(want.fwd.num_tokens[s]);
-    seq_scale[s] = std::max(1.0, a + std::fabs(double(c.ref_logp[s])));
-  }
-  const double lam = std::max({o.desirable_weight, o.undesirable_weight, 1.0});
-  const double denom = o.reduction == kto::Reduction::sum ? 1.0
-                       : o.mean_denominator > 0           ? double(o.mean_denominator)
-                                                          : double(B);
-  double mean_scale = 0;
-  for (double s : seq_scale) mean_scale = std::max(mean_scale, s);
-
-  for (index_t s = 0; s < B; ++s) {
-    INFO("sequence " << s);
-    CHECK(got.num_tokens[s] == want.fwd.num_tokens[s]);
-    KTO_CHECK_CLOSE(got.logp[s], want.fwd.logp[s], seq_scale[s], tol);
-    KTO_CHECK_CLOSE(got.examples.ratio[s], want.rho[s], seq_scale[s], tol);
-    KTO_CHECK_CLOSE(got.examples.reward[s], want.reward[s], o.beta * seq_scale[s], tol);
-    KTO_CHECK_CLOSE(got.examples.loss[s], want.loss_s[s], lam * o.beta * seq_scale[s], tol);
-    KTO_CHECK_CLOSE(got.examples.grad_logp[s], want.g[s],
-                    lam * o.beta * o.beta * seq_scale[s] / denom, tol);
-  }
-  const auto& m = got.metrics;
-  KTO_CHECK_CLOSE(m.kl, want.z0, 1.0, tol);
-  KTO_CHECK_CLOSE(m.loss, want.loss, lam * o.beta * mean_scale, tol);
-  KTO_CHECK_CLOSE(m.rewards_chosen, want.rewards_chosen, o.beta * mean_scale, tol);
-  KTO_CHECK_CLOSE(m.rewards_rejected, want.rewards_rejected, o.beta * mean_scale, tol);
-  KTO_CHECK_CLOSE(m.rewards_margins, want.margins, o.beta * mean_scale, tol);
-  KTO_CHECK_CLOSE(m.logps_chosen, want.logps_chosen, mean_scale, tol);
-  KTO_CHECK_CLOSE(m.logps_rejected, want.logps_rejected, mean_scale, tol);
-  CHECK(m.count_chosen == want.n_chosen);
-  CHECK(m.count_rejected == want.n_rejected);
-
-  // Every gradient element, against ∂L/∂Z of the reference.
-  const double u = unit_roundoff<T>();
-  index_t bad = 0;
-  for (index_t r = 0; r < p.rows; ++r) {
-    index_t s = -1;
-    for (index_t q = 0; q < B; ++q)
-      if (r >= p.offsets[q] && r < p.offsets[q + 1]) s = q;
-    const bool scored = s >= 0 && p.targets[r] != o.ignore_index;
-    const double c_r = scored && o.average_logprob ? 1.0 / want.fwd.num_tokens[s] : 1.0;
-    const double row_scale = scored
-                                 ? std::fabs(want.g[s]) * c_r * (1.0 + std::fabs(want.fwd.lse[r])) +
-                                       c_r * lam * o.beta * o.beta * seq_scale[s] / denom
-                                 : 0.0;
-    for (index_t v = 0; v < p.vocab; ++v) {
-      const double g = grad_at(c.st, storage, r, v);
-      const double w = want.grad[r * p.vocab + v];
-      const bool ok = std::fabs(g - w) <= tol * row_scale + u * std::fabs(w) && !std::isnan(g);
-      if (!ok && bad++ < 5) {
-        INFO("grad row " << r << " col " << v << " got " << g << " want " << w << " row_scale "
-                         << row_scale);
-        CHECK(ok);
-      }
-    }
-  }
-  CHECK(bad == 0);
+  Observed obs;
+  obs.metrics = got.metrics;
+  obs.num_tokens = got.num_tokens;
+  obs.logp.assign(got.logp.begin(), got.logp.end());
+  obs.ratio.assign(got.examples.ratio.begin(), got.examples.ratio.end());
+  obs.reward.assign(got.examples.reward.begin(), got.examples.reward.end());
+  obs.loss.assign(got.examples.loss.begin(), got.examples.loss.end());
+  obs.grad_logp.assign(got.examples.grad_logp.begin(), got.examples.grad_logp.end());
+  obs.grad = [&](index_t r, index_t v) { return grad_at(c.st, storage, r, v); };
+  std::vector<double> reference_logp(c.ref_logp.begin(), c.ref_logp.end());
+  compare_step(p, reference_logp, want, obs, o, tol, unit_roundoff<T>());
   // Storage outside the view (row padding) is never written.
-  if (!in_place) {
-    std::vector<char> touched(storage.size(), 0);
-    for (index_t r = 0; r < p.rows; ++r)
-      for (index_t v = 0; v < p.vocab; ++v)
-        touched[static_cast<size_t>(c.st.logits.rows.offset(r) + v)] = 1;
-    index_t written_padding = 0;
-    for (size_t i = 0; i < storage.size(); ++i)
-      if (!touched[i] && !std::isnan(upcast(storage[i]))) ++written_padding;
-    CHECK(written_padding == 0);
-  }
+  if (!in_place)
+    CHECK(written_padding(storage, c.st.logits.rows, p.vocab, [](T x) { return upcast(x); }) == 0);
 }
 
 }  // namespace test

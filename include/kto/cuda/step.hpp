@@ -1,0 +1,554 @@
+// cuda/step.hpp — the KTO step on a CUDA stream, CUB style.
+//
+//   sequence_logprobs  forward: per-row lse and ℓ_r, per-sequence logp (also
+//                      the reference model's and the KL batch's forward)
+//   kl_partial         (S, C) of the KL batch → the caller all-reduces it
+//   finish             z0, ρ, loss, g_s, TRL's metrics (one small block)
+//   backward           dlogits = g_s c_r (onehot − e^(z − lse)), in place or not
+//   kto_step           all of the above for one process (with an optional
+//                      all-reduce hook between the partial and the finish)
+//
+// Conventions: every pointer is a device pointer; nothing allocates or
+// synchronises; every call is stream-ordered and safe under CUDA graph
+// capture. Calls that need scratch take (workspace, workspace_bytes): pass a
+// null workspace to learn the size, then call again with at least that many
+// bytes (256-byte aligned, as cudaMalloc returns). Errors that only the device
+// can see are recorded in the workspace; read_status() reports them.
+// Requires nvcc: include this header from .cu files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include <kto/device/backward_kernel.cuh>
+#include <kto/device/device_errors.cuh>
+#include <kto/device/finish_kernels.cuh>
+#include <kto/device/forward_kernels.cuh>
+
+#include "../layout.hpp"
+#include "../metrics.hpp"
+#include "../options.hpp"
+#include "../reference_point.hpp"
+#include "../validate.hpp"
+#include "status.hpp"
+
+namespace kto {
+namespace cuda {
+
+/// Rows of at most this many logits go one warp per row; longer rows one block.
+constexpr index_t kWarpPerRowMaxVocab = 4096;
+constexpr int kBlockPerRowThreads = 512;
+
+namespace detail {
+
+constexpr size_t kAlignment = 256;
+
+/// Lays typed buffers out of one workspace in a fixed order; with a null base
+/// it only adds up the sizes (the query phase).
+class Carver {
+ public:
+  explicit Carver(void* base) : base_(static_cast<char*>(base)) {}
+  template <class U>
+  U* take(index_t count) {
+    U* p = base_ ? reinterpret_cast<U*>(base_ + used_) : nullptr;
+    const size_t bytes = sizeof(U) * static_cast<size_t>(count > 0 ? count : 0);
+    used_ += (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    return p;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+};
+
+/// Query or check the workspace; true when the caller should launch.
+inline bool workspace_ready(void* workspace, size_t& bytes, size_t needed, Status& status,
+                            const char* fn) {
+  if (workspace == nullptr) {
+    bytes = needed;
+    return false;
+  }
+  if (bytes < needed) {
+    status = Status::make(StatusCode::workspace_too_small,
+                          "%s: argument 'workspace_bytes' must be >= %zu; got %zu", fn, needed,
+                          bytes);
+    return false;
+  }
+  if (reinterpret_cast<std::uintptr_t>(workspace) % kAlignment != 0) {
+    status = Status::make(StatusCode::invalid_argument,
+                          "%s: argument 'workspace' must be 256-byte aligned; got %p", fn,
+                          workspace);
+    return false;
+  }
+  return true;
+}
+
+inline Status last_launch(const char* fn) {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? Status::success() : Status::from(err, fn);
+}
+
+inline void reset_errors(device::DeviceErrors* errors, cudaStream_t stream) {
+  cudaMemsetAsync(errors, 0xFF, sizeof(device::DeviceErrors), stream);
+}
+
+template <class T>
+void validate_forward_views(const LogitsView<const T>& logits, const TargetsView& targets,
+                            const SequencesView& seqs, const char* fn, const std::string& prefix,
+                            bool allow_empty) {
+  kto::detail::validate_logits(logits, fn, prefix + "logits");
+  kto::detail::validate_targets(targets, logits.rows.rows, fn, prefix + "targets");
+  kto::detail::require(seqs.count >= (allow_empty ? 0 : 1), fn, prefix + "sequences.count",
+                       allow_empty ? "be >= 0" : "be >= 1 (an empty batch has no loss)",
+                       seqs.count);
+  kto::detail::require(seqs.offsets != nullptr, fn, prefix + "sequences.offsets",
+                       "be non-null (count + 1 entries, device memory)", "nullptr");
+}
+
+template <class T>
+void launch_forward(const LogitsView<const T>& logits, const TargetsView& targets,
+                    const SequencesView& seqs, index_t ignore_index, float* row_lse,
+                    float* token_logp, float* logp, index_t* num_tokens, bool average,
+                    device::DeviceErrors* errors, unsigned tag, cudaStream_t stream) {
+  const index_t rows = logits.rows.rows;
+  {
+    const index_t entries = seqs.count + 1;
+    const auto blocks = static_cast<unsigned>(std::min<index_t>((entries + 255) / 256, 1024));
+    device::validate_offsets_kernel<<<blocks, 256, 0, stream>>>(seqs, rows, errors, tag);
+  }
+  if (rows > 0) {
+    device::ForwardParams<T> p{logits, targets, seqs, ignore_index, row_lse, token_logp, errors,
+                               tag};
+    if (logits.vocab <= kWarpPerRowMaxVocab) {
+      const auto blocks = static_cast<unsigned>((rows + 7) / 8);
+      device::row_forward_kernel<T, 32, 8><<<blocks, 256, 0, stream>>>(p);
+    } else {
+      device::row_forward_kernel<T, kBlockPerRowThreads, 1>
+          <<<static_cast<unsigned>(rows), kBlockPerRowThreads, 0, stream>>>(p);
+    }
+  }
+  if (seqs.count > 0) {
+    device::SequenceParams sp{targets, seqs,  rows, ignore_index, average, token_logp,
+                              logp,    num_tokens};
+    const auto blocks = static_cast<unsigned>((seqs.count + 7) / 8);
+    device::sequence_logp_kernel<<<blocks, 256, 0, stream>>>(sp);
+  }
+}
+
+template <class T>
+void launch_backward(const device::BackwardParams<T>& p, cudaStream_t stream) {
+  const index_t rows = p.logits.rows.rows;
+  if (rows == 0) return;
+  if (p.logits.vocab <= kWarpPerRowMaxVocab) {
+    device::row_backward_kernel<T, 32, 8>
+        <<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  } else {
+    device::row_backward_kernel<T, kBlockPerRowThreads, 1>
+        <<<static_cast<unsigned>(rows), kBlockPerRowThreads, 0, stream>>>(p);
+  }
+}
+
+template <class T>
+constexpr void check_logit_type() {
+  static_assert(device::is_logit_type<T>::value,
+                "kto::cuda: logits must be float, __half or __nv_bfloat16");
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------- forward --
+
+/// Bytes of workspace sequence_logprobs() needs for `rows` rows.
+inline size_t sequence_logprobs_workspace_bytes(index_t rows) {
+  detail::Carver c(nullptr);
+  c.take<device::DeviceErrors>(1);
+  c.take<float>(rows);
+  c.take<float>(rows);
+  return c.used();
+}
+
+/// Per-row lse that sequence_logprobs() left in its workspace (for backward()).
+inline const float* workspace_row_lse(const void* workspace) {
+  return reinterpret_cast<const float*>(static_cast<const char*>(workspace) + detail::kAlignment);
+}
+
+/// logp[s] and num_tokens[s] for every sequence (device arrays of count entries).
+template <class T>
+Status sequence_logprobs(void* workspace, size_t& workspace_bytes,
+                         const LogitsView<const T>& logits, const TargetsView& targets,
+                         const SequencesView& sequences, const Options& o, float* logp,
+                         index_t* num_tokens, cudaStream_t stream) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::sequence_logprobs";
+  try {
+    validate_options(o, fn);
+    detail::validate_forward_views(logits, targets, sequences, fn, "", true);
+    kto::detail::require(logp != nullptr || sequences.count == 0, fn, "logp", "be non-null",
+                         "nullptr");
+    kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
+                         "be non-null", "nullptr");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  Status status;
+  const size_t needed = sequence_logprobs_workspace_bytes(logits.rows.rows);
+  if (!detail::workspace_ready(workspace, workspace_bytes, needed, status, fn)) return status;
+  detail::Carver c(workspace);
+  auto* errors = c.take<device::DeviceErrors>(1);
+  float* row_lse = c.take<float>(logits.rows.rows);
+  float* token_logp = c.take<float>(logits.rows.rows);
+  detail::reset_errors(errors, stream);
+  detail::launch_forward(logits, targets, sequences, o.ignore_index, row_lse, token_logp, logp,
+                         num_tokens, o.average_logprob, errors, 0u, stream);
+  return detail::last_launch(fn);
+}
+
+// ------------------------------------------------------- KL partial, finish --
+
+inline size_t errors_workspace_bytes() { return detail::kAlignment; }
+
+/// (S, C) of the KL batch into `partial` (device). num_tokens may be null
+/// unless options.kl_estimator is nonempty_mean.
+inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* policy_logp,
+                         const float* reference_logp, const index_t* num_tokens, index_t count,
+                         const Options& o, KlPartial* partial, cudaStream_t stream) {
+  const char* fn = "kto::cuda::kl_partial";
+  try {
+    validate_options(o, fn);
+    kto::detail::require(count >= 0, fn, "count", "be >= 0", count);
+    kto::detail::require(policy_logp != nullptr || count == 0, fn, "kl_policy_logp",
+                         "be non-null", "nullptr");
+    kto::detail::require(reference_logp != nullptr || count == 0, fn, "kl_reference_logp",
+                         "be non-null", "nullptr");
+    kto::detail::require(num_tokens != nullptr || count == 0 ||
+                             o.kl_estimator != KlEstimator::nonempty_mean,
+                         fn, "kl_num_tokens", "be non-null for the nonempty_mean estimator",
+                         "nullptr");
+    kto::detail::require(partial != nullptr, fn, "partial", "be non-null", "nullptr");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  Status status;
+  if (!detail::workspace_ready(workspace, workspace_bytes, errors_workspace_bytes(), status, fn))
+    return status;
+  auto* errors = static_cast<device::DeviceErrors*>(workspace);
+  detail::reset_errors(errors, stream);
+  device::KlParams p{policy_logp, reference_logp, num_tokens, count, o.kl_estimator, partial,
+                     errors};
+  device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
+  return detail::last_launch(fn);
+}
+
+/// Per-example outputs of finish(), device arrays of `count` entries.
+struct ExampleOutputs {
+  float* ratio = nullptr;
+  float* reward = nullptr;
+  float* loss = nullptr;
+  float* grad_logp = nullptr;
+};
+
+inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* partial,
+                     const float* policy_logp, const float* reference_logp,
+                     const std::uint8_t* desirable, index_t count, const Options& o,
+                     const ExampleOutputs& out, Metrics* metrics, cudaStream_t stream) {
+  const char* fn = "kto::cuda::finish";
+  try {
+    validate_options(o, fn);
+    kto::detail::require(count >= 1, fn, "count", "be >= 1 (an empty batch has no loss)", count);
+    kto::detail::require(partial != nullptr, fn, "partial", "be non-null", "nullptr");
+    kto::detail::require(policy_logp != nullptr, fn, "policy_logp", "be non-null", "nullptr");
+    kto::detail::require(reference_logp != nullptr, fn, "reference_logp", "be non-null",
+                         "nullptr");
+    kto::detail::require(desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
+    kto::detail::require(out.ratio && out.reward && out.loss && out.grad_logp, fn, "out",
+                         "have four non-null arrays", "a null array");
+    kto::detail::require(metrics != nullptr, fn, "metrics", "be non-null", "nullptr");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  Status status;
+  if (!detail::workspace_ready(workspace, workspace_bytes, errors_workspace_bytes(), status, fn))
+    return status;
+  auto* errors = static_cast<device::DeviceErrors*>(workspace);
+  detail::reset_errors(errors, stream);
+  device::FinishParams p{partial,  policy_logp, reference_logp, desirable, count,
+                         o,        out.ratio,   out.reward,     out.loss,  out.grad_logp,
+                         metrics,  errors};
+  device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
+  return detail::last_launch(fn);
+}
+
+// --------------------------------------------------------------- backward --
+
+/// grad = ∂L/∂logits; `grad` may alias `logits` exactly (in place).
+template <class T>
+Status backward(const LogitsView<const T>& logits, const TargetsView& targets,
+                const SequencesView& sequences, const float* row_lse, const float* grad_logp,
+                const index_t* num_tokens, const Options& o, const LogitsView<T>& grad,
+                cudaStream_t stream) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::backward";
+  try {
+    validate_options(o, fn);
+    detail::validate_forward_views(logits, targets, sequences, fn, "", true);
+    kto::detail::validate_gradient(grad, logits, fn);
+    kto::detail::require(row_lse != nullptr || logits.rows.rows == 0, fn, "row_lse",
+                         "be non-null", "nullptr");
+    kto::detail::require(grad_logp != nullptr || sequences.count == 0, fn, "grad_logp",
+                         "be non-null", "nullptr");
+    kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
+                         "be non-null", "nullptr");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  device::BackwardParams<T> p{logits,    targets,    sequences, o.ignore_index, o.average_logprob,
+                              row_lse,   grad_logp,  num_tokens, grad};
+  detail::launch_backward(p, stream);
+  return detail::last_launch(fn);
+}
+
+// ------------------------------------------------------------ whole step --
+
+template <class T>
+struct StepInputs {
+  LogitsView<const T> policy_logits;  ///< target batch, policy model
+  TargetsView targets;
+  SequencesView sequences;        ///< B ≥ 1 target examples (device offsets)
+  const float* reference_logp;    ///< B
+  const std::uint8_t* desirable;  ///< B labels, 1 desirable / 0 undesirable
+  /// The KL batch: either its policy logits (forwarded inside the step) or its
+  /// precomputed policy log-probs; its reference log-probs always.
+  struct Kl {
+    LogitsView<const T> logits;  ///< data == nullptr: use policy_logp
+    TargetsView targets;
+    SequencesView sequences;
+    const float* policy_logp = nullptr;
+    const index_t* num_tokens = nullptr;  ///< with policy_logp, for nonempty_mean
+    const float* reference_logp = nullptr;
+    index_t count = 0;  ///< with policy_logp; from sequences.count otherwise
+  } kl;
+};
+
+/// Device outputs; metrics is required, a null array stays in the workspace.
+struct StepOutputs {
+  Metrics* metrics = nullptr;
+  float* logp = nullptr;
+  index_t* num_tokens = nullptr;
+  ExampleOutputs examples;
+};
+
+/// Sums the KlPartial (two doubles, device memory) across ranks on `stream`,
+/// e.g. ncclAllReduce(p, p, 2, ncclFloat64, ncclSum, comm, stream).
+using KlAllReduce = std::function<Status(KlPartial* device_partial, cudaStream_t stream)>;
+
+namespace detail {
+
+template <class T>
+index_t kl_count(const StepInputs<T>& in) {
+  return in.kl.logits.data ? in.kl.sequences.count : in.kl.count;
+}
+
+struct StepBuffers {
+  device::DeviceErrors* errors;
+  float *row_lse, *token_logp, *kl_row_lse, *kl_token_logp;
+  KlPartial* partial;
+  float* logp;
+  index_t* num_tokens;
+  float *ratio, *reward, *loss, *grad_logp, *kl_logp;
+  index_t* kl_num_tokens;
+};
+
+template <class T>
+StepBuffers carve_step(Carver& c, const StepInputs<T>& in) {
+  const index_t rows = in.policy_logits.rows.rows, B = in.sequences.count;
+  const bool kl_forward = in.kl.logits.data != nullptr;
+  const index_t kl_rows = kl_forward ? in.kl.logits.rows.rows : 0;
+  const index_t K = kl_forward ? in.kl.sequences.count : 0;
+  StepBuffers b;
+  b.errors = c.take<device::DeviceErrors>(1);
+  b.row_lse = c.take<float>(rows);
+  b.token_logp = c.take<float>(rows);
+  b.kl_row_lse = c.take<float>(kl_rows);
+  b.kl_token_logp = c.take<float>(kl_rows);
+  b.partial = c.take<KlPartial>(1);
+  b.logp = c.take<float>(B);
+  b.num_tokens = c.take<index_t>(B);
+  b.ratio = c.take<float>(B);
+  b.reward = c.take<float>(B);
+  b.loss = c.take<float>(B);
+  b.grad_logp = c.take<float>(B);
+  b.kl_logp = c.take<float>(K);
+  b.kl_num_tokens = c.take<index_t>(K);
+  return b;
+}
+
+}  // namespace detail
+
+/// Checks every host-visible argument of kto_step(); launches nothing.
+template <class T>
+Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView<T>& grad,
+                     const StepOutputs& out) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::kto_step";
+  try {
+    validate_options(o, fn);
+    detail::validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_",
+                                   false);
+    kto::detail::validate_gradient(grad, in.policy_logits, fn);
+    kto::detail::require(in.reference_logp != nullptr, fn, "reference_logp", "be non-null",
+                         "nullptr");
+    kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
+    kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
+    if (uses_kl_batch(o)) {
+      if (in.kl.logits.data) {
+        detail::validate_forward_views(in.kl.logits, in.kl.targets, in.kl.sequences, fn, "kl.",
+                                       true);
+      } else {
+        kto::detail::require(in.kl.count >= 0, fn, "kl.count", "be >= 0", in.kl.count);
+        kto::detail::require(in.kl.policy_logp != nullptr || in.kl.count == 0, fn,
+                             "kl.policy_logp", "be non-null (or give kl.logits)", "nullptr");
+        kto::detail::require(in.kl.num_tokens != nullptr || in.kl.count == 0 ||
+                                 o.kl_estimator != KlEstimator::nonempty_mean,
+                             fn, "kl.num_tokens", "be non-null for the nonempty_mean estimator",
+                             "nullptr");
+      }
+      kto::detail::require(in.kl.reference_logp != nullptr || detail::kl_count(in) == 0, fn,
+                           "kl.reference_logp", "be non-null", "nullptr");
+    }
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  return Status::success();
+}
+
+template <class T>
+size_t kto_step_workspace_bytes(const StepInputs<T>& in) {
+  detail::Carver c(nullptr);
+  detail::carve_step(c, in);
+  return c.used();
+}
+
+/// The whole step for one process: forward (target and, if given as logits,
+/// KL batch), KL partial → all_reduce (if given) → finish → backward.
+template <class T>
+Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in,
+                const Options& o, const LogitsView<T>& grad, const StepOutputs& out,
+                cudaStream_t stream, const KlAllReduce& all_reduce = {}) {
+  const char* fn = "kto::cuda::kto_step";
+  Status status = can_implement(in, o, grad, out);
+  if (!status) return status;
+  if (!detail::workspace_ready(workspace, workspace_bytes, kto_step_workspace_bytes(in), status,
+                               fn))
+    return status;
+  detail::Carver c(workspace);
+  const detail::StepBuffers b = detail::carve_step(c, in);
+  float* logp = out.logp ? out.logp : b.logp;
+  index_t* num_tokens = out.num_tokens ? out.num_tokens : b.num_tokens;
+  ExampleOutputs ex{out.examples.ratio ? out.examples.ratio : b.ratio,
+                    out.examples.reward ? out.examples.reward : b.reward,
+                    out.examples.loss ? out.examples.loss : b.loss,
+                    out.examples.grad_logp ? out.examples.grad_logp : b.grad_logp};
+
+  detail::reset_errors(b.errors, stream);
+  detail::launch_forward(in.policy_logits, in.targets, in.sequences, o.ignore_index, b.row_lse,
+                         b.token_logp, logp, num_tokens, o.average_logprob, b.errors, 0u, stream);
+
+  cudaMemsetAsync(b.partial, 0, sizeof(KlPartial), stream);
+  const index_t K = detail::kl_count(in);
+  if (uses_kl_batch(o) && K > 0) {
+    const float* kl_logp = in.kl.policy_logp;
+    const index_t* kl_tokens = in.kl.num_tokens;
+    if (in.kl.logits.data) {
+      detail::launch_forward(in.kl.logits, in.kl.targets, in.kl.sequences, o.ignore_index,
+                             b.kl_row_lse, b.kl_token_logp, b.kl_logp, b.kl_num_tokens,
+                             o.average_logprob, b.errors, device::kKlBatchTag, stream);
+      kl_logp = b.kl_logp;
+      kl_tokens = b.kl_num_tokens;
+    }
+    device::KlParams kp{kl_logp, in.kl.reference_logp, kl_tokens, K,
+                        o.kl_estimator, b.partial, b.errors};
+    device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(kp);
+  }
+  status = detail::last_launch(fn);
+  if (!status) return status;
+  if (all_reduce) {
+    status = all_reduce(b.partial, stream);
+    if (!status) return status;
+  }
+  device::FinishParams fp{b.partial, logp,   in.reference_logp, in.desirable, in.sequences.count,
+                          o,         ex.ratio, ex.reward,       ex.loss,      ex.grad_logp,
+                          out.metrics, b.errors};
+  device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(fp);
+  device::BackwardParams<T> bp{in.policy_logits, in.targets,   in.sequences,
+                               o.ignore_index,   o.average_logprob, b.row_lse,
+                               ex.grad_logp,     num_tokens,   grad};
+  detail::launch_backward(bp, stream);
+  return detail::last_launch(fn);
+}
+
+// ------------------------------------------------------------ device status --
+
+/// Synchronises `stream` and reports the first error the kernels recorded in
+/// `workspace` (any call's workspace). With `sequences` (device offsets of the
+/// batch that workspace served), a bad row is also mapped to its sequence.
+inline Status read_status(const void* workspace, cudaStream_t stream,
+                          const SequencesView& sequences = {}) {
+  const char* fn = "kto::cuda::read_status";
+  cudaError_t err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) return Status::from(err, fn);
+  unsigned long long key = 0;
+  err = cudaMemcpy(&key, workspace, sizeof(key), cudaMemcpyDeviceToHost);
+  if (err != cudaSuccess) return Status::from(err, fn);
+  if (key == device::kNoError) return Status::success();
+  const auto index = static_cast<long long>(key >> 4);
+  const unsigned kind = static_cast<unsigned>(key & 7u);
+  const char* batch = (key & device::kKlBatchTag) ? "KL batch" : "target batch";
+  long long sequence = -1;
+  if (sequences.offsets && sequences.count > 0 &&
+      (kind == device::kTargetOutOfRange || kind == device::kNonFiniteLogits)) {
+    std::vector<index_t> off(static_cast<size_t>(sequences.count + 1));
+    if (cudaMemcpy(off.data(), sequences.offsets, off.size() * sizeof(index_t),
+                   cudaMemcpyDeviceToHost) == cudaSuccess) {
+      for (index_t s = 0; s < sequences.count; ++s)
+        if (off[s] <= index && index < off[s + 1]) sequence = s;
+    }
+  }
+  switch (kind) {
+    case device::kTargetOutOfRange:
+      return Status::make(StatusCode::target_out_of_range,
+                          "kto::cuda: %s: argument 'targets[%lld]' must be in [0, vocab) or "
+                          "ignore_index; got an id outside (sequence %lld)",
+                          batch, index, sequence);
+    case device::kNonFiniteLogits:
+      return Status::make(StatusCode::non_finite_logits,
+                          "kto::cuda: %s: argument 'logits' must be finite on scored rows; got "
+                          "a NaN/+inf, an all -inf row or a -inf target logit in sequence %lld, "
+                          "row %lld",
+                          batch, sequence, index);
+    case device::kInvalidOffsets:
+      return Status::make(StatusCode::invalid_offsets,
+                          "kto::cuda: %s: argument 'sequences.offsets[%lld]' must be >= 0, "
+                          ">= the previous offset and <= the number of rows; got a value outside",
+                          batch, index);
+    case device::kNonFiniteInput:
+      return Status::make(StatusCode::non_finite_input,
+                          "kto::cuda: %s: per-sequence log-prob %lld (reference or KL) must be "
+                          "finite; got NaN/inf",
+                          batch, index);
+    case device::kInvalidLabel:
+      return Status::make(StatusCode::invalid_label,
+                          "kto::cuda: argument 'desirable[%lld]' must be 0 or 1; got another "
+                          "value",
+                          index);
+    default:
+      return Status::make(StatusCode::cuda_error, "kto::cuda: unknown device error key %llx",
+                          key);
+  }
+}
+
+}  // namespace cuda
+}  // namespace kto

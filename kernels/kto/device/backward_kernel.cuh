@@ -1,0 +1,102 @@
+// backward_kernel.cuh — ∂L/∂Z[r, v] = g_s · c_r · (1[v = t_r] − exp(Z[r, v] − lse_r)).
+//
+// One pass: read the row, write its gradient in the logit type with streaming
+// (evict-first) stores; lse_r comes from the forward (4 bytes a row), g_s from
+// the finish. The row's sequence is found by binary search over the offsets.
+// Unscored rows (ignored, outside every sequence, bad target) are written as
+// zeros, so every element of the output is written. The output may be the
+// logits themselves (in place): each thread reads its elements before writing
+// them, and the loads are plain (not the read-only path).
+#pragma once
+
+#include <kto/layout.hpp>
+
+#include "forward_kernels.cuh"
+#include "numeric.cuh"
+
+namespace kto {
+namespace device {
+
+template <class T>
+struct BackwardParams {
+  LogitsView<const T> logits;
+  TargetsView targets;
+  SequencesView sequences;
+  index_t ignore_index;
+  bool average;
+  const float* row_lse;
+  const float* grad_logp;     ///< per sequence
+  const index_t* num_tokens;  ///< per sequence
+  LogitsView<T> grad;
+};
+
+/// Sequence owning row r: the last s with offsets[s] <= r (offsets validated).
+__device__ __forceinline__ index_t sequence_of_row(const SequencesView& seqs, index_t r) {
+  index_t lo = 0, hi = seqs.count;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const index_t mid = lo + (hi - lo) / 2;
+    if (seqs.offsets[mid] <= r) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+template <class T, int kThreads>
+__device__ __forceinline__ void write_row(const T* in, T* out, index_t vocab, index_t target,
+                                          float lse, float scale, int lane, bool zero) {
+  constexpr int W = Vec<T>::kWidth;
+  auto value = [&](float z, index_t v) {
+    if (zero) return 0.0f;
+    const float onehot = v == target ? scale : 0.0f;
+    return onehot - scale * expf(z - lse);
+  };
+  // Vectors only where input and output share their alignment.
+  const bool vectorised = (reinterpret_cast<std::uintptr_t>(in) % 16) ==
+                          (reinterpret_cast<std::uintptr_t>(out) % 16);
+  const RowSpan span = vectorised ? row_span<T>(out, vocab) : RowSpan{vocab, 0, vocab};
+  for (index_t i = lane; i < span.head; i += kThreads)
+    out[i] = from_float<T>(value(zero ? 0.0f : to_float(in[i]), i));
+  const Vec<T>* vin = reinterpret_cast<const Vec<T>*>(in + span.head);
+  Vec<T>* vout = reinterpret_cast<Vec<T>*>(out + span.head);
+#pragma unroll 4
+  for (index_t i = lane; i < span.vectors; i += kThreads) {
+    Vec<T> v;
+    if (!zero) v = vin[i];
+    const index_t base = span.head + i * W;
+#pragma unroll
+    for (int k = 0; k < W; ++k)
+      v.v[k] = from_float<T>(value(zero ? 0.0f : to_float(v.v[k]), base + k));
+    int4 raw;
+    memcpy(&raw, &v, sizeof(raw));
+    __stcs(reinterpret_cast<int4*>(vout + i), raw);
+  }
+  for (index_t i = span.tail + lane; i < vocab; i += kThreads)
+    out[i] = from_float<T>(value(zero ? 0.0f : to_float(in[i]), i));
+}
+
+template <class T, int kThreads, int kRowsPerBlock>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
+    row_backward_kernel(BackwardParams<T> p) {
+  const int lane = static_cast<int>(threadIdx.x) % kThreads;
+  const index_t r = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  const index_t rows = p.logits.rows.rows;
+  if (r >= rows) return;
+  index_t first, last;
+  covered_rows(p.sequences, rows, first, last);
+  const bool covered = r >= first && r < last;
+  const index_t t = covered ? p.targets.at(r) : p.ignore_index;
+  const bool scored = t != p.ignore_index && t >= 0 && t < p.logits.vocab;
+  float scale = 0.0f, lse = 0.0f;
+  if (scored) {
+    const index_t s = sequence_of_row(p.sequences, r);
+    const index_t n = p.num_tokens[s];
+    const double c = p.average && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
+    scale = static_cast<float>(static_cast<double>(p.grad_logp[s]) * c);
+    lse = p.row_lse[r];
+  }
+  write_row<T, kThreads>(p.logits.row(r), p.grad.row(r), p.logits.vocab, t, lse, scale, lane,
+                         !scored);
+}
+
+}  // namespace device
+}  // namespace kto

@@ -1,0 +1,158 @@
+// forward_kernels.cuh — from logits to per-row lse, ℓ_r and per-sequence logp.
+//
+//   validate_offsets_kernel   offsets non-decreasing, in [0, rows]
+//   row_forward_kernel        one pass over a row: lse_r = m + log Σ e^(z − m),
+//                             ℓ_r = z[t_r] − lse_r (never log(softmax))
+//   sequence_logp_kernel      logp_s = Σ ℓ_r over the scored rows of s (÷ n_s)
+//
+// A row is handled by a group of kThreads threads: a warp for short rows
+// (kThreads = 32, several rows per block) or the whole block for long ones
+// (a 128K-vocab bf16 row is 256 KB: no shared-memory staging, each thread
+// folds a strided slice of 16-byte vectors into its own (m, s) in registers).
+// Rows outside [offsets[0], offsets[count]) and ignored rows cost one target
+// read. Offsets are clamped to [0, rows] before use, so a bad offset array is
+// reported, never followed out of bounds.
+#pragma once
+
+#include <kto/layout.hpp>
+
+#include "device_errors.cuh"
+#include "lse_state.cuh"
+#include "numeric.cuh"
+
+namespace kto {
+namespace device {
+
+__device__ __forceinline__ index_t clamp_row(index_t r, index_t rows) {
+  return r < 0 ? 0 : (r > rows ? rows : r);
+}
+
+/// [first, last) rows covered by the sequences, clamped to the matrix.
+__device__ __forceinline__ void covered_rows(const SequencesView& seqs, index_t rows,
+                                             index_t& first, index_t& last) {
+  first = clamp_row(seqs.offsets[0], rows);
+  last = clamp_row(seqs.offsets[seqs.count], rows);
+  if (last < first) last = first;
+}
+
+__global__ void validate_offsets_kernel(SequencesView seqs, index_t rows, DeviceErrors* errors,
+                                        unsigned error_tag) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i <= seqs.count;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t off = seqs.offsets[i];
+    const bool ok = off >= 0 && off <= rows && (i == 0 || seqs.offsets[i - 1] <= off);
+    if (!ok) record_error(errors, i, kInvalidOffsets | error_tag);
+  }
+}
+
+template <class T>
+struct ForwardParams {
+  LogitsView<const T> logits;
+  TargetsView targets;
+  SequencesView sequences;
+  index_t ignore_index;
+  float* row_lse;     ///< rows; NaN where not scored
+  float* token_logp;  ///< rows; 0 where not scored
+  DeviceErrors* errors;
+  unsigned error_tag;  ///< 0 for the target batch, kKlBatchTag for the KL batch
+};
+
+/// Folds this thread's slice of a row into an (m, s) state.
+template <class T, int kThreads>
+__device__ __forceinline__ LseState thread_row_lse(const T* row, index_t vocab, int lane) {
+  constexpr int W = Vec<T>::kWidth;
+  LseState st = lse_identity();
+  const RowSpan span = row_span<T>(row, vocab);
+  for (index_t i = lane; i < span.head; i += kThreads) {
+    const float x[1] = {to_float(row[i])};
+    lse_update(st, x);
+  }
+  const Vec<T>* vec = reinterpret_cast<const Vec<T>*>(row + span.head);
+#pragma unroll 4
+  for (index_t i = lane; i < span.vectors; i += kThreads) {
+    const Vec<T> v = load_vector(vec + i);
+    float x[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) x[k] = to_float(v.v[k]);
+    lse_update(st, x);
+  }
+  for (index_t i = span.tail + lane; i < vocab; i += kThreads) {
+    const float x[1] = {to_float(row[i])};
+    lse_update(st, x);
+  }
+  return st;
+}
+
+template <class T, int kThreads, int kRowsPerBlock>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
+    row_forward_kernel(ForwardParams<T> p) {
+  const int lane = static_cast<int>(threadIdx.x) % kThreads;
+  const index_t r = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  const index_t rows = p.logits.rows.rows;
+  // Exits are uniform per group: a warp (kThreads = 32) or the block (one row).
+  if (r >= rows) return;
+  index_t first, last;
+  covered_rows(p.sequences, rows, first, last);
+  const bool covered = r >= first && r < last;
+  const index_t t = covered ? p.targets.at(r) : p.ignore_index;
+  if (t == p.ignore_index || t < 0 || t >= p.logits.vocab) {
+    if (lane == 0) {
+      p.row_lse[r] = NAN;
+      p.token_logp[r] = 0.0f;
+      if (t != p.ignore_index) record_error(p.errors, r, kTargetOutOfRange | p.error_tag);
+    }
+    return;
+  }
+  const T* row = p.logits.row(r);
+  LseState st = thread_row_lse<T, kThreads>(row, p.logits.vocab, lane);
+  st = group_reduce_lse<kThreads>(st);
+  if (lane == 0) {
+    const float lse = st.m + logf(st.s);
+    const float lp = to_float(row[t]) - lse;
+    if (!(isfinite(lse) && isfinite(lp))) record_error(p.errors, r, kNonFiniteLogits | p.error_tag);
+    p.row_lse[r] = lse;
+    p.token_logp[r] = lp;
+  }
+}
+
+struct SequenceParams {
+  TargetsView targets;
+  SequencesView sequences;
+  index_t rows;
+  index_t ignore_index;
+  bool average;
+  const float* token_logp;
+  float* logp;          ///< per sequence
+  index_t* num_tokens;  ///< per sequence
+};
+
+/// One warp per sequence; lanes sum strided rows in double, then a fixed
+/// butterfly adds the 32 partials: the same bits every run.
+__global__ void sequence_logp_kernel(SequenceParams p) {
+  const int lane = threadIdx.x % 32;
+  const index_t s = static_cast<index_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (s >= p.sequences.count) return;
+  const index_t begin = clamp_row(p.sequences.begin(s), p.rows);
+  index_t end = clamp_row(p.sequences.end(s), p.rows);
+  if (end < begin) end = begin;
+  double sum = 0.0;
+  long long n = 0;
+  for (index_t r = begin + lane; r < end; r += 32) {
+    if (p.targets.at(r) == p.ignore_index) continue;
+    sum += static_cast<double>(p.token_logp[r]);
+    ++n;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    n += __shfl_xor_sync(0xffffffffu, n, offset);
+  }
+  if (lane == 0) {
+    if (p.average && n > 0) sum /= static_cast<double>(n);
+    p.logp[s] = static_cast<float>(sum);
+    p.num_tokens[s] = static_cast<index_t>(n);
+  }
+}
+
+}  // namespace device
+}  // namespace kto

@@ -1,0 +1,108 @@
+// compare.hpp — one KTO step's outputs against the float64 reference, under
+// the tolerance rule of problem.hpp. Used by the CPU and the GPU tests alike.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include <kto/metrics.hpp>
+#include <kto/options.hpp>
+
+#include "problem.hpp"
+#include "reference.hpp"
+
+namespace test {
+
+/// What an implementation returned, upcast to double.
+struct Observed {
+  kto::Metrics metrics;
+  std::vector<double> logp, ratio, reward, loss, grad_logp;
+  std::vector<index_t> num_tokens;
+  std::function<double(index_t row, index_t col)> grad;  ///< ∂L/∂Z of logical row, column
+};
+
+/// rtol: the accumulation type's (1e-5 fp32, 1e-12 fp64); u: unit roundoff of
+/// the type the gradient is stored in.
+inline void compare_step(const ref::Problem& p, const std::vector<double>& reference_logp,
+                         const ref::Step& want, const Observed& got, const kto::Options& o,
+                         double rtol, double u) {
+  const index_t B = p.num_sequences();
+  // Condition scale of each sequence: Σ |ℓ_r| + |lse_r| over its scored rows.
+  std::vector<double> seq_scale(B, 1.0);
+  for (index_t s = 0; s < B; ++s) {
+    double a = 0;
+    for (index_t r = p.offsets[s]; r < p.offsets[s + 1]; ++r)
+      if (p.targets[r] != o.ignore_index)
+        a += std::fabs(want.fwd.token_logp[r]) + std::fabs(want.fwd.lse[r]);
+    if (o.average_logprob && want.fwd.num_tokens[s] > 0) a /= double(want.fwd.num_tokens[s]);
+    seq_scale[s] = std::max(1.0, a + std::fabs(reference_logp[s]));
+  }
+  const double lam = std::max({o.desirable_weight, o.undesirable_weight, 1.0});
+  const double denom = o.reduction == kto::Reduction::sum ? 1.0
+                       : o.mean_denominator > 0           ? double(o.mean_denominator)
+                                                          : double(B);
+  double max_scale = 0;
+  for (double s : seq_scale) max_scale = std::max(max_scale, s);
+
+  for (index_t s = 0; s < B; ++s) {
+    INFO("sequence " << s);
+    CHECK(got.num_tokens[s] == want.fwd.num_tokens[s]);
+    KTO_CHECK_CLOSE(got.logp[s], want.fwd.logp[s], seq_scale[s], rtol);
+    KTO_CHECK_CLOSE(got.ratio[s], want.rho[s], seq_scale[s], rtol);
+    KTO_CHECK_CLOSE(got.reward[s], want.reward[s], o.beta * seq_scale[s], rtol);
+    KTO_CHECK_CLOSE(got.loss[s], want.loss_s[s], lam * o.beta * seq_scale[s], rtol);
+    KTO_CHECK_CLOSE(got.grad_logp[s], want.g[s], lam * o.beta * o.beta * seq_scale[s] / denom,
+                    rtol);
+  }
+  const auto& m = got.metrics;
+  KTO_CHECK_CLOSE(m.kl, want.z0, 1.0, rtol);
+  KTO_CHECK_CLOSE(m.loss, want.loss, lam * o.beta * max_scale, rtol);
+  KTO_CHECK_CLOSE(m.rewards_chosen, want.rewards_chosen, o.beta * max_scale, rtol);
+  KTO_CHECK_CLOSE(m.rewards_rejected, want.rewards_rejected, o.beta * max_scale, rtol);
+  KTO_CHECK_CLOSE(m.rewards_margins, want.margins, o.beta * max_scale, rtol);
+  KTO_CHECK_CLOSE(m.logps_chosen, want.logps_chosen, max_scale, rtol);
+  KTO_CHECK_CLOSE(m.logps_rejected, want.logps_rejected, max_scale, rtol);
+  CHECK(m.count_chosen == want.n_chosen);
+  CHECK(m.count_rejected == want.n_rejected);
+
+  // Every gradient element, against ∂L/∂Z of the reference.
+  index_t bad = 0;
+  for (index_t r = 0; r < p.rows; ++r) {
+    index_t s = -1;
+    for (index_t q = 0; q < B; ++q)
+      if (r >= p.offsets[q] && r < p.offsets[q + 1]) s = q;
+    const bool scored = s >= 0 && p.targets[r] != o.ignore_index;
+    const double c_r = scored && o.average_logprob ? 1.0 / want.fwd.num_tokens[s] : 1.0;
+    const double row_scale = scored
+                                 ? std::fabs(want.g[s]) * c_r * (1.0 + std::fabs(want.fwd.lse[r])) +
+                                       c_r * lam * o.beta * o.beta * seq_scale[s] / denom
+                                 : 0.0;
+    for (index_t v = 0; v < p.vocab; ++v) {
+      const double g = got.grad(r, v);
+      const double w = want.grad[r * p.vocab + v];
+      const bool ok = std::fabs(g - w) <= rtol * row_scale + u * std::fabs(w) && !std::isnan(g);
+      if (!ok && bad++ < 5) {
+        INFO("grad row " << r << " col " << v << " got " << g << " want " << w << " row_scale "
+                         << row_scale);
+        CHECK(ok);
+      }
+    }
+  }
+  CHECK(bad == 0);
+}
+
+/// Elements of `storage` outside the logical rows (row padding) still hold
+/// their poison (NaN): nothing wrote past a row.
+template <class Upcast, class T>
+index_t written_padding(const std::vector<T>& storage, const kto::RowIndex& rows, index_t vocab,
+                        Upcast upcast) {
+  std::vector<char> touched(storage.size(), 0);
+  for (index_t r = 0; r < rows.rows; ++r)
+    for (index_t v = 0; v < vocab; ++v) touched[static_cast<size_t>(rows.offset(r) + v)] = 1;
+  index_t written = 0;
+  for (size_t i = 0; i < storage.size(); ++i)
+    if (!touched[i] && !std::isnan(upcast(storage[i]))) ++written;
+  return written;
+}
+
+}  // namespace test
