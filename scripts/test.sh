@@ -16,7 +16,7 @@ echo "== tests under ASan + UBSan"
 san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
 # GCC 12 flags its own AVX-512 intrinsics (`__m512 __Y = __Y;`) under the sanitizers.
 warn="-Wno-uninitialized"
-cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKTO_BUILD_BENCHMARKS=OFF \
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKTO_BUILD_BENCHMARKS=OFF -DKTO_ENABLE_CUDA=OFF \
   -DCMAKE_CXX_FLAGS="$san $warn" -DCMAKE_EXE_LINKER_FLAGS="$san" >/dev/null
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \

@@ -507,8 +507,9 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
   const auto index = static_cast<long long>(key >> 4);
   const unsigned kind = static_cast<unsigned>(key & 7u);
   const char* batch = (key & device::kKlBatchTag) ? "KL batch" : "target batch";
-  long long sequence = -1;
-  if (sequences.offsets && sequences.count > 0 &&
+  const bool kl_batch = (key & device::kKlBatchTag) != 0;
+  long long sequence = -1;  // mapped only for the batch `sequences` describes
+  if (!kl_batch && sequences.offsets && sequences.count > 0 &&
       (kind == device::kTargetOutOfRange || kind == device::kNonFiniteLogits)) {
     std::vector<index_t> off(static_cast<size_t>(sequences.count + 1));
     if (cudaMemcpy(off.data(), sequences.offsets, off.size() * sizeof(index_t),
@@ -517,18 +518,22 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
         if (off[s] <= index && index < off[s + 1]) sequence = s;
     }
   }
+  char where[80];
+  if (sequence >= 0)
+    std::snprintf(where, sizeof(where), "sequence %lld, row %lld", sequence, index);
+  else
+    std::snprintf(where, sizeof(where), "row %lld", index);
   switch (kind) {
     case device::kTargetOutOfRange:
       return Status::make(StatusCode::target_out_of_range,
                           "kto::cuda: %s: argument 'targets[%lld]' must be in [0, vocab) or "
-                          "ignore_index; got an id outside (sequence %lld)",
-                          batch, index, sequence);
+                          "ignore_index; got an id outside (%s)",
+                          batch, index, where);
     case device::kNonFiniteLogits:
       return Status::make(StatusCode::non_finite_logits,
                           "kto::cuda: %s: argument 'logits' must be finite on scored rows; got "
-                          "a NaN/+inf, an all -inf row or a -inf target logit in sequence %lld, "
-                          "row %lld",
-                          batch, sequence, index);
+                          "a NaN/+inf, an all -inf row or a -inf target logit in %s",
+                          batch, where);
     case device::kInvalidOffsets:
       return Status::make(StatusCode::invalid_offsets,
                           "kto::cuda: %s: argument 'sequences.offsets[%lld]' must be >= 0, "

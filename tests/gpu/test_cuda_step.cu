@@ -1,0 +1,471 @@
+// The CUDA path against the float64 reference (label: gpu).
+//
+// Every test draws fresh inputs, poisons every output buffer (0xFF bytes: NaN
+// for float/half/bf16, -1 for counts), runs the kernels and checks each output
+// element under the tolerance rule of problem.hpp; repeat runs must be
+// bit-identical and a graph-captured run must equal the eager one.
+#include <catch2/catch.hpp>
+
+#include <kto/cuda.hpp>
+
+#include <cstring>
+#include <vector>
+
+#include "../compare.hpp"
+#include "../problem.hpp"
+#include "../reference.hpp"
+
+namespace {
+
+using kto::index_t;
+using test::Layout;
+
+#define CUDA_REQUIRE(call) REQUIRE((call) == cudaSuccess)
+
+template <class T>
+struct Type;
+template <>
+struct Type<float> {
+  static float from(double x) { return static_cast<float>(x); }
+  static double up(float x) { return x; }
+  static constexpr double unit_roundoff = 0x1p-24;
+  static const char* name() { return "float"; }
+};
+template <>
+struct Type<__half> {
+  static __half from(double x) { return __float2half_rn(static_cast<float>(x)); }
+  static double up(__half x) { return __half2float(x); }
+  static constexpr double unit_roundoff = 0x1p-11;
+  static const char* name() { return "half"; }
+};
+template <>
+struct Type<__nv_bfloat16> {
+  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+  static double up(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static constexpr double unit_roundoff = 0x1p-8;
+  static const char* name() { return "bfloat16"; }
+};
+
+/// A device array that frees itself.
+template <class U>
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t n) : n_(n) {
+    if (n_) CUDA_REQUIRE(cudaMalloc(&ptr_, n_ * sizeof(U)));
+  }
+  explicit DeviceArray(const std::vector<U>& host) : DeviceArray(host.size()) { upload(host); }
+  ~DeviceArray() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  U* get() const { return ptr_; }
+  size_t size() const { return n_; }
+  void upload(const std::vector<U>& host) {
+    REQUIRE(host.size() == n_);
+    if (n_) CUDA_REQUIRE(cudaMemcpy(ptr_, host.data(), n_ * sizeof(U), cudaMemcpyHostToDevice));
+  }
+  std::vector<U> download() const {
+    std::vector<U> host(n_);
+    if (n_) CUDA_REQUIRE(cudaMemcpy(host.data(), ptr_, n_ * sizeof(U), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  void poison() {
+    if (n_) CUDA_REQUIRE(cudaMemset(ptr_, 0xFF, n_ * sizeof(U)));
+  }
+
+ private:
+  U* ptr_ = nullptr;
+  size_t n_ = 0;
+};
+
+/// One target batch and one KL batch, on the host and on the device.
+template <class T>
+struct Case {
+  test::Plan plan, kl_plan;
+  std::vector<T> logits, kl_logits;
+  std::vector<index_t> targets, kl_targets;
+  std::vector<float> ref_logp, kl_ref_logp, kl_policy_logp;  // kl_policy_logp: exact, from ref
+  std::vector<index_t> kl_tokens;
+  std::vector<std::uint8_t> desirable;
+
+  Case(std::mt19937_64& rng, Layout layout, const test::ShapeSpec& spec, const kto::Options& o,
+       int labels = -1) {
+    auto round = [](double x) { return Type<T>::up(Type<T>::from(x)); };
+    plan = test::make_plan(rng, layout, spec, o.ignore_index, round);
+    test::fill_storage(plan, Type<T>::from(NAN), Type<T>::from, logits, targets);
+    test::ShapeSpec kl_spec = spec;
+    kl_spec.sequences = spec.sequences + 1;
+    kl_plan = test::make_plan(rng, Layout::packed, kl_spec, o.ignore_index, round);
+    test::fill_storage(kl_plan, Type<T>::from(NAN), Type<T>::from, kl_logits, kl_targets);
+
+    const ref::Forward f = ref::forward(plan.problem, o.ignore_index, o.average_logprob);
+    const ref::Forward kf = ref::forward(kl_plan.problem, o.ignore_index, o.average_logprob);
+    std::normal_distribution<double> noise(0.0, 0.5);
+    std::bernoulli_distribution coin(0.4);
+    for (index_t s = 0; s < plan.problem.num_sequences(); ++s) {
+      ref_logp.push_back(static_cast<float>(f.logp[s] + noise(rng)));
+      desirable.push_back(labels < 0 ? std::uint8_t(coin(rng)) : std::uint8_t(labels));
+    }
+    for (index_t j = 0; j < kl_plan.problem.num_sequences(); ++j) {
+      kl_policy_logp.push_back(static_cast<float>(kf.logp[j]));
+      kl_ref_logp.push_back(static_cast<float>(kf.logp[j] - 0.3 + noise(rng)));
+      kl_tokens.push_back(kf.num_tokens[j]);
+    }
+  }
+
+  /// The reference step; the KL policy log-probs are the float64 forward's.
+  ref::Step reference(const kto::Options& o) const {
+    const ref::Forward kf = ref::forward(kl_plan.problem, o.ignore_index, o.average_logprob);
+    std::vector<double> kl_rho;
+    for (size_t j = 0; j < kl_ref_logp.size(); ++j) kl_rho.push_back(kf.logp[j] - kl_ref_logp[j]);
+    return ref::step(plan.problem, std::vector<double>(ref_logp.begin(), ref_logp.end()),
+                     desirable, kl_rho, kf.num_tokens, o);
+  }
+};
+
+template <class T>
+struct Outcome {
+  kto::cuda::Status status;
+  kto::Metrics metrics;
+  std::vector<float> logp, ratio, reward, loss, grad_logp;
+  std::vector<index_t> num_tokens;
+  std::vector<T> grad;  ///< storage layout of the logits
+};
+
+enum class Mode { eager, graph };
+
+/// A case uploaded to the device, with the views kto_step takes. The KL batch
+/// goes in as logits (forwarded inside the step) or as precomputed log-probs.
+template <class T>
+struct DeviceStep {
+  index_t B, K, V;
+  DeviceArray<T> logits, grad, kl_logits;
+  DeviceArray<index_t> targets, offsets, kl_targets, kl_offsets, kl_tokens, num_tokens;
+  DeviceArray<float> ref_logp, kl_ref, kl_pol, logp, ratio, reward, loss, grad_logp;
+  DeviceArray<std::uint8_t> desirable;
+  DeviceArray<kto::Metrics> metrics;
+  kto::cuda::StepInputs<T> in;
+  kto::cuda::StepOutputs out;
+  kto::LogitsView<T> grad_view;
+  cudaStream_t stream = nullptr;
+
+  DeviceStep(const Case<T>& c, bool in_place, bool kl_as_logits)
+      : B(c.plan.problem.num_sequences()),
+        K(c.kl_plan.problem.num_sequences()),
+        V(c.plan.problem.vocab),
+        logits(c.logits),
+        grad(c.logits.size()),
+        kl_logits(c.kl_logits),
+        targets(c.targets),
+        offsets(c.plan.problem.offsets),
+        kl_targets(c.kl_targets),
+        kl_offsets(c.kl_plan.problem.offsets),
+        kl_tokens(c.kl_tokens),
+        num_tokens(B),
+        ref_logp(c.ref_logp),
+        kl_ref(c.kl_ref_logp),
+        kl_pol(c.kl_policy_logp),
+        logp(B),
+        ratio(B),
+        reward(B),
+        loss(B),
+        grad_logp(B),
+        desirable(c.desirable),
+        metrics(1) {
+    CUDA_REQUIRE(cudaStreamCreate(&stream));
+    if (in_place) grad.upload(c.logits);
+    else grad.poison();
+    for (auto* a : {&logp, &ratio, &reward, &loss, &grad_logp}) a->poison();
+    num_tokens.poison();
+    metrics.poison();
+    in.policy_logits =
+        kto::LogitsView<const T>{in_place ? grad.get() : logits.get(), V, c.plan.logit_rows};
+    in.targets = kto::TargetsView{targets.get() + c.plan.target_base, c.plan.target_rows};
+    in.sequences = kto::sequences(offsets.get(), B);
+    in.reference_logp = ref_logp.get();
+    in.desirable = desirable.get();
+    if (kl_as_logits) {
+      in.kl.logits = kto::LogitsView<const T>{kl_logits.get(), V, c.kl_plan.logit_rows};
+      in.kl.targets =
+          kto::TargetsView{kl_targets.get() + c.kl_plan.target_base, c.kl_plan.target_rows};
+      in.kl.sequences = kto::sequences(kl_offsets.get(), K);
+    } else {
+      in.kl.policy_logp = kl_pol.get();
+      in.kl.num_tokens = kl_tokens.get();
+      in.kl.count = K;
+    }
+    in.kl.reference_logp = kl_ref.get();
+    out.metrics = metrics.get();
+    out.logp = logp.get();
+    out.num_tokens = num_tokens.get();
+    out.examples = {ratio.get(), reward.get(), loss.get(), grad_logp.get()};
+    grad_view = kto::LogitsView<T>{grad.get(), V, c.plan.logit_rows};
+  }
+  ~DeviceStep() { cudaStreamDestroy(stream); }
+
+  kto::cuda::Status launch(void* workspace, size_t& bytes, const kto::Options& o) {
+    return kto::cuda::kto_step<T>(workspace, bytes, in, o, grad_view, out, stream);
+  }
+};
+
+template <class T>
+Outcome<T> run_step(const Case<T>& c, const kto::Options& o, bool in_place, bool kl_as_logits,
+                    Mode mode = Mode::eager) {
+  DeviceStep<T> d(c, in_place, kl_as_logits);
+  Outcome<T> res;
+  size_t bytes = 0;
+  res.status = d.launch(nullptr, bytes, o);
+  INFO(res.status.message);
+  REQUIRE(res.status.ok());
+  REQUIRE(bytes > 0);
+  DeviceArray<char> workspace(bytes);
+  if (mode == Mode::graph) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_REQUIRE(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeGlobal));
+    res.status = d.launch(workspace.get(), bytes, o);
+    CUDA_REQUIRE(cudaStreamEndCapture(d.stream, &graph));
+    REQUIRE(res.status.ok());
+    CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_REQUIRE(cudaGraphLaunch(exec, d.stream));
+    CUDA_REQUIRE(cudaStreamSynchronize(d.stream));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  } else {
+    res.status = d.launch(workspace.get(), bytes, o);
+    REQUIRE(res.status.ok());
+  }
+  res.status = kto::cuda::read_status(workspace.get(), d.stream, d.in.sequences);
+  res.metrics = d.metrics.download()[0];
+  res.logp = d.logp.download();
+  res.ratio = d.ratio.download();
+  res.reward = d.reward.download();
+  res.loss = d.loss.download();
+  res.grad_logp = d.grad_logp.download();
+  res.num_tokens = d.num_tokens.download();
+  res.grad = d.grad.download();
+  return res;
+}
+
+template <class T>
+void check_against_reference(const Case<T>& c, const kto::Options& o, const Outcome<T>& got,
+                             bool in_place) {
+  INFO("status: " << got.status.message);
+  REQUIRE(got.status.ok());
+  test::Observed obs;
+  obs.metrics = got.metrics;
+  obs.num_tokens = got.num_tokens;
+  obs.logp.assign(got.logp.begin(), got.logp.end());
+  obs.ratio.assign(got.ratio.begin(), got.ratio.end());
+  obs.reward.assign(got.reward.begin(), got.reward.end());
+  obs.loss.assign(got.loss.begin(), got.loss.end());
+  obs.grad_logp.assign(got.grad_logp.begin(), got.grad_logp.end());
+  obs.grad = [&](index_t r, index_t v) {
+    return Type<T>::up(got.grad[static_cast<size_t>(c.plan.logit_rows.offset(r) + v)]);
+  };
+  test::compare_step(c.plan.problem, std::vector<double>(c.ref_logp.begin(), c.ref_logp.end()),
+                     c.reference(o), obs, o, 1e-5, Type<T>::unit_roundoff);
+  if (!in_place)
+    CHECK(test::written_padding(got.grad, c.plan.logit_rows, c.plan.problem.vocab,
+                                [](T x) { return Type<T>::up(x); }) == 0);
+}
+
+template <class T>
+bool same_bits(const Outcome<T>& a, const Outcome<T>& b) {
+  auto eq = [](const auto& x, const auto& y) {
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
+  };
+  return std::memcmp(&a.metrics, &b.metrics, sizeof(kto::Metrics)) == 0 && eq(a.logp, b.logp) &&
+         eq(a.grad_logp, b.grad_logp) && eq(a.loss, b.loss) && eq(a.grad, b.grad);
+}
+
+#define KTO_GPU_DTYPES float, __half, __nv_bfloat16
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("gpu kto_step matches the float64 reference in every layout", "[gpu][small]",
+                   KTO_GPU_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const Layout layout = GENERATE(Layout::padded, Layout::packed, Layout::strided, Layout::shifted);
+  const bool in_place = GENERATE(false, true);
+  const bool kl_as_logits = GENERATE(true, false);
+  const kto::index_t vocab = GENERATE(1, 3, 123, 5001);
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " layout " << test::layout_name(layout)
+               << " in_place " << in_place << " kl_as_logits " << kl_as_logits << " V " << vocab);
+  kto::Options o;
+  o.undesirable_weight = 1.33;
+  test::ShapeSpec spec;
+  spec.vocab = vocab;
+  const Case<T> c(rng, layout, spec, o);
+  const auto got = run_step(c, o, in_place, kl_as_logits);
+  check_against_reference(c, o, got, in_place);
+}
+
+TEST_CASE("gpu kto_step matches the reference for every option combination", "[gpu][small]") {
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto loss_type = GENERATE(kto::LossType::kto, kto::LossType::apo_zero_unpaired);
+  const auto link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);
+  const auto point = GENERATE(kto::ReferencePoint::kl_batch, kto::ReferencePoint::fixed,
+                              kto::ReferencePoint::zero);
+  const auto estimator = GENERATE(kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean);
+  const bool clamp = GENERATE(true, false);
+  const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
+  const bool average = GENERATE(false, true);
+  kto::Options o;
+  o.beta = 0.5;
+  o.desirable_weight = 1.7;
+  o.undesirable_weight = 0.6;
+  o.loss_type = loss_type;
+  o.link = link;
+  o.reference_point = point;
+  o.kl_estimator = estimator;
+  o.clamp_kl = clamp;
+  o.fixed_z0 = 0.75;
+  o.reduction = reduction;
+  o.average_logprob = average;
+  INFO("seed " << seed);
+  test::ShapeSpec spec;
+  spec.vocab = 41;
+  const Case<float> c(rng, Layout::packed, spec, o);
+  check_against_reference(c, o, run_step(c, o, false, true), false);
+}
+
+TEMPLATE_TEST_CASE("gpu kto_step at large vocabularies (block per row)", "[gpu][large]",
+                   KTO_GPU_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const kto::index_t vocab = GENERATE(50257, 128256);
+  const int labels = GENERATE(-1, 0, 1);  // mixed, all undesirable, all desirable
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " V " << vocab << " labels " << labels);
+  kto::Options o;
+  test::ShapeSpec spec;
+  spec.vocab = vocab;
+  spec.sequences = 3;
+  spec.max_len = 3;
+  const Case<T> c(rng, Layout::packed, spec, o, labels);
+  check_against_reference(c, o, run_step(c, o, false, true), false);
+}
+
+TEMPLATE_TEST_CASE("gpu results are bit-identical run to run and under graph capture",
+                   "[gpu][small]", KTO_GPU_DTYPES) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  kto::Options o;
+  test::ShapeSpec spec;
+  spec.vocab = GENERATE(123, 20000);
+  spec.sequences = 6;
+  const Case<T> c(rng, Layout::strided, spec, o);
+  const auto first = run_step(c, o, false, true);
+  REQUIRE(first.status.ok());
+  for (int i = 0; i < 3; ++i) CHECK(same_bits(first, run_step(c, o, false, true)));
+  CHECK(same_bits(first, run_step(c, o, false, true, Mode::graph)));
+}
+
+TEST_CASE("gpu errors: host-visible arguments come back from the call", "[gpu][small][errors]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  kto::Options o;
+  const Case<float> c(rng, Layout::padded, {}, o);
+  DeviceStep<float> d(c, false, true);
+  size_t bytes = 0;
+  REQUIRE(d.launch(nullptr, bytes, o).ok());
+  DeviceArray<char> workspace(bytes + 256);
+
+  kto::Options bad = o;
+  bad.beta = -1.0;
+  auto st = d.launch(workspace.get(), bytes, bad);
+  CHECK(st.code == kto::cuda::StatusCode::invalid_argument);
+  CHECK(std::string(st.message).find("'options.beta' must be finite and > 0; got -1") !=
+        std::string::npos);
+
+  size_t small = bytes - 1;
+  st = d.launch(workspace.get(), small, o);
+  CHECK(st.code == kto::cuda::StatusCode::workspace_too_small);
+  CHECK(std::string(st.message).find("'workspace_bytes'") != std::string::npos);
+
+  size_t enough = bytes;
+  st = d.launch(workspace.get() + 8, enough, o);
+  CHECK(st.code == kto::cuda::StatusCode::invalid_argument);
+  CHECK(std::string(st.message).find("256-byte aligned") != std::string::npos);
+
+  d.out.metrics = nullptr;
+  st = d.launch(workspace.get(), enough, o);
+  CHECK(st.code == kto::cuda::StatusCode::invalid_argument);
+  CHECK(std::string(st.message).find("'out.metrics'") != std::string::npos);
+}
+
+TEST_CASE("gpu errors: the device reports bad targets, non-finite logits, offsets and labels",
+          "[gpu][small][errors]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  kto::Options o;
+  test::ShapeSpec spec;
+  spec.ignore_fraction = 0.0;
+  spec.vocab = GENERATE(37, 6000);  // warp per row and block per row
+  const int what = GENERATE(0, 1, 2, 3, 4);
+  INFO("V " << spec.vocab << " case " << what);
+  Case<float> c(rng, Layout::padded, spec, o);
+  const index_t T = spec.max_len;
+  const index_t row = 2 * T + 1;  // sequence 2, position 1 (make_plan ignores sequence 2:
+  c.plan.problem.targets[row] = 0;  // give it a target again)
+  c.targets[row] = 0;
+  kto::cuda::StatusCode want = kto::cuda::StatusCode::success;
+  std::string fragment;
+  if (what == 0) {
+    c.targets[row] = spec.vocab;  // out of range
+    want = kto::cuda::StatusCode::target_out_of_range;
+    fragment = "targets[" + std::to_string(row) + "]";
+  } else if (what == 1) {
+    c.logits[static_cast<size_t>(row * spec.vocab + spec.vocab / 2)] = NAN;
+    want = kto::cuda::StatusCode::non_finite_logits;
+    fragment = "sequence 2, row " + std::to_string(row);
+  } else if (what == 2) {
+    c.plan.problem.offsets[2] = c.plan.problem.offsets[1] - 1;  // decreasing
+    want = kto::cuda::StatusCode::invalid_offsets;
+    fragment = "offsets[2]";
+  } else if (what == 3) {
+    c.desirable[1] = 7;
+    want = kto::cuda::StatusCode::invalid_label;
+    fragment = "desirable[1]";
+  } else {
+    c.ref_logp[3] = INFINITY;
+    want = kto::cuda::StatusCode::non_finite_input;
+    fragment = "log-prob 3";
+  }
+  DeviceStep<float> d(c, false, true);
+  size_t bytes = 0;
+  REQUIRE(d.launch(nullptr, bytes, o).ok());
+  DeviceArray<char> workspace(bytes);
+  REQUIRE(d.launch(workspace.get(), bytes, o).ok());
+  const auto st = kto::cuda::read_status(workspace.get(), d.stream, d.in.sequences);
+  INFO(st.message);
+  CHECK(st.code == want);
+  CHECK(std::string(st.message).find(fragment) != std::string::npos);
+  // Every gradient element is still written: poison gone, nothing out of bounds.
+  const auto g = d.grad.download();
+  for (const float x : g) {
+    if (std::isnan(x) && what != 1 && what != 4) {
+      FAIL_CHECK("a NaN gradient element");
+      break;
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("gpu sanitizer case: small steps on both row paths", "[gpu][sanitize]",
+                   KTO_GPU_DTYPES) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  const Layout layout = GENERATE(Layout::strided, Layout::shifted);
+  const kto::index_t vocab = GENERATE(123, 5001);  // warp per row, block per row
+  const bool in_place = GENERATE(false, true);
+  kto::Options o;
+  test::ShapeSpec spec;
+  spec.vocab = vocab;
+  spec.sequences = 3;
+  spec.max_len = 3;
+  const Case<T> c(rng, layout, spec, o);
+  check_against_reference(c, o, run_step(c, o, in_place, true), in_place);
+}
