@@ -19,23 +19,23 @@
 
 namespace {
 
-#define CHECK_CUDA(call)                                                                   \
-  do {                                                                                     \
-    const cudaError_t err_ = (call);                                                       \
-    if (err_ != cudaSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                   \
-                   cudaGetErrorString(err_));                                              \
-      std::exit(1);                                                                        \
-    }                                                                                      \
+#define CHECK_CUDA(call)                                                 \
+  do {                                                                   \
+    const cudaError_t err_ = (call);                                     \
+    if (err_ != cudaSuccess) {                                           \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, \
+                   cudaGetErrorString(err_));                            \
+      std::exit(1);                                                      \
+    }                                                                    \
   } while (0)
 
-#define CHECK_STATUS(call)                                             \
-  do {                                                                 \
-    const kto::cuda::Status st_ = (call);                              \
-    if (!st_.ok()) {                                                   \
+#define CHECK_STATUS(call)                                                  \
+  do {                                                                      \
+    const kto::cuda::Status st_ = (call);                                   \
+    if (!st_.ok()) {                                                        \
       std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, st_.message); \
-      std::exit(1);                                                    \
-    }                                                                  \
+      std::exit(1);                                                         \
+    }                                                                       \
   } while (0)
 
 using kto::index_t;
@@ -177,8 +177,8 @@ int main(int argc, char** argv) {
     fill_targets<<<256, 256, 0, stream>>>(kl_targets, rows, V, 4);
     std::vector<index_t> off_h = kto::padded_offsets(seqs, len);
     index_t* offsets = device_alloc<index_t>(off_h.size());
-    CHECK_CUDA(cudaMemcpy(offsets, off_h.data(), off_h.size() * sizeof(index_t),
-                          cudaMemcpyHostToDevice));
+    CHECK_CUDA(
+        cudaMemcpy(offsets, off_h.data(), off_h.size() * sizeof(index_t), cudaMemcpyHostToDevice));
     std::vector<float> ref_h(seqs), kl_ref_h(seqs);
     std::vector<std::uint8_t> des_h(seqs);
     for (index_t s = 0; s < seqs; ++s) {
@@ -231,14 +231,14 @@ int main(int argc, char** argv) {
     });
     const double backward = median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t s) {
       CHECK_STATUS(kto::cuda::backward(in.policy_logits, in.targets, in.sequences,
-                                       kto::cuda::workspace_row_lse(fws), g, ntok, opt,
-                                       grad_view, s));
+                                       kto::cuda::workspace_row_lse(fws), g, ntok, opt, grad_view,
+                                       s));
     });
     const double L = double(n) * sizeof(bf16);
     table.push_back({V, step, forward, backward, 4.0 * L / bandwidth * 1e3, bytes});
     for (void* p : {(void*)policy, (void*)kl, (void*)grad, (void*)targets, (void*)kl_targets,
-                    (void*)offsets, (void*)ref, (void*)kl_ref, (void*)des, (void*)metrics, ws,
-                    fws, (void*)logp, (void*)ntok, (void*)g})
+                    (void*)offsets, (void*)ref, (void*)kl_ref, (void*)des, (void*)metrics, ws, fws,
+                    (void*)logp, (void*)ntok, (void*)g})
       CHECK_CUDA(cudaFree(p));
   }
 

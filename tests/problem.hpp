@@ -145,7 +145,8 @@ void fill_storage(const Plan& plan, T poison, Convert convert, std::vector<T>& l
   targets.assign(static_cast<size_t>(plan.target_elements), 12345678);
   for (index_t r = 0; r < p.rows; ++r) {
     for (index_t v = 0; v < p.vocab; ++v)
-      logits[static_cast<size_t>(plan.logit_rows.offset(r) + v)] = convert(p.logits[r * p.vocab + v]);
+      logits[static_cast<size_t>(plan.logit_rows.offset(r) + v)] =
+          convert(p.logits[r * p.vocab + v]);
     targets[static_cast<size_t>(plan.target_base + plan.target_rows.offset(r))] = p.targets[r];
   }
 }

@@ -85,8 +85,8 @@ template <class T>
 Stored<T> make_problem(std::mt19937_64& rng, Layout layout, const ShapeSpec& spec,
                        index_t ignore_index = -100) {
   Stored<T> st;
-  const Plan plan = make_plan(rng, layout, spec, ignore_index,
-                              [](double x) { return upcast(to_type<T>(x)); });
+  const Plan plan =
+      make_plan(rng, layout, spec, ignore_index, [](double x) { return upcast(to_type<T>(x)); });
   st.problem = plan.problem;
   st.offsets = plan.problem.offsets;
   fill_storage(plan, T(std::numeric_limits<float>::quiet_NaN()), to_type<T>, st.buffer,

@@ -119,8 +119,8 @@ struct Case {
     const ref::Forward kf = ref::forward(kl_plan.problem, o.ignore_index, o.average_logprob);
     std::vector<double> kl_rho;
     for (size_t j = 0; j < kl_ref_logp.size(); ++j) kl_rho.push_back(kf.logp[j] - kl_ref_logp[j]);
-    return ref::step(plan.problem, std::vector<double>(ref_logp.begin(), ref_logp.end()),
-                     desirable, kl_rho, kf.num_tokens, o);
+    return ref::step(plan.problem, std::vector<double>(ref_logp.begin(), ref_logp.end()), desirable,
+                     kl_rho, kf.num_tokens, o);
   }
 };
 
@@ -174,8 +174,10 @@ struct DeviceStep {
         desirable(c.desirable),
         metrics(1) {
     CUDA_REQUIRE(cudaStreamCreate(&stream));
-    if (in_place) grad.upload(c.logits);
-    else grad.poison();
+    if (in_place)
+      grad.upload(c.logits);
+    else
+      grad.poison();
     for (auto* a : {&logp, &ratio, &reward, &loss, &grad_logp}) a->poison();
     num_tokens.poison();
     metrics.poison();
@@ -409,7 +411,7 @@ TEST_CASE("gpu errors: the device reports bad targets, non-finite logits, offset
   INFO("V " << spec.vocab << " case " << what);
   Case<float> c(rng, Layout::padded, spec, o);
   const index_t T = spec.max_len;
-  const index_t row = 2 * T + 1;  // sequence 2, position 1 (make_plan ignores sequence 2:
+  const index_t row = 2 * T + 1;    // sequence 2, position 1 (make_plan ignores sequence 2:
   c.plan.problem.targets[row] = 0;  // give it a target again)
   c.targets[row] = 0;
   kto::cuda::StatusCode want = kto::cuda::StatusCode::success;

@@ -73,15 +73,15 @@ inline bool workspace_ready(void* workspace, size_t& bytes, size_t needed, Statu
     return false;
   }
   if (bytes < needed) {
-    status = Status::make(StatusCode::workspace_too_small,
-                          "%s: argument 'workspace_bytes' must be >= %zu; got %zu", fn, needed,
-                          bytes);
+    status =
+        Status::make(StatusCode::workspace_too_small,
+                     "%s: argument 'workspace_bytes' must be >= %zu; got %zu", fn, needed, bytes);
     return false;
   }
   if (reinterpret_cast<std::uintptr_t>(workspace) % kAlignment != 0) {
-    status = Status::make(StatusCode::invalid_argument,
-                          "%s: argument 'workspace' must be 256-byte aligned; got %p", fn,
-                          workspace);
+    status =
+        Status::make(StatusCode::invalid_argument,
+                     "%s: argument 'workspace' must be 256-byte aligned; got %p", fn, workspace);
     return false;
   }
   return true;
@@ -121,8 +121,8 @@ void launch_forward(const LogitsView<const T>& logits, const TargetsView& target
     device::validate_offsets_kernel<<<blocks, 256, 0, stream>>>(seqs, rows, errors, tag);
   }
   if (rows > 0) {
-    device::ForwardParams<T> p{logits, targets, seqs, ignore_index, row_lse, token_logp, errors,
-                               tag};
+    device::ForwardParams<T> p{logits,  targets,    seqs,   ignore_index,
+                               row_lse, token_logp, errors, tag};
     if (logits.vocab <= kWarpPerRowMaxVocab) {
       const auto blocks = static_cast<unsigned>((rows + 7) / 8);
       device::row_forward_kernel<T, 32, 8><<<blocks, 256, 0, stream>>>(p);
@@ -132,8 +132,8 @@ void launch_forward(const LogitsView<const T>& logits, const TargetsView& target
     }
   }
   if (seqs.count > 0) {
-    device::SequenceParams sp{targets, seqs,  rows, ignore_index, average, token_logp,
-                              logp,    num_tokens};
+    device::SequenceParams sp{targets, seqs,       rows, ignore_index,
+                              average, token_logp, logp, num_tokens};
     const auto blocks = static_cast<unsigned>((seqs.count + 7) / 8);
     device::sequence_logp_kernel<<<blocks, 256, 0, stream>>>(sp);
   }
@@ -209,7 +209,9 @@ Status sequence_logprobs(void* workspace, size_t& workspace_bytes,
 
 // ------------------------------------------------------- KL partial, finish --
 
-inline size_t errors_workspace_bytes() { return detail::kAlignment; }
+inline size_t errors_workspace_bytes() {
+  return detail::kAlignment;
+}
 
 /// (S, C) of the KL batch into `partial` (device). num_tokens may be null
 /// unless options.kl_estimator is nonempty_mean.
@@ -220,14 +222,13 @@ inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* 
   try {
     validate_options(o, fn);
     kto::detail::require(count >= 0, fn, "count", "be >= 0", count);
-    kto::detail::require(policy_logp != nullptr || count == 0, fn, "kl_policy_logp",
-                         "be non-null", "nullptr");
+    kto::detail::require(policy_logp != nullptr || count == 0, fn, "kl_policy_logp", "be non-null",
+                         "nullptr");
     kto::detail::require(reference_logp != nullptr || count == 0, fn, "kl_reference_logp",
                          "be non-null", "nullptr");
-    kto::detail::require(num_tokens != nullptr || count == 0 ||
-                             o.kl_estimator != KlEstimator::nonempty_mean,
-                         fn, "kl_num_tokens", "be non-null for the nonempty_mean estimator",
-                         "nullptr");
+    kto::detail::require(
+        num_tokens != nullptr || count == 0 || o.kl_estimator != KlEstimator::nonempty_mean, fn,
+        "kl_num_tokens", "be non-null for the nonempty_mean estimator", "nullptr");
     kto::detail::require(partial != nullptr, fn, "partial", "be non-null", "nullptr");
   } catch (const kto::Error& e) {
     return Status::from(e);
@@ -237,8 +238,8 @@ inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* 
     return status;
   auto* errors = static_cast<device::DeviceErrors*>(workspace);
   detail::reset_errors(errors, stream);
-  device::KlParams p{policy_logp, reference_logp, num_tokens, count, o.kl_estimator, partial,
-                     errors};
+  device::KlParams p{policy_logp,    reference_logp, num_tokens, count,
+                     o.kl_estimator, partial,        errors};
   device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
   return detail::last_launch(fn);
 }
@@ -261,8 +262,7 @@ inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* 
     kto::detail::require(count >= 1, fn, "count", "be >= 1 (an empty batch has no loss)", count);
     kto::detail::require(partial != nullptr, fn, "partial", "be non-null", "nullptr");
     kto::detail::require(policy_logp != nullptr, fn, "policy_logp", "be non-null", "nullptr");
-    kto::detail::require(reference_logp != nullptr, fn, "reference_logp", "be non-null",
-                         "nullptr");
+    kto::detail::require(reference_logp != nullptr, fn, "reference_logp", "be non-null", "nullptr");
     kto::detail::require(desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
     kto::detail::require(out.ratio && out.reward && out.loss && out.grad_logp, fn, "out",
                          "have four non-null arrays", "a null array");
@@ -275,9 +275,8 @@ inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* 
     return status;
   auto* errors = static_cast<device::DeviceErrors*>(workspace);
   detail::reset_errors(errors, stream);
-  device::FinishParams p{partial,  policy_logp, reference_logp, desirable, count,
-                         o,        out.ratio,   out.reward,     out.loss,  out.grad_logp,
-                         metrics,  errors};
+  device::FinishParams p{partial,   policy_logp, reference_logp, desirable,     count,   o,
+                         out.ratio, out.reward,  out.loss,       out.grad_logp, metrics, errors};
   device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
   return detail::last_launch(fn);
 }
@@ -296,8 +295,8 @@ Status backward(const LogitsView<const T>& logits, const TargetsView& targets,
     validate_options(o, fn);
     detail::validate_forward_views(logits, targets, sequences, fn, "", true);
     kto::detail::validate_gradient(grad, logits, fn);
-    kto::detail::require(row_lse != nullptr || logits.rows.rows == 0, fn, "row_lse",
-                         "be non-null", "nullptr");
+    kto::detail::require(row_lse != nullptr || logits.rows.rows == 0, fn, "row_lse", "be non-null",
+                         "nullptr");
     kto::detail::require(grad_logp != nullptr || sequences.count == 0, fn, "grad_logp",
                          "be non-null", "nullptr");
     kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
@@ -305,8 +304,9 @@ Status backward(const LogitsView<const T>& logits, const TargetsView& targets,
   } catch (const kto::Error& e) {
     return Status::from(e);
   }
-  device::BackwardParams<T> p{logits,    targets,    sequences, o.ignore_index, o.average_logprob,
-                              row_lse,   grad_logp,  num_tokens, grad};
+  device::BackwardParams<T> p{logits,         targets,           sequences,
+                              o.ignore_index, o.average_logprob, row_lse,
+                              grad_logp,      num_tokens,        grad};
   detail::launch_backward(p, stream);
   return detail::last_launch(fn);
 }
@@ -409,8 +409,8 @@ Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView
                                        true);
       } else {
         kto::detail::require(in.kl.count >= 0, fn, "kl.count", "be >= 0", in.kl.count);
-        kto::detail::require(in.kl.policy_logp != nullptr || in.kl.count == 0, fn,
-                             "kl.policy_logp", "be non-null (or give kl.logits)", "nullptr");
+        kto::detail::require(in.kl.policy_logp != nullptr || in.kl.count == 0, fn, "kl.policy_logp",
+                             "be non-null (or give kl.logits)", "nullptr");
         kto::detail::require(in.kl.num_tokens != nullptr || in.kl.count == 0 ||
                                  o.kl_estimator != KlEstimator::nonempty_mean,
                              fn, "kl.num_tokens", "be non-null for the nonempty_mean estimator",
@@ -435,9 +435,9 @@ size_t kto_step_workspace_bytes(const StepInputs<T>& in) {
 /// The whole step for one process: forward (target and, if given as logits,
 /// KL batch), KL partial → all_reduce (if given) → finish → backward.
 template <class T>
-Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in,
-                const Options& o, const LogitsView<T>& grad, const StepOutputs& out,
-                cudaStream_t stream, const KlAllReduce& all_reduce = {}) {
+Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in, const Options& o,
+                const LogitsView<T>& grad, const StepOutputs& out, cudaStream_t stream,
+                const KlAllReduce& all_reduce = {}) {
   const char* fn = "kto::cuda::kto_step";
   Status status = can_implement(in, o, grad, out);
   if (!status) return status;
@@ -469,8 +469,8 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
       kl_logp = b.kl_logp;
       kl_tokens = b.kl_num_tokens;
     }
-    device::KlParams kp{kl_logp, in.kl.reference_logp, kl_tokens, K,
-                        o.kl_estimator, b.partial, b.errors};
+    device::KlParams kp{kl_logp, in.kl.reference_logp, kl_tokens, K, o.kl_estimator, b.partial,
+                        b.errors};
     device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(kp);
   }
   status = detail::last_launch(fn);
@@ -479,13 +479,13 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
     status = all_reduce(b.partial, stream);
     if (!status) return status;
   }
-  device::FinishParams fp{b.partial, logp,   in.reference_logp, in.desirable, in.sequences.count,
-                          o,         ex.ratio, ex.reward,       ex.loss,      ex.grad_logp,
-                          out.metrics, b.errors};
+  device::FinishParams fp{
+      b.partial, logp,      in.reference_logp, in.desirable, in.sequences.count, o,
+      ex.ratio,  ex.reward, ex.loss,           ex.grad_logp, out.metrics,        b.errors};
   device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(fp);
-  device::BackwardParams<T> bp{in.policy_logits, in.targets,   in.sequences,
+  device::BackwardParams<T> bp{in.policy_logits, in.targets,        in.sequences,
                                o.ignore_index,   o.average_logprob, b.row_lse,
-                               ex.grad_logp,     num_tokens,   grad};
+                               ex.grad_logp,     num_tokens,        grad};
   detail::launch_backward(bp, stream);
   return detail::last_launch(fn);
 }
@@ -550,8 +550,7 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
                           "value",
                           index);
     default:
-      return Status::make(StatusCode::cuda_error, "kto::cuda: unknown device error key %llx",
-                          key);
+      return Status::make(StatusCode::cuda_error, "kto::cuda: unknown device error key %llx", key);
   }
 }
 

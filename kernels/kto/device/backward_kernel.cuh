@@ -31,19 +31,21 @@ struct BackwardParams {
 };
 
 /// Sequence owning row r: the last s with offsets[s] <= r (offsets validated).
-__device__ __forceinline__ index_t sequence_of_row(const SequencesView& seqs, index_t r) {
+KTO_HOST_DEVICE inline index_t sequence_of_row(const SequencesView& seqs, index_t r) {
   index_t lo = 0, hi = seqs.count;  // answer in [lo, hi)
   while (hi - lo > 1) {
     const index_t mid = lo + (hi - lo) / 2;
-    if (seqs.offsets[mid] <= r) lo = mid;
-    else hi = mid;
+    if (seqs.offsets[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
   }
   return lo;
 }
 
 template <class T, int kThreads>
-__device__ __forceinline__ void write_row(const T* in, T* out, index_t vocab, index_t target,
-                                          float lse, float scale, int lane, bool zero) {
+KTO_HOST_DEVICE inline void write_row(const T* in, T* out, index_t vocab, index_t target, float lse,
+                                      float scale, int lane, bool zero) {
   constexpr int W = Vec<T>::kWidth;
   auto value = [&](float z, index_t v) {
     if (zero) return 0.0f;
@@ -51,8 +53,8 @@ __device__ __forceinline__ void write_row(const T* in, T* out, index_t vocab, in
     return onehot - scale * expf(z - lse);
   };
   // Vectors only where input and output share their alignment.
-  const bool vectorised = (reinterpret_cast<std::uintptr_t>(in) % 16) ==
-                          (reinterpret_cast<std::uintptr_t>(out) % 16);
+  const bool vectorised =
+      (reinterpret_cast<std::uintptr_t>(in) % 16) == (reinterpret_cast<std::uintptr_t>(out) % 16);
   const RowSpan span = vectorised ? row_span<T>(out, vocab) : RowSpan{vocab, 0, vocab};
   for (index_t i = lane; i < span.head; i += kThreads)
     out[i] = from_float<T>(value(zero ? 0.0f : to_float(in[i]), i));
@@ -66,9 +68,7 @@ __device__ __forceinline__ void write_row(const T* in, T* out, index_t vocab, in
 #pragma unroll
     for (int k = 0; k < W; ++k)
       v.v[k] = from_float<T>(value(zero ? 0.0f : to_float(v.v[k]), base + k));
-    int4 raw;
-    memcpy(&raw, &v, sizeof(raw));
-    __stcs(reinterpret_cast<int4*>(vout + i), raw);
+    store_streaming(vout + i, v);
   }
   for (index_t i = span.tail + lane; i < vocab; i += kThreads)
     out[i] = from_float<T>(value(zero ? 0.0f : to_float(in[i]), i));

@@ -23,13 +23,13 @@
 namespace kto {
 namespace device {
 
-__device__ __forceinline__ index_t clamp_row(index_t r, index_t rows) {
+KTO_HOST_DEVICE inline index_t clamp_row(index_t r, index_t rows) {
   return r < 0 ? 0 : (r > rows ? rows : r);
 }
 
 /// [first, last) rows covered by the sequences, clamped to the matrix.
-__device__ __forceinline__ void covered_rows(const SequencesView& seqs, index_t rows,
-                                             index_t& first, index_t& last) {
+KTO_HOST_DEVICE inline void covered_rows(const SequencesView& seqs, index_t rows, index_t& first,
+                                         index_t& last) {
   first = clamp_row(seqs.offsets[0], rows);
   last = clamp_row(seqs.offsets[seqs.count], rows);
   if (last < first) last = first;
@@ -59,7 +59,7 @@ struct ForwardParams {
 
 /// Folds this thread's slice of a row into an (m, s) state.
 template <class T, int kThreads>
-__device__ __forceinline__ LseState thread_row_lse(const T* row, index_t vocab, int lane) {
+KTO_HOST_DEVICE inline LseState thread_row_lse(const T* row, index_t vocab, int lane) {
   constexpr int W = Vec<T>::kWidth;
   LseState st = lse_identity();
   const RowSpan span = row_span<T>(row, vocab);
@@ -84,8 +84,7 @@ __device__ __forceinline__ LseState thread_row_lse(const T* row, index_t vocab, 
 }
 
 template <class T, int kThreads, int kRowsPerBlock>
-__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
-    row_forward_kernel(ForwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock) row_forward_kernel(ForwardParams<T> p) {
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
   const index_t r = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
   const index_t rows = p.logits.rows.rows;

@@ -24,11 +24,17 @@ struct LseState {
   float s;
 };
 
-__device__ __forceinline__ LseState lse_identity() { return LseState{-INFINITY, 0.0f}; }
+KTO_HOST_DEVICE inline LseState lse_identity() {
+  return LseState{-INFINITY, 0.0f};
+}
 
 /// Folds n values (n small, unrolled by the caller's constant) into the state.
+KTO_HOST_DEVICE inline bool is_nan(float x) {
+  return x != x;
+}
+
 template <int N>
-__device__ __forceinline__ void lse_update(LseState& st, const float (&x)[N]) {
+KTO_HOST_DEVICE inline void lse_update(LseState& st, const float (&x)[N]) {
   float chunk_max = x[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, x[k]);
@@ -36,7 +42,7 @@ __device__ __forceinline__ void lse_update(LseState& st, const float (&x)[N]) {
   if (m == -INFINITY) {  // only −inf (and maybe NaN) so far: exp terms are 0
 #pragma unroll
     for (int k = 0; k < N; ++k)
-      if (isnan(x[k])) st.s = NAN;
+      if (is_nan(x[k])) st.s = NAN;
     return;
   }
   float s = st.s * expf(st.m - m);
@@ -46,7 +52,7 @@ __device__ __forceinline__ void lse_update(LseState& st, const float (&x)[N]) {
   st.s = s;
 }
 
-__device__ __forceinline__ LseState lse_combine(const LseState& a, const LseState& b) {
+KTO_HOST_DEVICE inline LseState lse_combine(const LseState& a, const LseState& b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return LseState{m, a.s + b.s};  // 0 + 0, or NaN kept
   return LseState{m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};

@@ -19,27 +19,34 @@ namespace kto {
 namespace device {
 
 template <class T>
-struct is_logit_type
-    : std::integral_constant<bool, std::is_same<T, float>::value ||
-                                       std::is_same<T, __half>::value ||
-                                       std::is_same<T, __nv_bfloat16>::value> {};
+struct is_logit_type : std::integral_constant<bool, std::is_same<T, float>::value ||
+                                                        std::is_same<T, __half>::value ||
+                                                        std::is_same<T, __nv_bfloat16>::value> {};
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Host-and-device where they can be, so tests can run the index and
+// reduction logic of the kernels on a CPU (tests/gpu/test_device_logic.cu).
+KTO_HOST_DEVICE inline float to_float(float x) {
+  return x;
+}
+KTO_HOST_DEVICE inline float to_float(__half x) {
+  return __half2float(x);
+}
+KTO_HOST_DEVICE inline float to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
 
 template <class T>
-__device__ __forceinline__ T from_float(float x);
+KTO_HOST_DEVICE inline T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) {
+KTO_HOST_DEVICE inline float from_float<float>(float x) {
   return x;
 }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
+KTO_HOST_DEVICE inline __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+KTO_HOST_DEVICE inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
@@ -53,12 +60,28 @@ struct alignas(16) Vec {
 /// A read-only 16-byte load through the non-coherent cache (forward only:
 /// the backward may write the same row in place and uses plain loads).
 template <class T>
-__device__ __forceinline__ Vec<T> load_vector(const Vec<T>* p) {
-  const int4 raw = __ldg(reinterpret_cast<const int4*>(p));
-  Vec<T> v;
+KTO_HOST_DEVICE inline Vec<T> load_vector(const Vec<T>* p) {
   static_assert(sizeof(Vec<T>) == sizeof(int4), "a vector is 16 bytes");
+  Vec<T> v;
+#if defined(__CUDA_ARCH__)
+  const int4 raw = __ldg(reinterpret_cast<const int4*>(p));
   memcpy(&v, &raw, sizeof(v));
+#else
+  memcpy(&v, p, sizeof(v));
+#endif
   return v;
+}
+
+/// A 16-byte store with the evict-first hint (the gradient is not re-read).
+template <class T>
+KTO_HOST_DEVICE inline void store_streaming(Vec<T>* p, const Vec<T>& v) {
+#if defined(__CUDA_ARCH__)
+  int4 raw;
+  memcpy(&raw, &v, sizeof(raw));
+  __stcs(reinterpret_cast<int4*>(p), raw);
+#else
+  memcpy(p, &v, sizeof(v));
+#endif
 }
 
 /// How a row of `vocab` elements at `p` splits into a scalar head (until the
@@ -70,7 +93,7 @@ struct RowSpan {
 };
 
 template <class T>
-__device__ __forceinline__ RowSpan row_span(const void* p, index_t vocab) {
+KTO_HOST_DEVICE inline RowSpan row_span(const void* p, index_t vocab) {
   constexpr index_t w = Vec<T>::kWidth;
   const auto misalign = static_cast<index_t>(reinterpret_cast<std::uintptr_t>(p) % 16);
   index_t head = misalign == 0 ? 0 : (16 - misalign) / static_cast<index_t>(sizeof(T));

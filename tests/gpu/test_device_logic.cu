@@ -1,0 +1,220 @@
+// The CUDA kernels' index and reduction logic, run on the CPU (label: cpu).
+//
+// The per-thread pieces of the kernels are __host__ __device__: how a row is
+// split into a scalar head, 16-byte vectors and a tail (row_span), what each
+// lane folds (thread_row_lse), what each lane writes in the backward
+// (write_row), which sequence owns a row, and how (m, s) states combine. Here
+// every lane of a warp-per-row group (32) and of a block-per-row group (512)
+// is emulated in turn and the states are merged in the kernels' butterfly /
+// shared-memory order, so the code that will run on a GPU is checked against
+// the float64 reference on machines that have none.
+#include <catch2/catch.hpp>
+
+#include <kto/device/backward_kernel.cuh>
+#include <kto/device/forward_kernels.cuh>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "../problem.hpp"
+
+namespace {
+
+using kto::index_t;
+using kto::device::LseState;
+
+template <class T>
+T cast(double x) {
+  return kto::device::from_float<T>(static_cast<float>(x));
+}
+
+/// Emulates group_reduce_lse: a butterfly inside each warp, then warp 0 over
+/// the per-warp results (lanes past the warp count hold the identity).
+LseState emulate_group_reduce(const std::vector<LseState>& st) {
+  using Warp = std::array<LseState, 32>;
+  auto butterfly = [](Warp w) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      Warp next;
+      for (int l = 0; l < 32; ++l) next[l] = kto::device::lse_combine(w[l], w[l ^ offset]);
+      w = next;
+    }
+    return w[0];
+  };
+  const int warps = static_cast<int>(st.size()) / 32;
+  Warp lanes;
+  lanes.fill(kto::device::lse_identity());
+  for (int w = 0; w < warps; ++w) {
+    Warp warp;
+    std::copy(st.begin() + 32 * w, st.begin() + 32 * (w + 1), warp.begin());
+    lanes[w] = butterfly(warp);
+  }
+  return warps == 1 ? lanes[0] : butterfly(lanes);
+}
+
+template <class T, int kThreads>
+LseState emulate_row(const T* row, index_t vocab) {
+  std::vector<LseState> st(kThreads);
+  for (int lane = 0; lane < kThreads; ++lane)
+    st[lane] = kto::device::thread_row_lse<T, kThreads>(row, vocab, lane);
+  return emulate_group_reduce(st);
+}
+
+double reference_lse(const std::vector<double>& z) {
+  double m = -INFINITY, s = 0;
+  for (double x : z) m = std::max(m, x);
+  for (double x : z) s += std::exp(x - m);
+  return m + std::log(s);
+}
+
+}  // namespace
+
+TEST_CASE("row_span covers a row exactly once at every alignment", "[device]") {
+  alignas(16) static unsigned char buffer[4096];
+  for (index_t vocab : {1, 2, 3, 7, 8, 9, 15, 16, 17, 100, 1000}) {
+    for (int shift = 0; shift < 16; shift += 2) {
+      const void* p = buffer + shift;
+      const auto s = kto::device::row_span<__nv_bfloat16>(p, vocab);
+      INFO("vocab " << vocab << " shift " << shift);
+      CHECK(s.head >= 0);
+      CHECK(s.head <= vocab);
+      CHECK(s.tail == s.head + s.vectors * 8);
+      CHECK(s.tail <= vocab);
+      CHECK(vocab - s.tail < 8);
+      if (s.vectors > 0) CHECK((shift + 2 * s.head) % 16 == 0);
+      if (shift == 0) CHECK(s.head == 0);
+    }
+  }
+  for (int shift = 0; shift < 16; shift += 4) {
+    const auto s = kto::device::row_span<float>(buffer + shift, 50);
+    CHECK((shift + 4 * s.head) % 16 == 0);
+    CHECK(s.tail == s.head + 4 * s.vectors);
+    CHECK(50 - s.tail < 4);
+  }
+}
+
+TEMPLATE_TEST_CASE("forward row logic of both row paths matches float64", "[device]", float, __half,
+                   __nv_bfloat16) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 3.0);
+  const index_t vocab = GENERATE(1, 3, 8, 9, 123, 4096, 5001, 50257);
+  const int shift = GENERATE(0, 1, 3);  // elements: misaligns the row pointer
+  std::vector<T> storage(vocab + 8);
+  std::vector<double> z(vocab);
+  for (index_t v = 0; v < vocab; ++v) {
+    storage[shift + v] = cast<T>(normal(rng));
+    z[v] = kto::device::to_float(storage[shift + v]);
+  }
+  const T* row = storage.data() + shift;
+  const double want = reference_lse(z);
+  INFO("V " << vocab << " shift " << shift);
+  for (const LseState st : {emulate_row<T, 32>(row, vocab), emulate_row<T, 512>(row, vocab)}) {
+    const double got = st.m + std::log(static_cast<double>(st.s));
+    CHECK(std::fabs(got - want) <= 1e-5 * (std::fabs(want) + 1.0));
+  }
+}
+
+TEST_CASE("forward row logic keeps NaN, +inf and all -inf rows non-finite", "[device]") {
+  const index_t vocab = 3001;
+  for (int c = 0; c < 5; ++c) {
+    std::vector<float> row(vocab, 0.5f);
+    if (c == 0) row[1777] = NAN;
+    if (c == 1) row[5] = INFINITY;
+    if (c == 2) std::fill(row.begin(), row.end(), -INFINITY);
+    if (c == 3) {  // NaN hidden among −inf: the running max stays −inf
+      std::fill(row.begin(), row.end(), -INFINITY);
+      row[2000] = NAN;
+    }
+    if (c == 4) std::fill(row.begin(), row.begin() + 3000, -INFINITY);  // one finite value
+    INFO("case " << c);
+    for (const LseState st :
+         {emulate_row<float, 32>(row.data(), vocab), emulate_row<float, 512>(row.data(), vocab)}) {
+      const float lse = st.m + std::log(st.s);
+      if (c == 4) {
+        CHECK(lse == 0.5f);
+      } else {
+        CHECK_FALSE(std::isfinite(lse));
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("backward row logic writes every element once with the right value", "[device]",
+                   float, __half, __nv_bfloat16) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 2.0);
+  const index_t vocab = GENERATE(1, 3, 9, 123, 5001);
+  const int in_shift = GENERATE(0, 1);
+  const int out_shift = GENERATE(0, 1, 2);
+  const bool zero = GENERATE(false, true);
+  INFO("V " << vocab << " in " << in_shift << " out " << out_shift << " zero " << zero);
+  std::vector<T> in(vocab + 16), out(vocab + 16, cast<T>(NAN));
+  std::vector<double> z(vocab);
+  for (index_t v = 0; v < vocab; ++v) {
+    in[in_shift + v] = cast<T>(normal(rng));
+    z[v] = kto::device::to_float(in[in_shift + v]);
+  }
+  const double lse = reference_lse(z);
+  const index_t target = vocab / 2;
+  const float scale = -0.37f;
+  auto run = [&](auto threads_tag, T* dst, const T* src) {
+    constexpr int kThreads = decltype(threads_tag)::value;
+    for (int lane = 0; lane < kThreads; ++lane)
+      kto::device::write_row<T, kThreads>(src, dst, vocab, target, static_cast<float>(lse), scale,
+                                          lane, zero);
+  };
+  const double u = std::is_same<T, float>::value    ? 0x1p-24
+                   : std::is_same<T, __half>::value ? 0x1p-11
+                                                    : 0x1p-8;
+  auto check = [&](const std::vector<T>& buf, int shift) {
+    index_t bad = 0;
+    for (index_t i = 0; i < static_cast<index_t>(buf.size()); ++i) {
+      const double got = kto::device::to_float(buf[i]);
+      const index_t v = i - shift;
+      if (v < 0 || v >= vocab) {
+        if (!std::isnan(got)) ++bad;  // outside the row: untouched
+        continue;
+      }
+      const double want = zero ? 0.0 : scale * ((v == target ? 1.0 : 0.0) - std::exp(z[v] - lse));
+      if (!(std::fabs(got - want) <=
+            1e-5 * std::fabs(scale) * (1 + std::fabs(lse)) + u * std::fabs(want)))
+        ++bad;
+    }
+    CHECK(bad == 0);
+  };
+  run(std::integral_constant<int, 32>{}, out.data() + out_shift, in.data() + in_shift);
+  check(out, out_shift);
+  std::fill(out.begin(), out.end(), cast<T>(NAN));
+  run(std::integral_constant<int, 512>{}, out.data() + out_shift, in.data() + in_shift);
+  check(out, out_shift);
+  // In place: the output is the input row.
+  std::vector<T> inplace(in.size(), cast<T>(NAN));
+  std::copy(in.begin() + in_shift, in.begin() + in_shift + vocab, inplace.begin() + in_shift);
+  run(std::integral_constant<int, 512>{}, inplace.data() + in_shift, inplace.data() + in_shift);
+  check(inplace, in_shift);
+}
+
+TEST_CASE("sequence_of_row and covered_rows agree with a linear scan", "[device]") {
+  std::vector<index_t> offsets = {2, 2, 5, 5, 5, 6, 9, 9};  // empty sequences included
+  const kto::SequencesView seqs{offsets.data(), static_cast<index_t>(offsets.size()) - 1};
+  index_t first = -1, last = -1;
+  kto::device::covered_rows(seqs, 12, first, last);
+  CHECK(first == 2);
+  CHECK(last == 9);
+  for (index_t r = first; r < last; ++r) {
+    index_t want = -1;
+    for (index_t s = 0; s < seqs.count; ++s)
+      if (offsets[s] <= r && r < offsets[s + 1]) want = s;
+    INFO("row " << r);
+    CHECK(kto::device::sequence_of_row(seqs, r) == want);
+  }
+  // Offsets past the rows are clamped, never followed.
+  std::vector<index_t> bad = {-3, 4, 100};
+  kto::device::covered_rows(kto::SequencesView{bad.data(), 2}, 10, first, last);
+  CHECK(first == 0);
+  CHECK(last == 10);
+}
