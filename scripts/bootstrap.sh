@@ -2,7 +2,7 @@
 # Installs the Debian packages kto builds and tests with, when they are missing.
 # Safe to run repeatedly: it only calls apt-get when something is absent.
 set -euo pipefail
-packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev)
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -76,7 +76,10 @@ struct FinishParams {
 };
 
 __global__ void __launch_bounds__(kFinishThreads) finish_kernel(FinishParams p) {
-  __shared__ MetricSums sums[kFinishThreads];
+  // Raw storage: a __shared__ array of a type with member initialisers would
+  // ask for dynamic initialisation, which shared memory does not get.
+  __shared__ alignas(MetricSums) unsigned char storage[sizeof(MetricSums) * kFinishThreads];
+  MetricSums* sums = reinterpret_cast<MetricSums*>(storage);
   const KlPartial kl = *p.partial;
   const double z0 = reference_point(kl, p.options);
   const double scale = reduction_scale(p.options, p.count);
