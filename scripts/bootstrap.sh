@@ -4,6 +4,8 @@
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev openmpi-bin libopenmpi-dev)
 missing=()
+# The Python tests need a python3 that can make virtual environments.
+python3 -m venv --help >/dev/null 2>&1 || packages+=(python3 python3-venv python3-pip)
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done

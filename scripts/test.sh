@@ -12,6 +12,10 @@ cmake --build build -j"$jobs"
 echo "== tests"
 ctest --test-dir build -j"$jobs" --output-on-failure
 
+echo "== Python tests (JAX FFI op against a float64 JAX reference)"
+scripts/python_env.sh
+.venv/bin/python -m pytest -q tests/python
+
 echo "== tests under ASan + UBSan"
 san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
 # GCC 12 flags its own AVX-512 intrinsics (`__m512 __Y = __Y;`) under the sanitizers.

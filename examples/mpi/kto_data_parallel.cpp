@@ -9,8 +9,8 @@
 // and compares against. Exit status 0 means they agree.
 //
 //   mpirun -np 2 build/examples/kto_data_parallel
-#include <kto/kto.hpp>
 #include <mpi.h>
+#include <kto/kto.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -102,14 +102,14 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < all_grad.size(); ++i)
         worst = std::max(worst, std::fabs(all_grad[i] - single_grad[i]) /
                                     std::max(1e-300, std::fabs(single_grad[i])));
-      const bool ok = std::fabs(loss - single.metrics.loss) <= 1e-12 * std::fabs(single.metrics.loss) &&
-                      std::fabs(local.metrics.kl - single.metrics.kl) <= 1e-14 &&
-                      worst <= 1e-12;
-      std::printf("%d ranks, %s: z0 %.12f (single %.12f), loss %.12f (single %.12f), "
-                  "max rel grad diff %.2e -> %s\n",
-                  size, estimator == kto::KlEstimator::mean ? "mean" : "nonempty_mean",
-                  local.metrics.kl, single.metrics.kl, loss, single.metrics.loss, worst,
-                  ok ? "equal" : "DIFFERENT");
+      const bool ok =
+          std::fabs(loss - single.metrics.loss) <= 1e-12 * std::fabs(single.metrics.loss) &&
+          std::fabs(local.metrics.kl - single.metrics.kl) <= 1e-14 && worst <= 1e-12;
+      std::printf(
+          "%d ranks, %s: z0 %.12f (single %.12f), loss %.12f (single %.12f), "
+          "max rel grad diff %.2e -> %s\n",
+          size, estimator == kto::KlEstimator::mean ? "mean" : "nonempty_mean", local.metrics.kl,
+          single.metrics.kl, loss, single.metrics.loss, worst, ok ? "equal" : "DIFFERENT");
       failures += ok ? 0 : 1;
     }
   }

@@ -15,6 +15,7 @@
 // non-decreasing offsets.
 #pragma once
 
+#include <type_traits>
 #include <vector>
 
 #include "config.hpp"
@@ -26,6 +27,11 @@ template <class T>
 struct Span {
   T* data = nullptr;
   index_t size = 0;
+  Span() = default;
+  KTO_HOST_DEVICE Span(T* d, index_t n) : data(d), size(n) {}
+  /// Span<T> converts to Span<const T>.
+  template <class U, class = std::enable_if_t<std::is_convertible<U (*)[], T (*)[]>::value>>
+  KTO_HOST_DEVICE Span(const Span<U>& other) : data(other.data), size(other.size) {}
   KTO_HOST_DEVICE T& operator[](index_t i) const { return data[i]; }
 };
 template <class T>

@@ -1,0 +1,205 @@
+"""kto's JAX FFI op against a pure-JAX float64 reference (CPU).
+
+Tolerance rule (DESIGN §4): fp32 accumulation is compared with the float64
+reference of the same (upcast) inputs at 1e-5 relative to the magnitude the
+quantity is computed from; a gradient stored as bfloat16/float16 adds that
+type's unit roundoff (2^-8 / 2^-11) relative to the value.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kto_jax
+
+jax.config.update("jax_enable_x64", True)
+
+
+def make_batch(seed, vocab=23, dtype=jnp.float32, num_sequences=5):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 6, size=num_sequences)
+    lengths[1] = 1
+    offsets = np.concatenate([[1], 1 + np.cumsum(lengths)])  # row 0 outside every sequence
+    rows = int(offsets[-1]) + 2
+    logits = jnp.asarray(rng.normal(0, 3, size=(rows, vocab)), dtype)
+    targets = rng.integers(0, vocab, size=rows)
+    targets[rng.random(rows) < 0.2] = -100
+    if num_sequences > 2:
+        targets[offsets[2] : offsets[3]] = -100  # an all-ignored sequence
+    desirable = (rng.random(num_sequences) < 0.5).astype(np.uint8)
+    k = num_sequences + 1
+    kl_num_tokens = rng.integers(0, 5, size=k)
+    kl_num_tokens[0] = 0
+    kl_policy = np.where(kl_num_tokens > 0, rng.normal(-20, 4, size=k), 0).astype(np.float32)
+    kl_reference = np.where(kl_num_tokens > 0, kl_policy - 0.4 + rng.normal(0, 0.5, size=k), 0)
+    seq_of_row = np.full(rows, num_sequences)
+    for s in range(num_sequences):
+        seq_of_row[offsets[s] : offsets[s + 1]] = s
+    return dict(
+        logits=logits,
+        targets=targets,
+        offsets=offsets,
+        desirable=desirable,
+        kl_policy_logp=kl_policy,
+        kl_reference_logp=kl_reference.astype(np.float32),
+        kl_num_tokens=kl_num_tokens,
+        seq_of_row=seq_of_row,
+        rng=rng,
+    )
+
+
+def reference_logp(logits64, batch, options):
+    b = len(batch["offsets"]) - 1
+    targets = jnp.asarray(batch["targets"])
+    mask = targets != options.ignore_index
+    lsm = jax.nn.log_softmax(logits64, axis=-1)
+    picked = jnp.take_along_axis(lsm, jnp.where(mask, targets, 0)[:, None], axis=1)[:, 0]
+    token = jnp.where(mask, picked, 0.0)
+    seg = jnp.asarray(batch["seq_of_row"])
+    logp = jax.ops.segment_sum(token, seg, num_segments=b + 1)[:b]
+    n = jax.ops.segment_sum(mask.astype(jnp.float64), seg, num_segments=b + 1)[:b]
+    if options.average_log_prob:
+        logp = jnp.where(n > 0, logp / jnp.maximum(n, 1), 0.0)
+    return logp, n
+
+
+def reference_loss(logits64, batch, reference_logp_, options):
+    """The KTO loss of DESIGN §1, written out in float64 JAX."""
+    logp, _ = reference_logp(logits64, batch, options)
+    rho = logp - jnp.asarray(reference_logp_, jnp.float64)
+    kl_rho = np.asarray(batch["kl_policy_logp"], np.float64) - np.asarray(
+        batch["kl_reference_logp"], np.float64
+    )
+    if options.loss_type == "apo_zero_unpaired" or options.reference_point == "zero":
+        z0 = 0.0
+    elif options.reference_point == "fixed":
+        z0 = options.fixed_z0
+    else:
+        keep = (
+            np.ones_like(kl_rho, bool)
+            if options.kl_estimator == "mean"
+            else batch["kl_num_tokens"] > 0
+        )
+        z0 = kl_rho[keep].sum() / keep.sum() if keep.sum() else 0.0
+        if options.clamp_kl:
+            z0 = max(0.0, z0)
+    d = jnp.asarray(batch["desirable"]) == 1
+    u = jnp.where(d, options.beta * (rho - z0), options.beta * (z0 - rho))
+    if options.link == "one_minus_sigmoid":
+        f = 1.0 - jax.nn.sigmoid(u)
+    else:
+        f = -jax.nn.log_sigmoid(u)
+    losses = jnp.where(d, options.desirable_weight, options.undesirable_weight) * f
+    total = losses.sum()
+    loss = total if options.reduction == "sum" else total / len(batch["desirable"])
+    return loss, (z0, rho, logp, losses)
+
+
+def run(batch, reference_logp_, options):
+    args = (
+        batch["logits"],
+        batch["targets"],
+        batch["offsets"],
+        reference_logp_,
+        batch["desirable"],
+        batch["kl_policy_logp"],
+        batch["kl_reference_logp"],
+        batch["kl_num_tokens"],
+    )
+    loss, metrics = kto_jax.kto_loss(*args, options)
+
+    def f(z):
+        return kto_jax.kto_loss(z, *args[1:], options)[0]
+
+    return loss, metrics, jax.jit(jax.grad(f))(batch["logits"]), jax.grad(f)(batch["logits"])
+
+
+def check(batch, options, unit_roundoff):
+    logits64 = jnp.asarray(batch["logits"], jnp.float64)
+    logp64, _ = reference_logp(logits64, batch, options)
+    ref = np.asarray(logp64 + batch["rng"].normal(0, 0.5, size=logp64.shape), np.float32)
+    want_loss, (z0, rho, logp, losses) = reference_loss(logits64, batch, ref, options)
+    want_grad = jax.grad(lambda z: reference_loss(z, batch, ref, options)[0])(logits64)
+    loss, metrics, grad_jit, grad = run(batch, ref, options)
+
+    scale = 1.0 + float(jnp.abs(logits64).max()) * batch["logits"].shape[0]
+    rtol = 1e-5
+    assert abs(float(loss) - float(want_loss)) <= rtol * scale * options.beta
+    assert abs(float(metrics["kl"]) - z0) <= rtol * max(1.0, abs(z0))
+    np.testing.assert_allclose(metrics["per_example/logp"], logp, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(metrics["per_example/ratio"], rho, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(
+        metrics["per_example/loss"], losses, rtol=0, atol=rtol * scale * options.beta * 2
+    )
+    d = batch["desirable"] == 1
+    if d.any():
+        np.testing.assert_allclose(
+            metrics["rewards/chosen"], options.beta * np.mean(rho[d]), atol=rtol * scale
+        )
+    assert float(metrics["count/chosen"]) == d.sum()
+    assert float(metrics["count/rejected"]) == (~d).sum()
+    # Gradients: jit and eager agree bit for bit; both match the reference.
+    assert np.array_equal(np.asarray(grad_jit), np.asarray(grad))
+    g = np.asarray(grad, np.float64)
+    w = np.asarray(want_grad)
+    gmax = float(np.abs(w).max()) + 1e-30
+    assert np.all(np.abs(g - w) <= rtol * gmax * 10 + unit_roundoff * np.abs(w)), (
+        np.abs(g - w).max(),
+        gmax,
+    )
+    # Rows outside sequences and ignored rows have exactly zero gradient.
+    unscored = (batch["seq_of_row"] == len(batch["desirable"])) | (batch["targets"] == -100)
+    assert np.all(g[unscored] == 0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_float32_default_options_match_reference(seed):
+    check(make_batch(seed), kto_jax.KTOOptions(beta=0.3, undesirable_weight=1.33), 2.0**-24)
+
+
+@pytest.mark.parametrize(
+    "dtype,unit_roundoff", [(jnp.bfloat16, 2.0**-8), (jnp.float16, 2.0**-11)]
+)
+def test_half_precision_logits_match_reference_of_upcast_values(dtype, unit_roundoff):
+    check(make_batch(7, vocab=301, dtype=dtype), kto_jax.KTOOptions(beta=0.5), unit_roundoff)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("link", ["one_minus_sigmoid", "neg_log_sigmoid"])
+@pytest.mark.parametrize("kl_estimator", ["mean", "nonempty_mean"])
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_option_matches_reference(loss_type, link, kl_estimator, average, reduction):
+    options = kto_jax.KTOOptions(
+        beta=0.7,
+        desirable_weight=1.4,
+        undesirable_weight=0.8,
+        loss_type=loss_type,
+        link=link,
+        kl_estimator=kl_estimator,
+        average_log_prob=average,
+        reduction=reduction,
+    )
+    check(make_batch(11), options, 2.0**-24)
+
+
+def test_sequence_logprobs_matches_reference():
+    batch = make_batch(5, vocab=50)
+    options = kto_jax.KTOOptions()
+    logp, n = kto_jax.sequence_logprobs(batch["logits"], batch["targets"], batch["offsets"])
+    want, want_n = reference_logp(jnp.asarray(batch["logits"], jnp.float64), batch, options)
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(n, want_n)
+
+
+def test_bad_target_id_raises_the_library_message():
+    batch = make_batch(9)
+    batch["targets"][batch["offsets"][0]] = 10_000
+    with pytest.raises(Exception, match=r"targets\[\d+\]' must be in \[0, 23\)"):
+        run(batch, np.zeros(5, np.float32), kto_jax.KTOOptions())
+
+
+def test_bad_option_raises_before_calling_the_library():
+    with pytest.raises(ValueError, match="options.loss_type"):
+        kto_jax.KTOOptions(loss_type="dpo").attributes()
