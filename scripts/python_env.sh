@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Creates the project-local virtual environment .venv with requirements.txt.
-# Reuses an existing .venv whose recorded requirements match; rebuilds otherwise.
+# Creates the project-local virtual environment .venv with requirements.txt and
+# builds the PyTorch extension (examples/pytorch) into it. Reuses what is up to
+# date: the packages while requirements.txt is unchanged, the extension while
+# its sources and the library headers are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
+ext_stamp=.venv/.kto_torch.sha256
+ext_want=$(cat $(find examples/pytorch include -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.hpp' \) | sort) | sha256sum | cut -d' ' -f1)
+build_extension() {
+  if [ ! -f "$ext_stamp" ] || [ "$(cat "$ext_stamp")" != "$ext_want" ]; then
+    echo "python_env: building the kto_torch extension"
+    .venv/bin/python -m pip install -q --no-build-isolation ./examples/pytorch
+    echo "$ext_want" >"$ext_stamp"
+  fi
+}
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  build_extension
   exit 0
 fi
 python=${PYTHON:-python3}
@@ -18,3 +30,4 @@ rm -rf .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 echo "$want" >"$stamp"
+build_extension

@@ -12,7 +12,7 @@ cmake --build build -j"$jobs"
 echo "== tests"
 ctest --test-dir build -j"$jobs" --output-on-failure
 
-echo "== Python tests (JAX FFI op against a float64 JAX reference)"
+echo "== Python tests (JAX and PyTorch ops against float64 references, gloo data parallel)"
 scripts/python_env.sh
 .venv/bin/python -m pytest -q tests/python
 

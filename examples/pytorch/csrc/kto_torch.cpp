@@ -1,0 +1,246 @@
+// kto_torch.cpp — PyTorch bindings of the kto CPU path (the edge where dtype
+// dispatch lives). The ops themselves (schemas, fake kernels, autograd) are
+// registered in Python with torch.library (kto_torch/__init__.py); these
+// functions are their CPU kernels.
+//
+// Logits may be a [rows, V] matrix with any row stride or a [B, T, V] tensor
+// with any batch and row strides (so `logits[:, :-1]` needs no copy), V
+// contiguous; targets likewise [rows] or [B, T] (`labels[:, 1:]`).
+#include <torch/extension.h>
+
+#include <kto/kto.hpp>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using kto::index_t;
+
+template <class T>
+kto::LogitsView<T> logits_view(const torch::Tensor& z) {
+  TORCH_CHECK(z.device().is_cpu(), "kto: argument 'logits' must be on the CPU here; got ",
+              z.device());
+  TORCH_CHECK(z.dim() == 2 || z.dim() == 3,
+              "kto: argument 'logits' must be [rows, V] or [B, T, V]; got ", z.dim(), " dims");
+  TORCH_CHECK(z.stride(-1) == 1 || z.size(-1) == 1,
+              "kto: argument 'logits' must be contiguous along the vocabulary; got stride ",
+              z.stride(-1));
+  auto* data = reinterpret_cast<T*>(z.data_ptr());
+  if (z.dim() == 2) return kto::logits_matrix<T>(data, z.size(0), z.size(1), z.stride(0));
+  return kto::logits_batched<T>(data, z.size(0), z.size(1), z.size(2), z.stride(0), z.stride(1));
+}
+
+kto::TargetsView targets_view(const torch::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == torch::kLong, "kto: argument 'targets' must be int64; got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "kto: argument 'targets' must be [rows] or [B, T]");
+  if (t.dim() == 1) return kto::targets_vector(t.data_ptr<int64_t>(), t.size(0), t.stride(0));
+  return kto::targets_batched(t.data_ptr<int64_t>(), t.size(0), t.size(1), t.stride(0),
+                              t.stride(1));
+}
+
+struct Offsets {
+  torch::Tensor tensor;  // keeps the data alive
+  kto::SequencesView view;
+};
+
+Offsets offsets_view(const torch::Tensor& offsets) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1,
+              "kto: argument 'offsets' must be 1-D with B + 1 entries");
+  Offsets o{offsets.to(torch::kLong).contiguous(), {}};
+  o.view = kto::sequences(o.tensor.data_ptr<int64_t>(), o.tensor.size(0) - 1);
+  return o;
+}
+
+template <class Fn>
+void dispatch(const torch::Tensor& logits, Fn&& fn) {
+  switch (logits.scalar_type()) {
+    case torch::kFloat:
+      fn(float{});
+      break;
+    case torch::kDouble:
+      fn(double{});
+      break;
+    case torch::kBFloat16:
+      fn(Eigen::bfloat16{});
+      break;
+    case torch::kHalf:
+      fn(Eigen::half{});
+      break;
+    default:
+      TORCH_CHECK(false,
+                  "kto: argument 'logits' must be float32, float64, bfloat16 or float16; got ",
+                  logits.scalar_type());
+  }
+}
+
+kto::cpu::ExecutionPolicy exec() {
+  kto::cpu::ExecutionPolicy e;
+  e.num_threads = at::get_num_threads();
+  return e;
+}
+
+torch::Tensor to_acc(const torch::Tensor& x, const torch::Tensor& logits) {
+  const auto acc = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  return x.to(torch::kCPU, acc).contiguous();
+}
+
+template <class A>
+kto::Span<const A> span_of(const torch::Tensor& x) {
+  return kto::make_span(x.data_ptr<A>(), x.numel());
+}
+
+/// (logp [B], num_tokens [B] int64, row_lse [rows]) in the accumulation type.
+std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
+                                             const torch::Tensor& targets,
+                                             const torch::Tensor& offsets, bool average,
+                                             int64_t ignore_index) {
+  const Offsets off = offsets_view(offsets);
+  kto::Options o;
+  o.average_logprob = average;
+  o.ignore_index = ignore_index;
+  std::vector<torch::Tensor> out;
+  dispatch(logits, [&](auto tag) {
+    using T = decltype(tag);
+    using A = kto::accumulator_t<T>;
+    const auto f = kto::cpu::sequence_logprobs<T>(logits_view<const T>(logits),
+                                                  targets_view(targets), off.view, o, exec());
+    const auto acc = std::is_same<A, double>::value ? torch::kDouble : torch::kFloat;
+    auto logp = torch::empty({off.view.count}, torch::dtype(acc));
+    auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong));
+    auto lse = torch::empty({static_cast<int64_t>(f.row_lse.size())}, torch::dtype(acc));
+    std::memcpy(logp.data_ptr(), f.logp.data(), f.logp.size() * sizeof(A));
+    std::memcpy(n.data_ptr(), f.num_tokens.data(), f.num_tokens.size() * sizeof(index_t));
+    std::memcpy(lse.data_ptr(), f.row_lse.data(), f.row_lse.size() * sizeof(A));
+    lse.nan_to_num_(0.0);
+    out = {logp, n, lse};
+  });
+  return out;
+}
+
+kto::Options options_from(double beta, double desirable_weight, double undesirable_weight,
+                          int64_t loss_type, int64_t link, int64_t reference_point,
+                          int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
+                          int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
+  kto::Options o;
+  o.beta = beta;
+  o.desirable_weight = desirable_weight;
+  o.undesirable_weight = undesirable_weight;
+  o.loss_type = static_cast<kto::LossType>(loss_type);
+  o.link = static_cast<kto::Link>(link);
+  o.reference_point = static_cast<kto::ReferencePoint>(reference_point);
+  o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
+  o.clamp_kl = clamp_kl;
+  o.fixed_z0 = fixed_z0;
+  o.average_logprob = average;
+  o.reduction = static_cast<kto::Reduction>(reduction);
+  o.mean_denominator = mean_denominator;
+  o.ignore_index = ignore_index;
+  return o;
+}
+
+/// Local (S, C) of a KL batch as a float64 [2] tensor, for an all-reduce.
+torch::Tensor kl_partial(const torch::Tensor& policy_logp, const torch::Tensor& reference_logp,
+                         const torch::Tensor& num_tokens, int64_t kl_estimator) {
+  kto::Options o;
+  o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
+  const auto p = policy_logp.to(torch::kCPU, torch::kDouble).contiguous();
+  const auto r = reference_logp.to(torch::kCPU, torch::kDouble).contiguous();
+  const auto n = num_tokens.to(torch::kCPU, torch::kLong).contiguous();
+  const kto::KlPartial kl = kto::kl_partial<double>(
+      span_of<double>(p), span_of<double>(r), kto::make_span(n.data_ptr<int64_t>(), n.numel()), o);
+  return torch::tensor({kl.sum, kl.count}, torch::dtype(torch::kDouble));
+}
+
+/// metrics [9] float64, per_example [5, B] (logp, ρ, βρ, loss, g_s), num_tokens [B], row_lse
+/// [rows]. `global_kl` ([2] float64: an all-reduced (S, C)) replaces the local KL batch when given.
+std::vector<torch::Tensor> step_forward(
+    const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
+    const torch::Tensor& reference_logp, const torch::Tensor& desirable,
+    const torch::Tensor& kl_policy_logp, const torch::Tensor& kl_reference_logp,
+    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl, double beta,
+    double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
+    int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
+    int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
+  const kto::Options o = options_from(beta, desirable_weight, undesirable_weight, loss_type, link,
+                                      reference_point, kl_estimator, clamp_kl, fixed_z0, average,
+                                      reduction, mean_denominator, ignore_index);
+  const Offsets off = offsets_view(offsets);
+  const auto labels = desirable.to(torch::kCPU, torch::kUInt8).contiguous();
+  std::vector<torch::Tensor> out;
+  dispatch(logits, [&](auto tag) {
+    using T = decltype(tag);
+    using A = kto::accumulator_t<T>;
+    const auto fwd = kto::cpu::sequence_logprobs<T>(logits_view<const T>(logits),
+                                                    targets_view(targets), off.view, o, exec());
+    kto::KlPartial kl;
+    if (global_kl.numel() == 2) {
+      const auto g = global_kl.to(torch::kCPU, torch::kDouble).contiguous();
+      kl.sum = g.data_ptr<double>()[0];
+      kl.count = g.data_ptr<double>()[1];
+    } else if (kto::uses_kl_batch(o)) {
+      const auto p = to_acc(kl_policy_logp, logits), r = to_acc(kl_reference_logp, logits);
+      const auto n = kl_num_tokens.to(torch::kCPU, torch::kLong).contiguous();
+      kl = kto::kl_partial<A>(span_of<A>(p), span_of<A>(r),
+                              kto::make_span(n.data_ptr<int64_t>(), n.numel()), o);
+    }
+    const auto ref = to_acc(reference_logp, logits);
+    const auto fin = kto::finish<A>(kl, kto::make_span(fwd.logp), span_of<A>(ref),
+                                    kto::make_span(labels.data_ptr<uint8_t>(), labels.numel()), o);
+    const kto::Metrics& m = fin.metrics;
+    auto metrics =
+        torch::tensor({m.loss, m.kl, m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
+                       m.logps_chosen, m.logps_rejected, static_cast<double>(m.count_chosen),
+                       static_cast<double>(m.count_rejected)},
+                      torch::dtype(torch::kDouble));
+    const index_t B = off.view.count;
+    const auto acc = std::is_same<A, double>::value ? torch::kDouble : torch::kFloat;
+    auto per_example = torch::empty({5, B}, torch::dtype(acc));
+    const std::vector<A>* rows[5] = {&fwd.logp, &fin.examples.ratio, &fin.examples.reward,
+                                     &fin.examples.loss, &fin.examples.grad_logp};
+    for (int k = 0; k < 5; ++k)
+      std::memcpy(per_example[k].data_ptr(), rows[k]->data(), B * sizeof(A));
+    auto n = torch::empty({B}, torch::dtype(torch::kLong));
+    std::memcpy(n.data_ptr(), fwd.num_tokens.data(), B * sizeof(index_t));
+    auto lse = torch::empty({static_cast<int64_t>(fwd.row_lse.size())}, torch::dtype(acc));
+    std::memcpy(lse.data_ptr(), fwd.row_lse.data(), fwd.row_lse.size() * sizeof(A));
+    lse.nan_to_num_(0.0);  // unscored rows: the library's NaN marker becomes 0 (never read)
+    out = {metrics, per_example, n, lse};
+  });
+  return out;
+}
+
+/// dL/dlogits for dL/dlogp_s = grad_logp[s], as a new contiguous tensor of the logits' shape.
+torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& targets,
+                            const torch::Tensor& offsets, const torch::Tensor& row_lse,
+                            const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
+                            bool average, int64_t ignore_index) {
+  const Offsets off = offsets_view(offsets);
+  kto::Options o;
+  o.average_logprob = average;
+  o.ignore_index = ignore_index;
+  auto grad =
+      torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
+  const auto n = num_tokens.to(torch::kCPU, torch::kLong).contiguous();
+  dispatch(logits, [&](auto tag) {
+    using T = decltype(tag);
+    using A = kto::accumulator_t<T>;
+    const auto lse = to_acc(row_lse, logits), g = to_acc(grad_logp, logits);
+    kto::cpu::backward<T>(logits_view<const T>(logits), targets_view(targets), off.view,
+                          span_of<A>(lse), span_of<A>(g),
+                          kto::make_span(n.data_ptr<int64_t>(), n.numel()), o, logits_view<T>(grad),
+                          exec());
+  });
+  return grad;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kto CPU kernels for the torch.library ops in kto_torch";
+  m.def("sequence_logprobs", &sequence_logprobs);
+  m.def("kl_partial", &kl_partial);
+  m.def("step_forward", &step_forward);
+  m.def("step_backward", &step_backward);
+}

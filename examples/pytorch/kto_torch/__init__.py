@@ -1,0 +1,274 @@
+"""kto for PyTorch: KTO loss ops registered with torch.library.
+
+    import kto_torch
+    out = kto_torch.kto_loss(logits, targets, offsets, reference_logp, desirable,
+                             kl_policy_logp, kl_reference_logp, kl_num_tokens, beta=0.1)
+    out.loss.backward()          # dL/dlogits from the library's one-pass backward
+
+Ops (namespace ``kto``): ``kto::sequence_logprobs`` (forward only, for the
+reference model and the KL batch), ``kto::step_forward`` (loss, metrics and
+residuals; autograd to the logits) and ``kto::step_backward``. Each has a fake
+(meta) kernel, so ``torch.compile`` traces them without graph breaks.
+
+Logits: [rows, V] or [B, T, V] (``logits[:, :-1]`` is accepted without a copy),
+float32, float64, bfloat16 or float16, on the CPU (the Eigen path). Targets:
+int64 [rows] or [B, T] with ignore_index. Sequences: CSR ``offsets`` over the
+rows (B + 1 entries); for [B, T, V] logits ``offsets=None`` means padded
+sequences. Only the loss is differentiable; metrics are detached, as in TRL.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+LOSS_TYPES = {"kto": 0, "apo_zero_unpaired": 1}
+LINKS = {"one_minus_sigmoid": 0, "neg_log_sigmoid": 1}
+REFERENCE_POINTS = {"kl_batch": 0, "fixed": 1, "zero": 2}
+KL_ESTIMATORS = {"mean": 0, "nonempty_mean": 1}
+REDUCTIONS = {"mean": 0, "sum": 1}
+METRIC_NAMES = (
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "count/chosen",
+    "count/rejected",
+)
+
+
+def _rows(logits: Tensor) -> int:
+    return logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[1]
+
+
+def _accumulation(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _check_cpu(name: str, t: Tensor) -> None:
+    if t.device.type != "cpu":
+        raise NotImplementedError(
+            f"kto: argument '{name}' is on {t.device}; this build of kto_torch has the CPU "
+            "kernels only (the CUDA kernels need a CUDA build of the extension)"
+        )
+
+
+@torch.library.custom_op("kto::sequence_logprobs", mutates_args=())
+def _sequence_logprobs(
+    logits: Tensor, targets: Tensor, offsets: Tensor, average: bool, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_cpu("logits", logits)
+    logp, n, lse = _C.sequence_logprobs(logits, targets, offsets, average, ignore_index)
+    return logp, n, lse
+
+
+@_sequence_logprobs.register_fake
+def _(logits, targets, offsets, average, ignore_index):
+    b = offsets.shape[0] - 1
+    acc = _accumulation(logits)
+    return (
+        logits.new_empty((b,), dtype=acc),
+        logits.new_empty((b,), dtype=torch.int64),
+        logits.new_empty((_rows(logits),), dtype=acc),
+    )
+
+
+@torch.library.custom_op("kto::step_forward", mutates_args=())
+def _step_forward(
+    logits: Tensor,
+    targets: Tensor,
+    offsets: Tensor,
+    reference_logp: Tensor,
+    desirable: Tensor,
+    kl_policy_logp: Tensor,
+    kl_reference_logp: Tensor,
+    kl_num_tokens: Tensor,
+    global_kl: Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+    loss_type: int,
+    link: int,
+    reference_point: int,
+    kl_estimator: int,
+    clamp_kl: bool,
+    fixed_z0: float,
+    average: bool,
+    reduction: int,
+    mean_denominator: int,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_cpu("logits", logits)
+    metrics, per_example, n, lse = _C.step_forward(
+        logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
+        kl_num_tokens, global_kl, beta, desirable_weight, undesirable_weight, loss_type, link,
+        reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
+        ignore_index)
+    return metrics, per_example, n, lse
+
+
+@_step_forward.register_fake
+def _(logits, targets, offsets, *args):
+    b = offsets.shape[0] - 1
+    acc = _accumulation(logits)
+    return (
+        logits.new_empty((len(METRIC_NAMES),), dtype=torch.float64),
+        logits.new_empty((5, b), dtype=acc),
+        logits.new_empty((b,), dtype=torch.int64),
+        logits.new_empty((_rows(logits),), dtype=acc),
+    )
+
+
+@torch.library.custom_op("kto::step_backward", mutates_args=())
+def _step_backward(
+    logits: Tensor,
+    targets: Tensor,
+    offsets: Tensor,
+    row_lse: Tensor,
+    grad_logp: Tensor,
+    num_tokens: Tensor,
+    average: bool,
+    ignore_index: int,
+) -> Tensor:
+    _check_cpu("logits", logits)
+    return _C.step_backward(logits, targets, offsets, row_lse, grad_logp, num_tokens, average,
+                            ignore_index)
+
+
+@_step_backward.register_fake
+def _(logits, *args):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, offsets = inputs[0], inputs[1], inputs[2]
+    _, per_example, n, lse = output
+    ctx.save_for_backward(logits, targets, offsets, lse, per_example[4], n)
+    ctx.average = inputs[18]
+    ctx.ignore_index = inputs[21]
+
+
+def _backward(ctx, g_metrics, g_per_example, g_num_tokens, g_lse):
+    logits, targets, offsets, lse, grad_logp, n = ctx.saved_tensors
+    # Only the loss (metrics[0]) is differentiable: dL_total/dlogp_s = g · g_s.
+    scaled = grad_logp * g_metrics[0].to(grad_logp.dtype)
+    dlogits = torch.ops.kto.step_backward(logits, targets, offsets, lse, scaled, n, ctx.average,
+                                          ctx.ignore_index)
+    return (dlogits,) + (None,) * 21
+
+
+torch.library.register_autograd("kto::step_forward", _backward, setup_context=_setup_context)
+
+
+class KTOOutput(NamedTuple):
+    loss: Tensor          # scalar, differentiable w.r.t. the logits
+    metrics: dict         # TRL's names → detached 0-d tensors
+    logp: Tensor          # per example, detached
+    ratio: Tensor
+    reward: Tensor
+    example_loss: Tensor
+    grad_logp: Tensor
+    num_tokens: Tensor
+
+
+def _padded_offsets(logits: Tensor) -> Tensor:
+    b, t = logits.shape[0], logits.shape[1]
+    return torch.arange(b + 1, dtype=torch.int64) * t
+
+
+def _lookup(table: dict, name: str, value: str) -> int:
+    if value not in table:
+        raise ValueError(f"kto: argument '{name}' must be one of {sorted(table)}; got {value!r}")
+    return table[value]
+
+
+def sequence_logprobs(logits: Tensor, targets: Tensor, offsets: Optional[Tensor] = None, *,
+                      average_log_prob: bool = False, ignore_index: int = -100):
+    """(logp [B], num_tokens [B]) — forward only."""
+    if offsets is None:
+        offsets = _padded_offsets(logits)
+    logp, n, _ = torch.ops.kto.sequence_logprobs(logits, targets, offsets, average_log_prob,
+                                                  ignore_index)
+    return logp, n
+
+
+def kl_partial(kl_policy_logp: Tensor, kl_reference_logp: Tensor, kl_num_tokens: Tensor, *,
+               kl_estimator: str = "mean") -> Tensor:
+    """Local (S, C) of the KL batch, float64 [2]: all-reduce it (SUM), then pass it to
+    kto_loss(global_kl=...) on every rank."""
+    return _C.kl_partial(kl_policy_logp, kl_reference_logp, kl_num_tokens,
+                         _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator))
+
+
+def kto_loss(
+    logits: Tensor,
+    targets: Tensor,
+    offsets: Optional[Tensor],
+    reference_logp: Tensor,
+    desirable: Tensor,
+    kl_policy_logp: Optional[Tensor] = None,
+    kl_reference_logp: Optional[Tensor] = None,
+    kl_num_tokens: Optional[Tensor] = None,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    link: str = "one_minus_sigmoid",
+    reference_point: str = "kl_batch",
+    kl_estimator: str = "mean",
+    clamp_kl: bool = True,
+    fixed_z0: float = 0.0,
+    average_log_prob: bool = False,
+    reduction: str = "mean",
+    mean_denominator: int = 0,
+    ignore_index: int = -100,
+    global_kl: Optional[Tensor] = None,
+) -> KTOOutput:
+    """The KTO loss of the target batch with TRL's metrics (see docs/math.md)."""
+    if offsets is None:
+        offsets = _padded_offsets(logits)
+    empty_f = logits.new_empty((0,), dtype=torch.float32)
+    empty_i = torch.empty((0,), dtype=torch.int64)
+    metrics, per_example, n, _ = torch.ops.kto.step_forward(
+        logits,
+        targets,
+        offsets,
+        reference_logp,
+        desirable,
+        kl_policy_logp if kl_policy_logp is not None else empty_f,
+        kl_reference_logp if kl_reference_logp is not None else empty_f,
+        kl_num_tokens if kl_num_tokens is not None else empty_i,
+        global_kl if global_kl is not None else torch.empty((0,), dtype=torch.float64),
+        float(beta),
+        float(desirable_weight),
+        float(undesirable_weight),
+        _lookup(LOSS_TYPES, "loss_type", loss_type),
+        _lookup(LINKS, "link", link),
+        _lookup(REFERENCE_POINTS, "reference_point", reference_point),
+        _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator),
+        bool(clamp_kl),
+        float(fixed_z0),
+        bool(average_log_prob),
+        _lookup(REDUCTIONS, "reduction", reduction),
+        int(mean_denominator),
+        int(ignore_index),
+    )
+    detached = metrics.detach()
+    return KTOOutput(
+        loss=metrics[0],
+        metrics={name: detached[i] for i, name in enumerate(METRIC_NAMES)},
+        logp=per_example[0].detach(),
+        ratio=per_example[1].detach(),
+        reward=per_example[2].detach(),
+        example_loss=per_example[3].detach(),
+        grad_logp=per_example[4].detach(),
+        num_tokens=n,
+    )
