@@ -19,3 +19,14 @@ def test_jax_snippet_runs(capsys):
     loss, kl = float(out[0]), float(out[1])
     assert 0.0 < loss < 1.33 and kl >= 0.0
     assert out[2] == "bfloat16"
+
+
+def test_torch_snippet_runs(capsys):
+    import pytest
+
+    pytest.importorskip("kto_torch")
+    exec(compile(snippet("torch"), str(DOC), "exec"), {})
+    out = capsys.readouterr().out.split()
+    loss, kl = float(out[0]), float(out[1])
+    assert 0.0 < loss < 1.33 and kl >= 0.0
+    assert out[2] == "torch.bfloat16"

@@ -213,7 +213,7 @@ def test_data_parallel_gloo_two_ranks_equal_one_process():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_main, args=(2, os.path.join(tmp, "init"), batch, ref_logp, tmp), nprocs=2)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
-    assert abs(sum(float(r["loss"]) for r in ranks) - float(single.loss)) <= 1e-12
+    assert abs(sum(float(r["loss"]) for r in ranks) - single.loss.item()) <= 1e-12
     for r in ranks:
         assert abs(float(r["kl"]) - float(single.metrics["kl"])) <= 1e-14
     torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), z.grad, rtol=1e-12, atol=0)
