@@ -4,10 +4,14 @@ kto_torch.trl.KTOTrainer on the same model, batch and options: loss, metrics
 and the gradient of every model parameter.
 
 Tolerance: both paths compute in fp32 from the same fp32 logits, TRL through
-the model's own log-prob head, kto through its lse kernel; per-sequence values
-agree to ~1e-6 relative, and the rule below allows 1e-5 relative (loss,
-metrics) and 1e-4 of the largest gradient entry (parameter gradients sum many
-rows).
+the model's own log-prob head, kto through its lse kernel, so they differ by
+fp32 rounding only. Loss and metrics: within 1e-6 relative (the issue's rule
+for fp32; seen 1e-8). Gradients: g_s depends on ρ through σ'(u), so an fp32
+difference Δρ (≈ 1e-6 of Σ|ℓ_r|, ~2e-5 here) moves g_s by about β Δρ relative;
+every parameter gradient must agree within 1e-4 of the largest gradient entry
+of the model (seen: 5e-7 for kto, 1.4e-5 for apo_zero_unpaired, where u is
+largest). For bf16 logits the rule would add bf16's unit roundoff, 2^-8,
+relative to each value (not exercised: these models run in fp32 on CPU).
 """
 
 import copy
@@ -71,14 +75,15 @@ def test_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, desirable_wei
     loss_o, grads_o, metrics_o = loss_and_grads(ours, batch)
     if loss_type == "kto":
         assert metrics_t["kl"] > 0.0  # the reference point is exercised, not clamped to 0
-    assert abs(loss_o.item() - loss_t.item()) <= 1e-5 * max(1.0, abs(loss_t.item()))
+    assert abs(loss_o.item() - loss_t.item()) <= 1e-6 * max(1.0, abs(loss_t.item()))
     for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         assert (key in metrics_t) == (key in metrics_o), key
         if key in metrics_t:
-            assert abs(metrics_o[key] - metrics_t[key]) <= 1e-5 * max(1.0, abs(metrics_t[key])), key
+            assert abs(metrics_o[key] - metrics_t[key]) <= 1e-6 * max(1.0, abs(metrics_t[key])), key
+    scale = max(float(g.abs().max()) for g in grads_t.values())
+    assert scale > 0.0
     for name, g in grads_t.items():
-        scale = float(g.abs().max()) + 1e-12
         assert torch.allclose(grads_o[name], g, rtol=0, atol=1e-4 * scale), name
 
 
