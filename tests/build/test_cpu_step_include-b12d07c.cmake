@@ -1,5 +1,0 @@
-if(EXISTS "/work/main/tests/build/test_cpu_step_tests-b12d07c.cmake")
-  include("/work/main/tests/build/test_cpu_step_tests-b12d07c.cmake")
-else()
-  add_test(test_cpu_step_NOT_BUILT-b12d07c test_cpu_step_NOT_BUILT-b12d07c)
-endif()
