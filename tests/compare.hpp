@@ -21,6 +21,26 @@ struct Observed {
   std::function<double(index_t row, index_t col)> grad;  ///< ∂L/∂Z of logical row, column
 };
 
+/// The options of the option-combination tests: the enumerated choices as
+/// given, β and the weights away from 1 so that each one shows.
+inline kto::Options combination(kto::LossType loss_type, kto::Link link, kto::ReferencePoint point,
+                                kto::KlEstimator estimator, bool clamp, kto::Reduction reduction,
+                                bool average) {
+  kto::Options o;
+  o.beta = 0.5;
+  o.desirable_weight = 1.7;
+  o.undesirable_weight = 0.6;
+  o.loss_type = loss_type;
+  o.link = link;
+  o.reference_point = point;
+  o.kl_estimator = estimator;
+  o.clamp_kl = clamp;
+  o.fixed_z0 = 0.75;
+  o.reduction = reduction;
+  o.average_logprob = average;
+  return o;
+}
+
 /// rtol: the accumulation type's (1e-5 fp32, 1e-12 fp64); u: unit roundoff of
 /// the type the gradient is stored in.
 inline void compare_step(const ref::Problem& p, const std::vector<double>& reference_logp,

@@ -72,18 +72,8 @@ TEST_CASE("kto_step matches the reference for every option combination", "[step]
   const bool clamp = GENERATE(true, false);
   const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
   const bool average = GENERATE(false, true);
-  kto::Options o;
-  o.beta = 0.5;
-  o.desirable_weight = 1.7;
-  o.undesirable_weight = 0.6;
-  o.loss_type = loss_type;
-  o.link = link;
-  o.reference_point = point;
-  o.kl_estimator = estimator;
-  o.clamp_kl = clamp;
-  o.fixed_z0 = 0.75;
-  o.reduction = reduction;
-  o.average_logprob = average;
+  const kto::Options o =
+      test::combination(loss_type, link, point, estimator, clamp, reduction, average);
   INFO("seed " << seed << " loss_type " << int(loss_type) << " link " << int(link) << " point "
                << int(point) << " estimator " << int(estimator) << " clamp " << clamp
                << " reduction " << int(reduction) << " average " << average);

@@ -317,18 +317,8 @@ TEST_CASE("gpu kto_step matches the reference for every option combination", "[g
   const bool clamp = GENERATE(true, false);
   const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
   const bool average = GENERATE(false, true);
-  kto::Options o;
-  o.beta = 0.5;
-  o.desirable_weight = 1.7;
-  o.undesirable_weight = 0.6;
-  o.loss_type = loss_type;
-  o.link = link;
-  o.reference_point = point;
-  o.kl_estimator = estimator;
-  o.clamp_kl = clamp;
-  o.fixed_z0 = 0.75;
-  o.reduction = reduction;
-  o.average_logprob = average;
+  const kto::Options o =
+      test::combination(loss_type, link, point, estimator, clamp, reduction, average);
   INFO("seed " << seed);
   test::ShapeSpec spec;
   spec.vocab = 41;

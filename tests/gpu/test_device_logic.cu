@@ -212,6 +212,13 @@ TEST_CASE("sequence_of_row and covered_rows agree with a linear scan", "[device]
     INFO("row " << r);
     CHECK(kto::device::sequence_of_row(seqs, r) == want);
   }
+  // row_target: the id inside the covered rows, ignore_index outside them.
+  std::vector<index_t> ids(12);
+  for (index_t r = 0; r < 12; ++r) ids[r] = 100 + r;
+  const auto targets = kto::targets_vector(ids.data(), 12);
+  for (index_t r = 0; r < 12; ++r)
+    CHECK(kto::device::row_target(seqs, targets, 12, r, -100) ==
+          (r >= 2 && r < 9 ? 100 + r : -100));
   // Offsets past the rows are clamped, never followed.
   std::vector<index_t> bad = {-3, 4, 100};
   kto::device::covered_rows(kto::SequencesView{bad.data(), 2}, 10, first, last);

@@ -81,10 +81,7 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   const index_t r = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
   const index_t rows = p.logits.rows.rows;
   if (r >= rows) return;
-  index_t first, last;
-  covered_rows(p.sequences, rows, first, last);
-  const bool covered = r >= first && r < last;
-  const index_t t = covered ? p.targets.at(r) : p.ignore_index;
+  const index_t t = row_target(p.sequences, p.targets, rows, r, p.ignore_index);
   const bool scored = t != p.ignore_index && t >= 0 && t < p.logits.vocab;
   float scale = 0.0f, lse = 0.0f;
   if (scored) {

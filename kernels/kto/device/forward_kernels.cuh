@@ -35,6 +35,14 @@ KTO_HOST_DEVICE inline void covered_rows(const SequencesView& seqs, index_t rows
   if (last < first) last = first;
 }
 
+/// Target id of row r, or ignore_index when r lies outside every sequence.
+KTO_HOST_DEVICE inline index_t row_target(const SequencesView& seqs, const TargetsView& targets,
+                                          index_t rows, index_t r, index_t ignore_index) {
+  index_t first, last;
+  covered_rows(seqs, rows, first, last);
+  return r >= first && r < last ? targets.at(r) : ignore_index;
+}
+
 __global__ void validate_offsets_kernel(SequencesView seqs, index_t rows, DeviceErrors* errors,
                                         unsigned error_tag) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i <= seqs.count;
@@ -90,10 +98,7 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock) row_forward_kernel(Fo
   const index_t rows = p.logits.rows.rows;
   // Exits are uniform per group: a warp (kThreads = 32) or the block (one row).
   if (r >= rows) return;
-  index_t first, last;
-  covered_rows(p.sequences, rows, first, last);
-  const bool covered = r >= first && r < last;
-  const index_t t = covered ? p.targets.at(r) : p.ignore_index;
+  const index_t t = row_target(p.sequences, p.targets, rows, r, p.ignore_index);
   if (t == p.ignore_index || t < 0 || t >= p.logits.vocab) {
     if (lane == 0) {
       p.row_lse[r] = NAN;
