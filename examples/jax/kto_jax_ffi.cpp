@@ -28,26 +28,6 @@ std::vector<index_t> widen(const ffi::Buffer<ffi::S32>& b) {
   return std::vector<index_t>(p, p + b.element_count());
 }
 
-kto::Options make_options(double beta, double desirable_weight, double undesirable_weight,
-                          int32_t loss_type, int32_t link, int32_t reference_point,
-                          int32_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
-                          int32_t reduction, int64_t ignore_index) {
-  kto::Options o;
-  o.beta = beta;
-  o.desirable_weight = desirable_weight;
-  o.undesirable_weight = undesirable_weight;
-  o.loss_type = static_cast<kto::LossType>(loss_type);
-  o.link = static_cast<kto::Link>(link);
-  o.reference_point = static_cast<kto::ReferencePoint>(reference_point);
-  o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
-  o.clamp_kl = clamp_kl;
-  o.fixed_z0 = fixed_z0;
-  o.average_logprob = average;
-  o.reduction = static_cast<kto::Reduction>(reduction);
-  o.ignore_index = ignore_index;
-  return o;
-}
-
 /// Calls fn(T*) with the logits' element type, or reports an unsupported one.
 template <class Fn>
 ffi::Error dispatch(ffi::DataType dtype, Fn&& fn) {
@@ -127,9 +107,9 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
   const auto kl_n = widen(kl_num_tokens);
   const auto B = static_cast<index_t>(off.size()) - 1;
   const auto K = static_cast<index_t>(kl_policy_logp.element_count());
-  const kto::Options o =
-      make_options(beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
-                   kl_estimator, clamp_kl, fixed_z0, average, reduction, ignore_index);
+  const kto::Options o = kto::options_from_codes(
+      beta, desirable_weight, undesirable_weight, loss_type, link, reference_point, kl_estimator,
+      clamp_kl, fixed_z0, average, reduction, /*mean_denominator=*/0, ignore_index);
   return dispatch(logits.element_type(), [&](auto tag) {
     using T = decltype(tag);
     const auto fwd = kto::cpu::sequence_logprobs<T>(

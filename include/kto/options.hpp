@@ -47,6 +47,29 @@ struct Options {
   index_t ignore_index = -100;
 };
 
+/// Options from plain numbers, the enums as their integer values: what
+/// language bindings receive. Invalid codes are caught by validate_options().
+inline Options options_from_codes(double beta, double desirable_weight, double undesirable_weight,
+                                  int loss_type, int link, int reference_point, int kl_estimator,
+                                  bool clamp_kl, double fixed_z0, bool average_logprob,
+                                  int reduction, index_t mean_denominator, index_t ignore_index) {
+  Options o;
+  o.beta = beta;
+  o.desirable_weight = desirable_weight;
+  o.undesirable_weight = undesirable_weight;
+  o.loss_type = static_cast<LossType>(loss_type);
+  o.link = static_cast<Link>(link);
+  o.reference_point = static_cast<ReferencePoint>(reference_point);
+  o.kl_estimator = static_cast<KlEstimator>(kl_estimator);
+  o.clamp_kl = clamp_kl;
+  o.fixed_z0 = fixed_z0;
+  o.average_logprob = average_logprob;
+  o.reduction = static_cast<Reduction>(reduction);
+  o.mean_denominator = mean_denominator;
+  o.ignore_index = ignore_index;
+  return o;
+}
+
 /// True when z0 is estimated from a KL batch (and so a KL batch is needed).
 KTO_HOST_DEVICE inline bool uses_kl_batch(const Options& o) {
   return o.loss_type == LossType::kto && o.reference_point == ReferencePoint::kl_batch;

@@ -119,27 +119,6 @@ std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
   return out;
 }
 
-kto::Options options_from(double beta, double desirable_weight, double undesirable_weight,
-                          int64_t loss_type, int64_t link, int64_t reference_point,
-                          int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
-                          int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
-  kto::Options o;
-  o.beta = beta;
-  o.desirable_weight = desirable_weight;
-  o.undesirable_weight = undesirable_weight;
-  o.loss_type = static_cast<kto::LossType>(loss_type);
-  o.link = static_cast<kto::Link>(link);
-  o.reference_point = static_cast<kto::ReferencePoint>(reference_point);
-  o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
-  o.clamp_kl = clamp_kl;
-  o.fixed_z0 = fixed_z0;
-  o.average_logprob = average;
-  o.reduction = static_cast<kto::Reduction>(reduction);
-  o.mean_denominator = mean_denominator;
-  o.ignore_index = ignore_index;
-  return o;
-}
-
 /// Local (S, C) of a KL batch as a float64 [2] tensor, for an all-reduce.
 torch::Tensor kl_partial(const torch::Tensor& policy_logp, const torch::Tensor& reference_logp,
                          const torch::Tensor& num_tokens, int64_t kl_estimator) {
@@ -163,9 +142,10 @@ std::vector<torch::Tensor> step_forward(
     double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
     int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
     int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
-  const kto::Options o = options_from(beta, desirable_weight, undesirable_weight, loss_type, link,
-                                      reference_point, kl_estimator, clamp_kl, fixed_z0, average,
-                                      reduction, mean_denominator, ignore_index);
+  const kto::Options o = kto::options_from_codes(
+      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
+      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
+      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
   const Offsets off = offsets_view(offsets);
   const auto labels = desirable.to(torch::kCPU, torch::kUInt8).contiguous();
   std::vector<torch::Tensor> out;
