@@ -42,10 +42,12 @@ inline kto::Options combination(kto::LossType loss_type, kto::Link link, kto::Re
 }
 
 /// rtol: the accumulation type's (1e-5 fp32, 1e-12 fp64); u: unit roundoff of
-/// the type the gradient is stored in.
+/// the type the gradient is stored in; z0_scale: the condition scale of z0
+/// (1 when the KL log-probs are given exactly, Σ|ℓ| + |lse| of the largest KL
+/// sequence when they were computed from logits in the same call).
 inline void compare_step(const ref::Problem& p, const std::vector<double>& reference_logp,
                          const ref::Step& want, const Observed& got, const kto::Options& o,
-                         double rtol, double u) {
+                         double rtol, double u, double z0_scale = 1.0) {
   const index_t B = p.num_sequences();
   // Condition scale of each sequence: Σ |ℓ_r| + |lse_r| over its scored rows.
   std::vector<double> seq_scale(B, 1.0);
@@ -55,7 +57,7 @@ inline void compare_step(const ref::Problem& p, const std::vector<double>& refer
       if (p.targets[r] != o.ignore_index)
         a += std::fabs(want.fwd.token_logp[r]) + std::fabs(want.fwd.lse[r]);
     if (o.average_logprob && want.fwd.num_tokens[s] > 0) a /= double(want.fwd.num_tokens[s]);
-    seq_scale[s] = std::max(1.0, a + std::fabs(reference_logp[s]));
+    seq_scale[s] = std::max(1.0, a + std::fabs(reference_logp[s]) + z0_scale);
   }
   const double lam = std::max({o.desirable_weight, o.undesirable_weight, 1.0});
   const double denom = o.reduction == kto::Reduction::sum ? 1.0
@@ -75,7 +77,7 @@ inline void compare_step(const ref::Problem& p, const std::vector<double>& refer
                     rtol);
   }
   const auto& m = got.metrics;
-  KTO_CHECK_CLOSE(m.kl, want.z0, 1.0, rtol);
+  KTO_CHECK_CLOSE(m.kl, want.z0, z0_scale, rtol);
   KTO_CHECK_CLOSE(m.loss, want.loss, lam * o.beta * max_scale, rtol);
   KTO_CHECK_CLOSE(m.rewards_chosen, want.rewards_chosen, o.beta * max_scale, rtol);
   KTO_CHECK_CLOSE(m.rewards_rejected, want.rewards_rejected, o.beta * max_scale, rtol);

@@ -101,6 +101,8 @@ void validate_forward_views(const LogitsView<const T>& logits, const TargetsView
                             const SequencesView& seqs, const char* fn, const std::string& prefix,
                             bool allow_empty) {
   kto::detail::validate_logits(logits, fn, prefix + "logits");
+  kto::detail::require(logits.rows.rows < (index_t{1} << 31), fn, prefix + "logits.rows",
+                       "be < 2^31 (one CUDA block or warp per row)", logits.rows.rows);
   kto::detail::validate_targets(targets, logits.rows.rows, fn, prefix + "targets");
   kto::detail::require(seqs.count >= (allow_empty ? 0 : 1), fn, prefix + "sequences.count",
                        allow_empty ? "be >= 0" : "be >= 1 (an empty batch has no loss)",

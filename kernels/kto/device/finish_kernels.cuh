@@ -9,6 +9,8 @@
 // merges the partial sums: deterministic, no atomics.
 #pragma once
 
+#include <new>
+
 #include <kto/example_loss.hpp>
 #include <kto/metrics.hpp>
 #include <kto/options.hpp>
@@ -97,7 +99,7 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(FinishParams p) 
     p.grad_logp[s] = static_cast<float>(t.grad_logp);
     local.add(label != 0, t.loss, t.reward, static_cast<double>(logp));
   }
-  sums[threadIdx.x] = local;
+  new (&sums[threadIdx.x]) MetricSums(local);
   __syncthreads();
   for (int stride = kFinishThreads / 2; stride > 0; stride >>= 1) {
     if (static_cast<int>(threadIdx.x) < stride) sums[threadIdx.x].merge(sums[threadIdx.x + stride]);
