@@ -217,3 +217,30 @@ def test_data_parallel_gloo_two_ranks_equal_one_process():
     for r in ranks:
         assert abs(float(r["kl"]) - float(single.metrics["kl"])) <= 1e-14
     torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), z.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA op is untested here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_cuda_op_matches_the_reference(dtype, shifted):
+    """On a GPU: the CUDA kernels through the same op, against the float64 reference."""
+    assert kto_torch._C.has_cuda(), "kto_torch was built without its CUDA kernels"
+    batch = make_batch(11, dtype=dtype, shifted=shifted)
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    cuda["generator"] = batch["generator"]
+    logits64 = batch["logits"].double().requires_grad_(True)
+    ref_logp = reference_logp(logits64.detach(), batch["targets"], False)[0].float() - 0.3
+    want, z0, rho, logp = reference_loss(logits64, batch, ref_logp, {"beta": 0.2})
+    want.backward()
+    z = cuda["logits"].detach().clone().requires_grad_(True)
+    out = kto_torch.kto_loss(z, cuda["targets"], None, ref_logp.cuda(), cuda["desirable"],
+                             cuda["kl_policy"], cuda["kl_reference"], cuda["kl_num_tokens"],
+                             beta=0.2)
+    out.loss.backward()
+    scale = 1.0 + float(logits64.detach().abs().max()) * batch["logits"].shape[1]
+    assert abs(out.loss.item() - want.item()) <= 1e-5 * scale
+    assert abs(out.metrics["kl"].item() - z0) <= 1e-5 * max(1.0, abs(z0))
+    g, w = z.grad.double().cpu(), logits64.grad
+    assert z.grad.dtype == dtype
+    bound = 1e-4 * float(w.abs().max()) + UNIT_ROUNDOFF[dtype] * w.abs()
+    assert bool(((g - w).abs() <= bound).all())

@@ -5,10 +5,19 @@
 //
 // Logits may be a [rows, V] matrix with any row stride or a [B, T, V] tensor
 // with any batch and row strides (so `logits[:, :-1]` needs no copy), V
-// contiguous; targets likewise [rows] or [B, T] (`labels[:, 1:]`).
+// contiguous; targets likewise [rows] or [B, T] (`labels[:, 1:]`). CUDA tensors
+// go to kto's CUDA kernels when the extension was built with them
+// (KTO_TORCH_WITH_CUDA); device-detected errors are read back after the
+// forward (one stream synchronisation) so they raise like the CPU ones.
 #include <torch/extension.h>
 
 #include <kto/kto.hpp>
+
+#ifdef KTO_TORCH_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
+#include "kto_torch_cuda.h"
+#endif
 
 #include <cstring>
 #include <vector>
@@ -17,10 +26,9 @@ namespace {
 
 using kto::index_t;
 
+/// The row layout of a [rows, V] or [B, T, V] logits tensor (V contiguous).
 template <class T>
 kto::LogitsView<T> logits_view(const torch::Tensor& z) {
-  TORCH_CHECK(z.device().is_cpu(), "kto: argument 'logits' must be on the CPU here; got ",
-              z.device());
   TORCH_CHECK(z.dim() == 2 || z.dim() == 3,
               "kto: argument 'logits' must be [rows, V] or [B, T, V]; got ", z.dim(), " dims");
   TORCH_CHECK(z.stride(-1) == 1 || z.size(-1) == 1,
@@ -45,10 +53,10 @@ struct Offsets {
   kto::SequencesView view;
 };
 
-Offsets offsets_view(const torch::Tensor& offsets) {
+Offsets offsets_view(const torch::Tensor& offsets, const torch::Device& device) {
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1,
               "kto: argument 'offsets' must be 1-D with B + 1 entries");
-  Offsets o{offsets.to(torch::kLong).contiguous(), {}};
+  Offsets o{offsets.to(device, torch::kLong).contiguous(), {}};
   o.view = kto::sequences(o.tensor.data_ptr<int64_t>(), o.tensor.size(0) - 1);
   return o;
 }
@@ -92,11 +100,11 @@ kto::Span<const A> span_of(const torch::Tensor& x) {
 }
 
 /// (logp [B], num_tokens [B] int64, row_lse [rows]) in the accumulation type.
-std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
-                                             const torch::Tensor& targets,
-                                             const torch::Tensor& offsets, bool average,
-                                             int64_t ignore_index) {
-  const Offsets off = offsets_view(offsets);
+std::vector<torch::Tensor> sequence_logprobs_cpu(const torch::Tensor& logits,
+                                                 const torch::Tensor& targets,
+                                                 const torch::Tensor& offsets, bool average,
+                                                 int64_t ignore_index) {
+  const Offsets off = offsets_view(offsets, logits.device());
   kto::Options o;
   o.average_logprob = average;
   o.ignore_index = ignore_index;
@@ -134,7 +142,7 @@ torch::Tensor kl_partial(const torch::Tensor& policy_logp, const torch::Tensor& 
 
 /// metrics [9] float64, per_example [5, B] (logp, ρ, βρ, loss, g_s), num_tokens [B], row_lse
 /// [rows]. `global_kl` ([2] float64: an all-reduced (S, C)) replaces the local KL batch when given.
-std::vector<torch::Tensor> step_forward(
+std::vector<torch::Tensor> step_forward_cpu(
     const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
     const torch::Tensor& reference_logp, const torch::Tensor& desirable,
     const torch::Tensor& kl_policy_logp, const torch::Tensor& kl_reference_logp,
@@ -146,7 +154,7 @@ std::vector<torch::Tensor> step_forward(
       beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
       static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
       clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
-  const Offsets off = offsets_view(offsets);
+  const Offsets off = offsets_view(offsets, logits.device());
   const auto labels = desirable.to(torch::kCPU, torch::kUInt8).contiguous();
   std::vector<torch::Tensor> out;
   dispatch(logits, [&](auto tag) {
@@ -192,11 +200,11 @@ std::vector<torch::Tensor> step_forward(
 }
 
 /// dL/dlogits for dL/dlogp_s = grad_logp[s], as a new contiguous tensor of the logits' shape.
-torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& targets,
-                            const torch::Tensor& offsets, const torch::Tensor& row_lse,
-                            const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
-                            bool average, int64_t ignore_index) {
-  const Offsets off = offsets_view(offsets);
+torch::Tensor step_backward_cpu(const torch::Tensor& logits, const torch::Tensor& targets,
+                                const torch::Tensor& offsets, const torch::Tensor& row_lse,
+                                const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
+                                bool average, int64_t ignore_index) {
+  const Offsets off = offsets_view(offsets, logits.device());
   kto::Options o;
   o.average_logprob = average;
   o.ignore_index = ignore_index;
@@ -215,6 +223,206 @@ torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& ta
   return grad;
 }
 
+#ifdef KTO_TORCH_WITH_CUDA
+namespace cuda_path {
+
+void check(const std::string& message) {
+  TORCH_CHECK(message.empty(), message);
+}
+
+void* stream() {
+  return at::cuda::getCurrentCUDAStream().stream();
+}
+
+kto_torch_cuda::Logits logits_of(const torch::Tensor& z) {
+  kto_torch_cuda::DType dtype;
+  switch (z.scalar_type()) {
+    case torch::kFloat:
+      dtype = kto_torch_cuda::DType::f32;
+      break;
+    case torch::kHalf:
+      dtype = kto_torch_cuda::DType::f16;
+      break;
+    case torch::kBFloat16:
+      dtype = kto_torch_cuda::DType::bf16;
+      break;
+    default:
+      TORCH_CHECK(false,
+                  "kto: argument 'logits' on CUDA must be float32, bfloat16 or float16; got ",
+                  z.scalar_type());
+  }
+  const auto v = logits_view<const char>(z);
+  return kto_torch_cuda::Logits{dtype, z.data_ptr(), v.vocab, v.rows};
+}
+
+torch::Tensor device_float(const torch::Tensor& x, const torch::Device& d) {
+  return x.to(d, torch::kFloat).contiguous();
+}
+
+torch::Tensor workspace(std::size_t bytes, const torch::Device& d) {
+  return torch::empty({static_cast<int64_t>(bytes)}, torch::dtype(torch::kUInt8).device(d));
+}
+
+/// logp, num_tokens, row_lse, and the forward's workspace (holds its error word).
+std::vector<torch::Tensor> forward(const torch::Tensor& logits, const torch::Tensor& targets,
+                                   const Offsets& off, const kto::Options& o) {
+  const auto d = logits.device();
+  const auto rows = logits_view<const char>(logits).rows.rows;
+  auto logp = torch::empty({off.view.count}, torch::dtype(torch::kFloat).device(d));
+  auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong).device(d));
+  auto lse = torch::empty({rows}, torch::dtype(torch::kFloat).device(d));
+  const std::size_t bytes = kto_torch_cuda::forward_workspace_bytes(rows);
+  auto ws = workspace(bytes, d);
+  check(kto_torch_cuda::forward(logits_of(logits), targets_view(targets), off.view, o,
+                                logp.data_ptr<float>(), n.data_ptr<int64_t>(),
+                                lse.data_ptr<float>(), ws.data_ptr(), bytes, stream()));
+  return {logp, n, lse, ws};
+}
+
+std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
+                                             const torch::Tensor& targets, const Offsets& off,
+                                             const kto::Options& o) {
+  auto f = forward(logits, targets, off, o);
+  check(kto_torch_cuda::read_status(f[3].data_ptr(), off.view, stream()));
+  return {f[0], f[1], f[2]};
+}
+
+std::vector<torch::Tensor> step_forward(const torch::Tensor& logits, const torch::Tensor& targets,
+                                        const Offsets& off, const torch::Tensor& reference_logp,
+                                        const torch::Tensor& desirable,
+                                        const torch::Tensor& kl_policy_logp,
+                                        const torch::Tensor& kl_reference_logp,
+                                        const torch::Tensor& kl_num_tokens,
+                                        const torch::Tensor& global_kl, const kto::Options& o) {
+  const auto d = logits.device();
+  auto f = forward(logits, targets, off, o);
+  auto partial = torch::zeros({2}, torch::dtype(torch::kDouble).device(d));
+  auto small = workspace(1024, d);  // error word + a kto::Metrics
+  if (global_kl.numel() == 2) {
+    partial = global_kl.to(d, torch::kDouble).contiguous();
+  } else if (kto::uses_kl_batch(o) && kl_policy_logp.numel() > 0) {
+    const auto p = device_float(kl_policy_logp, d), r = device_float(kl_reference_logp, d);
+    const auto n = kl_num_tokens.to(d, torch::kLong).contiguous();
+    check(kto_torch_cuda::kl_partial(p.data_ptr<float>(), r.data_ptr<float>(),
+                                     n.numel() ? n.data_ptr<int64_t>() : nullptr, p.numel(), o,
+                                     partial.data_ptr<double>(), small.data_ptr(), 256, stream()));
+    check(kto_torch_cuda::read_status(small.data_ptr(), {}, stream()));
+  }
+  const auto B = off.view.count;
+  auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
+  auto per_example = torch::empty({5, B}, torch::dtype(torch::kFloat).device(d));
+  const auto ref = device_float(reference_logp, d);
+  const auto labels = desirable.to(d, torch::kUInt8).contiguous();
+  check(kto_torch_cuda::finish(partial.data_ptr<double>(), f[0].data_ptr<float>(),
+                               ref.data_ptr<float>(), labels.data_ptr<uint8_t>(), B, o,
+                               metrics.data_ptr<double>(), per_example.data_ptr<float>(),
+                               small.data_ptr(), 1024, stream()));
+  check(kto_torch_cuda::read_status(f[3].data_ptr(), off.view, stream()));
+  check(kto_torch_cuda::read_status(small.data_ptr(), {}, stream()));
+  return {metrics, per_example, f[1], f[2]};
+}
+
+torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& targets,
+                            const Offsets& off, const torch::Tensor& row_lse,
+                            const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
+                            const kto::Options& o) {
+  const auto d = logits.device();
+  auto grad =
+      torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
+  const auto lse = device_float(row_lse, d), g = device_float(grad_logp, d);
+  const auto n = num_tokens.to(d, torch::kLong).contiguous();
+  check(kto_torch_cuda::backward(logits_of(logits), targets_view(targets), off.view,
+                                 lse.data_ptr<float>(), g.data_ptr<float>(), n.data_ptr<int64_t>(),
+                                 o, grad.data_ptr(), logits_view<const char>(grad).rows, stream()));
+  return grad;
+}
+
+}  // namespace cuda_path
+#endif
+
+bool has_cuda() {
+#ifdef KTO_TORCH_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// ---- device dispatch: CPU tensors → Eigen path, CUDA tensors → CUDA kernels ----
+
+void require_cuda_build(const torch::Tensor& logits) {
+  TORCH_CHECK(has_cuda(), "kto: argument 'logits' is on ", logits.device(),
+              "; this build of kto_torch has the CPU kernels only (rebuild with nvcc present)");
+}
+
+std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
+                                             const torch::Tensor& targets,
+                                             const torch::Tensor& offsets, bool average,
+                                             int64_t ignore_index) {
+  if (!logits.is_cuda())
+    return sequence_logprobs_cpu(logits, targets, offsets, average, ignore_index);
+  require_cuda_build(logits);
+#ifdef KTO_TORCH_WITH_CUDA
+  kto::Options o;
+  o.average_logprob = average;
+  o.ignore_index = ignore_index;
+  return cuda_path::sequence_logprobs(logits, targets, offsets_view(offsets, logits.device()), o);
+#else
+  return {};
+#endif
+}
+
+std::vector<torch::Tensor> step_forward(
+    const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
+    const torch::Tensor& reference_logp, const torch::Tensor& desirable,
+    const torch::Tensor& kl_policy_logp, const torch::Tensor& kl_reference_logp,
+    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl, double beta,
+    double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
+    int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
+    int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
+  if (!logits.is_cuda())
+    return step_forward_cpu(logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
+                            kl_reference_logp, kl_num_tokens, global_kl, beta, desirable_weight,
+                            undesirable_weight, loss_type, link, reference_point, kl_estimator,
+                            clamp_kl, fixed_z0, average, reduction, mean_denominator, ignore_index);
+  require_cuda_build(logits);
+#ifdef KTO_TORCH_WITH_CUDA
+  const kto::Options o = kto::options_from_codes(
+      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
+      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
+      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
+  try {
+    kto::validate_options(o, "kto_torch.step_forward");
+  } catch (const kto::Error& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  return cuda_path::step_forward(logits, targets, offsets_view(offsets, logits.device()),
+                                 reference_logp, desirable, kl_policy_logp, kl_reference_logp,
+                                 kl_num_tokens, global_kl, o);
+#else
+  return {};
+#endif
+}
+
+torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& targets,
+                            const torch::Tensor& offsets, const torch::Tensor& row_lse,
+                            const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
+                            bool average, int64_t ignore_index) {
+  if (!logits.is_cuda())
+    return step_backward_cpu(logits, targets, offsets, row_lse, grad_logp, num_tokens, average,
+                             ignore_index);
+  require_cuda_build(logits);
+#ifdef KTO_TORCH_WITH_CUDA
+  kto::Options o;
+  o.average_logprob = average;
+  o.ignore_index = ignore_index;
+  return cuda_path::step_backward(logits, targets, offsets_view(offsets, logits.device()), row_lse,
+                                  grad_logp, num_tokens, o);
+#else
+  return {};
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -223,4 +431,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_partial", &kl_partial);
   m.def("step_forward", &step_forward);
   m.def("step_backward", &step_backward);
+  m.def("has_cuda", &has_cuda);
 }

@@ -11,7 +11,9 @@ residuals; autograd to the logits) and ``kto::step_backward``. Each has a fake
 (meta) kernel, so ``torch.compile`` traces them without graph breaks.
 
 Logits: [rows, V] or [B, T, V] (``logits[:, :-1]`` is accepted without a copy),
-float32, float64, bfloat16 or float16, on the CPU (the Eigen path). Targets:
+float32, float64, bfloat16 or float16 on the CPU (the Eigen path); float32,
+bfloat16 or float16 on CUDA (kto's CUDA kernels, when the extension was built
+with nvcc; the forward then synchronises once to raise device-detected errors). Targets:
 int64 [rows] or [B, T] with ignore_index. Sequences: CSR ``offsets`` over the
 rows (B + 1 entries); for [B, T, V] logits ``offsets=None`` means padded
 sequences. Only the loss is differentiable; metrics are detached, as in TRL.
@@ -52,19 +54,21 @@ def _accumulation(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _check_cpu(name: str, t: Tensor) -> None:
-    if t.device.type != "cpu":
+def _check_device(name: str, t: Tensor) -> None:
+    if t.device.type == "cuda" and not _C.has_cuda():
         raise NotImplementedError(
             f"kto: argument '{name}' is on {t.device}; this build of kto_torch has the CPU "
-            "kernels only (the CUDA kernels need a CUDA build of the extension)"
+            "kernels only (rebuild it where nvcc is present)"
         )
+    if t.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"kto: argument '{name}' is on {t.device}; CPU or CUDA only")
 
 
 @torch.library.custom_op("kto::sequence_logprobs", mutates_args=())
 def _sequence_logprobs(
     logits: Tensor, targets: Tensor, offsets: Tensor, average: bool, ignore_index: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_cpu("logits", logits)
+    _check_device("logits", logits)
     logp, n, lse = _C.sequence_logprobs(logits, targets, offsets, average, ignore_index)
     return logp, n, lse
 
@@ -105,7 +109,7 @@ def _step_forward(
     mean_denominator: int,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_cpu("logits", logits)
+    _check_device("logits", logits)
     metrics, per_example, n, lse = _C.step_forward(
         logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
         kl_num_tokens, global_kl, beta, desirable_weight, undesirable_weight, loss_type, link,
@@ -137,7 +141,7 @@ def _step_backward(
     average: bool,
     ignore_index: int,
 ) -> Tensor:
-    _check_cpu("logits", logits)
+    _check_device("logits", logits)
     return _C.step_backward(logits, targets, offsets, row_lse, grad_logp, num_tokens, average,
                             ignore_index)
 

@@ -1,0 +1,133 @@
+// kto_torch_cuda.cu — kto's CUDA host API behind kto_torch_cuda.h, with the
+// dtype dispatch of the PyTorch bindings (float, __half, __nv_bfloat16).
+#include <kto/cuda.hpp>
+
+#include "kto_torch_cuda.h"
+
+namespace kto_torch_cuda {
+namespace {
+
+cudaStream_t as_stream(void* s) {
+  return static_cast<cudaStream_t>(s);
+}
+
+std::string message(const kto::cuda::Status& s) {
+  return s.ok() ? std::string() : s.message;
+}
+
+template <class Fn>
+std::string dispatch(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::f32:
+      return fn(float{});
+    case DType::f16:
+      return fn(__half{});
+    case DType::bf16:
+      return fn(__nv_bfloat16{});
+  }
+  return "kto: argument 'logits' has an unsupported dtype";
+}
+
+template <class T>
+kto::LogitsView<const T> view(const Logits& z) {
+  return kto::LogitsView<const T>{static_cast<const T*>(z.data), z.vocab, z.rows};
+}
+
+__global__ void unscored_lse_to_zero(float* lse, kto::index_t rows) {
+  const kto::index_t r = blockIdx.x * kto::index_t(blockDim.x) + threadIdx.x;
+  if (r < rows && isnan(lse[r])) lse[r] = 0.0f;
+}
+
+__global__ void metrics_to_doubles(const kto::Metrics* m, double* out) {
+  out[0] = m->loss;
+  out[1] = m->kl;
+  out[2] = m->rewards_chosen;
+  out[3] = m->rewards_rejected;
+  out[4] = m->rewards_margins;
+  out[5] = m->logps_chosen;
+  out[6] = m->logps_rejected;
+  out[7] = static_cast<double>(m->count_chosen);
+  out[8] = static_cast<double>(m->count_rejected);
+}
+
+constexpr std::size_t kMetricsSlot = 256;  // a kto::Metrics after the error word
+
+}  // namespace
+
+std::size_t forward_workspace_bytes(kto::index_t rows) {
+  return kto::cuda::sequence_logprobs_workspace_bytes(rows);
+}
+
+std::string forward(const Logits& logits, const kto::TargetsView& targets,
+                    const kto::SequencesView& sequences, const kto::Options& o, float* logp,
+                    kto::index_t* num_tokens, float* row_lse, void* workspace,
+                    std::size_t workspace_bytes, void* stream) {
+  return dispatch(logits.dtype, [&](auto tag) -> std::string {
+    using T = decltype(tag);
+    std::size_t bytes = workspace_bytes;
+    const auto s =
+        kto::cuda::sequence_logprobs<T>(workspace, bytes, view<T>(logits), targets, sequences, o,
+                                        logp, num_tokens, as_stream(stream));
+    if (!s.ok()) return message(s);
+    const kto::index_t rows = logits.rows.rows;
+    if (rows > 0) {
+      cudaMemcpyAsync(row_lse, kto::cuda::workspace_row_lse(workspace), rows * sizeof(float),
+                      cudaMemcpyDeviceToDevice, as_stream(stream));
+      unscored_lse_to_zero<<<static_cast<unsigned>((rows + 255) / 256), 256, 0,
+                             as_stream(stream)>>>(row_lse, rows);
+    }
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? std::string() : cudaGetErrorString(err);
+  });
+}
+
+std::string kl_partial(const float* policy_logp, const float* reference_logp,
+                       const kto::index_t* num_tokens, kto::index_t count, const kto::Options& o,
+                       double* partial, void* workspace, std::size_t workspace_bytes,
+                       void* stream) {
+  static_assert(sizeof(kto::KlPartial) == 2 * sizeof(double), "KlPartial is two doubles");
+  std::size_t bytes = workspace_bytes;
+  return message(kto::cuda::kl_partial(workspace, bytes, policy_logp, reference_logp, num_tokens,
+                                       count, o, reinterpret_cast<kto::KlPartial*>(partial),
+                                       as_stream(stream)));
+}
+
+std::string finish(const double* partial, const float* policy_logp, const float* reference_logp,
+                   const std::uint8_t* desirable, kto::index_t count, const kto::Options& o,
+                   double* metrics, float* per_example, void* workspace,
+                   std::size_t workspace_bytes, void* stream) {
+  // The workspace holds the error word, then a kto::Metrics.
+  if (workspace_bytes < kMetricsSlot + sizeof(kto::Metrics))
+    return "kto: argument 'workspace_bytes' is too small for finish";
+  auto* m = reinterpret_cast<kto::Metrics*>(static_cast<char*>(workspace) + kMetricsSlot);
+  kto::cuda::ExampleOutputs out{per_example + count, per_example + 2 * count,
+                                per_example + 3 * count, per_example + 4 * count};
+  cudaMemcpyAsync(per_example, policy_logp, count * sizeof(float), cudaMemcpyDeviceToDevice,
+                  as_stream(stream));
+  std::size_t bytes = workspace_bytes;
+  const auto s = kto::cuda::finish(workspace, bytes,
+                                   reinterpret_cast<const kto::KlPartial*>(partial), policy_logp,
+                                   reference_logp, desirable, count, o, out, m, as_stream(stream));
+  if (!s.ok()) return message(s);
+  metrics_to_doubles<<<1, 1, 0, as_stream(stream)>>>(m, metrics);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : cudaGetErrorString(err);
+}
+
+std::string backward(const Logits& logits, const kto::TargetsView& targets,
+                     const kto::SequencesView& sequences, const float* row_lse,
+                     const float* grad_logp, const kto::index_t* num_tokens, const kto::Options& o,
+                     void* grad, const kto::RowIndex& grad_rows, void* stream) {
+  return dispatch(logits.dtype, [&](auto tag) -> std::string {
+    using T = decltype(tag);
+    const kto::LogitsView<T> g{static_cast<T*>(grad), logits.vocab, grad_rows};
+    return message(kto::cuda::backward<T>(view<T>(logits), targets, sequences, row_lse, grad_logp,
+                                          num_tokens, o, g, as_stream(stream)));
+  });
+}
+
+std::string read_status(const void* workspace, const kto::SequencesView& sequences, void* stream) {
+  return message(kto::cuda::read_status(workspace, as_stream(stream), sequences));
+}
+
+}  // namespace kto_torch_cuda
