@@ -146,14 +146,7 @@ std::vector<torch::Tensor> step_forward_cpu(
     const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
     const torch::Tensor& reference_logp, const torch::Tensor& desirable,
     const torch::Tensor& kl_policy_logp, const torch::Tensor& kl_reference_logp,
-    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl, double beta,
-    double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
-    int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
-    int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
-  const kto::Options o = kto::options_from_codes(
-      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
-      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
-      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
+    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl, const kto::Options& o) {
   const Offsets off = offsets_view(offsets, logits.device());
   const auto labels = desirable.to(torch::kCPU, torch::kUInt8).contiguous();
   std::vector<torch::Tensor> out;
@@ -380,17 +373,15 @@ std::vector<torch::Tensor> step_forward(
     double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
     int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
     int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
-  if (!logits.is_cuda())
-    return step_forward_cpu(logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
-                            kl_reference_logp, kl_num_tokens, global_kl, beta, desirable_weight,
-                            undesirable_weight, loss_type, link, reference_point, kl_estimator,
-                            clamp_kl, fixed_z0, average, reduction, mean_denominator, ignore_index);
-  require_cuda_build(logits);
-#ifdef KTO_TORCH_WITH_CUDA
   const kto::Options o = kto::options_from_codes(
       beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
       static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
       clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
+  if (!logits.is_cuda())
+    return step_forward_cpu(logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
+                            kl_reference_logp, kl_num_tokens, global_kl, o);
+  require_cuda_build(logits);
+#ifdef KTO_TORCH_WITH_CUDA
   try {
     kto::validate_options(o, "kto_torch.step_forward");
   } catch (const kto::Error& e) {
