@@ -215,6 +215,18 @@ inline size_t errors_workspace_bytes() {
   return detail::kAlignment;
 }
 
+namespace detail {
+/// The error word of a call whose workspace holds nothing else: answers the
+/// size query, checks size and alignment, resets the word. Null: return `status`.
+inline device::DeviceErrors* error_word(void* workspace, size_t& bytes, Status& status,
+                                        const char* fn, cudaStream_t stream) {
+  if (!workspace_ready(workspace, bytes, errors_workspace_bytes(), status, fn)) return nullptr;
+  auto* errors = static_cast<device::DeviceErrors*>(workspace);
+  reset_errors(errors, stream);
+  return errors;
+}
+}  // namespace detail
+
 /// (S, C) of the KL batch into `partial` (device). num_tokens may be null
 /// unless options.kl_estimator is nonempty_mean.
 inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* policy_logp,
@@ -236,10 +248,8 @@ inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* 
     return Status::from(e);
   }
   Status status;
-  if (!detail::workspace_ready(workspace, workspace_bytes, errors_workspace_bytes(), status, fn))
-    return status;
-  auto* errors = static_cast<device::DeviceErrors*>(workspace);
-  detail::reset_errors(errors, stream);
+  device::DeviceErrors* errors = detail::error_word(workspace, workspace_bytes, status, fn, stream);
+  if (errors == nullptr) return status;
   device::KlParams p{policy_logp,    reference_logp, num_tokens, count,
                      o.kl_estimator, partial,        errors};
   device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
@@ -273,10 +283,8 @@ inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* 
     return Status::from(e);
   }
   Status status;
-  if (!detail::workspace_ready(workspace, workspace_bytes, errors_workspace_bytes(), status, fn))
-    return status;
-  auto* errors = static_cast<device::DeviceErrors*>(workspace);
-  detail::reset_errors(errors, stream);
+  device::DeviceErrors* errors = detail::error_word(workspace, workspace_bytes, status, fn, stream);
+  if (errors == nullptr) return status;
   device::FinishParams p{partial,   policy_logp, reference_logp, desirable,     count,   o,
                          out.ratio, out.reward,  out.loss,       out.grad_logp, metrics, errors};
   device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
