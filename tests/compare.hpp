@@ -41,13 +41,46 @@ inline kto::Options combination(kto::LossType loss_type, kto::Link link, kto::Re
   return o;
 }
 
-/// rtol: the accumulation type's (1e-5 fp32, 1e-12 fp64); u: unit roundoff of
-/// the type the gradient is stored in; z0_scale: the condition scale of z0
-/// (1 when the KL log-probs are given exactly, Σ|ℓ| + |lse| of the largest KL
-/// sequence when they were computed from logits in the same call).
-inline void compare_step(const ref::Problem& p, const std::vector<double>& reference_logp,
-                         const ref::Step& want, const Observed& got, const kto::Options& o,
-                         double rtol, double u, double z0_scale = 1.0) {
+/// Condition scale of z0 when the KL log-probs are computed from logits in the
+/// same call: Σ |ℓ_r| + |lse_r| of the largest KL sequence (its fp32 bound).
+inline double kl_condition_scale(const ref::Problem& p, const kto::Options& o) {
+  const ref::Forward f = ref::forward(p, o.ignore_index, o.average_logprob);
+  double worst = 1.0;
+  for (index_t s = 0; s < p.num_sequences(); ++s) {
+    double a = 0;
+    for (index_t r = p.offsets[s]; r < p.offsets[s + 1]; ++r)
+      if (p.targets[r] != o.ignore_index) a += std::fabs(f.token_logp[r]) + std::fabs(f.lse[r]);
+    if (o.average_logprob && f.num_tokens[s] > 0) a /= double(f.num_tokens[s]);
+    worst = std::max(worst, a);
+  }
+  return worst;
+}
+
+/// The condition scales of compare_examples(), reused for gradient checks.
+struct ExampleScales {
+  std::vector<double> sequence;  ///< Σ|ℓ_r| + |lse_r| (+ |ref|, z0) per sequence
+  double max_sequence = 0, lam = 1, denom = 1;
+  /// Condition scale of ∂L/∂Z[r, ·] (0 on unscored rows).
+  double row(const ref::Problem& p, const ref::Step& want, const kto::Options& o, index_t r) const {
+    const index_t B = p.num_sequences();
+    index_t s = -1;
+    for (index_t q = 0; q < B; ++q)
+      if (r >= p.offsets[q] && r < p.offsets[q + 1]) s = q;
+    if (s < 0 || p.targets[r] == o.ignore_index) return 0.0;
+    const double c_r = o.average_logprob ? 1.0 / want.fwd.num_tokens[s] : 1.0;
+    return std::fabs(want.g[s]) * c_r * (1.0 + std::fabs(want.fwd.lse[r])) +
+           c_r * lam * o.beta * o.beta * sequence[s] / denom;
+  }
+};
+
+/// rtol: the accumulation type's (1e-5 fp32, 1e-12 fp64); z0_scale: the
+/// condition scale of z0 (1 when the KL log-probs are given exactly, Σ|ℓ| +
+/// |lse| of the largest KL sequence when they were computed in the same call).
+/// Checks everything per example and the metrics; returns the scales.
+inline ExampleScales compare_examples(const ref::Problem& p,
+                                      const std::vector<double>& reference_logp,
+                                      const ref::Step& want, const Observed& got,
+                                      const kto::Options& o, double rtol, double z0_scale = 1.0) {
   const index_t B = p.num_sequences();
   // Condition scale of each sequence: Σ |ℓ_r| + |lse_r| over its scored rows.
   std::vector<double> seq_scale(B, 1.0);
@@ -59,12 +92,13 @@ inline void compare_step(const ref::Problem& p, const std::vector<double>& refer
     if (o.average_logprob && want.fwd.num_tokens[s] > 0) a /= double(want.fwd.num_tokens[s]);
     seq_scale[s] = std::max(1.0, a + std::fabs(reference_logp[s]) + z0_scale);
   }
-  const double lam = std::max({o.desirable_weight, o.undesirable_weight, 1.0});
-  const double denom = o.reduction == kto::Reduction::sum ? 1.0
-                       : o.mean_denominator > 0           ? double(o.mean_denominator)
-                                                          : double(B);
-  double max_scale = 0;
-  for (double s : seq_scale) max_scale = std::max(max_scale, s);
+  ExampleScales sc;
+  sc.lam = std::max({o.desirable_weight, o.undesirable_weight, 1.0});
+  sc.denom = o.reduction == kto::Reduction::sum ? 1.0
+             : o.mean_denominator > 0           ? double(o.mean_denominator)
+                                                : double(B);
+  for (double s : seq_scale) sc.max_sequence = std::max(sc.max_sequence, s);
+  const double lam = sc.lam, denom = sc.denom, max_scale = sc.max_sequence;
 
   for (index_t s = 0; s < B; ++s) {
     INFO("sequence " << s);
@@ -86,19 +120,21 @@ inline void compare_step(const ref::Problem& p, const std::vector<double>& refer
   KTO_CHECK_CLOSE(m.logps_rejected, want.logps_rejected, max_scale, rtol);
   CHECK(m.count_chosen == want.n_chosen);
   CHECK(m.count_rejected == want.n_rejected);
+  sc.sequence = seq_scale;
+  return sc;
+}
+
+/// compare_examples() and every element of ∂L/∂Z; u: unit roundoff of the
+/// type the gradient is stored in.
+inline void compare_step(const ref::Problem& p, const std::vector<double>& reference_logp,
+                         const ref::Step& want, const Observed& got, const kto::Options& o,
+                         double rtol, double u, double z0_scale = 1.0) {
+  const ExampleScales sc = compare_examples(p, reference_logp, want, got, o, rtol, z0_scale);
 
   // Every gradient element, against ∂L/∂Z of the reference.
   index_t bad = 0;
   for (index_t r = 0; r < p.rows; ++r) {
-    index_t s = -1;
-    for (index_t q = 0; q < B; ++q)
-      if (r >= p.offsets[q] && r < p.offsets[q + 1]) s = q;
-    const bool scored = s >= 0 && p.targets[r] != o.ignore_index;
-    const double c_r = scored && o.average_logprob ? 1.0 / want.fwd.num_tokens[s] : 1.0;
-    const double row_scale = scored
-                                 ? std::fabs(want.g[s]) * c_r * (1.0 + std::fabs(want.fwd.lse[r])) +
-                                       c_r * lam * o.beta * o.beta * seq_scale[s] / denom
-                                 : 0.0;
+    const double row_scale = sc.row(p, want, o, r);
     for (index_t v = 0; v < p.vocab; ++v) {
       const double g = got.grad(r, v);
       const double w = want.grad[r * p.vocab + v];

@@ -30,6 +30,23 @@ namespace test {
 
 using kto::index_t;
 
+/// f() raises kto::Error naming `argument`, containing `expectation` and "got <got>".
+template <class F>
+void expect_error(F&& f, const std::string& argument, const std::string& expectation,
+                  const std::string& got) {
+  try {
+    f();
+    FAIL("no kto::Error for " << argument);
+  } catch (const kto::Error& e) {
+    INFO("message: " << e.what());
+    CHECK(e.argument() == argument);
+    const std::string msg = e.what();
+    CHECK(msg.find("'" + argument + "'") != std::string::npos);
+    CHECK(msg.find(expectation) != std::string::npos);
+    CHECK(msg.find("got " + got) != std::string::npos);
+  }
+}
+
 template <class T>
 constexpr double rtol() {
   return std::is_same<kto::accumulator_t<T>, double>::value ? 1e-12 : 1e-5;

@@ -5,22 +5,7 @@
 namespace {
 
 using kto::index_t;
-
-template <class F>
-void expect_error(F&& f, const std::string& argument, const std::string& expectation,
-                  const std::string& got) {
-  try {
-    f();
-    FAIL("no kto::Error for " << argument);
-  } catch (const kto::Error& e) {
-    INFO("message: " << e.what());
-    CHECK(e.argument() == argument);
-    const std::string msg = e.what();
-    CHECK(msg.find("'" + argument + "'") != std::string::npos);
-    CHECK(msg.find(expectation) != std::string::npos);
-    CHECK(msg.find("got " + got) != std::string::npos);
-  }
-}
+using test::expect_error;
 
 /// A small valid step that each test breaks in one place.
 struct Fixture {

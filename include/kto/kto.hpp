@@ -10,6 +10,7 @@
 #include "error.hpp"
 #include "example_loss.hpp"
 #include "finish.hpp"
+#include "fused_linear.hpp"
 #include "layout.hpp"
 #include "metrics.hpp"
 #include "options.hpp"

@@ -250,21 +250,9 @@ Outcome<T> run_step(const Case<T>& c, const kto::Options& o, bool in_place, bool
   return res;
 }
 
-/// Condition scale of z0 when the KL log-probs are computed from logits:
-/// Σ |ℓ_r| + |lse_r| of the largest KL sequence (its fp32 rounding bound).
 template <class T>
 double kl_scale(const Case<T>& c, const kto::Options& o) {
-  const ref::Problem& p = c.kl_plan.problem;
-  const ref::Forward f = ref::forward(p, o.ignore_index, o.average_logprob);
-  double worst = 1.0;
-  for (index_t s = 0; s < p.num_sequences(); ++s) {
-    double a = 0;
-    for (index_t r = p.offsets[s]; r < p.offsets[s + 1]; ++r)
-      if (p.targets[r] != o.ignore_index) a += std::fabs(f.token_logp[r]) + std::fabs(f.lse[r]);
-    if (o.average_logprob && f.num_tokens[s] > 0) a /= double(f.num_tokens[s]);
-    worst = std::max(worst, a);
-  }
-  return worst;
+  return test::kl_condition_scale(c.kl_plan.problem, o);
 }
 
 template <class T>

@@ -1,0 +1,486 @@
+// cpu/fused_linear.hpp — the KTO step from hidden states and the lm_head, on the CPU.
+//
+// Chunks of rows go through Eigen GEMMs around the row kernels of
+// row_kernels.hpp (see ../fused_linear.hpp for the order of work):
+//
+//   keep_chunk  Z_c computed once: forward, g_s, dZ_c in place, two GEMMs.
+//               3 GEMMs a row; chunks hold whole sequences.
+//   recompute   forward over every chunk keeping lse_r, then the finish, then
+//               Z_c recomputed for the backward (Cut Cross-Entropy's way).
+//               4 GEMMs a row; chunks need not follow sequences. The
+//               vocab-parallel step always runs this way: the all-gather of
+//               the row partials sits between its forward and backward.
+//
+// Memory: one chunk of logits and hidden rows (config.chunk_bytes), plus an
+// fp32 copy of W and b when they are half/bfloat16, plus O(rows) scalars —
+// never N × V. GEMMs run in the accumulation type (fp32, fp64 for double) on
+// exactly widened inputs. Work is split over threads by output rows or vocab
+// columns, so a fixed thread count gives the same bits run after run.
+// Gradients are written (not accumulated) in the accumulation type: dH for
+// every row (zero on unscored ones), dW and db for this rank's vocab slice.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+#include <functional>
+#include <sstream>
+#include <vector>
+
+#include "../finish.hpp"
+#include "../fused_linear.hpp"
+#include "kto_step.hpp"
+#include "parallel.hpp"
+#include "row_kernels.hpp"
+#include "sequence_logprobs.hpp"
+
+namespace kto {
+namespace cpu {
+
+enum class FusedStrategy : int { keep_chunk = 0, recompute = 1 };
+
+struct FusedLinearConfig {
+  /// Budget for one chunk: its logits and hidden rows in the accumulation type.
+  size_t chunk_bytes = size_t{256} << 20;
+  FusedStrategy strategy = FusedStrategy::keep_chunk;
+};
+
+template <class Acc>
+struct LinearGradients {
+  MatrixView<Acc> d_hidden;  ///< rows × D (a partial sum over slices when sharded)
+  MatrixView<Acc> d_weight;  ///< V_local × D
+  Acc* d_bias = nullptr;     ///< V_local entries, or null to skip
+};
+
+template <class T>
+struct FusedLinearInputs {
+  using Acc = accumulator_t<T>;
+  MatrixView<const T> hidden;  ///< N × D, policy model, target batch
+  TargetsView targets;         ///< N global token ids (or ignore_index)
+  SequencesView sequences;     ///< B ≥ 1 examples over the N rows (host offsets)
+  Span<const Acc> reference_logp;
+  Span<const std::uint8_t> desirable;
+  /// KL batch, forward only; used when options.reference_point is kl_batch.
+  MatrixView<const T> kl_hidden;
+  TargetsView kl_targets;
+  SequencesView kl_sequences;
+  Span<const Acc> kl_reference_logp;
+};
+
+/// Gathers every rank's row partials, rank-major (rank k's row r at k·n + r).
+template <class Acc>
+using RowPartialsAllGather = std::function<void(const std::vector<RowPartial<Acc>>& local,
+                                                std::vector<RowPartial<Acc>>& all)>;
+
+template <class Acc>
+struct FusedLinearHooks {
+  KlAllReduce kl_all_reduce;                  ///< data parallel: sums (S, C) over ranks
+  RowPartialsAllGather<Acc> gather_partials;  ///< vocab parallel: set when W is sharded
+};
+
+namespace detail {
+
+template <class Acc>
+using RowMajor = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class Acc>
+using ConstMatrixMap = Eigen::Map<const RowMajor<Acc>, 0, Eigen::OuterStride<>>;
+template <class Acc>
+using MatrixMap = Eigen::Map<RowMajor<Acc>, 0, Eigen::OuterStride<>>;
+
+[[noreturn]] inline void throw_non_finite_row(const char* fn, const char* argument, index_t s,
+                                              index_t r, double lse, double target_logit,
+                                              index_t target) {
+  std::ostringstream os;
+  os << fn << ": argument '" << argument
+     << "' must give finite logits on scored rows; got lse = " << lse
+     << ", target logit = " << target_logit << " (target " << target << ") in sequence " << s
+     << ", row " << r << " (a NaN/inf in the hidden states, weight or bias)";
+  throw NonFiniteLogitsError(fn, argument, s, r, os.str());
+}
+
+/// Scored rows of a batch: inside a sequence and not ignored.
+struct RowScorer {
+  const TargetsView& targets;
+  index_t first, last, ignore;
+  RowScorer(const TargetsView& t, const SequencesView& s, index_t ignore_index)
+      : targets(t),
+        first(s.count > 0 ? s.offsets[0] : 0),
+        last(s.count > 0 ? s.offsets[s.count] : 0),
+        ignore(ignore_index) {}
+  index_t target(index_t r) const { return r >= first && r < last ? targets.at(r) : ignore; }
+};
+
+/// W and b in the accumulation type, and one chunk's buffers; computes Z_c.
+template <class T>
+class ChunkEngine {
+ public:
+  using Acc = accumulator_t<T>;
+
+  ChunkEngine(const LinearHead<T>& head, index_t chunk_rows, const ExecutionPolicy& exec)
+      : head_(head),
+        vocab_(head.weight.rows),
+        dim_(head.weight.cols),
+        chunk_rows_(chunk_rows),
+        exec_(exec) {
+    if (!std::is_same<T, Acc>::value) {
+      weight_copy_.resize(static_cast<size_t>(vocab_ * dim_));
+      parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
+        for (index_t v = b; v < e; ++v)
+          widen(head.weight.row(v), dim_, weight_copy_.data() + v * dim_);
+      });
+    }
+    if (head.bias != nullptr) {
+      bias_.resize(static_cast<size_t>(vocab_));
+      widen(head.bias, vocab_, bias_.data());
+    }
+    hidden_.resize(static_cast<size_t>(chunk_rows_ * dim_));
+    logits_.resize(static_cast<size_t>(chunk_rows_ * vocab_));
+  }
+
+  /// Bytes this engine holds: independent of the number of rows.
+  size_t allocated_bytes() const {
+    return sizeof(Acc) * (weight_copy_.size() + bias_.size() + hidden_.size() + logits_.size());
+  }
+  index_t chunk_rows() const { return chunk_rows_; }
+  index_t vocab() const { return vocab_; }
+
+  ConstMatrixMap<Acc> weight() const {
+    if constexpr (std::is_same<T, Acc>::value) {
+      return ConstMatrixMap<Acc>(head_.weight.data, vocab_, dim_,
+                                 Eigen::OuterStride<>(head_.weight.stride));
+    } else {
+      return ConstMatrixMap<Acc>(weight_copy_.data(), vocab_, dim_, Eigen::OuterStride<>(dim_));
+    }
+  }
+  MatrixMap<Acc> hidden_chunk(index_t n) {
+    return MatrixMap<Acc>(hidden_.data(), n, dim_, Eigen::OuterStride<>(dim_));
+  }
+  MatrixMap<Acc> logits_chunk(index_t n) {
+    return MatrixMap<Acc>(logits_.data(), n, vocab_, Eigen::OuterStride<>(vocab_));
+  }
+  Acc* logits_row(index_t i) { return logits_.data() + i * vocab_; }
+
+  /// Z_c = H[r0, r0 + n) Wᵀ + b, split over vocab columns.
+  void compute(const MatrixView<const T>& hidden, index_t r0, index_t n) {
+    for (index_t i = 0; i < n; ++i) widen(hidden.row(r0 + i), dim_, hidden_.data() + i * dim_);
+    auto h = hidden_chunk(n);
+    auto z = logits_chunk(n);
+    const auto w = weight();
+    parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
+      z.middleCols(b, e - b).noalias() = h * w.middleRows(b, e - b).transpose();
+      if (!bias_.empty()) {
+        const Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>> bias(bias_.data() + b, e - b);
+        z.middleCols(b, e - b).rowwise() += bias;
+      }
+    });
+  }
+
+  /// The slice's partial of each chunk row (unscored rows: {NaN, 0}).
+  void partials(const RowScorer& scorer, index_t r0, index_t n, RowPartial<Acc>* out) {
+    const index_t begin = head_.vocab_begin;
+    parallel_for(n, exec_, [&](index_t b, index_t e) {
+      for (index_t i = b; i < e; ++i) {
+        const index_t t = scorer.target(r0 + i);
+        if (t == scorer.ignore) {
+          out[i] = {std::numeric_limits<Acc>::quiet_NaN(), Acc(0)};
+          continue;
+        }
+        const Acc* z = logits_row(i);
+        const RowStats<Acc> st = row_stats<Acc, Acc>(z, vocab_, 0);
+        const bool owned = t >= begin && t < begin + vocab_;
+        out[i] = {st.lse, owned ? z[t - begin] : Acc(0)};
+      }
+    });
+  }
+
+  /// dZ_c in place from lse_r and the row scales g_s c_r, then the three
+  /// gradient products. d_hidden rows r0.. are written, d_weight/d_bias added to.
+  void backward(const RowScorer& scorer, index_t r0, index_t n, const Acc* row_lse,
+                const Acc* row_scale, const LinearGradients<Acc>& grads) {
+    const index_t begin = head_.vocab_begin;
+    parallel_for(n, exec_, [&](index_t b, index_t e) {
+      for (index_t i = b; i < e; ++i) {
+        const index_t r = r0 + i;
+        const index_t t = scorer.target(r);
+        Acc* z = logits_row(i);
+        if (t == scorer.ignore || row_scale[r] == Acc(0)) {
+          zero_row(z, vocab_);
+          continue;
+        }
+        const index_t local = t >= begin && t < begin + vocab_ ? t - begin : -1;
+        row_gradient<Acc, Acc>(z, vocab_, local, row_lse[r], row_scale[r], z);
+      }
+    });
+    const auto g = logits_chunk(n);
+    const auto h = hidden_chunk(n);
+    const auto w = weight();
+    MatrixMap<Acc> dh(grads.d_hidden.row(r0), n, dim_, Eigen::OuterStride<>(grads.d_hidden.stride));
+    parallel_for(n, exec_, [&](index_t b, index_t e) {
+      dh.middleRows(b, e - b).noalias() = g.middleRows(b, e - b) * w;
+    });
+    MatrixMap<Acc> dw(grads.d_weight.data, vocab_, dim_,
+                      Eigen::OuterStride<>(grads.d_weight.stride));
+    parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
+      dw.middleRows(b, e - b).noalias() += g.middleCols(b, e - b).transpose() * h;
+      if (grads.d_bias != nullptr) {
+        Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> db(grads.d_bias + b, e - b);
+        db += g.middleCols(b, e - b).colwise().sum();
+      }
+    });
+  }
+
+ private:
+  const LinearHead<T>& head_;
+  index_t vocab_, dim_, chunk_rows_;
+  ExecutionPolicy exec_;
+  std::vector<Acc> weight_copy_, bias_, hidden_, logits_;
+};
+
+template <class T>
+index_t chunk_rows_of(const LinearHead<T>& head, const FusedLinearConfig& cfg) {
+  const size_t per_row =
+      sizeof(accumulator_t<T>) * static_cast<size_t>(head.weight.rows + head.weight.cols);
+  return chunk_rows_for_budget(cfg.chunk_bytes, per_row);
+}
+
+/// logp_s and n_s from the merged partials of its rows (row order, double);
+/// notes lse_r for the backward. Non-finite rows raise NonFiniteLogitsError.
+template <class Acc>
+void sequence_from_partials(const RowPartial<Acc>* rows, const RowScorer& scorer,
+                            const SequencesView& seqs, index_t s, const Options& o, const char* fn,
+                            const char* argument, Acc* row_lse, Acc& logp, index_t& count) {
+  double sum = 0.0;
+  count = 0;
+  for (index_t r = seqs.begin(s); r < seqs.end(s); ++r) {
+    const index_t t = scorer.target(r);
+    if (t == o.ignore_index) continue;
+    const RowPartial<Acc> p = rows[r];
+    const Acc lp = p.target_logit - p.lse;
+    if (!(std::isfinite(p.lse) && std::isfinite(lp)))
+      throw_non_finite_row(fn, argument, s, r, p.lse, p.target_logit, t);
+    row_lse[r] = p.lse;
+    sum += static_cast<double>(lp);
+    ++count;
+  }
+  if (o.average_logprob && count > 0) sum /= static_cast<double>(count);
+  logp = static_cast<Acc>(sum);
+}
+
+/// Per-sequence forward of a whole batch from its merged row partials.
+template <class Acc>
+SequenceForward<Acc> sequences_from_partials(const std::vector<RowPartial<Acc>>& rows,
+                                             const TargetsView& targets, const SequencesView& seqs,
+                                             const Options& o, const char* fn,
+                                             const char* argument) {
+  SequenceForward<Acc> out;
+  const RowScorer scorer(targets, seqs, o.ignore_index);
+  out.row_lse.assign(rows.size(), std::numeric_limits<Acc>::quiet_NaN());
+  out.logp.assign(static_cast<size_t>(seqs.count), Acc(0));
+  out.num_tokens.assign(static_cast<size_t>(seqs.count), 0);
+  for (index_t s = 0; s < seqs.count; ++s)
+    sequence_from_partials(rows.data(), scorer, seqs, s, o, fn, argument, out.row_lse.data(),
+                           out.logp[static_cast<size_t>(s)],
+                           out.num_tokens[static_cast<size_t>(s)]);
+  return out;
+}
+
+template <class T>
+void validate_hidden_batch(const MatrixView<const T>& hidden, const TargetsView& targets,
+                           const SequencesView& seqs, const LinearHead<T>& head, const Options& o,
+                           const char* fn, const std::string& prefix, bool allow_empty) {
+  kto::detail::validate_matrix(hidden, fn, prefix + "hidden");
+  kto::detail::require(hidden.cols == head.weight.cols, fn, prefix + "hidden.cols",
+                       "equal head.weight.cols (" + std::to_string(head.weight.cols) + ")",
+                       hidden.cols);
+  validate_forward_inputs(fn, hidden.rows, head.total_vocab(), targets, seqs, o, allow_empty);
+}
+
+/// Row partials of every row of a batch, chunk by chunk (forward only).
+template <class T>
+std::vector<RowPartial<accumulator_t<T>>> batch_partials(ChunkEngine<T>& engine,
+                                                         const MatrixView<const T>& hidden,
+                                                         const RowScorer& scorer) {
+  std::vector<RowPartial<accumulator_t<T>>> out(
+      static_cast<size_t>(hidden.rows),
+      {std::numeric_limits<accumulator_t<T>>::quiet_NaN(), accumulator_t<T>(0)});
+  for (index_t r0 = scorer.first; r0 < scorer.last; r0 += engine.chunk_rows()) {
+    const index_t n = std::min(engine.chunk_rows(), scorer.last - r0);
+    engine.compute(hidden, r0, n);
+    engine.partials(scorer, r0, n, out.data() + r0);
+  }
+  return out;
+}
+
+/// g_s c_r on the scored rows of sequences [first, last).
+template <class Acc>
+void set_row_scales(const RowScorer& scorer, const SequencesView& seqs, index_t first, index_t last,
+                    const std::vector<Acc>& grad_logp, const std::vector<index_t>& tokens,
+                    const Options& o, std::vector<Acc>& scale) {
+  for (index_t s = first; s < last; ++s) {
+    const index_t n = tokens[static_cast<size_t>(s)];
+    const double c = o.average_logprob && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
+    const Acc v = static_cast<Acc>(static_cast<double>(grad_logp[static_cast<size_t>(s)]) * c);
+    for (index_t r = seqs.begin(s); r < seqs.end(s); ++r)
+      if (scorer.target(r) != o.ignore_index) scale[static_cast<size_t>(r)] = v;
+  }
+}
+
+}  // namespace detail
+
+/// Bytes the step allocates besides O(rows) scalars: the chunk buffers and,
+/// for half/bfloat16, the fp32 copy of W and b. Independent of the row count.
+template <class T>
+size_t fused_linear_workspace_bytes(const LinearHead<T>& head, const FusedLinearConfig& cfg) {
+  using Acc = accumulator_t<T>;
+  const auto rows = static_cast<size_t>(detail::chunk_rows_of(head, cfg));
+  const auto v = static_cast<size_t>(head.weight.rows), d = static_cast<size_t>(head.weight.cols);
+  size_t bytes = sizeof(Acc) * rows * (v + d);
+  if (!std::is_same<T, Acc>::value) bytes += sizeof(Acc) * v * d;
+  if (head.bias != nullptr) bytes += sizeof(Acc) * v;
+  return bytes;
+}
+
+/// The whole KTO step from hidden states. Gradients are overwritten.
+template <class T>
+StepResult<accumulator_t<T>> fused_linear_kto_step(
+    const FusedLinearInputs<T>& in, const LinearHead<T>& head, const Options& o,
+    const LinearGradients<accumulator_t<T>>& grads, const FusedLinearConfig& cfg = {},
+    const ExecutionPolicy& exec = {}, const FusedLinearHooks<accumulator_t<T>>& hooks = {}) {
+  using Acc = accumulator_t<T>;
+  const char* fn = "kto::cpu::fused_linear_kto_step";
+  validate_options(o, fn);
+  kto::detail::validate_head(head, fn);
+  detail::validate_hidden_batch(in.hidden, in.targets, in.sequences, head, o, fn, "", false);
+  const index_t B = in.sequences.count;
+  kto::detail::validate_span(in.reference_logp, B, fn, "reference_logp");
+  kto::detail::validate_span(in.desirable, B, fn, "desirable");
+  kto::detail::validate_finite(in.reference_logp, fn, "reference_logp");
+  kto::detail::validate_labels(in.desirable, fn, "desirable");
+  const bool kl = uses_kl_batch(o);
+  if (kl) {
+    detail::validate_hidden_batch(in.kl_hidden, in.kl_targets, in.kl_sequences, head, o, fn, "kl_",
+                                  true);
+    kto::detail::validate_span(in.kl_reference_logp, in.kl_sequences.count, fn,
+                               "kl_reference_logp");
+  }
+  kto::detail::validate_shape(grads.d_hidden, in.hidden.rows, in.hidden.cols, fn, "grads.d_hidden",
+                              "hidden");
+  kto::detail::validate_shape(grads.d_weight, head.weight.rows, head.weight.cols, fn,
+                              "grads.d_weight", "head.weight");
+  const bool sharded = head.sharded();
+  kto::detail::require(
+      !sharded || static_cast<bool>(hooks.gather_partials), fn, "hooks.gather_partials",
+      "be set when head.weight holds a vocabulary slice (" + std::to_string(head.weight.rows) +
+          " of " + std::to_string(head.total_vocab()) + " rows)",
+      "an empty function");
+
+  detail::ChunkEngine<T> engine(head, detail::chunk_rows_of(head, cfg), exec);
+  const detail::RowScorer scorer(in.targets, in.sequences, o.ignore_index);
+  const index_t D = head.weight.cols;
+  for (index_t r = 0; r < in.hidden.rows; ++r)
+    std::fill(grads.d_hidden.row(r), grads.d_hidden.row(r) + D, Acc(0));
+  for (index_t v = 0; v < head.weight.rows; ++v)
+    std::fill(grads.d_weight.row(v), grads.d_weight.row(v) + D, Acc(0));
+  if (grads.d_bias) std::fill(grads.d_bias, grads.d_bias + head.weight.rows, Acc(0));
+
+  // Forward-only partials of the KL batch, and, when the vocab is sharded or the
+  // strategy is recompute, of the target batch too: one gather serves both.
+  const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
+  std::vector<RowPartial<Acc>> partials;
+  index_t kl_rows = 0;
+  if (kl) {
+    const detail::RowScorer kl_scorer(in.kl_targets, in.kl_sequences, o.ignore_index);
+    partials = detail::batch_partials(engine, in.kl_hidden, kl_scorer);
+    kl_rows = in.kl_hidden.rows;
+  }
+  if (recompute_all) {
+    auto target = detail::batch_partials(engine, in.hidden, scorer);
+    partials.insert(partials.end(), target.begin(), target.end());
+  }
+  if (sharded) {
+    std::vector<RowPartial<Acc>> all;
+    hooks.gather_partials(partials, all);
+    kto::detail::require(!partials.empty() || all.empty(), fn, "hooks.gather_partials",
+                         "return nothing for an empty input", static_cast<index_t>(all.size()));
+    const index_t n = static_cast<index_t>(partials.size());
+    kto::detail::require(n == 0 || (static_cast<index_t>(all.size()) % n == 0 && !all.empty()), fn,
+                         "hooks.gather_partials",
+                         "return ranks x " + std::to_string(n) + " partials",
+                         static_cast<index_t>(all.size()));
+    partials = merge_row_partials(all, n > 0 ? static_cast<index_t>(all.size()) / n : 1);
+  }
+
+  KlPartial kl_sum;
+  if (kl) {
+    std::vector<RowPartial<Acc>> kl_part(partials.begin(), partials.begin() + kl_rows);
+    const SequenceForward<Acc> kl_fwd = detail::sequences_from_partials(
+        kl_part, in.kl_targets, in.kl_sequences, o, fn, "kl_hidden");
+    kl_sum = kl_partial<Acc>(make_span(kl_fwd.logp), in.kl_reference_logp,
+                             make_span(kl_fwd.num_tokens), o);
+  }
+  if (hooks.kl_all_reduce) hooks.kl_all_reduce(kl_sum);
+  const double z0 = reference_point(kl_sum, o);
+  const double scale = reduction_scale(o, B);
+
+  StepResult<Acc> out;
+  std::vector<Acc> row_lse(static_cast<size_t>(in.hidden.rows),
+                           std::numeric_limits<Acc>::quiet_NaN());
+  out.logp.assign(static_cast<size_t>(B), Acc(0));
+  out.num_tokens.assign(static_cast<size_t>(B), 0);
+  std::vector<Acc> grad_logp(static_cast<size_t>(B), Acc(0));
+  auto sequence_grad = [&](index_t s) {
+    const double rho = static_cast<double>(out.logp[static_cast<size_t>(s)]) -
+                       static_cast<double>(in.reference_logp[s]);
+    return static_cast<Acc>(example_terms(rho, in.desirable[s] != 0, z0, o, scale).grad_logp);
+  };
+
+  if (recompute_all) {
+    std::vector<RowPartial<Acc>> target(partials.begin() + kl_rows, partials.end());
+    SequenceForward<Acc> fwd =
+        detail::sequences_from_partials(target, in.targets, in.sequences, o, fn, "hidden");
+    out.logp = std::move(fwd.logp);
+    out.num_tokens = std::move(fwd.num_tokens);
+    row_lse = std::move(fwd.row_lse);
+    for (index_t s = 0; s < B; ++s) grad_logp[static_cast<size_t>(s)] = sequence_grad(s);
+    std::vector<Acc> row_scale(static_cast<size_t>(in.hidden.rows), Acc(0));
+    detail::set_row_scales(scorer, in.sequences, 0, B, grad_logp, out.num_tokens, o, row_scale);
+    for (index_t r0 = scorer.first; r0 < scorer.last; r0 += engine.chunk_rows()) {
+      const index_t n = std::min(engine.chunk_rows(), scorer.last - r0);
+      engine.compute(in.hidden, r0, n);
+      engine.backward(scorer, r0, n, row_lse.data(), row_scale.data(), grads);
+    }
+  } else {
+    std::vector<RowPartial<Acc>> part(static_cast<size_t>(in.hidden.rows));
+    std::vector<Acc> row_scale(static_cast<size_t>(in.hidden.rows), Acc(0));
+    for (const ChunkGroup& g : plan_chunks(in.sequences, engine.chunk_rows())) {
+      // Forward over the group (one chunk, or the pieces of one long sequence).
+      for (index_t r0 = g.first_row; r0 < g.last_row; r0 += engine.chunk_rows()) {
+        const index_t n = std::min(engine.chunk_rows(), g.last_row - r0);
+        engine.compute(in.hidden, r0, n);
+        engine.partials(scorer, r0, n, part.data() + r0);
+      }
+      for (index_t s = g.first_seq; s < g.last_seq; ++s) {
+        detail::sequence_from_partials(part.data(), scorer, in.sequences, s, o, fn, "hidden",
+                                       row_lse.data(), out.logp[static_cast<size_t>(s)],
+                                       out.num_tokens[static_cast<size_t>(s)]);
+        grad_logp[static_cast<size_t>(s)] = sequence_grad(s);
+      }
+      detail::set_row_scales(scorer, in.sequences, g.first_seq, g.last_seq, grad_logp,
+                             out.num_tokens, o, row_scale);
+      // Backward: the chunk still holds Z of a whole group; a split group recomputes.
+      for (index_t r0 = g.first_row; r0 < g.last_row; r0 += engine.chunk_rows()) {
+        const index_t n = std::min(engine.chunk_rows(), g.last_row - r0);
+        if (g.split) engine.compute(in.hidden, r0, n);
+        engine.backward(scorer, r0, n, row_lse.data(), row_scale.data(), grads);
+      }
+    }
+  }
+
+  FinishResult<Acc> fin =
+      finish<Acc>(kl_sum, make_span(out.logp), in.reference_logp, in.desirable, o);
+  out.metrics = fin.metrics;
+  out.examples = std::move(fin.examples);
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace kto

@@ -1,0 +1,181 @@
+// fused_linear.hpp — the KTO step from hidden states and the lm_head (shared part).
+//
+// The logits Z = H Wᵀ + b of a batch are N × V: at V = 128K they outweigh the
+// model's activations. The fused-linear step never holds them whole. It walks
+// the rows in chunks of at most `chunk_rows`, and for each chunk
+//
+//   Z_c = H_c Wᵀ + b  →  lse_r, ℓ_r  →  logp_s  →  g_s  →  dZ_c (in place)
+//   dH_c = dZ_c W,   dW += dZ_cᵀ H_c,   db += Σ_r dZ_c[r, :]
+//
+// That order needs g_s before the chunk's backward, so a chunk holds whole
+// sequences (plan_chunks) and the KL batch, forward only, runs first to give
+// z0. A sequence longer than a chunk is the one exception: its rows are walked
+// twice, forward (keeping lse_r, two floats a row) then backward with the
+// logits recomputed, which is also how the vocab-parallel step works.
+//
+// Vocab-parallel (tensor-parallel lm_head): rank k holds rows
+// [vocab_begin, vocab_begin + V_k) of W. For each row it computes a RowPartial,
+// the log-sum-exp over its slice and the target logit if it owns the target
+// (0 otherwise). The caller all-gathers the partials (one collective, two
+// floats a row); merge_row_partials() gives every rank the same lse_r and
+// target logit, so the finish is identical on all ranks and the backward needs
+// no further communication: dW and db are the rank's own slice, dH is a
+// partial sum over ranks, all-reduced by the caller as for any TP lm_head.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "config.hpp"
+#include "error.hpp"
+#include "layout.hpp"
+
+namespace kto {
+
+/// A row-major matrix: `rows` rows of `cols` elements, `stride` elements apart.
+template <class T>
+struct MatrixView {
+  T* data = nullptr;
+  index_t rows = 0;
+  index_t cols = 0;
+  index_t stride = 0;
+  KTO_HOST_DEVICE T* row(index_t r) const { return data + r * stride; }
+};
+
+template <class T>
+MatrixView<T> matrix_view(T* data, index_t rows, index_t cols, index_t stride = 0) {
+  return MatrixView<T>{data, rows, cols, stride > 0 ? stride : cols};
+}
+
+/// The lm_head, or this rank's vocabulary slice of it: weight is V_local × D
+/// (torch.nn.Linear's layout), bias V_local entries or null.
+template <class T>
+struct LinearHead {
+  MatrixView<const T> weight;
+  const T* bias = nullptr;
+  index_t vocab_begin = 0;  ///< global id of weight row 0
+  index_t vocab_total = 0;  ///< global vocabulary; 0 means weight.rows (not sharded)
+  KTO_HOST_DEVICE index_t total_vocab() const {
+    return vocab_total > 0 ? vocab_total : weight.rows;
+  }
+  KTO_HOST_DEVICE bool sharded() const { return total_vocab() != weight.rows; }
+};
+
+/// One vocabulary slice's share of a row: lse over the slice, and the target
+/// logit if the slice holds the target (0 otherwise).
+template <class Acc>
+struct RowPartial {
+  Acc lse;
+  Acc target_logit;
+};
+
+/// lse of the union of two slices, target logits added (only one is nonzero).
+template <class Acc>
+KTO_HOST_DEVICE inline RowPartial<Acc> merge_row_partial(RowPartial<Acc> a, RowPartial<Acc> b) {
+  const Acc m = a.lse > b.lse ? a.lse : b.lse;
+  RowPartial<Acc> out;
+  out.target_logit = a.target_logit + b.target_logit;
+  if (m == -std::numeric_limits<Acc>::infinity() || !(m == m)) {
+    out.lse = a.lse + b.lse;  // −inf stays −inf, NaN stays NaN
+  } else {
+    out.lse = m + std::log(std::exp(a.lse - m) + std::exp(b.lse - m));
+  }
+  return out;
+}
+
+/// Merges the partials all-gathered from `ranks` slices (rank-major: entry
+/// k·rows + r is rank k's row r) in rank order, so every rank gets the same bits.
+template <class Acc>
+std::vector<RowPartial<Acc>> merge_row_partials(const std::vector<RowPartial<Acc>>& gathered,
+                                                index_t ranks) {
+  const char* fn = "kto::merge_row_partials";
+  detail::require(ranks >= 1, fn, "ranks", "be >= 1", ranks);
+  detail::require(static_cast<index_t>(gathered.size()) % ranks == 0, fn, "gathered.size()",
+                  "be a multiple of ranks (" + std::to_string(ranks) + ")",
+                  static_cast<index_t>(gathered.size()));
+  const auto rows = static_cast<index_t>(gathered.size()) / ranks;
+  std::vector<RowPartial<Acc>> out(gathered.begin(), gathered.begin() + rows);
+  for (index_t k = 1; k < ranks; ++k)
+    for (index_t r = 0; r < rows; ++r)
+      out[static_cast<size_t>(r)] = merge_row_partial(out[static_cast<size_t>(r)],
+                                                      gathered[static_cast<size_t>(k * rows + r)]);
+  return out;
+}
+
+/// Rows of a logits chunk that fit `budget_bytes` at `bytes_per_row` (≥ 1 row).
+inline index_t chunk_rows_for_budget(size_t budget_bytes, size_t bytes_per_row) {
+  const size_t rows = bytes_per_row > 0 ? budget_bytes / bytes_per_row : 0;
+  return rows > 0 ? static_cast<index_t>(rows) : 1;
+}
+
+/// Rows [first_row, last_row) holding sequences [first_seq, last_seq). A group
+/// wider than the chunk is a single sequence, walked in pieces (recomputed).
+struct ChunkGroup {
+  index_t first_row, last_row;
+  index_t first_seq, last_seq;
+  bool split;
+};
+
+/// Packs consecutive whole sequences into groups of at most `chunk_rows` rows.
+/// `sequences.offsets` must be host memory and valid (validate_sequences).
+inline std::vector<ChunkGroup> plan_chunks(const SequencesView& sequences, index_t chunk_rows) {
+  std::vector<ChunkGroup> plan;
+  index_t s = 0;
+  while (s < sequences.count) {
+    ChunkGroup g{sequences.begin(s), sequences.end(s), s, s + 1, false};
+    if (g.last_row - g.first_row > chunk_rows) {
+      g.split = true;
+      plan.push_back(g);
+      ++s;
+      continue;
+    }
+    while (g.last_seq < sequences.count && sequences.end(g.last_seq) - g.first_row <= chunk_rows) {
+      g.last_row = sequences.end(g.last_seq);
+      ++g.last_seq;
+    }
+    plan.push_back(g);
+    s = g.last_seq;
+  }
+  return plan;
+}
+
+namespace detail {
+
+template <class T>
+void validate_matrix(const MatrixView<T>& m, const char* fn, const std::string& name) {
+  require(m.rows >= 0, fn, name + ".rows", "be >= 0", m.rows);
+  require(m.cols >= 1, fn, name + ".cols", "be >= 1", m.cols);
+  require(m.stride >= m.cols, fn, name + ".stride",
+          "be >= cols (" + std::to_string(m.cols) + ") so rows do not overlap", m.stride);
+  require(m.data != nullptr || m.rows == 0, fn, name + ".data", "be non-null when there are rows",
+          "nullptr");
+}
+
+/// `m` is a valid rows × cols matrix; `what` names the shape it must have.
+template <class T>
+void validate_shape(const MatrixView<T>& m, index_t rows, index_t cols, const char* fn,
+                    const std::string& name, const std::string& what) {
+  validate_matrix(m, fn, name);
+  require(m.rows == rows && m.cols == cols, fn, name,
+          "have the shape of " + what + " (" + std::to_string(rows) + " x " + std::to_string(cols) +
+              ")",
+          std::to_string(m.rows) + " x " + std::to_string(m.cols));
+}
+
+template <class T>
+void validate_head(const LinearHead<T>& h, const char* fn) {
+  validate_matrix(h.weight, fn, "head.weight");
+  require(h.weight.rows >= 1, fn, "head.weight.rows", "be >= 1 (the vocabulary slice)",
+          h.weight.rows);
+  require(h.vocab_total >= 0, fn, "head.vocab_total", "be >= 0 (0: weight.rows)", h.vocab_total);
+  require(h.vocab_begin >= 0 && h.vocab_begin + h.weight.rows <= h.total_vocab(), fn,
+          "head.vocab_begin",
+          "place the slice inside [0, " + std::to_string(h.total_vocab()) + ") with its " +
+              std::to_string(h.weight.rows) + " rows",
+          h.vocab_begin);
+}
+
+}  // namespace detail
+}  // namespace kto

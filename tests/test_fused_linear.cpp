@@ -1,0 +1,555 @@
+// The fused-linear CPU step against the float64 reference, the logits-level
+// path, finite differences, its memory bound and its vocab-parallel form.
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include <kto/cpu/fused_linear.hpp>
+
+#include "fused_problem.hpp"
+
+#define KTO_DTYPES float, double, Eigen::half, Eigen::bfloat16
+
+namespace {
+
+using kto::index_t;
+using kto::cpu::FusedStrategy;
+using test::expect_error;
+using test::FusedObserved;
+using test::FusedProblem;
+
+template <class T>
+struct Run {
+  using Acc = kto::accumulator_t<T>;
+  kto::cpu::StepResult<Acc> result;
+  std::vector<Acc> d_hidden, d_weight, d_bias;
+};
+
+template <class T>
+Run<T> run_fused(const FusedProblem<T>& fp, const kto::Options& o,
+                 const kto::cpu::FusedLinearConfig& cfg, const kto::cpu::ExecutionPolicy& exec = {},
+                 const kto::LinearHead<T>* head_override = nullptr,
+                 const kto::cpu::FusedLinearHooks<kto::accumulator_t<T>>& hooks = {}) {
+  using Acc = kto::accumulator_t<T>;
+  const kto::LinearHead<T> head = head_override ? *head_override : fp.head();
+  const index_t V = head.weight.rows, D = fp.dim;
+  Run<T> run;
+  const Acc poison = std::numeric_limits<Acc>::quiet_NaN();
+  run.d_hidden.assign(static_cast<size_t>(fp.rows * D), poison);
+  run.d_weight.assign(static_cast<size_t>(V * D), poison);
+  run.d_bias.assign(static_cast<size_t>(V), poison);
+  kto::cpu::LinearGradients<Acc> g;
+  g.d_hidden = kto::matrix_view(run.d_hidden.data(), fp.rows, D);
+  g.d_weight = kto::matrix_view(run.d_weight.data(), V, D);
+  g.d_bias = run.d_bias.data();
+  run.result = kto::cpu::fused_linear_kto_step<T>(fp.inputs(), head, o, g, cfg, exec, hooks);
+  return run;
+}
+
+template <class T>
+FusedObserved observe(const Run<T>& run) {
+  FusedObserved obs;
+  const auto& r = run.result;
+  obs.examples.metrics = r.metrics;
+  obs.examples.num_tokens = r.num_tokens;
+  obs.examples.logp.assign(r.logp.begin(), r.logp.end());
+  obs.examples.ratio.assign(r.examples.ratio.begin(), r.examples.ratio.end());
+  obs.examples.reward.assign(r.examples.reward.begin(), r.examples.reward.end());
+  obs.examples.loss.assign(r.examples.loss.begin(), r.examples.loss.end());
+  obs.examples.grad_logp.assign(r.examples.grad_logp.begin(), r.examples.grad_logp.end());
+  obs.d_hidden.assign(run.d_hidden.begin(), run.d_hidden.end());
+  obs.d_weight.assign(run.d_weight.begin(), run.d_weight.end());
+  obs.d_bias.assign(run.d_bias.begin(), run.d_bias.end());
+  return obs;
+}
+
+/// A budget of `rows` chunk rows for this problem's head.
+template <class T>
+kto::cpu::FusedLinearConfig config_rows(const FusedProblem<T>& fp, index_t rows,
+                                        FusedStrategy strategy) {
+  kto::cpu::FusedLinearConfig cfg;
+  cfg.chunk_bytes = static_cast<size_t>(rows) * sizeof(kto::accumulator_t<T>) *
+                    static_cast<size_t>(fp.vocab + fp.dim);
+  cfg.strategy = strategy;
+  return cfg;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("fused-linear step matches the float64 reference", "[fused]", KTO_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  // 3 rows: groups of short sequences and long sequences split in pieces;
+  // 1000: one chunk holds everything.
+  const index_t chunk_rows = GENERATE(1, 3, 7, 1000);
+  const bool with_bias = GENERATE(true, false);
+  const index_t vocab = GENERATE(1, 37, 123);
+  INFO("seed " << seed << " dtype " << test::type_name<T>() << " strategy " << int(strategy)
+               << " chunk rows " << chunk_rows << " bias " << with_bias << " V " << vocab);
+  test::FusedSpec spec;
+  spec.vocab = vocab;
+  spec.dim = 24;
+  auto fp = test::make_fused_problem<T>(rng, spec);
+  fp.with_bias = with_bias;
+  kto::Options o;
+  o.undesirable_weight = 1.33;
+  const auto run = run_fused(fp, o, config_rows(fp, chunk_rows, strategy));
+  const auto R = test::fused_reference(fp, o);
+  test::compare_fused(fp, R, observe(run), o, test::rtol<T>());
+}
+
+TEST_CASE("fused-linear step matches the reference for every option combination",
+          "[fused][options]") {
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto loss_type = GENERATE(kto::LossType::kto, kto::LossType::apo_zero_unpaired);
+  const auto link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);
+  const auto point = GENERATE(kto::ReferencePoint::kl_batch, kto::ReferencePoint::fixed,
+                              kto::ReferencePoint::zero);
+  const auto estimator = GENERATE(kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean);
+  const bool clamp = GENERATE(true, false);
+  const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
+  const bool average = GENERATE(false, true);
+  const kto::Options o =
+      test::combination(loss_type, link, point, estimator, clamp, reduction, average);
+  INFO("seed " << seed << " loss_type " << int(loss_type) << " link " << int(link) << " point "
+               << int(point) << " estimator " << int(estimator) << " clamp " << clamp
+               << " reduction " << int(reduction) << " average " << average);
+  auto fp = test::make_fused_problem<float>(rng, test::FusedSpec{});
+  const auto run = run_fused(fp, o, config_rows(fp, 4, FusedStrategy::keep_chunk));
+  test::compare_fused(fp, test::fused_reference(fp, o), observe(run), o, 1e-5);
+}
+
+TEST_CASE("fused-linear step equals the logits-level step on a larger problem", "[fused]") {
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  INFO("seed " << seed);
+  test::FusedSpec spec;
+  spec.sequences = 12;
+  spec.max_len = 40;
+  spec.dim = 48;
+  spec.vocab = 2500;
+  const auto fp = test::make_fused_problem<float>(rng, spec);
+  kto::Options o;
+  o.beta = 0.3;
+  const auto run = run_fused(fp, o, config_rows(fp, 64, FusedStrategy::keep_chunk));
+
+  // The logits-level path on Z materialised in float64 and rounded to float.
+  const ref::Problem zp = fp.target_problem();
+  const ref::Problem kp = fp.kl_problem();
+  std::vector<float> z(zp.logits.begin(), zp.logits.end()), kz(kp.logits.begin(), kp.logits.end());
+  const auto kl_logits = kto::logits_matrix<const float>(kz.data(), kp.rows, kp.vocab);
+  const auto kl_fwd = kto::cpu::sequence_logprobs<float>(
+      kl_logits, kto::targets_vector(fp.kl_targets.data(), kp.rows),
+      kto::sequences(fp.kl_offsets.data(), static_cast<index_t>(fp.kl_offsets.size()) - 1), o);
+  kto::cpu::StepInputs<float> in;
+  in.policy_logits = kto::logits_matrix<const float>(z.data(), zp.rows, zp.vocab);
+  in.targets = kto::targets_vector(fp.targets.data(), zp.rows);
+  in.sequences = kto::sequences(fp.offsets.data(), static_cast<index_t>(fp.offsets.size()) - 1);
+  in.reference_logp = kto::make_span(fp.reference_logp);
+  in.desirable = kto::make_span(fp.desirable);
+  in.kl.policy_logp = kto::make_span(kl_fwd.logp);
+  in.kl.reference_logp = kto::make_span(fp.kl_reference_logp);
+  in.kl.num_tokens = kto::make_span(kl_fwd.num_tokens);
+  std::vector<float> dz(z.size());
+  const auto step =
+      kto::cpu::kto_step<float>(in, o, kto::logits_matrix<float>(dz.data(), zp.rows, zp.vocab));
+
+  // Same loss, metrics and g_s within fp32 accuracy; dH = dZ W within the rule.
+  const double rtol = 1e-5;
+  const auto R = test::fused_reference(fp, o);
+  KTO_CHECK_CLOSE(run.result.metrics.loss, step.metrics.loss, 1.0, rtol);
+  KTO_CHECK_CLOSE(run.result.metrics.kl, step.metrics.kl, R.z0_scale, rtol);
+  for (size_t s = 0; s < step.logp.size(); ++s) {
+    double scale = 1.0;
+    for (index_t r = fp.offsets[s]; r < fp.offsets[s + 1]; ++r)
+      if (fp.targets[r] != o.ignore_index)
+        scale += std::fabs(R.step.fwd.lse[r]) + std::fabs(R.step.fwd.token_logp[r]);
+    KTO_CHECK_CLOSE(run.result.logp[s], step.logp[s], scale, rtol);
+  }
+  test::compare_fused(fp, R, observe(run), o, rtol);
+  // The logits-level gradient mapped back through W agrees with the fused dH.
+  index_t bad = 0;
+  for (index_t r = 0; r < fp.rows; ++r)
+    for (index_t k = 0; k < fp.dim; ++k) {
+      double want = 0, scale = 0;
+      for (index_t v = 0; v < fp.vocab; ++v) {
+        want += double(dz[r * fp.vocab + v]) * double(fp.weight[v * fp.dim + k]);
+        scale += std::fabs(double(dz[r * fp.vocab + v]) * double(fp.weight[v * fp.dim + k]));
+      }
+      const double got = run.d_hidden[r * fp.dim + k];
+      if (std::fabs(got - want) > 1e-4 * scale + 1e-9) ++bad;
+    }
+  CHECK(bad == 0);
+}
+
+TEST_CASE("fused-linear gradients match central finite differences", "[fused][fd]") {
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const bool average = GENERATE(false, true);
+  const auto link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);
+  INFO("seed " << seed << " average " << average << " link " << int(link));
+  test::FusedSpec spec;
+  spec.sequences = 4;
+  spec.max_len = 4;
+  spec.dim = 5;
+  spec.vocab = 7;
+  auto fp = test::make_fused_problem<double>(rng, spec);
+  kto::Options o;
+  o.beta = 0.7;
+  o.link = link;
+  o.average_logprob = average;
+  o.undesirable_weight = 1.4;
+  const auto cfg = config_rows(fp, 3, FusedStrategy::keep_chunk);
+  const auto base = run_fused(fp, o, cfg);
+  // z0 is detached: differentiate with the KL batch's z0 held fixed.
+  kto::Options fixed = o;
+  fixed.reference_point = kto::ReferencePoint::fixed;
+  fixed.fixed_z0 = base.result.metrics.kl;
+  auto loss_at = [&](const FusedProblem<double>& p) {
+    return run_fused(p, fixed, cfg).result.metrics.loss;
+  };
+  const double h = 1e-6;
+  auto fd = [&](std::vector<double> FusedProblem<double>::*member, index_t i) {
+    auto plus = fp, minus = fp;
+    (plus.*member)[i] += h;
+    (minus.*member)[i] -= h;
+    return (loss_at(plus) - loss_at(minus)) / (2 * h);
+  };
+  auto near = [](double got, double want) {
+    return std::fabs(got - want) <= 1e-6 * std::max(1.0, std::fabs(want)) + 1e-9;
+  };
+  for (index_t i = 0; i < fp.rows * fp.dim; ++i) {
+    INFO("d_hidden[" << i << "]");
+    CHECK(near(base.d_hidden[i], fd(&FusedProblem<double>::hidden, i)));
+  }
+  for (index_t i = 0; i < fp.vocab * fp.dim; ++i) {
+    INFO("d_weight[" << i << "]");
+    CHECK(near(base.d_weight[i], fd(&FusedProblem<double>::weight, i)));
+  }
+  for (index_t i = 0; i < fp.vocab; ++i) {
+    INFO("d_bias[" << i << "]");
+    CHECK(near(base.d_bias[i], fd(&FusedProblem<double>::bias, i)));
+  }
+}
+
+TEST_CASE("fused-linear extra memory does not grow with the number of rows", "[fused][memory]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  const auto head_of = [](const FusedProblem<Eigen::bfloat16>& fp) { return fp.head(); };
+  test::FusedSpec small, large;
+  small.sequences = 2;
+  large.sequences = 64;
+  large.max_len = 50;
+  const auto a = test::make_fused_problem<Eigen::bfloat16>(rng, small);
+  const auto b = test::make_fused_problem<Eigen::bfloat16>(rng, large);
+  REQUIRE(b.rows > 20 * a.rows);
+  kto::cpu::FusedLinearConfig cfg;
+  cfg.chunk_bytes = 8 * sizeof(float) * (37 + 16);  // 8 rows a chunk
+  const size_t bytes_a = kto::cpu::fused_linear_workspace_bytes(head_of(a), cfg);
+  const size_t bytes_b = kto::cpu::fused_linear_workspace_bytes(head_of(b), cfg);
+  CHECK(bytes_a == bytes_b);
+  // The engine holds exactly that: a chunk within the budget, fp32 W and b.
+  kto::cpu::detail::ChunkEngine<Eigen::bfloat16> engine(b.head(), 8, {});
+  CHECK(engine.allocated_bytes() == bytes_b);
+  CHECK(bytes_b == cfg.chunk_bytes + sizeof(float) * (37 * 16 + 37));
+  // Far below materialising the logits of the large batch.
+  CHECK(bytes_b < sizeof(float) * static_cast<size_t>(b.rows * 37) / 4);
+}
+
+TEST_CASE("fused-linear step is bit-identical run after run; strategies agree", "[fused]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  test::FusedSpec spec;
+  spec.sequences = 9;
+  spec.vocab = 301;
+  const auto fp = test::make_fused_problem<Eigen::bfloat16>(rng, spec);
+  kto::Options o;
+  kto::cpu::ExecutionPolicy exec;
+  exec.num_threads = 3;
+  const auto keep = config_rows(fp, 5, FusedStrategy::keep_chunk);
+  const auto a = run_fused(fp, o, keep, exec);
+  const auto b = run_fused(fp, o, keep, exec);
+  auto same = [](const auto& x, const auto& y) {
+    return std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
+  };
+  CHECK(same(a.d_hidden, b.d_hidden));
+  CHECK(same(a.d_weight, b.d_weight));
+  CHECK(same(a.d_bias, b.d_bias));
+  CHECK(std::memcmp(&a.result.metrics, &b.result.metrics, sizeof(kto::Metrics)) == 0);
+  const auto c = run_fused(fp, o, config_rows(fp, 5, FusedStrategy::recompute), exec);
+  test::compare_fused(fp, test::fused_reference(fp, o), observe(c), o, 1e-5);
+}
+
+namespace {
+
+/// In-process stand-in for an all-gather across `ranks` threads.
+template <class Acc>
+class GatherBoard {
+ public:
+  explicit GatherBoard(int ranks) : parts_(static_cast<size_t>(ranks)), ranks_(ranks) {}
+  void gather(int rank, const std::vector<kto::RowPartial<Acc>>& local,
+              std::vector<kto::RowPartial<Acc>>& all) {
+    std::unique_lock<std::mutex> lock(m_);
+    parts_[static_cast<size_t>(rank)] = local;
+    if (++arrived_ == ranks_) cv_.notify_all();
+    cv_.wait(lock, [&] { return arrived_ == ranks_; });
+    all.clear();
+    for (const auto& p : parts_) all.insert(all.end(), p.begin(), p.end());
+  }
+
+ private:
+  std::vector<std::vector<kto::RowPartial<Acc>>> parts_;
+  int ranks_, arrived_ = 0;
+  std::mutex m_;
+  std::condition_variable cv_;
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused][tp]", float,
+                   Eigen::bfloat16) {
+  using T = TestType;
+  using Acc = kto::accumulator_t<T>;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const int ranks = GENERATE(2, 3);
+  INFO("seed " << seed << " ranks " << ranks);
+  test::FusedSpec spec;
+  spec.vocab = 101;
+  const auto fp = test::make_fused_problem<T>(rng, spec);
+  kto::Options o;
+  o.undesirable_weight = 1.33;
+  const auto cfg = config_rows(fp, 6, FusedStrategy::keep_chunk);
+  GatherBoard<Acc> board(ranks);
+  std::vector<Run<T>> runs(static_cast<size_t>(ranks));
+  std::vector<index_t> begins;
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(ranks));
+  for (int k = 0; k < ranks; ++k) begins.push_back(fp.vocab * k / ranks);
+  begins.push_back(fp.vocab);
+  for (int k = 0; k < ranks; ++k) {
+    threads.emplace_back([&, k] {
+      try {
+        kto::LinearHead<T> head = fp.head();
+        const index_t b = begins[k], n = begins[k + 1] - begins[k];
+        head.weight = kto::matrix_view<const T>(fp.weight.data() + b * fp.dim, n, fp.dim);
+        head.bias = fp.bias.data() + b;
+        head.vocab_begin = b;
+        head.vocab_total = fp.vocab;
+        kto::cpu::FusedLinearHooks<Acc> hooks;
+        hooks.gather_partials = [&](const auto& local, auto& all) { board.gather(k, local, all); };
+        runs[k] = run_fused(fp, o, cfg, kto::cpu::ExecutionPolicy{1}, &head, hooks);
+      } catch (...) {
+        errors[k] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  // Every rank has the same loss and metrics; dW and db are slices; dH sums.
+  for (int k = 1; k < ranks; ++k)
+    CHECK(std::memcmp(&runs[k].result.metrics, &runs[0].result.metrics, sizeof(kto::Metrics)) == 0);
+  FusedObserved obs = observe(runs[0]);
+  obs.d_weight.clear();
+  obs.d_bias.clear();
+  for (int k = 0; k < ranks; ++k) {
+    obs.d_weight.insert(obs.d_weight.end(), runs[k].d_weight.begin(), runs[k].d_weight.end());
+    obs.d_bias.insert(obs.d_bias.end(), runs[k].d_bias.begin(), runs[k].d_bias.end());
+    if (k > 0)
+      for (size_t i = 0; i < obs.d_hidden.size(); ++i) obs.d_hidden[i] += runs[k].d_hidden[i];
+  }
+  test::compare_fused(fp, test::fused_reference(fp, o), obs, o, test::rtol<T>());
+}
+
+TEST_CASE("merge_row_partials is the log-sum-exp of the slices", "[fused][tp]") {
+  using P = kto::RowPartial<double>;
+  const double inf = std::numeric_limits<double>::infinity();
+  // Two rows, three ranks: lse values of slices {1, 2, 3} and {−inf, 0, −inf}.
+  const std::vector<P> all = {{1.0, 0.0}, {-inf, 0.0}, {2.0, 0.5},
+                              {0.0, 0.0}, {3.0, 0.0},  {-inf, 0.0}};
+  const auto m = kto::merge_row_partials(all, 3);
+  REQUIRE(m.size() == 2);
+  CHECK(m[0].lse == Approx(std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0))).epsilon(1e-15));
+  CHECK(m[0].target_logit == 0.5);
+  CHECK(m[1].lse == 0.0);
+  CHECK_THROWS_WITH(kto::merge_row_partials(all, 4),
+                    Catch::Contains("gathered.size()") && Catch::Contains("multiple of ranks"));
+}
+
+// ------------------------------------------------------------------ errors --
+
+namespace {
+
+/// A small valid fused step that each test breaks in one place.
+struct FusedFixture {
+  FusedProblem<float> fp;
+  kto::LinearHead<float> head;
+  kto::cpu::FusedLinearInputs<float> in;
+  kto::Options o;
+  std::vector<float> dh, dw, db;
+  kto::cpu::LinearGradients<float> grads;
+  kto::cpu::FusedLinearHooks<float> hooks;
+  FusedFixture() {
+    std::mt19937_64 rng(7);
+    fp = test::make_fused_problem<float>(rng, test::FusedSpec{});
+    head = fp.head();
+    in = fp.inputs();
+    dh.resize(static_cast<size_t>(fp.rows * fp.dim));
+    dw.resize(static_cast<size_t>(fp.vocab * fp.dim));
+    db.resize(static_cast<size_t>(fp.vocab));
+    grads.d_hidden = kto::matrix_view(dh.data(), fp.rows, fp.dim);
+    grads.d_weight = kto::matrix_view(dw.data(), fp.vocab, fp.dim);
+    grads.d_bias = db.data();
+  }
+  void run() { kto::cpu::fused_linear_kto_step<float>(in, head, o, grads, {}, {}, hooks); }
+};
+
+}  // namespace
+
+TEST_CASE("fused error: the fixture itself is valid", "[fused][errors]") {
+  FusedFixture f;
+  CHECK_NOTHROW(f.run());
+}
+
+TEST_CASE("fused error: hidden width differs from the weight's", "[fused][errors]") {
+  FusedFixture f;
+  f.in.hidden.cols = f.fp.dim - 1;
+  f.in.hidden.stride = f.fp.dim;
+  expect_error([&] { f.run(); }, "hidden.cols", "equal head.weight.cols (16)", "15");
+}
+
+TEST_CASE("fused error: KL hidden width differs from the weight's", "[fused][errors]") {
+  FusedFixture f;
+  f.in.kl_hidden.cols = f.fp.dim + 1;
+  f.in.kl_hidden.stride = f.fp.dim + 1;
+  expect_error([&] { f.run(); }, "kl_hidden.cols", "equal head.weight.cols (16)", "17");
+}
+
+TEST_CASE("fused error: hidden stride below its width", "[fused][errors]") {
+  FusedFixture f;
+  f.in.hidden.stride = f.fp.dim - 2;
+  expect_error([&] { f.run(); }, "hidden.stride", "be >= cols (16)", "14");
+}
+
+TEST_CASE("fused error: null hidden data", "[fused][errors]") {
+  FusedFixture f;
+  f.in.hidden.data = nullptr;
+  expect_error([&] { f.run(); }, "hidden.data", "be non-null when there are rows", "nullptr");
+}
+
+TEST_CASE("fused error: empty weight", "[fused][errors]") {
+  FusedFixture f;
+  f.head.weight.rows = 0;
+  expect_error([&] { f.run(); }, "head.weight.rows", "be >= 1", "0");
+}
+
+TEST_CASE("fused error: vocabulary slice outside the vocabulary", "[fused][errors]") {
+  FusedFixture f;
+  f.head.vocab_begin = 5;
+  f.head.vocab_total = 40;
+  expect_error([&] { f.run(); }, "head.vocab_begin", "inside [0, 40) with its 37 rows", "5");
+}
+
+TEST_CASE("fused error: negative total vocabulary", "[fused][errors]") {
+  FusedFixture f;
+  f.head.vocab_total = -1;
+  expect_error([&] { f.run(); }, "head.vocab_total", "be >= 0", "-1");
+}
+
+TEST_CASE("fused error: target id outside the whole vocabulary", "[fused][errors]") {
+  FusedFixture f;
+  const index_t r = f.fp.offsets[0];
+  f.fp.targets[r] = 37;
+  f.in = f.fp.inputs();
+  expect_error([&] { f.run(); }, "targets[" + std::to_string(r) + "]", "be in [0, 37)", "37");
+}
+
+TEST_CASE("fused error: d_hidden of the wrong shape", "[fused][errors]") {
+  FusedFixture f;
+  f.grads.d_hidden.rows -= 1;
+  expect_error([&] { f.run(); }, "grads.d_hidden", "have the shape of hidden",
+               std::to_string(f.fp.rows - 1) + " x 16");
+}
+
+TEST_CASE("fused error: d_weight of the wrong shape", "[fused][errors]") {
+  FusedFixture f;
+  f.grads.d_weight.rows = 36;
+  expect_error([&] { f.run(); }, "grads.d_weight", "have the shape of head.weight (37 x 16)",
+               "36 x 16");
+}
+
+TEST_CASE("fused error: a sharded head without a gather hook", "[fused][errors]") {
+  FusedFixture f;
+  f.head.weight.rows = 20;
+  f.head.vocab_total = 37;
+  f.grads.d_weight.rows = 20;
+  expect_error([&] { f.run(); }, "hooks.gather_partials",
+               "be set when head.weight holds a vocabulary slice (20 of 37 rows)",
+               "an empty function");
+}
+
+TEST_CASE("fused error: a gather hook that returns the wrong count", "[fused][errors]") {
+  FusedFixture f;
+  f.head.weight.rows = 20;
+  f.head.vocab_total = 37;
+  f.grads.d_weight.rows = 20;
+  f.hooks.gather_partials = [](const auto& local, auto& all) {
+    all = local;
+    all.pop_back();
+  };
+  const auto n = f.fp.rows + f.fp.kl_rows;
+  expect_error([&] { f.run(); }, "hooks.gather_partials",
+               "return ranks x " + std::to_string(n) + " partials", std::to_string(n - 1));
+}
+
+TEST_CASE("fused error: reference_logp of the wrong size", "[fused][errors]") {
+  FusedFixture f;
+  f.in.reference_logp.size -= 1;
+  expect_error([&] { f.run(); }, "reference_logp.size", "be 5", "4");
+}
+
+TEST_CASE("fused error: KL reference_logp of the wrong size", "[fused][errors]") {
+  FusedFixture f;
+  f.in.kl_reference_logp.size += 1;
+  expect_error([&] { f.run(); }, "kl_reference_logp.size", "be 4", "5");
+}
+
+TEST_CASE("fused error: a NaN hidden state names its sequence and row", "[fused][errors]") {
+  FusedFixture f;
+  const index_t s = 3, r = f.fp.offsets[s];
+  REQUIRE(f.fp.offsets[s + 1] > r);
+  for (index_t q = r; q < f.fp.offsets[s + 1]; ++q) f.fp.targets[q] = 1;
+  f.fp.hidden[r * f.fp.dim + 2] = std::numeric_limits<float>::quiet_NaN();
+  f.in = f.fp.inputs();
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  kto::cpu::FusedLinearConfig cfg;
+  cfg.strategy = strategy;
+  try {
+    kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, cfg);
+    FAIL("no NonFiniteLogitsError");
+  } catch (const kto::NonFiniteLogitsError& e) {
+    INFO(e.what());
+    CHECK(e.sequence() == s);
+    CHECK(e.row() == r);
+    CHECK(e.argument() == "hidden");
+  }
+}
+
+TEST_CASE("fused error: a NaN weight in the KL batch's forward is reported there",
+          "[fused][errors]") {
+  FusedFixture f;
+  f.fp.kl_hidden[f.fp.kl_offsets[0] * f.fp.dim] = std::numeric_limits<float>::infinity();
+  f.fp.kl_targets[f.fp.kl_offsets[0]] = 0;
+  f.in = f.fp.inputs();
+  try {
+    f.run();
+    FAIL("no NonFiniteLogitsError");
+  } catch (const kto::NonFiniteLogitsError& e) {
+    INFO(e.what());
+    CHECK(e.argument() == "kl_hidden");
+    CHECK(e.row() == f.fp.kl_offsets[0]);
+  }
+}
