@@ -13,44 +13,25 @@
 
 #include <kto/fused_linear.hpp>
 
+#include <functional>
+
 #include "compare.hpp"
-#include "support.hpp"
+#include "problem.hpp"
 
 namespace test {
 
-template <class T>
+/// Values are doubles already rounded to the storage type (so storing them
+/// is exact); the tests convert them to the type under test.
 struct FusedProblem {
-  using Acc = kto::accumulator_t<T>;
   index_t rows = 0, dim = 0, vocab = 0, kl_rows = 0;
-  std::vector<T> hidden, weight, bias, kl_hidden;
+  std::vector<double> hidden, weight, bias, kl_hidden;
   std::vector<index_t> targets, offsets, kl_targets, kl_offsets;
-  std::vector<Acc> reference_logp, kl_reference_logp;
+  std::vector<double> reference_logp, kl_reference_logp;  // exact in float
   std::vector<std::uint8_t> desirable;
   bool with_bias = true;
 
-  kto::LinearHead<T> head() const {
-    kto::LinearHead<T> h;
-    h.weight = kto::matrix_view<const T>(weight.data(), vocab, dim);
-    h.bias = with_bias ? bias.data() : nullptr;
-    return h;
-  }
-  kto::cpu::FusedLinearInputs<T> inputs() const {
-    kto::cpu::FusedLinearInputs<T> in;
-    in.hidden = kto::matrix_view<const T>(hidden.data(), rows, dim);
-    in.targets = kto::targets_vector(targets.data(), rows);
-    in.sequences = kto::sequences(offsets.data(), static_cast<index_t>(offsets.size()) - 1);
-    in.reference_logp = kto::make_span(reference_logp);
-    in.desirable = kto::make_span(desirable);
-    in.kl_hidden = kto::matrix_view<const T>(kl_hidden.data(), kl_rows, dim);
-    in.kl_targets = kto::targets_vector(kl_targets.data(), kl_rows);
-    in.kl_sequences =
-        kto::sequences(kl_offsets.data(), static_cast<index_t>(kl_offsets.size()) - 1);
-    in.kl_reference_logp = kto::make_span(kl_reference_logp);
-    return in;
-  }
-
-  /// Z = H Wᵀ + b in float64 over the given (upcast) hidden rows.
-  ref::Problem logits(const std::vector<T>& h, index_t n, const std::vector<index_t>& tg,
+  /// Z = H Wᵀ + b in float64 over the given hidden rows.
+  ref::Problem logits(const std::vector<double>& h, index_t n, const std::vector<index_t>& tg,
                       const std::vector<index_t>& off) const {
     ref::Problem p;
     p.rows = n;
@@ -60,8 +41,8 @@ struct FusedProblem {
     p.logits.assign(static_cast<size_t>(n * vocab), 0.0);
     for (index_t r = 0; r < n; ++r)
       for (index_t v = 0; v < vocab; ++v) {
-        double z = with_bias ? upcast(bias[v]) : 0.0;
-        for (index_t k = 0; k < dim; ++k) z += upcast(h[r * dim + k]) * upcast(weight[v * dim + k]);
+        double z = with_bias ? bias[v] : 0.0;
+        for (index_t k = 0; k < dim; ++k) z += h[r * dim + k] * weight[v * dim + k];
         p.logits[r * vocab + v] = z;
       }
     return p;
@@ -75,12 +56,12 @@ struct FusedSpec {
   double ignore_fraction = 0.2;
 };
 
-template <class T>
-FusedProblem<T> make_fused_problem(std::mt19937_64& rng, const FusedSpec& spec) {
-  FusedProblem<T> fp;
+/// `round(x)`: the nearest value of the storage type.
+inline FusedProblem make_fused_problem(std::mt19937_64& rng, const FusedSpec& spec,
+                                       const std::function<double(double)>& round) {
+  FusedProblem fp;
   fp.dim = spec.dim;
   fp.vocab = spec.vocab;
-  auto round = [](double x) { return upcast(to_type<T>(x)); };
   ShapeSpec shape;
   shape.sequences = spec.sequences;
   shape.max_len = spec.max_len;
@@ -98,9 +79,9 @@ FusedProblem<T> make_fused_problem(std::mt19937_64& rng, const FusedSpec& spec) 
 
   std::normal_distribution<double> normal(0.0, 1.0);
   const double w_scale = 2.0 / std::sqrt(static_cast<double>(spec.dim));  // logits ~ N(0, 4)
-  auto fill = [&](std::vector<T>& v, index_t n, double scale) {
+  auto fill = [&](std::vector<double>& v, index_t n, double scale) {
     v.resize(static_cast<size_t>(n));
-    for (auto& x : v) x = to_type<T>(scale * normal(rng));
+    for (auto& x : v) x = round(scale * normal(rng));
   };
   fill(fp.hidden, fp.rows * fp.dim, 1.0);
   fill(fp.kl_hidden, fp.kl_rows * fp.dim, 1.0);
@@ -108,11 +89,11 @@ FusedProblem<T> make_fused_problem(std::mt19937_64& rng, const FusedSpec& spec) 
   fill(fp.bias, fp.vocab, 0.5);
   std::uniform_int_distribution<int> coin(0, 1);
   for (index_t s = 0; s < spec.sequences; ++s) {
-    fp.reference_logp.push_back(static_cast<typename FusedProblem<T>::Acc>(-8.0 + normal(rng)));
+    fp.reference_logp.push_back(static_cast<float>(-8.0 + normal(rng)));
     fp.desirable.push_back(static_cast<std::uint8_t>(coin(rng)));
   }
   for (index_t s = 0; s < spec.kl_sequences; ++s)
-    fp.kl_reference_logp.push_back(static_cast<typename FusedProblem<T>::Acc>(-8.0 + normal(rng)));
+    fp.kl_reference_logp.push_back(static_cast<float>(-8.0 + normal(rng)));
   return fp;
 }
 
@@ -125,16 +106,15 @@ struct FusedReference {
   double z0_scale = 1.0;
 };
 
-template <class T>
-FusedReference fused_reference(const FusedProblem<T>& fp, const kto::Options& o) {
+inline FusedReference fused_reference(const FusedProblem& fp, const kto::Options& o) {
   FusedReference R;
   R.problem = fp.target_problem();
   const ref::Problem kl = fp.kl_problem();
   const ref::Forward kf = ref::forward(kl, o.ignore_index, o.average_logprob);
   std::vector<double> kl_rho;
   for (size_t j = 0; j < kf.logp.size(); ++j)
-    kl_rho.push_back(kf.logp[j] - static_cast<double>(fp.kl_reference_logp[j]));
-  R.reference_logp.assign(fp.reference_logp.begin(), fp.reference_logp.end());
+    kl_rho.push_back(kf.logp[j] - fp.kl_reference_logp[j]);
+  R.reference_logp = fp.reference_logp;
   R.step = ref::step(R.problem, R.reference_logp, fp.desirable, kl_rho, kf.num_tokens, o);
   R.z0_scale = kto::uses_kl_batch(o) ? kl_condition_scale(kl, o) : 1.0;
   const index_t N = fp.rows, D = fp.dim, V = fp.vocab;
@@ -147,8 +127,8 @@ FusedReference fused_reference(const FusedProblem<T>& fp, const kto::Options& o)
       if (g == 0.0) continue;
       R.d_bias[v] += g;
       for (index_t k = 0; k < D; ++k) {
-        R.d_hidden[r * D + k] += g * upcast(fp.weight[v * D + k]);
-        R.d_weight[v * D + k] += g * upcast(fp.hidden[r * D + k]);
+        R.d_hidden[r * D + k] += g * fp.weight[v * D + k];
+        R.d_weight[v * D + k] += g * fp.hidden[r * D + k];
       }
     }
   return R;
@@ -161,10 +141,9 @@ struct FusedObserved {
 };
 
 /// Checks every output against the reference under the rule above.
-template <class T>
-void compare_fused(const FusedProblem<T>& fp, const FusedReference& R, const FusedObserved& got,
-                   const kto::Options& o, double rtol, index_t vocab_begin = 0,
-                   index_t vocab_count = -1) {
+inline void compare_fused(const FusedProblem& fp, const FusedReference& R, const FusedObserved& got,
+                          const kto::Options& o, double rtol, index_t vocab_begin = 0,
+                          index_t vocab_count = -1) {
   const ExampleScales sc =
       compare_examples(R.problem, R.reference_logp, R.step, got.examples, o, rtol, R.z0_scale);
   const index_t N = fp.rows, D = fp.dim;
@@ -183,7 +162,7 @@ void compare_fused(const FusedProblem<T>& fp, const FusedReference& R, const Fus
     for (index_t k = 0; k < D; ++k) {
       double scale = 0;
       for (index_t v = 0; v < fp.vocab; ++v)
-        scale += row_scale[r] * std::fabs(upcast(fp.weight[v * D + k]));
+        scale += row_scale[r] * std::fabs(fp.weight[v * D + k]);
       check("d_hidden", r * D + k, got.d_hidden[r * D + k], R.d_hidden[r * D + k], scale);
     }
   for (index_t v = 0; v < V; ++v) {
@@ -193,8 +172,7 @@ void compare_fused(const FusedProblem<T>& fp, const FusedReference& R, const Fus
     if (!got.d_bias.empty()) check("d_bias", gv, got.d_bias[v], R.d_bias[gv], bscale);
     for (index_t k = 0; k < D; ++k) {
       double scale = 0;
-      for (index_t r = 0; r < N; ++r)
-        scale += row_scale[r] * std::fabs(upcast(fp.hidden[r * D + k]));
+      for (index_t r = 0; r < N; ++r) scale += row_scale[r] * std::fabs(fp.hidden[r * D + k]);
       check("d_weight", gv * D + k, got.d_weight[v * D + k], R.d_weight[gv * D + k], scale);
     }
   }

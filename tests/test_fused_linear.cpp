@@ -2,12 +2,14 @@
 // path, finite differences, its memory bound and its vocab-parallel form.
 #include <condition_variable>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 
 #include <kto/cpu/fused_linear.hpp>
 
 #include "fused_problem.hpp"
+#include "support.hpp"
 
 #define KTO_DTYPES float, double, Eigen::half, Eigen::bfloat16
 
@@ -20,6 +22,58 @@ using test::FusedObserved;
 using test::FusedProblem;
 
 template <class T>
+double round_to(double x) {
+  return test::upcast(test::to_type<T>(x));
+}
+
+template <class T>
+test::FusedProblem make_problem(std::mt19937_64& rng, const test::FusedSpec& spec) {
+  return test::make_fused_problem(rng, spec, round_to<T>);
+}
+
+/// A problem stored in type T (exactly: its values are already rounded to T).
+template <class T>
+struct Storage {
+  using Acc = kto::accumulator_t<T>;
+  const FusedProblem& fp;
+  std::vector<T> hidden, weight, bias, kl_hidden;
+  std::vector<Acc> reference_logp, kl_reference_logp;
+  explicit Storage(const FusedProblem& p) : fp(p) {
+    auto to = [](const std::vector<double>& v) {
+      std::vector<T> out;
+      for (double x : v) out.push_back(test::to_type<T>(x));
+      return out;
+    };
+    hidden = to(p.hidden);
+    weight = to(p.weight);
+    bias = to(p.bias);
+    kl_hidden = to(p.kl_hidden);
+    reference_logp.assign(p.reference_logp.begin(), p.reference_logp.end());
+    kl_reference_logp.assign(p.kl_reference_logp.begin(), p.kl_reference_logp.end());
+  }
+  kto::LinearHead<T> head() const {
+    kto::LinearHead<T> h;
+    h.weight = kto::matrix_view<const T>(weight.data(), fp.vocab, fp.dim);
+    h.bias = fp.with_bias ? bias.data() : nullptr;
+    return h;
+  }
+  kto::cpu::FusedLinearInputs<T> inputs() const {
+    kto::cpu::FusedLinearInputs<T> in;
+    in.hidden = kto::matrix_view<const T>(hidden.data(), fp.rows, fp.dim);
+    in.targets = kto::targets_vector(fp.targets.data(), fp.rows);
+    in.sequences = kto::sequences(fp.offsets.data(), static_cast<index_t>(fp.offsets.size()) - 1);
+    in.reference_logp = kto::make_span(reference_logp);
+    in.desirable = kto::make_span(fp.desirable);
+    in.kl_hidden = kto::matrix_view<const T>(kl_hidden.data(), fp.kl_rows, fp.dim);
+    in.kl_targets = kto::targets_vector(fp.kl_targets.data(), fp.kl_rows);
+    in.kl_sequences =
+        kto::sequences(fp.kl_offsets.data(), static_cast<index_t>(fp.kl_offsets.size()) - 1);
+    in.kl_reference_logp = kto::make_span(kl_reference_logp);
+    return in;
+  }
+};
+
+template <class T>
 struct Run {
   using Acc = kto::accumulator_t<T>;
   kto::cpu::StepResult<Acc> result;
@@ -27,12 +81,13 @@ struct Run {
 };
 
 template <class T>
-Run<T> run_fused(const FusedProblem<T>& fp, const kto::Options& o,
+Run<T> run_fused(const FusedProblem& fp, const kto::Options& o,
                  const kto::cpu::FusedLinearConfig& cfg, const kto::cpu::ExecutionPolicy& exec = {},
                  const kto::LinearHead<T>* head_override = nullptr,
                  const kto::cpu::FusedLinearHooks<kto::accumulator_t<T>>& hooks = {}) {
   using Acc = kto::accumulator_t<T>;
-  const kto::LinearHead<T> head = head_override ? *head_override : fp.head();
+  const Storage<T> st(fp);
+  const kto::LinearHead<T> head = head_override ? *head_override : st.head();
   const index_t V = head.weight.rows, D = fp.dim;
   Run<T> run;
   const Acc poison = std::numeric_limits<Acc>::quiet_NaN();
@@ -43,7 +98,7 @@ Run<T> run_fused(const FusedProblem<T>& fp, const kto::Options& o,
   g.d_hidden = kto::matrix_view(run.d_hidden.data(), fp.rows, D);
   g.d_weight = kto::matrix_view(run.d_weight.data(), V, D);
   g.d_bias = run.d_bias.data();
-  run.result = kto::cpu::fused_linear_kto_step<T>(fp.inputs(), head, o, g, cfg, exec, hooks);
+  run.result = kto::cpu::fused_linear_kto_step<T>(st.inputs(), head, o, g, cfg, exec, hooks);
   return run;
 }
 
@@ -66,7 +121,7 @@ FusedObserved observe(const Run<T>& run) {
 
 /// A budget of `rows` chunk rows for this problem's head.
 template <class T>
-kto::cpu::FusedLinearConfig config_rows(const FusedProblem<T>& fp, index_t rows,
+kto::cpu::FusedLinearConfig config_rows(const FusedProblem& fp, index_t rows,
                                         FusedStrategy strategy) {
   kto::cpu::FusedLinearConfig cfg;
   cfg.chunk_bytes = static_cast<size_t>(rows) * sizeof(kto::accumulator_t<T>) *
@@ -92,11 +147,11 @@ TEMPLATE_TEST_CASE("fused-linear step matches the float64 reference", "[fused]",
   test::FusedSpec spec;
   spec.vocab = vocab;
   spec.dim = 24;
-  auto fp = test::make_fused_problem<T>(rng, spec);
+  auto fp = make_problem<T>(rng, spec);
   fp.with_bias = with_bias;
   kto::Options o;
   o.undesirable_weight = 1.33;
-  const auto run = run_fused(fp, o, config_rows(fp, chunk_rows, strategy));
+  const auto run = run_fused<T>(fp, o, config_rows<T>(fp, chunk_rows, strategy));
   const auto R = test::fused_reference(fp, o);
   test::compare_fused(fp, R, observe(run), o, test::rtol<T>());
 }
@@ -118,8 +173,8 @@ TEST_CASE("fused-linear step matches the reference for every option combination"
   INFO("seed " << seed << " loss_type " << int(loss_type) << " link " << int(link) << " point "
                << int(point) << " estimator " << int(estimator) << " clamp " << clamp
                << " reduction " << int(reduction) << " average " << average);
-  auto fp = test::make_fused_problem<float>(rng, test::FusedSpec{});
-  const auto run = run_fused(fp, o, config_rows(fp, 4, FusedStrategy::keep_chunk));
+  auto fp = make_problem<float>(rng, test::FusedSpec{});
+  const auto run = run_fused<float>(fp, o, config_rows<float>(fp, 4, FusedStrategy::keep_chunk));
   test::compare_fused(fp, test::fused_reference(fp, o), observe(run), o, 1e-5);
 }
 
@@ -132,10 +187,10 @@ TEST_CASE("fused-linear step equals the logits-level step on a larger problem", 
   spec.max_len = 40;
   spec.dim = 48;
   spec.vocab = 2500;
-  const auto fp = test::make_fused_problem<float>(rng, spec);
+  const auto fp = make_problem<float>(rng, spec);
   kto::Options o;
   o.beta = 0.3;
-  const auto run = run_fused(fp, o, config_rows(fp, 64, FusedStrategy::keep_chunk));
+  const auto run = run_fused<float>(fp, o, config_rows<float>(fp, 64, FusedStrategy::keep_chunk));
 
   // The logits-level path on Z materialised in float64 and rounded to float.
   const ref::Problem zp = fp.target_problem();
@@ -145,14 +200,16 @@ TEST_CASE("fused-linear step equals the logits-level step on a larger problem", 
   const auto kl_fwd = kto::cpu::sequence_logprobs<float>(
       kl_logits, kto::targets_vector(fp.kl_targets.data(), kp.rows),
       kto::sequences(fp.kl_offsets.data(), static_cast<index_t>(fp.kl_offsets.size()) - 1), o);
+  const std::vector<float> ref32(fp.reference_logp.begin(), fp.reference_logp.end());
+  const std::vector<float> kl_ref32(fp.kl_reference_logp.begin(), fp.kl_reference_logp.end());
   kto::cpu::StepInputs<float> in;
   in.policy_logits = kto::logits_matrix<const float>(z.data(), zp.rows, zp.vocab);
   in.targets = kto::targets_vector(fp.targets.data(), zp.rows);
   in.sequences = kto::sequences(fp.offsets.data(), static_cast<index_t>(fp.offsets.size()) - 1);
-  in.reference_logp = kto::make_span(fp.reference_logp);
+  in.reference_logp = kto::make_span(ref32);
   in.desirable = kto::make_span(fp.desirable);
   in.kl.policy_logp = kto::make_span(kl_fwd.logp);
-  in.kl.reference_logp = kto::make_span(fp.kl_reference_logp);
+  in.kl.reference_logp = kto::make_span(kl_ref32);
   in.kl.num_tokens = kto::make_span(kl_fwd.num_tokens);
   std::vector<float> dz(z.size());
   const auto step =
@@ -197,23 +254,23 @@ TEST_CASE("fused-linear gradients match central finite differences", "[fused][fd
   spec.max_len = 4;
   spec.dim = 5;
   spec.vocab = 7;
-  auto fp = test::make_fused_problem<double>(rng, spec);
+  auto fp = make_problem<double>(rng, spec);
   kto::Options o;
   o.beta = 0.7;
   o.link = link;
   o.average_logprob = average;
   o.undesirable_weight = 1.4;
-  const auto cfg = config_rows(fp, 3, FusedStrategy::keep_chunk);
-  const auto base = run_fused(fp, o, cfg);
+  const auto cfg = config_rows<double>(fp, 3, FusedStrategy::keep_chunk);
+  const auto base = run_fused<double>(fp, o, cfg);
   // z0 is detached: differentiate with the KL batch's z0 held fixed.
   kto::Options fixed = o;
   fixed.reference_point = kto::ReferencePoint::fixed;
   fixed.fixed_z0 = base.result.metrics.kl;
-  auto loss_at = [&](const FusedProblem<double>& p) {
-    return run_fused(p, fixed, cfg).result.metrics.loss;
+  auto loss_at = [&](const FusedProblem& p) {
+    return run_fused<double>(p, fixed, cfg).result.metrics.loss;
   };
   const double h = 1e-6;
-  auto fd = [&](std::vector<double> FusedProblem<double>::*member, index_t i) {
+  auto fd = [&](std::vector<double> FusedProblem::*member, index_t i) {
     auto plus = fp, minus = fp;
     (plus.*member)[i] += h;
     (minus.*member)[i] -= h;
@@ -224,53 +281,56 @@ TEST_CASE("fused-linear gradients match central finite differences", "[fused][fd
   };
   for (index_t i = 0; i < fp.rows * fp.dim; ++i) {
     INFO("d_hidden[" << i << "]");
-    CHECK(near(base.d_hidden[i], fd(&FusedProblem<double>::hidden, i)));
+    CHECK(near(base.d_hidden[i], fd(&FusedProblem::hidden, i)));
   }
   for (index_t i = 0; i < fp.vocab * fp.dim; ++i) {
     INFO("d_weight[" << i << "]");
-    CHECK(near(base.d_weight[i], fd(&FusedProblem<double>::weight, i)));
+    CHECK(near(base.d_weight[i], fd(&FusedProblem::weight, i)));
   }
   for (index_t i = 0; i < fp.vocab; ++i) {
     INFO("d_bias[" << i << "]");
-    CHECK(near(base.d_bias[i], fd(&FusedProblem<double>::bias, i)));
+    CHECK(near(base.d_bias[i], fd(&FusedProblem::bias, i)));
   }
 }
 
 TEST_CASE("fused-linear extra memory does not grow with the number of rows", "[fused][memory]") {
   std::mt19937_64 rng(test::fresh_seed());
-  const auto head_of = [](const FusedProblem<Eigen::bfloat16>& fp) { return fp.head(); };
   test::FusedSpec small, large;
   small.sequences = 2;
   large.sequences = 64;
   large.max_len = 50;
-  const auto a = test::make_fused_problem<Eigen::bfloat16>(rng, small);
-  const auto b = test::make_fused_problem<Eigen::bfloat16>(rng, large);
+  const auto a = make_problem<Eigen::bfloat16>(rng, small);
+  const auto b = make_problem<Eigen::bfloat16>(rng, large);
+  const Storage<Eigen::bfloat16> sa(a), sb(b);
   REQUIRE(b.rows > 20 * a.rows);
   kto::cpu::FusedLinearConfig cfg;
   cfg.chunk_bytes = 8 * sizeof(float) * (37 + 16);  // 8 rows a chunk
-  const size_t bytes_a = kto::cpu::fused_linear_workspace_bytes(head_of(a), cfg);
-  const size_t bytes_b = kto::cpu::fused_linear_workspace_bytes(head_of(b), cfg);
+  const size_t bytes_a = kto::cpu::fused_linear_workspace_bytes(sa.head(), cfg);
+  const size_t bytes_b = kto::cpu::fused_linear_workspace_bytes(sb.head(), cfg);
   CHECK(bytes_a == bytes_b);
   // The engine holds exactly that: a chunk within the budget, fp32 W and b.
-  kto::cpu::detail::ChunkEngine<Eigen::bfloat16> engine(b.head(), 8, {});
+  kto::cpu::detail::ChunkEngine<Eigen::bfloat16> engine(sb.head(), 8, {});
   CHECK(engine.allocated_bytes() == bytes_b);
   CHECK(bytes_b == cfg.chunk_bytes + sizeof(float) * (37 * 16 + 37));
   // Far below materialising the logits of the large batch.
   CHECK(bytes_b < sizeof(float) * static_cast<size_t>(b.rows * 37) / 4);
 }
 
-TEST_CASE("fused-linear step is bit-identical run after run; strategies agree", "[fused]") {
+TEST_CASE(
+    "fused-linear step is bit-identical run after run and across thread counts; strategies agree",
+    "[fused]") {
   std::mt19937_64 rng(test::fresh_seed());
   test::FusedSpec spec;
   spec.sequences = 9;
   spec.vocab = 301;
-  const auto fp = test::make_fused_problem<Eigen::bfloat16>(rng, spec);
+  const auto fp = make_problem<Eigen::bfloat16>(rng, spec);
   kto::Options o;
   kto::cpu::ExecutionPolicy exec;
   exec.num_threads = 3;
-  const auto keep = config_rows(fp, 5, FusedStrategy::keep_chunk);
-  const auto a = run_fused(fp, o, keep, exec);
-  const auto b = run_fused(fp, o, keep, exec);
+  using BF = Eigen::bfloat16;
+  const auto keep = config_rows<BF>(fp, 5, FusedStrategy::keep_chunk);
+  const auto a = run_fused<BF>(fp, o, keep, exec);
+  const auto b = run_fused<BF>(fp, o, keep, exec);
   auto same = [](const auto& x, const auto& y) {
     return std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
   };
@@ -278,7 +338,12 @@ TEST_CASE("fused-linear step is bit-identical run after run; strategies agree", 
   CHECK(same(a.d_weight, b.d_weight));
   CHECK(same(a.d_bias, b.d_bias));
   CHECK(std::memcmp(&a.result.metrics, &b.result.metrics, sizeof(kto::Metrics)) == 0);
-  const auto c = run_fused(fp, o, config_rows(fp, 5, FusedStrategy::recompute), exec);
+  // The thread count splits output rows or vocab columns, never a sum: same bits.
+  const auto one = run_fused<BF>(fp, o, keep, kto::cpu::ExecutionPolicy{1});
+  CHECK(same(a.d_hidden, one.d_hidden));
+  CHECK(same(a.d_weight, one.d_weight));
+  CHECK(same(a.d_bias, one.d_bias));
+  const auto c = run_fused<BF>(fp, o, config_rows<BF>(fp, 5, FusedStrategy::recompute), exec);
   test::compare_fused(fp, test::fused_reference(fp, o), observe(c), o, 1e-5);
 }
 
@@ -318,10 +383,11 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
   INFO("seed " << seed << " ranks " << ranks);
   test::FusedSpec spec;
   spec.vocab = 101;
-  const auto fp = test::make_fused_problem<T>(rng, spec);
+  const auto fp = make_problem<T>(rng, spec);
   kto::Options o;
   o.undesirable_weight = 1.33;
-  const auto cfg = config_rows(fp, 6, FusedStrategy::keep_chunk);
+  const auto cfg = config_rows<T>(fp, 6, FusedStrategy::keep_chunk);
+  const Storage<T> st(fp);
   GatherBoard<Acc> board(ranks);
   std::vector<Run<T>> runs(static_cast<size_t>(ranks));
   std::vector<index_t> begins;
@@ -332,15 +398,15 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
   for (int k = 0; k < ranks; ++k) {
     threads.emplace_back([&, k] {
       try {
-        kto::LinearHead<T> head = fp.head();
+        kto::LinearHead<T> head = st.head();
         const index_t b = begins[k], n = begins[k + 1] - begins[k];
-        head.weight = kto::matrix_view<const T>(fp.weight.data() + b * fp.dim, n, fp.dim);
-        head.bias = fp.bias.data() + b;
+        head.weight = kto::matrix_view<const T>(st.weight.data() + b * fp.dim, n, fp.dim);
+        head.bias = st.bias.data() + b;
         head.vocab_begin = b;
         head.vocab_total = fp.vocab;
         kto::cpu::FusedLinearHooks<Acc> hooks;
         hooks.gather_partials = [&](const auto& local, auto& all) { board.gather(k, local, all); };
-        runs[k] = run_fused(fp, o, cfg, kto::cpu::ExecutionPolicy{1}, &head, hooks);
+        runs[k] = run_fused<T>(fp, o, cfg, kto::cpu::ExecutionPolicy{1}, &head, hooks);
       } catch (...) {
         errors[k] = std::current_exception();
       }
@@ -385,7 +451,8 @@ namespace {
 
 /// A small valid fused step that each test breaks in one place.
 struct FusedFixture {
-  FusedProblem<float> fp;
+  FusedProblem fp;
+  std::unique_ptr<Storage<float>> st;
   kto::LinearHead<float> head;
   kto::cpu::FusedLinearInputs<float> in;
   kto::Options o;
@@ -394,15 +461,20 @@ struct FusedFixture {
   kto::cpu::FusedLinearHooks<float> hooks;
   FusedFixture() {
     std::mt19937_64 rng(7);
-    fp = test::make_fused_problem<float>(rng, test::FusedSpec{});
-    head = fp.head();
-    in = fp.inputs();
+    fp = make_problem<float>(rng, test::FusedSpec{});
+    restore();
     dh.resize(static_cast<size_t>(fp.rows * fp.dim));
     dw.resize(static_cast<size_t>(fp.vocab * fp.dim));
     db.resize(static_cast<size_t>(fp.vocab));
     grads.d_hidden = kto::matrix_view(dh.data(), fp.rows, fp.dim);
     grads.d_weight = kto::matrix_view(dw.data(), fp.vocab, fp.dim);
     grads.d_bias = db.data();
+  }
+  /// Re-stores fp after a test edited it.
+  void restore() {
+    st = std::make_unique<Storage<float>>(fp);
+    head = st->head();
+    in = st->inputs();
   }
   void run() { kto::cpu::fused_linear_kto_step<float>(in, head, o, grads, {}, {}, hooks); }
 };
@@ -463,7 +535,7 @@ TEST_CASE("fused error: target id outside the whole vocabulary", "[fused][errors
   FusedFixture f;
   const index_t r = f.fp.offsets[0];
   f.fp.targets[r] = 37;
-  f.in = f.fp.inputs();
+  f.restore();
   expect_error([&] { f.run(); }, "targets[" + std::to_string(r) + "]", "be in [0, 37)", "37");
 }
 
@@ -523,7 +595,7 @@ TEST_CASE("fused error: a NaN hidden state names its sequence and row", "[fused]
   REQUIRE(f.fp.offsets[s + 1] > r);
   for (index_t q = r; q < f.fp.offsets[s + 1]; ++q) f.fp.targets[q] = 1;
   f.fp.hidden[r * f.fp.dim + 2] = std::numeric_limits<float>::quiet_NaN();
-  f.in = f.fp.inputs();
+  f.restore();
   const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
   kto::cpu::FusedLinearConfig cfg;
   cfg.strategy = strategy;
@@ -543,7 +615,7 @@ TEST_CASE("fused error: a NaN weight in the KL batch's forward is reported there
   FusedFixture f;
   f.fp.kl_hidden[f.fp.kl_offsets[0] * f.fp.dim] = std::numeric_limits<float>::infinity();
   f.fp.kl_targets[f.fp.kl_offsets[0]] = 0;
-  f.in = f.fp.inputs();
+  f.restore();
   try {
     f.run();
     FAIL("no NonFiniteLogitsError");

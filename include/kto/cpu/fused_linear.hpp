@@ -14,8 +14,8 @@
 // Memory: one chunk of logits and hidden rows (config.chunk_bytes), plus an
 // fp32 copy of W and b when they are half/bfloat16, plus O(rows) scalars —
 // never N × V. GEMMs run in the accumulation type (fp32, fp64 for double) on
-// exactly widened inputs. Work is split over threads by output rows or vocab
-// columns, so a fixed thread count gives the same bits run after run.
+// exactly widened inputs. Work is split over threads in fixed tiles of output
+// rows or vocab columns, so the bits do not depend on the thread count.
 // Gradients are written (not accumulated) in the accumulation type: dH for
 // every row (zero on unscored ones), dW and db for this rank's vocab slice.
 #pragma once
@@ -109,6 +109,17 @@ struct RowScorer {
   index_t target(index_t r) const { return r >= first && r < last ? targets.at(r) : ignore; }
 };
 
+/// body(b, e) over fixed tiles of [0, n): each GEMM sees the same sizes
+/// whatever the thread count, so its blocking, and the result bits, match.
+template <class Body>
+void parallel_tiles(index_t n, index_t tile, const ExecutionPolicy& exec, Body&& body) {
+  parallel_for((n + tile - 1) / tile, exec, [&](index_t tb, index_t te) {
+    for (index_t t = tb; t < te; ++t) body(t * tile, std::min(n, (t + 1) * tile));
+  });
+}
+constexpr index_t kVocabTile = 256;
+constexpr index_t kRowTile = 32;
+
 /// W and b in the accumulation type, and one chunk's buffers; computes Z_c.
 template <class T>
 class ChunkEngine {
@@ -165,7 +176,7 @@ class ChunkEngine {
     auto h = hidden_chunk(n);
     auto z = logits_chunk(n);
     const auto w = weight();
-    parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
+    parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
       z.middleCols(b, e - b).noalias() = h * w.middleRows(b, e - b).transpose();
       if (!bias_.empty()) {
         const Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>> bias(bias_.data() + b, e - b);
@@ -214,16 +225,16 @@ class ChunkEngine {
     const auto h = hidden_chunk(n);
     const auto w = weight();
     MatrixMap<Acc> dh(grads.d_hidden.row(r0), n, dim_, Eigen::OuterStride<>(grads.d_hidden.stride));
-    parallel_for(n, exec_, [&](index_t b, index_t e) {
+    parallel_tiles(n, kRowTile, exec_, [&](index_t b, index_t e) {
       dh.middleRows(b, e - b).noalias() = g.middleRows(b, e - b) * w;
     });
     MatrixMap<Acc> dw(grads.d_weight.data, vocab_, dim_,
                       Eigen::OuterStride<>(grads.d_weight.stride));
-    parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
+    parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
       dw.middleRows(b, e - b).noalias() += g.middleCols(b, e - b).transpose() * h;
-      if (grads.d_bias != nullptr) {
+      if (grads.d_bias != nullptr) {  // row by row: no reduction whose order alignment could change
         Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> db(grads.d_bias + b, e - b);
-        db += g.middleCols(b, e - b).colwise().sum();
+        for (index_t i = 0; i < n; ++i) db += g.row(i).segment(b, e - b);
       }
     });
   }
@@ -232,7 +243,8 @@ class ChunkEngine {
   const LinearHead<T>& head_;
   index_t vocab_, dim_, chunk_rows_;
   ExecutionPolicy exec_;
-  std::vector<Acc> weight_copy_, bias_, hidden_, logits_;
+  // Aligned storage: the same alignment every run, so the same Eigen code paths and bits.
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> weight_copy_, bias_, hidden_, logits_;
 };
 
 template <class T>

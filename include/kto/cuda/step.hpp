@@ -111,17 +111,22 @@ void validate_forward_views(const LogitsView<const T>& logits, const TargetsView
                        "be non-null (count + 1 entries, device memory)", "nullptr");
 }
 
+/// Offsets non-decreasing and inside [0, rows]; a bad entry is recorded.
+inline void launch_validate_offsets(const SequencesView& seqs, index_t rows,
+                                    device::DeviceErrors* errors, unsigned tag,
+                                    cudaStream_t stream) {
+  const index_t entries = seqs.count + 1;
+  const auto blocks = static_cast<unsigned>(std::min<index_t>((entries + 255) / 256, 1024));
+  device::validate_offsets_kernel<<<blocks, 256, 0, stream>>>(seqs, rows, errors, tag);
+}
+
 template <class T>
 void launch_forward(const LogitsView<const T>& logits, const TargetsView& targets,
                     const SequencesView& seqs, index_t ignore_index, float* row_lse,
                     float* token_logp, float* logp, index_t* num_tokens, bool average,
                     device::DeviceErrors* errors, unsigned tag, cudaStream_t stream) {
   const index_t rows = logits.rows.rows;
-  {
-    const index_t entries = seqs.count + 1;
-    const auto blocks = static_cast<unsigned>(std::min<index_t>((entries + 255) / 256, 1024));
-    device::validate_offsets_kernel<<<blocks, 256, 0, stream>>>(seqs, rows, errors, tag);
-  }
+  launch_validate_offsets(seqs, rows, errors, tag, stream);
   if (rows > 0) {
     device::ForwardParams<T> p{logits,  targets,    seqs,   ignore_index,
                                row_lse, token_logp, errors, tag};

@@ -1,0 +1,520 @@
+// cuda/fused_linear.hpp — the fused-linear KTO step on a CUDA stream.
+//
+// cuBLAS GEMMs (bf16/half in, fp32 accumulate and out) around the row kernels
+// of fused_linear_kernels.cuh; see ../fused_linear.hpp for the order of work:
+//
+//   per chunk   Z_c = H_c Wᵀ            cublasGemmEx, fp32 logits (bias added by the kernels)
+//               lse_r, ℓ_r              chunk_forward_kernel
+//               logp_s, g_s, c_r g_s    sequence_logp_kernel, sequence_grad_kernel
+//               dZ_c                    chunk_backward_kernel, in the input type
+//               dH_c = dZ_c W           cublasGemmEx, fp32 out
+//               dW += dZ_cᵀ H_c         cublasGemmEx, fp32 accumulate across chunks
+//               db += dZ_cᵀ 1           cublasGemmEx (a GEMV against ones)
+//
+// keep_chunk needs the offsets on the host too (`host_offsets`) to pack whole
+// sequences into chunks; without them, or with strategy recompute, the step
+// runs forward over every chunk, then recomputes Z_c for the backward.
+// Conventions are step.hpp's: device pointers, no allocation, no sync,
+// stream-ordered and graph-capturable (the chunk loop is fixed by the host
+// offsets and sizes), workspace query then call, device errors via
+// read_status(). The cuBLAS handle is set to `stream` and to a slice of the
+// workspace. Extra memory: one chunk (config.chunk_bytes) + O(rows) floats.
+// Vocab-parallel is CPU-only for now (cpu/fused_linear.hpp).
+#pragma once
+
+#include <cublas_v2.h>
+
+#include <kto/device/fused_linear_kernels.cuh>
+
+#include "../fused_linear.hpp"
+#include "step.hpp"
+
+namespace kto {
+namespace cuda {
+
+enum class FusedStrategy : int { keep_chunk = 0, recompute = 1 };
+
+struct FusedLinearConfig {
+  /// Budget for one chunk: fp32 logits plus their gradient in the input type.
+  size_t chunk_bytes = size_t{1} << 30;
+  FusedStrategy strategy = FusedStrategy::keep_chunk;
+  /// Handed to cuBLAS (cublasSetWorkspace), carved from the workspace.
+  size_t cublas_workspace_bytes = size_t{32} << 20;
+};
+
+template <class T>
+struct FusedLinearInputs {
+  MatrixView<const T> hidden;  ///< N × D, policy model, target batch (device)
+  TargetsView targets;
+  SequencesView sequences;                ///< device offsets
+  const index_t* host_offsets = nullptr;  ///< the same offsets in host memory (keep_chunk)
+  const float* reference_logp = nullptr;
+  const std::uint8_t* desirable = nullptr;
+  struct Kl {
+    MatrixView<const T> hidden;  ///< forward only
+    TargetsView targets;
+    SequencesView sequences;
+    const float* reference_logp = nullptr;
+  } kl;
+};
+
+/// Device outputs. metrics, d_hidden and d_weight are required; d_bias may be
+/// null; a null per-example array stays in the workspace. Gradients are
+/// written (not accumulated), in fp32.
+struct FusedLinearOutputs {
+  Metrics* metrics = nullptr;
+  float* logp = nullptr;
+  index_t* num_tokens = nullptr;
+  ExampleOutputs examples;
+  MatrixView<float> d_hidden;
+  MatrixView<float> d_weight;
+  float* d_bias = nullptr;
+};
+
+namespace detail {
+
+template <class T>
+constexpr cudaDataType_t cuda_data_type() {
+  return std::is_same<T, float>::value    ? CUDA_R_32F
+         : std::is_same<T, __half>::value ? CUDA_R_16F
+                                          : CUDA_R_16BF;
+}
+
+inline index_t round_up(index_t x, index_t m) {
+  return (x + m - 1) / m * m;
+}
+
+/// Chunk geometry: fp32 logits rows `ld_logits` apart, their gradient (T) `ld_grad` apart.
+template <class T>
+struct ChunkShape {
+  index_t rows, ld_logits, ld_grad;
+  explicit ChunkShape(index_t vocab, size_t budget) {
+    ld_logits = round_up(vocab, 4);
+    ld_grad = std::is_same<T, float>::value ? ld_logits : round_up(vocab, 8);
+    const size_t per_row = sizeof(float) * static_cast<size_t>(ld_logits) +
+                           (std::is_same<T, float>::value ? 0 : sizeof(T) * ld_grad);
+    rows = chunk_rows_for_budget(budget, per_row);
+  }
+};
+
+struct FusedBuffers {
+  device::DeviceErrors* errors;
+  KlPartial* partial;
+  float *kl_row_lse, *kl_token_logp, *kl_logp;
+  index_t* kl_num_tokens;
+  float *row_lse, *token_logp, *row_scale;
+  float *logp, *ratio, *reward, *loss, *grad_logp;
+  index_t* num_tokens;
+  float* bias;
+  void* ones;
+  float* logits;
+  void* grad;
+  void* cublas;
+};
+
+template <class T>
+FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const LinearHead<T>& head,
+                         const FusedLinearConfig& cfg) {
+  const ChunkShape<T> shape(head.weight.rows, cfg.chunk_bytes);
+  const index_t N = in.hidden.rows, B = in.sequences.count;
+  const index_t NK = in.kl.hidden.rows, K = in.kl.sequences.count;
+  FusedBuffers b;
+  b.errors = c.take<device::DeviceErrors>(1);
+  b.partial = c.take<KlPartial>(1);
+  b.kl_row_lse = c.take<float>(NK);
+  b.kl_token_logp = c.take<float>(NK);
+  b.kl_logp = c.take<float>(K);
+  b.kl_num_tokens = c.take<index_t>(K);
+  b.row_lse = c.take<float>(N);
+  b.token_logp = c.take<float>(N);
+  b.row_scale = c.take<float>(N);
+  b.logp = c.take<float>(B);
+  b.ratio = c.take<float>(B);
+  b.reward = c.take<float>(B);
+  b.loss = c.take<float>(B);
+  b.grad_logp = c.take<float>(B);
+  b.num_tokens = c.take<index_t>(B);
+  b.bias = head.bias ? c.take<float>(head.weight.rows) : nullptr;
+  b.ones = c.take<T>(shape.rows);
+  b.logits = c.take<float>(shape.rows * shape.ld_logits);
+  b.grad = std::is_same<T, float>::value
+               ? static_cast<void*>(b.logits)
+               : static_cast<void*>(c.take<T>(shape.rows * shape.ld_grad));
+  b.cublas = c.take<char>(static_cast<index_t>(cfg.cublas_workspace_bytes));
+  return b;
+}
+
+inline Status cublas_check(cublasStatus_t s, const char* fn, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::success();
+  return Status::make(StatusCode::cuda_error, "%s: cuBLAS %s failed with status %d", fn, what,
+                      static_cast<int>(s));
+}
+
+/// The GEMMs and row kernels of one head over chunks of a batch's rows.
+template <class T>
+class ChunkRunner {
+ public:
+  ChunkRunner(cublasHandle_t handle, const LinearHead<T>& head, const FusedLinearConfig& cfg,
+              const FusedBuffers& b, cudaStream_t stream, const char* fn)
+      : handle_(handle),
+        head_(head),
+        shape_(head.weight.rows, cfg.chunk_bytes),
+        b_(b),
+        stream_(stream),
+        fn_(fn) {}
+
+  index_t chunk_rows() const { return shape_.rows; }
+
+  /// Z_c = H[r0, r0 + n) Wᵀ in fp32.
+  Status logits(const MatrixView<const T>& hidden, index_t r0, index_t n) {
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = cuda_data_type<T>();
+    return cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(head_.weight.rows),
+                     static_cast<int>(n), static_cast<int>(head_.weight.cols), &one,
+                     head_.weight.data, t, static_cast<int>(head_.weight.stride), hidden.row(r0), t,
+                     static_cast<int>(hidden.stride), &zero, b_.logits, CUDA_R_32F,
+                     static_cast<int>(shape_.ld_logits), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        fn_, "logits GEMM");
+  }
+
+  device::ChunkView view(index_t r0, index_t n) const {
+    return device::ChunkView{b_.logits, shape_.ld_logits, head_.weight.rows, b_.bias, r0, n};
+  }
+
+  void forward(const device::BatchRows& batch, index_t r0, index_t n, float* row_lse,
+               float* token_logp, unsigned tag) {
+    device::ChunkForwardParams p{view(r0, n), batch, row_lse, token_logp, b_.errors, tag};
+    if (head_.weight.rows <= kWarpPerRowMaxVocab)
+      device::chunk_forward_kernel<32, 8>
+          <<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream_>>>(p);
+    else
+      device::chunk_forward_kernel<kBlockPerRowThreads, 1>
+          <<<static_cast<unsigned>(n), kBlockPerRowThreads, 0, stream_>>>(p);
+  }
+
+  /// Forward over rows [first, last) of a batch, chunk by chunk.
+  Status forward_rows(const MatrixView<const T>& hidden, const device::BatchRows& batch,
+                      index_t first, index_t last, float* row_lse, float* token_logp,
+                      unsigned tag) {
+    for (index_t r0 = first; r0 < last; r0 += shape_.rows) {
+      const index_t n = std::min(shape_.rows, last - r0);
+      Status s = logits(hidden, r0, n);
+      if (!s) return s;
+      forward(batch, r0, n, row_lse, token_logp, tag);
+    }
+    return last_launch(fn_);
+  }
+
+  /// dZ_c from the chunk's logits, then dH_c, dW and db.
+  Status backward(const MatrixView<const T>& hidden, const device::BatchRows& batch, index_t r0,
+                  index_t n, const FusedLinearOutputs& out, bool first_chunk) {
+    device::ChunkBackwardParams<T> p{
+        view(r0, n), batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), shape_.ld_grad};
+    if (head_.weight.rows <= kWarpPerRowMaxVocab)
+      device::chunk_backward_kernel<T, 32, 8>
+          <<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream_>>>(p);
+    else
+      device::chunk_backward_kernel<T, kBlockPerRowThreads, 1>
+          <<<static_cast<unsigned>(n), kBlockPerRowThreads, 0, stream_>>>(p);
+    Status s = last_launch(fn_);
+    if (!s) return s;
+    const float one = 1.0f, zero = 0.0f, beta = first_chunk ? 0.0f : 1.0f;
+    const cudaDataType_t t = cuda_data_type<T>();
+    const int V = static_cast<int>(head_.weight.rows), D = static_cast<int>(head_.weight.cols);
+    const int ldw = static_cast<int>(head_.weight.stride), ldg = static_cast<int>(shape_.ld_grad);
+    s = cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(n), V, &one,
+                     head_.weight.data, t, ldw, b_.grad, t, ldg, &zero, out.d_hidden.row(r0),
+                     CUDA_R_32F, static_cast<int>(out.d_hidden.stride), CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT),
+        fn_, "dH GEMM");
+    if (!s) return s;
+    s = cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, D, V, static_cast<int>(n), &one,
+                     hidden.row(r0), t, static_cast<int>(hidden.stride), b_.grad, t, ldg, &beta,
+                     out.d_weight.data, CUDA_R_32F, static_cast<int>(out.d_weight.stride),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        fn_, "dW GEMM");
+    if (!s || out.d_bias == nullptr) return s;
+    return cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, V, 1, static_cast<int>(n), &one, b_.grad, t,
+                     ldg, b_.ones, t, static_cast<int>(n), &beta, out.d_bias, CUDA_R_32F, V,
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        fn_, "db GEMM");
+  }
+
+ private:
+  cublasHandle_t handle_;
+  const LinearHead<T>& head_;
+  ChunkShape<T> shape_;
+  FusedBuffers b_;
+  cudaStream_t stream_;
+  const char* fn_;
+};
+
+inline void launch_sequence_logp(const device::BatchRows& batch, index_t first_seq,
+                                 index_t last_seq, bool average, const float* token_logp,
+                                 float* logp, index_t* num_tokens, cudaStream_t stream) {
+  const index_t count = last_seq - first_seq;
+  if (count <= 0) return;
+  device::SequenceParams sp{
+      batch.targets,    SequencesView{batch.sequences.offsets + first_seq, count},
+      batch.rows,       batch.ignore_index,
+      average,          token_logp,
+      logp + first_seq, num_tokens + first_seq};
+  device::sequence_logp_kernel<<<static_cast<unsigned>((count + 7) / 8), 256, 0, stream>>>(sp);
+}
+
+template <class T>
+void validate_hidden(const MatrixView<const T>& hidden, const TargetsView& targets,
+                     const SequencesView& seqs, const LinearHead<T>& head, const char* fn,
+                     const std::string& prefix, bool allow_empty) {
+  kto::detail::validate_matrix(hidden, fn, prefix + "hidden");
+  kto::detail::require(hidden.cols == head.weight.cols, fn, prefix + "hidden.cols",
+                       "equal head.weight.cols (" + std::to_string(head.weight.cols) + ")",
+                       hidden.cols);
+  kto::detail::require(hidden.rows < (index_t{1} << 31) && hidden.stride < (index_t{1} << 31), fn,
+                       prefix + "hidden.rows", "be < 2^31 (cuBLAS int sizes)", hidden.rows);
+  kto::detail::validate_targets(targets, hidden.rows, fn, prefix + "targets");
+  kto::detail::require(seqs.count >= (allow_empty ? 0 : 1), fn, prefix + "sequences.count",
+                       allow_empty ? "be >= 0" : "be >= 1 (an empty batch has no loss)",
+                       seqs.count);
+  kto::detail::require(seqs.offsets != nullptr, fn, prefix + "sequences.offsets",
+                       "be non-null (count + 1 entries, device memory)", "nullptr");
+}
+
+template <class T>
+void validate_cuda_head(const LinearHead<T>& head, const char* fn) {
+  kto::detail::validate_head(head, fn);
+  kto::detail::require(!head.sharded(), fn, "head.vocab_total",
+                       "equal head.weight.rows: vocab-parallel runs on the CPU path only",
+                       head.vocab_total);
+  kto::detail::require(head.weight.rows < (index_t{1} << 31), fn, "head.weight.rows",
+                       "be < 2^31 (cuBLAS int sizes)", head.weight.rows);
+}
+
+}  // namespace detail
+
+/// Checks every host-visible argument of fused_linear_kto_step(); launches nothing.
+template <class T>
+Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, const Options& o,
+                     const FusedLinearOutputs& out, const FusedLinearConfig& cfg = {}) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::fused_linear_kto_step";
+  try {
+    validate_options(o, fn);
+    detail::validate_cuda_head(head, fn);
+    detail::validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
+    kto::detail::require(in.reference_logp != nullptr, fn, "reference_logp", "be non-null",
+                         "nullptr");
+    kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
+    if (in.host_offsets)
+      kto::detail::validate_sequences(SequencesView{in.host_offsets, in.sequences.count},
+                                      in.hidden.rows, fn, "host_offsets", false);
+    if (uses_kl_batch(o)) {
+      detail::validate_hidden(in.kl.hidden, in.kl.targets, in.kl.sequences, head, fn, "kl.", true);
+      kto::detail::require(in.kl.reference_logp != nullptr || in.kl.sequences.count == 0, fn,
+                           "kl.reference_logp", "be non-null", "nullptr");
+    }
+    kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
+    kto::detail::validate_shape(out.d_hidden, in.hidden.rows, in.hidden.cols, fn, "out.d_hidden",
+                                "hidden");
+    kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
+                                "out.d_weight", "head.weight");
+    kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
+                         static_cast<index_t>(cfg.chunk_bytes));
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  return Status::success();
+}
+
+template <class T>
+size_t fused_linear_workspace_bytes(const FusedLinearInputs<T>& in, const LinearHead<T>& head,
+                                    const FusedLinearConfig& cfg = {}) {
+  detail::Carver c(nullptr);
+  detail::carve_fused(c, in, head, cfg);
+  return c.used();
+}
+
+/// The whole step from hidden states: KL forward → all_reduce (if given) →
+/// target chunks (forward, g_s, backward, GEMMs) → finish (loss, metrics).
+template <class T>
+Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& workspace_bytes,
+                             const FusedLinearInputs<T>& in, const LinearHead<T>& head,
+                             const Options& o, const FusedLinearOutputs& out, cudaStream_t stream,
+                             const FusedLinearConfig& cfg = {},
+                             const KlAllReduce& all_reduce = {}) {
+  const char* fn = "kto::cuda::fused_linear_kto_step";
+  Status status = can_implement(in, head, o, out, cfg);
+  if (!status) return status;
+  if (handle == nullptr)
+    return Status::make(StatusCode::invalid_argument,
+                        "%s: argument 'handle' must be a cuBLAS handle; got nullptr", fn);
+  if (!detail::workspace_ready(workspace, workspace_bytes,
+                               fused_linear_workspace_bytes(in, head, cfg), status, fn))
+    return status;
+  detail::Carver c(workspace);
+  const detail::FusedBuffers b = detail::carve_fused(c, in, head, cfg);
+  status = detail::cublas_check(cublasSetStream(handle, stream), fn, "set stream");
+  if (status)
+    status = detail::cublas_check(cublasSetWorkspace(handle, b.cublas, cfg.cublas_workspace_bytes),
+                                  fn, "set workspace");
+  if (!status) return status;
+  const index_t N = in.hidden.rows, B = in.sequences.count, V = head.weight.rows;
+  float* logp = out.logp ? out.logp : b.logp;
+  index_t* num_tokens = out.num_tokens ? out.num_tokens : b.num_tokens;
+  ExampleOutputs ex{out.examples.ratio ? out.examples.ratio : b.ratio,
+                    out.examples.reward ? out.examples.reward : b.reward,
+                    out.examples.loss ? out.examples.loss : b.loss,
+                    out.examples.grad_logp ? out.examples.grad_logp : b.grad_logp};
+
+  detail::reset_errors(b.errors, stream);
+  cudaMemsetAsync(b.partial, 0, sizeof(KlPartial), stream);
+  cudaMemsetAsync(b.row_scale, 0, sizeof(float) * static_cast<size_t>(N), stream);
+  if (N > 0)  // rows no chunk writes (outside every sequence) stay zero
+    cudaMemset2DAsync(out.d_hidden.data, sizeof(float) * out.d_hidden.stride, 0,
+                      sizeof(float) * out.d_hidden.cols, static_cast<size_t>(N), stream);
+  if (head.bias) device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias, b.bias, V);
+  detail::ChunkRunner<T> runner(handle, head, cfg, b, stream, fn);
+  device::convert_kernel<T, T>
+      <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), runner.chunk_rows());
+  detail::launch_validate_offsets(in.sequences, N, b.errors, 0u, stream);
+
+  // KL batch, forward only → (S, C).
+  if (uses_kl_batch(o) && in.kl.sequences.count > 0) {
+    const index_t NK = in.kl.hidden.rows, K = in.kl.sequences.count;
+    const device::BatchRows kl_rows{in.kl.targets, in.kl.sequences, NK, o.ignore_index};
+    detail::launch_validate_offsets(in.kl.sequences, NK, b.errors, device::kKlBatchTag, stream);
+    status = runner.forward_rows(in.kl.hidden, kl_rows, 0, NK, b.kl_row_lse, b.kl_token_logp,
+                                 device::kKlBatchTag);
+    if (!status) return status;
+    detail::launch_sequence_logp(kl_rows, 0, K, o.average_logprob, b.kl_token_logp, b.kl_logp,
+                                 b.kl_num_tokens, stream);
+    device::KlParams kp{
+        b.kl_logp, in.kl.reference_logp, b.kl_num_tokens, K, o.kl_estimator, b.partial, b.errors};
+    device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(kp);
+    status = detail::last_launch(fn);
+    if (!status) return status;
+  }
+  if (all_reduce) {
+    status = all_reduce(b.partial, stream);
+    if (!status) return status;
+  }
+
+  const device::BatchRows rows{in.targets, in.sequences, N, o.ignore_index};
+  auto grads_of = [&](index_t s0, index_t s1) {
+    device::SequenceGradParams gp{
+        b.partial, logp, in.reference_logp, in.desirable, num_tokens, rows, s0, s1,
+        B,         o,    ex.grad_logp,      b.row_scale};
+    device::sequence_grad_kernel<<<static_cast<unsigned>((s1 - s0 + 7) / 8), 256, 0, stream>>>(gp);
+  };
+  bool first_chunk = true;
+  auto backward_rows = [&](index_t first, index_t last, bool recompute) -> Status {
+    for (index_t r0 = first; r0 < last; r0 += runner.chunk_rows()) {
+      const index_t n = std::min(runner.chunk_rows(), last - r0);
+      if (recompute) {
+        Status s = runner.logits(in.hidden, r0, n);
+        if (!s) return s;
+      }
+      Status s = runner.backward(in.hidden, rows, r0, n, out, first_chunk);
+      if (!s) return s;
+      first_chunk = false;
+    }
+    return Status::success();
+  };
+
+  if (in.host_offsets && cfg.strategy == FusedStrategy::keep_chunk) {
+    const SequencesView host{in.host_offsets, B};
+    for (const ChunkGroup& g : plan_chunks(host, runner.chunk_rows())) {
+      status = runner.forward_rows(in.hidden, rows, g.first_row, g.last_row, b.row_lse,
+                                   b.token_logp, 0u);
+      if (!status) return status;
+      detail::launch_sequence_logp(rows, g.first_seq, g.last_seq, o.average_logprob, b.token_logp,
+                                   logp, num_tokens, stream);
+      grads_of(g.first_seq, g.last_seq);
+      status = backward_rows(g.first_row, g.last_row, g.split);
+      if (!status) return status;
+    }
+  } else {
+    status = runner.forward_rows(in.hidden, rows, 0, N, b.row_lse, b.token_logp, 0u);
+    if (!status) return status;
+    detail::launch_sequence_logp(rows, 0, B, o.average_logprob, b.token_logp, logp, num_tokens,
+                                 stream);
+    grads_of(0, B);
+    status = backward_rows(0, N, true);
+    if (!status) return status;
+  }
+  if (first_chunk) {  // no rows: the weight gradients are zero
+    cudaMemset2DAsync(out.d_weight.data, sizeof(float) * out.d_weight.stride, 0,
+                      sizeof(float) * out.d_weight.cols, static_cast<size_t>(V), stream);
+    if (out.d_bias) cudaMemsetAsync(out.d_bias, 0, sizeof(float) * static_cast<size_t>(V), stream);
+  }
+  device::FinishParams fp{b.partial, logp,    in.reference_logp, in.desirable, B,       o, ex.ratio,
+                          ex.reward, ex.loss, ex.grad_logp,      out.metrics,  b.errors};
+  device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(fp);
+  return detail::last_launch(fn);
+}
+
+/// Forward only: logp_s and n_s of a batch from its hidden states (the
+/// reference model's log-probs, or a KL batch's), never holding N × V.
+template <class T>
+size_t fused_linear_logprobs_workspace_bytes(index_t rows, const LinearHead<T>& head,
+                                             const FusedLinearConfig& cfg = {}) {
+  FusedLinearInputs<T> in;
+  in.hidden.rows = rows;
+  return fused_linear_workspace_bytes(in, head, cfg);
+}
+
+template <class T>
+Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& workspace_bytes,
+                             const MatrixView<const T>& hidden, const TargetsView& targets,
+                             const SequencesView& sequences, const LinearHead<T>& head,
+                             const Options& o, float* logp, index_t* num_tokens,
+                             cudaStream_t stream, const FusedLinearConfig& cfg = {}) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::fused_linear_logprobs";
+  try {
+    validate_options(o, fn);
+    detail::validate_cuda_head(head, fn);
+    detail::validate_hidden(hidden, targets, sequences, head, fn, "", true);
+    kto::detail::require(logp != nullptr || sequences.count == 0, fn, "logp", "be non-null",
+                         "nullptr");
+    kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
+                         "be non-null", "nullptr");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  if (handle == nullptr)
+    return Status::make(StatusCode::invalid_argument,
+                        "%s: argument 'handle' must be a cuBLAS handle; got nullptr", fn);
+  Status status;
+  if (!detail::workspace_ready(workspace, workspace_bytes,
+                               fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg),
+                               status, fn))
+    return status;
+  FusedLinearInputs<T> shape;
+  shape.hidden.rows = hidden.rows;
+  detail::Carver c(workspace);
+  const detail::FusedBuffers b = detail::carve_fused(c, shape, head, cfg);
+  status = detail::cublas_check(cublasSetStream(handle, stream), fn, "set stream");
+  if (status)
+    status = detail::cublas_check(cublasSetWorkspace(handle, b.cublas, cfg.cublas_workspace_bytes),
+                                  fn, "set workspace");
+  if (!status) return status;
+  detail::reset_errors(b.errors, stream);
+  if (head.bias)
+    device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias, b.bias, head.weight.rows);
+  detail::launch_validate_offsets(sequences, hidden.rows, b.errors, 0u, stream);
+  detail::ChunkRunner<T> runner(handle, head, cfg, b, stream, fn);
+  const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
+  status = runner.forward_rows(hidden, rows, 0, hidden.rows, b.row_lse, b.token_logp, 0u);
+  if (!status) return status;
+  detail::launch_sequence_logp(rows, 0, sequences.count, o.average_logprob, b.token_logp, logp,
+                               num_tokens, stream);
+  return detail::last_launch(fn);
+}
+
+}  // namespace cuda
+}  // namespace kto

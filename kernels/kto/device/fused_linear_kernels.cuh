@@ -1,0 +1,236 @@
+// fused_linear_kernels.cuh — the row kernels between the fused-linear GEMMs.
+//
+// They see one chunk of fp32 logits Z_c straight from the GEMM: `rows` rows of
+// `vocab` values, `ld` apart (ld a multiple of 4 and a 16-byte aligned base,
+// so every row is read as float4). Chunk row i is batch row row_begin + i.
+// The bias is added on the fly and never stored:
+//
+//   chunk_forward_kernel   lse_r = log Σ_v e^(Z[i,v] + b_v),  ℓ_r = Z[i,t] + b_t − lse_r
+//   sequence_grad_kernel   g_s = ∂L/∂logp_s (example_terms, as the finish does)
+//                          and the row scales g_s c_r of the sequence's scored rows
+//   chunk_backward_kernel  dZ[i,v] = scale_r (1[v = t] − e^(Z[i,v] + b_v − lse_r)),
+//                          written in the GEMM input type (bf16/half) for the
+//                          dH and dW products, or in place for float
+//
+// Row groups are a warp (short rows) or the whole block (long rows), as in
+// forward_kernels.cuh; states merge in a fixed tree, so results are
+// bit-identical run after run.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <kto/example_loss.hpp>
+#include <kto/layout.hpp>
+#include <kto/options.hpp>
+#include <kto/reference_point.hpp>
+
+#include "device_errors.cuh"
+#include "forward_kernels.cuh"
+#include "lse_state.cuh"
+#include "numeric.cuh"
+
+namespace kto {
+namespace device {
+
+/// One chunk of fp32 logits and the fp32 bias (null: none).
+struct ChunkView {
+  const float* logits;
+  index_t ld;
+  index_t vocab;
+  const float* bias;
+  index_t row_begin;
+  index_t rows;
+};
+
+/// The batch the chunk belongs to: which rows are scored, and their targets.
+struct BatchRows {
+  TargetsView targets;
+  SequencesView sequences;
+  index_t rows;
+  index_t ignore_index;
+  KTO_HOST_DEVICE index_t target(index_t r) const {
+    return row_target(sequences, targets, rows, r, ignore_index);
+  }
+};
+
+/// This thread's (m, s) over its float4 slices of Z[i, :] + b, then the tail.
+template <int kThreads>
+KTO_HOST_DEVICE inline LseState thread_biased_lse(const float* row, const float* bias,
+                                                  index_t vocab, int lane) {
+  LseState st = lse_identity();
+  const index_t vectors = vocab / 4;
+  const float4* z4 = reinterpret_cast<const float4*>(row);
+  const float4* b4 = reinterpret_cast<const float4*>(bias);
+#pragma unroll 4
+  for (index_t i = lane; i < vectors; i += kThreads) {
+    float4 z = z4[i];
+    if (bias) {
+      const float4 b = b4[i];
+      z.x += b.x, z.y += b.y, z.z += b.z, z.w += b.w;
+    }
+    const float x[4] = {z.x, z.y, z.z, z.w};
+    lse_update(st, x);
+  }
+  for (index_t v = vectors * 4 + lane; v < vocab; v += kThreads) {
+    const float x[1] = {row[v] + (bias ? bias[v] : 0.0f)};
+    lse_update(st, x);
+  }
+  return st;
+}
+
+struct ChunkForwardParams {
+  ChunkView z;
+  BatchRows batch;
+  float* row_lse;     ///< batch rows; NaN where not scored
+  float* token_logp;  ///< batch rows; 0 where not scored
+  DeviceErrors* errors;
+  unsigned error_tag;
+};
+
+template <int kThreads, int kRowsPerBlock>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
+    chunk_forward_kernel(ChunkForwardParams p) {
+  const int lane = static_cast<int>(threadIdx.x) % kThreads;
+  const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  if (i >= p.z.rows) return;  // uniform per row group
+  const index_t r = p.z.row_begin + i;
+  const index_t t = p.batch.target(r);
+  if (t == p.batch.ignore_index || t < 0 || t >= p.z.vocab) {
+    if (lane == 0) {
+      p.row_lse[r] = NAN;
+      p.token_logp[r] = 0.0f;
+      if (t != p.batch.ignore_index) record_error(p.errors, r, kTargetOutOfRange | p.error_tag);
+    }
+    return;
+  }
+  const float* row = p.z.logits + i * p.z.ld;
+  LseState st = thread_biased_lse<kThreads>(row, p.z.bias, p.z.vocab, lane);
+  st = group_reduce_lse<kThreads>(st);
+  if (lane == 0) {
+    const float lse = st.m + logf(st.s);
+    const float lp = row[t] + (p.z.bias ? p.z.bias[t] : 0.0f) - lse;
+    if (!(isfinite(lse) && isfinite(lp))) record_error(p.errors, r, kNonFiniteLogits | p.error_tag);
+    p.row_lse[r] = lse;
+    p.token_logp[r] = lp;
+  }
+}
+
+struct SequenceGradParams {
+  const KlPartial* partial;  ///< all-reduced
+  const float* logp;
+  const float* reference_logp;
+  const std::uint8_t* desirable;
+  const index_t* num_tokens;
+  BatchRows batch;
+  index_t first_seq, last_seq;
+  index_t count;  ///< examples in the batch (the mean reduction's default divisor)
+  Options options;
+  float* grad_logp;  ///< per sequence
+  float* row_scale;  ///< per row: g_s c_r on scored rows
+};
+
+/// One warp per sequence of [first_seq, last_seq).
+__global__ void sequence_grad_kernel(SequenceGradParams p) {
+  const int lane = threadIdx.x % 32;
+  const index_t s =
+      p.first_seq + static_cast<index_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (s >= p.last_seq) return;
+  const double z0 = reference_point(*p.partial, p.options);
+  const double scale = reduction_scale(p.options, p.count);
+  const double rho = static_cast<double>(p.logp[s]) - static_cast<double>(p.reference_logp[s]);
+  const float g =
+      static_cast<float>(example_terms(rho, p.desirable[s] != 0, z0, p.options, scale).grad_logp);
+  if (lane == 0) p.grad_logp[s] = g;
+  const index_t n = p.num_tokens[s];
+  const double c = p.options.average_logprob && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
+  const float row_scale = static_cast<float>(static_cast<double>(g) * c);
+  const index_t begin = clamp_row(p.batch.sequences.begin(s), p.batch.rows);
+  const index_t end = clamp_row(p.batch.sequences.end(s), p.batch.rows);
+  for (index_t r = begin + lane; r < end; r += 32)
+    p.row_scale[r] = p.batch.target(r) != p.batch.ignore_index ? row_scale : 0.0f;
+}
+
+template <class T>
+struct ChunkBackwardParams {
+  ChunkView z;
+  BatchRows batch;
+  const float* row_lse;
+  const float* row_scale;
+  T* grad;  ///< chunk rows × grad_ld; may be z.logits when T is float
+  index_t grad_ld;
+};
+
+/// Four gradient values of type T, stored at once (8 bytes for bf16/half).
+template <class T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+/// scale (1[v = t] − e^(x − lse)) for the four columns base..base+3.
+KTO_HOST_DEVICE inline void quad_gradient(float4 z, index_t base, index_t target, float lse,
+                                          float scale, float (&out)[4]) {
+  const float x[4] = {z.x, z.y, z.z, z.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    out[k] = (base + k == target ? scale : 0.0f) - scale * expf(x[k] - lse);
+}
+
+template <class T, int kThreads>
+KTO_HOST_DEVICE inline void write_chunk_row(const float* row, const float* bias, T* out,
+                                            index_t vocab, index_t target, float lse, float scale,
+                                            int lane, bool zero) {
+  const index_t vectors = vocab / 4;
+  const float4* z4 = reinterpret_cast<const float4*>(row);
+  const float4* b4 = reinterpret_cast<const float4*>(bias);
+  Quad<T>* o4 = reinterpret_cast<Quad<T>*>(out);
+#pragma unroll 4
+  for (index_t i = lane; i < vectors; i += kThreads) {
+    float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (!zero) {
+      float4 z = z4[i];
+      if (bias) {
+        const float4 b = b4[i];
+        z.x += b.x, z.y += b.y, z.z += b.z, z.w += b.w;
+      }
+      quad_gradient(z, i * 4, target, lse, scale, g);
+    }
+    Quad<T> q;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q.v[k] = from_float<T>(g[k]);
+    o4[i] = q;
+  }
+  for (index_t v = vectors * 4 + lane; v < vocab; v += kThreads) {
+    float g = 0.0f;
+    if (!zero) {
+      const float x = row[v] + (bias ? bias[v] : 0.0f);
+      g = (v == target ? scale : 0.0f) - scale * expf(x - lse);
+    }
+    out[v] = from_float<T>(g);
+  }
+}
+
+template <class T, int kThreads, int kRowsPerBlock>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
+    chunk_backward_kernel(ChunkBackwardParams<T> p) {
+  const int lane = static_cast<int>(threadIdx.x) % kThreads;
+  const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  if (i >= p.z.rows) return;
+  const index_t r = p.z.row_begin + i;
+  const index_t t = p.batch.target(r);
+  const float scale = p.row_scale[r];
+  const bool scored = t != p.batch.ignore_index && t >= 0 && t < p.z.vocab && scale != 0.0f;
+  const float lse = scored ? p.row_lse[r] : 0.0f;
+  write_chunk_row<T, kThreads>(p.z.logits + i * p.z.ld, p.z.bias, p.grad + i * p.grad_ld, p.z.vocab,
+                               t, lse, scale, lane, !scored);
+}
+
+/// out[i] = float(in[i]) (the bias), or 1 when in is null (the ones of the db product).
+template <class T, class U>
+__global__ void convert_kernel(const T* in, U* out, index_t n) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    out[i] = in ? from_float<U>(to_float(in[i])) : from_float<U>(1.0f);
+}
+
+}  // namespace device
+}  // namespace kto
