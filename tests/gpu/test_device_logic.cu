@@ -12,6 +12,7 @@
 
 #include <kto/device/backward_kernel.cuh>
 #include <kto/device/forward_kernels.cuh>
+#include <kto/device/fused_linear_kernels.cuh>
 
 #include <array>
 #include <cmath>
@@ -224,4 +225,85 @@ TEST_CASE("sequence_of_row and covered_rows agree with a linear scan", "[device]
   kto::device::covered_rows(kto::SequencesView{bad.data(), 2}, 10, first, last);
   CHECK(first == 0);
   CHECK(last == 10);
+}
+
+// ------------------------------------------------ fused-linear row kernels --
+
+TEST_CASE("fused-linear forward lanes fold Z + b over float4 slices and the tail", "[device]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 3.0);
+  const index_t vocab = GENERATE(1, 3, 4, 5, 123, 4096, 5001);
+  const bool with_bias = GENERATE(true, false);
+  const index_t ld = (vocab + 3) / 4 * 4;
+  alignas(16) static float row[5004], bias[5004];
+  std::vector<double> z(vocab);
+  for (index_t v = 0; v < vocab; ++v) {
+    row[v] = static_cast<float>(normal(rng));
+    bias[v] = static_cast<float>(normal(rng));
+    z[v] = double(row[v]) + (with_bias ? double(bias[v]) : 0.0);
+  }
+  for (index_t v = vocab; v < ld; ++v) row[v] = NAN;  // padding is never read
+  const float* b = with_bias ? bias : nullptr;
+  auto emulate = [&](auto threads) {
+    constexpr int K = decltype(threads)::value;
+    std::vector<LseState> st(K);
+    for (int lane = 0; lane < K; ++lane)
+      st[lane] = kto::device::thread_biased_lse<K>(row, b, vocab, lane);
+    return emulate_group_reduce(st);
+  };
+  const double want = reference_lse(z);
+  INFO("V " << vocab << " bias " << with_bias);
+  for (const LseState st :
+       {emulate(std::integral_constant<int, 32>{}), emulate(std::integral_constant<int, 512>{})}) {
+    const double got = st.m + std::log(static_cast<double>(st.s));
+    CHECK(std::fabs(got - want) <= 1e-5 * (std::fabs(want) + 1.0));
+  }
+}
+
+TEMPLATE_TEST_CASE("fused-linear backward lanes write every gradient element once", "[device]",
+                   float, __half, __nv_bfloat16) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 2.0);
+  const index_t vocab = GENERATE(1, 3, 4, 9, 123, 5001);
+  const bool zero = GENERATE(false, true);
+  alignas(16) static float row[5004], bias[5004];
+  std::vector<double> z(vocab);
+  for (index_t v = 0; v < vocab; ++v) {
+    row[v] = static_cast<float>(normal(rng));
+    bias[v] = static_cast<float>(normal(rng));
+    z[v] = double(row[v]) + double(bias[v]);
+  }
+  const double lse = reference_lse(z);
+  const index_t target = vocab / 2;
+  const float scale = -0.37f;
+  alignas(16) static T out[5008];
+  const T poison = cast<T>(NAN);
+  for (auto& x : out) x = poison;
+  auto run = [&](auto threads) {
+    constexpr int K = decltype(threads)::value;
+    for (int lane = 0; lane < K; ++lane)
+      kto::device::write_chunk_row<T, K>(row, bias, out, vocab, target, static_cast<float>(lse),
+                                         scale, lane, zero);
+  };
+  const double u = std::is_same<T, float>::value    ? 0x1p-24
+                   : std::is_same<T, __half>::value ? 0x1p-11
+                                                    : 0x1p-8;
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 0)
+      run(std::integral_constant<int, 32>{});
+    else
+      run(std::integral_constant<int, 512>{});
+    index_t bad = 0;
+    for (index_t v = 0; v < vocab; ++v) {
+      const double want =
+          zero ? 0.0 : double(scale) * ((v == target ? 1.0 : 0.0) - std::exp(z[v] - lse));
+      const double got = kto::device::to_float(out[v]);
+      if (!(std::fabs(got - want) <=
+            1e-5 * std::fabs(scale) * (1 + std::fabs(lse)) + u * std::fabs(want)))
+        ++bad;
+    }
+    CHECK(bad == 0);
+    CHECK(std::isnan(kto::device::to_float(out[vocab])));  // nothing past the row
+  }
 }

@@ -88,12 +88,13 @@ inline index_t round_up(index_t x, index_t m) {
 template <class T>
 struct ChunkShape {
   index_t rows, ld_logits, ld_grad;
-  explicit ChunkShape(index_t vocab, size_t budget) {
+  /// `max_rows`: the most rows a call walks (no chunk larger than the batch).
+  ChunkShape(index_t vocab, size_t budget, index_t max_rows) {
     ld_logits = round_up(vocab, 4);
     ld_grad = std::is_same<T, float>::value ? ld_logits : round_up(vocab, 8);
     const size_t per_row = sizeof(float) * static_cast<size_t>(ld_logits) +
                            (std::is_same<T, float>::value ? 0 : sizeof(T) * ld_grad);
-    rows = chunk_rows_for_budget(budget, per_row);
+    rows = std::min(chunk_rows_for_budget(budget, per_row), std::max<index_t>(max_rows, 1));
   }
 };
 
@@ -115,9 +116,9 @@ struct FusedBuffers {
 template <class T>
 FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const LinearHead<T>& head,
                          const FusedLinearConfig& cfg) {
-  const ChunkShape<T> shape(head.weight.rows, cfg.chunk_bytes);
   const index_t N = in.hidden.rows, B = in.sequences.count;
   const index_t NK = in.kl.hidden.rows, K = in.kl.sequences.count;
+  const ChunkShape<T> shape(head.weight.rows, cfg.chunk_bytes, std::max(N, NK));
   FusedBuffers b;
   b.errors = c.take<device::DeviceErrors>(1);
   b.partial = c.take<KlPartial>(1);
@@ -155,10 +156,10 @@ template <class T>
 class ChunkRunner {
  public:
   ChunkRunner(cublasHandle_t handle, const LinearHead<T>& head, const FusedLinearConfig& cfg,
-              const FusedBuffers& b, cudaStream_t stream, const char* fn)
+              index_t max_rows, const FusedBuffers& b, cudaStream_t stream, const char* fn)
       : handle_(handle),
         head_(head),
-        shape_(head.weight.rows, cfg.chunk_bytes),
+        shape_(head.weight.rows, cfg.chunk_bytes, max_rows),
         b_(b),
         stream_(stream),
         fn_(fn) {}
@@ -377,7 +378,7 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     cudaMemset2DAsync(out.d_hidden.data, sizeof(float) * out.d_hidden.stride, 0,
                       sizeof(float) * out.d_hidden.cols, static_cast<size_t>(N), stream);
   if (head.bias) device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias, b.bias, V);
-  detail::ChunkRunner<T> runner(handle, head, cfg, b, stream, fn);
+  detail::ChunkRunner<T> runner(handle, head, cfg, std::max(N, in.kl.hidden.rows), b, stream, fn);
   device::convert_kernel<T, T>
       <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), runner.chunk_rows());
   detail::launch_validate_offsets(in.sequences, N, b.errors, 0u, stream);
@@ -507,7 +508,7 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
   if (head.bias)
     device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias, b.bias, head.weight.rows);
   detail::launch_validate_offsets(sequences, hidden.rows, b.errors, 0u, stream);
-  detail::ChunkRunner<T> runner(handle, head, cfg, b, stream, fn);
+  detail::ChunkRunner<T> runner(handle, head, cfg, hidden.rows, b, stream, fn);
   const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
   status = runner.forward_rows(hidden, rows, 0, hidden.rows, b.row_lse, b.token_logp, 0u);
   if (!status) return status;

@@ -1,0 +1,446 @@
+// The CUDA fused-linear step against the float64 reference (label: gpu).
+//
+// Fresh inputs each run, poisoned outputs, every output element checked under
+// fused_problem.hpp's rule (dZ is rounded to the input type before the two
+// gradient GEMMs, so that type's unit roundoff adds to the dH/dW/db bound);
+// repeat runs bit-identical, a graph-captured run equal to the eager one.
+#include <catch2/catch.hpp>
+
+#include <kto/cuda.hpp>
+#include <kto/cuda/fused_linear.hpp>
+
+#include <cstring>
+#include <vector>
+
+#include "../fused_problem.hpp"
+#include "device_support.cuh"
+
+namespace {
+
+using kto::index_t;
+using kto::cuda::FusedStrategy;
+
+struct Cublas {
+  cublasHandle_t handle = nullptr;
+  Cublas() { REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS); }
+  ~Cublas() { cublasDestroy(handle); }
+};
+
+template <class T>
+std::vector<T> stored(const std::vector<double>& v) {
+  std::vector<T> out;
+  for (double x : v) out.push_back(Type<T>::from(x));
+  return out;
+}
+template <class T>
+double round_to(double x) {
+  return Type<T>::up(Type<T>::from(x));
+}
+
+/// A FusedProblem on the device, with poisoned outputs.
+template <class T>
+struct DeviceProblem {
+  const test::FusedProblem& fp;
+  index_t B, K;
+  DeviceArray<T> hidden, weight, bias, kl_hidden;
+  DeviceArray<index_t> targets, offsets, kl_targets, kl_offsets;
+  DeviceArray<float> ref, kl_ref;
+  DeviceArray<std::uint8_t> desirable;
+  DeviceArray<kto::Metrics> metrics;
+  DeviceArray<float> logp, ratio, reward, loss, grad_logp, d_hidden, d_weight, d_bias;
+  DeviceArray<index_t> num_tokens;
+
+  explicit DeviceProblem(const test::FusedProblem& p)
+      : fp(p),
+        B(static_cast<index_t>(p.offsets.size()) - 1),
+        K(static_cast<index_t>(p.kl_offsets.size()) - 1),
+        hidden(stored<T>(p.hidden)),
+        weight(stored<T>(p.weight)),
+        bias(stored<T>(p.bias)),
+        kl_hidden(stored<T>(p.kl_hidden)),
+        targets(p.targets),
+        offsets(p.offsets),
+        kl_targets(p.kl_targets),
+        kl_offsets(p.kl_offsets),
+        ref(std::vector<float>(p.reference_logp.begin(), p.reference_logp.end())),
+        kl_ref(std::vector<float>(p.kl_reference_logp.begin(), p.kl_reference_logp.end())),
+        desirable(p.desirable),
+        metrics(1),
+        logp(B),
+        ratio(B),
+        reward(B),
+        loss(B),
+        grad_logp(B),
+        d_hidden(p.rows * p.dim),
+        d_weight(p.vocab * p.dim),
+        d_bias(p.vocab),
+        num_tokens(B) {}
+
+  void poison() {
+    metrics.poison();
+    logp.poison();
+    ratio.poison();
+    reward.poison();
+    loss.poison();
+    grad_logp.poison();
+    d_hidden.poison();
+    d_weight.poison();
+    d_bias.poison();
+    num_tokens.poison();
+  }
+  kto::LinearHead<T> head() const {
+    kto::LinearHead<T> h;
+    h.weight = kto::matrix_view<const T>(weight.get(), fp.vocab, fp.dim);
+    h.bias = fp.with_bias ? bias.get() : nullptr;
+    return h;
+  }
+  kto::cuda::FusedLinearInputs<T> inputs(bool host_offsets) const {
+    kto::cuda::FusedLinearInputs<T> in;
+    in.hidden = kto::matrix_view<const T>(hidden.get(), fp.rows, fp.dim);
+    in.targets = kto::targets_vector(targets.get(), fp.rows);
+    in.sequences = kto::sequences(offsets.get(), B);
+    in.host_offsets = host_offsets ? fp.offsets.data() : nullptr;
+    in.reference_logp = ref.get();
+    in.desirable = desirable.get();
+    in.kl.hidden = kto::matrix_view<const T>(kl_hidden.get(), fp.kl_rows, fp.dim);
+    in.kl.targets = kto::targets_vector(kl_targets.get(), fp.kl_rows);
+    in.kl.sequences = kto::sequences(kl_offsets.get(), K);
+    in.kl.reference_logp = kl_ref.get();
+    return in;
+  }
+  kto::cuda::FusedLinearOutputs outputs() {
+    kto::cuda::FusedLinearOutputs out;
+    out.metrics = metrics.get();
+    out.logp = logp.get();
+    out.num_tokens = num_tokens.get();
+    out.examples = {ratio.get(), reward.get(), loss.get(), grad_logp.get()};
+    out.d_hidden = kto::matrix_view(d_hidden.get(), fp.rows, fp.dim);
+    out.d_weight = kto::matrix_view(d_weight.get(), fp.vocab, fp.dim);
+    out.d_bias = d_bias.get();
+    return out;
+  }
+};
+
+struct Outcome {
+  kto::cuda::Status status;
+  kto::Metrics metrics;
+  std::vector<float> logp, ratio, reward, loss, grad_logp, d_hidden, d_weight, d_bias;
+  std::vector<index_t> num_tokens;
+};
+
+template <class T>
+Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
+                 const kto::cuda::FusedLinearConfig& cfg, bool host_offsets,
+                 cudaStream_t stream = nullptr, bool capture = false) {
+  Cublas blas;
+  const auto in = d.inputs(host_offsets);
+  const auto head = d.head();
+  size_t bytes = 0;
+  Outcome res;
+  res.status = kto::cuda::fused_linear_kto_step<T>(blas.handle, nullptr, bytes, in, head, o,
+                                                   d.outputs(), stream, cfg);
+  if (!res.status.ok() && bytes == 0) return res;
+  DeviceArray<char> workspace(bytes);
+  d.poison();
+  if (capture) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    res.status = kto::cuda::fused_linear_kto_step<T>(blas.handle, workspace.get(), bytes, in, head,
+                                                     o, d.outputs(), stream, cfg);
+    CUDA_REQUIRE(cudaStreamEndCapture(stream, &graph));
+    REQUIRE(res.status.ok());
+    CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_REQUIRE(cudaGraphLaunch(exec, stream));
+    CUDA_REQUIRE(cudaStreamSynchronize(stream));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  } else {
+    res.status = kto::cuda::fused_linear_kto_step<T>(blas.handle, workspace.get(), bytes, in, head,
+                                                     o, d.outputs(), stream, cfg);
+    if (!res.status.ok()) return res;
+  }
+  res.status = kto::cuda::read_status(workspace.get(), stream, in.sequences);
+  res.metrics = d.metrics.download()[0];
+  res.logp = d.logp.download();
+  res.ratio = d.ratio.download();
+  res.reward = d.reward.download();
+  res.loss = d.loss.download();
+  res.grad_logp = d.grad_logp.download();
+  res.num_tokens = d.num_tokens.download();
+  res.d_hidden = d.d_hidden.download();
+  res.d_weight = d.d_weight.download();
+  res.d_bias = d.d_bias.download();
+  return res;
+}
+
+template <class T>
+void check(const test::FusedProblem& fp, const kto::Options& o, const Outcome& got) {
+  INFO("status: " << got.status.message);
+  REQUIRE(got.status.ok());
+  const test::FusedReference R = test::fused_reference(fp, o);
+  test::FusedObserved obs;
+  obs.examples.metrics = got.metrics;
+  obs.examples.num_tokens = got.num_tokens;
+  obs.examples.logp.assign(got.logp.begin(), got.logp.end());
+  obs.examples.ratio.assign(got.ratio.begin(), got.ratio.end());
+  obs.examples.reward.assign(got.reward.begin(), got.reward.end());
+  obs.examples.loss.assign(got.loss.begin(), got.loss.end());
+  obs.examples.grad_logp.assign(got.grad_logp.begin(), got.grad_logp.end());
+  obs.d_hidden.assign(got.d_hidden.begin(), got.d_hidden.end());
+  obs.d_weight.assign(got.d_weight.begin(), got.d_weight.end());
+  obs.d_bias.assign(got.d_bias.begin(), got.d_bias.end());
+  const double u = std::is_same<T, float>::value ? 0.0 : Type<T>::unit_roundoff;
+  test::compare_fused(fp, R, obs, o, 1e-5, 0, -1, u);
+}
+
+template <class T>
+kto::cuda::FusedLinearConfig config_rows(const test::FusedProblem& fp, index_t rows,
+                                         FusedStrategy strategy) {
+  kto::cuda::FusedLinearConfig cfg;
+  const kto::cuda::detail::ChunkShape<T> one(fp.vocab, 1, 1);
+  cfg.chunk_bytes =
+      static_cast<size_t>(rows) * (sizeof(float) * one.ld_logits +
+                                   (std::is_same<T, float>::value ? 0 : sizeof(T) * one.ld_grad));
+  cfg.strategy = strategy;
+  cfg.cublas_workspace_bytes = size_t{4} << 20;
+  return cfg;
+}
+
+template <class T>
+void same_bits(const Outcome& a, const Outcome& b) {
+  auto eq = [](const auto& x, const auto& y) {
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
+  };
+  CHECK(std::memcmp(&a.metrics, &b.metrics, sizeof(kto::Metrics)) == 0);
+  CHECK(eq(a.logp, b.logp));
+  CHECK(eq(a.d_hidden, b.d_hidden));
+  CHECK(eq(a.d_weight, b.d_weight));
+  CHECK(eq(a.d_bias, b.d_bias));
+}
+
+}  // namespace
+
+#define KTO_CUDA_DTYPES float, __half, __nv_bfloat16
+
+TEMPLATE_TEST_CASE("CUDA fused-linear step matches the float64 reference", "[fused][sanitize]",
+                   KTO_CUDA_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const bool host_offsets = GENERATE(true, false);
+  const index_t chunk_rows = GENERATE(3, 1000);
+  const bool with_bias = GENERATE(true, false);
+  const index_t vocab = GENERATE(37, 123);
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " strategy " << int(strategy)
+               << " host offsets " << host_offsets << " chunk rows " << chunk_rows << " bias "
+               << with_bias << " V " << vocab);
+  test::FusedSpec spec;
+  spec.vocab = vocab;
+  spec.dim = 24;
+  auto fp = test::make_fused_problem(rng, spec, round_to<T>);
+  fp.with_bias = with_bias;
+  kto::Options o;
+  o.undesirable_weight = 1.33;
+  DeviceProblem<T> d(fp);
+  check<T>(fp, o, run_step(d, o, config_rows<T>(fp, chunk_rows, strategy), host_offsets));
+}
+
+TEMPLATE_TEST_CASE("CUDA fused-linear step at large vocabularies (block-per-row kernels)",
+                   "[fused]", KTO_CUDA_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const index_t vocab = GENERATE(5001, 128256);
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " V " << vocab);
+  test::FusedSpec spec;
+  spec.vocab = vocab;
+  spec.dim = 8;
+  spec.sequences = 3;
+  spec.kl_sequences = 2;
+  spec.max_len = 5;
+  const auto fp = test::make_fused_problem(rng, spec, round_to<T>);
+  kto::Options o;
+  DeviceProblem<T> d(fp);
+  check<T>(fp, o, run_step(d, o, config_rows<T>(fp, 4, FusedStrategy::keep_chunk), true));
+}
+
+TEST_CASE("CUDA fused-linear step for every option combination", "[fused][options]") {
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto loss_type = GENERATE(kto::LossType::kto, kto::LossType::apo_zero_unpaired);
+  const auto link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);
+  const auto point = GENERATE(kto::ReferencePoint::kl_batch, kto::ReferencePoint::fixed,
+                              kto::ReferencePoint::zero);
+  const auto estimator = GENERATE(kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean);
+  const bool clamp = GENERATE(true, false);
+  const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
+  const bool average = GENERATE(false, true);
+  const kto::Options o =
+      test::combination(loss_type, link, point, estimator, clamp, reduction, average);
+  INFO("seed " << seed << " loss_type " << int(loss_type) << " link " << int(link) << " point "
+               << int(point) << " estimator " << int(estimator) << " clamp " << clamp
+               << " reduction " << int(reduction) << " average " << average);
+  const auto fp = test::make_fused_problem(rng, test::FusedSpec{}, round_to<float>);
+  DeviceProblem<float> d(fp);
+  check<float>(fp, o, run_step(d, o, config_rows<float>(fp, 4, FusedStrategy::keep_chunk), true));
+}
+
+TEST_CASE("CUDA fused-linear step: repeat runs and a graph replay give the same bits",
+          "[fused][sanitize]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  test::FusedSpec spec;
+  spec.vocab = 301;
+  spec.sequences = 7;
+  const auto fp = test::make_fused_problem(rng, spec, round_to<__nv_bfloat16>);
+  kto::Options o;
+  DeviceProblem<__nv_bfloat16> d(fp);
+  const auto cfg = config_rows<__nv_bfloat16>(fp, 5, FusedStrategy::keep_chunk);
+  const Outcome a = run_step(d, o, cfg, true);
+  const Outcome b = run_step(d, o, cfg, true);
+  REQUIRE(a.status.ok());
+  same_bits<__nv_bfloat16>(a, b);
+  cudaStream_t stream;
+  CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const Outcome g = run_step(d, o, cfg, true, stream, true);
+  cudaStreamDestroy(stream);
+  INFO(g.status.message);
+  REQUIRE(g.status.ok());
+  same_bits<__nv_bfloat16>(a, g);
+}
+
+/// lse, ℓ and the row scale: three floats a row.
+size_t per_row_bytes() {
+  return 3 * sizeof(float);
+}
+
+TEST_CASE("CUDA fused-linear workspace grows by O(rows) scalars, not rows x vocab",
+          "[fused][memory]") {
+  kto::LinearHead<__nv_bfloat16> head;
+  head.weight = kto::matrix_view<const __nv_bfloat16>(nullptr, 128256, 1024);
+  kto::cuda::FusedLinearInputs<__nv_bfloat16> small, large;
+  small.hidden.rows = 512;
+  large.hidden.rows = 512 * 64;
+  small.sequences.count = 1;
+  large.sequences.count = 64;
+  kto::cuda::FusedLinearConfig cfg;
+  cfg.chunk_bytes = size_t{64} << 20;  // fewer rows than either batch: both chunks are equal
+  const size_t a = kto::cuda::fused_linear_workspace_bytes(small, head, cfg);
+  const size_t b = kto::cuda::fused_linear_workspace_bytes(large, head, cfg);
+  CHECK(a <= cfg.chunk_bytes + cfg.cublas_workspace_bytes + sizeof(float) * 128256 +
+                 small.hidden.rows * per_row_bytes() + 64 * 256);
+  const size_t per_row = per_row_bytes(), per_seq = 6 * 8;
+  CHECK(b - a <= (large.hidden.rows - small.hidden.rows) * per_row +
+                     (large.sequences.count - small.sequences.count) * per_seq + 20 * 256);
+  const size_t logits = sizeof(float) * 128256 * static_cast<size_t>(large.hidden.rows);
+  CHECK(b < logits / 4);
+}
+
+TEST_CASE("CUDA fused-linear logprobs equal the reference forward", "[fused]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  const auto fp = test::make_fused_problem(rng, test::FusedSpec{}, round_to<__nv_bfloat16>);
+  DeviceProblem<__nv_bfloat16> d(fp);
+  kto::Options o;
+  o.average_logprob = GENERATE(false, true);
+  Cublas blas;
+  size_t bytes = 0;
+  const auto head = d.head();
+  const auto hidden = kto::matrix_view<const __nv_bfloat16>(d.hidden.get(), fp.rows, fp.dim);
+  const auto targets = kto::targets_vector(d.targets.get(), fp.rows);
+  const auto seqs = kto::sequences(d.offsets.get(), d.B);
+  kto::cuda::fused_linear_logprobs<__nv_bfloat16>(blas.handle, nullptr, bytes, hidden, targets,
+                                                  seqs, head, o, d.logp.get(), d.num_tokens.get(),
+                                                  nullptr);
+  DeviceArray<char> ws(bytes);
+  d.poison();
+  auto st = kto::cuda::fused_linear_logprobs<__nv_bfloat16>(blas.handle, ws.get(), bytes, hidden,
+                                                            targets, seqs, head, o, d.logp.get(),
+                                                            d.num_tokens.get(), nullptr);
+  REQUIRE(st.ok());
+  st = kto::cuda::read_status(ws.get(), nullptr, seqs);
+  REQUIRE(st.ok());
+  const auto logp = d.logp.download();
+  const auto tokens = d.num_tokens.download();
+  const ref::Problem p = fp.target_problem();
+  const ref::Forward want = ref::forward(p, o.ignore_index, o.average_logprob);
+  for (index_t s = 0; s < d.B; ++s) {
+    double scale = 1.0;
+    for (index_t r = fp.offsets[s]; r < fp.offsets[s + 1]; ++r)
+      if (fp.targets[r] != o.ignore_index)
+        scale += std::fabs(want.lse[r]) + std::fabs(want.token_logp[r]);
+    if (o.average_logprob && want.num_tokens[s] > 0) scale /= double(want.num_tokens[s]);
+    CHECK(tokens[s] == want.num_tokens[s]);
+    KTO_CHECK_CLOSE(logp[s], want.logp[s], scale, 1e-5);
+  }
+}
+
+TEST_CASE("CUDA fused-linear errors: host arguments", "[fused][errors]") {
+  std::mt19937_64 rng(11);
+  const auto fp = test::make_fused_problem(rng, test::FusedSpec{}, round_to<float>);
+  DeviceProblem<float> d(fp);
+  kto::Options o;
+  Cublas blas;
+  auto expect = [&](auto in, auto head, kto::cuda::FusedLinearOutputs out, const char* argument) {
+    size_t bytes = 0;
+    const auto st = kto::cuda::fused_linear_kto_step<float>(blas.handle, nullptr, bytes, in, head,
+                                                            o, out, nullptr);
+    INFO(st.message);
+    CHECK(st.code == kto::cuda::StatusCode::invalid_argument);
+    CHECK(std::string(st.message).find(std::string("'") + argument + "'") != std::string::npos);
+  };
+  {
+    auto in = d.inputs(true);
+    in.hidden.cols = fp.dim - 1;
+    expect(in, d.head(), d.outputs(), "hidden.cols");
+  }
+  {
+    auto head = d.head();
+    head.vocab_total = fp.vocab + 5;
+    expect(d.inputs(true), head, d.outputs(), "head.vocab_total");
+  }
+  {
+    auto out = d.outputs();
+    out.d_weight.rows -= 1;
+    expect(d.inputs(true), d.head(), out, "out.d_weight");
+  }
+  {
+    auto in = d.inputs(true);
+    std::vector<index_t> bad = fp.offsets;
+    bad[1] = bad[2] + 1;
+    in.host_offsets = bad.data();
+    expect(in, d.head(), d.outputs(), "host_offsets.offsets[2]");
+  }
+  {
+    auto in = d.inputs(true);
+    in.kl.reference_logp = nullptr;
+    expect(in, d.head(), d.outputs(), "kl.reference_logp");
+  }
+}
+
+TEST_CASE("CUDA fused-linear errors: device-side checks are reported with the row",
+          "[fused][errors][sanitize]") {
+  std::mt19937_64 rng(12);
+  auto fp = test::make_fused_problem(rng, test::FusedSpec{}, round_to<float>);
+  const index_t s = 3, r = fp.offsets[s];
+  REQUIRE(fp.offsets[s + 1] > r);
+  for (index_t q = r; q < fp.offsets[s + 1]; ++q) fp.targets[q] = 1;
+  kto::Options o;
+  SECTION("a target id outside the vocabulary") {
+    fp.targets[r] = fp.vocab;
+    DeviceProblem<float> d(fp);
+    const Outcome got = run_step(d, o, config_rows<float>(fp, 4, FusedStrategy::keep_chunk), true);
+    INFO(got.status.message);
+    CHECK(got.status.code == kto::cuda::StatusCode::target_out_of_range);
+    CHECK(std::string(got.status.message).find("row " + std::to_string(r)) != std::string::npos);
+  }
+  SECTION("a NaN hidden state") {
+    fp.hidden[r * fp.dim + 1] = std::nan("");
+    DeviceProblem<float> d(fp);
+    const Outcome got = run_step(d, o, config_rows<float>(fp, 4, FusedStrategy::recompute), true);
+    INFO(got.status.message);
+    CHECK(got.status.code == kto::cuda::StatusCode::non_finite_logits);
+    CHECK(std::string(got.status.message).find("sequence 3, row " + std::to_string(r)) !=
+          std::string::npos);
+  }
+}
