@@ -351,6 +351,28 @@ size_t fused_linear_workspace_bytes(const LinearHead<T>& head, const FusedLinear
   return bytes;
 }
 
+/// Forward only: logp_s and n_s of a batch from its hidden states (the
+/// reference model's log-probs, or a KL batch's), chunk by chunk. Unsharded heads.
+template <class T>
+SequenceForward<accumulator_t<T>> fused_linear_logprobs(const MatrixView<const T>& hidden,
+                                                        const TargetsView& targets,
+                                                        const SequencesView& sequences,
+                                                        const LinearHead<T>& head, const Options& o,
+                                                        const FusedLinearConfig& cfg = {},
+                                                        const ExecutionPolicy& exec = {}) {
+  const char* fn = "kto::cpu::fused_linear_logprobs";
+  validate_options(o, fn);
+  kto::detail::validate_head(head, fn);
+  kto::detail::require(!head.sharded(), fn, "head.vocab_total",
+                       "equal head.weight.rows (merge slices with fused_linear_kto_step)",
+                       head.vocab_total);
+  detail::validate_hidden_batch(hidden, targets, sequences, head, o, fn, "", true);
+  detail::ChunkEngine<T> engine(head, detail::chunk_rows_of(head, cfg), exec);
+  const detail::RowScorer scorer(targets, sequences, o.ignore_index);
+  return detail::sequences_from_partials(detail::batch_partials(engine, hidden, scorer), targets,
+                                         sequences, o, fn, "hidden");
+}
+
 /// The whole KTO step from hidden states. Gradients are overwritten.
 template <class T>
 StepResult<accumulator_t<T>> fused_linear_kto_step(

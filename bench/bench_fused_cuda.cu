@@ -1,0 +1,254 @@
+// bench_fused_cuda — the fused-linear KTO step against the dense bf16 matmul peak.
+//
+// Hidden states H (N × D), lm_head W (V × D), bf16, every token scored. The
+// useful work of a policy step is three N·V·D GEMM passes (logits, dH, dW):
+// 6·N·V·D FLOPs; the KL batch adds a forward pass, the reference model's
+// log-probs another. This program measures a large bf16 GEMM on the same card
+// (cuBLAS, fp32 accumulate) as the peak, then times (median of --reps, CUDA
+// events) the reference forward, the policy step kept and recomputed, the full
+// step with its KL batch, and "reference forward + policy step" — the work
+// Liger's LigerFusedLinearKTOLoss does with use_ref_model=True — and prints
+// ms, TFLOP/s, the fraction of the measured peak and the device memory this
+// program holds (inputs, outputs, workspace), with a table last.
+//
+//   usage: bench_fused_cuda [--batch B] [--len T] [--dim D[,D...]] [--vocab V]
+//                           [--chunk-mb M[,M...]] [--reps R]
+#include <cublas_v2.h>
+
+#include <kto/cuda.hpp>
+#include <kto/cuda/fused_linear.hpp>
+
+#include <string>
+
+#include "cuda_bench_support.cuh"
+
+namespace {
+
+using kto::index_t;
+using bf16 = __nv_bfloat16;
+using namespace bench;
+
+std::vector<index_t> parse_list(const char* s) {
+  std::vector<index_t> v;
+  for (char* p = const_cast<char*>(s); *p;) {
+    v.push_back(std::strtoll(p, &p, 10));
+    if (*p == ',') ++p;
+  }
+  return v;
+}
+
+/// Tracks what this program holds on the device.
+size_t g_held = 0;
+template <class U>
+U* hold(size_t n) {
+  g_held += n * sizeof(U);
+  return device_alloc<U>(n);
+}
+
+/// Values u·scale, u uniform in [−1, 1).
+__global__ void fill_uniform(bf16* x, size_t n, float scale, unsigned seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const float u = (hash(i * 2654435761ull + seed) & 0xFFFFFF) / float(0x1000000);
+    x[i] = __float2bfloat16_rn(scale * (2.0f * u - 1.0f));
+  }
+}
+
+double peak_tflops(cublasHandle_t h, int reps, cudaStream_t stream, void* flush,
+                   size_t flush_bytes) {
+  const int n = 8192;
+  bf16 *a = device_alloc<bf16>(size_t(n) * n), *b = device_alloc<bf16>(size_t(n) * n),
+       *c = device_alloc<bf16>(size_t(n) * n);
+  fill_uniform<<<4096, 256, 0, stream>>>(a, size_t(n) * n, 1.0f, 1);
+  fill_uniform<<<4096, 256, 0, stream>>>(b, size_t(n) * n, 1.0f, 2);
+  const float one = 1.0f, zero = 0.0f;
+  const double ms = median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t) {
+    cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n,
+                 &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  });
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return 2.0 * n * double(n) * n / (ms * 1e-3) / 1e12;
+}
+
+struct Row {
+  std::string name;
+  double ms, tflop, tflops, fraction, mb;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  index_t batch = 32, len = 512, vocab = 128256;
+  std::vector<index_t> dims = {1024, 4096}, chunk_mb = {1024};
+  int reps = 10;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--batch")
+      batch = std::atoll(argv[i + 1]);
+    else if (a == "--len")
+      len = std::atoll(argv[i + 1]);
+    else if (a == "--vocab")
+      vocab = std::atoll(argv[i + 1]);
+    else if (a == "--dim")
+      dims = parse_list(argv[i + 1]);
+    else if (a == "--chunk-mb")
+      chunk_mb = parse_list(argv[i + 1]);
+    else if (a == "--reps")
+      reps = std::atoi(argv[i + 1]);
+    else {
+      std::fprintf(stderr,
+                   "usage: %s [--batch B] [--len T] [--dim D[,D]] [--vocab V] [--chunk-mb M[,M]] "
+                   "[--reps R]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  cublasHandle_t blas;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return 1;
+  cublasSetStream(blas, stream);
+  const size_t flush_bytes = size_t{64} << 20;
+  void* flush = device_alloc<char>(flush_bytes);
+  const double peak = peak_tflops(blas, reps, stream, flush, flush_bytes);
+  std::printf("device: %s; bf16 GEMM 8192^3 (cuBLAS, fp32 accumulate): %.0f TFLOP/s\n", prop.name,
+              peak);
+
+  std::vector<Row> table;
+  for (const index_t D : dims) {
+    g_held = 0;
+    const index_t N = batch * len;
+    bf16* hidden = hold<bf16>(size_t(N) * D);
+    bf16* kl_hidden = hold<bf16>(size_t(N) * D);
+    bf16* ref_hidden = hold<bf16>(size_t(N) * D);
+    bf16* weight = hold<bf16>(size_t(vocab) * D);
+    bf16* ref_weight = hold<bf16>(size_t(vocab) * D);
+    index_t* targets = hold<index_t>(N);
+    index_t* offsets = hold<index_t>(batch + 1);
+    float* ref_logp = hold<float>(batch);
+    index_t* ref_tokens = hold<index_t>(batch);
+    std::uint8_t* desirable = hold<std::uint8_t>(batch);
+    const float wscale = 3.0f / std::sqrt(float(D));
+    fill_uniform<<<4096, 256, 0, stream>>>(hidden, size_t(N) * D, 1.0f, 3);
+    fill_uniform<<<4096, 256, 0, stream>>>(kl_hidden, size_t(N) * D, 1.0f, 4);
+    fill_uniform<<<4096, 256, 0, stream>>>(ref_hidden, size_t(N) * D, 1.0f, 5);
+    fill_uniform<<<4096, 256, 0, stream>>>(weight, size_t(vocab) * D, wscale, 6);
+    fill_uniform<<<4096, 256, 0, stream>>>(ref_weight, size_t(vocab) * D, wscale, 7);
+    fill_targets<<<1024, 256, 0, stream>>>(targets, N, vocab, 8);
+    const std::vector<index_t> host_offsets = kto::padded_offsets(batch, len);
+    std::vector<std::uint8_t> labels(batch);
+    for (index_t s = 0; s < batch; ++s) labels[s] = s % 2;
+    CHECK_CUDA(cudaMemcpy(offsets, host_offsets.data(), sizeof(index_t) * (batch + 1),
+                          cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(desirable, labels.data(), batch, cudaMemcpyHostToDevice));
+    kto::Metrics* metrics = hold<kto::Metrics>(1);
+    float* d_hidden = hold<float>(size_t(N) * D);
+    float* d_weight = hold<float>(size_t(vocab) * D);
+    const size_t held_base = g_held;
+
+    kto::LinearHead<bf16> head, ref_head;
+    head.weight = kto::matrix_view<const bf16>(weight, vocab, D);
+    ref_head.weight = kto::matrix_view<const bf16>(ref_weight, vocab, D);
+    kto::cuda::FusedLinearInputs<bf16> in;
+    in.hidden = kto::matrix_view<const bf16>(hidden, N, D);
+    in.targets = kto::targets_vector(targets, N);
+    in.sequences = kto::sequences(offsets, batch);
+    in.host_offsets = host_offsets.data();
+    in.reference_logp = ref_logp;
+    in.desirable = desirable;
+    in.kl.hidden = kto::matrix_view<const bf16>(kl_hidden, N, D);
+    in.kl.targets = in.targets;
+    in.kl.sequences = in.sequences;
+    in.kl.reference_logp = ref_logp;
+    kto::cuda::FusedLinearOutputs out;
+    out.metrics = metrics;
+    out.d_hidden = kto::matrix_view(d_hidden, N, D);
+    out.d_weight = kto::matrix_view(d_weight, vocab, D);
+
+    const double pass = 2.0 * double(N) * double(vocab) * double(D) / 1e12;  // TFLOP
+    for (const index_t mb : chunk_mb) {
+      kto::cuda::FusedLinearConfig keep, recompute;
+      keep.chunk_bytes = recompute.chunk_bytes = size_t(mb) << 20;
+      recompute.strategy = kto::cuda::FusedStrategy::recompute;
+      kto::Options fixed, kl;
+      fixed.reference_point = kto::ReferencePoint::fixed;
+      size_t bytes = 0, ref_bytes = 0;
+      kto::cuda::fused_linear_kto_step<bf16>(blas, nullptr, bytes, in, head, kl, out, stream, keep);
+      kto::cuda::fused_linear_logprobs<bf16>(blas, nullptr, ref_bytes, in.hidden, in.targets,
+                                             in.sequences, ref_head, fixed, ref_logp, ref_tokens,
+                                             stream, keep);
+      const size_t ws_bytes = std::max(bytes, ref_bytes);
+      void* ws = device_alloc<char>(ws_bytes);
+      const double held_mb = double(held_base + ws_bytes) / (1 << 20);
+      const double ws_mb = double(ws_bytes) / (1 << 20);
+      auto reference = [&](cudaStream_t s) {
+        size_t b = ws_bytes;
+        CHECK_STATUS(kto::cuda::fused_linear_logprobs<bf16>(blas, ws, b, in.hidden, in.targets,
+                                                            in.sequences, ref_head, fixed, ref_logp,
+                                                            ref_tokens, s, keep));
+      };
+      auto step = [&](const kto::Options& o, const kto::cuda::FusedLinearConfig& cfg) {
+        return [&, o, cfg](cudaStream_t s) {
+          size_t b = ws_bytes;
+          CHECK_STATUS(
+              kto::cuda::fused_linear_kto_step<bf16>(blas, ws, b, in, head, o, out, s, cfg));
+        };
+      };
+      reference(stream);
+      CHECK_STATUS(kto::cuda::read_status(ws, stream));
+      auto add = [&](const std::string& name, double flop, double ms) {
+        const double tflops = flop / (ms * 1e-3);
+        table.push_back({"D=" + std::to_string(D) + " chunk " + std::to_string(mb) + "MB " + name,
+                         ms, flop, tflops, tflops / peak, held_mb});
+        std::printf("%-58s %9.2f ms %7.1f TFLOP/s %5.1f%% of peak  (workspace %.0f MB)\n",
+                    table.back().name.c_str(), ms, tflops, 100 * tflops / peak, ws_mb);
+      };
+      add("reference forward", pass, median_ms(reps, stream, flush, flush_bytes, reference));
+      add("policy step, keep", 3 * pass,
+          median_ms(reps, stream, flush, flush_bytes, step(fixed, keep)));
+      CHECK_STATUS(kto::cuda::read_status(ws, stream));
+      add("policy step, recompute", 3 * pass,
+          median_ms(reps, stream, flush, flush_bytes, step(fixed, recompute)));
+      add("full step (KL + policy), keep", 4 * pass,
+          median_ms(reps, stream, flush, flush_bytes, step(kl, keep)));
+      CHECK_STATUS(kto::cuda::read_status(ws, stream));
+      auto both = step(fixed, keep);
+      add("ref forward + policy step (Liger's work)", 4 * pass,
+          median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t s) {
+            reference(s);
+            both(s);
+          }));
+      kto::Metrics m{};
+      CHECK_CUDA(cudaMemcpy(&m, metrics, sizeof(m), cudaMemcpyDeviceToHost));
+      std::printf("  check: loss %.6f, logps chosen %.1f (finite: %s)\n", m.loss, m.logps_chosen,
+                  std::isfinite(m.loss) ? "yes" : "NO");
+      CHECK_CUDA(cudaFree(ws));
+    }
+    for (void* p :
+         {(void*)hidden, (void*)kl_hidden, (void*)ref_hidden, (void*)weight, (void*)ref_weight,
+          (void*)targets, (void*)offsets, (void*)ref_logp, (void*)ref_tokens, (void*)desirable,
+          (void*)metrics, (void*)d_hidden, (void*)d_weight})
+      CHECK_CUDA(cudaFree(p));
+  }
+
+  std::printf("\nfused-linear KTO step, B=%lld T=%lld V=%lld bf16, %s (peak %.0f TFLOP/s)\n",
+              static_cast<long long>(batch), static_cast<long long>(len),
+              static_cast<long long>(vocab), prop.name, peak);
+  std::printf("%-58s %9s %9s %7s %10s\n", "case", "ms", "TFLOP/s", "% peak", "held MB");
+  for (const Row& r : table)
+    std::printf("%-58s %9.2f %9.1f %6.1f%% %10.0f\n", r.name.c_str(), r.ms, r.tflops,
+                100 * r.fraction, r.mb);
+  std::printf(
+      "(held MB: inputs incl. reference model and KL hidden states, fp32 dH and dW, "
+      "workspace)\n");
+  return 0;
+}
