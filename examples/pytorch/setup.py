@@ -4,7 +4,7 @@
 
 With nvcc present (CUDA_HOME) and a CUDA build of torch, the CUDA kernels are
 compiled in too (for KTO_CUDA_ARCHS, default "80;90"); KTO_TORCH_CUDA=0 skips
-them.
+them. Eigen's headers come from /usr/include/eigen3 or $KTO_EIGEN_DIR.
 """
 
 import os
@@ -15,7 +15,8 @@ from torch.utils import cpp_extension
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-INCLUDES = [str(ROOT / "include"), str(ROOT / "kernels"), "/usr/include/eigen3"]
+INCLUDES = [str(ROOT / "include"), str(ROOT / "kernels"),
+            os.environ.get("KTO_EIGEN_DIR", "/usr/include/eigen3")]
 CXX_FLAGS = ["-O3", "-march=native", "-std=c++17"]
 
 with_cuda = (
@@ -32,6 +33,7 @@ if with_cuda:
         ["csrc/kto_torch.cpp", "csrc/kto_torch_cuda.cu"],
         include_dirs=INCLUDES,
         define_macros=[("KTO_TORCH_WITH_CUDA", "1")],
+        libraries=["cublas"],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", *gencode]},
     )
 else:

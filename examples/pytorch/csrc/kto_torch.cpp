@@ -99,6 +99,20 @@ kto::Span<const A> span_of(const torch::Tensor& x) {
   return kto::make_span(x.data_ptr<A>(), x.numel());
 }
 
+template <class A>
+torch::Tensor acc_tensor(at::IntArrayRef shape) {
+  return torch::empty(
+      shape, torch::dtype(std::is_same<A, double>::value ? torch::kDouble : torch::kFloat));
+}
+
+torch::Tensor metrics_tensor(const kto::Metrics& m, const torch::Device& d) {
+  return torch::tensor({m.loss, m.kl, m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
+                        m.logps_chosen, m.logps_rejected, static_cast<double>(m.count_chosen),
+                        static_cast<double>(m.count_rejected)},
+                       torch::dtype(torch::kDouble))
+      .to(d);
+}
+
 /// (logp [B], num_tokens [B] int64, row_lse [rows]) in the accumulation type.
 std::vector<torch::Tensor> sequence_logprobs_cpu(const torch::Tensor& logits,
                                                  const torch::Tensor& targets,
@@ -169,12 +183,7 @@ std::vector<torch::Tensor> step_forward_cpu(
     const auto ref = to_acc(reference_logp, logits);
     const auto fin = kto::finish<A>(kl, kto::make_span(fwd.logp), span_of<A>(ref),
                                     kto::make_span(labels.data_ptr<uint8_t>(), labels.numel()), o);
-    const kto::Metrics& m = fin.metrics;
-    auto metrics =
-        torch::tensor({m.loss, m.kl, m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
-                       m.logps_chosen, m.logps_rejected, static_cast<double>(m.count_chosen),
-                       static_cast<double>(m.count_rejected)},
-                      torch::dtype(torch::kDouble));
+    auto metrics = metrics_tensor(fin.metrics, torch::kCPU);
     const index_t B = off.view.count;
     const auto acc = std::is_same<A, double>::value ? torch::kDouble : torch::kFloat;
     auto per_example = torch::empty({5, B}, torch::dtype(acc));
@@ -214,6 +223,115 @@ torch::Tensor step_backward_cpu(const torch::Tensor& logits, const torch::Tensor
                           exec());
   });
   return grad;
+}
+
+// ---- fused linear: hidden states and the lm_head instead of logits ----
+
+/// A [rows, D] tensor with unit column stride as a MatrixView.
+template <class T>
+kto::MatrixView<const T> matrix_of(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, "kto: argument '", name, "' must be 2-D [rows, D]; got ", x.dim(),
+              " dims");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, "kto: argument '", name,
+              "' must be contiguous along D; got stride ", x.stride(1));
+  return kto::MatrixView<const T>{reinterpret_cast<const T*>(x.data_ptr()), x.size(0), x.size(1),
+                                  x.size(0) > 1 ? x.stride(0) : x.size(1)};
+}
+
+void check_same_dtype(const torch::Tensor& a, const char* name, const torch::Tensor& hidden) {
+  TORCH_CHECK(a.numel() == 0 || a.scalar_type() == hidden.scalar_type(), "kto: argument '", name,
+              "' must have the dtype of 'hidden' (", hidden.scalar_type(), "); got ",
+              a.scalar_type());
+}
+
+/// metrics [9], per_example [5, B], num_tokens [B], d_hidden [N, D], d_weight [V, D], d_bias [V]
+/// (empty without bias): gradients of the loss, in the accumulation type.
+std::vector<torch::Tensor> fused_linear_forward_cpu(
+    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
+    const torch::Tensor& desirable, const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
+    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp, const kto::Options& o,
+    int64_t chunk_bytes, int64_t strategy) {
+  const Offsets off = offsets_view(offsets, hidden.device());
+  const bool kl = kto::uses_kl_batch(o) && kl_offsets.numel() > 0;
+  const Offsets kl_off =
+      offsets_view(kl ? kl_offsets : torch::zeros({1}, torch::kLong), hidden.device());
+  const auto labels = desirable.to(torch::kCPU, torch::kUInt8).contiguous();
+  std::vector<torch::Tensor> out;
+  dispatch(hidden, [&](auto tag) {
+    using T = decltype(tag);
+    using A = kto::accumulator_t<T>;
+    kto::LinearHead<T> head;
+    head.weight = matrix_of<T>(weight, "weight");
+    head.bias = bias.numel() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+    kto::cpu::FusedLinearInputs<T> in;
+    in.hidden = matrix_of<T>(hidden, "hidden");
+    in.targets = targets_view(targets);
+    in.sequences = off.view;
+    const auto ref = to_acc(reference_logp, hidden);
+    in.reference_logp = span_of<A>(ref);
+    in.desirable = kto::make_span(labels.data_ptr<uint8_t>(), labels.numel());
+    torch::Tensor kl_ref;
+    if (kl) {
+      in.kl_hidden = matrix_of<T>(kl_hidden, "kl_hidden");
+      in.kl_targets = targets_view(kl_targets);
+      in.kl_sequences = kl_off.view;
+      kl_ref = to_acc(kl_reference_logp, hidden);
+      in.kl_reference_logp = span_of<A>(kl_ref);
+    } else {
+      in.kl_hidden = kto::MatrixView<const T>{nullptr, 0, head.weight.cols, head.weight.cols};
+      in.kl_sequences = kl_off.view;
+    }
+    const index_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
+    auto dh = acc_tensor<A>({N, D}), dw = acc_tensor<A>({V, D});
+    auto db = head.bias ? acc_tensor<A>({V}) : acc_tensor<A>({0});
+    kto::cpu::LinearGradients<A> g;
+    g.d_hidden = kto::matrix_view(dh.template data_ptr<A>(), N, D);
+    g.d_weight = kto::matrix_view(dw.template data_ptr<A>(), V, D);
+    g.d_bias = head.bias ? db.template data_ptr<A>() : nullptr;
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
+    cfg.strategy = static_cast<kto::cpu::FusedStrategy>(strategy);
+    const auto r = kto::cpu::fused_linear_kto_step<T>(in, head, o, g, cfg, exec());
+    const index_t B = off.view.count;
+    auto per_example = acc_tensor<A>({5, B});
+    const std::vector<A>* rows[5] = {&r.logp, &r.examples.ratio, &r.examples.reward,
+                                     &r.examples.loss, &r.examples.grad_logp};
+    for (int k = 0; k < 5; ++k)
+      std::memcpy(per_example[k].data_ptr(), rows[k]->data(), B * sizeof(A));
+    auto n = torch::empty({B}, torch::dtype(torch::kLong));
+    std::memcpy(n.data_ptr(), r.num_tokens.data(), B * sizeof(index_t));
+    out = {metrics_tensor(r.metrics, torch::kCPU), per_example, n, dh, dw, db};
+  });
+  return out;
+}
+
+/// Forward only: (logp [B], num_tokens [B]) from hidden states.
+std::vector<torch::Tensor> fused_linear_logprobs_cpu(const torch::Tensor& hidden,
+                                                     const torch::Tensor& weight,
+                                                     const torch::Tensor& bias,
+                                                     const torch::Tensor& targets,
+                                                     const torch::Tensor& offsets,
+                                                     const kto::Options& o, int64_t chunk_bytes) {
+  const Offsets off = offsets_view(offsets, hidden.device());
+  std::vector<torch::Tensor> out;
+  dispatch(hidden, [&](auto tag) {
+    using T = decltype(tag);
+    using A = kto::accumulator_t<T>;
+    kto::LinearHead<T> head;
+    head.weight = matrix_of<T>(weight, "weight");
+    head.bias = bias.numel() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
+    const auto f = kto::cpu::fused_linear_logprobs<T>(
+        matrix_of<T>(hidden, "hidden"), targets_view(targets), off.view, head, o, cfg, exec());
+    auto logp = acc_tensor<A>({off.view.count});
+    auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong));
+    std::memcpy(logp.data_ptr(), f.logp.data(), f.logp.size() * sizeof(A));
+    std::memcpy(n.data_ptr(), f.num_tokens.data(), f.num_tokens.size() * sizeof(index_t));
+    out = {logp, n};
+  });
+  return out;
 }
 
 #ifdef KTO_TORCH_WITH_CUDA
@@ -330,6 +448,95 @@ torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& ta
   return grad;
 }
 
+kto_torch_cuda::DType dtype_of(const torch::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case torch::kFloat:
+      return kto_torch_cuda::DType::f32;
+    case torch::kHalf:
+      return kto_torch_cuda::DType::f16;
+    case torch::kBFloat16:
+      return kto_torch_cuda::DType::bf16;
+    default:
+      TORCH_CHECK(false, "kto: argument '", name,
+                  "' on CUDA must be float32, bfloat16 or float16; got ", x.scalar_type());
+  }
+  return kto_torch_cuda::DType::f32;
+}
+
+kto_torch_cuda::Matrix matrix_cuda(const torch::Tensor& x, const char* name) {
+  const auto m = matrix_of<char>(x, name);
+  return kto_torch_cuda::Matrix{dtype_of(x, name), x.data_ptr(), m.rows, m.cols, m.stride};
+}
+
+std::vector<torch::Tensor> fused_linear_forward(
+    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
+    const torch::Tensor& desirable, const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
+    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp, const kto::Options& o,
+    int64_t chunk_bytes, int64_t strategy) {
+  const auto d = hidden.device();
+  const Offsets off = offsets_view(offsets, d);
+  const auto host_offsets = offsets.to(torch::kCPU, torch::kLong).contiguous();
+  const bool kl = kto::uses_kl_batch(o) && kl_offsets.numel() > 0;
+  const Offsets kl_off = offsets_view(kl ? kl_offsets : torch::zeros({1}, torch::kLong), d);
+  const auto ref = device_float(reference_logp, d);
+  const auto kl_ref = kl ? device_float(kl_reference_logp, d) : ref;
+  const auto labels = desirable.to(d, torch::kUInt8).contiguous();
+  const auto empty_targets = torch::empty({0}, torch::dtype(torch::kLong).device(d));
+  const index_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0), B = off.view.count;
+  const auto f32 = torch::dtype(torch::kFloat).device(d);
+  auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
+  auto per_example = torch::empty({5, B}, f32);
+  auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
+  auto dh = torch::empty({N, D}, f32), dw = torch::empty({V, D}, f32);
+  auto db = torch::empty({bias.numel() ? V : 0}, f32);
+  const auto kl_matrix = kl ? matrix_cuda(kl_hidden, "kl_hidden")
+                            : kto_torch_cuda::Matrix{dtype_of(hidden, "hidden"), nullptr, 0, D, D};
+  const auto kl_tv = kl ? targets_view(kl_targets) : targets_view(empty_targets);
+  auto call = [&](void* ws, std::size_t* bytes) {
+    check(kto_torch_cuda::fused_linear_step(
+        matrix_cuda(hidden, "hidden"), matrix_cuda(weight, "weight"),
+        bias.numel() ? bias.data_ptr() : nullptr, targets_view(targets), off.view,
+        host_offsets.data_ptr<int64_t>(), ref.data_ptr<float>(), labels.data_ptr<uint8_t>(),
+        kl_matrix, kl_tv, kl_off.view, kl_ref.data_ptr<float>(), o,
+        static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
+        metrics.data_ptr<double>(), per_example.data_ptr<float>(), n.data_ptr<int64_t>(),
+        dh.data_ptr<float>(), dw.data_ptr<float>(), bias.numel() ? db.data_ptr<float>() : nullptr,
+        ws, bytes, stream()));
+  };
+  std::size_t bytes = 0;
+  call(nullptr, &bytes);
+  auto ws = workspace(bytes, d);
+  call(ws.data_ptr(), &bytes);
+  check(kto_torch_cuda::read_status(ws.data_ptr(), off.view, stream()));
+  return {metrics, per_example, n, dh, dw, db};
+}
+
+std::vector<torch::Tensor> fused_linear_logprobs(const torch::Tensor& hidden,
+                                                 const torch::Tensor& weight,
+                                                 const torch::Tensor& bias,
+                                                 const torch::Tensor& targets,
+                                                 const torch::Tensor& offsets,
+                                                 const kto::Options& o, int64_t chunk_bytes) {
+  const auto d = hidden.device();
+  const Offsets off = offsets_view(offsets, d);
+  auto logp = torch::empty({off.view.count}, torch::dtype(torch::kFloat).device(d));
+  auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong).device(d));
+  auto call = [&](void* ws, std::size_t* bytes) {
+    check(kto_torch_cuda::fused_linear_logprobs(
+        matrix_cuda(hidden, "hidden"), matrix_cuda(weight, "weight"),
+        bias.numel() ? bias.data_ptr() : nullptr, targets_view(targets), off.view, o,
+        static_cast<std::size_t>(chunk_bytes), logp.data_ptr<float>(), n.data_ptr<int64_t>(), ws,
+        bytes, stream()));
+  };
+  std::size_t bytes = 0;
+  call(nullptr, &bytes);
+  auto ws = workspace(bytes, d);
+  call(ws.data_ptr(), &bytes);
+  check(kto_torch_cuda::read_status(ws.data_ptr(), off.view, stream()));
+  return {logp, n};
+}
+
 }  // namespace cuda_path
 #endif
 
@@ -414,6 +621,74 @@ torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& ta
 #endif
 }
 
+void check_fused_inputs(const torch::Tensor& hidden, const torch::Tensor& weight,
+                        const torch::Tensor& bias, const torch::Tensor& kl_hidden) {
+  check_same_dtype(weight, "weight", hidden);
+  check_same_dtype(bias, "bias", hidden);
+  check_same_dtype(kl_hidden, "kl_hidden", hidden);
+  for (const auto* t : {&weight, &bias, &kl_hidden})
+    TORCH_CHECK(t->numel() == 0 || t->device() == hidden.device(),
+                "kto: every tensor of the fused-linear step must be on ", hidden.device(),
+                " like 'hidden'; got one on ", t->device());
+}
+
+std::vector<torch::Tensor> fused_linear_forward(
+    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
+    const torch::Tensor& desirable, const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
+    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp, double beta,
+    double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
+    int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
+    int64_t reduction, int64_t mean_denominator, int64_t ignore_index, int64_t chunk_bytes,
+    int64_t strategy) {
+  const kto::Options o = kto::options_from_codes(
+      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
+      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
+      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
+  check_fused_inputs(hidden, weight, bias, kl_hidden);
+  TORCH_CHECK(chunk_bytes > 0, "kto: argument 'chunk_bytes' must be > 0; got ", chunk_bytes);
+  TORCH_CHECK(strategy == 0 || strategy == 1,
+              "kto: argument 'strategy' must be keep_chunk or recompute; got code ", strategy);
+  if (!hidden.is_cuda())
+    return fused_linear_forward_cpu(hidden, weight, bias, targets, offsets, reference_logp,
+                                    desirable, kl_hidden, kl_targets, kl_offsets, kl_reference_logp,
+                                    o, chunk_bytes, strategy);
+  require_cuda_build(hidden);
+#ifdef KTO_TORCH_WITH_CUDA
+  try {
+    kto::validate_options(o, "kto_torch.fused_linear_forward");
+  } catch (const kto::Error& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  return cuda_path::fused_linear_forward(hidden, weight, bias, targets, offsets, reference_logp,
+                                         desirable, kl_hidden, kl_targets, kl_offsets,
+                                         kl_reference_logp, o, chunk_bytes, strategy);
+#else
+  return {};
+#endif
+}
+
+std::vector<torch::Tensor> fused_linear_logprobs(const torch::Tensor& hidden,
+                                                 const torch::Tensor& weight,
+                                                 const torch::Tensor& bias,
+                                                 const torch::Tensor& targets,
+                                                 const torch::Tensor& offsets, bool average,
+                                                 int64_t ignore_index, int64_t chunk_bytes) {
+  kto::Options o;
+  o.average_logprob = average;
+  o.ignore_index = ignore_index;
+  check_fused_inputs(hidden, weight, bias, torch::empty({0}, hidden.options()));
+  TORCH_CHECK(chunk_bytes > 0, "kto: argument 'chunk_bytes' must be > 0; got ", chunk_bytes);
+  if (!hidden.is_cuda())
+    return fused_linear_logprobs_cpu(hidden, weight, bias, targets, offsets, o, chunk_bytes);
+  require_cuda_build(hidden);
+#ifdef KTO_TORCH_WITH_CUDA
+  return cuda_path::fused_linear_logprobs(hidden, weight, bias, targets, offsets, o, chunk_bytes);
+#else
+  return {};
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -422,5 +697,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_partial", &kl_partial);
   m.def("step_forward", &step_forward);
   m.def("step_backward", &step_backward);
+  m.def("fused_linear_forward", &fused_linear_forward);
+  m.def("fused_linear_logprobs", &fused_linear_logprobs);
   m.def("has_cuda", &has_cuda);
 }

@@ -1,6 +1,10 @@
 // kto_torch_cuda.cu — kto's CUDA host API behind kto_torch_cuda.h, with the
 // dtype dispatch of the PyTorch bindings (float, __half, __nv_bfloat16).
 #include <kto/cuda.hpp>
+#include <kto/cuda/fused_linear.hpp>
+
+#include <map>
+#include <mutex>
 
 #include "kto_torch_cuda.h"
 
@@ -51,6 +55,31 @@ __global__ void metrics_to_doubles(const kto::Metrics* m, double* out) {
 }
 
 constexpr std::size_t kMetricsSlot = 256;  // a kto::Metrics after the error word
+
+/// One cuBLAS handle per device for the fused-linear GEMMs (torch's own handle
+/// keeps its workspace settings untouched).
+cublasHandle_t blas_handle() {
+  static std::mutex mutex;
+  static std::map<int, cublasHandle_t> handles;
+  int device = 0;
+  cudaGetDevice(&device);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = handles.find(device);
+  if (it != handles.end()) return it->second;
+  cublasHandle_t h = nullptr;
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return nullptr;
+  handles[device] = h;
+  return h;
+}
+
+template <class T>
+kto::MatrixView<const T> matrix(const Matrix& m) {
+  return kto::MatrixView<const T>{static_cast<const T*>(m.data), m.rows, m.cols, m.stride};
+}
+
+std::size_t round_up(std::size_t x) {
+  return (x + 255) / 256 * 256;
+}
 
 }  // namespace
 
@@ -123,6 +152,80 @@ std::string backward(const Logits& logits, const kto::TargetsView& targets,
     const kto::LogitsView<T> g{static_cast<T*>(grad), logits.vocab, grad_rows};
     return message(kto::cuda::backward<T>(view<T>(logits), targets, sequences, row_lse, grad_logp,
                                           num_tokens, o, g, as_stream(stream)));
+  });
+}
+
+std::string fused_linear_step(
+    const Matrix& hidden, const Matrix& weight, const void* bias, const kto::TargetsView& targets,
+    const kto::SequencesView& sequences, const kto::index_t* host_offsets,
+    const float* reference_logp, const std::uint8_t* desirable, const Matrix& kl_hidden,
+    const kto::TargetsView& kl_targets, const kto::SequencesView& kl_sequences,
+    const float* kl_reference_logp, const kto::Options& o, std::size_t chunk_bytes, int strategy,
+    double* metrics, float* per_example, kto::index_t* num_tokens, float* d_hidden, float* d_weight,
+    float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream) {
+  return dispatch(hidden.dtype, [&](auto tag) -> std::string {
+    using T = decltype(tag);
+    kto::LinearHead<T> head;
+    head.weight = matrix<T>(weight);
+    head.bias = static_cast<const T*>(bias);
+    kto::cuda::FusedLinearInputs<T> in;
+    in.hidden = matrix<T>(hidden);
+    in.targets = targets;
+    in.sequences = sequences;
+    in.host_offsets = host_offsets;
+    in.reference_logp = reference_logp;
+    in.desirable = desirable;
+    in.kl.hidden = matrix<T>(kl_hidden);
+    in.kl.targets = kl_targets;
+    in.kl.sequences = kl_sequences;
+    in.kl.reference_logp = kl_reference_logp;
+    kto::cuda::FusedLinearConfig cfg;
+    cfg.chunk_bytes = chunk_bytes;
+    cfg.strategy = static_cast<kto::cuda::FusedStrategy>(strategy);
+    const std::size_t step_bytes = round_up(kto::cuda::fused_linear_workspace_bytes(in, head, cfg));
+    if (workspace == nullptr) {
+      *workspace_bytes = step_bytes + sizeof(kto::Metrics);
+      return std::string();
+    }
+    const kto::index_t B = sequences.count;
+    auto* m = reinterpret_cast<kto::Metrics*>(static_cast<char*>(workspace) + step_bytes);
+    kto::cuda::FusedLinearOutputs out;
+    out.metrics = m;
+    out.logp = per_example;
+    out.num_tokens = num_tokens;
+    out.examples = {per_example + B, per_example + 2 * B, per_example + 3 * B, per_example + 4 * B};
+    out.d_hidden = kto::matrix_view(d_hidden, hidden.rows, hidden.cols);
+    out.d_weight = kto::matrix_view(d_weight, weight.rows, weight.cols);
+    out.d_bias = d_bias;
+    std::size_t bytes = step_bytes;
+    const auto s = kto::cuda::fused_linear_kto_step<T>(blas_handle(), workspace, bytes, in, head, o,
+                                                       out, as_stream(stream), cfg);
+    if (!s.ok()) return message(s);
+    metrics_to_doubles<<<1, 1, 0, as_stream(stream)>>>(m, metrics);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? std::string() : cudaGetErrorString(err);
+  });
+}
+
+std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const void* bias,
+                                  const kto::TargetsView& targets,
+                                  const kto::SequencesView& sequences, const kto::Options& o,
+                                  std::size_t chunk_bytes, float* logp, kto::index_t* num_tokens,
+                                  void* workspace, std::size_t* workspace_bytes, void* stream) {
+  return dispatch(hidden.dtype, [&](auto tag) -> std::string {
+    using T = decltype(tag);
+    kto::LinearHead<T> head;
+    head.weight = matrix<T>(weight);
+    head.bias = static_cast<const T*>(bias);
+    kto::cuda::FusedLinearConfig cfg;
+    cfg.chunk_bytes = chunk_bytes;
+    if (workspace == nullptr) {
+      *workspace_bytes = kto::cuda::fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg);
+      return std::string();
+    }
+    return message(kto::cuda::fused_linear_logprobs<T>(
+        blas_handle(), workspace, *workspace_bytes, matrix<T>(hidden), targets, sequences, head, o,
+        logp, num_tokens, as_stream(stream), cfg));
   });
 }
 

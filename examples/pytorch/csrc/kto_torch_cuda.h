@@ -47,6 +47,33 @@ std::string backward(const Logits& logits, const kto::TargetsView& targets,
                      const float* grad_logp, const kto::index_t* num_tokens, const kto::Options& o,
                      void* grad, const kto::RowIndex& grad_rows, void* stream);
 
+/// A [rows, cols] matrix, rows `stride` elements apart.
+struct Matrix {
+  DType dtype;
+  const void* data;
+  kto::index_t rows, cols, stride;
+};
+
+/// The fused-linear step (kto::cuda::fused_linear_kto_step). With workspace ==
+/// nullptr only *workspace_bytes is set. metrics[9] float64, per_example[5, B]
+/// (logp, ρ, βρ, loss, g_s); d_bias may be null. `host_offsets` (B + 1, host)
+/// lets whole sequences share a chunk (keep_chunk).
+std::string fused_linear_step(
+    const Matrix& hidden, const Matrix& weight, const void* bias, const kto::TargetsView& targets,
+    const kto::SequencesView& sequences, const kto::index_t* host_offsets,
+    const float* reference_logp, const std::uint8_t* desirable, const Matrix& kl_hidden,
+    const kto::TargetsView& kl_targets, const kto::SequencesView& kl_sequences,
+    const float* kl_reference_logp, const kto::Options& o, std::size_t chunk_bytes, int strategy,
+    double* metrics, float* per_example, kto::index_t* num_tokens, float* d_hidden, float* d_weight,
+    float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream);
+
+/// Forward only (kto::cuda::fused_linear_logprobs); same workspace protocol.
+std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const void* bias,
+                                  const kto::TargetsView& targets,
+                                  const kto::SequencesView& sequences, const kto::Options& o,
+                                  std::size_t chunk_bytes, float* logp, kto::index_t* num_tokens,
+                                  void* workspace, std::size_t* workspace_bytes, void* stream);
+
 /// Synchronises the stream and reports errors the kernels recorded in `workspace`.
 std::string read_status(const void* workspace, const kto::SequencesView& sequences, void* stream);
 

@@ -10,6 +10,12 @@ reference model and the KL batch), ``kto::step_forward`` (loss, metrics and
 residuals; autograd to the logits) and ``kto::step_backward``. Each has a fake
 (meta) kernel, so ``torch.compile`` traces them without graph breaks.
 
+Fused linear (``fused_linear_kto_loss``, ops ``kto::fused_linear_forward`` and
+``kto::fused_linear_logprobs``): the same loss from the hidden states and the
+lm_head weight (and bias), the logits never materialised; autograd to hidden,
+weight and bias. Gradients are computed in the forward, chunk by chunk, and
+scaled by the incoming gradient in the backward (as Liger's fused losses do).
+
 Logits: [rows, V] or [B, T, V] (``logits[:, :-1]`` is accepted without a copy),
 float32, float64, bfloat16 or float16 on the CPU (the Eigen path); float32,
 bfloat16 or float16 on CUDA (kto's CUDA kernels, when the extension was built
@@ -171,6 +177,101 @@ def _backward(ctx, g_metrics, g_per_example, g_num_tokens, g_lse):
 torch.library.register_autograd("kto::step_forward", _backward, setup_context=_setup_context)
 
 
+STRATEGIES = {"keep_chunk": 0, "recompute": 1}
+
+
+@torch.library.custom_op("kto::fused_linear_forward", mutates_args=())
+def _fused_linear_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    targets: Tensor,
+    offsets: Tensor,
+    reference_logp: Tensor,
+    desirable: Tensor,
+    kl_hidden: Tensor,
+    kl_targets: Tensor,
+    kl_offsets: Tensor,
+    kl_reference_logp: Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+    loss_type: int,
+    link: int,
+    reference_point: int,
+    kl_estimator: int,
+    clamp_kl: bool,
+    fixed_z0: float,
+    average: bool,
+    reduction: int,
+    mean_denominator: int,
+    ignore_index: int,
+    chunk_bytes: int,
+    strategy: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_device("hidden", hidden)
+    metrics, per_example, n, dh, dw, db = _C.fused_linear_forward(
+        hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden, kl_targets,
+        kl_offsets, kl_reference_logp, beta, desirable_weight, undesirable_weight, loss_type, link,
+        reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
+        ignore_index, chunk_bytes, strategy)
+    return metrics, per_example, n, dh, dw, db
+
+
+@_fused_linear_forward.register_fake
+def _(hidden, weight, bias, targets, offsets, *args):
+    b = offsets.shape[0] - 1
+    acc = _accumulation(hidden)
+    return (
+        hidden.new_empty((len(METRIC_NAMES),), dtype=torch.float64),
+        hidden.new_empty((5, b), dtype=acc),
+        hidden.new_empty((b,), dtype=torch.int64),
+        hidden.new_empty(hidden.shape, dtype=acc),
+        hidden.new_empty(weight.shape, dtype=acc),
+        hidden.new_empty(bias.shape, dtype=acc),
+    )
+
+
+def _fused_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[0], inputs[1], inputs[2]
+    _, _, _, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
+    ctx.has_bias = bias.numel() > 0
+
+
+def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db):
+    dh, dw, db = ctx.saved_tensors
+    g = g_metrics[0]
+    grads = (
+        (dh * g.to(dh.dtype)).to(ctx.dtypes[0]),
+        (dw * g.to(dw.dtype)).to(ctx.dtypes[1]),
+        (db * g.to(db.dtype)).to(ctx.dtypes[2]) if ctx.has_bias else None,
+    )
+    return grads + (None,) * 23
+
+
+torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
+                                setup_context=_fused_setup_context)
+
+
+@torch.library.custom_op("kto::fused_linear_logprobs", mutates_args=())
+def _fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
+                           offsets: Tensor, average: bool, ignore_index: int,
+                           chunk_bytes: int) -> tuple[Tensor, Tensor]:
+    _check_device("hidden", hidden)
+    logp, n = _C.fused_linear_logprobs(hidden, weight, bias, targets, offsets, average,
+                                       ignore_index, chunk_bytes)
+    return logp, n
+
+
+@_fused_linear_logprobs.register_fake
+def _(hidden, weight, bias, targets, offsets, *args):
+    b = offsets.shape[0] - 1
+    return (hidden.new_empty((b,), dtype=_accumulation(hidden)),
+            hidden.new_empty((b,), dtype=torch.int64))
+
+
 class KTOOutput(NamedTuple):
     loss: Tensor          # scalar, differentiable w.r.t. the logits
     metrics: dict         # TRL's names → detached 0-d tensors
@@ -201,6 +302,40 @@ def sequence_logprobs(logits: Tensor, targets: Tensor, offsets: Optional[Tensor]
     logp, n, _ = torch.ops.kto.sequence_logprobs(logits, targets, offsets, average_log_prob,
                                                   ignore_index)
     return logp, n
+
+
+def _flatten_hidden(name: str, hidden: Tensor):
+    """[N, D] or [B, T, D] → ([N, D] with unit stride along D, padded offsets or None)."""
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"kto: argument '{name}' must be [N, D] or [B, T, D]; got {hidden.dim()} "
+                         "dims")
+    offsets = None
+    if hidden.dim() == 3:
+        b, t = hidden.shape[0], hidden.shape[1]
+        offsets = torch.arange(b + 1, dtype=torch.int64) * t
+        hidden = hidden.reshape(b * t, hidden.shape[2])
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    return hidden, offsets
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
+                          offsets: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
+                          average_log_prob: bool = False, ignore_index: int = -100,
+                          chunk_bytes: int = 1 << 30):
+    """(logp [B], num_tokens [B]) from hidden states and the lm_head — forward only
+    (the reference model's log-probs, without materialising its logits)."""
+    hidden, padded = _flatten_hidden("hidden", hidden)
+    offsets = offsets if offsets is not None else padded
+    if offsets is None:
+        raise ValueError("kto: argument 'offsets' is needed for [N, D] hidden states")
+    return torch.ops.kto.fused_linear_logprobs(
+        hidden, weight, bias if bias is not None else _empty(hidden), targets.reshape(-1),
+        offsets, average_log_prob, ignore_index, int(chunk_bytes))
 
 
 def kl_partial(kl_policy_logp: Tensor, kl_reference_logp: Tensor, kl_num_tokens: Tensor, *,
@@ -264,6 +399,93 @@ def kto_loss(
         _lookup(REDUCTIONS, "reduction", reduction),
         int(mean_denominator),
         int(ignore_index),
+    )
+    detached = metrics.detach()
+    return KTOOutput(
+        loss=metrics[0],
+        metrics={name: detached[i] for i, name in enumerate(METRIC_NAMES)},
+        logp=per_example[0].detach(),
+        ratio=per_example[1].detach(),
+        reward=per_example[2].detach(),
+        example_loss=per_example[3].detach(),
+        grad_logp=per_example[4].detach(),
+        num_tokens=n,
+    )
+
+
+def fused_linear_kto_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    offsets: Optional[Tensor],
+    reference_logp: Tensor,
+    desirable: Tensor,
+    bias: Optional[Tensor] = None,
+    kl_hidden: Optional[Tensor] = None,
+    kl_targets: Optional[Tensor] = None,
+    kl_offsets: Optional[Tensor] = None,
+    kl_reference_logp: Optional[Tensor] = None,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    link: str = "one_minus_sigmoid",
+    reference_point: str = "kl_batch",
+    kl_estimator: str = "mean",
+    clamp_kl: bool = True,
+    fixed_z0: float = 0.0,
+    average_log_prob: bool = False,
+    reduction: str = "mean",
+    mean_denominator: int = 0,
+    ignore_index: int = -100,
+    chunk_bytes: int = 1 << 30,
+    strategy: str = "keep_chunk",
+) -> KTOOutput:
+    """The KTO loss from hidden states ([N, D] or [B, T, D]) and the lm_head weight [V, D]
+    (and bias [V]): logits = hidden @ weight.T + bias, never materialised. The KL batch
+    (kl_hidden, kl_targets, kl_offsets, kl_reference_logp) is forward only. Extra memory:
+    one chunk of logits of at most ``chunk_bytes`` plus the fp32 gradients; ``strategy``
+    "keep_chunk" (3 GEMMs a row) or "recompute" (4, the logits recomputed for the backward)."""
+    hidden, padded = _flatten_hidden("hidden", hidden)
+    offsets = offsets if offsets is not None else padded
+    if offsets is None:
+        raise ValueError("kto: argument 'offsets' is needed for [N, D] hidden states")
+    if kl_hidden is not None:
+        kl_hidden, kl_padded = _flatten_hidden("kl_hidden", kl_hidden)
+        kl_offsets = kl_offsets if kl_offsets is not None else kl_padded
+        if kl_offsets is None or kl_targets is None or kl_reference_logp is None:
+            raise ValueError("kto: the KL batch needs kl_targets, kl_offsets (for [N, D]) and "
+                             "kl_reference_logp with kl_hidden")
+    empty_i = torch.empty((0,), dtype=torch.int64, device=hidden.device)
+    metrics, per_example, n, _, _, _ = torch.ops.kto.fused_linear_forward(
+        hidden,
+        weight,
+        bias if bias is not None else _empty(hidden),
+        targets.reshape(-1),
+        offsets,
+        reference_logp,
+        desirable,
+        kl_hidden if kl_hidden is not None else _empty(hidden),
+        kl_targets.reshape(-1) if kl_targets is not None else empty_i,
+        kl_offsets if kl_offsets is not None else torch.empty((0,), dtype=torch.int64),
+        kl_reference_logp if kl_reference_logp is not None else hidden.new_empty(
+            (0,), dtype=torch.float32),
+        float(beta),
+        float(desirable_weight),
+        float(undesirable_weight),
+        _lookup(LOSS_TYPES, "loss_type", loss_type),
+        _lookup(LINKS, "link", link),
+        _lookup(REFERENCE_POINTS, "reference_point", reference_point),
+        _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator),
+        bool(clamp_kl),
+        float(fixed_z0),
+        bool(average_log_prob),
+        _lookup(REDUCTIONS, "reduction", reduction),
+        int(mean_denominator),
+        int(ignore_index),
+        int(chunk_bytes),
+        _lookup(STRATEGIES, "strategy", strategy),
     )
     detached = metrics.detach()
     return KTOOutput(

@@ -1,0 +1,229 @@
+"""kto_torch's fused-linear op against the logits-level op and a float64 reference.
+
+The fused op takes hidden states and the lm_head; the reference materialises
+logits = hidden @ weight.T + bias in float64 and differentiates a plain float64
+KTO through it with autograd. Tolerance rule (DESIGN §4, as in test_torch.py):
+fp32 accumulation of the upcast inputs at 1e-5 relative to the magnitude the
+quantity comes from (Σ|ℓ| + |lse| per sequence, Σ|∂L/∂Z| |W| for a gradient);
+a gradient stored in bfloat16/float16 adds that type's unit roundoff, and so
+does dZ on CUDA, where it is rounded to the input type before the two gradient
+GEMMs.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+kto_torch = pytest.importorskip("kto_torch")
+
+from test_torch import UNIT_ROUNDOFF  # noqa: E402
+
+
+def make_problem(seed, B=4, T=6, D=12, V=41, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g).to(dtype)
+    weight = (torch.randn(V, D, generator=g) * 2 / D**0.5).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[:, :2] = -100  # the prompt
+    targets[torch.rand(B, T, generator=g) < 0.15] = -100
+    desirable = torch.rand(B, generator=g) < 0.5
+    kl_hidden = torch.randn(B, T, D, generator=g).to(dtype)
+    kl_targets = torch.randint(0, V, (B, T), generator=g)
+    kl_targets[:, :2] = -100
+    reference_logp = torch.randn(B, generator=g) - 20
+    kl_reference_logp = torch.randn(B, generator=g) - 21
+    return dict(hidden=hidden, weight=weight, bias=b, targets=targets, desirable=desirable,
+                kl_hidden=kl_hidden, kl_targets=kl_targets, reference_logp=reference_logp,
+                kl_reference_logp=kl_reference_logp)
+
+
+def logits_of(p, hidden, weight, bias):
+    z = hidden @ weight.T
+    return z + bias if bias is not None else z
+
+
+def reference(p, o):
+    """Loss, metrics and float64 gradients through materialised float64 logits."""
+    h = p["hidden"].double().requires_grad_(True)
+    w = p["weight"].double().requires_grad_(True)
+    b = p["bias"].double().requires_grad_(True) if p["bias"] is not None else None
+    kl_logits = logits_of(p, p["kl_hidden"].double(), w.detach(), b.detach() if b is not None else None)
+    kl_logp, kl_n = kto_torch.sequence_logprobs(kl_logits, p["kl_targets"],
+                                                average_log_prob=o.get("average_log_prob", False))
+    out = kto_torch.kto_loss(logits_of(p, h, w, b), p["targets"], None, p["reference_logp"].double(),
+                             p["desirable"], kl_logp, p["kl_reference_logp"].double(), kl_n, **o)
+    out.loss.backward()
+    return out, h.grad, w.grad, (b.grad if b is not None else None), kl_logits
+
+
+def fused(p, o, device="cpu", **kw):
+    h = p["hidden"].detach().clone().to(device).requires_grad_(True)
+    w = p["weight"].detach().clone().to(device).requires_grad_(True)
+    b = p["bias"].detach().clone().to(device).requires_grad_(True) if p["bias"] is not None else None
+    out = kto_torch.fused_linear_kto_loss(
+        h, w, p["targets"].to(device), None, p["reference_logp"].to(device),
+        p["desirable"].to(device), bias=b, kl_hidden=p["kl_hidden"].to(device),
+        kl_targets=p["kl_targets"].to(device), kl_reference_logp=p["kl_reference_logp"].to(device),
+        **o, **kw)
+    out.loss.backward()
+    return out, h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def assert_matches(p, o, got, want, u_grad):
+    out, dh, dw, db = got
+    ref, rh, rw, rb, _ = want
+    h64, w64 = p["hidden"].double(), p["weight"].double()
+    z = logits_of(p, h64, w64, p["bias"].double() if p["bias"] is not None else None)
+    # Σ|ℓ| + |lse| per sequence bounds the log-prob's rounding; the loss follows with β and λ.
+    lse = torch.logsumexp(z, -1)
+    scored = p["targets"] != -100
+    seq_scale = 1 + ((lse.abs() * 2) * scored).sum(-1)
+    lam = max(o.get("desirable_weight", 1.0), o.get("undesirable_weight", 1.0), 1.0)
+    beta = o.get("beta", 0.1)
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * lam * beta * float(seq_scale.max())
+    torch.testing.assert_close(out.logp.double().cpu(), ref.logp.double(), rtol=0,
+                               atol=1e-5 * float(seq_scale.max()))
+    torch.testing.assert_close(out.metrics["kl"].cpu(), ref.metrics["kl"], rtol=0,
+                               atol=1e-5 * float(seq_scale.max()))
+    # Gradients. rowscale_r = |g_s c_r| (1 + |lse_r| + max|Z_r|) bounds the rounding of
+    # ∂L/∂Z[r, :]; carried through one product: (1e-5 + u) Σ_r or Σ_v of rowscale times |W|
+    # (dH), |H| (dW) or 1 (db); a result stored in bf16/half adds u_T |value|.
+    c = ref.num_tokens.clamp(min=1).double() if o.get("average_log_prob") else \
+        torch.ones_like(ref.grad_logp.double())
+    per_seq = (ref.grad_logp.double().abs() / c)[:, None].expand(scored.shape)
+    zmax = z.abs().amax(-1)
+    rowscale = (per_seq * (1 + lse.abs() + zmax) * scored).reshape(-1, 1)
+    tol = 1e-5 + u_grad
+    H = h64.reshape(-1, h64.shape[-1])
+    bh = tol * rowscale * w64.abs().sum(0)[None, :]
+    bw = tol * (rowscale * H.abs()).sum(0)[None, :].expand_as(w64)
+    u_store = UNIT_ROUNDOFF[p["hidden"].dtype]
+    assert dh.dtype == p["hidden"].dtype and dw.dtype == p["weight"].dtype
+    gh, gw, rh = dh.double().cpu().reshape(H.shape), dw.double().cpu(), rh.reshape(H.shape)
+    assert bool(((gh - rh).abs() <= bh + u_store * rh.abs() + 1e-12).all()), \
+        float((gh - rh).abs().max())
+    assert bool(((gw - rw).abs() <= bw + u_store * rw.abs() + 1e-12).all()), \
+        float((gw - rw).abs().max())
+    if rb is not None:
+        bb = tol * float(rowscale.sum())
+        gb = db.double().cpu()
+        assert bool(((gb - rb).abs() <= bb + u_store * rb.abs() + 1e-12).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_op_matches_float64_reference(dtype, strategy, bias):
+    p = make_problem(1, dtype=dtype, bias=bias)
+    o = dict(beta=0.3, undesirable_weight=1.3)
+    # A 1 KiB budget: chunks of a few rows, so sequences are split and regrouped.
+    got = fused(p, o, strategy=strategy, chunk_bytes=1024)
+    assert_matches(p, o, got, reference(p, o), 0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("link", ["one_minus_sigmoid", "neg_log_sigmoid"])
+@pytest.mark.parametrize("average_log_prob", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_op_every_option(loss_type, link, average_log_prob, reduction):
+    p = make_problem(2)
+    o = dict(beta=0.5, desirable_weight=1.7, undesirable_weight=0.6, loss_type=loss_type,
+             link=link, average_log_prob=average_log_prob, reduction=reduction)
+    assert_matches(p, o, fused(p, o), reference(p, o), 0.0)
+
+
+def test_fused_op_equals_logits_level_op_in_float64():
+    """Same float64 inputs: the fused op and the logits op agree to rounding."""
+    p = make_problem(3, dtype=torch.float64)
+    o = dict(beta=0.2)
+    out, dh, dw, db = fused(p, o, chunk_bytes=1024)
+    ref, rh, rw, rb, _ = reference(p, o)
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-12
+    torch.testing.assert_close(dh, rh, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(dw, rw, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(db, rb, rtol=1e-10, atol=1e-14)
+
+
+def test_fused_backward_scales_by_the_incoming_gradient():
+    p = make_problem(8, dtype=torch.float64)
+    _, dh, dw, db = fused(p, {})
+    h, w, b = (p[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
+    out = kto_torch.fused_linear_kto_loss(h, w, p["targets"], None, p["reference_logp"],
+                                          p["desirable"], bias=b, kl_hidden=p["kl_hidden"],
+                                          kl_targets=p["kl_targets"],
+                                          kl_reference_logp=p["kl_reference_logp"])
+    (-2.5 * out.loss).backward()
+    torch.testing.assert_close(h.grad, -2.5 * dh, rtol=1e-14, atol=0)
+    torch.testing.assert_close(w.grad, -2.5 * dw, rtol=1e-14, atol=0)
+    torch.testing.assert_close(b.grad, -2.5 * db, rtol=1e-14, atol=0)
+
+
+def test_fused_logprobs_equal_sequence_logprobs():
+    p = make_problem(4, dtype=torch.float64)
+    logp, n = kto_torch.fused_linear_logprobs(p["hidden"], p["weight"], p["targets"],
+                                              bias=p["bias"])
+    want, wn = kto_torch.sequence_logprobs(logits_of(p, p["hidden"], p["weight"], p["bias"]),
+                                           p["targets"])
+    torch.testing.assert_close(logp, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(n, wn)
+
+
+def test_fused_opcheck_and_compile():
+    p = make_problem(5)
+    B, T, D = p["hidden"].shape
+    offsets = torch.arange(B + 1, dtype=torch.int64) * T
+    args = (p["hidden"].reshape(-1, D).requires_grad_(True), p["weight"].requires_grad_(True),
+            p["bias"].requires_grad_(True), p["targets"].reshape(-1), offsets, p["reference_logp"],
+            p["desirable"], p["kl_hidden"].reshape(-1, D), p["kl_targets"].reshape(-1), offsets,
+            p["kl_reference_logp"], 0.1, 1.0, 1.0, 0, 0, 0, 0, True, 0.0, False, 0, 0, -100,
+            1 << 20, 0)
+    torch.library.opcheck(torch.ops.kto.fused_linear_forward.default, args)
+
+    def step(h, w, b):
+        return kto_torch.fused_linear_kto_loss(
+            h, w, p["targets"], None, p["reference_logp"], p["desirable"], bias=b,
+            kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
+            kl_reference_logp=p["kl_reference_logp"]).loss
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (p["hidden"], p["weight"], p["bias"])]
+    eager = step(*leaves)
+    eager.backward()
+    again = [t.detach().clone().requires_grad_(True) for t in (p["hidden"], p["weight"], p["bias"])]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*again)
+    compiled.backward()
+    assert torch.equal(eager.detach(), compiled.detach())
+    for a, b in zip(leaves, again):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_fused_errors_name_the_argument():
+    p = make_problem(6)
+    with pytest.raises((ValueError, RuntimeError), match="'weight' must have the dtype of 'hidden'"):
+        kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"].double(), p["targets"], None,
+                                        p["reference_logp"], p["desirable"])
+    with pytest.raises((ValueError, RuntimeError), match=r"hidden.cols' must equal head.weight.cols"):
+        kto_torch.fused_linear_kto_loss(p["hidden"][..., :-1], p["weight"], p["targets"], None,
+                                        p["reference_logp"], p["desirable"])
+    with pytest.raises(ValueError, match="strategy"):
+        kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], p["targets"], None,
+                                        p["reference_logp"], p["desirable"], strategy="tiles")
+    with pytest.raises(ValueError, match="'hidden' must be"):
+        kto_torch.fused_linear_kto_loss(p["hidden"][None], p["weight"], p["targets"], None,
+                                        p["reference_logp"], p["desirable"])
+    bad = p["targets"].clone()
+    bad[0, 3] = 41
+    with pytest.raises((ValueError, RuntimeError), match=r"targets\[3\]' must be in \[0, 41\)"):
+        kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], bad, None, p["reference_logp"],
+                                        p["desirable"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA fused op is untested here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
+def test_cuda_fused_op_matches_the_reference(dtype, strategy):
+    """On a GPU: cuBLAS GEMMs and kto's kernels through the same op."""
+    assert kto_torch._C.has_cuda(), "kto_torch was built without its CUDA kernels"
+    p = make_problem(7, dtype=dtype, V=5003)
+    o = dict(beta=0.3)
+    u = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    assert_matches(p, o, fused(p, o, device="cuda", strategy=strategy), reference(p, o), u)
