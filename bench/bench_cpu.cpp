@@ -135,6 +135,105 @@ void BM_kto_forward_backward(benchmark::State& state) {
   set_counters(state, w, 3);
 }
 
+// ---- fused linear: hidden states and the lm_head instead of logits ----
+// N = 8 × 64 rows, D = 256, V = 32000; counters: GFLOP/s of the useful GEMM work
+// (6·N·V·D: logits, dH, dW) and the extra memory besides inputs and gradients.
+struct FusedWorkload {
+  static constexpr index_t kSeqs = 8, kLen = 64, kDim = 256, kVocab = 32000;
+  index_t rows = kSeqs * kLen;
+  std::vector<float> hidden, weight, d_hidden, d_weight, ref_logp;
+  std::vector<index_t> targets, offsets;
+  std::vector<uint8_t> desirable;
+  FusedWorkload() {
+    std::mt19937_64 rng(2);
+    std::normal_distribution<float> n(0.f, 1.f);
+    std::uniform_int_distribution<index_t> tok(0, kVocab - 1);
+    hidden.resize(rows * kDim);
+    weight.resize(kVocab * kDim);
+    for (auto& x : hidden) x = n(rng);
+    for (auto& x : weight) x = n(rng) * 0.2f;
+    d_hidden.resize(hidden.size());
+    d_weight.resize(weight.size());
+    for (index_t r = 0; r < rows; ++r) targets.push_back(tok(rng));
+    offsets = kto::padded_offsets(kSeqs, kLen);
+    for (index_t s = 0; s < kSeqs; ++s) {
+      ref_logp.push_back(-kLen * 11.f);
+      desirable.push_back(uint8_t(s % 2));
+    }
+  }
+  kto::LinearHead<float> head() const {
+    kto::LinearHead<float> h;
+    h.weight = kto::matrix_view<const float>(weight.data(), kVocab, kDim);
+    return h;
+  }
+  kto::cpu::FusedLinearInputs<float> inputs() const {
+    kto::cpu::FusedLinearInputs<float> in;
+    in.hidden = kto::matrix_view<const float>(hidden.data(), rows, kDim);
+    in.targets = kto::targets_vector(targets.data(), rows);
+    in.sequences = kto::sequences(offsets.data(), kSeqs);
+    in.reference_logp = kto::make_span(ref_logp);
+    in.desirable = kto::make_span(desirable);
+    in.kl_hidden = kto::matrix_view<const float>(nullptr, 0, kDim);
+    return in;
+  }
+  void counters(benchmark::State& state, double extra_bytes) const {
+    state.counters["GFLOP/s"] = benchmark::Counter(
+        6.0 * rows * kVocab * kDim * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+    state.counters["extra_MB"] = extra_bytes / (1 << 20);
+  }
+};
+
+/// state.range(0): 0 keep_chunk, 1 recompute; range(1): chunk rows; range(2): threads.
+void BM_fused_linear_step(benchmark::State& state) {
+  FusedWorkload w;
+  kto::Options o;
+  o.reference_point = kto::ReferencePoint::zero;
+  kto::cpu::FusedLinearConfig cfg;
+  cfg.strategy = static_cast<kto::cpu::FusedStrategy>(state.range(0));
+  cfg.chunk_bytes = static_cast<size_t>(state.range(1)) * sizeof(float) *
+                    (FusedWorkload::kVocab + FusedWorkload::kDim);
+  kto::cpu::ExecutionPolicy exec;
+  exec.num_threads = static_cast<int>(state.range(2));
+  kto::cpu::LinearGradients<float> g;
+  g.d_hidden = kto::matrix_view(w.d_hidden.data(), w.rows, FusedWorkload::kDim);
+  g.d_weight = kto::matrix_view(w.d_weight.data(), FusedWorkload::kVocab, FusedWorkload::kDim);
+  const auto in = w.inputs();
+  const auto head = w.head();
+  for (auto _ : state) {
+    auto r = kto::cpu::fused_linear_kto_step<float>(in, head, o, g, cfg, exec);
+    benchmark::DoNotOptimize(r.metrics.loss);
+  }
+  w.counters(state, double(kto::cpu::fused_linear_workspace_bytes(head, cfg)));
+}
+
+/// The same step with materialised logits: Z = H Wᵀ (Eigen), kto_step, dH = dZ W, dW = dZᵀ H.
+void BM_materialised_linear_step(benchmark::State& state) {
+  FusedWorkload w;
+  using M = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const index_t N = w.rows, D = FusedWorkload::kDim, V = FusedWorkload::kVocab;
+  Eigen::Map<const M> h(w.hidden.data(), N, D), wt(w.weight.data(), V, D);
+  M z(N, V);
+  Eigen::Map<M> dh(w.d_hidden.data(), N, D), dw(w.d_weight.data(), V, D);
+  kto::Options o;
+  o.reference_point = kto::ReferencePoint::zero;
+  kto::cpu::ExecutionPolicy exec;
+  exec.num_threads = static_cast<int>(state.range(0));
+  for (auto _ : state) {
+    z.noalias() = h * wt.transpose();
+    kto::cpu::StepInputs<float> in{kto::logits_matrix<const float>(z.data(), N, V),
+                                   kto::targets_vector(w.targets.data(), N),
+                                   kto::sequences(w.offsets.data(), FusedWorkload::kSeqs),
+                                   kto::make_span(w.ref_logp),
+                                   kto::make_span(w.desirable),
+                                   {}};
+    auto r = kto::cpu::kto_step<float>(in, o, kto::logits_matrix<float>(z.data(), N, V), exec);
+    dh.noalias() = z * wt;
+    dw.noalias() = z.transpose() * h;
+    benchmark::DoNotOptimize(r.metrics.loss);
+  }
+  w.counters(state, double(sizeof(float)) * N * V);
+}
+
 void vocab_args(benchmark::internal::Benchmark* b) {
   for (int64_t v : {32000, 128256}) b->Args({v});
 }
@@ -154,6 +253,15 @@ KTO_BENCH(BM_kto_forward, float, vocab_thread_args);
 KTO_BENCH(BM_kto_forward, Eigen::bfloat16, vocab_thread_args);
 KTO_BENCH(BM_kto_forward_backward, float, vocab_thread_args);
 KTO_BENCH(BM_kto_forward_backward, Eigen::bfloat16, vocab_thread_args);
+BENCHMARK(BM_fused_linear_step)
+    ->ArgsProduct({{0, 1}, {64, 512}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_materialised_linear_step)
+    ->Arg(1)
+    ->Arg(2)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 

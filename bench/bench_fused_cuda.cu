@@ -183,7 +183,8 @@ int main(int argc, char** argv) {
       fixed.reference_point = kto::ReferencePoint::fixed;
       size_t bytes = 0, ref_bytes = 0;
       kto::cuda::fused_linear_kto_step<bf16>(blas, nullptr, bytes, in, head, kl, out, stream, keep);
-      kto::cuda::fused_linear_logprobs<bf16>(blas, nullptr, ref_bytes, in.hidden, in.targets,
+      const auto ref_in = kto::matrix_view<const bf16>(ref_hidden, N, D);
+      kto::cuda::fused_linear_logprobs<bf16>(blas, nullptr, ref_bytes, ref_in, in.targets,
                                              in.sequences, ref_head, fixed, ref_logp, ref_tokens,
                                              stream, keep);
       const size_t ws_bytes = std::max(bytes, ref_bytes);
@@ -192,7 +193,7 @@ int main(int argc, char** argv) {
       const double ws_mb = double(ws_bytes) / (1 << 20);
       auto reference = [&](cudaStream_t s) {
         size_t b = ws_bytes;
-        CHECK_STATUS(kto::cuda::fused_linear_logprobs<bf16>(blas, ws, b, in.hidden, in.targets,
+        CHECK_STATUS(kto::cuda::fused_linear_logprobs<bf16>(blas, ws, b, ref_in, in.targets,
                                                             in.sequences, ref_head, fixed, ref_logp,
                                                             ref_tokens, s, keep));
       };

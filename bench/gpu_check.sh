@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# GPU check: build for sm_90, run the `gpu` tests, compute-sanitizer (memcheck,
-# racecheck, initcheck, synccheck) on the small cases, then the benchmark;
-# prints a short table last. Needs nvcc and an NVIDIA GPU; no CMake, Eigen or
-# network: the tests need only Catch2's single header, found in
-# /usr/include/catch2, $KTO_CATCH2_DIR or .deps/catch2 (copy it there and
-# carry .deps to a machine without it). Logs go to $OUT (or build-gpu/logs).
-# Budget: well under 8 minutes on an H100/H200.
+# GPU check, one script for a lent H100/H200: builds for sm_90, runs the `gpu`
+# tests (logits step and fused linear), compute-sanitizer (memcheck, racecheck,
+# initcheck, synccheck) on the [sanitize] cases, the benchmarks (logits step vs
+# the bandwidth floor, fused linear vs the bf16 GEMM peak), the PyTorch CUDA op
+# tests and the peer comparison with Liger and PyTorch; prints a short table
+# last. Needs nvcc and an NVIDIA GPU, no network, no CMake: Catch2's single
+# header and Eigen's headers come from /usr/include, $KTO_CATCH2_DIR /
+# $KTO_EIGEN_DIR or .deps (carry .deps: catch2/catch.hpp, eigen3/); Liger from
+# wheels in .whl (optional). Logs go to build-gpu/logs, and as one
+# logs.tar.gz with summary.txt to $OUT when it is set.
+# Budget: about 8 minutes on an H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 arch=${KTO_CUDA_ARCH:-90}
-logs=${OUT:-build-gpu/logs}
+logs=build-gpu/logs
+rm -rf "$logs"
 mkdir -p build-gpu "$logs"
 catch=""
 for d in "${KTO_CATCH2_DIR:-}" .deps /usr/include; do
   [ -n "$d" ] && [ -f "$d/catch2/catch.hpp" ] && catch=$d && break
 done
 [ -n "$catch" ] || { echo "gpu_check: catch2/catch.hpp not found (set KTO_CATCH2_DIR)"; exit 2; }
+eigen=""
+for d in "${KTO_EIGEN_DIR:-}" .deps/eigen3 /usr/include/eigen3; do
+  [ -n "$d" ] && [ -f "$d/Eigen/Core" ] && eigen=$(cd "$d" && pwd) && break
+done
 
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
@@ -24,40 +33,97 @@ note() { summary+=("$1"); echo "== $1"; }
   nvcc --version | tail -1
 } 2>&1 | tee "$logs/device.txt"
 
+# The PyTorch extension (CPU-bound) builds in the background while the GPU works.
+torch_site=/tmp/kto_site
+if [ -n "$eigen" ] && python3 -c "import torch" 2>/dev/null; then
+  (KTO_EIGEN_DIR=$eigen KTO_CUDA_ARCHS=$arch MAX_JOBS=6 timeout 400 python3 -m pip install -q \
+    --no-build-isolation --no-deps --no-index --target $torch_site ./examples/pytorch \
+    >"$logs/torch_build.txt" 2>&1; echo $? >build-gpu/torch_build.rc) &
+  torch_build=$!
+else
+  torch_build=""
+  echo "no Eigen headers or no torch: the PyTorch extension is not built" >"$logs/torch_build.txt"
+fi
+site=/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target $site .whl/*.whl >"$logs/wheels.txt" 2>&1 || true
+fi
+
 flags=(-std=c++17 -O3 -arch=sm_$arch -Iinclude -Ikernels -I"$catch" --expt-relaxed-constexpr)
 start=$(date +%s)
-nvcc "${flags[@]}" tests/gpu/test_cuda_step.cu tests/gpu/gpu_main.cu -o build-gpu/test_cuda_step \
-  >"$logs/build.txt" 2>&1 &
-build_tests=$!
-nvcc "${flags[@]}" bench/bench_cuda.cu -o build-gpu/bench_cuda >>"$logs/build.txt" 2>&1
-build_bench=$?
-wait $build_tests
-build_tests=$?
-note "build (sm_$arch): tests rc=$build_tests, bench rc=$build_bench, $(( $(date +%s) - start )) s"
-[ $build_tests -eq 0 ] || { cat "$logs/build.txt"; exit 1; }
+build() {  # name sources... [-- libs]
+  local name=$1
+  shift
+  nvcc "${flags[@]}" "$@" -o "build-gpu/$name" >"$logs/build_$name.txt" 2>&1
+}
+build test_cuda_step tests/gpu/test_cuda_step.cu tests/gpu/gpu_main.cu &
+p1=$!
+build test_cuda_fused_linear tests/gpu/test_cuda_fused_linear.cu tests/gpu/gpu_main.cu -lcublas &
+p2=$!
+build bench_cuda bench/bench_cuda.cu &
+p3=$!
+build bench_fused_cuda bench/bench_fused_cuda.cu -lcublas &
+p4=$!
+rcs=()
+for p in $p1 $p2 $p3 $p4; do
+  wait $p
+  rcs+=($?)
+done
+note "build (sm_$arch): test_cuda_step rc=${rcs[0]}, test_cuda_fused_linear rc=${rcs[1]}, bench_cuda rc=${rcs[2]}, bench_fused_cuda rc=${rcs[3]}, $(($(date +%s) - start)) s"
+for f in "$logs"/build_*.txt; do [ -s "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done
 
-build-gpu/test_cuda_step --reporter compact >"$logs/gpu_tests.txt" 2>&1
-rc=$?
-note "gpu tests: rc=$rc, $(grep -E 'SKIPPED|Passed|Failed|passed|failed' "$logs/gpu_tests.txt" | tail -1)"
-if [ $rc -eq 77 ]; then
-  echo "no CUDA device: nothing more to check"
-  exit 0
-fi
-
-for tool in memcheck racecheck initcheck synccheck; do
-  extra=()
-  [ $tool = memcheck ] && extra=(--leak-check full)
-  compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 \
-    build-gpu/test_cuda_step "[sanitize]" --reporter compact >"$logs/sanitizer_$tool.txt" 2>&1
+for t in test_cuda_step test_cuda_fused_linear; do
+  [ -x build-gpu/$t ] || continue
+  timeout 240 build-gpu/$t --reporter compact >"$logs/$t.txt" 2>&1
   rc=$?
-  note "compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/sanitizer_$tool.txt" | tail -1)"
+  note "$t: rc=$rc, $(grep -E 'SKIPPED|Passed|passed|failed' "$logs/$t.txt" | tail -1)"
+  [ $rc -eq 77 ] && { echo "no CUDA device: nothing more to check"; exit 0; }
+  [ $rc -ne 0 ] && grep -B2 -A12 'FAILED' "$logs/$t.txt" | head -60
 done
 
-if [ $build_bench -eq 0 ]; then
-  build-gpu/bench_cuda --vocab 128256,32000 --reps 15 2>&1 | tee "$logs/bench.txt"
-fi
+for t in test_cuda_step test_cuda_fused_linear; do
+  [ -x build-gpu/$t ] || continue
+  for tool in memcheck racecheck initcheck synccheck; do
+    extra=()
+    [ $tool = memcheck ] && extra=(--leak-check full)
+    timeout 90 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 \
+      build-gpu/$t "[sanitize]" --reporter compact >"$logs/sanitizer_${t}_$tool.txt" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool $t: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$logs/sanitizer_${t}_$tool.txt" | tail -1)"
+  done
+done
 
-echo
-echo "==================== summary ===================="
-printf '%s\n' "${summary[@]}"
-[ -f "$logs/bench.txt" ] && sed -n '/KTO step/,$p' "$logs/bench.txt"
+[ -n "$torch_build" ] && wait $torch_build
+note "PyTorch extension build: rc=$(cat build-gpu/torch_build.rc 2>/dev/null || echo none)"
+[ -s "$logs/torch_build.txt" ] && tail -15 "$logs/torch_build.txt"
+export PYTHONPATH=$torch_site:$site${PYTHONPATH:+:$PYTHONPATH}
+
+[ -x build-gpu/bench_cuda ] && timeout 90 build-gpu/bench_cuda --vocab 128256,32000 --reps 15 \
+  >"$logs/bench_cuda.txt" 2>&1
+note "bench_cuda: rc=$?"
+[ -x build-gpu/bench_fused_cuda ] && timeout 150 build-gpu/bench_fused_cuda --dim 1024,4096 \
+  --chunk-mb 512,1024,4096 --reps 10 >"$logs/bench_fused_cuda.txt" 2>&1
+note "bench_fused_cuda: rc=$?, $(grep -c 'check: loss' "$logs/bench_fused_cuda.txt") loss checks, $(grep -c 'finite: yes' "$logs/bench_fused_cuda.txt") finite"
+
+if [ -f build-gpu/torch_build.rc ] && [ "$(cat build-gpu/torch_build.rc)" = 0 ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/python/test_torch.py \
+    tests/python/test_torch_fused.py -k cuda >"$logs/pytest_cuda.txt" 2>&1
+  note "pytest CUDA ops: rc=$?, $(tail -1 "$logs/pytest_cuda.txt")"
+fi
+PYTHONUNBUFFERED=1 timeout 200 python3 bench/compare_fused_torch.py --dims 1024,4096 --reps 8 \
+  --json "$logs/compare_fused.json" >"$logs/compare_fused.txt" 2>&1
+note "compare_fused_torch: rc=$?"
+grep -E 'failed|not measured|not usable' "$logs/compare_fused.txt" | head -5
+
+{
+  echo "==================== summary ===================="
+  printf '%s\n' "${summary[@]}"
+  [ -f "$logs/bench_cuda.txt" ] && sed -n '/KTO step/,$p' "$logs/bench_cuda.txt"
+  [ -f "$logs/bench_fused_cuda.txt" ] && sed -n '/^device:/p;/^fused-linear KTO step/,$p' "$logs/bench_fused_cuda.txt"
+  [ -f "$logs/compare_fused.txt" ] && sed -n '/^peer comparison/,$p' "$logs/compare_fused.txt"
+} | tee "$logs/summary.txt"
+if [ -n "${OUT:-}" ]; then
+  cp "$logs/summary.txt" "$OUT/summary.txt"
+  tar czf "$OUT/logs.tar.gz" -C build-gpu logs
+fi
