@@ -57,6 +57,30 @@ def make_inputs(B, T, D, V, seed=0):
                 labels=labels)
 
 
+def fp32_reference_loss(x, beta=0.1, rows=2048):
+    """The loss with logits computed in fp32 (no TF32) from the same bf16 inputs, in row
+    chunks: what the bf16 inputs define, to say whose loss is closer to it."""
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        def logps(h, w):
+            B, T, D = h.shape
+            flat, tgt, w32 = h.reshape(-1, D), x["targets"].reshape(-1), w.detach().float()
+            out = torch.empty(B * T, dtype=torch.float64, device=h.device)
+            for r in range(0, B * T, rows):
+                z = flat[r:r + rows].float() @ w32.T
+                out[r:r + rows] = (z.gather(-1, tgt[r:r + rows, None])[:, 0]
+                                   - torch.logsumexp(z, -1)).double()
+            return out.reshape(B, T).sum(-1)
+
+        with torch.no_grad():
+            ratio = logps(x["h"], x["w"]) - logps(x["ref_h"], x["ref_w"])
+            sign = torch.where(x["labels"], 1.0, -1.0).double()
+            return float((1 - torch.sigmoid(beta * ratio * sign)).mean())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
 def torch_step(x, beta=0.1):
     def logps(h, w):
         logits = (h @ w.T).float()
@@ -122,7 +146,7 @@ def measure(step, x, reps, warmup):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**20
     x["w"].grad = None
-    return statistics.median(times), peak, float(loss)
+    return statistics.median(times), peak, float(loss.detach())
 
 
 def main():
@@ -146,6 +170,7 @@ def main():
             steps["kto (keep_chunk, 1 GiB)"] = kto_step
             steps["kto (recompute, 1 GiB)"] = lambda x: kto_step(x, strategy="recompute")
             steps["kto (keep_chunk, 4 GiB)"] = lambda x: kto_step(x, chunk_bytes=4 << 30)
+            steps["kto (keep_chunk, 256 MiB)"] = lambda x: kto_step(x, chunk_bytes=256 << 20)
         else:
             print("kto_torch has no CUDA kernels: kto not measured")
     except ImportError as e:
@@ -163,6 +188,8 @@ def main():
     for D in [int(d) for d in a.dims.split(",")]:
         x = make_inputs(a.batch, a.len, D, a.vocab)
         flop = 4 * 2 * a.batch * a.len * a.vocab * D / 1e12
+        exact = fp32_reference_loss(x)
+        print(f"D={D} loss with fp32 logits (the reference for the loss column): {exact:.6f}")
         for label, step in steps.items():
             try:
                 ms, mb, loss = measure(step, x, a.reps, a.warmup)
@@ -172,7 +199,7 @@ def main():
                 continue
             tflops = flop / (ms * 1e-3)
             rows.append(dict(dim=D, case=label, ms=ms, peak_mb=mb, loss=loss, tflops=tflops,
-                             fraction_of_peak=tflops / peak))
+                             fraction_of_peak=tflops / peak, loss_error=abs(loss - exact)))
             print(f"D={D} {label:30s} {ms:9.2f} ms {mb:9.0f} MB  loss {loss:.6f}  "
                   f"{tflops:6.1f} TFLOP/s ({100 * tflops / peak:.0f}% of matmul)", flush=True)
             torch.cuda.empty_cache()
@@ -180,10 +207,11 @@ def main():
         torch.cuda.empty_cache()
     print(f"\npeer comparison, B={a.batch} T={a.len} V={a.vocab} bf16, {name} "
           f"(matmul peak {peak:.0f} TFLOP/s)")
-    print(f"{'D':>5} {'case':32s} {'ms':>9} {'peak MB':>9} {'TFLOP/s':>8} {'%peak':>6} {'loss':>10}")
+    print(f"{'D':>5} {'case':32s} {'ms':>9} {'peak MB':>9} {'TFLOP/s':>8} {'%peak':>6} {'loss':>10} "
+          f"{'|loss-fp32|':>11}")
     for r in rows:
         print(f"{r['dim']:5d} {r['case']:32s} {r['ms']:9.2f} {r['peak_mb']:9.0f} {r['tflops']:8.1f} "
-              f"{100 * r['fraction_of_peak']:5.0f}% {r['loss']:10.6f}")
+              f"{100 * r['fraction_of_peak']:5.0f}% {r['loss']:10.6f} {r['loss_error']:11.2e}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(device=name, matmul_tflops=peak, batch=a.batch, len=a.len,

@@ -9,7 +9,8 @@
 # $KTO_EIGEN_DIR or .deps (carry .deps: catch2/catch.hpp, eigen3/); Liger from
 # wheels in .whl (optional). Logs go to build-gpu/logs, and as one
 # logs.tar.gz with summary.txt to $OUT when it is set.
-# Budget: about 8 minutes on an H100/H200.
+# Budget: about 3 minutes on an H200. GPU_CHECK_PARTS (default all) picks parts:
+# tests, sanitize, bench, torch, compare.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 arch=${KTO_CUDA_ARCH:-90}
@@ -26,6 +27,8 @@ for d in "${KTO_EIGEN_DIR:-}" .deps/eigen3 /usr/include/eigen3; do
   [ -n "$d" ] && [ -f "$d/Eigen/Core" ] && eigen=$(cd "$d" && pwd) && break
 done
 
+parts=${GPU_CHECK_PARTS:-tests,sanitize,bench,torch,compare}
+want() { [[ ",$parts," == *",$1,"* ]]; }
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
 {
@@ -35,7 +38,7 @@ note() { summary+=("$1"); echo "== $1"; }
 
 # The PyTorch extension (CPU-bound) builds in the background while the GPU works.
 torch_site=/tmp/kto_site
-if [ -n "$eigen" ] && python3 -c "import torch" 2>/dev/null; then
+if want torch && [ -n "$eigen" ] && python3 -c "import torch" 2>/dev/null; then
   (KTO_EIGEN_DIR=$eigen KTO_CUDA_ARCHS=$arch MAX_JOBS=6 timeout 400 python3 -m pip install -q \
     --no-build-isolation --no-deps --no-index --target $torch_site ./examples/pytorch \
     >"$logs/torch_build.txt" 2>&1; echo $? >build-gpu/torch_build.rc) &
@@ -74,7 +77,7 @@ note "build (sm_$arch): test_cuda_step rc=${rcs[0]}, test_cuda_fused_linear rc=$
 for f in "$logs"/build_*.txt; do [ -s "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done
 
 for t in test_cuda_step test_cuda_fused_linear; do
-  [ -x build-gpu/$t ] || continue
+  [ -x build-gpu/$t ] && want tests || continue
   timeout 240 build-gpu/$t --reporter compact >"$logs/$t.txt" 2>&1
   rc=$?
   note "$t: rc=$rc, $(grep -E 'SKIPPED|Passed|passed|failed' "$logs/$t.txt" | tail -1)"
@@ -83,7 +86,7 @@ for t in test_cuda_step test_cuda_fused_linear; do
 done
 
 for t in test_cuda_step test_cuda_fused_linear; do
-  [ -x build-gpu/$t ] || continue
+  [ -x build-gpu/$t ] && want sanitize || continue
   for tool in memcheck racecheck initcheck synccheck; do
     extra=()
     [ $tool = memcheck ] && extra=(--leak-check full)
@@ -99,22 +102,26 @@ note "PyTorch extension build: rc=$(cat build-gpu/torch_build.rc 2>/dev/null || 
 [ -s "$logs/torch_build.txt" ] && tail -15 "$logs/torch_build.txt"
 export PYTHONPATH=$torch_site:$site${PYTHONPATH:+:$PYTHONPATH}
 
-[ -x build-gpu/bench_cuda ] && timeout 90 build-gpu/bench_cuda --vocab 128256,32000 --reps 15 \
-  >"$logs/bench_cuda.txt" 2>&1
-note "bench_cuda: rc=$?"
-[ -x build-gpu/bench_fused_cuda ] && timeout 150 build-gpu/bench_fused_cuda --dim 1024,4096 \
-  --chunk-mb 512,1024,4096 --reps 10 >"$logs/bench_fused_cuda.txt" 2>&1
-note "bench_fused_cuda: rc=$?, $(grep -c 'check: loss' "$logs/bench_fused_cuda.txt") loss checks, $(grep -c 'finite: yes' "$logs/bench_fused_cuda.txt") finite"
+if want bench; then
+  timeout 90 build-gpu/bench_cuda --vocab 128256,32000 --reps 15 >"$logs/bench_cuda.txt" 2>&1
+  note "bench_cuda: rc=$?"
+  timeout 150 build-gpu/bench_fused_cuda --dim 1024,4096 --chunk-mb 512,1024,4096 --reps 10 \
+    >"$logs/bench_fused_cuda.txt" 2>&1
+  note "bench_fused_cuda: rc=$?, $(grep -c 'finite: yes' "$logs/bench_fused_cuda.txt") finite losses"
+fi
 
 if [ -f build-gpu/torch_build.rc ] && [ "$(cat build-gpu/torch_build.rc)" = 0 ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/python/test_torch.py \
     tests/python/test_torch_fused.py -k cuda >"$logs/pytest_cuda.txt" 2>&1
   note "pytest CUDA ops: rc=$?, $(tail -1 "$logs/pytest_cuda.txt")"
 fi
-PYTHONUNBUFFERED=1 timeout 200 python3 bench/compare_fused_torch.py --dims 1024,4096 --reps 8 \
-  --json "$logs/compare_fused.json" >"$logs/compare_fused.txt" 2>&1
-note "compare_fused_torch: rc=$?"
-grep -E 'failed|not measured|not usable' "$logs/compare_fused.txt" | head -5
+if want compare; then
+  PYTHONUNBUFFERED=1 timeout 240 python3 bench/compare_fused_torch.py \
+    --dims "${GPU_CHECK_DIMS:-1024,4096}" --reps 8 --json "$logs/compare_fused.json" \
+    >"$logs/compare_fused.txt" 2>&1
+  note "compare_fused_torch: rc=$?"
+  grep -E 'failed|not measured|not usable|fp32 logits' "$logs/compare_fused.txt" | head -8
+fi
 
 {
   echo "==================== summary ===================="

@@ -300,8 +300,7 @@ TEST_CASE("CUDA fused-linear step under the sanitizers: both strategies, split s
     check<__nv_bfloat16>(fp, o, run_step(d, o, config_rows<__nv_bfloat16>(fp, 3, strategy), true));
 }
 
-TEST_CASE("CUDA fused-linear step: repeat runs and a graph replay give the same bits",
-          "[fused]") {
+TEST_CASE("CUDA fused-linear step: repeat runs and a graph replay give the same bits", "[fused]") {
   std::mt19937_64 rng(test::fresh_seed());
   test::FusedSpec spec;
   spec.vocab = 301;

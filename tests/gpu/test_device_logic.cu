@@ -307,3 +307,21 @@ TEMPLATE_TEST_CASE("fused-linear backward lanes write every gradient element onc
     CHECK(std::isnan(kto::device::to_float(out[vocab])));  // nothing past the row
   }
 }
+
+TEST_CASE("device error keys rank a forward cause before the finish's consequence", "[device]") {
+  using namespace kto::device;
+  // A NaN logit in row 5000 makes sequence 2's log-prob NaN: the row must win.
+  const auto cause = error_key(5000, kNonFiniteLogits);
+  const auto consequence = error_key(2, kNonFiniteInput);
+  CHECK(cause < consequence);
+  CHECK(error_key(7, kTargetOutOfRange | kKlBatchTag) < error_key(1, kInvalidLabel));
+  // Within a stage the lowest index wins, and the index reads back.
+  CHECK(error_key(3, kNonFiniteLogits) < error_key(4, kTargetOutOfRange));
+  for (long long index : {0LL, 1LL, 123456789LL, (1LL << 40) + 5})
+    for (unsigned kind : {1u, 2u, 3u, 4u, 5u, 2u | kKlBatchTag}) {
+      const auto key = error_key(index, kind);
+      CHECK(error_index(key) == index);
+      CHECK((key & 7u) == (kind & 7u));
+      CHECK(key != kNoError);
+    }
+}

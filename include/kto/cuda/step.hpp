@@ -519,7 +519,7 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
   err = cudaMemcpy(&key, workspace, sizeof(key), cudaMemcpyDeviceToHost);
   if (err != cudaSuccess) return Status::from(err, fn);
   if (key == device::kNoError) return Status::success();
-  const auto index = static_cast<long long>(key >> 4);
+  const long long index = device::error_index(key);
   const unsigned kind = static_cast<unsigned>(key & 7u);
   const char* batch = (key & device::kKlBatchTag) ? "KL batch" : "target batch";
   const bool kl_batch = (key & device::kKlBatchTag) != 0;

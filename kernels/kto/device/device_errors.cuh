@@ -1,10 +1,13 @@
 // device_errors.cuh — how kernels report bad input without a host round trip.
 //
 // A kernel that finds a target id out of range, a non-finite logit or a bad
-// offset writes key = (index << 4) | kind into one 64-bit word with atomicMin.
-// The smallest key wins whatever the thread order, so the reported error is
-// deterministic; the host reads the word after the stream is synchronised
-// (kto::cuda::read_status). All ones means no error.
+// offset writes key = (stage << 62) | (index << 4) | kind into one 64-bit word
+// with atomicMin. The smallest key wins whatever the thread order, so the
+// reported error is deterministic; the host reads the word after the stream
+// is synchronised (kto::cuda::read_status). All ones means no error. The stage
+// bit ranks a cause before its consequence: a NaN logit (stage 0, forward)
+// makes its sequence's log-prob NaN, which the finish (stage 1) would report
+// too, with a smaller index; the forward's report is the one that explains it.
 #pragma once
 
 #include <kto/config.hpp>
@@ -28,9 +31,19 @@ struct DeviceErrors {
 
 constexpr unsigned long long kNoError = ~0ull;
 
+/// The key of an error: forward errors (stage 0) sort before the finish's (stage 1).
+KTO_HOST_DEVICE inline unsigned long long error_key(index_t index, unsigned kind) {
+  const unsigned long long stage = (kind & 7u) >= kNonFiniteInput ? 1ull : 0ull;
+  return (stage << 62) | (static_cast<unsigned long long>(index) << 4) | kind;
+}
+
+/// The index (row, offset entry or sequence) of a key.
+KTO_HOST_DEVICE inline long long error_index(unsigned long long key) {
+  return static_cast<long long>((key >> 4) & ((1ull << 58) - 1));
+}
+
 __device__ __forceinline__ void record_error(DeviceErrors* errors, index_t index, unsigned kind) {
-  const unsigned long long key = (static_cast<unsigned long long>(index) << 4) | kind;
-  atomicMin(&errors->first, key);
+  atomicMin(&errors->first, error_key(index, kind));
 }
 
 }  // namespace device
