@@ -240,13 +240,20 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.has_bias = bias.numel() > 0
 
 
+def _scaled(grad: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
+    # Cast first, then scale in the parameter's dtype: no second fp32 copy of dW (V x D)
+    # at the peak. g is 1 for loss.backward(), so the cast is the only rounding then.
+    # (Out of place: torch.compile's partitioner rejects an in-place op here.)
+    return grad.to(dtype) * g.to(dtype)
+
+
 def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db):
     dh, dw, db = ctx.saved_tensors
     g = g_metrics[0]
     grads = (
-        (dh * g.to(dh.dtype)).to(ctx.dtypes[0]),
-        (dw * g.to(dw.dtype)).to(ctx.dtypes[1]),
-        (db * g.to(db.dtype)).to(ctx.dtypes[2]) if ctx.has_bias else None,
+        _scaled(dh, g, ctx.dtypes[0]),
+        _scaled(dw, g, ctx.dtypes[1]),
+        _scaled(db, g, ctx.dtypes[2]) if ctx.has_bias else None,
     )
     return grads + (None,) * 23
 
