@@ -60,21 +60,23 @@ build() {  # name sources... [-- libs]
   shift
   nvcc "${flags[@]}" "$@" -o "build-gpu/$name" >"$logs/build_$name.txt" 2>&1
 }
-build test_cuda_step tests/gpu/test_cuda_step.cu tests/gpu/gpu_main.cu &
-p1=$!
-build test_cuda_fused_linear tests/gpu/test_cuda_fused_linear.cu tests/gpu/gpu_main.cu -lcublas &
-p2=$!
-build bench_cuda bench/bench_cuda.cu &
-p3=$!
-build bench_fused_cuda bench/bench_fused_cuda.cu -lcublas &
-p4=$!
-rcs=()
-for p in $p1 $p2 $p3 $p4; do
-  wait $p
-  rcs+=($?)
-done
-note "build (sm_$arch): test_cuda_step rc=${rcs[0]}, test_cuda_fused_linear rc=${rcs[1]}, bench_cuda rc=${rcs[2]}, bench_fused_cuda rc=${rcs[3]}, $(($(date +%s) - start)) s"
-for f in "$logs"/build_*.txt; do [ -s "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done
+if want tests || want sanitize || want bench; then
+  build test_cuda_step tests/gpu/test_cuda_step.cu tests/gpu/gpu_main.cu &
+  p1=$!
+  build test_cuda_fused_linear tests/gpu/test_cuda_fused_linear.cu tests/gpu/gpu_main.cu -lcublas &
+  p2=$!
+  build bench_cuda bench/bench_cuda.cu &
+  p3=$!
+  build bench_fused_cuda bench/bench_fused_cuda.cu -lcublas &
+  p4=$!
+  rcs=()
+  for p in $p1 $p2 $p3 $p4; do
+    wait $p
+    rcs+=($?)
+  done
+  note "build (sm_$arch): test_cuda_step rc=${rcs[0]}, test_cuda_fused_linear rc=${rcs[1]}, bench_cuda rc=${rcs[2]}, bench_fused_cuda rc=${rcs[3]}, $(($(date +%s) - start)) s"
+  for f in "$logs"/build_*.txt; do [ -s "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done
+fi
 
 for t in test_cuda_step test_cuda_fused_linear; do
   [ -x build-gpu/$t ] && want tests || continue
