@@ -34,6 +34,10 @@
 
 namespace kto {
 
+/// keep_chunk: Z_c computed once per chunk of whole sequences (3 GEMMs a row);
+/// recompute: forward over every chunk, then Z_c recomputed for the backward (4).
+enum class FusedStrategy : int { keep_chunk = 0, recompute = 1 };
+
 /// A row-major matrix: `rows` rows of `cols` elements, `stride` elements apart.
 template <class T>
 struct MatrixView {

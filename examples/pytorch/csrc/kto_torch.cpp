@@ -238,6 +238,15 @@ kto::MatrixView<const T> matrix_of(const torch::Tensor& x, const char* name) {
                                   x.size(0) > 1 ? x.stride(0) : x.size(1)};
 }
 
+/// The lm_head of a [V, D] weight and a [V] bias (empty: none).
+template <class T>
+kto::LinearHead<T> head_of(const torch::Tensor& weight, const torch::Tensor& bias) {
+  kto::LinearHead<T> head;
+  head.weight = matrix_of<T>(weight, "weight");
+  head.bias = bias.numel() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+  return head;
+}
+
 void check_same_dtype(const torch::Tensor& a, const char* name, const torch::Tensor& hidden) {
   TORCH_CHECK(a.numel() == 0 || a.scalar_type() == hidden.scalar_type(), "kto: argument '", name,
               "' must have the dtype of 'hidden' (", hidden.scalar_type(), "); got ",
@@ -261,9 +270,7 @@ std::vector<torch::Tensor> fused_linear_forward_cpu(
   dispatch(hidden, [&](auto tag) {
     using T = decltype(tag);
     using A = kto::accumulator_t<T>;
-    kto::LinearHead<T> head;
-    head.weight = matrix_of<T>(weight, "weight");
-    head.bias = bias.numel() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+    const kto::LinearHead<T> head = head_of<T>(weight, bias);
     kto::cpu::FusedLinearInputs<T> in;
     in.hidden = matrix_of<T>(hidden, "hidden");
     in.targets = targets_view(targets);
@@ -318,9 +325,7 @@ std::vector<torch::Tensor> fused_linear_logprobs_cpu(const torch::Tensor& hidden
   dispatch(hidden, [&](auto tag) {
     using T = decltype(tag);
     using A = kto::accumulator_t<T>;
-    kto::LinearHead<T> head;
-    head.weight = matrix_of<T>(weight, "weight");
-    head.bias = bias.numel() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+    const kto::LinearHead<T> head = head_of<T>(weight, bias);
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
     const auto f = kto::cpu::fused_linear_logprobs<T>(

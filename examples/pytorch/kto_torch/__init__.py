@@ -345,6 +345,33 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
         offsets, average_log_prob, ignore_index, int(chunk_bytes))
 
 
+def _option_codes(beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
+                  kl_estimator, clamp_kl, fixed_z0, average_log_prob, reduction, mean_denominator,
+                  ignore_index) -> tuple:
+    """The loss options as the ops take them (enums as their codes), in schema order."""
+    return (float(beta), float(desirable_weight), float(undesirable_weight),
+            _lookup(LOSS_TYPES, "loss_type", loss_type), _lookup(LINKS, "link", link),
+            _lookup(REFERENCE_POINTS, "reference_point", reference_point),
+            _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator), bool(clamp_kl),
+            float(fixed_z0), bool(average_log_prob),
+            _lookup(REDUCTIONS, "reduction", reduction), int(mean_denominator),
+            int(ignore_index))
+
+
+def _kto_output(metrics: Tensor, per_example: Tensor, n: Tensor) -> KTOOutput:
+    detached = metrics.detach()
+    return KTOOutput(
+        loss=metrics[0],
+        metrics={name: detached[i] for i, name in enumerate(METRIC_NAMES)},
+        logp=per_example[0].detach(),
+        ratio=per_example[1].detach(),
+        reward=per_example[2].detach(),
+        example_loss=per_example[3].detach(),
+        grad_logp=per_example[4].detach(),
+        num_tokens=n,
+    )
+
+
 def kl_partial(kl_policy_logp: Tensor, kl_reference_logp: Tensor, kl_num_tokens: Tensor, *,
                kl_estimator: str = "mean") -> Tensor:
     """Local (S, C) of the KL batch, float64 [2]: all-reduce it (SUM), then pass it to
@@ -393,31 +420,11 @@ def kto_loss(
         kl_reference_logp if kl_reference_logp is not None else empty_f,
         kl_num_tokens if kl_num_tokens is not None else empty_i,
         global_kl if global_kl is not None else torch.empty((0,), dtype=torch.float64),
-        float(beta),
-        float(desirable_weight),
-        float(undesirable_weight),
-        _lookup(LOSS_TYPES, "loss_type", loss_type),
-        _lookup(LINKS, "link", link),
-        _lookup(REFERENCE_POINTS, "reference_point", reference_point),
-        _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator),
-        bool(clamp_kl),
-        float(fixed_z0),
-        bool(average_log_prob),
-        _lookup(REDUCTIONS, "reduction", reduction),
-        int(mean_denominator),
-        int(ignore_index),
+        *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
+                       reference_point, kl_estimator, clamp_kl, fixed_z0, average_log_prob,
+                       reduction, mean_denominator, ignore_index),
     )
-    detached = metrics.detach()
-    return KTOOutput(
-        loss=metrics[0],
-        metrics={name: detached[i] for i, name in enumerate(METRIC_NAMES)},
-        logp=per_example[0].detach(),
-        ratio=per_example[1].detach(),
-        reward=per_example[2].detach(),
-        example_loss=per_example[3].detach(),
-        grad_logp=per_example[4].detach(),
-        num_tokens=n,
-    )
+    return _kto_output(metrics, per_example, n)
 
 
 def fused_linear_kto_loss(
@@ -478,30 +485,10 @@ def fused_linear_kto_loss(
         kl_offsets if kl_offsets is not None else torch.empty((0,), dtype=torch.int64),
         kl_reference_logp if kl_reference_logp is not None else hidden.new_empty(
             (0,), dtype=torch.float32),
-        float(beta),
-        float(desirable_weight),
-        float(undesirable_weight),
-        _lookup(LOSS_TYPES, "loss_type", loss_type),
-        _lookup(LINKS, "link", link),
-        _lookup(REFERENCE_POINTS, "reference_point", reference_point),
-        _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator),
-        bool(clamp_kl),
-        float(fixed_z0),
-        bool(average_log_prob),
-        _lookup(REDUCTIONS, "reduction", reduction),
-        int(mean_denominator),
-        int(ignore_index),
+        *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
+                       reference_point, kl_estimator, clamp_kl, fixed_z0, average_log_prob,
+                       reduction, mean_denominator, ignore_index),
         int(chunk_bytes),
         _lookup(STRATEGIES, "strategy", strategy),
     )
-    detached = metrics.detach()
-    return KTOOutput(
-        loss=metrics[0],
-        metrics={name: detached[i] for i, name in enumerate(METRIC_NAMES)},
-        logp=per_example[0].detach(),
-        ratio=per_example[1].detach(),
-        reward=per_example[2].detach(),
-        example_loss=per_example[3].detach(),
-        grad_logp=per_example[4].detach(),
-        num_tokens=n,
-    )
+    return _kto_output(metrics, per_example, n)

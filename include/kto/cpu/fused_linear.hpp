@@ -36,7 +36,7 @@
 namespace kto {
 namespace cpu {
 
-enum class FusedStrategy : int { keep_chunk = 0, recompute = 1 };
+using kto::FusedStrategy;
 
 struct FusedLinearConfig {
   /// Budget for one chunk: its logits and hidden rows in the accumulation type.

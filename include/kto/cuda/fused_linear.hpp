@@ -32,7 +32,7 @@
 namespace kto {
 namespace cuda {
 
-enum class FusedStrategy : int { keep_chunk = 0, recompute = 1 };
+using kto::FusedStrategy;
 
 struct FusedLinearConfig {
   /// Budget for one chunk: fp32 logits plus their gradient in the input type.
