@@ -26,7 +26,7 @@ import train_trl_kto as example  # noqa: E402  (examples/trl: tiny model, tokeni
 
 
 def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
-                  label=lambda i, c: i % 3 == 0):
+                  label=lambda i, c: i % 3 == 0, fused=False, bf16=None):
     policy = example.make_model(seed=0)
     reference = copy.deepcopy(policy)
     with torch.no_grad():
@@ -38,12 +38,14 @@ def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_w
     args = trl.KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1,
                          report_to="none", beta=0.3, loss_type=loss_type,
                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                         use_cpu=True, save_strategy="no")
+                         use_cpu=True, save_strategy="no",
+                         **({} if bf16 is None else {"bf16": bf16}))
     data = example.make_dataset(n=16, label=label)
     theirs = trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
                             args=args, train_dataset=data, processing_class=example.make_tokenizer())
     ours = kto_trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
-                              args=args, train_dataset=data, processing_class=example.make_tokenizer())
+                              args=args, train_dataset=data, processing_class=example.make_tokenizer(),
+                              fused_linear=fused, fused_chunk_bytes=4096)
     return theirs, ours
 
 
@@ -56,6 +58,7 @@ def loss_and_grads(trainer, batch):
     return loss.detach(), grads, metrics
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
 @pytest.mark.parametrize(
     "loss_type,desirable_weight,undesirable_weight,label",
     [
@@ -67,8 +70,13 @@ def loss_and_grads(trainer, batch):
     ],
 )
 def test_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, desirable_weight,
-                                              undesirable_weight, label):
-    theirs, ours = make_trainers(tmp_path, loss_type, desirable_weight, undesirable_weight, label)
+                                              undesirable_weight, label, fused):
+    # fused_linear: without mixed precision, so both paths are fp32 throughout (TRL's default
+    # bf16 autocast rounds the reference model's logits, which the fused path never forms;
+    # see test_fused_linear_under_bf16_autocast).
+    theirs, ours = make_trainers(tmp_path, loss_type, desirable_weight, undesirable_weight, label,
+                                 fused, bf16=False if fused else None)
+    assert ours._fused(ours.model) == fused  # the fused path really runs when asked
     batch = next(iter(theirs.get_train_dataloader()))
     assert batch["completion_mask"].sum() < batch["attention_mask"].sum()  # prompts are ignored
     loss_t, grads_t, metrics_t = loss_and_grads(theirs, batch)
@@ -85,6 +93,27 @@ def test_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, desirable_wei
     assert scale > 0.0
     for name, g in grads_t.items():
         assert torch.allclose(grads_o[name], g, rtol=0, atol=1e-4 * scale), name
+
+
+def test_fused_linear_under_bf16_autocast(tmp_path):
+    """TRL's default (bf16=True): TRL's reference forward runs under bf16 autocast and rounds
+    each logit to bf16 (unit roundoff u = 2^-8); the fused path computes the same products
+    with fp32 accumulation and output. A log-prob of magnitude L can then differ by about u·L,
+    z0 (a mean of differences of two log-probs) by 2·u·L, and the loss by β times the
+    largest shift of ρ − z0, 4·u·L, with L the largest |log-prob| of the batch."""
+    theirs, ours = make_trainers(tmp_path, fused=True)
+    assert ours.args.bf16 and ours._fused(ours.model)
+    batch = next(iter(theirs.get_train_dataloader()))
+    loss_t, _, metrics_t = loss_and_grads(theirs, batch)
+    loss_o, _, metrics_o = loss_and_grads(ours, batch)
+    u = 2.0**-8
+    L = max(abs(metrics_t["logps/chosen"]), abs(metrics_t["logps/rejected"]), abs(metrics_t["kl"]))
+    assert abs(metrics_o["kl"] - metrics_t["kl"]) <= 2 * u * L
+    assert abs(loss_o.item() - loss_t.item()) <= ours.beta * 4 * u * L
+    # And it trains: the policy's decoder runs under the trainer's autocast (bf16 hidden
+    # states against the fp32 lm_head weight).
+    ours.args.max_steps = 2
+    assert ours.train().global_step == 2
 
 
 def test_one_import_trains(tmp_path):
