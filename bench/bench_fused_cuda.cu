@@ -228,6 +228,36 @@ int main(int argc, char** argv) {
             reference(s);
             both(s);
           }));
+      {
+        // The three GEMM passes alone, on the step's chunks: the step minus this is
+        // what the row kernels and the launches cost.
+        const kto::cuda::detail::ChunkShape<bf16> shape(vocab, keep.chunk_bytes, N);
+        float* z = device_alloc<float>(size_t(shape.rows) * shape.ld_logits);
+        bf16* g = device_alloc<bf16>(size_t(shape.rows) * shape.ld_grad);
+        CHECK_CUDA(cudaMemset(g, 0, sizeof(bf16) * size_t(shape.rows) * shape.ld_grad));
+        const float one = 1.0f, zero = 0.0f;
+        const int V = int(vocab), Di = int(D);
+        add("three GEMM passes alone, same chunks", 3 * pass,
+            median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t) {
+              for (index_t r0 = 0; r0 < N; r0 += shape.rows) {
+                const int n = int(std::min(shape.rows, N - r0));
+                const bf16* h = hidden + size_t(r0) * D;
+                cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, V, n, Di, &one, weight, CUDA_R_16BF,
+                             Di, h, CUDA_R_16BF, Di, &zero, z, CUDA_R_32F, int(shape.ld_logits),
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, Di, n, V, &one, weight, CUDA_R_16BF,
+                             Di, g, CUDA_R_16BF, int(shape.ld_grad), &zero,
+                             d_hidden + size_t(r0) * D, CUDA_R_32F, Di, CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT);
+                const float beta = r0 == 0 ? 0.0f : 1.0f;
+                cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_T, Di, V, n, &one, h, CUDA_R_16BF, Di, g,
+                             CUDA_R_16BF, int(shape.ld_grad), &beta, d_weight, CUDA_R_32F, Di,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+              }
+            }));
+        CHECK_CUDA(cudaFree(z));
+        CHECK_CUDA(cudaFree(g));
+      }
       kto::Metrics m{};
       CHECK_CUDA(cudaMemcpy(&m, metrics, sizeof(m), cudaMemcpyDeviceToHost));
       std::printf("  check: loss %.6f, logps chosen %.1f (finite: %s)\n", m.loss, m.logps_chosen,

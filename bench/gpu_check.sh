@@ -107,7 +107,7 @@ export PYTHONPATH=$torch_site:$site${PYTHONPATH:+:$PYTHONPATH}
 if want bench; then
   timeout 90 build-gpu/bench_cuda --vocab 128256,32000 --reps 15 >"$logs/bench_cuda.txt" 2>&1
   note "bench_cuda: rc=$?"
-  timeout 150 build-gpu/bench_fused_cuda --dim 1024,4096 --chunk-mb 512,1024,4096 --reps 10 \
+  timeout 150 build-gpu/bench_fused_cuda --dim 1024,4096 --chunk-mb "${GPU_CHECK_CHUNKS:-512,1024,4096}" --reps 10 \
     >"$logs/bench_fused_cuda.txt" 2>&1
   note "bench_fused_cuda: rc=$?, $(grep -c 'finite: yes' "$logs/bench_fused_cuda.txt") finite losses"
 fi
