@@ -10,7 +10,7 @@
 # wheels in .whl (optional). Logs go to build-gpu/logs, and as one
 # logs.tar.gz with summary.txt to $OUT when it is set.
 # Budget: about 3 minutes on an H200. GPU_CHECK_PARTS (default all) picks parts:
-# tests, sanitize, bench, torch, compare.
+# tests, sanitize, bench, torch, compare (and fused_bench: the fused benchmark alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 arch=${KTO_CUDA_ARCH:-90}
@@ -60,6 +60,13 @@ build() {  # name sources... [-- libs]
   shift
   nvcc "${flags[@]}" "$@" -o "build-gpu/$name" >"$logs/build_$name.txt" 2>&1
 }
+if want fused_bench && ! want bench; then  # the fused benchmark alone
+  build bench_fused_cuda bench/bench_fused_cuda.cu -lcublas
+  note "build (sm_$arch): bench_fused_cuda rc=$?"
+  timeout 120 build-gpu/bench_fused_cuda --dim 1024,4096 --chunk-mb "${GPU_CHECK_CHUNKS:-1024}" \
+    --reps 10 >"$logs/bench_fused_cuda.txt" 2>&1
+  note "bench_fused_cuda: rc=$?"
+fi
 if want tests || want sanitize || want bench; then
   build test_cuda_step tests/gpu/test_cuda_step.cu tests/gpu/gpu_main.cu &
   p1=$!
