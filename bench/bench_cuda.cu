@@ -34,11 +34,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--vocab") {
-      vocabs.clear();
-      for (char* p = argv[i + 1]; *p;) {
-        vocabs.push_back(std::strtoll(p, &p, 10));
-        if (*p == ',') ++p;
-      }
+      vocabs = parse_list(argv[i + 1]);
     } else if (a == "--seqs") {
       seqs = std::atoll(argv[i + 1]);
     } else if (a == "--len") {
@@ -51,13 +47,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("SKIPPED: no CUDA device\n");
-    return 77;
-  }
   cudaDeviceProp prop{};
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  if (!first_device(prop)) return 77;
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize >> 20);
   cudaStream_t stream;

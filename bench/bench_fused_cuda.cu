@@ -28,15 +28,6 @@ using kto::index_t;
 using bf16 = __nv_bfloat16;
 using namespace bench;
 
-std::vector<index_t> parse_list(const char* s) {
-  std::vector<index_t> v;
-  for (char* p = const_cast<char*>(s); *p;) {
-    v.push_back(std::strtoll(p, &p, 10));
-    if (*p == ',') ++p;
-  }
-  return v;
-}
-
 /// Tracks what this program holds on the device.
 size_t g_held = 0;
 template <class U>
@@ -105,13 +96,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("SKIPPED: no CUDA device\n");
-    return 77;
-  }
   cudaDeviceProp prop{};
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  if (!first_device(prop)) return 77;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   cublasHandle_t blas;

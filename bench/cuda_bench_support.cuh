@@ -95,4 +95,25 @@ double median_ms(int reps, cudaStream_t stream, void* flush, size_t flush_bytes,
   return ms[ms.size() / 2];
 }
 
+/// "1,2,3" → {1, 2, 3}.
+inline std::vector<kto::index_t> parse_list(const char* s) {
+  std::vector<kto::index_t> v;
+  for (char* p = const_cast<char*>(s); *p;) {
+    v.push_back(std::strtoll(p, &p, 10));
+    if (*p == ',') ++p;
+  }
+  return v;
+}
+
+/// Device 0's properties; false (print SKIPPED, exit 77) where no device exists.
+inline bool first_device(cudaDeviceProp& prop) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return false;
+  }
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  return true;
+}
+
 }  // namespace bench
