@@ -41,6 +41,26 @@ inline kto::Options combination(kto::LossType loss_type, kto::Link link, kto::Re
   return o;
 }
 
+/// Declares `const kto::Options name`, one of the 192 combinations of the
+/// enumerated choices per generated run, and INFOs which. A macro: Catch's
+/// GENERATE must expand in the test body.
+#define KTO_GENERATE_COMBINATION(name)                                                             \
+  const auto name##_loss = GENERATE(kto::LossType::kto, kto::LossType::apo_zero_unpaired);         \
+  const auto name##_link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);     \
+  const auto name##_point = GENERATE(kto::ReferencePoint::kl_batch, kto::ReferencePoint::fixed,    \
+                                     kto::ReferencePoint::zero);                                   \
+  const auto name##_estimator = GENERATE(kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean); \
+  const bool name##_clamp = GENERATE(true, false);                                                 \
+  const auto name##_reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);               \
+  const bool name##_average = GENERATE(false, true);                                               \
+  const kto::Options name =                                                                        \
+      test::combination(name##_loss, name##_link, name##_point, name##_estimator, name##_clamp,    \
+                        name##_reduction, name##_average);                                         \
+  INFO("loss_type " << int(name##_loss) << " link " << int(name##_link) << " point "               \
+                    << int(name##_point) << " estimator " << int(name##_estimator) << " clamp "    \
+                    << name##_clamp << " reduction " << int(name##_reduction) << " average "       \
+                    << name##_average)
+
 /// Condition scale of z0 when the KL log-probs are computed from logits in the
 /// same call: Σ |ℓ_r| + |lse_r| of the largest KL sequence (its fp32 bound).
 inline double kl_condition_scale(const ref::Problem& p, const kto::Options& o) {

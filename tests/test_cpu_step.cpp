@@ -64,19 +64,8 @@ TEMPLATE_TEST_CASE("kto_step matches the reference in every layout out of place 
 TEST_CASE("kto_step matches the reference for every option combination", "[step][options]") {
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
-  const auto loss_type = GENERATE(kto::LossType::kto, kto::LossType::apo_zero_unpaired);
-  const auto link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);
-  const auto point = GENERATE(kto::ReferencePoint::kl_batch, kto::ReferencePoint::fixed,
-                              kto::ReferencePoint::zero);
-  const auto estimator = GENERATE(kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean);
-  const bool clamp = GENERATE(true, false);
-  const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
-  const bool average = GENERATE(false, true);
-  const kto::Options o =
-      test::combination(loss_type, link, point, estimator, clamp, reduction, average);
-  INFO("seed " << seed << " loss_type " << int(loss_type) << " link " << int(link) << " point "
-               << int(point) << " estimator " << int(estimator) << " clamp " << clamp
-               << " reduction " << int(reduction) << " average " << average);
+  INFO("seed " << seed);
+  KTO_GENERATE_COMBINATION(o);
   test::ShapeSpec spec;
   spec.vocab = 41;
   const auto c = test::make_step_case<float>(rng, Layout::packed, spec, o);

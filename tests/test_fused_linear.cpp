@@ -160,19 +160,8 @@ TEST_CASE("fused-linear step matches the reference for every option combination"
           "[fused][options]") {
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
-  const auto loss_type = GENERATE(kto::LossType::kto, kto::LossType::apo_zero_unpaired);
-  const auto link = GENERATE(kto::Link::one_minus_sigmoid, kto::Link::neg_log_sigmoid);
-  const auto point = GENERATE(kto::ReferencePoint::kl_batch, kto::ReferencePoint::fixed,
-                              kto::ReferencePoint::zero);
-  const auto estimator = GENERATE(kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean);
-  const bool clamp = GENERATE(true, false);
-  const auto reduction = GENERATE(kto::Reduction::mean, kto::Reduction::sum);
-  const bool average = GENERATE(false, true);
-  const kto::Options o =
-      test::combination(loss_type, link, point, estimator, clamp, reduction, average);
-  INFO("seed " << seed << " loss_type " << int(loss_type) << " link " << int(link) << " point "
-               << int(point) << " estimator " << int(estimator) << " clamp " << clamp
-               << " reduction " << int(reduction) << " average " << average);
+  INFO("seed " << seed);
+  KTO_GENERATE_COMBINATION(o);
   auto fp = make_problem<float>(rng, test::FusedSpec{});
   const auto run = run_fused<float>(fp, o, config_rows<float>(fp, 4, FusedStrategy::keep_chunk));
   test::compare_fused(fp, test::fused_reference(fp, o), observe(run), o, 1e-5);
