@@ -244,3 +244,14 @@ def test_cuda_op_matches_the_reference(dtype, shifted):
     assert z.grad.dtype == dtype
     bound = 1e-4 * float(w.abs().max()) + UNIT_ROUNDOFF[dtype] * w.abs()
     assert bool(((g - w).abs() <= bound).all())
+
+
+def test_reference_point_is_the_libraries_estimate():
+    # S / C from an all-reduced (S, C), clamped at 0 unless told not to; C = 0 gives 0.
+    assert kto_torch.reference_point(torch.tensor([3.0, 2.0], dtype=torch.float64)) == 1.5
+    neg = torch.tensor([-3.0, 2.0], dtype=torch.float64)
+    assert kto_torch.reference_point(neg) == 0.0
+    assert kto_torch.reference_point(neg, clamp_kl=False) == -1.5
+    assert kto_torch.reference_point(torch.tensor([0.0, 0.0], dtype=torch.float64)) == 0.0
+    with pytest.raises((ValueError, RuntimeError), match="global_kl"):
+        kto_torch.reference_point(torch.zeros(3, dtype=torch.float64))

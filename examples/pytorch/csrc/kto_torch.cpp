@@ -154,6 +154,16 @@ torch::Tensor kl_partial(const torch::Tensor& policy_logp, const torch::Tensor& 
   return torch::tensor({kl.sum, kl.count}, torch::dtype(torch::kDouble));
 }
 
+/// z0 from an all-reduced (S, C) [2] float64: the KL-batch estimate, clamped or not.
+double reference_point(const torch::Tensor& global_kl, bool clamp_kl) {
+  TORCH_CHECK(global_kl.numel() == 2, "kto: argument 'global_kl' must hold (S, C); got ",
+              global_kl.numel(), " elements");
+  const auto g = global_kl.to(torch::kCPU, torch::kDouble).contiguous();
+  kto::Options o;
+  o.clamp_kl = clamp_kl;
+  return kto::reference_point(kto::KlPartial{g.data_ptr<double>()[0], g.data_ptr<double>()[1]}, o);
+}
+
 /// metrics [9] float64, per_example [5, B] (logp, ρ, βρ, loss, g_s), num_tokens [B], row_lse
 /// [rows]. `global_kl` ([2] float64: an all-reduced (S, C)) replaces the local KL batch when given.
 std::vector<torch::Tensor> step_forward_cpu(
@@ -700,6 +710,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kto CPU kernels for the torch.library ops in kto_torch";
   m.def("sequence_logprobs", &sequence_logprobs);
   m.def("kl_partial", &kl_partial);
+  m.def("reference_point", &reference_point);
   m.def("step_forward", &step_forward);
   m.def("step_backward", &step_backward);
   m.def("fused_linear_forward", &fused_linear_forward);

@@ -380,6 +380,13 @@ def kl_partial(kl_policy_logp: Tensor, kl_reference_logp: Tensor, kl_num_tokens:
                          _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator))
 
 
+def reference_point(global_kl: Tensor, *, clamp_kl: bool = True) -> float:
+    """z0 of an all-reduced (S, C): S / C, clamped at 0 unless clamp_kl is False (0 if C = 0).
+    Pass it as kto_loss(..., reference_point="fixed", fixed_z0=z0) where a loss computes its
+    log-probs itself, e.g. fused_linear_kto_loss under data parallel."""
+    return _C.reference_point(global_kl, bool(clamp_kl))
+
+
 def kto_loss(
     logits: Tensor,
     targets: Tensor,

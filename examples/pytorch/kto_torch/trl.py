@@ -135,10 +135,8 @@ class KTOTrainer(_TRLKTOTrainer):
         options = dict(beta=self.beta, desirable_weight=self.desirable_weight,
                        undesirable_weight=self.undesirable_weight, loss_type=self.loss_type)
         if fused:
-            # z0 is detached: the global (S, C) gives it exactly as the op would (clamped mean).
-            z0 = 0.0
-            if global_kl is not None and float(global_kl[1]) > 0:
-                z0 = max(0.0, float(global_kl[0]) / float(global_kl[1]))
+            # z0 is detached: the library's own estimate from the global (S, C).
+            z0 = kto_torch.reference_point(global_kl) if global_kl is not None else 0.0
             hidden, labels, weight, bias = _hidden(self.accelerator.unwrap_model(model), *target)
             out = kto_torch.fused_linear_kto_loss(
                 hidden, weight, labels, None, ref_logp, desirable, bias=bias,

@@ -58,14 +58,10 @@ struct FusedLinearInputs {
   } kl;
 };
 
-/// Device outputs. metrics, d_hidden and d_weight are required; d_bias may be
-/// null; a null per-example array stays in the workspace. Gradients are
-/// written (not accumulated), in fp32.
-struct FusedLinearOutputs {
-  Metrics* metrics = nullptr;
-  float* logp = nullptr;
-  index_t* num_tokens = nullptr;
-  ExampleOutputs examples;
+/// Device outputs: the logits step's (metrics required, a null per-example
+/// array stays in the workspace) plus the gradients, written (not accumulated)
+/// in fp32. d_hidden and d_weight are required, d_bias may be null.
+struct FusedLinearOutputs : StepOutputs {
   MatrixView<float> d_hidden;
   MatrixView<float> d_weight;
   float* d_bias = nullptr;
