@@ -54,7 +54,7 @@ struct Storage {
   kto::LinearHead<T> head() const {
     kto::LinearHead<T> h;
     h.weight = kto::matrix_view<const T>(weight.data(), fp.vocab, fp.dim);
-    h.bias = fp.with_bias ? bias.data() : nullptr;
+    if (fp.with_bias) h.bias = kto::make_span(bias);
     return h;
   }
   kto::cpu::FusedLinearInputs<T> inputs() const {
@@ -97,7 +97,7 @@ Run<T> run_fused(const FusedProblem& fp, const kto::Options& o,
   kto::cpu::LinearGradients<Acc> g;
   g.d_hidden = kto::matrix_view(run.d_hidden.data(), fp.rows, D);
   g.d_weight = kto::matrix_view(run.d_weight.data(), V, D);
-  g.d_bias = run.d_bias.data();
+  g.d_bias = kto::make_span(run.d_bias.data(), V);
   run.result = kto::cpu::fused_linear_kto_step<T>(st.inputs(), head, o, g, cfg, exec, hooks);
   return run;
 }
@@ -390,7 +390,7 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
         kto::LinearHead<T> head = st.head();
         const index_t b = begins[k], n = begins[k + 1] - begins[k];
         head.weight = kto::matrix_view<const T>(st.weight.data() + b * fp.dim, n, fp.dim);
-        head.bias = st.bias.data() + b;
+        head.bias = kto::make_span(st.bias.data() + b, n);
         head.vocab_begin = b;
         head.vocab_total = fp.vocab;
         kto::cpu::FusedLinearHooks<Acc> hooks;
@@ -457,7 +457,7 @@ struct FusedFixture {
     db.resize(static_cast<size_t>(fp.vocab));
     grads.d_hidden = kto::matrix_view(dh.data(), fp.rows, fp.dim);
     grads.d_weight = kto::matrix_view(dw.data(), fp.vocab, fp.dim);
-    grads.d_bias = db.data();
+    grads.d_bias = kto::make_span(db.data(), fp.vocab);
   }
   /// Re-stores fp after a test edited it.
   void restore() {
@@ -517,7 +517,8 @@ TEST_CASE("fused error: vocabulary slice outside the vocabulary", "[fused][error
 TEST_CASE("fused error: negative total vocabulary", "[fused][errors]") {
   FusedFixture f;
   f.head.vocab_total = -1;
-  expect_error([&] { f.run(); }, "head.vocab_total", "be >= 0", "-1");
+  expect_error([&] { f.run(); }, "head.vocab_total", "be 0 (not sharded) or >= head.weight.rows",
+               "-1");
 }
 
 TEST_CASE("fused error: target id outside the whole vocabulary", "[fused][errors]") {
@@ -545,8 +546,10 @@ TEST_CASE("fused error: d_weight of the wrong shape", "[fused][errors]") {
 TEST_CASE("fused error: a sharded head without a gather hook", "[fused][errors]") {
   FusedFixture f;
   f.head.weight.rows = 20;
+  f.head.bias.size = 20;
   f.head.vocab_total = 37;
   f.grads.d_weight.rows = 20;
+  f.grads.d_bias.size = 20;
   expect_error([&] { f.run(); }, "hooks.gather_partials",
                "be set when head.weight holds a vocabulary slice (20 of 37 rows)",
                "an empty function");
@@ -555,8 +558,10 @@ TEST_CASE("fused error: a sharded head without a gather hook", "[fused][errors]"
 TEST_CASE("fused error: a gather hook that returns the wrong count", "[fused][errors]") {
   FusedFixture f;
   f.head.weight.rows = 20;
+  f.head.bias.size = 20;
   f.head.vocab_total = 37;
   f.grads.d_weight.rows = 20;
+  f.grads.d_bias.size = 20;
   f.hooks.gather_partials = [](const auto& local, auto& all) {
     all = local;
     all.pop_back();

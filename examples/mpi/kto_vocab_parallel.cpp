@@ -72,7 +72,7 @@ kto::cpu::StepResult<T> run(const Batch<T>& b, index_t v0, index_t nv, const kto
   const index_t N = b.B * b.L;
   kto::LinearHead<T> head;
   head.weight = kto::matrix_view<const T>(b.weight.data() + v0 * b.D, nv, b.D);
-  head.bias = b.bias.data() + v0;
+  head.bias = kto::make_span(b.bias.data() + v0, nv);
   head.vocab_begin = v0;
   head.vocab_total = b.V;
   kto::cpu::FusedLinearInputs<T> in;
@@ -91,7 +91,7 @@ kto::cpu::StepResult<T> run(const Batch<T>& b, index_t v0, index_t nv, const kto
   kto::cpu::LinearGradients<T> grads;
   grads.d_hidden = kto::matrix_view(g.d_hidden.data(), N, b.D);
   grads.d_weight = kto::matrix_view(g.d_weight.data(), nv, b.D);
-  grads.d_bias = g.d_bias.data();
+  grads.d_bias = kto::make_span(g.d_bias.data(), nv);
   kto::cpu::FusedLinearConfig cfg;
   cfg.chunk_bytes = 16 * sizeof(T) * static_cast<size_t>(nv + b.D);  // 16-row chunks
   return kto::cpu::fused_linear_kto_step<T>(in, head, o, grads, cfg, {}, hooks);

@@ -46,6 +46,19 @@ class NonFiniteLogitsError : public Error {
   index_t row_;
 };
 
+/// Another data-parallel rank failed before the KL all-reduce: its own error
+/// names the cause; this rank's inputs passed every check.
+class PeerError : public Error {
+ public:
+  PeerError(std::string function, double failed_ranks, const std::string& message)
+      : Error(std::move(function), "peer ranks", message), failed_ranks_(failed_ranks) {}
+  /// How many ranks reported a failure through the all-reduce.
+  double failed_ranks() const noexcept { return failed_ranks_; }
+
+ private:
+  double failed_ranks_;
+};
+
 namespace detail {
 
 template <class Got>

@@ -23,12 +23,12 @@
 
 namespace kto {
 
-/// Local (S, C) over a KL batch: ρ_j = policy_logp[j] − reference_logp[j].
-/// `num_tokens` is needed only for KlEstimator::nonempty_mean (may be empty otherwise).
+namespace detail {
+
+/// kl_partial() as called by the public entry point `fn` (named in errors).
 template <class Acc>
-KlPartial kl_partial(Span<const Acc> policy_logp, Span<const Acc> reference_logp,
-                     Span<const index_t> num_tokens, const Options& o) {
-  const char* fn = "kto::kl_partial";
+KlPartial kl_partial_impl(Span<const Acc> policy_logp, Span<const Acc> reference_logp,
+                          Span<const index_t> num_tokens, const Options& o, const char* fn) {
   validate_options(o, fn);
   const index_t n = policy_logp.size;
   detail::validate_span(policy_logp, n, fn, "kl_policy_logp");
@@ -40,6 +40,9 @@ KlPartial kl_partial(Span<const Acc> policy_logp, Span<const Acc> reference_logp
   }
   detail::validate_finite(policy_logp, fn, "kl_policy_logp");
   detail::validate_finite(reference_logp, fn, "kl_reference_logp");
+  for (index_t j = 0; j < num_tokens.size; ++j)
+    if (num_tokens[j] < 0)
+      fail(fn, "kl_num_tokens[" + std::to_string(j) + "]", "be >= 0", num_tokens[j]);
   KlPartial p;
   for (index_t j = 0; j < n; ++j) {
     const index_t tokens = num_tokens.size ? num_tokens[j] : 1;
@@ -47,6 +50,16 @@ KlPartial kl_partial(Span<const Acc> policy_logp, Span<const Acc> reference_logp
                    tokens, o.kl_estimator);
   }
   return p;
+}
+
+}  // namespace detail
+
+/// Local (S, C) over a KL batch: ρ_j = policy_logp[j] − reference_logp[j].
+/// `num_tokens` is needed only for KlEstimator::nonempty_mean (may be empty otherwise).
+template <class Acc>
+KlPartial kl_partial(Span<const Acc> policy_logp, Span<const Acc> reference_logp,
+                     Span<const index_t> num_tokens, const Options& o) {
+  return detail::kl_partial_impl(policy_logp, reference_logp, num_tokens, o, "kto::kl_partial");
 }
 
 /// Per-example outputs of a step, in the accumulation type.
@@ -64,23 +77,39 @@ struct FinishResult {
   ExampleOutputs<Acc> examples;
 };
 
-/// Loss, metrics and g_s for the target batch, given the all-reduced KL partial.
+namespace detail {
+
+/// Checks finish()'s per-example inputs: what a step can check before its collective.
 template <class Acc>
-FinishResult<Acc> finish(const KlPartial& kl, Span<const Acc> policy_logp,
-                         Span<const Acc> reference_logp, Span<const std::uint8_t> desirable,
-                         const Options& o) {
-  const char* fn = "kto::finish";
+void validate_finish_inputs(index_t n, Span<const Acc> reference_logp,
+                            Span<const std::uint8_t> desirable, const Options& o, const char* fn,
+                            const char* count_name) {
   validate_options(o, fn);
+  require(n >= 1, fn, count_name, "be >= 1 (an empty batch has no loss)", n);
+  validate_span(reference_logp, n, fn, "reference_logp");
+  validate_span(desirable, n, fn, "desirable");
+  validate_finite(reference_logp, fn, "reference_logp");
+  validate_labels(desirable, fn, "desirable");
+}
+
+inline void validate_kl_partial(const KlPartial& kl, const char* fn) {
+  require(std::isfinite(kl.sum), fn, "kl.sum", "be finite (an all-reduced sum of log-ratios)",
+          kl.sum);
+  require(std::isfinite(kl.count) && kl.count >= 0, fn, "kl.count",
+          "be finite and >= 0 (an all-reduced example count)", kl.count);
+}
+
+/// finish() as called by the public entry point `fn`.
+template <class Acc>
+FinishResult<Acc> finish_impl(const KlPartial& kl, Span<const Acc> policy_logp,
+                              Span<const Acc> reference_logp, Span<const std::uint8_t> desirable,
+                              const Options& o, const char* fn,
+                              const char* count_name = "policy_logp.size") {
   const index_t n = policy_logp.size;
-  detail::require(n >= 1, fn, "policy_logp.size", "be >= 1 (an empty batch has no loss)", n);
-  detail::validate_span(policy_logp, n, fn, "policy_logp");
-  detail::validate_span(reference_logp, n, fn, "reference_logp");
-  detail::validate_span(desirable, n, fn, "desirable");
-  detail::validate_finite(policy_logp, fn, "policy_logp");
-  detail::validate_finite(reference_logp, fn, "reference_logp");
-  detail::validate_labels(desirable, fn, "desirable");
-  detail::require(std::isfinite(kl.sum) && std::isfinite(kl.count) && kl.count >= 0, fn, "kl",
-                  "hold a finite sum and a count >= 0", kl.sum);
+  validate_finish_inputs(n, reference_logp, desirable, o, fn, count_name);
+  validate_span(policy_logp, n, fn, "policy_logp");
+  validate_finite(policy_logp, fn, "policy_logp");
+  validate_kl_partial(kl, fn);
 
   const double z0 = reference_point(kl, o);
   const double scale = reduction_scale(o, n);
@@ -106,6 +135,16 @@ FinishResult<Acc> finish(const KlPartial& kl, Span<const Acc> policy_logp,
   }
   out.metrics = finalize(sums, z0, scale);
   return out;
+}
+
+}  // namespace detail
+
+/// Loss, metrics and g_s for the target batch, given the all-reduced KL partial.
+template <class Acc>
+FinishResult<Acc> finish(const KlPartial& kl, Span<const Acc> policy_logp,
+                         Span<const Acc> reference_logp, Span<const std::uint8_t> desirable,
+                         const Options& o) {
+  return detail::finish_impl(kl, policy_logp, reference_logp, desirable, o, "kto::finish");
 }
 
 }  // namespace kto

@@ -24,13 +24,17 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "config.hpp"
 #include "error.hpp"
 #include "layout.hpp"
+#include "validate.hpp"
 
 namespace kto {
 
@@ -48,17 +52,24 @@ struct MatrixView {
   KTO_HOST_DEVICE T* row(index_t r) const { return data + r * stride; }
 };
 
+/// A contiguous rows × cols matrix.
 template <class T>
-MatrixView<T> matrix_view(T* data, index_t rows, index_t cols, index_t stride = 0) {
-  return MatrixView<T>{data, rows, cols, stride > 0 ? stride : cols};
+MatrixView<T> matrix_view(T* data, index_t rows, index_t cols) {
+  return MatrixView<T>{data, rows, cols, cols};
+}
+
+/// A rows × cols matrix whose rows are `stride` elements apart (taken literally).
+template <class T>
+MatrixView<T> matrix_view(T* data, index_t rows, index_t cols, index_t stride) {
+  return MatrixView<T>{data, rows, cols, stride};
 }
 
 /// The lm_head, or this rank's vocabulary slice of it: weight is V_local × D
-/// (torch.nn.Linear's layout), bias V_local entries or null.
+/// (torch.nn.Linear's layout), bias V_local entries or empty (no bias).
 template <class T>
 struct LinearHead {
   MatrixView<const T> weight;
-  const T* bias = nullptr;
+  Span<const T> bias;
   index_t vocab_begin = 0;  ///< global id of weight row 0
   index_t vocab_total = 0;  ///< global vocabulary; 0 means weight.rows (not sharded)
   KTO_HOST_DEVICE index_t total_vocab() const {
@@ -108,10 +119,13 @@ std::vector<RowPartial<Acc>> merge_row_partials(const std::vector<RowPartial<Acc
   return out;
 }
 
-/// Rows of a logits chunk that fit `budget_bytes` at `bytes_per_row` (≥ 1 row).
-inline index_t chunk_rows_for_budget(size_t budget_bytes, size_t bytes_per_row) {
-  const size_t rows = bytes_per_row > 0 ? budget_bytes / bytes_per_row : 0;
-  return rows > 0 ? static_cast<index_t>(rows) : 1;
+/// Rows of a logits chunk that fit `budget_bytes` at `bytes_per_row`, at
+/// least 1 and at most `max_rows` (no chunk larger than the batch it walks).
+inline index_t chunk_rows_for_budget(std::size_t budget_bytes, std::size_t bytes_per_row,
+                                     index_t max_rows) {
+  const std::size_t rows = bytes_per_row > 0 ? budget_bytes / bytes_per_row : 0;
+  const auto cap = static_cast<std::size_t>(max_rows > 1 ? max_rows : 1);
+  return static_cast<index_t>(rows < 1 ? 1 : (rows < cap ? rows : cap));
 }
 
 /// Rows [first_row, last_row) holding sequences [first_seq, last_seq). A group
@@ -147,14 +161,20 @@ inline std::vector<ChunkGroup> plan_chunks(const SequencesView& sequences, index
 
 namespace detail {
 
+/// Rows never share memory (stride >= cols); the extent fits index_t in bytes.
 template <class T>
 void validate_matrix(const MatrixView<T>& m, const char* fn, const std::string& name) {
   require(m.rows >= 0, fn, name + ".rows", "be >= 0", m.rows);
   require(m.cols >= 1, fn, name + ".cols", "be >= 1", m.cols);
-  require(m.stride >= m.cols, fn, name + ".stride",
+  require(m.stride >= m.cols || m.rows <= 1, fn, name + ".stride",
           "be >= cols (" + std::to_string(m.cols) + ") so rows do not overlap", m.stride);
   require(m.data != nullptr || m.rows == 0, fn, name + ".data", "be non-null when there are rows",
           "nullptr");
+  if (m.rows > 1) {
+    const index_t extent =
+        checked_add(checked_mul(m.rows - 1, m.stride, fn, name.c_str()), m.cols, fn, name.c_str());
+    checked_mul(extent, static_cast<index_t>(sizeof(T)), fn, name.c_str());
+  }
 }
 
 /// `m` is a valid rows × cols matrix; `what` names the shape it must have.
@@ -173,12 +193,58 @@ void validate_head(const LinearHead<T>& h, const char* fn) {
   validate_matrix(h.weight, fn, "head.weight");
   require(h.weight.rows >= 1, fn, "head.weight.rows", "be >= 1 (the vocabulary slice)",
           h.weight.rows);
-  require(h.vocab_total >= 0, fn, "head.vocab_total", "be >= 0 (0: weight.rows)", h.vocab_total);
-  require(h.vocab_begin >= 0 && h.vocab_begin + h.weight.rows <= h.total_vocab(), fn,
+  require(h.vocab_total == 0 || h.vocab_total >= h.weight.rows, fn, "head.vocab_total",
+          "be 0 (not sharded) or >= head.weight.rows (" + std::to_string(h.weight.rows) + ")",
+          h.vocab_total);
+  // Written as a difference: vocab_begin + rows could overflow.
+  require(h.vocab_begin >= 0 && h.vocab_begin <= h.total_vocab() - h.weight.rows, fn,
           "head.vocab_begin",
           "place the slice inside [0, " + std::to_string(h.total_vocab()) + ") with its " +
               std::to_string(h.weight.rows) + " rows",
           h.vocab_begin);
+  require(h.bias.size == 0 || h.bias.size == h.weight.rows, fn, "head.bias.size",
+          "be 0 (no bias) or head.weight.rows (" + std::to_string(h.weight.rows) + ")",
+          h.bias.size);
+  require(h.bias.data != nullptr || h.bias.size == 0, fn, "head.bias.data",
+          "be non-null when size > 0", "nullptr");
+}
+
+inline void validate_strategy(FusedStrategy s, const char* fn) {
+  require(s == FusedStrategy::keep_chunk || s == FusedStrategy::recompute, fn, "config.strategy",
+          "be keep_chunk (0) or recompute (1)", static_cast<int>(s));
+}
+
+/// The bytes a buffer spans, for overlap checks (validated views only).
+struct ByteRange {
+  std::uintptr_t begin = 0, end = 0;
+  std::string name;
+};
+template <class T>
+ByteRange byte_range(const MatrixView<T>& m, std::string name) {
+  if (m.rows == 0 || m.data == nullptr) return {0, 0, std::move(name)};
+  const auto b = reinterpret_cast<std::uintptr_t>(m.data);
+  const auto elements = static_cast<std::uintptr_t>((m.rows - 1) * m.stride + m.cols);
+  return {b, b + elements * sizeof(T), std::move(name)};
+}
+template <class T>
+ByteRange byte_range(const Span<T>& s, std::string name) {
+  if (s.size == 0 || s.data == nullptr) return {0, 0, std::move(name)};
+  const auto b = reinterpret_cast<std::uintptr_t>(s.data);
+  return {b, b + static_cast<std::uintptr_t>(s.size) * sizeof(T), std::move(name)};
+}
+
+/// Every output shares no byte with another output or with any input: the
+/// gradients are written before (and while) the inputs are read.
+inline void validate_disjoint(const std::vector<ByteRange>& outputs,
+                              const std::vector<ByteRange>& inputs, const char* fn) {
+  auto check = [&](const ByteRange& out, const ByteRange& other) {
+    if (out.begin < other.end && other.begin < out.end)
+      fail(fn, out.name, "share no memory with " + other.name, "an overlap");
+  };
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    for (std::size_t j = i + 1; j < outputs.size(); ++j) check(outputs[i], outputs[j]);
+    for (const ByteRange& in : inputs) check(outputs[i], in);
+  }
 }
 
 }  // namespace detail

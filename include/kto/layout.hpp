@@ -13,12 +13,21 @@
 // Sequences are CSR offsets over the row index: sequence s owns rows
 // [offsets[s], offsets[s+1]). Padded batches use offsets s·T, packed batches any
 // non-decreasing offsets.
+//
+// Strides are taken literally. A stride of 0 on an input repeats the same
+// elements (torch's `expand`); a stride on a dimension of extent 1 is never
+// used. Negative strides are rejected, and so are outputs whose rows would
+// share memory (validate.hpp). The builders without a stride argument give a
+// contiguous view; every size product is overflow-checked.
 #pragma once
 
+#include <cstddef>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "config.hpp"
+#include "error.hpp"
 
 namespace kto {
 
@@ -42,6 +51,26 @@ template <class T, class A>
 Span<const T> make_span(const std::vector<T, A>& v) {
   return Span<const T>{v.data(), static_cast<index_t>(v.size())};
 }
+
+namespace detail {
+
+/// a·b, or kto::Error naming `fn` and `argument` when it does not fit index_t.
+inline index_t checked_mul(index_t a, index_t b, const char* fn, const char* argument) {
+  index_t out = 0;
+  if (__builtin_mul_overflow(a, b, &out))
+    fail(fn, argument, "give a size that fits in 64 bits",
+         std::to_string(a) + " x " + std::to_string(b));
+  return out;
+}
+inline index_t checked_add(index_t a, index_t b, const char* fn, const char* argument) {
+  index_t out = 0;
+  if (__builtin_add_overflow(a, b, &out))
+    fail(fn, argument, "give a size that fits in 64 bits",
+         std::to_string(a) + " + " + std::to_string(b));
+  return out;
+}
+
+}  // namespace detail
 
 struct RowIndex {
   index_t rows = 0;
@@ -78,31 +107,40 @@ struct SequencesView {
   KTO_HOST_DEVICE index_t end(index_t s) const { return offsets[s + 1]; }
 };
 
-/// A (rows × vocab) matrix; row_stride ≥ vocab (default: vocab).
+/// A contiguous (rows × vocab) matrix.
 template <class T>
-LogitsView<T> logits_matrix(T* data, index_t rows, index_t vocab, index_t row_stride = 0) {
-  const index_t stride = row_stride > 0 ? row_stride : vocab;
-  return LogitsView<T>{data, vocab, RowIndex{rows, rows > 0 ? rows : 1, rows * stride, stride}};
+LogitsView<T> logits_matrix(T* data, index_t rows, index_t vocab) {
+  return LogitsView<T>{data, vocab, RowIndex{rows, rows > 0 ? rows : 1, 0, vocab}};
+}
+
+/// A (rows × vocab) matrix whose rows are `row_stride` elements apart (0: one
+/// row repeated, as torch's expand gives).
+template <class T>
+LogitsView<T> logits_matrix(T* data, index_t rows, index_t vocab, index_t row_stride) {
+  return LogitsView<T>{data, vocab, RowIndex{rows, rows > 0 ? rows : 1, 0, row_stride}};
 }
 
 /// A [batch, seq_len, vocab] view with element strides (batch_stride, row_stride, 1).
 template <class T>
 LogitsView<T> logits_batched(T* data, index_t batch, index_t seq_len, index_t vocab,
                              index_t batch_stride, index_t row_stride) {
-  return LogitsView<T>{
-      data, vocab, RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride, row_stride}};
+  const index_t rows =
+      detail::checked_mul(batch, seq_len, "kto::logits_batched", "batch x seq_len");
+  return LogitsView<T>{data, vocab,
+                       RowIndex{rows, seq_len > 0 ? seq_len : 1, batch_stride, row_stride}};
 }
 
-/// `rows` target ids, `stride` elements apart.
+/// `rows` target ids, `stride` elements apart (0: one id repeated).
 inline TargetsView targets_vector(const index_t* data, index_t rows, index_t stride = 1) {
-  return TargetsView{data, RowIndex{rows, rows > 0 ? rows : 1, rows * stride, stride}};
+  return TargetsView{data, RowIndex{rows, rows > 0 ? rows : 1, 0, stride}};
 }
 
 /// A [batch, seq_len] view of target ids with element strides (batch_stride, stride).
 inline TargetsView targets_batched(const index_t* data, index_t batch, index_t seq_len,
                                    index_t batch_stride, index_t stride = 1) {
-  return TargetsView{data,
-                     RowIndex{batch * seq_len, seq_len > 0 ? seq_len : 1, batch_stride, stride}};
+  const index_t rows =
+      detail::checked_mul(batch, seq_len, "kto::targets_batched", "batch x seq_len");
+  return TargetsView{data, RowIndex{rows, seq_len > 0 ? seq_len : 1, batch_stride, stride}};
 }
 
 inline SequencesView sequences(const index_t* offsets, index_t count) {
@@ -111,8 +149,12 @@ inline SequencesView sequences(const index_t* offsets, index_t count) {
 
 /// Offsets of a padded batch: sequence s owns rows [s·seq_len, (s+1)·seq_len).
 inline std::vector<index_t> padded_offsets(index_t batch, index_t seq_len) {
-  std::vector<index_t> off(static_cast<size_t>(batch + 1));
-  for (index_t s = 0; s <= batch; ++s) off[static_cast<size_t>(s)] = s * seq_len;
+  const char* fn = "kto::padded_offsets";
+  detail::require(batch >= 0, fn, "batch", "be >= 0", batch);
+  detail::require(seq_len >= 0, fn, "seq_len", "be >= 0", seq_len);
+  detail::checked_mul(batch, seq_len, fn, "batch x seq_len");
+  std::vector<index_t> off(static_cast<std::size_t>(batch) + 1);
+  for (index_t s = 0; s <= batch; ++s) off[static_cast<std::size_t>(s)] = s * seq_len;
   return off;
 }
 

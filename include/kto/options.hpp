@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cmath>
+#include <string>
 
 #include "config.hpp"
 #include "error.hpp"
@@ -75,14 +76,23 @@ KTO_HOST_DEVICE inline bool uses_kl_batch(const Options& o) {
   return o.loss_type == LossType::kto && o.reference_point == ReferencePoint::kl_batch;
 }
 
+/// Largest β, λ_D and λ_U accepted: their product (≤ 1e12) times σ' ≤ 1/4 keeps
+/// every gradient finite in fp32 with room to spare (TRL uses β ≤ 1, λ ≈ 1).
+constexpr double kMaxScale = 1e6;
+
 /// Throws kto::Error naming the first invalid field.
 inline void validate_options(const Options& o, const char* function) {
-  detail::require(std::isfinite(o.beta) && o.beta > 0, function, "options.beta",
-                  "be finite and > 0", o.beta);
-  detail::require(std::isfinite(o.desirable_weight) && o.desirable_weight >= 0, function,
-                  "options.desirable_weight", "be finite and >= 0", o.desirable_weight);
-  detail::require(std::isfinite(o.undesirable_weight) && o.undesirable_weight >= 0, function,
-                  "options.undesirable_weight", "be finite and >= 0", o.undesirable_weight);
+  // Bounded so that λ·β, and with it every gradient, stays far from fp32 overflow.
+  detail::require(std::isfinite(o.beta) && o.beta > 0 && o.beta <= kMaxScale, function,
+                  "options.beta", "be finite, > 0 and <= 1e6", o.beta);
+  detail::require(std::isfinite(o.desirable_weight) && o.desirable_weight >= 0 &&
+                      o.desirable_weight <= kMaxScale,
+                  function, "options.desirable_weight", "be finite, >= 0 and <= 1e6",
+                  o.desirable_weight);
+  detail::require(std::isfinite(o.undesirable_weight) && o.undesirable_weight >= 0 &&
+                      o.undesirable_weight <= kMaxScale,
+                  function, "options.undesirable_weight", "be finite, >= 0 and <= 1e6",
+                  o.undesirable_weight);
   detail::require(o.loss_type == LossType::kto || o.loss_type == LossType::apo_zero_unpaired,
                   function, "options.loss_type", "be kto or apo_zero_unpaired",
                   static_cast<int>(o.loss_type));

@@ -15,11 +15,14 @@
 
 namespace kto {
 
-/// Local partial sums of the KL estimate. Two contiguous doubles, so
-/// `allreduce(&partial.sum, 2, SUM)` reduces both at once.
+/// Local partial sums of the KL estimate, and how many ranks failed before the
+/// all-reduce. Three contiguous doubles, so `allreduce(&partial.sum, 3, SUM)`
+/// reduces them at once; a failing rank still joins the collective with
+/// failures = 1, so every rank learns of it and none waits forever.
 struct KlPartial {
   double sum = 0.0;
   double count = 0.0;
+  double failures = 0.0;
 };
 
 KTO_HOST_DEVICE inline void add_kl_example(KlPartial& p, double rho, index_t num_tokens,
@@ -33,6 +36,7 @@ KTO_HOST_DEVICE inline void add_kl_example(KlPartial& p, double rho, index_t num
 KTO_HOST_DEVICE inline KlPartial merge(KlPartial a, const KlPartial& b) {
   a.sum += b.sum;
   a.count += b.count;
+  a.failures += b.failures;
   return a;
 }
 

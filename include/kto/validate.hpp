@@ -5,8 +5,12 @@
 // memory; the CUDA path does those on the device instead.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "error.hpp"
 #include "layout.hpp"
@@ -14,28 +18,49 @@
 namespace kto {
 namespace detail {
 
-inline void validate_row_index(const RowIndex& ix, index_t width, const char* fn,
-                               const std::string& name) {
+/// Whether a view is only read (inputs) or also written (gradients). Rows of
+/// an input may repeat (stride 0); rows of an output never share memory.
+enum class Access { read, write };
+
+/// Checks a two-level row index over rows of `width` elements of `element_bytes`
+/// each and returns its extent in elements (one past the last element read),
+/// overflow-checked so that every offset(r) computed later fits index_t.
+inline index_t validate_row_index(const RowIndex& ix, index_t width, index_t element_bytes,
+                                  Access access, const char* fn, const std::string& name) {
   require(ix.rows >= 0, fn, name + ".rows", "be >= 0", ix.rows);
   require(ix.rows_per_batch >= 1, fn, name + ".rows_per_batch", "be >= 1", ix.rows_per_batch);
-  require(ix.row_stride >= width, fn, name + ".row_stride",
-          "be >= " + std::to_string(width) + " so rows do not overlap", ix.row_stride);
-  if (ix.rows > ix.rows_per_batch) {
-    const index_t span = (ix.rows_per_batch - 1) * ix.row_stride + width;
-    require(ix.batch_stride >= span, fn, name + ".batch_stride",
-            "be >= " + std::to_string(span) + " so batch entries do not overlap", ix.batch_stride);
+  if (ix.rows == 0) return 0;
+  const bool write = access == Access::write;
+  const std::string repeat = write ? "" : ", or 0 to repeat one row";
+  const index_t per_entry = ix.rows < ix.rows_per_batch ? ix.rows : ix.rows_per_batch;
+  const index_t entries = (ix.rows - 1) / ix.rows_per_batch + 1;
+  index_t span = width;  // elements one batch entry reaches
+  if (per_entry > 1) {
+    require(ix.row_stride >= width || (!write && ix.row_stride == 0), fn, name + ".row_stride",
+            "be >= " + std::to_string(width) + " so rows do not overlap" + repeat, ix.row_stride);
+    const std::string what = name + ".row_stride";
+    span = checked_add(checked_mul(per_entry - 1, ix.row_stride, fn, what.c_str()), width, fn,
+                       what.c_str());
   }
-}
-
-/// Element count from the base pointer to one past the last element.
-inline index_t extent(const RowIndex& ix, index_t width) {
-  return ix.rows == 0 ? 0 : ix.offset(ix.rows - 1) + width;
+  index_t extent = span;
+  if (entries > 1) {
+    require(ix.batch_stride >= span || (!write && ix.batch_stride == 0), fn, name + ".batch_stride",
+            "be >= " + std::to_string(span) + " so batch entries do not overlap" +
+                (write ? "" : ", or 0 to repeat one entry"),
+            ix.batch_stride);
+    const std::string what = name + ".batch_stride";
+    extent = checked_add(checked_mul(entries - 1, ix.batch_stride, fn, what.c_str()), span, fn,
+                         what.c_str());
+  }
+  checked_mul(extent, element_bytes, fn, name.c_str());  // byte offsets fit too
+  return extent;
 }
 
 template <class T>
-void validate_logits(const LogitsView<T>& v, const char* fn, const std::string& name) {
+void validate_logits(const LogitsView<T>& v, const char* fn, const std::string& name,
+                     Access access = Access::read) {
   require(v.vocab >= 1, fn, name + ".vocab", "be >= 1", v.vocab);
-  validate_row_index(v.rows, v.vocab, fn, name);
+  validate_row_index(v.rows, v.vocab, static_cast<index_t>(sizeof(T)), access, fn, name);
   require(v.data != nullptr || v.rows.rows == 0, fn, name + ".data",
           "be non-null when there are rows", "nullptr");
 }
@@ -44,7 +69,7 @@ inline void validate_targets(const TargetsView& t, index_t rows, const char* fn,
                              const std::string& name) {
   require(t.rows.rows == rows, fn, name + ".rows",
           "equal the number of logit rows (" + std::to_string(rows) + ")", t.rows.rows);
-  validate_row_index(t.rows, 1, fn, name);
+  validate_row_index(t.rows, 1, static_cast<index_t>(sizeof(index_t)), Access::read, fn, name);
   require(t.data != nullptr || rows == 0, fn, name + ".data", "be non-null when there are rows",
           "nullptr");
 }
@@ -110,28 +135,75 @@ inline void validate_labels(const Span<const std::uint8_t>& d, const char* fn,
   }
 }
 
-/// A gradient view must match the logits' shape and either not overlap them
-/// or be exactly the same memory (in place).
+/// Byte ranges [begin, end) of every row of a view, sorted and merged.
+template <class T>
+std::vector<std::pair<std::uintptr_t, std::uintptr_t>> row_byte_ranges(const LogitsView<T>& v) {
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> out;
+  out.reserve(static_cast<std::size_t>(v.rows.rows));
+  const auto base = reinterpret_cast<std::uintptr_t>(v.data);
+  const auto bytes = static_cast<std::uintptr_t>(sizeof(T));
+  for (index_t r = 0; r < v.rows.rows; ++r) {
+    const auto b = base + static_cast<std::uintptr_t>(v.rows.offset(r)) * bytes;
+    out.emplace_back(b, b + static_cast<std::uintptr_t>(v.vocab) * bytes);
+  }
+  std::sort(out.begin(), out.end());
+  std::size_t n = 0;
+  for (const auto& iv : out) {
+    if (n > 0 && iv.first <= out[n - 1].second) {
+      out[n - 1].second = std::max(out[n - 1].second, iv.second);
+    } else {
+      out[n++] = iv;
+    }
+  }
+  out.resize(n);
+  return out;
+}
+
+/// Whether two views have an element in common (not just overlapping bounds:
+/// the rows of two interleaved views may sit between each other's rows).
+template <class T, class U>
+bool views_share_memory(const LogitsView<T>& a, const LogitsView<U>& b) {
+  const auto ra = row_byte_ranges(a), rb = row_byte_ranges(b);
+  std::size_t i = 0, j = 0;
+  while (i < ra.size() && j < rb.size()) {
+    if (ra[i].first < rb[j].second && rb[j].first < ra[i].second) return true;
+    if (ra[i].second <= rb[j].second) {
+      ++i;
+    } else {
+      ++j;
+    }
+  }
+  return false;
+}
+
+/// A gradient view must match the logits' shape and either share no element
+/// with them or be exactly the same memory (in place).
 template <class T, class U>
 void validate_gradient(const LogitsView<T>& grad, const LogitsView<U>& logits, const char* fn) {
-  validate_logits(grad, fn, "grad");
+  validate_logits(grad, fn, "grad", Access::write);
   require(grad.vocab == logits.vocab, fn, "grad.vocab",
           "equal logits.vocab (" + std::to_string(logits.vocab) + ")", grad.vocab);
   require(grad.rows.rows == logits.rows.rows, fn, "grad.rows",
           "equal logits.rows (" + std::to_string(logits.rows.rows) + ")", grad.rows.rows);
-  const auto* g0 = reinterpret_cast<const char*>(grad.data);
-  const auto* l0 = reinterpret_cast<const char*>(logits.data);
-  const auto* g1 = g0 + extent(grad.rows, grad.vocab) * static_cast<index_t>(sizeof(T));
-  const auto* l1 = l0 + extent(logits.rows, logits.vocab) * static_cast<index_t>(sizeof(U));
-  const bool overlap = g0 < l1 && l0 < g1;
-  if (overlap) {
-    const bool same = g0 == l0 && grad.rows.rows_per_batch == logits.rows.rows_per_batch &&
-                      grad.rows.batch_stride == logits.rows.batch_stride &&
-                      grad.rows.row_stride == logits.rows.row_stride;
-    require(same, fn, "grad",
-            "either not overlap the logits or alias them exactly (same pointer and strides)",
-            "a partial overlap");
-  }
+  if (grad.rows.rows == 0) return;
+  const index_t grad_extent =
+      validate_row_index(grad.rows, grad.vocab, sizeof(T), Access::write, fn, "grad");
+  const index_t logits_extent =
+      validate_row_index(logits.rows, logits.vocab, sizeof(U), Access::read, fn, "logits");
+  const auto g0 = reinterpret_cast<std::uintptr_t>(grad.data);
+  const auto l0 = reinterpret_cast<std::uintptr_t>(logits.data);
+  const auto g1 = g0 + static_cast<std::uintptr_t>(grad_extent) * sizeof(T);
+  const auto l1 = l0 + static_cast<std::uintptr_t>(logits_extent) * sizeof(U);
+  if (!(g0 < l1 && l0 < g1)) return;
+  const bool same = g0 == l0 && sizeof(T) == sizeof(U) &&
+                    grad.rows.rows_per_batch == logits.rows.rows_per_batch &&
+                    grad.rows.batch_stride == logits.rows.batch_stride &&
+                    grad.rows.row_stride == logits.rows.row_stride;
+  if (same) return;
+  require(!views_share_memory(grad, logits), fn, "grad",
+          "either share no element with the logits or alias them exactly (same pointer and "
+          "strides)",
+          "a partial overlap");
 }
 
 }  // namespace detail

@@ -91,7 +91,7 @@ struct DeviceProblem {
   kto::LinearHead<T> head() const {
     kto::LinearHead<T> h;
     h.weight = kto::matrix_view<const T>(weight.get(), fp.vocab, fp.dim);
-    h.bias = fp.with_bias ? bias.get() : nullptr;
+    if (fp.with_bias) h.bias = kto::make_span(bias.get(), fp.vocab);
     return h;
   }
   kto::cuda::FusedLinearInputs<T> inputs(bool host_offsets) const {
@@ -116,7 +116,7 @@ struct DeviceProblem {
     out.examples = {ratio.get(), reward.get(), loss.get(), grad_logp.get()};
     out.d_hidden = kto::matrix_view(d_hidden.get(), fp.rows, fp.dim);
     out.d_weight = kto::matrix_view(d_weight.get(), fp.vocab, fp.dim);
-    out.d_bias = d_bias.get();
+    out.d_bias = kto::make_span(d_bias.get(), fp.vocab);
     return out;
   }
 };

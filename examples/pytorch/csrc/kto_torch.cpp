@@ -253,7 +253,8 @@ template <class T>
 kto::LinearHead<T> head_of(const torch::Tensor& weight, const torch::Tensor& bias) {
   kto::LinearHead<T> head;
   head.weight = matrix_of<T>(weight, "weight");
-  head.bias = bias.numel() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+  if (bias.numel())
+    head.bias = kto::make_span(reinterpret_cast<const T*>(bias.data_ptr()), bias.numel());
   return head;
 }
 
@@ -301,11 +302,11 @@ std::vector<torch::Tensor> fused_linear_forward_cpu(
     }
     const index_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
     auto dh = acc_tensor<A>({N, D}), dw = acc_tensor<A>({V, D});
-    auto db = head.bias ? acc_tensor<A>({V}) : acc_tensor<A>({0});
+    auto db = head.bias.size ? acc_tensor<A>({V}) : acc_tensor<A>({0});
     kto::cpu::LinearGradients<A> g;
     g.d_hidden = kto::matrix_view(dh.template data_ptr<A>(), N, D);
     g.d_weight = kto::matrix_view(dw.template data_ptr<A>(), V, D);
-    g.d_bias = head.bias ? db.template data_ptr<A>() : nullptr;
+    if (head.bias.size) g.d_bias = kto::make_span(db.template data_ptr<A>(), V);
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
     cfg.strategy = static_cast<kto::cpu::FusedStrategy>(strategy);

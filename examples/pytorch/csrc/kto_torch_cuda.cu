@@ -167,7 +167,7 @@ std::string fused_linear_step(
     using T = decltype(tag);
     kto::LinearHead<T> head;
     head.weight = matrix<T>(weight);
-    head.bias = static_cast<const T*>(bias);
+    if (bias) head.bias = kto::make_span(static_cast<const T*>(bias), weight.rows);
     kto::cuda::FusedLinearInputs<T> in;
     in.hidden = matrix<T>(hidden);
     in.targets = targets;
@@ -196,7 +196,7 @@ std::string fused_linear_step(
     out.examples = {per_example + B, per_example + 2 * B, per_example + 3 * B, per_example + 4 * B};
     out.d_hidden = kto::matrix_view(d_hidden, hidden.rows, hidden.cols);
     out.d_weight = kto::matrix_view(d_weight, weight.rows, weight.cols);
-    out.d_bias = d_bias;
+    if (d_bias) out.d_bias = kto::make_span(d_bias, weight.rows);
     std::size_t bytes = step_bytes;
     const auto s = kto::cuda::fused_linear_kto_step<T>(blas_handle(), workspace, bytes, in, head, o,
                                                        out, as_stream(stream), cfg);
@@ -216,7 +216,7 @@ std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, co
     using T = decltype(tag);
     kto::LinearHead<T> head;
     head.weight = matrix<T>(weight);
-    head.bias = static_cast<const T*>(bias);
+    if (bias) head.bias = kto::make_span(static_cast<const T*>(bias), weight.rows);
     kto::cuda::FusedLinearConfig cfg;
     cfg.chunk_bytes = chunk_bytes;
     if (workspace == nullptr) {

@@ -8,6 +8,8 @@
 // of the gradient, in the logit type; `grad` may alias `logits` exactly (in place).
 #pragma once
 
+#include <cmath>
+#include <string>
 #include <vector>
 
 #include "../layout.hpp"
@@ -20,13 +22,16 @@
 namespace kto {
 namespace cpu {
 
+namespace detail {
+
+/// backward() as called by the public entry point `fn`.
 template <class T>
-void backward(const LogitsView<const T>& logits, const TargetsView& targets,
-              const SequencesView& seqs, Span<const accumulator_t<T>> row_lse,
-              Span<const accumulator_t<T>> grad_logp, Span<const index_t> num_tokens,
-              const Options& o, const LogitsView<T>& grad, const ExecutionPolicy& exec = {}) {
+void backward_impl(const LogitsView<const T>& logits, const TargetsView& targets,
+                   const SequencesView& seqs, Span<const accumulator_t<T>> row_lse,
+                   Span<const accumulator_t<T>> grad_logp, Span<const index_t> num_tokens,
+                   const Options& o, const LogitsView<T>& grad, const ExecutionPolicy& exec,
+                   const char* fn) {
   using Acc = accumulator_t<T>;
-  const char* fn = "kto::cpu::backward";
   kto::detail::validate_logits(logits, fn, "logits");
   detail::validate_forward_inputs(fn, logits.rows.rows, logits.vocab, targets, seqs, o, true);
   kto::detail::validate_gradient(grad, logits, fn);
@@ -37,6 +42,17 @@ void backward(const LogitsView<const T>& logits, const TargetsView& targets,
 
   const index_t first = seqs.offsets[0];
   const index_t last = seqs.offsets[seqs.count];
+  // The residuals of scored rows, checked before anything is written.
+  for (index_t s = 0; s < seqs.count; ++s) {
+    for (index_t r = seqs.begin(s); r < seqs.end(s); ++r) {
+      if (targets.at(r) == o.ignore_index) continue;
+      if (!std::isfinite(static_cast<double>(row_lse[r])))
+        kto::detail::fail(fn, "row_lse[" + std::to_string(r) + "]",
+                          "be finite on scored rows (the forward's lse)", row_lse[r]);
+      kto::detail::require(num_tokens[s] >= 1, fn, "num_tokens[" + std::to_string(s) + "]",
+                           "be >= 1 for a sequence with scored rows", num_tokens[s]);
+    }
+  }
   parallel_for(logits.rows.rows, exec, [&](index_t b, index_t e) {
     index_t s = b >= first && b < last ? detail::sequence_of_row(seqs, b) : -1;
     for (index_t r = b; r < e; ++r) {
@@ -57,6 +73,17 @@ void backward(const LogitsView<const T>& logits, const TargetsView& targets,
       row_gradient<T, Acc>(logits.row(r), logits.vocab, t, row_lse[r], scale, out);
     }
   });
+}
+
+}  // namespace detail
+
+template <class T>
+void backward(const LogitsView<const T>& logits, const TargetsView& targets,
+              const SequencesView& seqs, Span<const accumulator_t<T>> row_lse,
+              Span<const accumulator_t<T>> grad_logp, Span<const index_t> num_tokens,
+              const Options& o, const LogitsView<T>& grad, const ExecutionPolicy& exec = {}) {
+  detail::backward_impl(logits, targets, seqs, row_lse, grad_logp, num_tokens, o, grad, exec,
+                        "kto::cpu::backward");
 }
 
 }  // namespace cpu

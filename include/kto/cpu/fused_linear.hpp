@@ -23,7 +23,10 @@
 #include <Eigen/Core>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <new>
 #include <sstream>
+#include <stdexcept>
 #include <vector>
 
 #include "../finish.hpp"
@@ -48,7 +51,7 @@ template <class Acc>
 struct LinearGradients {
   MatrixView<Acc> d_hidden;  ///< rows × D (a partial sum over slices when sharded)
   MatrixView<Acc> d_weight;  ///< V_local × D
-  Acc* d_bias = nullptr;     ///< V_local entries, or null to skip
+  Span<Acc> d_bias;          ///< V_local entries, or empty to skip
 };
 
 template <class T>
@@ -86,14 +89,47 @@ using ConstMatrixMap = Eigen::Map<const RowMajor<Acc>, 0, Eigen::OuterStride<>>;
 template <class Acc>
 using MatrixMap = Eigen::Map<RowMajor<Acc>, 0, Eigen::OuterStride<>>;
 
-[[noreturn]] inline void throw_non_finite_row(const char* fn, const char* argument, index_t s,
-                                              index_t r, double lse, double target_logit,
-                                              index_t target) {
+/// The first non-finite element of n values, or -1.
+template <class T>
+index_t first_non_finite(const T* x, index_t n) {
+  for (index_t i = 0; i < n; ++i)
+    if (!std::isfinite(static_cast<double>(x[i]))) return i;
+  return -1;
+}
+
+/// Names the input that made row r of `hidden` non-finite: the hidden row, a
+/// weight or bias element, or finite inputs whose logits overflow; throws.
+template <class T>
+[[noreturn]] void throw_non_finite_row(const char* fn, const std::string& hidden_name,
+                                       const MatrixView<const T>& hidden, const LinearHead<T>& head,
+                                       index_t s, index_t r, double lse, double target_logit,
+                                       index_t target) {
+  std::string argument = hidden_name;
+  std::ostringstream cause;
+  const index_t D = head.weight.cols;
+  if (const index_t c = first_non_finite(hidden.row(r), D); c >= 0) {
+    cause << hidden_name << "[" << r << ", " << c << "] is "
+          << static_cast<double>(hidden.row(r)[c]);
+  } else {
+    index_t v = 0, c2 = -1;
+    for (; v < head.weight.rows && c2 < 0; ++v) c2 = first_non_finite(head.weight.row(v), D);
+    const index_t b = first_non_finite(head.bias.data, head.bias.size);
+    if (c2 >= 0) {
+      argument = "head.weight";
+      cause << "head.weight[" << v - 1 << ", " << c2 << "] is "
+            << static_cast<double>(head.weight.row(v - 1)[c2]);
+    } else if (b >= 0) {
+      argument = "head.bias";
+      cause << "head.bias[" << b << "] is " << static_cast<double>(head.bias.data[b]);
+    } else {
+      cause << "every input is finite, but the logits overflow the accumulation type";
+    }
+  }
   std::ostringstream os;
   os << fn << ": argument '" << argument
      << "' must give finite logits on scored rows; got lse = " << lse
      << ", target logit = " << target_logit << " (target " << target << ") in sequence " << s
-     << ", row " << r << " (a NaN/inf in the hidden states, weight or bias)";
+     << ", row " << r << " of " << hidden_name << ": " << cause.str();
   throw NonFiniteLogitsError(fn, argument, s, r, os.str());
 }
 
@@ -120,7 +156,9 @@ void parallel_tiles(index_t n, index_t tile, const ExecutionPolicy& exec, Body&&
 constexpr index_t kVocabTile = 256;
 constexpr index_t kRowTile = 32;
 
-/// W and b in the accumulation type, and one chunk's buffers; computes Z_c.
+/// W and b in the accumulation type, and one chunk's buffers; computes Z_c
+/// over the chunk's scored rows only (compact: prompt and padding rows are
+/// never read, so a NaN there cannot reach a gradient, and cost no GEMM work).
 template <class T>
 class ChunkEngine {
  public:
@@ -139,12 +177,13 @@ class ChunkEngine {
           widen(head.weight.row(v), dim_, weight_copy_.data() + v * dim_);
       });
     }
-    if (head.bias != nullptr) {
+    if (head.bias.size > 0) {
       bias_.resize(static_cast<size_t>(vocab_));
-      widen(head.bias, vocab_, bias_.data());
+      widen(head.bias.data, vocab_, bias_.data());
     }
     hidden_.resize(static_cast<size_t>(chunk_rows_ * dim_));
     logits_.resize(static_cast<size_t>(chunk_rows_ * vocab_));
+    rows_.reserve(static_cast<size_t>(chunk_rows_));
   }
 
   /// Bytes this engine holds: independent of the number of rows.
@@ -168,13 +207,18 @@ class ChunkEngine {
   MatrixMap<Acc> logits_chunk(index_t n) {
     return MatrixMap<Acc>(logits_.data(), n, vocab_, Eigen::OuterStride<>(vocab_));
   }
-  Acc* logits_row(index_t i) { return logits_.data() + i * vocab_; }
+  Acc* logits_row(index_t k) { return logits_.data() + k * vocab_; }
 
-  /// Z_c = H[r0, r0 + n) Wᵀ + b, split over vocab columns.
-  void compute(const MatrixView<const T>& hidden, index_t r0, index_t n) {
-    for (index_t i = 0; i < n; ++i) widen(hidden.row(r0 + i), dim_, hidden_.data() + i * dim_);
-    auto h = hidden_chunk(n);
-    auto z = logits_chunk(n);
+  /// Z_c = H Wᵀ + b over the scored rows of [r0, r0 + n), split over vocab columns.
+  void compute(const MatrixView<const T>& hidden, const RowScorer& scorer, index_t r0, index_t n) {
+    rows_.clear();
+    for (index_t r = r0; r < r0 + n; ++r)
+      if (scorer.target(r) != scorer.ignore) rows_.push_back(r);
+    const auto m = static_cast<index_t>(rows_.size());
+    for (index_t k = 0; k < m; ++k) widen(hidden.row(rows_[k]), dim_, hidden_.data() + k * dim_);
+    if (m == 0) return;
+    auto h = hidden_chunk(m);
+    auto z = logits_chunk(m);
     const auto w = weight();
     parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
       z.middleCols(b, e - b).noalias() = h * w.middleRows(b, e - b).transpose();
@@ -185,35 +229,36 @@ class ChunkEngine {
     });
   }
 
-  /// The slice's partial of each chunk row (unscored rows: {NaN, 0}).
+  /// The slice's partial of each row of [r0, r0 + n) (unscored rows: {NaN, 0}).
   void partials(const RowScorer& scorer, index_t r0, index_t n, RowPartial<Acc>* out) {
+    for (index_t i = 0; i < n; ++i) out[i] = {std::numeric_limits<Acc>::quiet_NaN(), Acc(0)};
     const index_t begin = head_.vocab_begin;
-    parallel_for(n, exec_, [&](index_t b, index_t e) {
-      for (index_t i = b; i < e; ++i) {
-        const index_t t = scorer.target(r0 + i);
-        if (t == scorer.ignore) {
-          out[i] = {std::numeric_limits<Acc>::quiet_NaN(), Acc(0)};
-          continue;
-        }
-        const Acc* z = logits_row(i);
+    parallel_for(static_cast<index_t>(rows_.size()), exec_, [&](index_t b, index_t e) {
+      for (index_t k = b; k < e; ++k) {
+        const index_t r = rows_[static_cast<size_t>(k)];
+        const index_t t = scorer.target(r);
+        const Acc* z = logits_row(k);
         const RowStats<Acc> st = row_stats<Acc, Acc>(z, vocab_, 0);
         const bool owned = t >= begin && t < begin + vocab_;
-        out[i] = {st.lse, owned ? z[t - begin] : Acc(0)};
+        out[r - r0] = {st.lse, owned ? z[t - begin] : Acc(0)};
       }
     });
   }
 
-  /// dZ_c in place from lse_r and the row scales g_s c_r, then the three
-  /// gradient products. d_hidden rows r0.. are written, d_weight/d_bias added to.
-  void backward(const RowScorer& scorer, index_t r0, index_t n, const Acc* row_lse,
-                const Acc* row_scale, const LinearGradients<Acc>& grads) {
+  /// dZ_c in place from lse_r and the row scales g_s c_r, then the gradient
+  /// products of the chunk computed last: dW and db added to, dH written on
+  /// the scored rows (the caller zeroed the rest).
+  void backward(const RowScorer& scorer, const Acc* row_lse, const Acc* row_scale,
+                const LinearGradients<Acc>& grads) {
     const index_t begin = head_.vocab_begin;
-    parallel_for(n, exec_, [&](index_t b, index_t e) {
-      for (index_t i = b; i < e; ++i) {
-        const index_t r = r0 + i;
+    const auto m = static_cast<index_t>(rows_.size());
+    if (m == 0) return;
+    parallel_for(m, exec_, [&](index_t b, index_t e) {
+      for (index_t k = b; k < e; ++k) {
+        const index_t r = rows_[static_cast<size_t>(k)];
         const index_t t = scorer.target(r);
-        Acc* z = logits_row(i);
-        if (t == scorer.ignore || row_scale[r] == Acc(0)) {
+        Acc* z = logits_row(k);
+        if (row_scale[r] == Acc(0)) {
           zero_row(z, vocab_);
           continue;
         }
@@ -221,22 +266,25 @@ class ChunkEngine {
         row_gradient<Acc, Acc>(z, vocab_, local, row_lse[r], row_scale[r], z);
       }
     });
-    const auto g = logits_chunk(n);
-    const auto h = hidden_chunk(n);
+    const auto g = logits_chunk(m);
+    auto h = hidden_chunk(m);
     const auto w = weight();
-    MatrixMap<Acc> dh(grads.d_hidden.row(r0), n, dim_, Eigen::OuterStride<>(grads.d_hidden.stride));
-    parallel_tiles(n, kRowTile, exec_, [&](index_t b, index_t e) {
-      dh.middleRows(b, e - b).noalias() = g.middleRows(b, e - b) * w;
-    });
     MatrixMap<Acc> dw(grads.d_weight.data, vocab_, dim_,
                       Eigen::OuterStride<>(grads.d_weight.stride));
     parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
       dw.middleRows(b, e - b).noalias() += g.middleCols(b, e - b).transpose() * h;
-      if (grads.d_bias != nullptr) {  // row by row: no reduction whose order alignment could change
-        Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> db(grads.d_bias + b, e - b);
-        for (index_t i = 0; i < n; ++i) db += g.row(i).segment(b, e - b);
+      if (grads.d_bias.size > 0) {  // row by row: no reduction whose order alignment could change
+        Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> db(grads.d_bias.data + b, e - b);
+        for (index_t i = 0; i < m; ++i) db += g.row(i).segment(b, e - b);
       }
     });
+    // dH of the scored rows, into the hidden buffer (read for the last time above), then out.
+    parallel_tiles(m, kRowTile, exec_, [&](index_t b, index_t e) {
+      h.middleRows(b, e - b).noalias() = g.middleRows(b, e - b) * w;
+    });
+    for (index_t k = 0; k < m; ++k)
+      std::copy(hidden_.data() + k * dim_, hidden_.data() + (k + 1) * dim_,
+                grads.d_hidden.row(rows_[static_cast<size_t>(k)]));
   }
 
  private:
@@ -245,30 +293,43 @@ class ChunkEngine {
   ExecutionPolicy exec_;
   // Aligned storage: the same alignment every run, so the same Eigen code paths and bits.
   std::vector<Acc, Eigen::aligned_allocator<Acc>> weight_copy_, bias_, hidden_, logits_;
+  std::vector<index_t> rows_;  ///< the chunk's scored rows, in order
 };
 
+/// Rows of one chunk: what chunk_bytes holds, at most the larger batch.
 template <class T>
-index_t chunk_rows_of(const LinearHead<T>& head, const FusedLinearConfig& cfg) {
+index_t chunk_rows_of(const LinearHead<T>& head, const FusedLinearConfig& cfg, index_t max_rows) {
   const size_t per_row =
       sizeof(accumulator_t<T>) * static_cast<size_t>(head.weight.rows + head.weight.cols);
-  return chunk_rows_for_budget(cfg.chunk_bytes, per_row);
+  return chunk_rows_for_budget(cfg.chunk_bytes, per_row, max_rows);
 }
 
+/// One batch of hidden states, and the name its errors use.
+template <class T>
+struct HiddenBatch {
+  const MatrixView<const T>& hidden;
+  const TargetsView& targets;
+  const SequencesView& sequences;
+  const char* name;  ///< "hidden" or "kl_hidden"
+};
+
 /// logp_s and n_s from the merged partials of its rows (row order, double);
-/// notes lse_r for the backward. Non-finite rows raise NonFiniteLogitsError.
-template <class Acc>
+/// notes lse_r for the backward. Non-finite rows raise NonFiniteLogitsError
+/// naming the input that caused them.
+template <class T, class Acc = accumulator_t<T>>
 void sequence_from_partials(const RowPartial<Acc>* rows, const RowScorer& scorer,
-                            const SequencesView& seqs, index_t s, const Options& o, const char* fn,
-                            const char* argument, Acc* row_lse, Acc& logp, index_t& count) {
+                            const HiddenBatch<T>& batch, const LinearHead<T>& head, index_t s,
+                            const Options& o, const char* fn, Acc* row_lse, Acc& logp,
+                            index_t& count) {
   double sum = 0.0;
   count = 0;
-  for (index_t r = seqs.begin(s); r < seqs.end(s); ++r) {
+  for (index_t r = batch.sequences.begin(s); r < batch.sequences.end(s); ++r) {
     const index_t t = scorer.target(r);
     if (t == o.ignore_index) continue;
     const RowPartial<Acc> p = rows[r];
     const Acc lp = p.target_logit - p.lse;
     if (!(std::isfinite(p.lse) && std::isfinite(lp)))
-      throw_non_finite_row(fn, argument, s, r, p.lse, p.target_logit, t);
+      throw_non_finite_row(fn, batch.name, batch.hidden, head, s, r, p.lse, p.target_logit, t);
     row_lse[r] = p.lse;
     sum += static_cast<double>(lp);
     ++count;
@@ -278,32 +339,53 @@ void sequence_from_partials(const RowPartial<Acc>* rows, const RowScorer& scorer
 }
 
 /// Per-sequence forward of a whole batch from its merged row partials.
-template <class Acc>
+template <class T, class Acc = accumulator_t<T>>
 SequenceForward<Acc> sequences_from_partials(const std::vector<RowPartial<Acc>>& rows,
-                                             const TargetsView& targets, const SequencesView& seqs,
-                                             const Options& o, const char* fn,
-                                             const char* argument) {
+                                             const HiddenBatch<T>& batch, const LinearHead<T>& head,
+                                             const Options& o, const char* fn) {
   SequenceForward<Acc> out;
-  const RowScorer scorer(targets, seqs, o.ignore_index);
+  const RowScorer scorer(batch.targets, batch.sequences, o.ignore_index);
   out.row_lse.assign(rows.size(), std::numeric_limits<Acc>::quiet_NaN());
-  out.logp.assign(static_cast<size_t>(seqs.count), Acc(0));
-  out.num_tokens.assign(static_cast<size_t>(seqs.count), 0);
-  for (index_t s = 0; s < seqs.count; ++s)
-    sequence_from_partials(rows.data(), scorer, seqs, s, o, fn, argument, out.row_lse.data(),
+  out.logp.assign(static_cast<size_t>(batch.sequences.count), Acc(0));
+  out.num_tokens.assign(static_cast<size_t>(batch.sequences.count), 0);
+  for (index_t s = 0; s < batch.sequences.count; ++s)
+    sequence_from_partials(rows.data(), scorer, batch, head, s, o, fn, out.row_lse.data(),
                            out.logp[static_cast<size_t>(s)],
                            out.num_tokens[static_cast<size_t>(s)]);
   return out;
 }
 
 template <class T>
-void validate_hidden_batch(const MatrixView<const T>& hidden, const TargetsView& targets,
-                           const SequencesView& seqs, const LinearHead<T>& head, const Options& o,
+void validate_hidden_batch(const HiddenBatch<T>& batch, const LinearHead<T>& head, const Options& o,
                            const char* fn, const std::string& prefix, bool allow_empty) {
-  kto::detail::validate_matrix(hidden, fn, prefix + "hidden");
-  kto::detail::require(hidden.cols == head.weight.cols, fn, prefix + "hidden.cols",
-                       "equal head.weight.cols (" + std::to_string(head.weight.cols) + ")",
-                       hidden.cols);
-  validate_forward_inputs(fn, hidden.rows, head.total_vocab(), targets, seqs, o, allow_empty);
+  // An absent batch (default-constructed views: no rows, no offsets) is an empty one.
+  if (allow_empty && batch.hidden.rows == 0 && batch.targets.rows.rows == 0 &&
+      batch.sequences.count == 0 && batch.sequences.offsets == nullptr)
+    return;
+  kto::detail::validate_matrix(batch.hidden, fn, prefix + "hidden");
+  kto::detail::require(
+      batch.hidden.cols == head.weight.cols || batch.hidden.rows == 0, fn, prefix + "hidden.cols",
+      "equal head.weight.cols (" + std::to_string(head.weight.cols) + ")", batch.hidden.cols);
+  validate_options(o, fn);
+  kto::detail::validate_targets(batch.targets, batch.hidden.rows, fn, prefix + "targets");
+  kto::detail::validate_sequences(batch.sequences, batch.hidden.rows, fn, prefix + "sequences",
+                                  allow_empty);
+  kto::detail::validate_target_ids(batch.targets, batch.sequences, head.total_vocab(),
+                                   o.ignore_index, fn, prefix + "targets");
+  // Scored rows must be finite: found here, before anything is written (and,
+  // in data parallel, before the collective), never as a NaN gradient.
+  const RowScorer scorer(batch.targets, batch.sequences, o.ignore_index);
+  for (index_t r = scorer.first; r < scorer.last; ++r) {
+    if (scorer.target(r) == o.ignore_index) continue;
+    const index_t c = first_non_finite(batch.hidden.row(r), batch.hidden.cols);
+    if (c < 0) continue;
+    const index_t s = sequence_of_row(batch.sequences, r);
+    std::ostringstream os;
+    os << fn << ": argument '" << batch.name << "' must be finite on scored rows; got "
+       << static_cast<double>(batch.hidden.row(r)[c]) << " at " << batch.name << "[" << r << ", "
+       << c << "] in sequence " << s << ", row " << r;
+    throw NonFiniteLogitsError(fn, batch.name, s, r, os.str());
+  }
 }
 
 /// Row partials of every row of a batch, chunk by chunk (forward only).
@@ -316,7 +398,7 @@ std::vector<RowPartial<accumulator_t<T>>> batch_partials(ChunkEngine<T>& engine,
       {std::numeric_limits<accumulator_t<T>>::quiet_NaN(), accumulator_t<T>(0)});
   for (index_t r0 = scorer.first; r0 < scorer.last; r0 += engine.chunk_rows()) {
     const index_t n = std::min(engine.chunk_rows(), scorer.last - r0);
-    engine.compute(hidden, r0, n);
+    engine.compute(hidden, scorer, r0, n);
     engine.partials(scorer, r0, n, out.data() + r0);
   }
   return out;
@@ -336,18 +418,38 @@ void set_row_scales(const RowScorer& scorer, const SequencesView& seqs, index_t 
   }
 }
 
+/// The engine of a call, or kto::Error when its buffers do not fit in memory.
+template <class T>
+ChunkEngine<T> make_engine(const LinearHead<T>& head, const FusedLinearConfig& cfg,
+                           index_t max_rows, const ExecutionPolicy& exec, const char* fn) {
+  const index_t rows = chunk_rows_of(head, cfg, max_rows);
+  try {
+    return ChunkEngine<T>(head, rows, exec);
+  } catch (const std::bad_alloc&) {
+    kto::detail::fail(fn, "config.chunk_bytes",
+                      "leave room for the chunk buffers (" + std::to_string(rows) +
+                          " rows of logits and hidden states) and the weight copy",
+                      "an allocation failure");
+  } catch (const std::length_error&) {
+    kto::detail::fail(fn, "config.chunk_bytes", "give buffers a std::vector can hold",
+                      "a length error");
+  }
+}
+
 }  // namespace detail
 
-/// Bytes the step allocates besides O(rows) scalars: the chunk buffers and,
-/// for half/bfloat16, the fp32 copy of W and b. Independent of the row count.
+/// Bytes the step allocates besides O(rows) scalars: the chunk buffers (at
+/// most `max_rows` rows; the default is the budget alone) and, for
+/// half/bfloat16, the fp32 copy of W and b. Independent of the row count.
 template <class T>
-size_t fused_linear_workspace_bytes(const LinearHead<T>& head, const FusedLinearConfig& cfg) {
+size_t fused_linear_workspace_bytes(const LinearHead<T>& head, const FusedLinearConfig& cfg,
+                                    index_t max_rows = std::numeric_limits<index_t>::max()) {
   using Acc = accumulator_t<T>;
-  const auto rows = static_cast<size_t>(detail::chunk_rows_of(head, cfg));
+  const auto rows = static_cast<size_t>(detail::chunk_rows_of(head, cfg, max_rows));
   const auto v = static_cast<size_t>(head.weight.rows), d = static_cast<size_t>(head.weight.cols);
   size_t bytes = sizeof(Acc) * rows * (v + d);
   if (!std::is_same<T, Acc>::value) bytes += sizeof(Acc) * v * d;
-  if (head.bias != nullptr) bytes += sizeof(Acc) * v;
+  if (head.bias.size > 0) bytes += sizeof(Acc) * v;
   return bytes;
 }
 
@@ -366,14 +468,18 @@ SequenceForward<accumulator_t<T>> fused_linear_logprobs(const MatrixView<const T
   kto::detail::require(!head.sharded(), fn, "head.vocab_total",
                        "equal head.weight.rows (merge slices with fused_linear_kto_step)",
                        head.vocab_total);
-  detail::validate_hidden_batch(hidden, targets, sequences, head, o, fn, "", true);
-  detail::ChunkEngine<T> engine(head, detail::chunk_rows_of(head, cfg), exec);
+  const detail::HiddenBatch<T> batch{hidden, targets, sequences, "hidden"};
+  detail::validate_hidden_batch(batch, head, o, fn, "", true);
+  detail::ChunkEngine<T> engine = detail::make_engine(head, cfg, hidden.rows, exec, fn);
   const detail::RowScorer scorer(targets, sequences, o.ignore_index);
-  return detail::sequences_from_partials(detail::batch_partials(engine, hidden, scorer), targets,
-                                         sequences, o, fn, "hidden");
+  return detail::sequences_from_partials(detail::batch_partials(engine, hidden, scorer), batch,
+                                         head, o, fn);
 }
 
-/// The whole KTO step from hidden states. Gradients are overwritten.
+/// The whole KTO step from hidden states. Gradients are overwritten. Every
+/// argument (and every scored hidden row) is checked before anything is
+/// written; with hooks.kl_all_reduce, a failure up to the collective raises
+/// on every rank (kl_all_reduce.hpp).
 template <class T>
 StepResult<accumulator_t<T>> fused_linear_kto_step(
     const FusedLinearInputs<T>& in, const LinearHead<T>& head, const Options& o,
@@ -381,56 +487,73 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     const ExecutionPolicy& exec = {}, const FusedLinearHooks<accumulator_t<T>>& hooks = {}) {
   using Acc = accumulator_t<T>;
   const char* fn = "kto::cpu::fused_linear_kto_step";
-  validate_options(o, fn);
-  kto::detail::validate_head(head, fn);
-  detail::validate_hidden_batch(in.hidden, in.targets, in.sequences, head, o, fn, "", false);
   const index_t B = in.sequences.count;
-  kto::detail::validate_span(in.reference_logp, B, fn, "reference_logp");
-  kto::detail::validate_span(in.desirable, B, fn, "desirable");
-  kto::detail::validate_finite(in.reference_logp, fn, "reference_logp");
-  kto::detail::validate_labels(in.desirable, fn, "desirable");
   const bool kl = uses_kl_batch(o);
-  if (kl) {
-    detail::validate_hidden_batch(in.kl_hidden, in.kl_targets, in.kl_sequences, head, o, fn, "kl_",
-                                  true);
-    kto::detail::validate_span(in.kl_reference_logp, in.kl_sequences.count, fn,
-                               "kl_reference_logp");
-  }
-  kto::detail::validate_shape(grads.d_hidden, in.hidden.rows, in.hidden.cols, fn, "grads.d_hidden",
-                              "hidden");
-  kto::detail::validate_shape(grads.d_weight, head.weight.rows, head.weight.cols, fn,
-                              "grads.d_weight", "head.weight");
   const bool sharded = head.sharded();
-  kto::detail::require(
-      !sharded || static_cast<bool>(hooks.gather_partials), fn, "hooks.gather_partials",
-      "be set when head.weight holds a vocabulary slice (" + std::to_string(head.weight.rows) +
-          " of " + std::to_string(head.total_vocab()) + " rows)",
-      "an empty function");
-
-  detail::ChunkEngine<T> engine(head, detail::chunk_rows_of(head, cfg), exec);
+  const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
+  const detail::HiddenBatch<T> target_batch{in.hidden, in.targets, in.sequences, "hidden"};
+  const detail::HiddenBatch<T> kl_batch{in.kl_hidden, in.kl_targets, in.kl_sequences, "kl_hidden"};
   const detail::RowScorer scorer(in.targets, in.sequences, o.ignore_index);
-  const index_t D = head.weight.cols;
-  for (index_t r = 0; r < in.hidden.rows; ++r)
-    std::fill(grads.d_hidden.row(r), grads.d_hidden.row(r) + D, Acc(0));
-  for (index_t v = 0; v < head.weight.rows; ++v)
-    std::fill(grads.d_weight.row(v), grads.d_weight.row(v) + D, Acc(0));
-  if (grads.d_bias) std::fill(grads.d_bias, grads.d_bias + head.weight.rows, Acc(0));
+  std::unique_ptr<detail::ChunkEngine<T>> engine;
+  std::vector<RowPartial<Acc>> partials;  // KL rows, then (recompute_all) target rows
+  index_t kl_rows = 0;
+
+  auto validate = [&] {
+    validate_options(o, fn);
+    kto::detail::validate_head(head, fn);
+    kto::detail::validate_strategy(cfg.strategy, fn);
+    kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
+                         static_cast<index_t>(cfg.chunk_bytes));
+    detail::validate_hidden_batch(target_batch, head, o, fn, "", false);
+    kto::detail::validate_finish_inputs(B, in.reference_logp, in.desirable, o, fn,
+                                        "sequences.count");
+    if (kl) {
+      detail::validate_hidden_batch(kl_batch, head, o, fn, "kl_", true);
+      kto::detail::validate_span(in.kl_reference_logp, in.kl_sequences.count, fn,
+                                 "kl_reference_logp");
+      kto::detail::validate_finite(in.kl_reference_logp, fn, "kl_reference_logp");
+    }
+    kto::detail::validate_shape(grads.d_hidden, in.hidden.rows, in.hidden.cols, fn,
+                                "grads.d_hidden", "hidden");
+    kto::detail::validate_shape(grads.d_weight, head.weight.rows, head.weight.cols, fn,
+                                "grads.d_weight", "head.weight");
+    kto::detail::require(
+        grads.d_bias.size == 0 || grads.d_bias.size == head.weight.rows, fn, "grads.d_bias.size",
+        "be 0 (skipped) or head.weight.rows (" + std::to_string(head.weight.rows) + ")",
+        grads.d_bias.size);
+    kto::detail::require(grads.d_bias.data != nullptr || grads.d_bias.size == 0, fn,
+                         "grads.d_bias.data", "be non-null when size > 0", "nullptr");
+    using kto::detail::byte_range;
+    kto::detail::validate_disjoint(
+        {byte_range(grads.d_hidden, "grads.d_hidden"), byte_range(grads.d_weight, "grads.d_weight"),
+         byte_range(grads.d_bias, "grads.d_bias")},
+        {byte_range(in.hidden, "hidden"), byte_range(head.weight, "head.weight"),
+         byte_range(head.bias, "head.bias"),
+         byte_range(kl ? in.kl_hidden : MatrixView<const T>{}, "kl_hidden")},
+        fn);
+    kto::detail::require(
+        !sharded || static_cast<bool>(hooks.gather_partials), fn, "hooks.gather_partials",
+        "be set when head.weight holds a vocabulary slice (" + std::to_string(head.weight.rows) +
+            " of " + std::to_string(head.total_vocab()) + " rows)",
+        "an empty function");
+  };
 
   // Forward-only partials of the KL batch, and, when the vocab is sharded or the
   // strategy is recompute, of the target batch too: one gather serves both.
-  const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
-  std::vector<RowPartial<Acc>> partials;
-  index_t kl_rows = 0;
-  if (kl) {
-    const detail::RowScorer kl_scorer(in.kl_targets, in.kl_sequences, o.ignore_index);
-    partials = detail::batch_partials(engine, in.kl_hidden, kl_scorer);
-    kl_rows = in.kl_hidden.rows;
-  }
-  if (recompute_all) {
-    auto target = detail::batch_partials(engine, in.hidden, scorer);
-    partials.insert(partials.end(), target.begin(), target.end());
-  }
-  if (sharded) {
+  auto local_partials = [&] {
+    engine = std::make_unique<detail::ChunkEngine<T>>(detail::make_engine(
+        head, cfg, std::max(in.hidden.rows, kl ? in.kl_hidden.rows : index_t{0}), exec, fn));
+    if (kl) {
+      const detail::RowScorer kl_scorer(in.kl_targets, in.kl_sequences, o.ignore_index);
+      partials = detail::batch_partials(*engine, in.kl_hidden, kl_scorer);
+      kl_rows = in.kl_hidden.rows;
+    }
+    if (recompute_all) {
+      auto target = detail::batch_partials(*engine, in.hidden, scorer);
+      partials.insert(partials.end(), target.begin(), target.end());
+    }
+  };
+  auto merge_gathered = [&] {
     std::vector<RowPartial<Acc>> all;
     hooks.gather_partials(partials, all);
     kto::detail::require(!partials.empty() || all.empty(), fn, "hooks.gather_partials",
@@ -441,17 +564,42 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
                          "return ranks x " + std::to_string(n) + " partials",
                          static_cast<index_t>(all.size()));
     partials = merge_row_partials(all, n > 0 ? static_cast<index_t>(all.size()) / n : 1);
-  }
+  };
+  auto kl_sum_of_partials = [&] {
+    KlPartial local;
+    if (!kl) return local;
+    std::vector<RowPartial<Acc>> kl_part(partials.begin(), partials.begin() + kl_rows);
+    const SequenceForward<Acc> kl_fwd =
+        detail::sequences_from_partials(kl_part, kl_batch, head, o, fn);
+    return kto::detail::kl_partial_impl<Acc>(make_span(kl_fwd.logp), in.kl_reference_logp,
+                                             make_span(kl_fwd.num_tokens), o, fn);
+  };
 
   KlPartial kl_sum;
-  if (kl) {
-    std::vector<RowPartial<Acc>> kl_part(partials.begin(), partials.begin() + kl_rows);
-    const SequenceForward<Acc> kl_fwd = detail::sequences_from_partials(
-        kl_part, in.kl_targets, in.kl_sequences, o, fn, "kl_hidden");
-    kl_sum = kl_partial<Acc>(make_span(kl_fwd.logp), in.kl_reference_logp,
-                             make_span(kl_fwd.num_tokens), o);
+  if (sharded) {
+    // The gather is a collective of its own: checks and the local forward run
+    // before it (a failure there is not yet carried to the other slices).
+    validate();
+    local_partials();
+    merge_gathered();
+    kl_sum = kto::detail::reduce_kl_or_fail(hooks.kl_all_reduce, fn, kl_sum_of_partials);
+  } else {
+    kl_sum = kto::detail::reduce_kl_or_fail(hooks.kl_all_reduce, fn, [&] {
+      validate();
+      local_partials();
+      return kl_sum_of_partials();
+    });
   }
-  if (hooks.kl_all_reduce) hooks.kl_all_reduce(kl_sum);
+  kto::detail::validate_kl_partial(kl_sum, fn);
+  detail::ChunkEngine<T>& eng = *engine;
+
+  const index_t D = head.weight.cols;
+  for (index_t r = 0; r < in.hidden.rows; ++r)
+    std::fill(grads.d_hidden.row(r), grads.d_hidden.row(r) + D, Acc(0));
+  for (index_t v = 0; v < head.weight.rows; ++v)
+    std::fill(grads.d_weight.row(v), grads.d_weight.row(v) + D, Acc(0));
+  std::fill(grads.d_bias.data, grads.d_bias.data + grads.d_bias.size, Acc(0));
+
   const double z0 = reference_point(kl_sum, o);
   const double scale = reduction_scale(o, B);
 
@@ -469,31 +617,30 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
 
   if (recompute_all) {
     std::vector<RowPartial<Acc>> target(partials.begin() + kl_rows, partials.end());
-    SequenceForward<Acc> fwd =
-        detail::sequences_from_partials(target, in.targets, in.sequences, o, fn, "hidden");
+    SequenceForward<Acc> fwd = detail::sequences_from_partials(target, target_batch, head, o, fn);
     out.logp = std::move(fwd.logp);
     out.num_tokens = std::move(fwd.num_tokens);
     row_lse = std::move(fwd.row_lse);
     for (index_t s = 0; s < B; ++s) grad_logp[static_cast<size_t>(s)] = sequence_grad(s);
     std::vector<Acc> row_scale(static_cast<size_t>(in.hidden.rows), Acc(0));
     detail::set_row_scales(scorer, in.sequences, 0, B, grad_logp, out.num_tokens, o, row_scale);
-    for (index_t r0 = scorer.first; r0 < scorer.last; r0 += engine.chunk_rows()) {
-      const index_t n = std::min(engine.chunk_rows(), scorer.last - r0);
-      engine.compute(in.hidden, r0, n);
-      engine.backward(scorer, r0, n, row_lse.data(), row_scale.data(), grads);
+    for (index_t r0 = scorer.first; r0 < scorer.last; r0 += eng.chunk_rows()) {
+      const index_t n = std::min(eng.chunk_rows(), scorer.last - r0);
+      eng.compute(in.hidden, scorer, r0, n);
+      eng.backward(scorer, row_lse.data(), row_scale.data(), grads);
     }
   } else {
     std::vector<RowPartial<Acc>> part(static_cast<size_t>(in.hidden.rows));
     std::vector<Acc> row_scale(static_cast<size_t>(in.hidden.rows), Acc(0));
-    for (const ChunkGroup& g : plan_chunks(in.sequences, engine.chunk_rows())) {
+    for (const ChunkGroup& g : plan_chunks(in.sequences, eng.chunk_rows())) {
       // Forward over the group (one chunk, or the pieces of one long sequence).
-      for (index_t r0 = g.first_row; r0 < g.last_row; r0 += engine.chunk_rows()) {
-        const index_t n = std::min(engine.chunk_rows(), g.last_row - r0);
-        engine.compute(in.hidden, r0, n);
-        engine.partials(scorer, r0, n, part.data() + r0);
+      for (index_t r0 = g.first_row; r0 < g.last_row; r0 += eng.chunk_rows()) {
+        const index_t n = std::min(eng.chunk_rows(), g.last_row - r0);
+        eng.compute(in.hidden, scorer, r0, n);
+        eng.partials(scorer, r0, n, part.data() + r0);
       }
       for (index_t s = g.first_seq; s < g.last_seq; ++s) {
-        detail::sequence_from_partials(part.data(), scorer, in.sequences, s, o, fn, "hidden",
+        detail::sequence_from_partials(part.data(), scorer, target_batch, head, s, o, fn,
                                        row_lse.data(), out.logp[static_cast<size_t>(s)],
                                        out.num_tokens[static_cast<size_t>(s)]);
         grad_logp[static_cast<size_t>(s)] = sequence_grad(s);
@@ -501,18 +648,19 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
       detail::set_row_scales(scorer, in.sequences, g.first_seq, g.last_seq, grad_logp,
                              out.num_tokens, o, row_scale);
       // Backward: the chunk still holds Z of a whole group; a split group recomputes.
-      for (index_t r0 = g.first_row; r0 < g.last_row; r0 += engine.chunk_rows()) {
-        const index_t n = std::min(engine.chunk_rows(), g.last_row - r0);
-        if (g.split) engine.compute(in.hidden, r0, n);
-        engine.backward(scorer, r0, n, row_lse.data(), row_scale.data(), grads);
+      for (index_t r0 = g.first_row; r0 < g.last_row; r0 += eng.chunk_rows()) {
+        const index_t n = std::min(eng.chunk_rows(), g.last_row - r0);
+        if (g.split) eng.compute(in.hidden, scorer, r0, n);
+        eng.backward(scorer, row_lse.data(), row_scale.data(), grads);
       }
     }
   }
 
-  FinishResult<Acc> fin =
-      finish<Acc>(kl_sum, make_span(out.logp), in.reference_logp, in.desirable, o);
+  FinishResult<Acc> fin = kto::detail::finish_impl<Acc>(
+      kl_sum, make_span(out.logp), in.reference_logp, in.desirable, o, fn, "sequences.count");
   out.metrics = fin.metrics;
   out.examples = std::move(fin.examples);
+  out.row_lse = std::move(row_lse);
   return out;
 }
 

@@ -6,7 +6,7 @@
 //   4. backward: ∂L/∂logits, into `grad` (which may be the logits themselves)
 //
 // The data-parallel form is the same code: pass an all_reduce callback that sums
-// the two doubles of KlPartial across ranks (MPI_Allreduce, NCCL, gloo, ...).
+// the three doubles of KlPartial across ranks (MPI_Allreduce, NCCL, gloo, ...).
 // Callers who drive the phases themselves use sequence_logprobs(), kl_partial(),
 // finish() and backward() directly.
 #pragma once
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../finish.hpp"
+#include "../kl_all_reduce.hpp"
 #include "backward.hpp"
 #include "sequence_logprobs.hpp"
 
@@ -48,37 +49,87 @@ struct StepResult {
   std::vector<Acc> logp;  ///< policy logp_s
   std::vector<index_t> num_tokens;
   ExampleOutputs<Acc> examples;  ///< ρ_s, βρ_s, loss_s, g_s
+  std::vector<Acc> row_lse;      ///< lse_r per row (NaN where not scored): the backward's residual
 };
 
-/// Sums a KlPartial across data-parallel ranks in place.
-using KlAllReduce = std::function<void(KlPartial&)>;
+using kto::KlAllReduce;
 
+namespace detail {
+
+/// step_forward() as called by the public entry point `fn`.
 template <class T>
-StepResult<accumulator_t<T>> kto_step(const StepInputs<T>& in, const Options& o,
-                                      const LogitsView<T>& grad, const ExecutionPolicy& exec = {},
-                                      const KlAllReduce& all_reduce = {}) {
+StepResult<accumulator_t<T>> step_forward_impl(const StepInputs<T>& in, const Options& o,
+                                               const ExecutionPolicy& exec,
+                                               const KlAllReduce& all_reduce, const char* fn,
+                                               const LogitsView<T>* grad = nullptr) {
   using Acc = accumulator_t<T>;
-  const char* fn = "kto::cpu::kto_step";
-  validate_options(o, fn);
-  kto::detail::validate_logits(in.policy_logits, fn, "policy_logits");
-  kto::detail::validate_sequences(in.sequences, in.policy_logits.rows.rows, fn, "sequences", false);
-  kto::detail::validate_gradient(grad, in.policy_logits, fn);
-
-  SequenceForward<Acc> fwd =
-      sequence_logprobs<T>(in.policy_logits, in.targets, in.sequences, o, exec);
-  KlPartial kl;
-  if (uses_kl_batch(o))
-    kl = kl_partial<Acc>(in.kl.policy_logp, in.kl.reference_logp, in.kl.num_tokens, o);
-  if (all_reduce) all_reduce(kl);
-  FinishResult<Acc> fin = finish<Acc>(kl, make_span(fwd.logp), in.reference_logp, in.desirable, o);
-  backward<T>(in.policy_logits, in.targets, in.sequences, make_span(fwd.row_lse),
-              make_span(fin.examples.grad_logp), make_span(fwd.num_tokens), o, grad, exec);
-
+  SequenceForward<Acc> fwd;
+  // Everything that can fail runs before the collective (kl_all_reduce.hpp).
+  const KlPartial kl = kto::detail::reduce_kl_or_fail(all_reduce, fn, [&] {
+    validate_options(o, fn);
+    kto::detail::validate_logits(in.policy_logits, fn, "policy_logits");
+    kto::detail::validate_sequences(in.sequences, in.policy_logits.rows.rows, fn, "sequences",
+                                    false);
+    kto::detail::validate_finish_inputs(in.sequences.count, in.reference_logp, in.desirable, o, fn,
+                                        "sequences.count");
+    if (grad) kto::detail::validate_gradient(*grad, in.policy_logits, fn);
+    KlPartial local;
+    if (uses_kl_batch(o))
+      local = kto::detail::kl_partial_impl<Acc>(in.kl.policy_logp, in.kl.reference_logp,
+                                                in.kl.num_tokens, o, fn);
+    fwd = sequence_logprobs_impl<T>(in.policy_logits, in.targets, in.sequences, o, exec, fn,
+                                    "policy_logits");
+    return local;
+  });
+  FinishResult<Acc> fin = kto::detail::finish_impl<Acc>(kl, make_span(fwd.logp), in.reference_logp,
+                                                        in.desirable, o, fn, "sequences.count");
   StepResult<Acc> out;
   out.metrics = fin.metrics;
   out.logp = std::move(fwd.logp);
   out.num_tokens = std::move(fwd.num_tokens);
   out.examples = std::move(fin.examples);
+  out.row_lse = std::move(fwd.row_lse);
+  return out;
+}
+
+}  // namespace detail
+
+/// Forward half of a step: loss, metrics, per-example outputs and the residual
+/// row_lse, no gradient. With `all_reduce`, every check and the forward run
+/// before the collective, and a failure on any rank raises on every rank.
+template <class T>
+StepResult<accumulator_t<T>> step_forward(const StepInputs<T>& in, const Options& o,
+                                          const ExecutionPolicy& exec = {},
+                                          const KlAllReduce& all_reduce = {}) {
+  return detail::step_forward_impl(in, o, exec, all_reduce, "kto::cpu::step_forward");
+}
+
+/// Backward half: ∂L/∂logits from step_forward()'s result, into `grad` (which
+/// may be the logits themselves). `cotangent` scales the loss (1 for L itself).
+template <class T>
+void step_backward(const StepInputs<T>& in, const StepResult<accumulator_t<T>>& fwd,
+                   const Options& o, const LogitsView<T>& grad, const ExecutionPolicy& exec = {},
+                   double cotangent = 1.0) {
+  using Acc = accumulator_t<T>;
+  const char* fn = "kto::cpu::step_backward";
+  kto::detail::require(std::isfinite(cotangent), fn, "cotangent", "be finite", cotangent);
+  std::vector<Acc> grad_logp(fwd.examples.grad_logp);
+  for (Acc& g : grad_logp) g = static_cast<Acc>(static_cast<double>(g) * cotangent);
+  detail::backward_impl<T>(in.policy_logits, in.targets, in.sequences, make_span(fwd.row_lse),
+                           make_span(grad_logp), make_span(fwd.num_tokens), o, grad, exec, fn);
+}
+
+/// The whole step: step_forward, then the gradient into `grad`. Arguments are
+/// all checked before anything is written.
+template <class T>
+StepResult<accumulator_t<T>> kto_step(const StepInputs<T>& in, const Options& o,
+                                      const LogitsView<T>& grad, const ExecutionPolicy& exec = {},
+                                      const KlAllReduce& all_reduce = {}) {
+  const char* fn = "kto::cpu::kto_step";
+  auto out = detail::step_forward_impl(in, o, exec, all_reduce, fn, &grad);
+  detail::backward_impl<T>(in.policy_logits, in.targets, in.sequences, make_span(out.row_lse),
+                           make_span(out.examples.grad_logp), make_span(out.num_tokens), o, grad,
+                           exec, fn);
   return out;
 }
 

@@ -10,7 +10,10 @@
 
 #include <algorithm>
 #include <exception>
+#include <new>
+#include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../config.hpp"
@@ -30,10 +33,14 @@ inline int resolve_threads(const ExecutionPolicy& p) {
   return hw > 0 ? static_cast<int>(hw) : 1;
 }
 
-/// Calls body(begin, end) on disjoint ranges covering [0, n); rethrows the
-/// exception of the lowest range if any body threw.
-template <class Body>
-void parallel_for(index_t n, const ExecutionPolicy& policy, Body&& body) {
+namespace detail {
+
+/// parallel_for with the thread start as a parameter (tests make it fail).
+/// A range whose thread cannot start (std::system_error: no memory for its
+/// stack, a thread limit) runs on the calling thread instead, so the call
+/// still completes with the same bits; no thread is ever left joinable.
+template <class Body, class Start>
+void parallel_for_with(index_t n, const ExecutionPolicy& policy, Body&& body, Start&& start) {
   if (n <= 0) return;
   const index_t min_rows = std::max<index_t>(1, policy.min_rows_per_thread);
   const index_t by_size = (n + min_rows - 1) / min_rows;
@@ -54,12 +61,28 @@ void parallel_for(index_t n, const ExecutionPolicy& policy, Body&& body) {
     }
   };
   std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (index_t t = 1; t < threads; ++t) pool.emplace_back(run, t);
+  index_t started = 1;  // range 0 always runs here
+  try {
+    pool.reserve(static_cast<size_t>(threads - 1));
+    for (; started < threads; ++started) pool.push_back(start([&run, started] { run(started); }));
+  } catch (const std::system_error&) {  // fewer threads: the rest run below
+  } catch (const std::bad_alloc&) {
+  }
+  for (index_t t = started; t < threads; ++t) run(t);
   run(0);
   for (auto& th : pool) th.join();
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
+}
+
+}  // namespace detail
+
+/// Calls body(begin, end) on disjoint ranges covering [0, n); rethrows the
+/// exception of the lowest range if any body threw.
+template <class Body>
+void parallel_for(index_t n, const ExecutionPolicy& policy, Body&& body) {
+  detail::parallel_for_with(n, policy, std::forward<Body>(body),
+                            [](auto&& f) { return std::thread(std::forward<decltype(f)>(f)); });
 }
 
 }  // namespace cpu

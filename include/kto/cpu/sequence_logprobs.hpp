@@ -13,9 +13,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <mutex>
 #include <sstream>
+#include <string>
 #include <vector>
 
 #include "../error.hpp"
@@ -54,17 +56,30 @@ inline void validate_forward_inputs(const char* fn, index_t rows, index_t vocab,
   kto::detail::validate_target_ids(targets, seqs, vocab, o.ignore_index, fn, "targets");
 }
 
-}  // namespace detail
-
-/// Per-row ℓ_r and lse_r, then per-sequence logp and token counts.
+/// Why a scored row gave a non-finite log-prob: a NaN/inf logit (the first
+/// one named), or finite logits whose log-softmax overflows the accumulator.
 template <class T>
-SequenceForward<accumulator_t<T>> sequence_logprobs(const LogitsView<const T>& logits,
-                                                    const TargetsView& targets,
-                                                    const SequencesView& seqs, const Options& o,
-                                                    const ExecutionPolicy& exec = {}) {
+std::string non_finite_cause(const T* row, index_t vocab) {
+  std::ostringstream os;
+  for (index_t v = 0; v < vocab; ++v) {
+    const double z = static_cast<double>(row[v]);
+    if (!std::isfinite(z)) {
+      os << "logit " << v << " is " << z;
+      return os.str();
+    }
+  }
+  return "every logit is finite, but their log-softmax overflows the accumulation type (logits "
+         "of magnitude near its largest value)";
+}
+
+/// sequence_logprobs() as called by the public entry point `fn`, for its
+/// argument `name` (the logits).
+template <class T>
+SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
+    const LogitsView<const T>& logits, const TargetsView& targets, const SequencesView& seqs,
+    const Options& o, const ExecutionPolicy& exec, const char* fn, const char* name) {
   using Acc = accumulator_t<T>;
-  const char* fn = "kto::cpu::sequence_logprobs";
-  kto::detail::validate_logits(logits, fn, "logits");
+  kto::detail::validate_logits(logits, fn, name);
   detail::validate_forward_inputs(fn, logits.rows.rows, logits.vocab, targets, seqs, o, true);
 
   const index_t rows = logits.rows.rows;
@@ -101,12 +116,11 @@ SequenceForward<accumulator_t<T>> sequence_logprobs(const LogitsView<const T>& l
     const T* row = logits.row(r);
     const index_t t = targets.at(r);
     std::ostringstream os;
-    os << fn << ": argument 'logits' must be finite on scored rows; got lse = "
+    os << fn << ": argument '" << name << "' must give a finite log-prob on scored rows; got lse = "
        << out.row_lse[static_cast<size_t>(r)]
        << ", target logit = " << static_cast<double>(static_cast<Acc>(row[t])) << " (target " << t
-       << ") in sequence " << s << ", row " << r
-       << " (a NaN/+inf logit, an all -inf row, or a -inf target logit)";
-    throw NonFiniteLogitsError(fn, "logits", s, r, os.str());
+       << ") in sequence " << s << ", row " << r << ": " << non_finite_cause(row, logits.vocab);
+    throw NonFiniteLogitsError(fn, name, s, r, os.str());
   }
 
   out.logp.assign(static_cast<size_t>(seqs.count), Acc(0));
@@ -124,6 +138,18 @@ SequenceForward<accumulator_t<T>> sequence_logprobs(const LogitsView<const T>& l
     out.num_tokens[static_cast<size_t>(s)] = n;
   }
   return out;
+}
+
+}  // namespace detail
+
+/// Per-row ℓ_r and lse_r, then per-sequence logp and token counts.
+template <class T>
+SequenceForward<accumulator_t<T>> sequence_logprobs(const LogitsView<const T>& logits,
+                                                    const TargetsView& targets,
+                                                    const SequencesView& seqs, const Options& o,
+                                                    const ExecutionPolicy& exec = {}) {
+  return detail::sequence_logprobs_impl(logits, targets, seqs, o, exec,
+                                        "kto::cpu::sequence_logprobs", "logits");
 }
 
 }  // namespace cpu

@@ -60,11 +60,12 @@ struct FusedLinearInputs {
 
 /// Device outputs: the logits step's (metrics required, a null per-example
 /// array stays in the workspace) plus the gradients, written (not accumulated)
-/// in fp32. d_hidden and d_weight are required, d_bias may be null.
+/// in fp32. d_hidden and d_weight are required; d_bias is empty (skipped) or
+/// head.weight.rows entries.
 struct FusedLinearOutputs : StepOutputs {
   MatrixView<float> d_hidden;
   MatrixView<float> d_weight;
-  float* d_bias = nullptr;
+  Span<float> d_bias;
 };
 
 namespace detail {
@@ -90,7 +91,7 @@ struct ChunkShape {
     ld_grad = std::is_same<T, float>::value ? ld_logits : round_up(vocab, 8);
     const size_t per_row = sizeof(float) * static_cast<size_t>(ld_logits) +
                            (std::is_same<T, float>::value ? 0 : sizeof(T) * ld_grad);
-    rows = std::min(chunk_rows_for_budget(budget, per_row), std::max<index_t>(max_rows, 1));
+    rows = chunk_rows_for_budget(budget, per_row, max_rows);
   }
 };
 
@@ -131,7 +132,7 @@ FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const Linear
   b.loss = c.take<float>(B);
   b.grad_logp = c.take<float>(B);
   b.num_tokens = c.take<index_t>(B);
-  b.bias = head.bias ? c.take<float>(head.weight.rows) : nullptr;
+  b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
   b.ones = c.take<T>(shape.rows);
   b.logits = c.take<float>(shape.rows * shape.ld_logits);
   b.grad = std::is_same<T, float>::value
@@ -233,10 +234,10 @@ class ChunkRunner {
                      out.d_weight.data, CUDA_R_32F, static_cast<int>(out.d_weight.stride),
                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         fn_, "dW GEMM");
-    if (!s || out.d_bias == nullptr) return s;
+    if (!s || out.d_bias.size == 0) return s;
     return cublas_check(
         cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, V, 1, static_cast<int>(n), &one, b_.grad, t,
-                     ldg, b_.ones, t, static_cast<int>(n), &beta, out.d_bias, CUDA_R_32F, V,
+                     ldg, b_.ones, t, static_cast<int>(n), &beta, out.d_bias.data, CUDA_R_32F, V,
                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         fn_, "db GEMM");
   }
@@ -268,6 +269,9 @@ void validate_hidden(const MatrixView<const T>& hidden, const TargetsView& targe
                      const SequencesView& seqs, const LinearHead<T>& head, const char* fn,
                      const std::string& prefix, bool allow_empty) {
   kto::detail::validate_matrix(hidden, fn, prefix + "hidden");
+  kto::detail::require(hidden.stride >= hidden.cols, fn, prefix + "hidden.stride",
+                       "be >= cols (" + std::to_string(hidden.cols) + "): cuBLAS leading dimension",
+                       hidden.stride);
   kto::detail::require(hidden.cols == head.weight.cols, fn, prefix + "hidden.cols",
                        "equal head.weight.cols (" + std::to_string(head.weight.cols) + ")",
                        hidden.cols);
@@ -319,8 +323,20 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
                                 "hidden");
     kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
                                 "out.d_weight", "head.weight");
+    kto::detail::require(
+        out.d_bias.size == 0 || out.d_bias.size == head.weight.rows, fn, "out.d_bias.size",
+        "be 0 (skipped) or head.weight.rows (" + std::to_string(head.weight.rows) + ")",
+        out.d_bias.size);
     kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
                          static_cast<index_t>(cfg.chunk_bytes));
+    kto::detail::validate_strategy(cfg.strategy, fn);
+    using kto::detail::byte_range;
+    kto::detail::validate_disjoint(
+        {byte_range(out.d_hidden, "out.d_hidden"), byte_range(out.d_weight, "out.d_weight"),
+         byte_range(out.d_bias, "out.d_bias")},
+        {byte_range(in.hidden, "hidden"), byte_range(head.weight, "head.weight"),
+         byte_range(head.bias, "head.bias"), byte_range(in.kl.hidden, "kl.hidden")},
+        fn);
   } catch (const kto::Error& e) {
     return Status::from(e);
   }
@@ -373,7 +389,8 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   if (N > 0)  // rows no chunk writes (outside every sequence) stay zero
     cudaMemset2DAsync(out.d_hidden.data, sizeof(float) * out.d_hidden.stride, 0,
                       sizeof(float) * out.d_hidden.cols, static_cast<size_t>(N), stream);
-  if (head.bias) device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias, b.bias, V);
+  if (head.bias.size)
+    device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias.data, b.bias, V);
   detail::ChunkRunner<T> runner(handle, head, cfg, std::max(N, in.kl.hidden.rows), b, stream, fn);
   device::convert_kernel<T, T>
       <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), runner.chunk_rows());
@@ -446,7 +463,8 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   if (first_chunk) {  // no rows: the weight gradients are zero
     cudaMemset2DAsync(out.d_weight.data, sizeof(float) * out.d_weight.stride, 0,
                       sizeof(float) * out.d_weight.cols, static_cast<size_t>(V), stream);
-    if (out.d_bias) cudaMemsetAsync(out.d_bias, 0, sizeof(float) * static_cast<size_t>(V), stream);
+    if (out.d_bias.size)
+      cudaMemsetAsync(out.d_bias.data, 0, sizeof(float) * static_cast<size_t>(V), stream);
   }
   device::FinishParams fp{b.partial, logp,    in.reference_logp, in.desirable, B,       o, ex.ratio,
                           ex.reward, ex.loss, ex.grad_logp,      out.metrics,  b.errors};
@@ -501,8 +519,9 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
                                   fn, "set workspace");
   if (!status) return status;
   detail::reset_errors(b.errors, stream);
-  if (head.bias)
-    device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias, b.bias, head.weight.rows);
+  if (head.bias.size)
+    device::convert_kernel<T, float>
+        <<<256, 256, 0, stream>>>(head.bias.data, b.bias, head.weight.rows);
   detail::launch_validate_offsets(sequences, hidden.rows, b.errors, 0u, stream);
   detail::ChunkRunner<T> runner(handle, head, cfg, hidden.rows, b, stream, fn);
   const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
