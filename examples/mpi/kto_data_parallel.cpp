@@ -1,4 +1,4 @@
-// kto_data_parallel — KTO across MPI ranks with one all-reduce of two doubles.
+// kto_data_parallel — KTO across MPI ranks with one all-reduce of three doubles.
 //
 // The KL reference point z0 is a batch-level estimate, so data-parallel ranks
 // must agree on it. Each rank runs kto::cpu::kto_step on its shard of the
@@ -8,13 +8,20 @@
 // equal, those of one process on the whole batch — which rank 0 also computes
 // and compares against. Exit status 0 means they agree.
 //
-//   mpirun -np 2 build/examples/kto_data_parallel
+// With --bad-rank K, rank K's logits hold a NaN: that rank raises its own
+// error, every other rank raises kto::PeerError (the failure travels in the
+// third double of the all-reduce), no rank waits forever, and rank 0 prints
+// what each rank raised. Exit status 0 means every rank raised.
+//
+//   mpirun -np 2 build/examples/kto_data_parallel [--bad-rank 1]
 #include <mpi.h>
 #include <kto/kto.hpp>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -69,6 +76,37 @@ kto::cpu::StepResult<double> run_shard(const Batch& b, index_t first, index_t co
                                     all_reduce);
 }
 
+/// Sums (S, C, failures) across ranks: a failing rank still joins, so none waits.
+void mpi_all_reduce(kto::KlPartial& p) {
+  MPI_Allreduce(MPI_IN_PLACE, &p.sum, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+}
+
+/// Every rank runs a step on a batch where rank `bad_rank` has a NaN logit;
+/// rank 0 prints what each rank raised. Returns the number of ranks that did not raise.
+int run_with_bad_rank(const Batch& clean, int rank, int size, int bad_rank) {
+  Batch batch = clean;
+  const index_t per_rank = batch.B / size;
+  batch.logits[static_cast<size_t>((bad_rank * per_rank * batch.T + 2) * batch.V + 3)] = NAN;
+  std::string raised = "nothing";
+  try {
+    std::vector<double> grad;
+    run_shard(batch, rank * per_rank, per_rank, kto::Options{}, grad, mpi_all_reduce);
+  } catch (const kto::PeerError& e) {
+    raised = std::string("kto::PeerError: ") + e.what();
+  } catch (const kto::Error& e) {
+    raised = std::string("kto::Error: ") + e.what();
+  }
+  char mine[512] = {};
+  std::strncpy(mine, raised.c_str(), sizeof(mine) - 1);
+  std::vector<char> all(rank == 0 ? sizeof(mine) * static_cast<size_t>(size) : 0);
+  MPI_Gather(mine, sizeof(mine), MPI_CHAR, all.data(), sizeof(mine), MPI_CHAR, 0, MPI_COMM_WORLD);
+  int quiet = raised == "nothing" ? 1 : 0, total = 0;
+  MPI_Allreduce(&quiet, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  if (rank == 0)
+    for (int r = 0; r < size; ++r) std::printf("rank %d raised %s\n", r, &all[sizeof(mine) * r]);
+  return total;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -78,6 +116,11 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   const index_t per_rank = 3, B = per_rank * size;
   const Batch batch = make_batch(B, 5, 11);
+  if (argc == 3 && std::string(argv[1]) == "--bad-rank") {
+    const int quiet = run_with_bad_rank(batch, rank, size, std::atoi(argv[2]) % size);
+    MPI_Finalize();
+    return quiet == 0 ? 0 : 1;
+  }
 
   int failures = 0;
   for (auto estimator : {kto::KlEstimator::mean, kto::KlEstimator::nonempty_mean}) {
@@ -87,9 +130,7 @@ int main(int argc, char** argv) {
     o.kl_estimator = estimator;
     o.mean_denominator = B;  // gradients are summed, not averaged, across ranks
     std::vector<double> grad;
-    const auto local = run_shard(batch, rank * per_rank, per_rank, o, grad, [](kto::KlPartial& p) {
-      MPI_Allreduce(MPI_IN_PLACE, &p.sum, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-    });
+    const auto local = run_shard(batch, rank * per_rank, per_rank, o, grad, mpi_all_reduce);
     double loss = 0.0;
     MPI_Reduce(&local.metrics.loss, &loss, 1, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
     std::vector<double> all_grad(rank == 0 ? batch.logits.size() : 0);

@@ -317,8 +317,11 @@ TEST_CASE("device error keys rank a forward cause before the finish's consequenc
   CHECK(error_key(7, kTargetOutOfRange | kKlBatchTag) < error_key(1, kInvalidLabel));
   // Within a stage the lowest index wins, and the index reads back.
   CHECK(error_key(3, kNonFiniteLogits) < error_key(4, kTargetOutOfRange));
+  // Another rank's failure ranks after any error of this rank's own.
+  CHECK(error_key(123456, kInvalidLabel) < error_key(1, kPeerFailure));
+  CHECK(error_key(123456, kNonFiniteInput | kKlBatchTag) < error_key(1, kPeerFailure));
   for (long long index : {0LL, 1LL, 123456789LL, (1LL << 40) + 5})
-    for (unsigned kind : {1u, 2u, 3u, 4u, 5u, 2u | kKlBatchTag}) {
+    for (unsigned kind : {1u, 2u, 3u, 4u, 5u, 6u, 2u | kKlBatchTag}) {
       const auto key = error_key(index, kind);
       CHECK(error_index(key) == index);
       CHECK((key & 7u) == (kind & 7u));

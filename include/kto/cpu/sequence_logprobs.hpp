@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -84,8 +85,13 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
 
   const index_t rows = logits.rows.rows;
   SequenceForward<Acc> out;
-  out.token_logp.assign(static_cast<size_t>(rows), Acc(0));
-  out.row_lse.assign(static_cast<size_t>(rows), std::numeric_limits<Acc>::quiet_NaN());
+  try {  // two scalars a row: rows of a repeated (stride 0) view need not fit
+    out.token_logp.assign(static_cast<size_t>(rows), Acc(0));
+    out.row_lse.assign(static_cast<size_t>(rows), std::numeric_limits<Acc>::quiet_NaN());
+  } catch (const std::bad_alloc&) {
+    kto::detail::fail(fn, std::string(name) + ".rows", "leave room in memory for two scalars a row",
+                      rows);
+  }
   const index_t first = seqs.offsets[0];
   const index_t last = seqs.offsets[seqs.count];
 

@@ -28,6 +28,7 @@ enum class StatusCode : int {
   invalid_offsets,      ///< device: offsets negative, decreasing or past the rows
   non_finite_input,     ///< device: a non-finite reference/KL log-prob
   invalid_label,        ///< device: a label other than 0 or 1
+  peer_failure,         ///< device: another data-parallel rank failed (via the all-reduce)
 };
 
 struct Status {

@@ -356,8 +356,10 @@ struct StepOutputs {
   ExampleOutputs examples;
 };
 
-/// Sums the KlPartial (two doubles, device memory) across ranks on `stream`,
-/// e.g. ncclAllReduce(p, p, 2, ncclFloat64, ncclSum, comm, stream).
+/// Sums the KlPartial (three doubles, device memory: S, C and the failed
+/// ranks) across ranks on `stream`, e.g. ncclAllReduce(p, p, 3, ncclFloat64,
+/// ncclSum, comm, stream). A rank whose kernels recorded an error contributes
+/// failures = 1, so the others' read_status reports StatusCode::peer_failure.
 using KlAllReduce = std::function<Status(KlPartial* device_partial, cudaStream_t stream)>;
 
 namespace detail {
@@ -559,6 +561,11 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
                           "kto::cuda: %s: per-sequence log-prob %lld (reference or KL) must be "
                           "finite; got NaN/inf",
                           batch, index);
+    case device::kPeerFailure:
+      return Status::make(StatusCode::peer_failure,
+                          "kto::cuda: %lld data-parallel rank(s) failed before the KL all-reduce; "
+                          "their own status names the cause",
+                          index);
     case device::kInvalidLabel:
       return Status::make(StatusCode::invalid_label,
                           "kto::cuda: argument 'desirable[%lld]' must be 0 or 1; got another "

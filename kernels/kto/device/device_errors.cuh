@@ -21,6 +21,7 @@ enum ErrorKind : unsigned {
   kInvalidOffsets = 3,    ///< index = offset entry
   kNonFiniteInput = 4,    ///< index = sequence (reference / KL log-prob, g_s)
   kInvalidLabel = 5,      ///< index = sequence
+  kPeerFailure = 6,       ///< index = failed ranks: another data-parallel rank failed
 };
 /// OR-ed into the kind by the KL batch's forward, so the report says which batch.
 constexpr unsigned kKlBatchTag = 8;
@@ -33,7 +34,9 @@ constexpr unsigned long long kNoError = ~0ull;
 
 /// The key of an error: forward errors (stage 0) sort before the finish's (stage 1).
 KTO_HOST_DEVICE inline unsigned long long error_key(index_t index, unsigned kind) {
-  const unsigned long long stage = (kind & 7u) >= kNonFiniteInput ? 1ull : 0ull;
+  // A peer's failure (stage 2) ranks after any error of this rank's own.
+  const unsigned k = kind & 7u;
+  const unsigned long long stage = k == kPeerFailure ? 2ull : k >= kNonFiniteInput ? 1ull : 0ull;
   return (stage << 62) | (static_cast<unsigned long long>(index) << 4) | kind;
 }
 

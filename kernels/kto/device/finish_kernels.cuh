@@ -59,6 +59,10 @@ __global__ void __launch_bounds__(kFinishThreads) kl_partial_kernel(KlParams p) 
   if (threadIdx.x == 0) {
     p.partial->sum = sums[0];
     p.partial->count = counts[0];
+    // Any error this rank's kernels recorded so far travels with the
+    // all-reduce (stream order: every earlier kernel has finished; this
+    // block's own records are visible after the barriers above).
+    p.partial->failures = atomicAdd(&p.errors->first, 0ull) == kNoError ? 0.0 : 1.0;
   }
 }
 
@@ -109,6 +113,9 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(FinishParams p) 
     *p.metrics = finalize(sums[0], z0, scale);
     if (!isfinite(kl.sum) || !isfinite(kl.count))
       record_error(p.errors, 0, kNonFiniteInput | kKlBatchTag);
+    // Another rank failed before the all-reduce: this rank's result is not
+    // the batch's either. Its own error (if any) ranks first.
+    if (kl.failures > 0.0) record_error(p.errors, static_cast<index_t>(kl.failures), kPeerFailure);
   }
 }
 
