@@ -289,6 +289,28 @@ TEST_CASE("CUDA fused-linear step under the sanitizers: both strategies, split s
     check<__nv_bfloat16>(fp, o, run_step(d, o, config_rows<__nv_bfloat16>(fp, 3, strategy), true));
 }
 
+TEST_CASE("CUDA fused-linear step: a NaN hidden state on an ignored row reaches no gradient",
+          "[fused][sanitize]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  auto fp = test::make_fused_problem(rng, test::FusedSpec{}, round_to<__nv_bfloat16>);
+  index_t r = 0;
+  while (fp.targets[static_cast<size_t>(r)] != -100) ++r;  // an ignored row
+  kto::Options o;
+  for (auto strategy : {FusedStrategy::keep_chunk, FusedStrategy::recompute}) {
+    const auto cfg = config_rows<__nv_bfloat16>(fp, 4, strategy);
+    auto clean = fp;
+    DeviceProblem<__nv_bfloat16> a(clean);
+    const Outcome want = run_step(a, o, cfg, true);
+    auto poisoned = fp;
+    for (index_t k = 0; k < fp.dim; ++k) poisoned.hidden[static_cast<size_t>(r * fp.dim + k)] = NAN;
+    DeviceProblem<__nv_bfloat16> b(poisoned);
+    const Outcome got = run_step(b, o, cfg, true);
+    CHECK(got.d_weight == want.d_weight);  // the ignored row is multiplied as zeros
+    CHECK(got.d_bias == want.d_bias);
+    CHECK(got.d_hidden == want.d_hidden);
+  }
+}
+
 TEST_CASE("CUDA fused-linear step: repeat runs and a graph replay give the same bits", "[fused]") {
   std::mt19937_64 rng(test::fresh_seed());
   test::FusedSpec spec;

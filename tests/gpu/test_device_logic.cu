@@ -328,3 +328,20 @@ TEST_CASE("device error keys rank a forward cause before the finish's consequenc
       CHECK(key != kNoError);
     }
 }
+
+TEST_CASE("masked row copy: scored rows copied, ignored rows zeroed, every column once",
+          "[device]") {
+  const index_t cols = 37;
+  std::vector<float> in(cols, NAN), out(cols, 5.0f);
+  for (index_t step : {1, 4, 32, 128}) {
+    std::fill(out.begin(), out.end(), 5.0f);
+    for (index_t t = 0; t < step; ++t)  // every lane of a block of `step` threads
+      kto::device::masked_row_copy(in.data(), out.data(), cols, t, step, false);
+    for (float x : out) CHECK(x == 0.0f);
+    for (index_t k = 0; k < cols; ++k) in[static_cast<size_t>(k)] = 0.5f * static_cast<float>(k);
+    for (index_t t = 0; t < step; ++t)
+      kto::device::masked_row_copy(in.data(), out.data(), cols, t, step, true);
+    CHECK(out == in);
+    std::fill(in.begin(), in.end(), NAN);
+  }
+}

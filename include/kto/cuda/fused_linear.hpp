@@ -3,7 +3,8 @@
 // cuBLAS GEMMs (bf16/half in, fp32 accumulate and out) around the row kernels
 // of fused_linear_kernels.cuh; see ../fused_linear.hpp for the order of work:
 //
-//   per chunk   Z_c = H_c Wᵀ            cublasGemmEx, fp32 logits (bias added by the kernels)
+//   per chunk   H_c                     gather_scored_rows_kernel (ignored rows as zeros)
+//               Z_c = H_c Wᵀ            cublasGemmEx, fp32 logits (bias added by the kernels)
 //               lse_r, ℓ_r              chunk_forward_kernel
 //               logp_s, g_s, c_r g_s    sequence_logp_kernel, sequence_grad_kernel
 //               dZ_c                    chunk_backward_kernel, in the input type
@@ -18,7 +19,9 @@
 // stream-ordered and graph-capturable (the chunk loop is fixed by the host
 // offsets and sizes), workspace query then call, device errors via
 // read_status(). The cuBLAS handle is set to `stream` and to a slice of the
-// workspace. Extra memory: one chunk (config.chunk_bytes) + O(rows) floats.
+// workspace. Extra memory: one chunk (config.chunk_bytes), its hidden rows
+// (chunk rows × D in the input type) + O(rows) floats. Ignored rows enter the
+// GEMMs as zeros, so a NaN there never reaches a gradient.
 // Vocab-parallel is CPU-only for now (cpu/fused_linear.hpp).
 #pragma once
 
@@ -107,6 +110,7 @@ struct FusedBuffers {
   void* ones;
   float* logits;
   void* grad;
+  void* hidden;  ///< the chunk's hidden rows, ignored rows zeroed (T, cols apart)
   void* cublas;
 };
 
@@ -138,6 +142,7 @@ FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const Linear
   b.grad = std::is_same<T, float>::value
                ? static_cast<void*>(b.logits)
                : static_cast<void*>(c.take<T>(shape.rows * shape.ld_grad));
+  b.hidden = c.take<T>(shape.rows * head.weight.cols);
   b.cublas = c.take<char>(static_cast<index_t>(cfg.cublas_workspace_bytes));
   return b;
 }
@@ -163,16 +168,22 @@ class ChunkRunner {
 
   index_t chunk_rows() const { return shape_.rows; }
 
-  /// Z_c = H[r0, r0 + n) Wᵀ in fp32.
-  Status logits(const MatrixView<const T>& hidden, index_t r0, index_t n) {
+  /// Z_c = H[r0, r0 + n) Wᵀ in fp32, from the chunk's hidden rows with the
+  /// ignored ones zeroed (kept for the dW product of backward()).
+  Status logits(const MatrixView<const T>& hidden, const device::BatchRows& batch, index_t r0,
+                index_t n) {
+    const index_t D = head_.weight.cols;
+    device::gather_scored_rows_kernel<T>
+        <<<static_cast<unsigned>(std::min<index_t>(n, 65535)), 128, 0, stream_>>>(
+            hidden.data, hidden.stride, D, batch, r0, n, static_cast<T*>(b_.hidden));
     const float one = 1.0f, zero = 0.0f;
     const cudaDataType_t t = cuda_data_type<T>();
     return cublas_check(
         cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(head_.weight.rows),
-                     static_cast<int>(n), static_cast<int>(head_.weight.cols), &one,
-                     head_.weight.data, t, static_cast<int>(head_.weight.stride), hidden.row(r0), t,
-                     static_cast<int>(hidden.stride), &zero, b_.logits, CUDA_R_32F,
-                     static_cast<int>(shape_.ld_logits), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     static_cast<int>(n), static_cast<int>(D), &one, head_.weight.data, t,
+                     static_cast<int>(head_.weight.stride), b_.hidden, t, static_cast<int>(D),
+                     &zero, b_.logits, CUDA_R_32F, static_cast<int>(shape_.ld_logits),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         fn_, "logits GEMM");
   }
 
@@ -197,16 +208,17 @@ class ChunkRunner {
                       unsigned tag) {
     for (index_t r0 = first; r0 < last; r0 += shape_.rows) {
       const index_t n = std::min(shape_.rows, last - r0);
-      Status s = logits(hidden, r0, n);
+      Status s = logits(hidden, batch, r0, n);
       if (!s) return s;
       forward(batch, r0, n, row_lse, token_logp, tag);
     }
     return last_launch(fn_);
   }
 
-  /// dZ_c from the chunk's logits, then dH_c, dW and db.
-  Status backward(const MatrixView<const T>& hidden, const device::BatchRows& batch, index_t r0,
-                  index_t n, const FusedLinearOutputs& out, bool first_chunk) {
+  /// dZ_c from the chunk's logits, then dH_c, dW and db (dW from the hidden
+  /// rows the last logits() call gathered: the same chunk).
+  Status backward(const device::BatchRows& batch, index_t r0, index_t n,
+                  const FusedLinearOutputs& out, bool first_chunk) {
     device::ChunkBackwardParams<T> p{
         view(r0, n), batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), shape_.ld_grad};
     if (head_.weight.rows <= kWarpPerRowMaxVocab)
@@ -228,12 +240,11 @@ class ChunkRunner {
                      CUBLAS_GEMM_DEFAULT),
         fn_, "dH GEMM");
     if (!s) return s;
-    s = cublas_check(
-        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, D, V, static_cast<int>(n), &one,
-                     hidden.row(r0), t, static_cast<int>(hidden.stride), b_.grad, t, ldg, &beta,
-                     out.d_weight.data, CUDA_R_32F, static_cast<int>(out.d_weight.stride),
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-        fn_, "dW GEMM");
+    s = cublas_check(cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, D, V, static_cast<int>(n),
+                                  &one, b_.hidden, t, D, b_.grad, t, ldg, &beta, out.d_weight.data,
+                                  CUDA_R_32F, static_cast<int>(out.d_weight.stride),
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     fn_, "dW GEMM");
     if (!s || out.d_bias.size == 0) return s;
     return cublas_check(
         cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, V, 1, static_cast<int>(n), &one, b_.grad, t,
@@ -429,10 +440,10 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     for (index_t r0 = first; r0 < last; r0 += runner.chunk_rows()) {
       const index_t n = std::min(runner.chunk_rows(), last - r0);
       if (recompute) {
-        Status s = runner.logits(in.hidden, r0, n);
+        Status s = runner.logits(in.hidden, rows, r0, n);
         if (!s) return s;
       }
-      Status s = runner.backward(in.hidden, rows, r0, n, out, first_chunk);
+      Status s = runner.backward(rows, r0, n, out, first_chunk);
       if (!s) return s;
       first_chunk = false;
     }

@@ -225,6 +225,27 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
 }
 
 /// out[i] = float(in[i]) (the bias), or 1 when in is null (the ones of the db product).
+/// Copies elements [first, cols) step `step` of a hidden row, or writes zeros
+/// when the row is not scored: the GEMMs then never read an ignored row's
+/// values, so a NaN there (prompt, padding) cannot reach dW or dH.
+template <class T>
+KTO_HOST_DEVICE inline void masked_row_copy(const T* in, T* out, index_t cols, index_t first,
+                                            index_t step, bool scored) {
+  for (index_t k = first; k < cols; k += step) out[k] = scored ? in[k] : from_float<T>(0.0f);
+}
+
+/// Chunk row i (`cols` apart in `out`) = hidden row row_begin + i if scored, else zeros.
+template <class T>
+__global__ void gather_scored_rows_kernel(const T* hidden, index_t ld, index_t cols,
+                                          BatchRows batch, index_t row_begin, index_t rows,
+                                          T* out) {
+  for (index_t i = blockIdx.x; i < rows; i += gridDim.x) {
+    const index_t r = row_begin + i;
+    masked_row_copy(hidden + r * ld, out + i * cols, cols, threadIdx.x, blockDim.x,
+                    batch.target(r) != batch.ignore_index);
+  }
+}
+
 template <class T, class U>
 __global__ void convert_kernel(const T* in, U* out, index_t n) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
