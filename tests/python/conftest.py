@@ -1,8 +1,17 @@
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
-# The JAX bindings and the TRL example live with the examples; make them
-# importable in the tests (kto_torch itself is the installed extension).
+# Four CPU devices for the jax.sharding tests (tests/python/test_jax_sharding.py). Set
+# before anything imports jax; a caller's own XLA_FLAGS wins.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+# The TRL example lives with the examples; make it importable in the tests
+# (kto_torch itself is the installed extension). kto_jax is the installed package
+# (pip install --no-build-isolation ./examples/jax); where it is not installed, the
+# source tree's package is used and compiles its CPU library on first use.
 _EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(_EXAMPLES / "jax"))
+if importlib.util.find_spec("kto_jax") is None:
+    sys.path.insert(0, str(_EXAMPLES / "jax"))
 sys.path.insert(0, str(_EXAMPLES / "trl"))

@@ -1,0 +1,83 @@
+// kto_jax_common.hpp — what the CPU and CUDA XLA FFI handlers of kto_jax share:
+// the option attributes (one list, so both platforms bind the same names), the
+// metrics layout and the error conversion. The library below stays
+// framework-free; only this binding sees XLA's headers.
+#pragma once
+
+#include <kto/error.hpp>
+#include <kto/metrics.hpp>
+#include <kto/options.hpp>
+
+#include <cstdint>
+#include <exception>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace kto_jax {
+
+namespace ffi = xla::ffi;
+using kto::index_t;
+
+/// The option attributes, in the order of kto::options_from_codes().
+#define KTO_JAX_OPTION_PARAMS                                                                      \
+  double beta, double desirable_weight, double undesirable_weight, int32_t loss_type,              \
+      int32_t link, int32_t reference_point, int32_t kl_estimator, bool clamp_kl, double fixed_z0, \
+      bool average, int32_t reduction, int64_t mean_denominator, int64_t ignore_index
+#define KTO_JAX_OPTIONS                                                                          \
+  kto::options_from_codes(beta, desirable_weight, undesirable_weight, loss_type, link,           \
+                          reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, \
+                          mean_denominator, ignore_index)
+#define KTO_JAX_OPTION_ATTRS              \
+  .Attr<double>("beta")                   \
+      .Attr<double>("desirable_weight")   \
+      .Attr<double>("undesirable_weight") \
+      .Attr<int32_t>("loss_type")         \
+      .Attr<int32_t>("link")              \
+      .Attr<int32_t>("reference_point")   \
+      .Attr<int32_t>("kl_estimator")      \
+      .Attr<bool>("clamp_kl")             \
+      .Attr<double>("fixed_z0")           \
+      .Attr<bool>("average")              \
+      .Attr<int32_t>("reduction")         \
+      .Attr<int64_t>("mean_denominator")  \
+      .Attr<int64_t>("ignore_index")
+
+/// Metric count and order: kto_jax.METRIC_NAMES.
+constexpr int kNumMetrics = 9;
+
+template <class Out>
+void metrics_values(const kto::Metrics& m, Out* out) {
+  const double v[kNumMetrics] = {m.loss,
+                                 m.kl,
+                                 m.rewards_chosen,
+                                 m.rewards_rejected,
+                                 m.rewards_margins,
+                                 m.logps_chosen,
+                                 m.logps_rejected,
+                                 static_cast<double>(m.count_chosen),
+                                 static_cast<double>(m.count_rejected)};
+  for (int i = 0; i < kNumMetrics; ++i) out[i] = static_cast<Out>(v[i]);
+}
+
+/// Runs fn(); kto::Error (a bad argument, non-finite logits) becomes
+/// InvalidArgument with the library's message, anything else Internal.
+template <class Fn>
+ffi::Error guarded(Fn&& fn) {
+  try {
+    return fn();
+  } catch (const kto::Error& e) {
+    return ffi::Error::InvalidArgument(e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("kto_jax: ") + e.what());
+  }
+}
+
+inline ffi::Error require_rank(const ffi::AnyBuffer& b, size_t rank, const char* fn,
+                               const char* name, const char* shape) {
+  if (b.dimensions().size() == rank) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(fn) + ": argument '" + name + "' must be " +
+                                     shape + "; got rank " + std::to_string(b.dimensions().size()));
+}
+
+}  // namespace kto_jax

@@ -1,0 +1,489 @@
+// kto_jax_cpu.cpp — XLA FFI handlers (CPU) that run the kto Eigen path for JAX.
+//
+// Targets, registered by kto_jax/__init__.py (the CUDA twins in kto_jax_cuda.cu
+// take the same operands, attributes and results):
+//   kto_sequence_logprobs      logits [N, V], targets [N], offsets [B+1] → logp [B], n [B]
+//   kto_kl_partial             KL log-probs and counts → (S, C) [2]
+//   kto_step_forward           kto::cpu::step_forward: metrics [9], per-example [5, B]
+//                              (logp, ρ, βρ, loss, g_s), n [B], row_lse [N] (0 where unscored);
+//                              global_kl [2] (an all-reduced (S, C)) replaces the KL batch
+//   kto_step_backward          kto::cpu::step_backward: residuals, cotangent → dlogits
+//   kto_fused_linear_logprobs  hidden [N, D], weight [V, D], bias [V] or [0] → logp, n
+//   kto_fused_linear_row_partials  per-row (lse over this vocab slice, target logit) of the
+//                              KL rows then the target rows [K + N, 2] (vocab parallel)
+//   kto_fused_linear_step      kto::cpu::fused_linear_kto_step: the forward's outputs and
+//                              dH [N, D], dW [V, D], db [V] (fp32); global_kl as above;
+//                              gathered [R, K + N, 2] (R vocab slices' row partials) feeds
+//                              its gather hook when the head is a slice
+// Dtype dispatch (f32 / bf16 / f16) happens here, at the edge. JAX's int32 ids
+// and offsets are widened to the library's int64 (O(rows)). kto::Error becomes
+// an FFI InvalidArgument error carrying the library's message.
+#include <kto/kto.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kto_jax_common.hpp"
+
+namespace {
+
+using namespace kto_jax;
+
+std::vector<index_t> widen(const ffi::Buffer<ffi::S32>& b) {
+  const auto* p = b.typed_data();
+  return std::vector<index_t>(p, p + b.element_count());
+}
+
+template <class T>
+kto::Span<const T> span_of(const ffi::Buffer<ffi::F32>& b) {
+  return kto::make_span(b.typed_data(), static_cast<index_t>(b.element_count()));
+}
+
+/// Calls fn(T{}) with the element type `dtype` (float, bfloat16, half).
+template <class Fn>
+ffi::Error dispatch(ffi::DataType dtype, const char* fn_name, const char* arg, Fn&& fn) {
+  return guarded([&]() -> ffi::Error {
+    switch (dtype) {
+      case ffi::DataType::F32:
+        return fn(float{});
+      case ffi::DataType::BF16:
+        return fn(Eigen::bfloat16{});
+      case ffi::DataType::F16:
+        return fn(Eigen::half{});
+      default:
+        return ffi::Error::InvalidArgument(std::string(fn_name) + ": argument '" + arg +
+                                           "' must be float32, bfloat16 or float16");
+    }
+  });
+}
+
+template <class T>
+kto::LogitsView<const T> logits_of(const ffi::AnyBuffer& b) {
+  const auto d = b.dimensions();
+  return kto::logits_matrix<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
+}
+
+template <class T>
+kto::MatrixView<const T> matrix_of(const ffi::AnyBuffer& b) {
+  const auto d = b.dimensions();
+  return kto::matrix_view<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
+}
+
+/// Writes row_lse with the library's NaN marker of unscored rows as 0 (as kto_torch).
+void write_row_lse(const std::vector<float>& lse, float* out) {
+  for (size_t r = 0; r < lse.size(); ++r) out[r] = std::isnan(lse[r]) ? 0.0f : lse[r];
+}
+
+void write_per_example(const std::vector<float>& logp, const kto::ExampleOutputs<float>& ex,
+                       index_t B, float* out) {
+  const std::vector<float>* rows[5] = {&logp, &ex.ratio, &ex.reward, &ex.loss, &ex.grad_logp};
+  for (int k = 0; k < 5; ++k) std::memcpy(out + k * B, rows[k]->data(), B * sizeof(float));
+}
+
+/// An all-reduce hook that hands the step the caller's global (S, C), or none.
+ffi::Error global_kl_hook(const ffi::Buffer<ffi::F32>& g, const char* fn, kto::KlAllReduce& hook) {
+  if (g.element_count() == 0) return ffi::Error::Success();
+  if (g.element_count() != 2)
+    return ffi::Error::InvalidArgument(std::string(fn) +
+                                       ": argument 'global_kl' must hold (S, C): 2 elements; got " +
+                                       std::to_string(g.element_count()));
+  const double S = g.typed_data()[0], C = g.typed_data()[1];
+  hook = [S, C](kto::KlPartial& p) {
+    p.sum = S;
+    p.count = C;
+  };
+  return ffi::Error::Success();
+}
+
+constexpr const char* kLogprobs = "kto_jax.sequence_logprobs";
+constexpr const char* kStep = "kto_jax.kto_loss";
+constexpr const char* kFused = "kto_jax.fused_linear_kto_loss";
+constexpr const char* kFusedLogprobs = "kto_jax.fused_linear_logprobs";
+constexpr const char* kPartials = "kto_jax.fused_linear_row_partials";
+
+ffi::Error SequenceLogprobsImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
+                                ffi::Buffer<ffi::S32> offsets, int64_t ignore_index, bool average,
+                                ffi::ResultBuffer<ffi::F32> logp,
+                                ffi::ResultBuffer<ffi::S32> num_tokens) {
+  if (auto e = require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"); !e.success())
+    return e;
+  const auto t = widen(targets);
+  const auto off = widen(offsets);
+  kto::Options o;
+  o.ignore_index = ignore_index;
+  o.average_logprob = average;
+  return dispatch(logits.element_type(), kLogprobs, "logits", [&](auto tag) {
+    using T = decltype(tag);
+    const auto f = kto::cpu::sequence_logprobs<T>(
+        logits_of<T>(logits), kto::targets_vector(t.data(), static_cast<index_t>(t.size())),
+        kto::sequences(off.data(), static_cast<index_t>(off.size()) - 1), o);
+    std::memcpy(logp->typed_data(), f.logp.data(), f.logp.size() * sizeof(float));
+    for (size_t s = 0; s < f.num_tokens.size(); ++s)
+      num_tokens->typed_data()[s] = static_cast<int32_t>(f.num_tokens[s]);
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error KlPartialImpl(ffi::Buffer<ffi::F32> policy, ffi::Buffer<ffi::F32> reference,
+                         ffi::Buffer<ffi::S32> num_tokens, int32_t kl_estimator,
+                         ffi::ResultBuffer<ffi::F32> partial) {
+  return guarded([&] {
+    kto::Options o;
+    o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
+    const auto n = widen(num_tokens);
+    const kto::KlPartial p = kto::kl_partial<float>(
+        span_of<float>(policy), span_of<float>(reference), kto::make_span(n.data(), n.size()), o);
+    partial->typed_data()[0] = static_cast<float>(p.sum);
+    partial->typed_data()[1] = static_cast<float>(p.count);
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
+                           ffi::Buffer<ffi::S32> offsets, ffi::Buffer<ffi::F32> reference_logp,
+                           ffi::Buffer<ffi::U8> desirable, ffi::Buffer<ffi::F32> kl_policy_logp,
+                           ffi::Buffer<ffi::F32> kl_reference_logp,
+                           ffi::Buffer<ffi::S32> kl_num_tokens, ffi::Buffer<ffi::F32> global_kl,
+                           KTO_JAX_OPTION_PARAMS, ffi::ResultBuffer<ffi::F32> metrics,
+                           ffi::ResultBuffer<ffi::F32> per_example,
+                           ffi::ResultBuffer<ffi::S32> num_tokens,
+                           ffi::ResultBuffer<ffi::F32> row_lse) {
+  if (auto e = require_rank(logits, 2, kStep, "logits", "2-D [rows, vocab]"); !e.success())
+    return e;
+  kto::KlAllReduce hook;
+  if (auto e = global_kl_hook(global_kl, kStep, hook); !e.success()) return e;
+  const auto t = widen(targets);
+  const auto off = widen(offsets);
+  const auto kl_n = widen(kl_num_tokens);
+  const auto B = static_cast<index_t>(off.size()) - 1;
+  const kto::Options o = KTO_JAX_OPTIONS;
+  return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) {
+    using T = decltype(tag);
+    kto::cpu::StepInputs<T> in{
+        logits_of<T>(logits),
+        kto::targets_vector(t.data(), static_cast<index_t>(t.size())),
+        kto::sequences(off.data(), B),
+        span_of<float>(reference_logp),
+        kto::make_span(desirable.typed_data(), static_cast<index_t>(desirable.element_count())),
+        {}};
+    if (!hook)
+      in.kl = {span_of<float>(kl_policy_logp), span_of<float>(kl_reference_logp),
+               kto::make_span(kl_n.data(), static_cast<index_t>(kl_n.size()))};
+    const auto r = kto::cpu::step_forward<T>(in, o, {}, hook);
+    metrics_values(r.metrics, metrics->typed_data());
+    write_per_example(r.logp, r.examples, B, per_example->typed_data());
+    for (index_t s = 0; s < B; ++s)
+      num_tokens->typed_data()[s] = static_cast<int32_t>(r.num_tokens[s]);
+    write_row_lse(r.row_lse, row_lse->typed_data());
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error StepBackwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
+                            ffi::Buffer<ffi::S32> offsets, ffi::Buffer<ffi::F32> row_lse,
+                            ffi::Buffer<ffi::F32> grad_logp, ffi::Buffer<ffi::S32> num_tokens,
+                            ffi::Buffer<ffi::F32> loss_cotangent, KTO_JAX_OPTION_PARAMS,
+                            ffi::Result<ffi::AnyBuffer> dlogits) {
+  if (auto e = require_rank(logits, 2, kStep, "logits", "2-D [rows, vocab]"); !e.success())
+    return e;
+  if (dlogits->element_type() != logits.element_type())
+    return ffi::Error::InvalidArgument("kto_jax.kto_loss: dlogits must have the logits' dtype");
+  const auto t = widen(targets);
+  const auto off = widen(offsets);
+  const auto B = static_cast<index_t>(off.size()) - 1;
+  const kto::Options o = KTO_JAX_OPTIONS;
+  return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) {
+    using T = decltype(tag);
+    const kto::cpu::StepInputs<T> in{logits_of<T>(logits),
+                                     kto::targets_vector(t.data(), static_cast<index_t>(t.size())),
+                                     kto::sequences(off.data(), B),
+                                     {},
+                                     {},
+                                     {}};
+    // The residuals of step_forward, as step_backward takes them.
+    kto::cpu::StepResult<float> fwd;
+    fwd.row_lse.assign(row_lse.typed_data(), row_lse.typed_data() + row_lse.element_count());
+    fwd.examples.grad_logp.assign(grad_logp.typed_data(),
+                                  grad_logp.typed_data() + grad_logp.element_count());
+    fwd.num_tokens = widen(num_tokens);
+    const auto d = logits.dimensions();
+    kto::cpu::step_backward<T>(
+        in, fwd, o, kto::logits_matrix<T>(static_cast<T*>(dlogits->untyped_data()), d[0], d[1]), {},
+        static_cast<double>(loss_cotangent.typed_data()[0]));
+    return ffi::Error::Success();
+  });
+}
+
+/// The lm_head (or its vocabulary slice starting at vocab_begin of vocab_total).
+template <class T>
+kto::LinearHead<T> head_of(const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias,
+                           index_t vocab_begin = 0, index_t vocab_total = 0) {
+  kto::LinearHead<T> head;
+  head.weight = matrix_of<T>(weight);
+  head.bias = kto::make_span(static_cast<const T*>(bias.untyped_data()),
+                             static_cast<index_t>(bias.element_count()));
+  head.vocab_begin = vocab_begin;
+  head.vocab_total = vocab_total;
+  return head;
+}
+
+ffi::Error check_fused_operands(const char* fn, const ffi::AnyBuffer& hidden,
+                                const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias) {
+  if (auto e = require_rank(hidden, 2, fn, "hidden", "2-D [rows, D]"); !e.success()) return e;
+  if (auto e = require_rank(weight, 2, fn, "weight", "2-D [V, D]"); !e.success()) return e;
+  if (weight.element_type() != hidden.element_type() ||
+      bias.element_type() != hidden.element_type())
+    return ffi::Error::InvalidArgument(std::string(fn) +
+                                       ": hidden, weight and bias must share one dtype");
+  return ffi::Error::Success();
+}
+
+ffi::Error FusedLogprobsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                             ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
+                             bool average, int64_t ignore_index, int64_t chunk_bytes,
+                             ffi::ResultBuffer<ffi::F32> logp,
+                             ffi::ResultBuffer<ffi::S32> num_tokens) {
+  if (auto e = check_fused_operands(kFusedLogprobs, hidden, weight, bias); !e.success()) return e;
+  const auto t = widen(targets);
+  const auto off = widen(offsets);
+  kto::Options o;
+  o.ignore_index = ignore_index;
+  o.average_logprob = average;
+  return dispatch(hidden.element_type(), kFusedLogprobs, "hidden", [&](auto tag) {
+    using T = decltype(tag);
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
+    const auto f = kto::cpu::fused_linear_logprobs<T>(
+        matrix_of<T>(hidden), kto::targets_vector(t.data(), static_cast<index_t>(t.size())),
+        kto::sequences(off.data(), static_cast<index_t>(off.size()) - 1), head_of<T>(weight, bias),
+        o, cfg);
+    std::memcpy(logp->typed_data(), f.logp.data(), f.logp.size() * sizeof(float));
+    for (size_t s = 0; s < f.num_tokens.size(); ++s)
+      num_tokens->typed_data()[s] = static_cast<int32_t>(f.num_tokens[s]);
+    return ffi::Error::Success();
+  });
+}
+
+/// One batch of hidden states: its views over widened ids and offsets.
+struct Batch {
+  std::vector<index_t> targets, offsets;
+  bool present() const { return !offsets.empty(); }
+  kto::TargetsView targets_view() const {
+    return present() ? kto::targets_vector(targets.data(), static_cast<index_t>(targets.size()))
+                     : kto::TargetsView{};
+  }
+  kto::SequencesView sequences() const {
+    return present() ? kto::sequences(offsets.data(), static_cast<index_t>(offsets.size()) - 1)
+                     : kto::SequencesView{};
+  }
+};
+
+ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                           ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
+                           ffi::AnyBuffer kl_hidden, ffi::Buffer<ffi::S32> kl_targets,
+                           ffi::Buffer<ffi::S32> kl_offsets, ffi::Buffer<ffi::S32> vocab_begin,
+                           int64_t ignore_index, int64_t vocab_total, int64_t chunk_bytes,
+                           ffi::ResultBuffer<ffi::F32> partials) {
+  if (auto e = check_fused_operands(kPartials, hidden, weight, bias); !e.success()) return e;
+  const Batch target{widen(targets), widen(offsets)};
+  const Batch kl{widen(kl_targets), widen(kl_offsets)};
+  kto::Options o;
+  o.ignore_index = ignore_index;
+  return dispatch(hidden.element_type(), kPartials, "hidden", [&](auto tag) {
+    using T = decltype(tag);
+    namespace d = kto::cpu::detail;
+    const auto head = head_of<T>(weight, bias, vocab_begin.typed_data()[0], vocab_total);
+    kto::detail::validate_head(head, kPartials);
+    const auto h = matrix_of<T>(hidden);
+    const auto kl_h = kl.present() ? matrix_of<T>(kl_hidden) : kto::MatrixView<const T>{};
+    const auto tv = target.targets_view(), kl_tv = kl.targets_view();
+    const auto sv = target.sequences(), kl_sv = kl.sequences();
+    d::validate_hidden_batch(d::HiddenBatch<T>{h, tv, sv, "hidden"}, head, o, kPartials, "", false);
+    d::validate_hidden_batch(d::HiddenBatch<T>{kl_h, kl_tv, kl_sv, "kl_hidden"}, head, o, kPartials,
+                             "kl_", true);
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
+    auto engine = d::make_engine(head, cfg, std::max(h.rows, kl_h.rows), {}, kPartials);
+    // The step's order: the KL batch's rows, then the target batch's.
+    auto rows = d::batch_partials(engine, kl_h, d::RowScorer(kl_tv, kl_sv, ignore_index));
+    const auto t_rows = d::batch_partials(engine, h, d::RowScorer(tv, sv, ignore_index));
+    rows.insert(rows.end(), t_rows.begin(), t_rows.end());
+    float* out = partials->typed_data();
+    for (size_t r = 0; r < rows.size(); ++r) {
+      out[2 * r] = std::isnan(rows[r].lse) ? 0.0f : rows[r].lse;  // unscored: never read
+      out[2 * r + 1] = rows[r].target_logit;
+    }
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                         ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
+                         ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable,
+                         ffi::AnyBuffer kl_hidden, ffi::Buffer<ffi::S32> kl_targets,
+                         ffi::Buffer<ffi::S32> kl_offsets, ffi::Buffer<ffi::F32> kl_reference_logp,
+                         ffi::Buffer<ffi::F32> global_kl, ffi::Buffer<ffi::F32> gathered,
+                         ffi::Buffer<ffi::S32> vocab_begin, KTO_JAX_OPTION_PARAMS,
+                         int64_t vocab_total, int64_t chunk_bytes, int32_t strategy,
+                         ffi::ResultBuffer<ffi::F32> metrics,
+                         ffi::ResultBuffer<ffi::F32> per_example,
+                         ffi::ResultBuffer<ffi::S32> num_tokens,
+                         ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> d_hidden,
+                         ffi::ResultBuffer<ffi::F32> d_weight, ffi::ResultBuffer<ffi::F32> d_bias) {
+  if (auto e = check_fused_operands(kFused, hidden, weight, bias); !e.success()) return e;
+  kto::KlAllReduce hook;
+  if (auto e = global_kl_hook(global_kl, kFused, hook); !e.success()) return e;
+  const Batch target{widen(targets), widen(offsets)};
+  const Batch kl{widen(kl_targets), widen(kl_offsets)};
+  const kto::Options o = KTO_JAX_OPTIONS;
+  return dispatch(hidden.element_type(), kFused, "hidden", [&](auto tag) {
+    using T = decltype(tag);
+    const auto head = head_of<T>(weight, bias, vocab_begin.typed_data()[0], vocab_total);
+    const index_t N = hidden.dimensions()[0], D = hidden.dimensions()[1];
+    const index_t V = weight.dimensions()[0], B = target.sequences().count;
+    kto::cpu::FusedLinearInputs<T> in;
+    in.hidden = matrix_of<T>(hidden);
+    in.targets = target.targets_view();
+    in.sequences = target.sequences();
+    in.reference_logp = span_of<float>(reference_logp);
+    in.desirable =
+        kto::make_span(desirable.typed_data(), static_cast<index_t>(desirable.element_count()));
+    if (kl.present() && !hook) {
+      in.kl_hidden = matrix_of<T>(kl_hidden);
+      in.kl_targets = kl.targets_view();
+      in.kl_sequences = kl.sequences();
+      in.kl_reference_logp = span_of<float>(kl_reference_logp);
+    }
+    const kto::cpu::LinearGradients<float> grads{
+        kto::matrix_view(d_hidden->typed_data(), N, D),
+        kto::matrix_view(d_weight->typed_data(), V, D),
+        kto::make_span(d_bias->typed_data(), static_cast<index_t>(d_bias->element_count()))};
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
+    cfg.strategy = static_cast<kto::FusedStrategy>(strategy);
+    kto::cpu::FusedLinearHooks<float> hooks;
+    hooks.kl_all_reduce = hook;
+    if (gathered.element_count() > 0) {
+      // The caller all-gathered every slice's row partials (rank-major): hand them over.
+      static_assert(sizeof(kto::RowPartial<float>) == 2 * sizeof(float), "two floats a row");
+      const auto* g = reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data());
+      const size_t n = gathered.element_count() / 2;
+      hooks.gather_partials = [g, n](const std::vector<kto::RowPartial<float>>&,
+                                     std::vector<kto::RowPartial<float>>& all) {
+        all.assign(g, g + n);
+      };
+    }
+    const auto r = kto::cpu::fused_linear_kto_step<T>(in, head, o, grads, cfg, {}, hooks);
+    metrics_values(r.metrics, metrics->typed_data());
+    write_per_example(r.logp, r.examples, B, per_example->typed_data());
+    for (index_t s = 0; s < B; ++s)
+      num_tokens->typed_data()[s] = static_cast<int32_t>(r.num_tokens[s]);
+    write_row_lse(r.row_lse, row_lse->typed_data());
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoSequenceLogprobs, SequenceLogprobsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("ignore_index")
+                                  .Attr<bool>("average")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoKlPartial, KlPartialImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("kl_estimator")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoStepForward, StepForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                      KTO_JAX_OPTION_ATTRS.Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoStepBackward, StepBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                      KTO_JAX_OPTION_ATTRS.Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearLogprobs, FusedLogprobsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("average")
+                                  .Attr<int64_t>("ignore_index")
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearRowPartials, RowPartialsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("ignore_index")
+                                  .Attr<int64_t>("vocab_total")
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearStep, FusedStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                      KTO_JAX_OPTION_ATTRS.Attr<int64_t>("vocab_total")
+                                  .Attr<int64_t>("chunk_bytes")
+                                  .Attr<int32_t>("strategy")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,486 @@
+"""kto for JAX: the KTO loss and its gradients through XLA FFI (CPU; CUDA where built).
+
+    import kto_jax
+    opts = kto_jax.KTOOptions(beta=0.1)
+    # from logits [rows, V] (or [B, T, V]):
+    loss, metrics = kto_jax.kto_loss(logits, targets, offsets, reference_logp, desirable,
+                                     kl_policy_logp, kl_reference_logp, kl_num_tokens, opts)
+    # from hidden states [N, D] (or [B, T, D]) and the lm_head weight [V, D], logits never
+    # materialised:
+    loss, metrics = kto_jax.fused_linear_kto_loss(hidden, weight, targets, offsets,
+                                                  reference_logp, desirable, bias=None,
+                                                  kl_hidden=..., kl_targets=..., kl_offsets=...,
+                                                  kl_reference_logp=..., options=opts)
+
+Both are jax.custom_vjp functions (jit, grad): the gradient flows from the loss to the
+logits, or to hidden, weight and bias, scaled by the loss's cotangent; the metrics carry
+no gradient. Inside jax.shard_map, ``kl_axis_name`` all-reduces the KL estimate's (S, C)
+between the two phases (data parallel) and, for the fused op, ``vocab_axis_name`` runs
+the lm_head sharded over the vocabulary (the per-row partials all-gathered and merged by
+the library). See docs/jax.md.
+
+The shared libraries are built by ``pip install --no-build-isolation ./examples/jax``;
+importing only loads them. Run from the source tree without installing, the CPU library
+is compiled on first use into $KTO_JAX_BUILD (default build/jax of the repository).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _build
+
+try:
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+    __version__ = _dist_version("kto_jax")
+except PackageNotFoundError:  # the source tree
+    __version__ = _build.library_version()
+
+LOSS_TYPES = {"kto": 0, "apo_zero_unpaired": 1}
+LINKS = {"one_minus_sigmoid": 0, "neg_log_sigmoid": 1}
+REFERENCE_POINTS = {"kl_batch": 0, "fixed": 1, "zero": 2}
+KL_ESTIMATORS = {"mean": 0, "nonempty_mean": 1}
+REDUCTIONS = {"mean": 0, "sum": 1}
+STRATEGIES = {"keep_chunk": 0, "recompute": 1}
+METRIC_NAMES = (
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "count/chosen",
+    "count/rejected",
+)
+PER_EXAMPLE_NAMES = ("logp", "ratio", "reward", "loss", "grad_logp")
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+# FFI target name → symbol in the libraries (the same names on CPU and CUDA).
+_TARGETS = {
+    "kto_sequence_logprobs": "KtoSequenceLogprobs",
+    "kto_kl_partial": "KtoKlPartial",
+    "kto_step_forward": "KtoStepForward",
+    "kto_step_backward": "KtoStepBackward",
+    "kto_fused_linear_logprobs": "KtoFusedLinearLogprobs",
+    "kto_fused_linear_row_partials": "KtoFusedLinearRowPartials",
+    "kto_fused_linear_step": "KtoFusedLinearStep",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOOptions:
+    """Every option of kto::Options, by TRL's names where TRL has one.
+
+    ``mean_denominator``: divisor of the mean reduction, 0 = the call's number of target
+    examples. Under data parallel with losses summed across devices, set it to the global
+    batch size: the summed loss and gradients then equal one device on the whole batch."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    loss_type: str = "kto"
+    link: str = "one_minus_sigmoid"
+    reference_point: str = "kl_batch"
+    kl_estimator: str = "mean"
+    clamp_kl: bool = True
+    fixed_z0: float = 0.0
+    average_log_prob: bool = False
+    reduction: str = "mean"
+    mean_denominator: int = 0
+    ignore_index: int = -100
+
+    @property
+    def uses_kl_batch(self) -> bool:
+        """True when z0 is estimated from a KL batch (kto::uses_kl_batch)."""
+        return self.loss_type == "kto" and self.reference_point == "kl_batch"
+
+    def attributes(self) -> dict:
+        for name, table in (
+            ("loss_type", LOSS_TYPES),
+            ("link", LINKS),
+            ("reference_point", REFERENCE_POINTS),
+            ("kl_estimator", KL_ESTIMATORS),
+            ("reduction", REDUCTIONS),
+        ):
+            if getattr(self, name) not in table:
+                raise ValueError(
+                    f"kto: argument 'options.{name}' must be one of {sorted(table)}; "
+                    f"got {getattr(self, name)!r}"
+                )
+        return dict(
+            beta=np.float64(self.beta),
+            desirable_weight=np.float64(self.desirable_weight),
+            undesirable_weight=np.float64(self.undesirable_weight),
+            loss_type=np.int32(LOSS_TYPES[self.loss_type]),
+            link=np.int32(LINKS[self.link]),
+            reference_point=np.int32(REFERENCE_POINTS[self.reference_point]),
+            kl_estimator=np.int32(KL_ESTIMATORS[self.kl_estimator]),
+            clamp_kl=bool(self.clamp_kl),
+            fixed_z0=np.float64(self.fixed_z0),
+            average=bool(self.average_log_prob),
+            reduction=np.int32(REDUCTIONS[self.reduction]),
+            mean_denominator=np.int64(self.mean_denominator),
+            ignore_index=np.int64(self.ignore_index),
+        )
+
+
+# --------------------------------------------------------------------------- libraries
+
+
+def _installed(stem: str) -> Path | None:
+    found = sorted(Path(__file__).resolve().parent.glob(f"{stem}*.so"))
+    return found[0] if found else None
+
+
+def cpu_library() -> Path:
+    """The CPU handlers' library: the installed one, else (source tree only) compiled
+    once into $KTO_JAX_BUILD or build/jax."""
+    lib = _installed("_kto_jax_cpu")
+    if lib is not None:
+        return lib
+    if not _build.CPU_SOURCE.exists():
+        raise ImportError("kto_jax: the FFI library is missing; reinstall with "
+                          "`pip install --no-build-isolation ./examples/jax`")
+    build_dir = Path(os.environ.get("KTO_JAX_BUILD", _build.ROOT / "build" / "jax"))
+    return _build.build_in_source_tree(build_dir)
+
+
+def cuda_library() -> Path | None:
+    """The CUDA handlers' library, when the install found nvcc."""
+    return _installed("_kto_jax_cuda")
+
+
+def _gpu_backend() -> bool:
+    try:
+        return len(jax.devices("cuda")) > 0
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> tuple:
+    """Loads the libraries and registers every target; returns the platforms."""
+    platforms = [("cpu", ctypes.cdll.LoadLibrary(str(cpu_library())))]
+    cuda = cuda_library()
+    if cuda is not None and _gpu_backend():
+        platforms.append(("CUDA", ctypes.cdll.LoadLibrary(str(cuda))))
+    for platform, lib in platforms:
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform=platform)
+    return tuple(p for p, _ in platforms)
+
+
+def has_cuda() -> bool:
+    """True when the CUDA handlers are built and a CUDA backend is present."""
+    return "CUDA" in _register()
+
+
+def _call(name, results, **attrs):
+    _register()
+    return functools.partial(jax.ffi.ffi_call(name, results, vmap_method="sequential"), **attrs)
+
+
+def _i32(x):
+    return jnp.asarray(x, jnp.int32)
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def _empty(dtype=jnp.float32):
+    return jnp.zeros((0,), dtype)
+
+
+def _padded_offsets(batch: int, length: int):
+    return jnp.arange(batch + 1, dtype=jnp.int32) * length
+
+
+def _rows(x, targets, offsets, name):
+    """[B, T, X] → [B·T, X] with padded offsets when offsets is None."""
+    x = jnp.asarray(x)
+    if x.ndim == 3:
+        b, t = x.shape[:2]
+        if offsets is None:
+            offsets = _padded_offsets(b, t)
+        x = x.reshape(b * t, x.shape[2])
+    elif x.ndim != 2:
+        raise ValueError(f"kto: argument '{name}' must be 2-D [rows, X] or 3-D [B, T, X]; "
+                         f"got shape {x.shape}")
+    if offsets is None:
+        raise ValueError(f"kto: argument 'offsets' is needed for a 2-D '{name}'")
+    return x, _i32(targets).reshape(-1), _i32(offsets)
+
+
+def _global_kl(global_kl):
+    if global_kl is None:
+        return _empty()
+    g = _f32(global_kl)
+    if g.shape != (2,):
+        raise ValueError("kto: argument 'global_kl' must hold the all-reduced (S, C): shape (2,); "
+                         f"got {g.shape}")
+    return g
+
+
+def _outputs(metrics, per_example, num_tokens, row_lse):
+    out = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
+    for k, name in enumerate(PER_EXAMPLE_NAMES):
+        out[f"per_example/{name}"] = per_example[k]
+    out["per_example/num_tokens"] = num_tokens
+    out["per_row/lse"] = row_lse  # 0 on unscored rows
+    return out
+
+
+def _step_results(rows: int, b: int):
+    return (
+        jax.ShapeDtypeStruct((len(METRIC_NAMES),), jnp.float32),
+        jax.ShapeDtypeStruct((len(PER_EXAMPLE_NAMES), b), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+        jax.ShapeDtypeStruct((rows,), jnp.float32),
+    )
+
+
+# --------------------------------------------------------------------------- logits level
+
+
+def sequence_logprobs(logits, targets, offsets=None, *, average_log_prob=False, ignore_index=-100):
+    """Per-sequence log-probs and token counts (forward only, no gradient)."""
+    logits, targets, offsets = _rows(logits, targets, offsets, "logits")
+    b = offsets.shape[0] - 1
+    call = _call("kto_sequence_logprobs",
+                 (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
+                 ignore_index=np.int64(ignore_index), average=bool(average_log_prob))
+    return call(lax.stop_gradient(logits), targets, offsets)
+
+
+def kl_partial(kl_policy_logp, kl_reference_logp, kl_num_tokens, *, kl_estimator="mean"):
+    """This device's (S, C) of the KL batch, float32 [2]: lax.psum it over the data-parallel
+    axis and pass it as ``global_kl`` (what ``kl_axis_name`` does)."""
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kto: argument 'kl_estimator' must be one of {sorted(KL_ESTIMATORS)}; "
+                         f"got {kl_estimator!r}")
+    call = _call("kto_kl_partial", jax.ShapeDtypeStruct((2,), jnp.float32),
+                 kl_estimator=np.int32(KL_ESTIMATORS[kl_estimator]))
+    return call(lax.stop_gradient(_f32(kl_policy_logp)), lax.stop_gradient(_f32(kl_reference_logp)),
+                _i32(kl_num_tokens))
+
+
+def _step_forward(options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
+                  kl_reference_logp, kl_num_tokens, global_kl):
+    call = _call("kto_step_forward", _step_results(logits.shape[0], offsets.shape[0] - 1),
+                 **options.attributes())
+    return call(logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
+                kl_reference_logp, kl_num_tokens, global_kl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kto_core(options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
+              kl_reference_logp, kl_num_tokens, global_kl):
+    metrics, per_example, n, row_lse = _step_forward(
+        options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
+        kl_reference_logp, kl_num_tokens, global_kl)
+    return metrics[0], _outputs(metrics, per_example, n, row_lse)
+
+
+def _kto_core_fwd(options, logits, targets, offsets, *rest):
+    metrics, per_example, n, row_lse = _step_forward(options, logits, targets, offsets, *rest)
+    residuals = (logits, targets, offsets, row_lse, per_example[4], n)
+    return (metrics[0], _outputs(metrics, per_example, n, row_lse)), residuals
+
+
+def _kto_core_bwd(options, residuals, cotangents):
+    logits, targets, offsets, row_lse, grad_logp, n = residuals
+    loss_cotangent = _f32(cotangents[0]).reshape(1)
+    call = _call("kto_step_backward", jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+                 **options.attributes())
+    dlogits = call(logits, targets, offsets, row_lse, grad_logp, n, loss_cotangent)
+    # Only the policy logits are differentiable; the rest get no cotangent.
+    return (dlogits,) + (None,) * 8
+
+
+_kto_core.defvjp(_kto_core_fwd, _kto_core_bwd)
+
+
+def kto_loss(logits, targets, offsets, reference_logp, desirable, kl_policy_logp=None,
+             kl_reference_logp=None, kl_num_tokens=None, options=KTOOptions(), *,
+             global_kl=None, kl_axis_name=None):
+    """(loss, metrics): TRL's KTO loss of the target batch and its metrics.
+
+    logits: [rows, V] with CSR ``offsets`` [B+1], or [B, T, V] (``offsets`` None: padded);
+    float32, bfloat16 or float16. ``global_kl``: an all-reduced (S, C) replacing the local
+    KL batch. ``kl_axis_name`` (inside shard_map): psum this device's (S, C) over that axis
+    first. The gradient reaches ``logits`` only."""
+    logits, targets, offsets = _rows(logits, targets, offsets, "logits")
+    kl_p = _f32(kl_policy_logp) if kl_policy_logp is not None else _empty()
+    kl_r = _f32(kl_reference_logp) if kl_reference_logp is not None else _empty()
+    kl_n = _i32(kl_num_tokens) if kl_num_tokens is not None else _empty(jnp.int32)
+    if kl_axis_name is not None and global_kl is None and options.uses_kl_batch:
+        global_kl = lax.psum(kl_partial(kl_p, kl_r, kl_n, kl_estimator=options.kl_estimator),
+                             kl_axis_name)
+    return _kto_core(options, logits, targets, offsets,
+                     lax.stop_gradient(_f32(reference_logp)), jnp.asarray(desirable, jnp.uint8),
+                     kl_p, kl_r, kl_n, _global_kl(global_kl))
+
+
+# --------------------------------------------------------------------------- fused linear
+
+
+def _head(hidden, weight, bias):
+    """hidden, weight and bias in one dtype (the promotion of theirs; an exact upcast)."""
+    dtype = jnp.result_type(hidden.dtype, weight.dtype, *([] if bias is None else [bias.dtype]))
+    b = _empty(dtype) if bias is None else jnp.asarray(bias, dtype)
+    if b.ndim != 1:
+        raise ValueError(f"kto: argument 'bias' must be None or 1-D [V]; got shape {b.shape}")
+    return hidden.astype(dtype), jnp.asarray(weight, dtype), b
+
+
+def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
+                          average_log_prob=False, ignore_index=-100,
+                          chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """Per-sequence log-probs and token counts from hidden states and the lm_head
+    (forward only: the reference model, the KL batch)."""
+    hidden, targets, offsets = _rows(hidden, targets, offsets, "hidden")
+    hidden, weight, bias = _head(hidden, weight, bias)
+    b = offsets.shape[0] - 1
+    call = _call("kto_fused_linear_logprobs",
+                 (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
+                 average=bool(average_log_prob), ignore_index=np.int64(ignore_index),
+                 chunk_bytes=np.int64(chunk_bytes))
+    return call(*map(lax.stop_gradient, (hidden, weight, bias)), targets, offsets)
+
+
+def fused_linear_kl_partial(kl_hidden, weight, kl_targets, kl_offsets, kl_reference_logp,
+                            bias=None, options=KTOOptions(), *, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """This device's (S, C) of a KL batch given as hidden states, float32 [2]."""
+    logp, n = fused_linear_logprobs(kl_hidden, weight, kl_targets, kl_offsets, bias,
+                                    average_log_prob=options.average_log_prob,
+                                    ignore_index=options.ignore_index, chunk_bytes=chunk_bytes)
+    return kl_partial(logp, kl_reference_logp, n, kl_estimator=options.kl_estimator)
+
+
+def _row_partials(hidden, weight, bias, targets, offsets, kl_hidden, kl_targets, kl_offsets,
+                  vocab_begin, vocab_total, ignore_index, chunk_bytes):
+    rows = hidden.shape[0] + (kl_hidden.shape[0] if kl_offsets.shape[0] > 0 else 0)
+    call = _call("kto_fused_linear_row_partials", jax.ShapeDtypeStruct((rows, 2), jnp.float32),
+                 ignore_index=np.int64(ignore_index), vocab_total=np.int64(vocab_total),
+                 chunk_bytes=np.int64(chunk_bytes))
+    return call(*map(lax.stop_gradient, (hidden, weight, bias)), targets, offsets,
+                lax.stop_gradient(kl_hidden), kl_targets, kl_offsets, vocab_begin)
+
+
+def _fused_step(static, hidden, weight, bias, targets, offsets, reference_logp, desirable,
+                kl_hidden, kl_targets, kl_offsets, kl_reference_logp, global_kl, gathered,
+                vocab_begin):
+    options, vocab_total, chunk_bytes, strategy, _ = static
+    n, d = hidden.shape
+    v = weight.shape[0]
+    b = offsets.shape[0] - 1
+    results = _step_results(n, b) + (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((v, d), jnp.float32),
+        jax.ShapeDtypeStruct(bias.shape, jnp.float32),
+    )
+    call = _call("kto_fused_linear_step", results, **options.attributes(),
+                 vocab_total=np.int64(vocab_total), chunk_bytes=np.int64(chunk_bytes),
+                 strategy=np.int32(STRATEGIES[strategy]))
+    return call(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden,
+                kl_targets, kl_offsets, kl_reference_logp, global_kl, gathered, vocab_begin)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_core(static, *args):
+    metrics, per_example, n, row_lse, *_ = _fused_step(static, *args)
+    return metrics[0], _outputs(metrics, per_example, n, row_lse)
+
+
+def _fused_core_fwd(static, *args):
+    metrics, per_example, n, row_lse, dh, dw, db = _fused_step(static, *args)
+    residuals = (dh, dw, db)
+    return (metrics[0], _outputs(metrics, per_example, n, row_lse)), residuals
+
+
+def _fused_core_bwd(static, residuals, cotangents):
+    dtype = static[4]
+    ct = _f32(cotangents[0])
+    # The library's fp32 gradients, scaled in fp32, then rounded once to the input dtype.
+    grads = tuple((ct * g).astype(dtype) for g in residuals)
+    return grads + (None,) * 11
+
+
+_fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
+
+
+def fused_linear_kto_loss(hidden, weight, targets, offsets, reference_logp, desirable, bias=None,
+                          kl_hidden=None, kl_targets=None, kl_offsets=None,
+                          kl_reference_logp=None, options=KTOOptions(), *, global_kl=None,
+                          kl_axis_name=None, vocab_axis_name=None,
+                          chunk_bytes=DEFAULT_CHUNK_BYTES, strategy="keep_chunk"):
+    """(loss, metrics) from hidden states and the lm_head: logits = hidden @ weight.T + bias,
+    never materialised (kto::cpu::fused_linear_kto_step; one chunk of at most
+    ``chunk_bytes`` of logits at a time; ``strategy`` "keep_chunk" or "recompute").
+
+    hidden: [N, D] with CSR ``offsets`` [B+1], or [B, T, D] (``offsets`` None: padded);
+    weight [V, D]; bias [V] or None; float32, bfloat16 or float16 (mixed dtypes are promoted,
+    an exact upcast). The KL batch (kl_hidden, kl_targets, kl_offsets, kl_reference_logp) is
+    forward only. The gradient reaches hidden, weight and bias.
+
+    Inside jax.shard_map: ``kl_axis_name`` psums the KL batch's (S, C) over that axis
+    (data parallel); ``vocab_axis_name`` takes ``weight`` (and ``bias``) as this device's
+    contiguous slice of the vocabulary, in axis order, all-gathers every row's (lse,
+    target logit) partials and lets the library merge them: loss and metrics are then the
+    same on every device, dW and db are this device's slice and dH this device's partial
+    sum (shard_map's transpose sums it over the axis for a replicated ``hidden``)."""
+    fn = "kto_jax.fused_linear_kto_loss"
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{fn}: argument 'strategy' must be one of {sorted(STRATEGIES)}; "
+                         f"got {strategy!r}")
+    hidden, targets, offsets = _rows(hidden, targets, offsets, "hidden")
+    hidden, weight, bias = _head(hidden, weight, bias)
+    use_kl = kl_hidden is not None and options.uses_kl_batch
+    if use_kl:
+        if kl_targets is None or kl_reference_logp is None:
+            raise ValueError(f"{fn}: the KL batch needs kl_targets, kl_reference_logp "
+                             "(and kl_offsets for 2-D kl_hidden) with kl_hidden")
+        kl_hidden, kl_targets, kl_offsets = _rows(kl_hidden, kl_targets, kl_offsets, "kl_hidden")
+        kl_hidden = kl_hidden.astype(hidden.dtype)
+        kl_reference_logp = _f32(kl_reference_logp)
+    if kl_axis_name is not None and global_kl is None and use_kl:
+        if vocab_axis_name is not None:
+            raise NotImplementedError(f"{fn}: kl_axis_name with vocab_axis_name (data and "
+                                      "vocab parallel together) is not implemented yet")
+        global_kl = lax.psum(fused_linear_kl_partial(kl_hidden, weight, kl_targets, kl_offsets,
+                                                     kl_reference_logp, bias, options,
+                                                     chunk_bytes=chunk_bytes), kl_axis_name)
+    if global_kl is not None:
+        use_kl = False  # the step takes the global (S, C) instead of the local KL batch
+    if not use_kl:
+        kl_hidden = jnp.zeros((0, hidden.shape[1]), hidden.dtype)
+        kl_targets, kl_offsets, kl_reference_logp = _empty(jnp.int32), _empty(jnp.int32), _empty()
+    vocab_total, gathered = 0, _empty()
+    vocab_begin = jnp.zeros((1,), jnp.int32)
+    if vocab_axis_name is not None:
+        vocab_total = weight.shape[0] * lax.axis_size(vocab_axis_name)
+        vocab_begin = (lax.axis_index(vocab_axis_name) * weight.shape[0]).astype(
+            jnp.int32).reshape(1)
+        partials = _row_partials(hidden, weight, bias, targets, offsets, kl_hidden, kl_targets,
+                                 kl_offsets, vocab_begin, vocab_total, options.ignore_index,
+                                 chunk_bytes)
+        gathered = lax.all_gather(partials, vocab_axis_name)  # [slices, rows, 2], axis order
+    static = (options, int(vocab_total), int(chunk_bytes), strategy, jnp.dtype(hidden.dtype).name)
+    return _fused_core(static, hidden, weight, bias, targets, offsets,
+                       lax.stop_gradient(_f32(reference_logp)), jnp.asarray(desirable, jnp.uint8),
+                       lax.stop_gradient(kl_hidden), kl_targets, kl_offsets,
+                       lax.stop_gradient(kl_reference_logp), _global_kl(global_kl), gathered,
+                       vocab_begin)
