@@ -199,11 +199,16 @@ int main(int argc, char** argv) {
     adam.step(W, grad, 0.05f);
 
     if (step == 1 || step % 10 == 0 || step == steps) {
-      std::printf(
-          "step %4d/%d  loss %.4f  z0 %.4f  rewards/chosen %+.3f  rewards/rejected %+.3f"
-          "  desirable rate %.3f\n",
-          step, steps, r.metrics.loss, r.metrics.kl, r.metrics.rewards_chosen,
-          r.metrics.rewards_rejected, desirable_rate(W, 1000, 1000 + step));
+      // As TRL, a side with no example in the batch is left out, not printed as NaN.
+      char chosen[48] = "", rejected[48] = "";
+      if (r.metrics.count_chosen > 0)
+        std::snprintf(chosen, sizeof(chosen), "  rewards/chosen %+.3f", r.metrics.rewards_chosen);
+      if (r.metrics.count_rejected > 0)
+        std::snprintf(rejected, sizeof(rejected), "  rewards/rejected %+.3f",
+                      r.metrics.rewards_rejected);
+      std::printf("step %4d/%d  loss %.4f  z0 %.4f%s%s  desirable rate %.3f\n", step, steps,
+                  r.metrics.loss, r.metrics.kl, chosen, rejected,
+                  desirable_rate(W, 1000, 1000 + step));
     }
   }
   const double rate_after = desirable_rate(W, 4000, 99);

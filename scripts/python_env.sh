@@ -8,13 +8,14 @@ cd "$(dirname "$0")/.."
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 ext_stamp=.venv/.kto_torch.sha256
-ext_want=$(cat $(find examples/pytorch include kernels -type f \( -name '*.py' -o -name '*.cpp' \
+ext_want=$(cat $(find examples/pytorch include kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.toml' \
   -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) -not -path '*/build/*' | sort) |
   sha256sum | cut -d' ' -f1)
 build_extension() {
   if [ ! -f "$ext_stamp" ] || [ "$(cat "$ext_stamp")" != "$ext_want" ]; then
     echo "python_env: building the kto_torch extension"
-    .venv/bin/python -m pip install -q --no-build-isolation ./examples/pytorch
+    # For this machine: -march=native (a wheel for others leaves it out; setup.py).
+    KTO_NATIVE=1 .venv/bin/python -m pip install -q --no-build-isolation ./examples/pytorch
     echo "$ext_want" >"$ext_stamp"
   fi
 }

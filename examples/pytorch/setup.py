@@ -2,12 +2,19 @@
 
     pip install --no-build-isolation ./examples/pytorch
 
-With nvcc present (CUDA_HOME) and a CUDA build of torch, the CUDA kernels are
-compiled in too (for KTO_CUDA_ARCHS, default "80;90"); KTO_TORCH_CUDA=0 skips
-them. Eigen's headers come from /usr/include/eigen3 or $KTO_EIGEN_DIR.
+The flags are portable by default; KTO_NATIVE=1 adds -march=native (the
+project's own .venv is built that way by scripts/python_env.sh: its CPU path
+vectorises for the machine it runs on). With nvcc present (CUDA_HOME) and a
+CUDA build of torch, the CUDA kernels are compiled in too (for KTO_CUDA_ARCHS,
+default "80;90"); KTO_TORCH_CUDA=0 skips them. Eigen's headers come from
+$KTO_EIGEN_DIR, else `pkg-config --cflags eigen3`, else /usr/include/eigen3.
+The version is the library's, read from include/kto/config.hpp.
 """
 
 import os
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 from setuptools import setup
@@ -15,9 +22,33 @@ from torch.utils import cpp_extension
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-INCLUDES = [str(ROOT / "include"), str(ROOT / "kernels"),
-            os.environ.get("KTO_EIGEN_DIR", "/usr/include/eigen3")]
-CXX_FLAGS = ["-O3", "-march=native", "-std=c++17"]
+
+
+def library_version() -> str:
+    text = (ROOT / "include" / "kto" / "config.hpp").read_text()
+    parts = [re.search(rf"#define KTO_VERSION_{k} (\d+)", text).group(1)
+             for k in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(parts)
+
+
+def eigen_include() -> str:
+    if os.environ.get("KTO_EIGEN_DIR"):
+        return os.environ["KTO_EIGEN_DIR"]
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags-only-I", "eigen3"], check=True,
+                               capture_output=True, text=True).stdout
+        dirs = [f[2:] for f in shlex.split(flags) if f.startswith("-I")]
+        if dirs:
+            return dirs[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return "/usr/include/eigen3"
+
+
+INCLUDES = [str(ROOT / "include"), str(ROOT / "kernels"), eigen_include()]
+CXX_FLAGS = ["-O3", "-std=c++17"]
+if os.environ.get("KTO_NATIVE", "0") == "1":
+    CXX_FLAGS.append("-march=native")
 
 with_cuda = (
     os.environ.get("KTO_TORCH_CUDA", "1") != "0"
@@ -42,9 +73,7 @@ else:
         extra_compile_args=CXX_FLAGS)
 
 setup(
-    name="kto_torch",
-    version="0.1.0",
-    description="KTO loss ops for PyTorch, backed by the kto C++ library",
+    version=library_version(),
     packages=["kto_torch"],
     ext_modules=[extension],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
