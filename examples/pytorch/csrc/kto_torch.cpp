@@ -1,13 +1,23 @@
-// kto_torch.cpp — PyTorch bindings of the kto CPU path (the edge where dtype
-// dispatch lives). The ops themselves (schemas, fake kernels, autograd) are
-// registered in Python with torch.library (kto_torch/__init__.py); these
-// functions are their CPU kernels.
+// kto_torch.cpp — PyTorch bindings of kto (the edge where dtype dispatch lives).
+// The ops themselves (schemas, fake kernels, autograd) are registered in
+// Python with torch.library (kto_torch/__init__.py); these functions are their
+// kernels.
 //
-// Logits may be a [rows, V] matrix with any row stride or a [B, T, V] tensor
-// with any batch and row strides (so `logits[:, :-1]` needs no copy), V
-// contiguous; targets likewise [rows] or [B, T] (`labels[:, 1:]`). CUDA tensors
-// go to kto's CUDA kernels when the extension was built with them
-// (KTO_TORCH_WITH_CUDA); device-detected errors are read back after the
+// Every entry point first checks every tensor argument — device, dtype, shape
+// and stride — and names the public Python function, the argument, the
+// expectation and what came; then it makes one library call. Strides are
+// passed literally (the library reads a stride of 0, torch's expand, as one
+// row repeated); a layout the library cannot read in place (the vocabulary
+// not contiguous, interleaved batch entries such as a transposed [T, B, V], a
+// matrix whose rows overlap) is copied to a contiguous tensor first.
+// Gradients are always fresh contiguous tensors.
+//
+// Devices: logits/hidden decide; targets, weight, bias and the KL batch's
+// hidden states must be on the same device. The small per-sequence tensors
+// (offsets, reference_logp, desirable, the KL log-probs and counts, global_kl)
+// may also be on the CPU: they are copied where the kernels need them.
+// CUDA tensors go to kto's CUDA kernels when the extension was built with
+// them (KTO_TORCH_WITH_CUDA); device-detected errors are read back after the
 // forward (one stream synchronisation) so they raise like the CPU ones.
 #include <torch/extension.h>
 
@@ -15,34 +25,151 @@
 
 #ifdef KTO_TORCH_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include "kto_torch_cuda.h"
 #endif
 
+#include <cmath>
 #include <cstring>
+#include <optional>
+#include <sstream>
+#include <string>
 #include <vector>
 
 namespace {
 
 using kto::index_t;
 
-/// The row layout of a [rows, V] or [B, T, V] logits tensor (V contiguous).
+// The public Python functions, named in every error of their ops.
+constexpr const char* kSequenceLogprobs = "kto_torch.sequence_logprobs";
+constexpr const char* kKtoLoss = "kto_torch.kto_loss";
+constexpr const char* kKtoLossBackward = "kto_torch.kto_loss (backward)";
+constexpr const char* kKlPartial = "kto_torch.kl_partial";
+constexpr const char* kReferencePoint = "kto_torch.reference_point";
+constexpr const char* kFusedLoss = "kto_torch.fused_linear_kto_loss";
+constexpr const char* kFusedLogprobs = "kto_torch.fused_linear_logprobs";
+
+// ---- argument checks ----
+
+template <class... Args>
+std::string text(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
+std::string shape_of(const torch::Tensor& t) {
+  return text(t.sizes());
+}
+
+/// ValueError "<fn>: argument '<name>' must <expectation>; got <got>".
+void require(bool ok, const char* fn, const std::string& name, const std::string& expectation,
+             const std::string& got) {
+  TORCH_CHECK_VALUE(ok, fn, ": argument '", name, "' must ", expectation, "; got ", got);
+}
+
+/// Where a tensor may live relative to the anchor (logits or hidden).
+enum class Where { anchor, anchor_or_cpu };
+
+void check_anchor(const char* fn, const char* name, const torch::Tensor& t) {
+  require(t.device().is_cpu() || t.device().is_cuda(), fn, name,
+          "hold data on the CPU or a CUDA device", text(t.device()));
+}
+
+void check_device(const char* fn, const char* name, const torch::Tensor& t,
+                  const torch::Tensor& anchor, const char* anchor_name, Where where) {
+  if (t.device() == anchor.device()) return;
+  if (where == Where::anchor_or_cpu && t.device().is_cpu()) return;
+  require(false, fn, name,
+          text("be on ", anchor.device(), " like '", anchor_name, "'",
+               where == Where::anchor_or_cpu ? " (or on the CPU)" : ""),
+          text(t.device()));
+}
+
+bool is_float_type(torch::ScalarType s) {
+  return s == torch::kFloat || s == torch::kDouble || s == torch::kBFloat16 || s == torch::kHalf;
+}
+
+/// The logits/hidden dtypes the kernels take on this device.
+void check_logit_dtype(const char* fn, const char* name, const torch::Tensor& z) {
+  if (z.is_cuda()) {
+    require(z.scalar_type() == torch::kFloat || z.scalar_type() == torch::kBFloat16 ||
+                z.scalar_type() == torch::kHalf,
+            fn, name, "be float32, bfloat16 or float16 on CUDA", text(z.scalar_type()));
+  } else {
+    require(is_float_type(z.scalar_type()), fn, name, "be float32, float64, bfloat16 or float16",
+            text(z.scalar_type()));
+  }
+}
+
+/// Whether strides (s0 over n0 entries of s1 × n1 rows of `width` elements)
+/// are a layout the library reads in place: rows `width` apart or repeated
+/// (stride 0), batch entries past the previous entry's rows or repeated. A
+/// stride over an extent of 1 is never used.
+bool readable_rows(int64_t n1, int64_t s1, int64_t width, int64_t n0 = 1, int64_t s0 = 0) {
+  if (n1 > 1 && !(s1 == 0 || s1 >= width)) return false;
+  int64_t span = width;
+  if (n1 > 1) {
+    int64_t reach = 0;
+    if (__builtin_mul_overflow(n1 - 1, s1, &reach) || __builtin_add_overflow(reach, width, &span))
+      return false;
+  }
+  return n0 <= 1 || s0 == 0 || s0 >= span;
+}
+
+/// Logits ([rows, V] or [B, T, V]) the library can read: the tensor itself, or a contiguous copy.
+torch::Tensor logits_operand(const char* fn, const char* name, const torch::Tensor& z) {
+  check_anchor(fn, name, z);
+  require(z.dim() == 2 || z.dim() == 3, fn, name, "be [rows, V] or [B, T, V]",
+          text(z.dim(), " dims (shape ", shape_of(z), ")"));
+  check_logit_dtype(fn, name, z);
+  const int64_t V = z.size(-1);
+  require(V >= 1, fn, name, "have a vocabulary of at least 1 (last dimension)", shape_of(z));
+  const bool unit = V == 1 || z.stride(-1) == 1;
+  const bool rows = z.dim() == 2 ? readable_rows(z.size(0), z.stride(0), V)
+                                 : readable_rows(z.size(1), z.stride(1), V, z.size(0), z.stride(0));
+  return unit && rows ? z : z.contiguous();
+}
+
+int64_t rows_of(const torch::Tensor& z) {
+  return z.dim() == 2 ? z.size(0) : z.size(0) * z.size(1);
+}
+
+/// The row layout of a [rows, V] or [B, T, V] logits tensor (strides literal).
 template <class T>
 kto::LogitsView<T> logits_view(const torch::Tensor& z) {
-  TORCH_CHECK(z.dim() == 2 || z.dim() == 3,
-              "kto: argument 'logits' must be [rows, V] or [B, T, V]; got ", z.dim(), " dims");
-  TORCH_CHECK(z.stride(-1) == 1 || z.size(-1) == 1,
-              "kto: argument 'logits' must be contiguous along the vocabulary; got stride ",
-              z.stride(-1));
   auto* data = reinterpret_cast<T*>(z.data_ptr());
   if (z.dim() == 2) return kto::logits_matrix<T>(data, z.size(0), z.size(1), z.stride(0));
   return kto::logits_batched<T>(data, z.size(0), z.size(1), z.size(2), z.stride(0), z.stride(1));
 }
 
+/// Token ids for `rows` rows ([rows], or [B, T] matching [B, T, V] logits), int64.
+torch::Tensor targets_operand(const char* fn, const char* name, const torch::Tensor& t,
+                              const torch::Tensor& anchor, const char* anchor_name, int64_t rows,
+                              const torch::Tensor* batched_like = nullptr) {
+  check_device(fn, name, t, anchor, anchor_name, Where::anchor);
+  require(t.scalar_type() == torch::kLong || t.scalar_type() == torch::kInt, fn, name,
+          "hold int64 (or int32) token ids", text(t.scalar_type()));
+  require(t.dim() == 1 || t.dim() == 2, fn, name, "be [rows] or [B, T]",
+          text(t.dim(), " dims (shape ", shape_of(t), ")"));
+  if (t.dim() == 2 && batched_like != nullptr && batched_like->dim() == 3) {
+    require(t.size(0) == batched_like->size(0) && t.size(1) == batched_like->size(1), fn, name,
+            text("have the shape [B, T] = [", batched_like->size(0), ", ", batched_like->size(1),
+                 "] of '", anchor_name, "'"),
+            shape_of(t));
+  }
+  require(t.numel() == rows, fn, name,
+          text("hold one id per row of '", anchor_name, "' (", rows, ")"),
+          text(t.numel(), " (shape ", shape_of(t), ")"));
+  torch::Tensor out = t.scalar_type() == torch::kLong ? t : t.to(torch::kLong);
+  const bool ok = out.dim() == 1
+                      ? readable_rows(out.size(0), out.stride(0), 1)
+                      : readable_rows(out.size(1), out.stride(1), 1, out.size(0), out.stride(0));
+  return ok ? out : out.contiguous();
+}
+
 kto::TargetsView targets_view(const torch::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == torch::kLong, "kto: argument 'targets' must be int64; got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "kto: argument 'targets' must be [rows] or [B, T]");
   if (t.dim() == 1) return kto::targets_vector(t.data_ptr<int64_t>(), t.size(0), t.stride(0));
   return kto::targets_batched(t.data_ptr<int64_t>(), t.size(0), t.size(1), t.stride(0),
                               t.stride(1));
@@ -51,19 +178,162 @@ kto::TargetsView targets_view(const torch::Tensor& t) {
 struct Offsets {
   torch::Tensor tensor;  // keeps the data alive
   kto::SequencesView view;
+  index_t count() const { return view.count; }
 };
 
-Offsets offsets_view(const torch::Tensor& offsets, const torch::Device& device) {
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1,
-              "kto: argument 'offsets' must be 1-D with B + 1 entries");
-  Offsets o{offsets.to(device, torch::kLong).contiguous(), {}};
+/// CSR offsets (B + 1 integer entries) as int64 on `where` (the device the library reads them on).
+Offsets offsets_operand(const char* fn, const char* name, const torch::Tensor& offsets,
+                        const torch::Tensor& anchor, const char* anchor_name,
+                        const torch::Device& where) {
+  check_device(fn, name, offsets, anchor, anchor_name, Where::anchor_or_cpu);
+  require(offsets.scalar_type() == torch::kLong || offsets.scalar_type() == torch::kInt, fn, name,
+          "hold int64 (or int32) row offsets", text(offsets.scalar_type()));
+  require(offsets.dim() == 1 && offsets.size(0) >= 1, fn, name,
+          "be 1-D with B + 1 entries (CSR offsets over the rows)",
+          text("shape ", shape_of(offsets)));
+  Offsets o{offsets.to(where, torch::kLong).contiguous(), {}};
   o.view = kto::sequences(o.tensor.data_ptr<int64_t>(), o.tensor.size(0) - 1);
   return o;
 }
 
+/// A 1-D floating tensor of `n` entries (n < 0: any length; allow_empty: 0 too),
+/// as `dtype` on `where`.
+torch::Tensor float_vector(const char* fn, const char* name, const torch::Tensor& t,
+                           const torch::Tensor& anchor, const char* anchor_name, int64_t n,
+                           torch::ScalarType dtype, const torch::Device& where,
+                           bool allow_empty = false) {
+  check_device(fn, name, t, anchor, anchor_name, Where::anchor_or_cpu);
+  require(is_float_type(t.scalar_type()), fn, name, "be a floating-point tensor",
+          text(t.scalar_type()));
+  require(t.dim() == 1, fn, name, "be 1-D", text("shape ", shape_of(t)));
+  require(n < 0 || t.size(0) == n || (allow_empty && t.size(0) == 0), fn, name,
+          text("have ", n, " entries (one per sequence)"), text(t.size(0)));
+  return t.to(where, dtype).contiguous();
+}
+
+/// A 1-D integer tensor of `n` entries (allow_empty: 0 too), as int64 on `where`.
+torch::Tensor int_vector(const char* fn, const char* name, const torch::Tensor& t,
+                         const torch::Tensor& anchor, const char* anchor_name, int64_t n,
+                         const torch::Device& where, bool allow_empty = false) {
+  check_device(fn, name, t, anchor, anchor_name, Where::anchor_or_cpu);
+  require(c10::isIntegralType(t.scalar_type(), /*includeBool=*/false), fn, name,
+          "be an integer tensor (token counts)", text(t.scalar_type()));
+  require(t.dim() == 1, fn, name, "be 1-D", text("shape ", shape_of(t)));
+  require(n < 0 || t.size(0) == n || (allow_empty && t.size(0) == 0), fn, name,
+          text("have ", n, " entries (one per sequence)"), text(t.size(0)));
+  return t.to(where, torch::kLong).contiguous();
+}
+
+/// Labels: bool, or integers/floats equal to 0 or 1, checked in their own dtype
+/// (so 256 or 0.9 are not cast to 0 first); B entries, as uint8 on `where`.
+torch::Tensor labels_operand(const char* fn, const torch::Tensor& d, const torch::Tensor& anchor,
+                             const char* anchor_name, int64_t n, const torch::Device& where) {
+  const char* name = "desirable";
+  check_device(fn, name, d, anchor, anchor_name, Where::anchor_or_cpu);
+  const auto s = d.scalar_type();
+  require(s == torch::kBool || c10::isIntegralType(s, false) || is_float_type(s), fn, name,
+          "be bool, or integers or floats equal to 0 or 1", text(s));
+  require(d.dim() == 1, fn, name, "be 1-D (one label per sequence)", text("shape ", shape_of(d)));
+  require(d.size(0) == n, fn, name, text("have ", n, " entries (one per sequence)"),
+          text(d.size(0)));
+  const torch::Tensor host = d.to(torch::kCPU).contiguous();
+  if (s != torch::kBool) {
+    const torch::Tensor bad = host.ne(0).logical_and(host.ne(1));
+    if (bad.any().item<bool>()) {
+      const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+      require(false, fn, text(name, "[", i, "]"), "be 0 (undesirable) or 1 (desirable), or a bool",
+              text(host[i].item()));
+    }
+  }
+  return host.to(torch::kUInt8).to(where).contiguous();
+}
+
+/// (S, C) of an all-reduced KL partial; an empty tensor means none was given
+/// (the Python functions pass None that way and reject an explicit wrong size).
+std::optional<std::pair<double, double>> global_kl_operand(const char* fn, const torch::Tensor& g,
+                                                           const torch::Tensor& anchor,
+                                                           const char* anchor_name) {
+  if (g.numel() == 0 && g.dim() == 1) return std::nullopt;
+  const char* name = "global_kl";
+  check_device(fn, name, g, anchor, anchor_name, Where::anchor_or_cpu);
+  require(is_float_type(g.scalar_type()), fn, name, "be a floating-point tensor (float64)",
+          text(g.scalar_type()));
+  require(g.dim() == 1 && g.numel() == 2, fn, name,
+          "hold the all-reduced (S, C): 1-D with 2 elements", text("shape ", shape_of(g)));
+  const auto h = g.to(torch::kCPU, torch::kDouble).contiguous();
+  const double S = h.data_ptr<double>()[0], C = h.data_ptr<double>()[1];
+  require(std::isfinite(S) && std::isfinite(C) && C >= 0, fn, name,
+          "hold a finite sum S and a count C >= 0", text("(", S, ", ", C, ")"));
+  return std::make_pair(S, C);
+}
+
+/// A [rows, cols] matrix the library can read (unit column stride, rows at
+/// least cols apart): the tensor itself, or a contiguous copy (stride 0 from
+/// expand, a transpose, overlapping rows).
+torch::Tensor matrix_operand(const char* fn, const char* name, const torch::Tensor& x,
+                             const torch::Tensor& anchor, const char* anchor_name) {
+  check_device(fn, name, x, anchor, anchor_name, Where::anchor);
+  require(x.dim() == 2, fn, name, "be 2-D [rows, D]",
+          text(x.dim(), " dims (shape ", shape_of(x), ")"));
+  const bool ok =
+      (x.size(1) <= 1 || x.stride(1) == 1) && (x.size(0) <= 1 || x.stride(0) >= x.size(1));
+  return ok ? x : x.contiguous();
+}
+
+template <class T>
+kto::MatrixView<const T> matrix_of(const torch::Tensor& x) {
+  return kto::MatrixView<const T>{reinterpret_cast<const T*>(x.data_ptr()), x.size(0), x.size(1),
+                                  x.size(0) > 1 ? x.stride(0) : x.size(1)};
+}
+
+/// The fused ops' hidden states, lm_head weight and bias, checked against each other.
+struct Head {
+  torch::Tensor hidden, weight, bias;  // bias undefined: none
+  int64_t N = 0, D = 0, V = 0;
+};
+
+Head head_operands(const char* fn, const torch::Tensor& hidden, const torch::Tensor& weight,
+                   const torch::Tensor& bias) {
+  check_anchor(fn, "hidden", hidden);
+  Head h;
+  h.hidden = matrix_operand(fn, "hidden", hidden, hidden, "hidden");
+  check_logit_dtype(fn, "hidden", hidden);
+  h.weight = matrix_operand(fn, "weight", weight, hidden, "hidden");
+  h.N = hidden.size(0);
+  h.D = hidden.size(1);
+  h.V = weight.size(0);
+  require(weight.scalar_type() == hidden.scalar_type(), fn, "weight",
+          text("have the dtype of 'hidden' (", hidden.scalar_type(), ")"),
+          text(weight.scalar_type()));
+  // D against hidden.size(1): the library's check (head.weight.cols).
+  require(h.V >= 1, fn, "weight", "be [V, D] with V >= 1", shape_of(weight));
+  if (bias.numel() > 0 || bias.dim() != 1) {  // an empty 1-D tensor: no bias
+    check_device(fn, "bias", bias, hidden, "hidden", Where::anchor);
+    require(bias.scalar_type() == hidden.scalar_type(), fn, "bias",
+            text("have the dtype of 'hidden' (", hidden.scalar_type(), ")"),
+            text(bias.scalar_type()));
+    require(bias.dim() == 1 && bias.size(0) == h.V, fn, "bias",
+            text("be 1-D with V = weight.size(0) = ", h.V, " entries"),
+            text("shape ", shape_of(bias)));
+    h.bias = h.V > 1 && bias.stride(0) != 1 ? bias.contiguous() : bias;
+  }
+  return h;
+}
+
+template <class T>
+kto::LinearHead<T> linear_head(const Head& h) {
+  kto::LinearHead<T> head;
+  head.weight = matrix_of<T>(h.weight);
+  if (h.bias.defined())
+    head.bias = kto::make_span(reinterpret_cast<const T*>(h.bias.data_ptr()), h.bias.numel());
+  return head;
+}
+
+// ---- the CPU kernels ----
+
 template <class Fn>
-void dispatch(const torch::Tensor& logits, Fn&& fn) {
-  switch (logits.scalar_type()) {
+void dispatch(const torch::Tensor& z, Fn&& fn) {
+  switch (z.scalar_type()) {
     case torch::kFloat:
       fn(float{});
       break;
@@ -76,10 +346,8 @@ void dispatch(const torch::Tensor& logits, Fn&& fn) {
     case torch::kHalf:
       fn(Eigen::half{});
       break;
-    default:
-      TORCH_CHECK(false,
-                  "kto: argument 'logits' must be float32, float64, bfloat16 or float16; got ",
-                  logits.scalar_type());
+    default:  // unreachable: check_logit_dtype ran first
+      TORCH_CHECK_VALUE(false, "kto_torch: unsupported dtype ", z.scalar_type());
   }
 }
 
@@ -89,14 +357,17 @@ kto::cpu::ExecutionPolicy exec() {
   return e;
 }
 
-torch::Tensor to_acc(const torch::Tensor& x, const torch::Tensor& logits) {
-  const auto acc = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  return x.to(torch::kCPU, acc).contiguous();
+torch::ScalarType acc_of(const torch::Tensor& z) {
+  return z.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
 }
 
 template <class A>
 kto::Span<const A> span_of(const torch::Tensor& x) {
   return kto::make_span(x.data_ptr<A>(), x.numel());
+}
+
+kto::Span<const index_t> index_span(const torch::Tensor& x) {
+  return kto::make_span(x.data_ptr<int64_t>(), x.numel());
 }
 
 template <class A>
@@ -105,204 +376,241 @@ torch::Tensor acc_tensor(at::IntArrayRef shape) {
       shape, torch::dtype(std::is_same<A, double>::value ? torch::kDouble : torch::kFloat));
 }
 
-torch::Tensor metrics_tensor(const kto::Metrics& m, const torch::Device& d) {
+template <class A>
+torch::Tensor tensor_of(const std::vector<A>& v) {
+  auto t = acc_tensor<A>({static_cast<int64_t>(v.size())});
+  if (!v.empty()) std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(A));
+  return t;
+}
+
+torch::Tensor tensor_of(const std::vector<index_t>& v) {
+  auto t = torch::empty({static_cast<int64_t>(v.size())}, torch::dtype(torch::kLong));
+  if (!v.empty()) std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(index_t));
+  return t;
+}
+
+torch::Tensor metrics_tensor(const kto::Metrics& m) {
   return torch::tensor({m.loss, m.kl, m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
                         m.logps_chosen, m.logps_rejected, static_cast<double>(m.count_chosen),
                         static_cast<double>(m.count_rejected)},
-                       torch::dtype(torch::kDouble))
-      .to(d);
+                       torch::dtype(torch::kDouble));
+}
+
+/// per_example [5, B]: logp, ρ, βρ, loss, g_s.
+template <class A>
+torch::Tensor per_example_tensor(const std::vector<A>& logp, const kto::ExampleOutputs<A>& ex,
+                                 int64_t B) {
+  auto out = acc_tensor<A>({5, B});
+  const std::vector<A>* rows[5] = {&logp, &ex.ratio, &ex.reward, &ex.loss, &ex.grad_logp};
+  for (int k = 0; k < 5; ++k)
+    if (B > 0) std::memcpy(out[k].data_ptr(), rows[k]->data(), B * sizeof(A));
+  return out;
+}
+
+kto::Options forward_options(bool average, int64_t ignore_index) {
+  kto::Options o;
+  o.average_logprob = average;
+  o.ignore_index = ignore_index;
+  return o;
+}
+
+/// Checked operands of a step on logits: what the CPU and CUDA kernels both take.
+struct StepOperands {
+  torch::Tensor logits, targets;
+  Offsets offsets;
+};
+
+StepOperands step_operands(const char* fn, const torch::Tensor& logits,
+                           const torch::Tensor& targets, const torch::Tensor& offsets) {
+  StepOperands s;
+  s.logits = logits_operand(fn, "logits", logits);
+  s.targets = targets_operand(fn, "targets", targets, logits, "logits", rows_of(logits), &logits);
+  s.offsets = offsets_operand(fn, "offsets", offsets, logits, "logits", logits.device());
+  return s;
 }
 
 /// (logp [B], num_tokens [B] int64, row_lse [rows]) in the accumulation type.
-std::vector<torch::Tensor> sequence_logprobs_cpu(const torch::Tensor& logits,
-                                                 const torch::Tensor& targets,
-                                                 const torch::Tensor& offsets, bool average,
-                                                 int64_t ignore_index) {
-  const Offsets off = offsets_view(offsets, logits.device());
-  kto::Options o;
-  o.average_logprob = average;
-  o.ignore_index = ignore_index;
+std::vector<torch::Tensor> sequence_logprobs_cpu(const StepOperands& s, const kto::Options& o) {
   std::vector<torch::Tensor> out;
-  dispatch(logits, [&](auto tag) {
+  dispatch(s.logits, [&](auto tag) {
     using T = decltype(tag);
-    using A = kto::accumulator_t<T>;
-    const auto f = kto::cpu::sequence_logprobs<T>(logits_view<const T>(logits),
-                                                  targets_view(targets), off.view, o, exec());
-    const auto acc = std::is_same<A, double>::value ? torch::kDouble : torch::kFloat;
-    auto logp = torch::empty({off.view.count}, torch::dtype(acc));
-    auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong));
-    auto lse = torch::empty({static_cast<int64_t>(f.row_lse.size())}, torch::dtype(acc));
-    std::memcpy(logp.data_ptr(), f.logp.data(), f.logp.size() * sizeof(A));
-    std::memcpy(n.data_ptr(), f.num_tokens.data(), f.num_tokens.size() * sizeof(index_t));
-    std::memcpy(lse.data_ptr(), f.row_lse.data(), f.row_lse.size() * sizeof(A));
-    lse.nan_to_num_(0.0);
-    out = {logp, n, lse};
+    const auto f = kto::cpu::sequence_logprobs<T>(
+        logits_view<const T>(s.logits), targets_view(s.targets), s.offsets.view, o, exec());
+    out = {tensor_of(f.logp), tensor_of(f.num_tokens), tensor_of(f.row_lse).nan_to_num_(0.0)};
   });
   return out;
 }
 
-/// Local (S, C) of a KL batch as a float64 [2] tensor, for an all-reduce.
-torch::Tensor kl_partial(const torch::Tensor& policy_logp, const torch::Tensor& reference_logp,
-                         const torch::Tensor& num_tokens, int64_t kl_estimator) {
-  kto::Options o;
-  o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
-  const auto p = policy_logp.to(torch::kCPU, torch::kDouble).contiguous();
-  const auto r = reference_logp.to(torch::kCPU, torch::kDouble).contiguous();
-  const auto n = num_tokens.to(torch::kCPU, torch::kLong).contiguous();
-  const kto::KlPartial kl = kto::kl_partial<double>(
-      span_of<double>(p), span_of<double>(r), kto::make_span(n.data_ptr<int64_t>(), n.numel()), o);
-  return torch::tensor({kl.sum, kl.count}, torch::dtype(torch::kDouble));
-}
+/// The per-sequence inputs of a step, checked and converted for the kernels.
+struct StepVectors {
+  torch::Tensor reference_logp, desirable;
+  torch::Tensor kl_policy_logp, kl_reference_logp, kl_num_tokens;  // empty: none
+  std::optional<std::pair<double, double>> global_kl;
+};
 
-/// z0 from an all-reduced (S, C) [2] float64: the KL-batch estimate, clamped or not.
-double reference_point(const torch::Tensor& global_kl, bool clamp_kl) {
-  TORCH_CHECK(global_kl.numel() == 2, "kto: argument 'global_kl' must hold (S, C); got ",
-              global_kl.numel(), " elements");
-  const auto g = global_kl.to(torch::kCPU, torch::kDouble).contiguous();
-  kto::Options o;
-  o.clamp_kl = clamp_kl;
-  return kto::reference_point(kto::KlPartial{g.data_ptr<double>()[0], g.data_ptr<double>()[1]}, o);
+StepVectors step_vectors(const char* fn, const torch::Tensor& logits, int64_t B,
+                         const torch::Tensor& reference_logp, const torch::Tensor& desirable,
+                         const torch::Tensor& kl_policy_logp,
+                         const torch::Tensor& kl_reference_logp, const torch::Tensor& kl_num_tokens,
+                         const torch::Tensor& global_kl, torch::ScalarType acc) {
+  const auto d = logits.device();
+  StepVectors v;
+  v.reference_logp =
+      float_vector(fn, "reference_logp", reference_logp, logits, "logits", B, acc, d);
+  v.desirable = labels_operand(fn, desirable, logits, "logits", B, d);
+  v.kl_policy_logp =
+      float_vector(fn, "kl_policy_logp", kl_policy_logp, logits, "logits", -1, acc, d);
+  const int64_t K = v.kl_policy_logp.size(0);
+  v.kl_reference_logp =
+      float_vector(fn, "kl_reference_logp", kl_reference_logp, logits, "logits", K, acc, d);
+  v.kl_num_tokens = int_vector(fn, "kl_num_tokens", kl_num_tokens, logits, "logits", K, d, true);
+  v.global_kl = global_kl_operand(fn, global_kl, logits, "logits");
+  return v;
 }
 
 /// metrics [9] float64, per_example [5, B] (logp, ρ, βρ, loss, g_s), num_tokens [B], row_lse
-/// [rows]. `global_kl` ([2] float64: an all-reduced (S, C)) replaces the local KL batch when given.
-std::vector<torch::Tensor> step_forward_cpu(
-    const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
-    const torch::Tensor& reference_logp, const torch::Tensor& desirable,
-    const torch::Tensor& kl_policy_logp, const torch::Tensor& kl_reference_logp,
-    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl, const kto::Options& o) {
-  const Offsets off = offsets_view(offsets, logits.device());
-  const auto labels = desirable.to(torch::kCPU, torch::kUInt8).contiguous();
+/// [rows]: kto::cpu::step_forward, with `global_kl` (an all-reduced (S, C)) handed to it through
+/// its all-reduce hook in place of the local KL batch.
+std::vector<torch::Tensor> step_forward_cpu(const StepOperands& s, const StepVectors& v,
+                                            const kto::Options& o) {
   std::vector<torch::Tensor> out;
-  dispatch(logits, [&](auto tag) {
+  dispatch(s.logits, [&](auto tag) {
     using T = decltype(tag);
     using A = kto::accumulator_t<T>;
-    const auto fwd = kto::cpu::sequence_logprobs<T>(logits_view<const T>(logits),
-                                                    targets_view(targets), off.view, o, exec());
-    kto::KlPartial kl;
-    if (global_kl.numel() == 2) {
-      const auto g = global_kl.to(torch::kCPU, torch::kDouble).contiguous();
-      kl.sum = g.data_ptr<double>()[0];
-      kl.count = g.data_ptr<double>()[1];
-    } else if (kto::uses_kl_batch(o)) {
-      const auto p = to_acc(kl_policy_logp, logits), r = to_acc(kl_reference_logp, logits);
-      const auto n = kl_num_tokens.to(torch::kCPU, torch::kLong).contiguous();
-      kl = kto::kl_partial<A>(span_of<A>(p), span_of<A>(r),
-                              kto::make_span(n.data_ptr<int64_t>(), n.numel()), o);
+    kto::cpu::StepInputs<T> in{logits_view<const T>(s.logits),
+                               targets_view(s.targets),
+                               s.offsets.view,
+                               span_of<A>(v.reference_logp),
+                               kto::make_span(v.desirable.data_ptr<uint8_t>(), v.desirable.numel()),
+                               {}};
+    kto::KlAllReduce all_reduce;
+    if (v.global_kl) {
+      const auto [S, C] = *v.global_kl;
+      all_reduce = [S = S, C = C](kto::KlPartial& p) {
+        p.sum = S;
+        p.count = C;
+      };
+    } else {
+      in.kl = {span_of<A>(v.kl_policy_logp), span_of<A>(v.kl_reference_logp),
+               index_span(v.kl_num_tokens)};
     }
-    const auto ref = to_acc(reference_logp, logits);
-    const auto fin = kto::finish<A>(kl, kto::make_span(fwd.logp), span_of<A>(ref),
-                                    kto::make_span(labels.data_ptr<uint8_t>(), labels.numel()), o);
-    auto metrics = metrics_tensor(fin.metrics, torch::kCPU);
-    const index_t B = off.view.count;
-    const auto acc = std::is_same<A, double>::value ? torch::kDouble : torch::kFloat;
-    auto per_example = torch::empty({5, B}, torch::dtype(acc));
-    const std::vector<A>* rows[5] = {&fwd.logp, &fin.examples.ratio, &fin.examples.reward,
-                                     &fin.examples.loss, &fin.examples.grad_logp};
-    for (int k = 0; k < 5; ++k)
-      std::memcpy(per_example[k].data_ptr(), rows[k]->data(), B * sizeof(A));
-    auto n = torch::empty({B}, torch::dtype(torch::kLong));
-    std::memcpy(n.data_ptr(), fwd.num_tokens.data(), B * sizeof(index_t));
-    auto lse = torch::empty({static_cast<int64_t>(fwd.row_lse.size())}, torch::dtype(acc));
-    std::memcpy(lse.data_ptr(), fwd.row_lse.data(), fwd.row_lse.size() * sizeof(A));
-    lse.nan_to_num_(0.0);  // unscored rows: the library's NaN marker becomes 0 (never read)
-    out = {metrics, per_example, n, lse};
+    const auto r = kto::cpu::step_forward<T>(in, o, exec(), all_reduce);
+    const int64_t B = s.offsets.count();
+    // Unscored rows: the library's NaN marker becomes 0 (never read).
+    out = {metrics_tensor(r.metrics), per_example_tensor(r.logp, r.examples, B),
+           tensor_of(r.num_tokens), tensor_of(r.row_lse).nan_to_num_(0.0)};
   });
   return out;
 }
 
+/// The residuals of the backward, checked against the logits.
+struct BackwardVectors {
+  torch::Tensor row_lse, grad_logp, num_tokens;
+};
+
+BackwardVectors backward_vectors(const char* fn, const StepOperands& s,
+                                 const torch::Tensor& row_lse, const torch::Tensor& grad_logp,
+                                 const torch::Tensor& num_tokens, torch::ScalarType acc) {
+  const auto& z = s.logits;
+  const auto d = z.device();
+  BackwardVectors b;
+  b.row_lse = float_vector(fn, "row_lse", row_lse, z, "logits", rows_of(z), acc, d);
+  b.grad_logp = float_vector(fn, "grad_logp", grad_logp, z, "logits", s.offsets.count(), acc, d);
+  b.num_tokens = int_vector(fn, "num_tokens", num_tokens, z, "logits", s.offsets.count(), d);
+  return b;
+}
+
 /// dL/dlogits for dL/dlogp_s = grad_logp[s], as a new contiguous tensor of the logits' shape.
-torch::Tensor step_backward_cpu(const torch::Tensor& logits, const torch::Tensor& targets,
-                                const torch::Tensor& offsets, const torch::Tensor& row_lse,
-                                const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
-                                bool average, int64_t ignore_index) {
-  const Offsets off = offsets_view(offsets, logits.device());
-  kto::Options o;
-  o.average_logprob = average;
-  o.ignore_index = ignore_index;
-  auto grad =
-      torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
-  const auto n = num_tokens.to(torch::kCPU, torch::kLong).contiguous();
-  dispatch(logits, [&](auto tag) {
+torch::Tensor step_backward_cpu(const StepOperands& s, const BackwardVectors& b,
+                                const kto::Options& o) {
+  auto grad = torch::empty(s.logits.sizes(),
+                           s.logits.options().memory_format(torch::MemoryFormat::Contiguous));
+  dispatch(s.logits, [&](auto tag) {
     using T = decltype(tag);
     using A = kto::accumulator_t<T>;
-    const auto lse = to_acc(row_lse, logits), g = to_acc(grad_logp, logits);
-    kto::cpu::backward<T>(logits_view<const T>(logits), targets_view(targets), off.view,
-                          span_of<A>(lse), span_of<A>(g),
-                          kto::make_span(n.data_ptr<int64_t>(), n.numel()), o, logits_view<T>(grad),
-                          exec());
+    kto::cpu::backward<T>(logits_view<const T>(s.logits), targets_view(s.targets), s.offsets.view,
+                          span_of<A>(b.row_lse), span_of<A>(b.grad_logp), index_span(b.num_tokens),
+                          o, logits_view<T>(grad), exec());
   });
   return grad;
 }
 
 // ---- fused linear: hidden states and the lm_head instead of logits ----
 
-/// A [rows, D] tensor with unit column stride as a MatrixView.
-template <class T>
-kto::MatrixView<const T> matrix_of(const torch::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2, "kto: argument '", name, "' must be 2-D [rows, D]; got ", x.dim(),
-              " dims");
-  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, "kto: argument '", name,
-              "' must be contiguous along D; got stride ", x.stride(1));
-  return kto::MatrixView<const T>{reinterpret_cast<const T*>(x.data_ptr()), x.size(0), x.size(1),
-                                  x.size(0) > 1 ? x.stride(0) : x.size(1)};
-}
+/// The KL batch of the fused step: absent (kl_offsets empty) or complete.
+struct FusedKl {
+  bool given = false;
+  torch::Tensor hidden, targets, reference_logp;
+  Offsets offsets;
+};
 
-/// The lm_head of a [V, D] weight and a [V] bias (empty: none).
-template <class T>
-kto::LinearHead<T> head_of(const torch::Tensor& weight, const torch::Tensor& bias) {
-  kto::LinearHead<T> head;
-  head.weight = matrix_of<T>(weight, "weight");
-  if (bias.numel())
-    head.bias = kto::make_span(reinterpret_cast<const T*>(bias.data_ptr()), bias.numel());
-  return head;
-}
+struct FusedOperands {
+  Head head;
+  torch::Tensor targets, reference_logp, desirable;
+  Offsets offsets;
+  FusedKl kl;
+};
 
-void check_same_dtype(const torch::Tensor& a, const char* name, const torch::Tensor& hidden) {
-  TORCH_CHECK(a.numel() == 0 || a.scalar_type() == hidden.scalar_type(), "kto: argument '", name,
-              "' must have the dtype of 'hidden' (", hidden.scalar_type(), "); got ",
-              a.scalar_type());
+FusedOperands fused_operands(const char* fn, const torch::Tensor& hidden,
+                             const torch::Tensor& weight, const torch::Tensor& bias,
+                             const torch::Tensor& targets, const torch::Tensor& offsets,
+                             const torch::Tensor& reference_logp, const torch::Tensor& desirable,
+                             const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
+                             const torch::Tensor& kl_offsets,
+                             const torch::Tensor& kl_reference_logp) {
+  FusedOperands f;
+  f.head = head_operands(fn, hidden, weight, bias);
+  const auto d = hidden.device();
+  const auto acc = hidden.is_cuda() ? torch::kFloat : acc_of(hidden);
+  f.targets = targets_operand(fn, "targets", targets, hidden, "hidden", f.head.N);
+  f.offsets = offsets_operand(fn, "offsets", offsets, hidden, "hidden", d);
+  const int64_t B = f.offsets.count();
+  f.reference_logp =
+      float_vector(fn, "reference_logp", reference_logp, hidden, "hidden", B, acc, d);
+  f.desirable = labels_operand(fn, desirable, hidden, "hidden", B, d);
+  f.kl.given = kl_offsets.numel() > 0;
+  if (f.kl.given) {
+    f.kl.offsets = offsets_operand(fn, "kl_offsets", kl_offsets, hidden, "hidden", d);
+    f.kl.hidden = matrix_operand(fn, "kl_hidden", kl_hidden, hidden, "hidden");
+    require(kl_hidden.scalar_type() == hidden.scalar_type(), fn, "kl_hidden",
+            text("have the dtype of 'hidden' (", hidden.scalar_type(), ")"),
+            text(kl_hidden.scalar_type()));
+    f.kl.targets =
+        targets_operand(fn, "kl_targets", kl_targets, hidden, "hidden", kl_hidden.size(0));
+    f.kl.reference_logp = float_vector(fn, "kl_reference_logp", kl_reference_logp, hidden, "hidden",
+                                       f.kl.offsets.count(), acc, d);
+  } else {
+    require(kl_hidden.numel() == 0 && kl_targets.numel() == 0 && kl_reference_logp.numel() == 0, fn,
+            "kl_offsets", "be given (B_kl + 1 entries) with the KL batch", "none");
+  }
+  return f;
 }
 
 /// metrics [9], per_example [5, B], num_tokens [B], d_hidden [N, D], d_weight [V, D], d_bias [V]
 /// (empty without bias): gradients of the loss, in the accumulation type.
-std::vector<torch::Tensor> fused_linear_forward_cpu(
-    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
-    const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
-    const torch::Tensor& desirable, const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
-    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp, const kto::Options& o,
-    int64_t chunk_bytes, int64_t strategy) {
-  const Offsets off = offsets_view(offsets, hidden.device());
-  const bool kl = kto::uses_kl_batch(o) && kl_offsets.numel() > 0;
-  const Offsets kl_off =
-      offsets_view(kl ? kl_offsets : torch::zeros({1}, torch::kLong), hidden.device());
-  const auto labels = desirable.to(torch::kCPU, torch::kUInt8).contiguous();
+std::vector<torch::Tensor> fused_linear_forward_cpu(const FusedOperands& f, const kto::Options& o,
+                                                    int64_t chunk_bytes, int64_t strategy) {
+  const bool kl = kto::uses_kl_batch(o) && f.kl.given;
   std::vector<torch::Tensor> out;
-  dispatch(hidden, [&](auto tag) {
+  dispatch(f.head.hidden, [&](auto tag) {
     using T = decltype(tag);
     using A = kto::accumulator_t<T>;
-    const kto::LinearHead<T> head = head_of<T>(weight, bias);
+    const kto::LinearHead<T> head = linear_head<T>(f.head);
     kto::cpu::FusedLinearInputs<T> in;
-    in.hidden = matrix_of<T>(hidden, "hidden");
-    in.targets = targets_view(targets);
-    in.sequences = off.view;
-    const auto ref = to_acc(reference_logp, hidden);
-    in.reference_logp = span_of<A>(ref);
-    in.desirable = kto::make_span(labels.data_ptr<uint8_t>(), labels.numel());
-    torch::Tensor kl_ref;
-    if (kl) {
-      in.kl_hidden = matrix_of<T>(kl_hidden, "kl_hidden");
-      in.kl_targets = targets_view(kl_targets);
-      in.kl_sequences = kl_off.view;
-      kl_ref = to_acc(kl_reference_logp, hidden);
-      in.kl_reference_logp = span_of<A>(kl_ref);
-    } else {
-      in.kl_hidden = kto::MatrixView<const T>{nullptr, 0, head.weight.cols, head.weight.cols};
-      in.kl_sequences = kl_off.view;
+    in.hidden = matrix_of<T>(f.head.hidden);
+    in.targets = targets_view(f.targets);
+    in.sequences = f.offsets.view;
+    in.reference_logp = span_of<A>(f.reference_logp);
+    in.desirable = kto::make_span(f.desirable.data_ptr<uint8_t>(), f.desirable.numel());
+    if (kl) {  // otherwise the default (absent) views
+      in.kl_hidden = matrix_of<T>(f.kl.hidden);
+      in.kl_targets = targets_view(f.kl.targets);
+      in.kl_sequences = f.kl.offsets.view;
+      in.kl_reference_logp = span_of<A>(f.kl.reference_logp);
     }
-    const index_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
+    const int64_t N = f.head.N, D = f.head.D, V = f.head.V;
     auto dh = acc_tensor<A>({N, D}), dw = acc_tensor<A>({V, D});
-    auto db = head.bias.size ? acc_tensor<A>({V}) : acc_tensor<A>({0});
+    auto db = acc_tensor<A>({head.bias.size ? V : 0});
     kto::cpu::LinearGradients<A> g;
     g.d_hidden = kto::matrix_view(dh.template data_ptr<A>(), N, D);
     g.d_weight = kto::matrix_view(dw.template data_ptr<A>(), V, D);
@@ -311,41 +619,45 @@ std::vector<torch::Tensor> fused_linear_forward_cpu(
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
     cfg.strategy = static_cast<kto::cpu::FusedStrategy>(strategy);
     const auto r = kto::cpu::fused_linear_kto_step<T>(in, head, o, g, cfg, exec());
-    const index_t B = off.view.count;
-    auto per_example = acc_tensor<A>({5, B});
-    const std::vector<A>* rows[5] = {&r.logp, &r.examples.ratio, &r.examples.reward,
-                                     &r.examples.loss, &r.examples.grad_logp};
-    for (int k = 0; k < 5; ++k)
-      std::memcpy(per_example[k].data_ptr(), rows[k]->data(), B * sizeof(A));
-    auto n = torch::empty({B}, torch::dtype(torch::kLong));
-    std::memcpy(n.data_ptr(), r.num_tokens.data(), B * sizeof(index_t));
-    out = {metrics_tensor(r.metrics, torch::kCPU), per_example, n, dh, dw, db};
+    out = {metrics_tensor(r.metrics),
+           per_example_tensor(r.logp, r.examples, f.offsets.count()),
+           tensor_of(r.num_tokens),
+           dh,
+           dw,
+           db};
   });
   return out;
 }
 
+struct FusedLogprobOperands {
+  Head head;
+  torch::Tensor targets;
+  Offsets offsets;
+};
+
+FusedLogprobOperands fused_logprob_operands(const char* fn, const torch::Tensor& hidden,
+                                            const torch::Tensor& weight, const torch::Tensor& bias,
+                                            const torch::Tensor& targets,
+                                            const torch::Tensor& offsets) {
+  FusedLogprobOperands f;
+  f.head = head_operands(fn, hidden, weight, bias);
+  f.targets = targets_operand(fn, "targets", targets, hidden, "hidden", f.head.N);
+  f.offsets = offsets_operand(fn, "offsets", offsets, hidden, "hidden", hidden.device());
+  return f;
+}
+
 /// Forward only: (logp [B], num_tokens [B]) from hidden states.
-std::vector<torch::Tensor> fused_linear_logprobs_cpu(const torch::Tensor& hidden,
-                                                     const torch::Tensor& weight,
-                                                     const torch::Tensor& bias,
-                                                     const torch::Tensor& targets,
-                                                     const torch::Tensor& offsets,
+std::vector<torch::Tensor> fused_linear_logprobs_cpu(const FusedLogprobOperands& f,
                                                      const kto::Options& o, int64_t chunk_bytes) {
-  const Offsets off = offsets_view(offsets, hidden.device());
   std::vector<torch::Tensor> out;
-  dispatch(hidden, [&](auto tag) {
+  dispatch(f.head.hidden, [&](auto tag) {
     using T = decltype(tag);
-    using A = kto::accumulator_t<T>;
-    const kto::LinearHead<T> head = head_of<T>(weight, bias);
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
-    const auto f = kto::cpu::fused_linear_logprobs<T>(
-        matrix_of<T>(hidden, "hidden"), targets_view(targets), off.view, head, o, cfg, exec());
-    auto logp = acc_tensor<A>({off.view.count});
-    auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong));
-    std::memcpy(logp.data_ptr(), f.logp.data(), f.logp.size() * sizeof(A));
-    std::memcpy(n.data_ptr(), f.num_tokens.data(), f.num_tokens.size() * sizeof(index_t));
-    out = {logp, n};
+    const auto r =
+        kto::cpu::fused_linear_logprobs<T>(matrix_of<T>(f.head.hidden), targets_view(f.targets),
+                                           f.offsets.view, linear_head<T>(f.head), o, cfg, exec());
+    out = {tensor_of(r.logp), tensor_of(r.num_tokens)};
   });
   return out;
 }
@@ -361,29 +673,20 @@ void* stream() {
   return at::cuda::getCurrentCUDAStream().stream();
 }
 
-kto_torch_cuda::Logits logits_of(const torch::Tensor& z) {
-  kto_torch_cuda::DType dtype;
-  switch (z.scalar_type()) {
-    case torch::kFloat:
-      dtype = kto_torch_cuda::DType::f32;
-      break;
+kto_torch_cuda::DType dtype_of(const torch::Tensor& x) {
+  switch (x.scalar_type()) {
     case torch::kHalf:
-      dtype = kto_torch_cuda::DType::f16;
-      break;
+      return kto_torch_cuda::DType::f16;
     case torch::kBFloat16:
-      dtype = kto_torch_cuda::DType::bf16;
-      break;
-    default:
-      TORCH_CHECK(false,
-                  "kto: argument 'logits' on CUDA must be float32, bfloat16 or float16; got ",
-                  z.scalar_type());
+      return kto_torch_cuda::DType::bf16;
+    default:  // float32: check_logit_dtype ran first
+      return kto_torch_cuda::DType::f32;
   }
-  const auto v = logits_view<const char>(z);
-  return kto_torch_cuda::Logits{dtype, z.data_ptr(), v.vocab, v.rows};
 }
 
-torch::Tensor device_float(const torch::Tensor& x, const torch::Device& d) {
-  return x.to(d, torch::kFloat).contiguous();
+kto_torch_cuda::Logits logits_of(const torch::Tensor& z) {
+  const auto v = logits_view<const char>(z);
+  return kto_torch_cuda::Logits{dtype_of(z), z.data_ptr(), v.vocab, v.rows};
 }
 
 torch::Tensor workspace(std::size_t bytes, const torch::Device& d) {
@@ -391,165 +694,137 @@ torch::Tensor workspace(std::size_t bytes, const torch::Device& d) {
 }
 
 /// logp, num_tokens, row_lse, and the forward's workspace (holds its error word).
-std::vector<torch::Tensor> forward(const torch::Tensor& logits, const torch::Tensor& targets,
-                                   const Offsets& off, const kto::Options& o) {
-  const auto d = logits.device();
-  const auto rows = logits_view<const char>(logits).rows.rows;
-  auto logp = torch::empty({off.view.count}, torch::dtype(torch::kFloat).device(d));
-  auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong).device(d));
+std::vector<torch::Tensor> forward(const StepOperands& s, const kto::Options& o) {
+  const auto d = s.logits.device();
+  const index_t rows = rows_of(s.logits), B = s.offsets.count();
+  auto logp = torch::empty({B}, torch::dtype(torch::kFloat).device(d));
+  auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto lse = torch::empty({rows}, torch::dtype(torch::kFloat).device(d));
   const std::size_t bytes = kto_torch_cuda::forward_workspace_bytes(rows);
   auto ws = workspace(bytes, d);
-  check(kto_torch_cuda::forward(logits_of(logits), targets_view(targets), off.view, o,
+  check(kto_torch_cuda::forward(logits_of(s.logits), targets_view(s.targets), s.offsets.view, o,
                                 logp.data_ptr<float>(), n.data_ptr<int64_t>(),
                                 lse.data_ptr<float>(), ws.data_ptr(), bytes, stream()));
   return {logp, n, lse, ws};
 }
 
-std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
-                                             const torch::Tensor& targets, const Offsets& off,
-                                             const kto::Options& o) {
-  auto f = forward(logits, targets, off, o);
-  check(kto_torch_cuda::read_status(f[3].data_ptr(), off.view, stream()));
+std::vector<torch::Tensor> sequence_logprobs(const StepOperands& s, const kto::Options& o) {
+  const c10::cuda::CUDAGuard guard(s.logits.device());
+  auto f = forward(s, o);
+  check(kto_torch_cuda::read_status(f[3].data_ptr(), s.offsets.view, stream()));
   return {f[0], f[1], f[2]};
 }
 
-std::vector<torch::Tensor> step_forward(const torch::Tensor& logits, const torch::Tensor& targets,
-                                        const Offsets& off, const torch::Tensor& reference_logp,
-                                        const torch::Tensor& desirable,
-                                        const torch::Tensor& kl_policy_logp,
-                                        const torch::Tensor& kl_reference_logp,
-                                        const torch::Tensor& kl_num_tokens,
-                                        const torch::Tensor& global_kl, const kto::Options& o) {
-  const auto d = logits.device();
-  auto f = forward(logits, targets, off, o);
-  auto partial = torch::zeros({2}, torch::dtype(torch::kDouble).device(d));
+std::vector<torch::Tensor> step_forward(const StepOperands& s, const StepVectors& v,
+                                        const kto::Options& o) {
+  const auto d = s.logits.device();
+  const c10::cuda::CUDAGuard guard(d);
+  auto f = forward(s, o);
+  // A kto::KlPartial: (S, C, failures).
+  auto partial = torch::zeros({3}, torch::dtype(torch::kDouble).device(d));
   auto small = workspace(1024, d);  // error word + a kto::Metrics
-  if (global_kl.numel() == 2) {
-    partial = global_kl.to(d, torch::kDouble).contiguous();
-  } else if (kto::uses_kl_batch(o) && kl_policy_logp.numel() > 0) {
-    const auto p = device_float(kl_policy_logp, d), r = device_float(kl_reference_logp, d);
-    const auto n = kl_num_tokens.to(d, torch::kLong).contiguous();
-    check(kto_torch_cuda::kl_partial(p.data_ptr<float>(), r.data_ptr<float>(),
-                                     n.numel() ? n.data_ptr<int64_t>() : nullptr, p.numel(), o,
-                                     partial.data_ptr<double>(), small.data_ptr(), 256, stream()));
+  if (v.global_kl) {
+    partial.narrow(0, 0, 2).copy_(
+        torch::tensor({v.global_kl->first, v.global_kl->second}, torch::dtype(torch::kDouble)));
+  } else if (kto::uses_kl_batch(o) && v.kl_policy_logp.numel() > 0) {
+    const auto& n = v.kl_num_tokens;
+    check(kto_torch_cuda::kl_partial(
+        v.kl_policy_logp.data_ptr<float>(), v.kl_reference_logp.data_ptr<float>(),
+        n.numel() ? n.data_ptr<int64_t>() : nullptr, v.kl_policy_logp.numel(), o,
+        partial.data_ptr<double>(), small.data_ptr(), 256, stream()));
     check(kto_torch_cuda::read_status(small.data_ptr(), {}, stream()));
   }
-  const auto B = off.view.count;
+  const auto B = s.offsets.count();
   auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
   auto per_example = torch::empty({5, B}, torch::dtype(torch::kFloat).device(d));
-  const auto ref = device_float(reference_logp, d);
-  const auto labels = desirable.to(d, torch::kUInt8).contiguous();
   check(kto_torch_cuda::finish(partial.data_ptr<double>(), f[0].data_ptr<float>(),
-                               ref.data_ptr<float>(), labels.data_ptr<uint8_t>(), B, o,
-                               metrics.data_ptr<double>(), per_example.data_ptr<float>(),
+                               v.reference_logp.data_ptr<float>(), v.desirable.data_ptr<uint8_t>(),
+                               B, o, metrics.data_ptr<double>(), per_example.data_ptr<float>(),
                                small.data_ptr(), 1024, stream()));
-  check(kto_torch_cuda::read_status(f[3].data_ptr(), off.view, stream()));
+  check(kto_torch_cuda::read_status(f[3].data_ptr(), s.offsets.view, stream()));
   check(kto_torch_cuda::read_status(small.data_ptr(), {}, stream()));
   return {metrics, per_example, f[1], f[2]};
 }
 
-torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& targets,
-                            const Offsets& off, const torch::Tensor& row_lse,
-                            const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
+torch::Tensor step_backward(const StepOperands& s, const BackwardVectors& b,
                             const kto::Options& o) {
-  const auto d = logits.device();
-  auto grad =
-      torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
-  const auto lse = device_float(row_lse, d), g = device_float(grad_logp, d);
-  const auto n = num_tokens.to(d, torch::kLong).contiguous();
-  check(kto_torch_cuda::backward(logits_of(logits), targets_view(targets), off.view,
-                                 lse.data_ptr<float>(), g.data_ptr<float>(), n.data_ptr<int64_t>(),
-                                 o, grad.data_ptr(), logits_view<const char>(grad).rows, stream()));
+  const c10::cuda::CUDAGuard guard(s.logits.device());
+  auto grad = torch::empty(s.logits.sizes(),
+                           s.logits.options().memory_format(torch::MemoryFormat::Contiguous));
+  check(kto_torch_cuda::backward(logits_of(s.logits), targets_view(s.targets), s.offsets.view,
+                                 b.row_lse.data_ptr<float>(), b.grad_logp.data_ptr<float>(),
+                                 b.num_tokens.data_ptr<int64_t>(), o, grad.data_ptr(),
+                                 logits_view<const char>(grad).rows, stream()));
   return grad;
 }
 
-kto_torch_cuda::DType dtype_of(const torch::Tensor& x, const char* name) {
-  switch (x.scalar_type()) {
-    case torch::kFloat:
-      return kto_torch_cuda::DType::f32;
-    case torch::kHalf:
-      return kto_torch_cuda::DType::f16;
-    case torch::kBFloat16:
-      return kto_torch_cuda::DType::bf16;
-    default:
-      TORCH_CHECK(false, "kto: argument '", name,
-                  "' on CUDA must be float32, bfloat16 or float16; got ", x.scalar_type());
-  }
-  return kto_torch_cuda::DType::f32;
+kto_torch_cuda::Matrix matrix_cuda(const torch::Tensor& x) {
+  const auto m = matrix_of<char>(x);
+  return kto_torch_cuda::Matrix{dtype_of(x), x.data_ptr(), m.rows, m.cols, m.stride};
 }
 
-kto_torch_cuda::Matrix matrix_cuda(const torch::Tensor& x, const char* name) {
-  const auto m = matrix_of<char>(x, name);
-  return kto_torch_cuda::Matrix{dtype_of(x, name), x.data_ptr(), m.rows, m.cols, m.stride};
+kto_torch_cuda::Bias bias_cuda(const Head& h) {
+  if (!h.bias.defined()) return kto_torch_cuda::Bias{nullptr, 0};
+  return kto_torch_cuda::Bias{h.bias.data_ptr(), h.bias.numel()};
 }
 
-std::vector<torch::Tensor> fused_linear_forward(
-    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
-    const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
-    const torch::Tensor& desirable, const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
-    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp, const kto::Options& o,
-    int64_t chunk_bytes, int64_t strategy) {
-  const auto d = hidden.device();
-  const Offsets off = offsets_view(offsets, d);
-  const auto host_offsets = offsets.to(torch::kCPU, torch::kLong).contiguous();
-  const bool kl = kto::uses_kl_batch(o) && kl_offsets.numel() > 0;
-  const Offsets kl_off = offsets_view(kl ? kl_offsets : torch::zeros({1}, torch::kLong), d);
-  const auto ref = device_float(reference_logp, d);
-  const auto kl_ref = kl ? device_float(kl_reference_logp, d) : ref;
-  const auto labels = desirable.to(d, torch::kUInt8).contiguous();
+std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kto::Options& o,
+                                                int64_t chunk_bytes, int64_t strategy) {
+  const auto d = f.head.hidden.device();
+  const c10::cuda::CUDAGuard guard(d);
+  const bool kl = kto::uses_kl_batch(o) && f.kl.given;
+  const auto host_offsets = f.offsets.tensor.to(torch::kCPU).contiguous();
   const auto empty_targets = torch::empty({0}, torch::dtype(torch::kLong).device(d));
-  const index_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0), B = off.view.count;
+  const index_t N = f.head.N, D = f.head.D, V = f.head.V, B = f.offsets.count();
   const auto f32 = torch::dtype(torch::kFloat).device(d);
   auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
   auto per_example = torch::empty({5, B}, f32);
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto dh = torch::empty({N, D}, f32), dw = torch::empty({V, D}, f32);
-  auto db = torch::empty({bias.numel() ? V : 0}, f32);
-  const auto kl_matrix = kl ? matrix_cuda(kl_hidden, "kl_hidden")
-                            : kto_torch_cuda::Matrix{dtype_of(hidden, "hidden"), nullptr, 0, D, D};
-  const auto kl_tv = kl ? targets_view(kl_targets) : targets_view(empty_targets);
+  auto db = torch::empty({f.head.bias.defined() ? V : 0}, f32);
+  const auto kl_matrix = kl ? matrix_cuda(f.kl.hidden)
+                            : kto_torch_cuda::Matrix{dtype_of(f.head.hidden), nullptr, 0, D, D};
+  const auto kl_tv = kl ? targets_view(f.kl.targets) : targets_view(empty_targets);
+  // An absent KL batch: no rows, B_kl = 0 (the CUDA step wants its offsets non-null).
+  const auto no_kl_offsets = torch::zeros({1}, torch::dtype(torch::kLong).device(d));
+  const auto kl_seq = kl ? f.kl.offsets.view : kto::sequences(no_kl_offsets.data_ptr<int64_t>(), 0);
+  const float* kl_ref = kl ? f.kl.reference_logp.data_ptr<float>() : nullptr;
   auto call = [&](void* ws, std::size_t* bytes) {
     check(kto_torch_cuda::fused_linear_step(
-        matrix_cuda(hidden, "hidden"), matrix_cuda(weight, "weight"),
-        bias.numel() ? bias.data_ptr() : nullptr, targets_view(targets), off.view,
-        host_offsets.data_ptr<int64_t>(), ref.data_ptr<float>(), labels.data_ptr<uint8_t>(),
-        kl_matrix, kl_tv, kl_off.view, kl_ref.data_ptr<float>(), o,
-        static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
+        matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
+        targets_view(f.targets), f.offsets.view, host_offsets.data_ptr<int64_t>(),
+        f.reference_logp.data_ptr<float>(), f.desirable.data_ptr<uint8_t>(), kl_matrix, kl_tv,
+        kl_seq, kl_ref, o, static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
         metrics.data_ptr<double>(), per_example.data_ptr<float>(), n.data_ptr<int64_t>(),
-        dh.data_ptr<float>(), dw.data_ptr<float>(), bias.numel() ? db.data_ptr<float>() : nullptr,
-        ws, bytes, stream()));
+        dh.data_ptr<float>(), dw.data_ptr<float>(),
+        f.head.bias.defined() ? db.data_ptr<float>() : nullptr, ws, bytes, stream()));
   };
   std::size_t bytes = 0;
   call(nullptr, &bytes);
   auto ws = workspace(bytes, d);
   call(ws.data_ptr(), &bytes);
-  check(kto_torch_cuda::read_status(ws.data_ptr(), off.view, stream()));
+  check(kto_torch_cuda::read_status(ws.data_ptr(), f.offsets.view, stream()));
   return {metrics, per_example, n, dh, dw, db};
 }
 
-std::vector<torch::Tensor> fused_linear_logprobs(const torch::Tensor& hidden,
-                                                 const torch::Tensor& weight,
-                                                 const torch::Tensor& bias,
-                                                 const torch::Tensor& targets,
-                                                 const torch::Tensor& offsets,
+std::vector<torch::Tensor> fused_linear_logprobs(const FusedLogprobOperands& f,
                                                  const kto::Options& o, int64_t chunk_bytes) {
-  const auto d = hidden.device();
-  const Offsets off = offsets_view(offsets, d);
-  auto logp = torch::empty({off.view.count}, torch::dtype(torch::kFloat).device(d));
-  auto n = torch::empty({off.view.count}, torch::dtype(torch::kLong).device(d));
+  const auto d = f.head.hidden.device();
+  const c10::cuda::CUDAGuard guard(d);
+  const index_t B = f.offsets.count();
+  auto logp = torch::empty({B}, torch::dtype(torch::kFloat).device(d));
+  auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto call = [&](void* ws, std::size_t* bytes) {
     check(kto_torch_cuda::fused_linear_logprobs(
-        matrix_cuda(hidden, "hidden"), matrix_cuda(weight, "weight"),
-        bias.numel() ? bias.data_ptr() : nullptr, targets_view(targets), off.view, o,
-        static_cast<std::size_t>(chunk_bytes), logp.data_ptr<float>(), n.data_ptr<int64_t>(), ws,
-        bytes, stream()));
+        matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
+        targets_view(f.targets), f.offsets.view, o, static_cast<std::size_t>(chunk_bytes),
+        logp.data_ptr<float>(), n.data_ptr<int64_t>(), ws, bytes, stream()));
   };
   std::size_t bytes = 0;
   call(nullptr, &bytes);
   auto ws = workspace(bytes, d);
   call(ws.data_ptr(), &bytes);
-  check(kto_torch_cuda::read_status(ws.data_ptr(), off.view, stream()));
+  check(kto_torch_cuda::read_status(ws.data_ptr(), f.offsets.view, stream()));
   return {logp, n};
 }
 
@@ -564,28 +839,74 @@ bool has_cuda() {
 #endif
 }
 
-// ---- device dispatch: CPU tensors → Eigen path, CUDA tensors → CUDA kernels ----
+// ---- entry points: checks, then CPU tensors → Eigen path, CUDA tensors → CUDA kernels ----
 
-void require_cuda_build(const torch::Tensor& logits) {
-  TORCH_CHECK(has_cuda(), "kto: argument 'logits' is on ", logits.device(),
-              "; this build of kto_torch has the CPU kernels only (rebuild with nvcc present)");
+void require_cuda_build(const char* fn, const char* name, const torch::Tensor& z) {
+  TORCH_CHECK_NOT_IMPLEMENTED(has_cuda(), fn, ": argument '", name, "' is on ", z.device(),
+                              "; this build of kto_torch has the CPU kernels only (rebuild it "
+                              "where nvcc is present)");
+}
+
+kto::Options step_options(const char* fn, double beta, double desirable_weight,
+                          double undesirable_weight, int64_t loss_type, int64_t link,
+                          int64_t reference_point, int64_t kl_estimator, bool clamp_kl,
+                          double fixed_z0, bool average, int64_t reduction,
+                          int64_t mean_denominator, int64_t ignore_index) {
+  const kto::Options o = kto::options_from_codes(
+      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
+      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
+      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
+  kto::validate_options(o, fn);
+  return o;
 }
 
 std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
                                              const torch::Tensor& targets,
                                              const torch::Tensor& offsets, bool average,
                                              int64_t ignore_index) {
-  if (!logits.is_cuda())
-    return sequence_logprobs_cpu(logits, targets, offsets, average, ignore_index);
-  require_cuda_build(logits);
+  const char* fn = kSequenceLogprobs;
+  const StepOperands s = step_operands(fn, logits, targets, offsets);
+  const kto::Options o = forward_options(average, ignore_index);
+  if (!s.logits.is_cuda()) return sequence_logprobs_cpu(s, o);
+  require_cuda_build(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-  kto::Options o;
-  o.average_logprob = average;
-  o.ignore_index = ignore_index;
-  return cuda_path::sequence_logprobs(logits, targets, offsets_view(offsets, logits.device()), o);
+  return cuda_path::sequence_logprobs(s, o);
 #else
   return {};
 #endif
+}
+
+/// Local (S, C) of a KL batch as a float64 [2] tensor, for an all-reduce.
+torch::Tensor kl_partial(const torch::Tensor& policy_logp, const torch::Tensor& reference_logp,
+                         const torch::Tensor& num_tokens, int64_t kl_estimator) {
+  const char* fn = kKlPartial;
+  require(kl_estimator == 0 || kl_estimator == 1, fn, "kl_estimator",
+          "be mean (0) or nonempty_mean (1)", text(kl_estimator));
+  kto::Options o;
+  o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
+  check_anchor(fn, "kl_policy_logp", policy_logp);
+  const auto cpu = torch::Device(torch::kCPU);
+  const auto p = float_vector(fn, "kl_policy_logp", policy_logp, policy_logp, "kl_policy_logp", -1,
+                              torch::kDouble, cpu);
+  const auto r = float_vector(fn, "kl_reference_logp", reference_logp, policy_logp,
+                              "kl_policy_logp", p.size(0), torch::kDouble, cpu);
+  const auto n = int_vector(fn, "kl_num_tokens", num_tokens, policy_logp, "kl_policy_logp",
+                            p.size(0), cpu, true);
+  const kto::KlPartial kl =
+      kto::kl_partial<double>(span_of<double>(p), span_of<double>(r), index_span(n), o);
+  return torch::tensor({kl.sum, kl.count}, torch::dtype(torch::kDouble));
+}
+
+/// z0 from an all-reduced (S, C) [2] float64: the KL-batch estimate, clamped or not.
+double reference_point(const torch::Tensor& global_kl, bool clamp_kl) {
+  const char* fn = kReferencePoint;
+  check_anchor(fn, "global_kl", global_kl);
+  require(global_kl.numel() == 2, fn, "global_kl", "hold the all-reduced (S, C): 2 elements",
+          text(global_kl.numel(), " elements"));
+  const auto g = global_kl_operand(fn, global_kl, global_kl, "global_kl");
+  kto::Options o;
+  o.clamp_kl = clamp_kl;
+  return kto::reference_point(kto::KlPartial{g->first, g->second}, o);
 }
 
 std::vector<torch::Tensor> step_forward(
@@ -596,23 +917,19 @@ std::vector<torch::Tensor> step_forward(
     double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
     int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
     int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
-  const kto::Options o = kto::options_from_codes(
-      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
-      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
-      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
-  if (!logits.is_cuda())
-    return step_forward_cpu(logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
-                            kl_reference_logp, kl_num_tokens, global_kl, o);
-  require_cuda_build(logits);
+  const char* fn = kKtoLoss;
+  const StepOperands s = step_operands(fn, logits, targets, offsets);
+  const auto acc = s.logits.is_cuda() ? torch::kFloat : acc_of(s.logits);
+  const StepVectors v =
+      step_vectors(fn, logits, s.offsets.count(), reference_logp, desirable, kl_policy_logp,
+                   kl_reference_logp, kl_num_tokens, global_kl, acc);
+  const kto::Options o = step_options(fn, beta, desirable_weight, undesirable_weight, loss_type,
+                                      link, reference_point, kl_estimator, clamp_kl, fixed_z0,
+                                      average, reduction, mean_denominator, ignore_index);
+  if (!s.logits.is_cuda()) return step_forward_cpu(s, v, o);
+  require_cuda_build(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-  try {
-    kto::validate_options(o, "kto_torch.step_forward");
-  } catch (const kto::Error& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-  return cuda_path::step_forward(logits, targets, offsets_view(offsets, logits.device()),
-                                 reference_logp, desirable, kl_policy_logp, kl_reference_logp,
-                                 kl_num_tokens, global_kl, o);
+  return cuda_path::step_forward(s, v, o);
 #else
   return {};
 #endif
@@ -622,30 +939,22 @@ torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& ta
                             const torch::Tensor& offsets, const torch::Tensor& row_lse,
                             const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
                             bool average, int64_t ignore_index) {
-  if (!logits.is_cuda())
-    return step_backward_cpu(logits, targets, offsets, row_lse, grad_logp, num_tokens, average,
-                             ignore_index);
-  require_cuda_build(logits);
+  const char* fn = kKtoLossBackward;
+  const StepOperands s = step_operands(fn, logits, targets, offsets);
+  const auto acc = s.logits.is_cuda() ? torch::kFloat : acc_of(s.logits);
+  const BackwardVectors b = backward_vectors(fn, s, row_lse, grad_logp, num_tokens, acc);
+  const kto::Options o = forward_options(average, ignore_index);
+  if (!s.logits.is_cuda()) return step_backward_cpu(s, b, o);
+  require_cuda_build(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-  kto::Options o;
-  o.average_logprob = average;
-  o.ignore_index = ignore_index;
-  return cuda_path::step_backward(logits, targets, offsets_view(offsets, logits.device()), row_lse,
-                                  grad_logp, num_tokens, o);
+  return cuda_path::step_backward(s, b, o);
 #else
   return {};
 #endif
 }
 
-void check_fused_inputs(const torch::Tensor& hidden, const torch::Tensor& weight,
-                        const torch::Tensor& bias, const torch::Tensor& kl_hidden) {
-  check_same_dtype(weight, "weight", hidden);
-  check_same_dtype(bias, "bias", hidden);
-  check_same_dtype(kl_hidden, "kl_hidden", hidden);
-  for (const auto* t : {&weight, &bias, &kl_hidden})
-    TORCH_CHECK(t->numel() == 0 || t->device() == hidden.device(),
-                "kto: every tensor of the fused-linear step must be on ", hidden.device(),
-                " like 'hidden'; got one on ", t->device());
+void check_chunk_bytes(const char* fn, int64_t chunk_bytes) {
+  require(chunk_bytes > 0, fn, "chunk_bytes", "be > 0", text(chunk_bytes));
 }
 
 std::vector<torch::Tensor> fused_linear_forward(
@@ -657,28 +966,20 @@ std::vector<torch::Tensor> fused_linear_forward(
     int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
     int64_t reduction, int64_t mean_denominator, int64_t ignore_index, int64_t chunk_bytes,
     int64_t strategy) {
-  const kto::Options o = kto::options_from_codes(
-      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
-      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
-      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
-  check_fused_inputs(hidden, weight, bias, kl_hidden);
-  TORCH_CHECK(chunk_bytes > 0, "kto: argument 'chunk_bytes' must be > 0; got ", chunk_bytes);
-  TORCH_CHECK(strategy == 0 || strategy == 1,
-              "kto: argument 'strategy' must be keep_chunk or recompute; got code ", strategy);
-  if (!hidden.is_cuda())
-    return fused_linear_forward_cpu(hidden, weight, bias, targets, offsets, reference_logp,
-                                    desirable, kl_hidden, kl_targets, kl_offsets, kl_reference_logp,
-                                    o, chunk_bytes, strategy);
-  require_cuda_build(hidden);
+  const char* fn = kFusedLoss;
+  const FusedOperands f =
+      fused_operands(fn, hidden, weight, bias, targets, offsets, reference_logp, desirable,
+                     kl_hidden, kl_targets, kl_offsets, kl_reference_logp);
+  const kto::Options o = step_options(fn, beta, desirable_weight, undesirable_weight, loss_type,
+                                      link, reference_point, kl_estimator, clamp_kl, fixed_z0,
+                                      average, reduction, mean_denominator, ignore_index);
+  check_chunk_bytes(fn, chunk_bytes);
+  require(strategy == 0 || strategy == 1, fn, "strategy", "be keep_chunk (0) or recompute (1)",
+          text(strategy));
+  if (!hidden.is_cuda()) return fused_linear_forward_cpu(f, o, chunk_bytes, strategy);
+  require_cuda_build(fn, "hidden", hidden);
 #ifdef KTO_TORCH_WITH_CUDA
-  try {
-    kto::validate_options(o, "kto_torch.fused_linear_forward");
-  } catch (const kto::Error& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-  return cuda_path::fused_linear_forward(hidden, weight, bias, targets, offsets, reference_logp,
-                                         desirable, kl_hidden, kl_targets, kl_offsets,
-                                         kl_reference_logp, o, chunk_bytes, strategy);
+  return cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
 #else
   return {};
 #endif
@@ -690,16 +991,14 @@ std::vector<torch::Tensor> fused_linear_logprobs(const torch::Tensor& hidden,
                                                  const torch::Tensor& targets,
                                                  const torch::Tensor& offsets, bool average,
                                                  int64_t ignore_index, int64_t chunk_bytes) {
-  kto::Options o;
-  o.average_logprob = average;
-  o.ignore_index = ignore_index;
-  check_fused_inputs(hidden, weight, bias, torch::empty({0}, hidden.options()));
-  TORCH_CHECK(chunk_bytes > 0, "kto: argument 'chunk_bytes' must be > 0; got ", chunk_bytes);
-  if (!hidden.is_cuda())
-    return fused_linear_logprobs_cpu(hidden, weight, bias, targets, offsets, o, chunk_bytes);
-  require_cuda_build(hidden);
+  const char* fn = kFusedLogprobs;
+  const FusedLogprobOperands f = fused_logprob_operands(fn, hidden, weight, bias, targets, offsets);
+  const kto::Options o = forward_options(average, ignore_index);
+  check_chunk_bytes(fn, chunk_bytes);
+  if (!hidden.is_cuda()) return fused_linear_logprobs_cpu(f, o, chunk_bytes);
+  require_cuda_build(fn, "hidden", hidden);
 #ifdef KTO_TORCH_WITH_CUDA
-  return cuda_path::fused_linear_logprobs(hidden, weight, bias, targets, offsets, o, chunk_bytes);
+  return cuda_path::fused_linear_logprobs(f, o, chunk_bytes);
 #else
   return {};
 #endif
@@ -708,7 +1007,7 @@ std::vector<torch::Tensor> fused_linear_logprobs(const torch::Tensor& hidden,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "kto CPU kernels for the torch.library ops in kto_torch";
+  m.doc() = "kto kernels (CPU, and CUDA where built) for the torch.library ops in kto_torch";
   m.def("sequence_logprobs", &sequence_logprobs);
   m.def("kl_partial", &kl_partial);
   m.def("reference_point", &reference_point);

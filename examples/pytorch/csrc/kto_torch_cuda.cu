@@ -114,7 +114,7 @@ std::string kl_partial(const float* policy_logp, const float* reference_logp,
                        const kto::index_t* num_tokens, kto::index_t count, const kto::Options& o,
                        double* partial, void* workspace, std::size_t workspace_bytes,
                        void* stream) {
-  static_assert(sizeof(kto::KlPartial) == 2 * sizeof(double), "KlPartial is two doubles");
+  static_assert(sizeof(kto::KlPartial) == 3 * sizeof(double), "KlPartial is three doubles");
   std::size_t bytes = workspace_bytes;
   return message(kto::cuda::kl_partial(workspace, bytes, policy_logp, reference_logp, num_tokens,
                                        count, o, reinterpret_cast<kto::KlPartial*>(partial),
@@ -156,7 +156,7 @@ std::string backward(const Logits& logits, const kto::TargetsView& targets,
 }
 
 std::string fused_linear_step(
-    const Matrix& hidden, const Matrix& weight, const void* bias, const kto::TargetsView& targets,
+    const Matrix& hidden, const Matrix& weight, const Bias& bias, const kto::TargetsView& targets,
     const kto::SequencesView& sequences, const kto::index_t* host_offsets,
     const float* reference_logp, const std::uint8_t* desirable, const Matrix& kl_hidden,
     const kto::TargetsView& kl_targets, const kto::SequencesView& kl_sequences,
@@ -167,7 +167,8 @@ std::string fused_linear_step(
     using T = decltype(tag);
     kto::LinearHead<T> head;
     head.weight = matrix<T>(weight);
-    if (bias) head.bias = kto::make_span(static_cast<const T*>(bias), weight.rows);
+    // Its own length: the library checks it against the weight's rows.
+    head.bias = kto::make_span(static_cast<const T*>(bias.data), bias.size);
     kto::cuda::FusedLinearInputs<T> in;
     in.hidden = matrix<T>(hidden);
     in.targets = targets;
@@ -207,7 +208,7 @@ std::string fused_linear_step(
   });
 }
 
-std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const void* bias,
+std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const Bias& bias,
                                   const kto::TargetsView& targets,
                                   const kto::SequencesView& sequences, const kto::Options& o,
                                   std::size_t chunk_bytes, float* logp, kto::index_t* num_tokens,
@@ -216,7 +217,8 @@ std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, co
     using T = decltype(tag);
     kto::LinearHead<T> head;
     head.weight = matrix<T>(weight);
-    if (bias) head.bias = kto::make_span(static_cast<const T*>(bias), weight.rows);
+    // Its own length: the library checks it against the weight's rows.
+    head.bias = kto::make_span(static_cast<const T*>(bias.data), bias.size);
     kto::cuda::FusedLinearConfig cfg;
     cfg.chunk_bytes = chunk_bytes;
     if (workspace == nullptr) {

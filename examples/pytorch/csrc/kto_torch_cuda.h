@@ -30,12 +30,13 @@ std::string forward(const Logits& logits, const kto::TargetsView& targets,
                     kto::index_t* num_tokens, float* row_lse, void* workspace,
                     std::size_t workspace_bytes, void* stream);
 
-/// (S, C) of the KL batch into partial[2] (float64).
+/// (S, C) of the KL batch into partial[0..1] of a kto::KlPartial (three float64: S, C, failures).
 std::string kl_partial(const float* policy_logp, const float* reference_logp,
                        const kto::index_t* num_tokens, kto::index_t count, const kto::Options& o,
                        double* partial, void* workspace, std::size_t workspace_bytes, void* stream);
 
-/// metrics[9] (float64, TRL's order) and per_example[5, B] (logp copied in row 0).
+/// metrics[9] (float64, TRL's order) and per_example[5, B] (logp copied in row 0); `partial`
+/// is a kto::KlPartial (three float64).
 std::string finish(const double* partial, const float* policy_logp, const float* reference_logp,
                    const std::uint8_t* desirable, kto::index_t count, const kto::Options& o,
                    double* metrics, float* per_example, void* workspace,
@@ -54,12 +55,19 @@ struct Matrix {
   kto::index_t rows, cols, stride;
 };
 
+/// The lm_head's bias: `size` elements of the weight's dtype, or none (data null, size 0).
+/// The library checks size against the weight's rows.
+struct Bias {
+  const void* data;
+  kto::index_t size;
+};
+
 /// The fused-linear step (kto::cuda::fused_linear_kto_step). With workspace ==
 /// nullptr only *workspace_bytes is set. metrics[9] float64, per_example[5, B]
 /// (logp, ρ, βρ, loss, g_s); d_bias may be null. `host_offsets` (B + 1, host)
 /// lets whole sequences share a chunk (keep_chunk).
 std::string fused_linear_step(
-    const Matrix& hidden, const Matrix& weight, const void* bias, const kto::TargetsView& targets,
+    const Matrix& hidden, const Matrix& weight, const Bias& bias, const kto::TargetsView& targets,
     const kto::SequencesView& sequences, const kto::index_t* host_offsets,
     const float* reference_logp, const std::uint8_t* desirable, const Matrix& kl_hidden,
     const kto::TargetsView& kl_targets, const kto::SequencesView& kl_sequences,
@@ -68,7 +76,7 @@ std::string fused_linear_step(
     float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream);
 
 /// Forward only (kto::cuda::fused_linear_logprobs); same workspace protocol.
-std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const void* bias,
+std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const Bias& bias,
                                   const kto::TargetsView& targets,
                                   const kto::SequencesView& sequences, const kto::Options& o,
                                   std::size_t chunk_bytes, float* logp, kto::index_t* num_tokens,

@@ -16,13 +16,26 @@ lm_head weight (and bias), the logits never materialised; autograd to hidden,
 weight and bias. Gradients are computed in the forward, chunk by chunk, and
 scaled by the incoming gradient in the backward (as Liger's fused losses do).
 
-Logits: [rows, V] or [B, T, V] (``logits[:, :-1]`` is accepted without a copy),
-float32, float64, bfloat16 or float16 on the CPU (the Eigen path); float32,
-bfloat16 or float16 on CUDA (kto's CUDA kernels, when the extension was built
-with nvcc; the forward then synchronises once to raise device-detected errors). Targets:
-int64 [rows] or [B, T] with ignore_index. Sequences: CSR ``offsets`` over the
-rows (B + 1 entries); for [B, T, V] logits ``offsets=None`` means padded
-sequences. Only the loss is differentiable; metrics are detached, as in TRL.
+Logits: [rows, V] or [B, T, V], float32, float64, bfloat16 or float16 on the
+CPU (the Eigen path); float32, bfloat16 or float16 on CUDA (kto's CUDA kernels,
+when the extension was built with nvcc; the forward then synchronises once to
+raise device-detected errors). Strides are read as they are: ``logits[:, :-1]``,
+``labels[:, 1:]``, strided slices and ``expand``-ed tensors (stride 0: one row
+repeated) need no copy; a layout the library cannot read in place (the
+vocabulary dimension not contiguous, interleaved batch entries such as a
+transposed [T, B, V]) is copied to a contiguous tensor first. Gradients are new
+contiguous tensors. Targets: int64 (or int32) [rows] or [B, T] with
+ignore_index. Sequences: CSR ``offsets`` over the rows (int64 or int32, B + 1
+entries); for [B, T, V] logits ``offsets=None`` means padded sequences. Labels
+(``desirable``): bool, or integers/floats equal to 0 or 1 (anything else raises,
+naming the index and the value). Only the loss is differentiable; metrics are
+detached, as in TRL.
+
+Devices: the logits (hidden states) decide. Targets, the lm_head's weight and
+bias and the KL batch's hidden states must be on the same device; the small
+per-sequence tensors (offsets, reference_logp, desirable, the KL log-probs and
+token counts, global_kl) may also be on the CPU. Anything else raises a
+ValueError naming the function, the argument, the expectation and what came.
 """
 
 from __future__ import annotations
@@ -60,6 +73,20 @@ def _accumulation(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _check_devices(fn: str, anchor_name: str, anchor: Tensor, same=(), or_cpu=()) -> None:
+    """The device rule of every op (the C++ kernels check it too; the fake kernels, which
+    also serve meta tensors, check it here): `same` on the anchor's device, `or_cpu` there
+    or on the CPU."""
+    for name, t in same:
+        if t.device != anchor.device:
+            raise ValueError(f"{fn}: argument '{name}' must be on {anchor.device} like "
+                             f"'{anchor_name}'; got {t.device}")
+    for name, t in or_cpu:
+        if t.device != anchor.device and t.device.type != "cpu":
+            raise ValueError(f"{fn}: argument '{name}' must be on {anchor.device} like "
+                             f"'{anchor_name}' (or on the CPU); got {t.device}")
+
+
 def _check_device(name: str, t: Tensor) -> None:
     if t.device.type == "cuda" and not _C.has_cuda():
         raise NotImplementedError(
@@ -81,6 +108,8 @@ def _sequence_logprobs(
 
 @_sequence_logprobs.register_fake
 def _(logits, targets, offsets, average, ignore_index):
+    _check_devices("kto_torch.sequence_logprobs", "logits", logits, [("targets", targets)],
+                   [("offsets", offsets)])
     b = offsets.shape[0] - 1
     acc = _accumulation(logits)
     return (
@@ -125,7 +154,13 @@ def _step_forward(
 
 
 @_step_forward.register_fake
-def _(logits, targets, offsets, *args):
+def _(logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
+      kl_num_tokens, global_kl, *args):
+    _check_devices("kto_torch.kto_loss", "logits", logits, [("targets", targets)],
+                   [("offsets", offsets), ("reference_logp", reference_logp),
+                    ("desirable", desirable), ("kl_policy_logp", kl_policy_logp),
+                    ("kl_reference_logp", kl_reference_logp), ("kl_num_tokens", kl_num_tokens),
+                    ("global_kl", global_kl)])
     b = offsets.shape[0] - 1
     acc = _accumulation(logits)
     return (
@@ -153,7 +188,10 @@ def _step_backward(
 
 
 @_step_backward.register_fake
-def _(logits, *args):
+def _(logits, targets, offsets, row_lse, grad_logp, num_tokens, *args):
+    _check_devices("kto_torch.kto_loss (backward)", "logits", logits, [("targets", targets)],
+                   [("offsets", offsets), ("row_lse", row_lse), ("grad_logp", grad_logp),
+                    ("num_tokens", num_tokens)])
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -219,7 +257,14 @@ def _fused_linear_forward(
 
 
 @_fused_linear_forward.register_fake
-def _(hidden, weight, bias, targets, offsets, *args):
+def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden, kl_targets,
+      kl_offsets, kl_reference_logp, *args):
+    _check_devices("kto_torch.fused_linear_kto_loss", "hidden", hidden,
+                   [("weight", weight), ("bias", bias), ("targets", targets),
+                    ("kl_hidden", kl_hidden), ("kl_targets", kl_targets)],
+                   [("offsets", offsets), ("reference_logp", reference_logp),
+                    ("desirable", desirable), ("kl_offsets", kl_offsets),
+                    ("kl_reference_logp", kl_reference_logp)])
     b = offsets.shape[0] - 1
     acc = _accumulation(hidden)
     return (
@@ -274,6 +319,9 @@ def _fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor, targets
 
 @_fused_linear_logprobs.register_fake
 def _(hidden, weight, bias, targets, offsets, *args):
+    _check_devices("kto_torch.fused_linear_logprobs", "hidden", hidden,
+                   [("weight", weight), ("bias", bias), ("targets", targets)],
+                   [("offsets", offsets)])
     b = offsets.shape[0] - 1
     return (hidden.new_empty((b,), dtype=_accumulation(hidden)),
             hidden.new_empty((b,), dtype=torch.int64))
@@ -290,9 +338,21 @@ class KTOOutput(NamedTuple):
     num_tokens: Tensor
 
 
-def _padded_offsets(logits: Tensor) -> Tensor:
+def _padded_offsets(fn: str, logits: Tensor) -> Tensor:
+    if logits.dim() != 3:
+        raise ValueError(f"{fn}: argument 'offsets' must be given for logits that are not "
+                         f"[B, T, V] (padded sequences); got None with logits of shape "
+                         f"{tuple(logits.shape)}")
     b, t = logits.shape[0], logits.shape[1]
     return torch.arange(b + 1, dtype=torch.int64) * t
+
+
+def _given(fn: str, name: str, t: Optional[Tensor], expectation: str) -> None:
+    """An optional tensor passed explicitly must not be empty: inside the ops an empty
+    tensor means "absent", which only None may say."""
+    if t is not None and t.numel() == 0:
+        raise ValueError(f"{fn}: argument '{name}' must {expectation} (or be None); got an "
+                         f"empty tensor of shape {tuple(t.shape)}")
 
 
 def _lookup(table: dict, name: str, value: str) -> int:
@@ -305,7 +365,7 @@ def sequence_logprobs(logits: Tensor, targets: Tensor, offsets: Optional[Tensor]
                       average_log_prob: bool = False, ignore_index: int = -100):
     """(logp [B], num_tokens [B]) — forward only."""
     if offsets is None:
-        offsets = _padded_offsets(logits)
+        offsets = _padded_offsets("kto_torch.sequence_logprobs", logits)
     logp, n, _ = torch.ops.kto.sequence_logprobs(logits, targets, offsets, average_log_prob,
                                                   ignore_index)
     return logp, n
@@ -335,7 +395,11 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
                           average_log_prob: bool = False, ignore_index: int = -100,
                           chunk_bytes: int = 1 << 30):
     """(logp [B], num_tokens [B]) from hidden states and the lm_head — forward only
-    (the reference model's log-probs, without materialising its logits)."""
+    (the reference model's log-probs, without materialising its logits). Layouts as in
+    fused_linear_kto_loss."""
+    fn = "kto_torch.fused_linear_logprobs"
+    if weight.dim() == 2:
+        _given(fn, "bias", bias, f"have V = weight.size(0) = {weight.shape[0]} entries")
     hidden, padded = _flatten_hidden("hidden", hidden)
     offsets = offsets if offsets is not None else padded
     if offsets is None:
@@ -412,11 +476,18 @@ def kto_loss(
     ignore_index: int = -100,
     global_kl: Optional[Tensor] = None,
 ) -> KTOOutput:
-    """The KTO loss of the target batch with TRL's metrics (see docs/math.md)."""
+    """The KTO loss of the target batch with TRL's metrics (see docs/math.md).
+
+    ``global_kl``: an all-reduced (S, C) from kl_partial (1-D, 2 elements), used instead of
+    the local KL batch; any other size raises (None means absent)."""
+    fn = "kto_torch.kto_loss"
     if offsets is None:
-        offsets = _padded_offsets(logits)
+        offsets = _padded_offsets(fn, logits)
+    if global_kl is not None and (global_kl.dim() != 1 or global_kl.numel() != 2):
+        raise ValueError(f"{fn}: argument 'global_kl' must hold the all-reduced (S, C): 1-D with "
+                         f"2 elements (or be None); got shape {tuple(global_kl.shape)}")
     empty_f = logits.new_empty((0,), dtype=torch.float32)
-    empty_i = torch.empty((0,), dtype=torch.int64)
+    empty_i = logits.new_empty((0,), dtype=torch.int64)
     metrics, per_example, n, _ = torch.ops.kto.step_forward(
         logits,
         targets,
@@ -426,7 +497,7 @@ def kto_loss(
         kl_policy_logp if kl_policy_logp is not None else empty_f,
         kl_reference_logp if kl_reference_logp is not None else empty_f,
         kl_num_tokens if kl_num_tokens is not None else empty_i,
-        global_kl if global_kl is not None else torch.empty((0,), dtype=torch.float64),
+        global_kl if global_kl is not None else logits.new_empty((0,), dtype=torch.float64),
         *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
                        reference_point, kl_estimator, clamp_kl, fixed_z0, average_log_prob,
                        reduction, mean_denominator, ignore_index),
@@ -467,7 +538,18 @@ def fused_linear_kto_loss(
     (and bias [V]): logits = hidden @ weight.T + bias, never materialised. The KL batch
     (kl_hidden, kl_targets, kl_offsets, kl_reference_logp) is forward only. Extra memory:
     one chunk of logits of at most ``chunk_bytes`` plus the fp32 gradients; ``strategy``
-    "keep_chunk" (3 GEMMs a row) or "recompute" (4, the logits recomputed for the backward)."""
+    "keep_chunk" (3 GEMMs a row) or "recompute" (4, the logits recomputed for the backward).
+
+    Layouts: hidden states, weight and KL hidden states are read with their strides when
+    their rows are at least D elements apart with unit stride along D; any other layout (a
+    transpose, or stride 0 from ``expand`` over more than one row, which the library's
+    matrices cannot take) is copied to a contiguous tensor first, and the gradient still
+    reaches the original tensor. ``bias`` must be None or 1-D with V = weight.size(0)
+    entries of hidden's dtype on hidden's device (a strided bias is made contiguous).
+    Gradients are new contiguous tensors."""
+    fn = "kto_torch.fused_linear_kto_loss"
+    if weight.dim() == 2:
+        _given(fn, "bias", bias, f"have V = weight.size(0) = {weight.shape[0]} entries")
     hidden, padded = _flatten_hidden("hidden", hidden)
     offsets = offsets if offsets is not None else padded
     if offsets is None:
@@ -489,7 +571,7 @@ def fused_linear_kto_loss(
         desirable,
         kl_hidden if kl_hidden is not None else _empty(hidden),
         kl_targets.reshape(-1) if kl_targets is not None else empty_i,
-        kl_offsets if kl_offsets is not None else torch.empty((0,), dtype=torch.int64),
+        kl_offsets if kl_offsets is not None else empty_i,
         kl_reference_logp if kl_reference_logp is not None else hidden.new_empty(
             (0,), dtype=torch.float32),
         *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
