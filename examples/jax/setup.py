@@ -38,7 +38,7 @@ class BuildFFI(build_ext):
 
 
 extensions = [Extension("kto_jax._kto_jax_cpu", sources=["csrc/kto_jax_cpu.cpp"])]
-if build.nvcc():
+if build.nvcc() and build.CUDA_SOURCE.exists():
     extensions.append(Extension("kto_jax._kto_jax_cuda", sources=["csrc/kto_jax_cuda.cu"]))
 
 setup(

@@ -148,9 +148,14 @@ def check(batch, options, unit_roundoff):
         np.abs(g - w).max(),
         gmax,
     )
-    # Rows outside sequences and ignored rows have exactly zero gradient.
+    # Rows outside sequences and ignored rows have exactly zero gradient, and their lse
+    # is reported as 0 (as kto_torch), not the library's NaN marker.
     unscored = (batch["seq_of_row"] == len(batch["desirable"])) | (batch["targets"] == -100)
     assert np.all(g[unscored] == 0)
+    assert np.all(np.asarray(metrics["per_row/lse"])[unscored] == 0)
+    scored = np.asarray(metrics["per_row/lse"])[~unscored]
+    want_lse = np.asarray(jax.scipy.special.logsumexp(logits64, axis=-1))[~unscored]
+    assert np.all(np.abs(scored - want_lse) <= rtol * (1 + np.abs(want_lse)))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -203,3 +208,58 @@ def test_bad_target_id_raises_the_library_message():
 def test_bad_option_raises_before_calling_the_library():
     with pytest.raises(ValueError, match="options.loss_type"):
         kto_jax.KTOOptions(loss_type="dpo").attributes()
+
+
+def test_mean_denominator_divides_loss_and_gradient():
+    batch = make_batch(12)
+    ref = np.full(5, -40.0, np.float32)
+    loss, _, _, grad = run(batch, ref, kto_jax.KTOOptions(beta=0.3))
+    loss4, _, _, grad4 = run(batch, ref, kto_jax.KTOOptions(beta=0.3, mean_denominator=20))
+    np.testing.assert_allclose(float(loss4) * 4, float(loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad4) * 4, np.asarray(grad), rtol=1e-5, atol=1e-12)
+
+
+def test_global_kl_replaces_the_local_kl_batch():
+    batch = make_batch(13)
+    ref = np.full(5, -40.0, np.float32)
+    opts = kto_jax.KTOOptions(beta=0.3, clamp_kl=False)
+    loss, metrics, _, grad = run(batch, ref, opts)
+    partial = kto_jax.kl_partial(batch["kl_policy_logp"], batch["kl_reference_logp"],
+                                 batch["kl_num_tokens"])
+    want = np.asarray(batch["kl_policy_logp"], np.float64) - batch["kl_reference_logp"]
+    np.testing.assert_allclose(partial, [want.sum(), len(want)], rtol=1e-6)
+
+    def f(z):
+        return kto_jax.kto_loss(z, batch["targets"], batch["offsets"], ref, batch["desirable"],
+                                options=opts, global_kl=partial)
+
+    (loss2, metrics2), grad2 = jax.value_and_grad(f, has_aux=True)(batch["logits"])
+    np.testing.assert_allclose(float(metrics2["kl"]), float(metrics["kl"]), rtol=1e-6)
+    np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad2), np.asarray(grad), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="global_kl"):
+        kto_jax.kto_loss(batch["logits"], batch["targets"], batch["offsets"], ref,
+                         batch["desirable"], options=opts, global_kl=np.zeros(3, np.float32))
+
+
+def test_padded_batch_t_v_logits_take_no_offsets():
+    rng = np.random.default_rng(14)
+    logits = jnp.asarray(rng.normal(size=(3, 4, 9)), jnp.float32)
+    labels = rng.integers(0, 9, size=(3, 4)).astype(np.int32)
+    labels[:, 0] = -100
+    args = (np.full(3, -6.0, np.float32), np.array([1, 0, 1], np.uint8))
+    opts = kto_jax.KTOOptions(reference_point="zero")
+    loss3, _ = kto_jax.kto_loss(logits, labels, None, *args, options=opts)
+    loss2, _ = kto_jax.kto_loss(logits.reshape(12, 9), labels.reshape(-1),
+                                np.arange(4, dtype=np.int32) * 4, *args, options=opts)
+    assert float(loss3) == float(loss2)
+
+
+def test_package_version_is_the_library_version():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "include" / "kto" / "config.hpp").read_text()
+    want = ".".join(re.search(rf"#define KTO_VERSION_{k} (\d+)", text).group(1)
+                    for k in ("MAJOR", "MINOR", "PATCH"))
+    assert kto_jax.__version__ == want

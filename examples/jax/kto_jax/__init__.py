@@ -234,7 +234,36 @@ def _global_kl(global_kl):
     return g
 
 
-def _outputs(metrics, per_example, num_tokens, row_lse):
+def _varying(x) -> frozenset:
+    """The shard_map axes x varies over (empty outside shard_map)."""
+    try:
+        return frozenset(jax.typeof(x).manual_axis_type.varying)
+    except AttributeError:
+        return frozenset()
+
+
+def _union_varying(*xs) -> frozenset:
+    return frozenset().union(*(_varying(x) for x in xs))
+
+
+def _vary(x, axes):
+    """x typed as varying over `axes` too. An FFI call's results carry no varying-axis
+    type of their own; inside shard_map they vary over what their operands vary over."""
+    missing = tuple(sorted(frozenset(axes) - _varying(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _cotangent(grad, operand_axes, all_axes):
+    """A per-device gradient (varying over all_axes) as the cotangent of an operand that
+    varies over operand_axes only: summed over the axes the operand is replicated on."""
+    grad = _vary(grad, all_axes)
+    summed = tuple(sorted(frozenset(all_axes) - frozenset(operand_axes)))
+    return lax.psum(grad, summed) if summed else grad
+
+
+def _outputs(metrics, per_example, num_tokens, row_lse, axes=frozenset()):
+    metrics, per_example, num_tokens, row_lse = (
+        _vary(x, axes) for x in (metrics, per_example, num_tokens, row_lse))
     out = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
     for k, name in enumerate(PER_EXAMPLE_NAMES):
         out[f"per_example/{name}"] = per_example[k]
@@ -285,29 +314,35 @@ def _step_forward(options, logits, targets, offsets, reference_logp, desirable, 
                 kl_reference_logp, kl_num_tokens, global_kl)
 
 
+# static: (options, axes every operand varies over together, axes of the logits)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kto_core(options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
+def _kto_core(static, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
               kl_reference_logp, kl_num_tokens, global_kl):
+    options, axes, _ = static
     metrics, per_example, n, row_lse = _step_forward(
         options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
         kl_reference_logp, kl_num_tokens, global_kl)
-    return metrics[0], _outputs(metrics, per_example, n, row_lse)
+    out = _outputs(metrics, per_example, n, row_lse, axes)
+    return out["loss"], out
 
 
-def _kto_core_fwd(options, logits, targets, offsets, *rest):
+def _kto_core_fwd(static, logits, targets, offsets, *rest):
+    options, axes, _ = static
     metrics, per_example, n, row_lse = _step_forward(options, logits, targets, offsets, *rest)
     residuals = (logits, targets, offsets, row_lse, per_example[4], n)
-    return (metrics[0], _outputs(metrics, per_example, n, row_lse)), residuals
+    out = _outputs(metrics, per_example, n, row_lse, axes)
+    return (out["loss"], out), residuals
 
 
-def _kto_core_bwd(options, residuals, cotangents):
+def _kto_core_bwd(static, residuals, cotangents):
+    options, axes, logits_axes = static
     logits, targets, offsets, row_lse, grad_logp, n = residuals
     loss_cotangent = _f32(cotangents[0]).reshape(1)
     call = _call("kto_step_backward", jax.ShapeDtypeStruct(logits.shape, logits.dtype),
                  **options.attributes())
     dlogits = call(logits, targets, offsets, row_lse, grad_logp, n, loss_cotangent)
     # Only the policy logits are differentiable; the rest get no cotangent.
-    return (dlogits,) + (None,) * 8
+    return (_cotangent(dlogits, logits_axes, axes),) + (None,) * 8
 
 
 _kto_core.defvjp(_kto_core_fwd, _kto_core_bwd)
@@ -327,11 +362,13 @@ def kto_loss(logits, targets, offsets, reference_logp, desirable, kl_policy_logp
     kl_r = _f32(kl_reference_logp) if kl_reference_logp is not None else _empty()
     kl_n = _i32(kl_num_tokens) if kl_num_tokens is not None else _empty(jnp.int32)
     if kl_axis_name is not None and global_kl is None and options.uses_kl_batch:
-        global_kl = lax.psum(kl_partial(kl_p, kl_r, kl_n, kl_estimator=options.kl_estimator),
-                             kl_axis_name)
-    return _kto_core(options, logits, targets, offsets,
-                     lax.stop_gradient(_f32(reference_logp)), jnp.asarray(desirable, jnp.uint8),
-                     kl_p, kl_r, kl_n, _global_kl(global_kl))
+        local = kl_partial(kl_p, kl_r, kl_n, kl_estimator=options.kl_estimator)
+        axes = _union_varying(kl_p, kl_r, kl_n) | {kl_axis_name}
+        global_kl = lax.psum(_vary(local, axes), kl_axis_name)
+    args = (logits, targets, offsets, lax.stop_gradient(_f32(reference_logp)),
+            jnp.asarray(desirable, jnp.uint8), kl_p, kl_r, kl_n, _global_kl(global_kl))
+    static = (options, _union_varying(*args), _varying(logits))
+    return _kto_core(static, *args)
 
 
 # --------------------------------------------------------------------------- fused linear
@@ -383,7 +420,7 @@ def _row_partials(hidden, weight, bias, targets, offsets, kl_hidden, kl_targets,
 def _fused_step(static, hidden, weight, bias, targets, offsets, reference_logp, desirable,
                 kl_hidden, kl_targets, kl_offsets, kl_reference_logp, global_kl, gathered,
                 vocab_begin):
-    options, vocab_total, chunk_bytes, strategy, _ = static
+    options, vocab_total, chunk_bytes, strategy = static[:4]
     n, d = hidden.shape
     v = weight.shape[0]
     b = offsets.shape[0] - 1
@@ -399,23 +436,30 @@ def _fused_step(static, hidden, weight, bias, targets, offsets, reference_logp, 
                 kl_targets, kl_offsets, kl_reference_logp, global_kl, gathered, vocab_begin)
 
 
+# static: (options, vocab_total, chunk_bytes, strategy, dtype, axes every operand varies over
+# together, axes of the outputs (those less the vocab axis: every slice computes the same
+# loss), axes of hidden, weight and bias)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_core(static, *args):
     metrics, per_example, n, row_lse, *_ = _fused_step(static, *args)
-    return metrics[0], _outputs(metrics, per_example, n, row_lse)
+    out = _outputs(metrics, per_example, n, row_lse, static[6])
+    return out["loss"], out
 
 
 def _fused_core_fwd(static, *args):
     metrics, per_example, n, row_lse, dh, dw, db = _fused_step(static, *args)
-    residuals = (dh, dw, db)
-    return (metrics[0], _outputs(metrics, per_example, n, row_lse)), residuals
+    out = _outputs(metrics, per_example, n, row_lse, static[6])
+    return (out["loss"], out), (dh, dw, db)
 
 
 def _fused_core_bwd(static, residuals, cotangents):
-    dtype = static[4]
+    dtype, axes, _, operand_axes = static[4:]
     ct = _f32(cotangents[0])
-    # The library's fp32 gradients, scaled in fp32, then rounded once to the input dtype.
-    grads = tuple((ct * g).astype(dtype) for g in residuals)
+    # The library's fp32 gradients, scaled in fp32, summed over the axes an operand is
+    # replicated on (dH over the vocab axis, dW and db over the data axis), then rounded
+    # once to the input dtype.
+    grads = tuple(_cotangent(ct * g, a, axes).astype(dtype)
+                  for g, a in zip(residuals, operand_axes))
     return grads + (None,) * 11
 
 
@@ -460,9 +504,10 @@ def fused_linear_kto_loss(hidden, weight, targets, offsets, reference_logp, desi
         if vocab_axis_name is not None:
             raise NotImplementedError(f"{fn}: kl_axis_name with vocab_axis_name (data and "
                                       "vocab parallel together) is not implemented yet")
-        global_kl = lax.psum(fused_linear_kl_partial(kl_hidden, weight, kl_targets, kl_offsets,
-                                                     kl_reference_logp, bias, options,
-                                                     chunk_bytes=chunk_bytes), kl_axis_name)
+        local = fused_linear_kl_partial(kl_hidden, weight, kl_targets, kl_offsets,
+                                        kl_reference_logp, bias, options, chunk_bytes=chunk_bytes)
+        axes = _union_varying(kl_hidden, weight, kl_targets, kl_offsets, kl_reference_logp, bias)
+        global_kl = lax.psum(_vary(local, axes | {kl_axis_name}), kl_axis_name)
     if global_kl is not None:
         use_kl = False  # the step takes the global (S, C) instead of the local KL batch
     if not use_kl:
@@ -477,10 +522,15 @@ def fused_linear_kto_loss(hidden, weight, targets, offsets, reference_logp, desi
         partials = _row_partials(hidden, weight, bias, targets, offsets, kl_hidden, kl_targets,
                                  kl_offsets, vocab_begin, vocab_total, options.ignore_index,
                                  chunk_bytes)
-        gathered = lax.all_gather(partials, vocab_axis_name)  # [slices, rows, 2], axis order
-    static = (options, int(vocab_total), int(chunk_bytes), strategy, jnp.dtype(hidden.dtype).name)
-    return _fused_core(static, hidden, weight, bias, targets, offsets,
-                       lax.stop_gradient(_f32(reference_logp)), jnp.asarray(desirable, jnp.uint8),
-                       lax.stop_gradient(kl_hidden), kl_targets, kl_offsets,
-                       lax.stop_gradient(kl_reference_logp), _global_kl(global_kl), gathered,
-                       vocab_begin)
+        axes = _union_varying(hidden, weight, bias, targets, offsets, kl_hidden) | {
+            vocab_axis_name}
+        # [slices, rows, 2], in axis order: slice k holds vocabulary rows from k·V_local.
+        gathered = lax.all_gather(_vary(partials, axes), vocab_axis_name)
+    args = (hidden, weight, bias, targets, offsets, lax.stop_gradient(_f32(reference_logp)),
+            jnp.asarray(desirable, jnp.uint8), lax.stop_gradient(kl_hidden), kl_targets,
+            kl_offsets, lax.stop_gradient(kl_reference_logp), _global_kl(global_kl), gathered,
+            vocab_begin)
+    axes = _union_varying(*args)
+    static = (options, int(vocab_total), int(chunk_bytes), strategy, jnp.dtype(hidden.dtype).name,
+              axes, axes - {vocab_axis_name}, tuple(_varying(x) for x in args[:3]))
+    return _fused_core(static, *args)
