@@ -45,6 +45,14 @@ KTO_HOST_DEVICE inline ExampleTerms example_terms(double rho, bool desirable, do
   return t;
 }
 
+/// g_s c_r, the scale of every scored row's gradient in sequence s: c_r = 1
+/// (summed log-probs) or 1/n_s (average_logprob). One home for the CPU paths
+/// and the kernels.
+KTO_HOST_DEVICE inline double token_scale(double grad_logp, index_t num_tokens, bool average) {
+  const double c = average && num_tokens > 0 ? 1.0 / static_cast<double>(num_tokens) : 1.0;
+  return grad_logp * c;
+}
+
 /// Multiplier of the batch reduction: 1/denominator (mean) or 1 (sum).
 KTO_HOST_DEVICE inline double reduction_scale(const Options& o, index_t num_examples) {
   if (o.reduction == Reduction::sum) return 1.0;

@@ -107,6 +107,20 @@ struct SequencesView {
   KTO_HOST_DEVICE index_t end(index_t s) const { return offsets[s + 1]; }
 };
 
+/// Sequence owning row r: the last s with offsets[s] <= r (offsets valid, r
+/// inside [offsets[0], offsets[count])). Empty sequences own no row.
+KTO_HOST_DEVICE inline index_t sequence_of_row(const SequencesView& seqs, index_t r) {
+  index_t lo = 0, hi = seqs.count;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const index_t mid = lo + (hi - lo) / 2;
+    if (seqs.offsets[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 /// A contiguous (rows × vocab) matrix.
 template <class T>
 LogitsView<T> logits_matrix(T* data, index_t rows, index_t vocab) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../example_loss.hpp"
 #include "../layout.hpp"
 #include "../options.hpp"
 #include "../validate.hpp"
@@ -67,9 +68,8 @@ void backward_impl(const LogitsView<const T>& logits, const TargetsView& targets
         zero_row(out, grad.vocab);
         continue;
       }
-      const index_t n = num_tokens[s];
-      const double c = o.average_logprob ? 1.0 / static_cast<double>(n) : 1.0;
-      const Acc scale = static_cast<Acc>(static_cast<double>(grad_logp[s]) * c);
+      const Acc scale = static_cast<Acc>(
+          token_scale(static_cast<double>(grad_logp[s]), num_tokens[s], o.average_logprob));
       row_gradient<T, Acc>(logits.row(r), logits.vocab, t, row_lse[r], scale, out);
     }
   });

@@ -410,9 +410,9 @@ void set_row_scales(const RowScorer& scorer, const SequencesView& seqs, index_t 
                     const std::vector<Acc>& grad_logp, const std::vector<index_t>& tokens,
                     const Options& o, std::vector<Acc>& scale) {
   for (index_t s = first; s < last; ++s) {
-    const index_t n = tokens[static_cast<size_t>(s)];
-    const double c = o.average_logprob && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
-    const Acc v = static_cast<Acc>(static_cast<double>(grad_logp[static_cast<size_t>(s)]) * c);
+    const Acc v =
+        static_cast<Acc>(token_scale(static_cast<double>(grad_logp[static_cast<size_t>(s)]),
+                                     tokens[static_cast<size_t>(s)], o.average_logprob));
     for (index_t r = seqs.begin(s); r < seqs.end(s); ++r)
       if (scorer.target(r) != o.ignore_index) scale[static_cast<size_t>(r)] = v;
   }

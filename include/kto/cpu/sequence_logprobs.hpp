@@ -41,12 +41,7 @@ struct SequenceForward {
 
 namespace detail {
 
-/// Sequence owning row r (offsets non-decreasing; r inside [offsets[0], offsets[n])).
-inline index_t sequence_of_row(const SequencesView& s, index_t r) {
-  const index_t* first = s.offsets;
-  const index_t* last = s.offsets + s.count + 1;
-  return static_cast<index_t>(std::upper_bound(first, last, r) - first) - 1;
-}
+using kto::sequence_of_row;
 
 inline void validate_forward_inputs(const char* fn, index_t rows, index_t vocab,
                                     const TargetsView& targets, const SequencesView& seqs,

@@ -153,6 +153,14 @@ inline Status cublas_check(cublasStatus_t s, const char* fn, const char* what) {
                       static_cast<int>(s));
 }
 
+/// Points the caller's cuBLAS handle at `stream` and at its slice of the workspace.
+inline Status bind_cublas(cublasHandle_t handle, cudaStream_t stream, void* workspace, size_t bytes,
+                          const char* fn) {
+  Status s = cublas_check(cublasSetStream(handle, stream), fn, "set stream");
+  if (s) s = cublas_check(cublasSetWorkspace(handle, workspace, bytes), fn, "set workspace");
+  return s;
+}
+
 /// The GEMMs and row kernels of one head over chunks of a batch's rows.
 template <class T>
 class ChunkRunner {
@@ -194,12 +202,10 @@ class ChunkRunner {
   void forward(const device::BatchRows& batch, index_t r0, index_t n, float* row_lse,
                float* token_logp, unsigned tag) {
     device::ChunkForwardParams p{view(r0, n), batch, row_lse, token_logp, b_.errors, tag};
-    if (head_.weight.rows <= kWarpPerRowMaxVocab)
-      device::chunk_forward_kernel<32, 8>
-          <<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream_>>>(p);
-    else
-      device::chunk_forward_kernel<kBlockPerRowThreads, 1>
-          <<<static_cast<unsigned>(n), kBlockPerRowThreads, 0, stream_>>>(p);
+    launch_rows(head_.weight.rows, n, [&](auto threads, auto per_block, dim3 grid, dim3 block) {
+      device::chunk_forward_kernel<decltype(threads)::value, decltype(per_block)::value>
+          <<<grid, block, 0, stream_>>>(p);
+    });
   }
 
   /// Forward over rows [first, last) of a batch, chunk by chunk.
@@ -221,12 +227,10 @@ class ChunkRunner {
                   const FusedLinearOutputs& out, bool first_chunk) {
     device::ChunkBackwardParams<T> p{
         view(r0, n), batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), shape_.ld_grad};
-    if (head_.weight.rows <= kWarpPerRowMaxVocab)
-      device::chunk_backward_kernel<T, 32, 8>
-          <<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream_>>>(p);
-    else
-      device::chunk_backward_kernel<T, kBlockPerRowThreads, 1>
-          <<<static_cast<unsigned>(n), kBlockPerRowThreads, 0, stream_>>>(p);
+    launch_rows(head_.weight.rows, n, [&](auto threads, auto per_block, dim3 grid, dim3 block) {
+      device::chunk_backward_kernel<T, decltype(threads)::value, decltype(per_block)::value>
+          <<<grid, block, 0, stream_>>>(p);
+    });
     Status s = last_launch(fn_);
     if (!s) return s;
     const float one = 1.0f, zero = 0.0f, beta = first_chunk ? 0.0f : 1.0f;
@@ -381,10 +385,7 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     return status;
   detail::Carver c(workspace);
   const detail::FusedBuffers b = detail::carve_fused(c, in, head, cfg);
-  status = detail::cublas_check(cublasSetStream(handle, stream), fn, "set stream");
-  if (status)
-    status = detail::cublas_check(cublasSetWorkspace(handle, b.cublas, cfg.cublas_workspace_bytes),
-                                  fn, "set workspace");
+  status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
   if (!status) return status;
   const index_t N = in.hidden.rows, B = in.sequences.count, V = head.weight.rows;
   float* logp = out.logp ? out.logp : b.logp;
@@ -524,10 +525,7 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
   shape.hidden.rows = hidden.rows;
   detail::Carver c(workspace);
   const detail::FusedBuffers b = detail::carve_fused(c, shape, head, cfg);
-  status = detail::cublas_check(cublasSetStream(handle, stream), fn, "set stream");
-  if (status)
-    status = detail::cublas_check(cublasSetWorkspace(handle, b.cublas, cfg.cublas_workspace_bytes),
-                                  fn, "set workspace");
+  status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
   if (!status) return status;
   detail::reset_errors(b.errors, stream);
   if (head.bias.size)

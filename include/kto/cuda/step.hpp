@@ -33,68 +33,14 @@
 #include "../options.hpp"
 #include "../reference_point.hpp"
 #include "../validate.hpp"
+#include "dispatch.hpp"
 #include "status.hpp"
+#include "workspace.hpp"
 
 namespace kto {
 namespace cuda {
 
-/// Rows of at most this many logits go one warp per row; longer rows one block.
-constexpr index_t kWarpPerRowMaxVocab = 4096;
-constexpr int kBlockPerRowThreads = 512;
-
 namespace detail {
-
-constexpr size_t kAlignment = 256;
-
-/// Lays typed buffers out of one workspace in a fixed order; with a null base
-/// it only adds up the sizes (the query phase).
-class Carver {
- public:
-  explicit Carver(void* base) : base_(static_cast<char*>(base)) {}
-  template <class U>
-  U* take(index_t count) {
-    U* p = base_ ? reinterpret_cast<U*>(base_ + used_) : nullptr;
-    const size_t bytes = sizeof(U) * static_cast<size_t>(count > 0 ? count : 0);
-    used_ += (bytes + kAlignment - 1) / kAlignment * kAlignment;
-    return p;
-  }
-  size_t used() const { return used_; }
-
- private:
-  char* base_;
-  size_t used_ = 0;
-};
-
-/// Query or check the workspace; true when the caller should launch.
-inline bool workspace_ready(void* workspace, size_t& bytes, size_t needed, Status& status,
-                            const char* fn) {
-  if (workspace == nullptr) {
-    bytes = needed;
-    return false;
-  }
-  if (bytes < needed) {
-    status =
-        Status::make(StatusCode::workspace_too_small,
-                     "%s: argument 'workspace_bytes' must be >= %zu; got %zu", fn, needed, bytes);
-    return false;
-  }
-  if (reinterpret_cast<std::uintptr_t>(workspace) % kAlignment != 0) {
-    status =
-        Status::make(StatusCode::invalid_argument,
-                     "%s: argument 'workspace' must be 256-byte aligned; got %p", fn, workspace);
-    return false;
-  }
-  return true;
-}
-
-inline Status last_launch(const char* fn) {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? Status::success() : Status::from(err, fn);
-}
-
-inline void reset_errors(device::DeviceErrors* errors, cudaStream_t stream) {
-  cudaMemsetAsync(errors, 0xFF, sizeof(device::DeviceErrors), stream);
-}
 
 template <class T>
 void validate_forward_views(const LogitsView<const T>& logits, const TargetsView& targets,
@@ -130,13 +76,10 @@ void launch_forward(const LogitsView<const T>& logits, const TargetsView& target
   if (rows > 0) {
     device::ForwardParams<T> p{logits,  targets,    seqs,   ignore_index,
                                row_lse, token_logp, errors, tag};
-    if (logits.vocab <= kWarpPerRowMaxVocab) {
-      const auto blocks = static_cast<unsigned>((rows + 7) / 8);
-      device::row_forward_kernel<T, 32, 8><<<blocks, 256, 0, stream>>>(p);
-    } else {
-      device::row_forward_kernel<T, kBlockPerRowThreads, 1>
-          <<<static_cast<unsigned>(rows), kBlockPerRowThreads, 0, stream>>>(p);
-    }
+    launch_rows(logits.vocab, rows, [&](auto threads, auto per_block, dim3 grid, dim3 block) {
+      device::row_forward_kernel<T, decltype(threads)::value, decltype(per_block)::value>
+          <<<grid, block, 0, stream>>>(p);
+    });
   }
   if (seqs.count > 0) {
     device::SequenceParams sp{targets, seqs,       rows, ignore_index,
@@ -148,15 +91,11 @@ void launch_forward(const LogitsView<const T>& logits, const TargetsView& target
 
 template <class T>
 void launch_backward(const device::BackwardParams<T>& p, cudaStream_t stream) {
-  const index_t rows = p.logits.rows.rows;
-  if (rows == 0) return;
-  if (p.logits.vocab <= kWarpPerRowMaxVocab) {
-    device::row_backward_kernel<T, 32, 8>
-        <<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
-  } else {
-    device::row_backward_kernel<T, kBlockPerRowThreads, 1>
-        <<<static_cast<unsigned>(rows), kBlockPerRowThreads, 0, stream>>>(p);
-  }
+  launch_rows(p.logits.vocab, p.logits.rows.rows,
+              [&](auto threads, auto per_block, dim3 grid, dim3 block) {
+                device::row_backward_kernel<T, decltype(threads)::value, decltype(per_block)::value>
+                    <<<grid, block, 0, stream>>>(p);
+              });
 }
 
 template <class T>
@@ -215,22 +154,6 @@ Status sequence_logprobs(void* workspace, size_t& workspace_bytes,
 }
 
 // ------------------------------------------------------- KL partial, finish --
-
-inline size_t errors_workspace_bytes() {
-  return detail::kAlignment;
-}
-
-namespace detail {
-/// The error word of a call whose workspace holds nothing else: answers the
-/// size query, checks size and alignment, resets the word. Null: return `status`.
-inline device::DeviceErrors* error_word(void* workspace, size_t& bytes, Status& status,
-                                        const char* fn, cudaStream_t stream) {
-  if (!workspace_ready(workspace, bytes, errors_workspace_bytes(), status, fn)) return nullptr;
-  auto* errors = static_cast<device::DeviceErrors*>(workspace);
-  reset_errors(errors, stream);
-  return errors;
-}
-}  // namespace detail
 
 /// (S, C) of the KL batch into `partial` (device). num_tokens may be null
 /// unless options.kl_estimator is nonempty_mean.
@@ -505,75 +428,6 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
                                ex.grad_logp,     num_tokens,        grad};
   detail::launch_backward(bp, stream);
   return detail::last_launch(fn);
-}
-
-// ------------------------------------------------------------ device status --
-
-/// Synchronises `stream` and reports the first error the kernels recorded in
-/// `workspace` (any call's workspace). With `sequences` (device offsets of the
-/// batch that workspace served), a bad row is also mapped to its sequence.
-inline Status read_status(const void* workspace, cudaStream_t stream,
-                          const SequencesView& sequences = {}) {
-  const char* fn = "kto::cuda::read_status";
-  cudaError_t err = cudaStreamSynchronize(stream);
-  if (err != cudaSuccess) return Status::from(err, fn);
-  unsigned long long key = 0;
-  err = cudaMemcpy(&key, workspace, sizeof(key), cudaMemcpyDeviceToHost);
-  if (err != cudaSuccess) return Status::from(err, fn);
-  if (key == device::kNoError) return Status::success();
-  const long long index = device::error_index(key);
-  const unsigned kind = static_cast<unsigned>(key & 7u);
-  const char* batch = (key & device::kKlBatchTag) ? "KL batch" : "target batch";
-  const bool kl_batch = (key & device::kKlBatchTag) != 0;
-  long long sequence = -1;  // mapped only for the batch `sequences` describes
-  if (!kl_batch && sequences.offsets && sequences.count > 0 &&
-      (kind == device::kTargetOutOfRange || kind == device::kNonFiniteLogits)) {
-    std::vector<index_t> off(static_cast<size_t>(sequences.count + 1));
-    if (cudaMemcpy(off.data(), sequences.offsets, off.size() * sizeof(index_t),
-                   cudaMemcpyDeviceToHost) == cudaSuccess) {
-      for (index_t s = 0; s < sequences.count; ++s)
-        if (off[s] <= index && index < off[s + 1]) sequence = s;
-    }
-  }
-  char where[80];
-  if (sequence >= 0)
-    std::snprintf(where, sizeof(where), "sequence %lld, row %lld", sequence, index);
-  else
-    std::snprintf(where, sizeof(where), "row %lld", index);
-  switch (kind) {
-    case device::kTargetOutOfRange:
-      return Status::make(StatusCode::target_out_of_range,
-                          "kto::cuda: %s: argument 'targets[%lld]' must be in [0, vocab) or "
-                          "ignore_index; got an id outside (%s)",
-                          batch, index, where);
-    case device::kNonFiniteLogits:
-      return Status::make(StatusCode::non_finite_logits,
-                          "kto::cuda: %s: argument 'logits' must be finite on scored rows; got "
-                          "a NaN/+inf, an all -inf row or a -inf target logit in %s",
-                          batch, where);
-    case device::kInvalidOffsets:
-      return Status::make(StatusCode::invalid_offsets,
-                          "kto::cuda: %s: argument 'sequences.offsets[%lld]' must be >= 0, "
-                          ">= the previous offset and <= the number of rows; got a value outside",
-                          batch, index);
-    case device::kNonFiniteInput:
-      return Status::make(StatusCode::non_finite_input,
-                          "kto::cuda: %s: per-sequence log-prob %lld (reference or KL) must be "
-                          "finite; got NaN/inf",
-                          batch, index);
-    case device::kPeerFailure:
-      return Status::make(StatusCode::peer_failure,
-                          "kto::cuda: %lld data-parallel rank(s) failed before the KL all-reduce; "
-                          "their own status names the cause",
-                          index);
-    case device::kInvalidLabel:
-      return Status::make(StatusCode::invalid_label,
-                          "kto::cuda: argument 'desirable[%lld]' must be 0 or 1; got another "
-                          "value",
-                          index);
-    default:
-      return Status::make(StatusCode::cuda_error, "kto::cuda: unknown device error key %llx", key);
-  }
 }
 
 }  // namespace cuda

@@ -9,6 +9,7 @@
 // them, and the loads are plain (not the read-only path).
 #pragma once
 
+#include <kto/example_loss.hpp>
 #include <kto/layout.hpp>
 
 #include "forward_kernels.cuh"
@@ -30,18 +31,7 @@ struct BackwardParams {
   LogitsView<T> grad;
 };
 
-/// Sequence owning row r: the last s with offsets[s] <= r (offsets validated).
-KTO_HOST_DEVICE inline index_t sequence_of_row(const SequencesView& seqs, index_t r) {
-  index_t lo = 0, hi = seqs.count;  // answer in [lo, hi)
-  while (hi - lo > 1) {
-    const index_t mid = lo + (hi - lo) / 2;
-    if (seqs.offsets[mid] <= r)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
-}
+using kto::sequence_of_row;
 
 template <class T, int kThreads>
 KTO_HOST_DEVICE inline void write_row(const T* in, T* out, index_t vocab, index_t target, float lse,
@@ -86,9 +76,8 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   float scale = 0.0f, lse = 0.0f;
   if (scored) {
     const index_t s = sequence_of_row(p.sequences, r);
-    const index_t n = p.num_tokens[s];
-    const double c = p.average && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
-    scale = static_cast<float>(static_cast<double>(p.grad_logp[s]) * c);
+    scale = static_cast<float>(
+        token_scale(static_cast<double>(p.grad_logp[s]), p.num_tokens[s], p.average));
     lse = p.row_lse[r];
   }
   write_row<T, kThreads>(p.logits.row(r), p.grad.row(r), p.logits.vocab, t, lse, scale, lane,

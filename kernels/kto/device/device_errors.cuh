@@ -45,9 +45,11 @@ KTO_HOST_DEVICE inline long long error_index(unsigned long long key) {
   return static_cast<long long>((key >> 4) & ((1ull << 58) - 1));
 }
 
+#if defined(__CUDACC__)
 __device__ __forceinline__ void record_error(DeviceErrors* errors, index_t index, unsigned kind) {
   atomicMin(&errors->first, error_key(index, kind));
 }
+#endif
 
 }  // namespace device
 }  // namespace kto

@@ -141,9 +141,8 @@ __global__ void sequence_grad_kernel(SequenceGradParams p) {
   const float g =
       static_cast<float>(example_terms(rho, p.desirable[s] != 0, z0, p.options, scale).grad_logp);
   if (lane == 0) p.grad_logp[s] = g;
-  const index_t n = p.num_tokens[s];
-  const double c = p.options.average_logprob && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
-  const float row_scale = static_cast<float>(static_cast<double>(g) * c);
+  const float row_scale = static_cast<float>(
+      token_scale(static_cast<double>(g), p.num_tokens[s], p.options.average_logprob));
   const index_t begin = clamp_row(p.batch.sequences.begin(s), p.batch.rows);
   const index_t end = clamp_row(p.batch.sequences.end(s), p.batch.rows);
   for (index_t r = begin + lane; r < end; r += 32)
