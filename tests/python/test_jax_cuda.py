@@ -1,0 +1,75 @@
+"""kto_jax's CUDA handlers against its CPU handlers on the same inputs (loss, metrics and
+gradients within the fp32 rule of test_jax.py). Skipped where no GPU or no CUDA build of
+kto_jax exists: the CUDA handlers are compiled at install time wherever nvcc is present,
+and have not run on a GPU yet."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kto_jax
+
+
+def _cuda_devices():
+    try:
+        return jax.devices("cuda")
+    except RuntimeError:
+        return []
+
+
+pytestmark = pytest.mark.skipif(
+    not _cuda_devices() or kto_jax.cuda_library() is None,
+    reason="no CUDA device visible to JAX, or kto_jax was installed without nvcc "
+    "(its CUDA handlers are compiled but have not run here)")
+
+
+def _on(device, x):
+    return None if x is None else jax.device_put(x, device)
+
+
+def _problem(dtype):
+    rng = np.random.default_rng(0)
+    B, T, D, V = 4, 6, 32, 257
+    labels = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    labels[:, :2] = -100
+    return dict(
+        hidden=jnp.asarray(rng.normal(size=(B, T, D)), dtype),
+        weight=jnp.asarray(rng.normal(size=(V, D)) * 0.2, dtype),
+        bias=jnp.asarray(rng.normal(size=(V,)) * 0.1, dtype),
+        labels=labels,
+        ref=np.full(B, -20.0, np.float32),
+        des=np.array([1, 0, 1, 0], np.uint8),
+        kl_hidden=jnp.asarray(rng.normal(size=(B, T, D)), dtype),
+        kl_ref=np.full(B, -21.0, np.float32),
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cuda_fused_and_logits_ops_match_the_cpu(dtype):
+    p = _problem(dtype)
+    opts = kto_jax.KTOOptions(beta=0.3)
+
+    def fused(h, w, b, klh):
+        return kto_jax.fused_linear_kto_loss(h, w, p["labels"], None, p["ref"], p["des"], b,
+                                             klh, p["labels"], None, p["kl_ref"], opts)
+
+    def logits(z, klz):
+        lp, n = kto_jax.sequence_logprobs(klz, p["labels"])
+        return kto_jax.kto_loss(z, p["labels"], None, p["ref"], p["des"], lp, p["kl_ref"], n, opts)
+
+    results = {}
+    for name, dev in (("cpu", jax.devices("cpu")[0]), ("cuda", _cuda_devices()[0])):
+        args = [_on(dev, p[k]) for k in ("hidden", "weight", "bias", "kl_hidden")]
+        (l1, m1), g1 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(*args)
+        z = jnp.einsum("btd,vd->btv", args[0], args[1]) + args[2]
+        klz = jnp.einsum("btd,vd->btv", args[3], args[1]) + args[2]
+        (l2, m2), g2 = jax.jit(jax.value_and_grad(logits, has_aux=True))(z, klz)
+        results[name] = (l1, m1["kl"], g1, l2, m2["kl"], g2)
+    cpu, gpu = results["cpu"], results["cuda"]
+    tol = 1e-5 if dtype == jnp.float32 else 2.0**-7
+    for a, b in ((cpu[0], gpu[0]), (cpu[1], gpu[1]), (cpu[3], gpu[3]), (cpu[4], gpu[4])):
+        np.testing.assert_allclose(float(b), float(a), rtol=tol, atol=1e-6)
+    for a, b in zip(list(cpu[2]) + [cpu[5]], list(gpu[2]) + [gpu[5]]):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= tol * np.abs(a).max() + 1e-7
