@@ -61,6 +61,43 @@ struct MetricSums {
   }
 };
 
+/// The binding contract: the metrics as a flat array of kMetricCount doubles,
+/// in the order of kMetricNames (TRL's names). Every binding packs and names
+/// them with these two, so the order has one home.
+constexpr int kMetricCount = 9;
+constexpr const char* kMetricNames[kMetricCount] = {"loss",
+                                                    "kl",
+                                                    "rewards/chosen",
+                                                    "rewards/rejected",
+                                                    "rewards/margins",
+                                                    "logps/chosen",
+                                                    "logps/rejected",
+                                                    "count/chosen",
+                                                    "count/rejected"};
+
+KTO_HOST_DEVICE inline void metrics_to_array(const Metrics& m, double* out) {
+  out[0] = m.loss;
+  out[1] = m.kl;
+  out[2] = m.rewards_chosen;
+  out[3] = m.rewards_rejected;
+  out[4] = m.rewards_margins;
+  out[5] = m.logps_chosen;
+  out[6] = m.logps_rejected;
+  out[7] = static_cast<double>(m.count_chosen);
+  out[8] = static_cast<double>(m.count_rejected);
+}
+
+/// The binding contract for per-example outputs: rows of a [kExampleOutputCount, B]
+/// array, in this order.
+enum ExampleOutput : int {
+  kExampleLogp = 0,      ///< policy logp_s
+  kExampleRatio = 1,     ///< ρ_s
+  kExampleReward = 2,    ///< βρ_s
+  kExampleLoss = 3,      ///< λ f(u_s), before the reduction
+  kExampleGradLogp = 4,  ///< g_s = ∂L/∂logp_s
+  kExampleOutputCount = 5
+};
+
 KTO_HOST_DEVICE inline Metrics finalize(const MetricSums& s, double z0, double scale) {
   const double nan = NAN;
   Metrics m;

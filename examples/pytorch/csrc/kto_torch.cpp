@@ -390,21 +390,30 @@ torch::Tensor tensor_of(const std::vector<index_t>& v) {
 }
 
 torch::Tensor metrics_tensor(const kto::Metrics& m) {
-  return torch::tensor({m.loss, m.kl, m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
-                        m.logps_chosen, m.logps_rejected, static_cast<double>(m.count_chosen),
-                        static_cast<double>(m.count_rejected)},
-                       torch::dtype(torch::kDouble));
+  auto out = torch::empty({kto::kMetricCount}, torch::dtype(torch::kDouble));
+  kto::metrics_to_array(m, out.data_ptr<double>());
+  return out;
 }
 
-/// per_example [5, B]: logp, ρ, βρ, loss, g_s.
+/// per_example [kExampleOutputCount, B] in the library's row order.
 template <class A>
 torch::Tensor per_example_tensor(const std::vector<A>& logp, const kto::ExampleOutputs<A>& ex,
                                  int64_t B) {
-  auto out = acc_tensor<A>({5, B});
-  const std::vector<A>* rows[5] = {&logp, &ex.ratio, &ex.reward, &ex.loss, &ex.grad_logp};
-  for (int k = 0; k < 5; ++k)
+  auto out = acc_tensor<A>({kto::kExampleOutputCount, B});
+  const std::vector<A>* rows[kto::kExampleOutputCount] = {};
+  rows[kto::kExampleLogp] = &logp;
+  rows[kto::kExampleRatio] = &ex.ratio;
+  rows[kto::kExampleReward] = &ex.reward;
+  rows[kto::kExampleLoss] = &ex.loss;
+  rows[kto::kExampleGradLogp] = &ex.grad_logp;
+  for (int k = 0; k < kto::kExampleOutputCount; ++k)
     if (B > 0) std::memcpy(out[k].data_ptr(), rows[k]->data(), B * sizeof(A));
   return out;
+}
+
+/// The library's metric names, in the order of the metrics array.
+std::vector<std::string> metric_names() {
+  return std::vector<std::string>(kto::kMetricNames, kto::kMetricNames + kto::kMetricCount);
 }
 
 kto::Options forward_options(bool average, int64_t ignore_index) {
@@ -736,7 +745,8 @@ std::vector<torch::Tensor> step_forward(const StepOperands& s, const StepVectors
   }
   const auto B = s.offsets.count();
   auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
-  auto per_example = torch::empty({5, B}, torch::dtype(torch::kFloat).device(d));
+  auto per_example =
+      torch::empty({kto::kExampleOutputCount, B}, torch::dtype(torch::kFloat).device(d));
   check(kto_torch_cuda::finish(partial.data_ptr<double>(), f[0].data_ptr<float>(),
                                v.reference_logp.data_ptr<float>(), v.desirable.data_ptr<uint8_t>(),
                                B, o, metrics.data_ptr<double>(), per_example.data_ptr<float>(),
@@ -778,7 +788,7 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   const index_t N = f.head.N, D = f.head.D, V = f.head.V, B = f.offsets.count();
   const auto f32 = torch::dtype(torch::kFloat).device(d);
   auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
-  auto per_example = torch::empty({5, B}, f32);
+  auto per_example = torch::empty({kto::kExampleOutputCount, B}, f32);
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto dh = torch::empty({N, D}, f32), dw = torch::empty({V, D}, f32);
   auto db = torch::empty({f.head.bias.defined() ? V : 0}, f32);
@@ -1016,4 +1026,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_linear_forward", &fused_linear_forward);
   m.def("fused_linear_logprobs", &fused_linear_logprobs);
   m.def("has_cuda", &has_cuda);
+  m.def("metric_names", &metric_names);
 }

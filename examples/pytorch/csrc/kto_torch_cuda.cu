@@ -43,15 +43,7 @@ __global__ void unscored_lse_to_zero(float* lse, kto::index_t rows) {
 }
 
 __global__ void metrics_to_doubles(const kto::Metrics* m, double* out) {
-  out[0] = m->loss;
-  out[1] = m->kl;
-  out[2] = m->rewards_chosen;
-  out[3] = m->rewards_rejected;
-  out[4] = m->rewards_margins;
-  out[5] = m->logps_chosen;
-  out[6] = m->logps_rejected;
-  out[7] = static_cast<double>(m->count_chosen);
-  out[8] = static_cast<double>(m->count_rejected);
+  kto::metrics_to_array(*m, out);
 }
 
 constexpr std::size_t kMetricsSlot = 256;  // a kto::Metrics after the error word

@@ -52,17 +52,7 @@ LINKS = {"one_minus_sigmoid": 0, "neg_log_sigmoid": 1}
 REFERENCE_POINTS = {"kl_batch": 0, "fixed": 1, "zero": 2}
 KL_ESTIMATORS = {"mean": 0, "nonempty_mean": 1}
 REDUCTIONS = {"mean": 0, "sum": 1}
-METRIC_NAMES = (
-    "loss",
-    "kl",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "count/chosen",
-    "count/rejected",
-)
+METRIC_NAMES = tuple(_C.metric_names())  # the library's names, in its array order
 
 
 def _rows(logits: Tensor) -> int:
