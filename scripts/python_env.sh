@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Creates the project-local virtual environment .venv with requirements.txt and
-# builds the PyTorch extension (examples/pytorch) into it. Reuses what is up to
-# date: the packages while requirements.txt is unchanged, the extension while
-# its sources and the library headers are.
+# builds the PyTorch and JAX packages (examples/pytorch, examples/jax) into it.
+# Reuses what is up to date: the packages while requirements.txt is unchanged,
+# the two built packages while their sources and the library headers are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 ext_stamp=.venv/.kto_torch.sha256
-ext_want=$(cat $(find examples/pytorch include kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.toml' \
+ext_want=$(cat $(find examples/pytorch examples/jax include kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.toml' \
   -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) -not -path '*/build/*' | sort) |
   sha256sum | cut -d' ' -f1)
 build_extension() {
   if [ ! -f "$ext_stamp" ] || [ "$(cat "$ext_stamp")" != "$ext_want" ]; then
-    echo "python_env: building the kto_torch extension"
+    echo "python_env: building the kto_torch and kto_jax packages"
     # For this machine: -march=native (a wheel for others leaves it out; setup.py).
     KTO_NATIVE=1 .venv/bin/python -m pip install -q --no-build-isolation ./examples/pytorch
+    KTO_JAX_NATIVE=1 .venv/bin/python -m pip install -q --no-build-isolation ./examples/jax
     echo "$ext_want" >"$ext_stamp"
   fi
 }

@@ -83,12 +83,21 @@ TEST_CASE("error: row stride smaller than the vocabulary", "[errors]") {
   expect_error([&] { f.run(in); }, "policy_logits.row_stride", "be >= 5 so rows do not overlap",
                "4");
 }
-TEST_CASE("error: batch stride that makes batch entries overlap", "[errors]") {
+TEST_CASE("error: a gradient whose batch entries overlap", "[errors]") {
+  Fixture f;
+  std::vector<float> g(40);
+  expect_error(
+      [&] {
+        kto::cpu::kto_step<float>(f.inputs(), f.o,
+                                  kto::logits_batched<float>(g.data(), 2, 3, 5, 12, 5));
+      },
+      "grad.batch_stride", "be >= 15 so batch entries do not overlap", "12");
+}
+TEST_CASE("error: negative batch stride", "[errors]") {
   Fixture f;
   auto in = f.inputs();
-  in.policy_logits = kto::logits_batched<const float>(f.Z.data(), 2, 3, 5, 12, 5);
-  expect_error([&] { f.run(in); }, "policy_logits.batch_stride",
-               "be >= 15 so batch entries do not overlap", "12");
+  in.policy_logits = kto::logits_batched<const float>(f.Z.data() + 15, 2, 3, 5, -15, 5);
+  expect_error([&] { f.run(in); }, "policy_logits.batch_stride", "be >= 0", "-15");
 }
 TEST_CASE("error: null logits", "[errors]") {
   Fixture f;

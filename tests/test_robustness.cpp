@@ -387,6 +387,94 @@ TEST_CASE("D18: a gradient interleaved with the logits, sharing no element, is a
       CHECK(both[static_cast<size_t>(r * 10 + 5 + v)] == want_grad[static_cast<size_t>(r * 5 + v)]);
 }
 
+TEST_CASE("review: views that are valid however they are built", "[robustness]") {
+  Fixture f;
+  std::vector<float> want_grad(30);
+  const auto want =
+      kto::cpu::kto_step<float>(f.inputs(), f.o, kto::logits_matrix<float>(want_grad.data(), 6, 5));
+  SECTION("a transposed [T, B, V] buffer read as [B, T, V]: entries interleave") {
+    std::vector<float> tb(30);
+    for (int b = 0; b < 2; ++b)
+      for (int t = 0; t < 3; ++t)
+        std::copy(f.Z.begin() + (b * 3 + t) * 5, f.Z.begin() + (b * 3 + t) * 5 + 5,
+                  tb.begin() + (t * 2 + b) * 5);
+    auto in = f.inputs();
+    in.policy_logits = kto::logits_batched<const float>(tb.data(), 2, 3, 5, 5, 10);
+    std::vector<float> g(30);
+    const auto got = kto::cpu::kto_step<float>(in, f.o, kto::logits_matrix<float>(g.data(), 6, 5));
+    CHECK(got.metrics.loss == want.metrics.loss);
+    CHECK(g == want_grad);
+  }
+  SECTION("in place through a view built another way: same rows, same memory") {
+    auto in = f.inputs();
+    in.policy_logits = kto::logits_batched<const float>(f.Z.data(), 2, 3, 5, 15, 5);
+    const auto got =
+        kto::cpu::kto_step<float>(in, f.o, kto::logits_matrix<float>(f.Z.data(), 6, 5));
+    CHECK(got.metrics.loss == want.metrics.loss);
+    CHECK(f.Z == want_grad);
+  }
+  SECTION("negative sizes in the builders") {
+    expect_error([] { kto::logits_batched<const float>(nullptr, -2, -3, 5, 15, 5); }, "batch",
+                 "be >= 0", "-2");
+    expect_error([] { kto::targets_batched(nullptr, 2, -3, 3); }, "seq_len", "be >= 0", "-3");
+  }
+}
+
+TEST_CASE("review: fused-step checks that run before anything is read", "[robustness]") {
+  FusedFixture f;
+  SECTION("null offsets raise, never crash") {
+    f.in.sequences = kto::sequences(nullptr, 1);
+    expect_error([&] { f.run(); }, "sequences.offsets", "be non-null", "nullptr");
+  }
+  SECTION("a one-row matrix whose byte size overflows") {
+    f.in.hidden.rows = 1;
+    f.in.hidden.cols = INT64_MAX / 2;
+    expect_error([&] { f.run(); }, "hidden", "give a size that fits in 64 bits",
+                 std::to_string(INT64_MAX / 2) + " x 4");
+  }
+  SECTION("a gradient over the targets") {
+    std::vector<float> buf(static_cast<size_t>(f.fp.rows * f.fp.dim) + 64);
+    f.grads.d_hidden.data = reinterpret_cast<float*>(const_cast<index_t*>(f.in.targets.data));
+    expect_error([&] { f.run(); }, "grads.d_hidden", "share no memory with targets", "an overlap");
+  }
+}
+
+TEST_CASE("review: overflow found on the rank, before the collective", "[robustness]") {
+  const bool fused = GENERATE(false, true);
+  ThreadAllReduce all_reduce(2);
+  const auto errors = run_ranks(2, [&](int rank) {
+    kto::KlAllReduce hook = [&](kto::KlPartial& p) { all_reduce(p); };
+    if (!fused) {
+      // Finite token log-probs whose sum overflows float.
+      Fixture f;
+      if (rank == 1) {
+        std::fill(f.Z.begin(), f.Z.end(), 0.0f);
+        for (int r = 0; r < 3; ++r) f.Z[static_cast<size_t>(r * 5 + 1)] = 2e38f;
+        f.targets = {0, 0, 0, 3, 4, -100};
+      }
+      kto::cpu::kto_step<float>(f.inputs(), f.o, f.grad(), {}, hook);
+    } else {
+      // recompute: finite inputs whose target logits overflow, found before the collective.
+      FusedFixture f;
+      if (rank == 1) {  // Z = 16 x 10 x 1e37 overflows fp32; every input is finite
+        std::fill(f.fp.weight.begin(), f.fp.weight.end(), 1e37);
+        std::fill(f.fp.hidden.begin(), f.fp.hidden.end(), 10.0);
+        f.restore();
+      }
+      f.hooks.kl_all_reduce = hook;
+      kto::cpu::FusedLinearConfig cfg;
+      cfg.strategy = kto::cpu::FusedStrategy::recompute;
+      f.o.reference_point = kto::ReferencePoint::zero;  // no KL forward to find it first
+      kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, cfg, {}, f.hooks);
+    }
+  });
+  INFO("rank 0: " << error_of<kto::Error>(errors[0]));
+  INFO("rank 1: " << error_of<kto::Error>(errors[1]));
+  CHECK(error_of<kto::PeerError>(errors[0]).find("1 data-parallel rank(s) failed") !=
+        std::string::npos);
+  CHECK(error_of<kto::NonFiniteLogitsError>(errors[1]).find("finite") != std::string::npos);
+}
+
 TEST_CASE("D19: errors name the public entry point and the caller's argument", "[robustness]") {
   Fixture f;
   SECTION("an empty batch") {

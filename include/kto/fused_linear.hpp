@@ -170,11 +170,11 @@ void validate_matrix(const MatrixView<T>& m, const char* fn, const std::string& 
           "be >= cols (" + std::to_string(m.cols) + ") so rows do not overlap", m.stride);
   require(m.data != nullptr || m.rows == 0, fn, name + ".data", "be non-null when there are rows",
           "nullptr");
-  if (m.rows > 1) {
-    const index_t extent =
-        checked_add(checked_mul(m.rows - 1, m.stride, fn, name.c_str()), m.cols, fn, name.c_str());
-    checked_mul(extent, static_cast<index_t>(sizeof(T)), fn, name.c_str());
-  }
+  const index_t extent = m.rows > 1
+                             ? checked_add(checked_mul(m.rows - 1, m.stride, fn, name.c_str()),
+                                           m.cols, fn, name.c_str())
+                             : m.cols;
+  checked_mul(extent, static_cast<index_t>(sizeof(T)), fn, name.c_str());
 }
 
 /// `m` is a valid rows × cols matrix; `what` names the shape it must have.
@@ -225,6 +225,12 @@ ByteRange byte_range(const MatrixView<T>& m, std::string name) {
   const auto b = reinterpret_cast<std::uintptr_t>(m.data);
   const auto elements = static_cast<std::uintptr_t>((m.rows - 1) * m.stride + m.cols);
   return {b, b + elements * sizeof(T), std::move(name)};
+}
+inline ByteRange byte_range(const TargetsView& t, std::string name) {
+  if (t.rows.rows == 0 || t.data == nullptr) return {0, 0, std::move(name)};
+  const auto b = reinterpret_cast<std::uintptr_t>(t.data);
+  return {b, b + static_cast<std::uintptr_t>(view_extent(t.rows, 1)) * sizeof(index_t),
+          std::move(name)};
 }
 template <class T>
 ByteRange byte_range(const Span<T>& s, std::string name) {

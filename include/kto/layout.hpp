@@ -138,6 +138,8 @@ LogitsView<T> logits_matrix(T* data, index_t rows, index_t vocab, index_t row_st
 template <class T>
 LogitsView<T> logits_batched(T* data, index_t batch, index_t seq_len, index_t vocab,
                              index_t batch_stride, index_t row_stride) {
+  detail::require(batch >= 0, "kto::logits_batched", "batch", "be >= 0", batch);
+  detail::require(seq_len >= 0, "kto::logits_batched", "seq_len", "be >= 0", seq_len);
   const index_t rows =
       detail::checked_mul(batch, seq_len, "kto::logits_batched", "batch x seq_len");
   return LogitsView<T>{data, vocab,
@@ -152,6 +154,8 @@ inline TargetsView targets_vector(const index_t* data, index_t rows, index_t str
 /// A [batch, seq_len] view of target ids with element strides (batch_stride, stride).
 inline TargetsView targets_batched(const index_t* data, index_t batch, index_t seq_len,
                                    index_t batch_stride, index_t stride = 1) {
+  detail::require(batch >= 0, "kto::targets_batched", "batch", "be >= 0", batch);
+  detail::require(seq_len >= 0, "kto::targets_batched", "seq_len", "be >= 0", seq_len);
   const index_t rows =
       detail::checked_mul(batch, seq_len, "kto::targets_batched", "batch x seq_len");
   return TargetsView{data, RowIndex{rows, seq_len > 0 ? seq_len : 1, batch_stride, stride}};

@@ -44,16 +44,28 @@ inline index_t validate_row_index(const RowIndex& ix, index_t width, index_t ele
   }
   index_t extent = span;
   if (entries > 1) {
-    require(ix.batch_stride >= span || (!write && ix.batch_stride == 0), fn, name + ".batch_stride",
-            "be >= " + std::to_string(span) + " so batch entries do not overlap" +
-                (write ? "" : ", or 0 to repeat one entry"),
-            ix.batch_stride);
+    // An input's entries may interleave or repeat (a transposed [T, B, V] read
+    // as [B, T, V]); an output's may not.
+    if (write)
+      require(ix.batch_stride >= span, fn, name + ".batch_stride",
+              "be >= " + std::to_string(span) + " so batch entries do not overlap",
+              ix.batch_stride);
+    else
+      require(ix.batch_stride >= 0, fn, name + ".batch_stride", "be >= 0", ix.batch_stride);
     const std::string what = name + ".batch_stride";
     extent = checked_add(checked_mul(entries - 1, ix.batch_stride, fn, what.c_str()), span, fn,
                          what.c_str());
   }
   checked_mul(extent, element_bytes, fn, name.c_str());  // byte offsets fit too
   return extent;
+}
+
+/// Elements from the base pointer to one past the last one a validated index reaches.
+inline index_t view_extent(const RowIndex& ix, index_t width) {
+  if (ix.rows == 0) return 0;
+  const index_t per_entry = ix.rows < ix.rows_per_batch ? ix.rows : ix.rows_per_batch;
+  const index_t entries = (ix.rows - 1) / ix.rows_per_batch + 1;
+  return (entries - 1) * ix.batch_stride + (per_entry - 1) * ix.row_stride + width;
 }
 
 template <class T>
@@ -195,10 +207,10 @@ void validate_gradient(const LogitsView<T>& grad, const LogitsView<U>& logits, c
   const auto g1 = g0 + static_cast<std::uintptr_t>(grad_extent) * sizeof(T);
   const auto l1 = l0 + static_cast<std::uintptr_t>(logits_extent) * sizeof(U);
   if (!(g0 < l1 && l0 < g1)) return;
-  const bool same = g0 == l0 && sizeof(T) == sizeof(U) &&
-                    grad.rows.rows_per_batch == logits.rows.rows_per_batch &&
-                    grad.rows.batch_stride == logits.rows.batch_stride &&
-                    grad.rows.row_stride == logits.rows.row_stride;
+  // In place: every row at the same place, however the two views are built.
+  bool same = g0 == l0 && sizeof(T) == sizeof(U);
+  for (index_t r = 0; same && r < grad.rows.rows; ++r)
+    same = grad.rows.offset(r) == logits.rows.offset(r);
   if (same) return;
   require(!views_share_memory(grad, logits), fn, "grad",
           "either share no element with the logits or alias them exactly (same pointer and "

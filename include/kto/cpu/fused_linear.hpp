@@ -336,6 +336,8 @@ void sequence_from_partials(const RowPartial<Acc>* rows, const RowScorer& scorer
   }
   if (o.average_logprob && count > 0) sum /= static_cast<double>(count);
   logp = static_cast<Acc>(sum);
+  if (!std::isfinite(logp))
+    throw_sequence_overflow(fn, batch.name, s, batch.sequences.begin(s), sum);
 }
 
 /// Per-sequence forward of a whole batch from its merged row partials.
@@ -493,10 +495,11 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
   const detail::HiddenBatch<T> target_batch{in.hidden, in.targets, in.sequences, "hidden"};
   const detail::HiddenBatch<T> kl_batch{in.kl_hidden, in.kl_targets, in.kl_sequences, "kl_hidden"};
-  const detail::RowScorer scorer(in.targets, in.sequences, o.ignore_index);
   std::unique_ptr<detail::ChunkEngine<T>> engine;
-  std::vector<RowPartial<Acc>> partials;  // KL rows, then (recompute_all) target rows
+  std::unique_ptr<detail::RowScorer> target_scorer;  // built once the offsets are checked
+  std::vector<RowPartial<Acc>> partials;             // KL rows, then (recompute_all) target rows
   index_t kl_rows = 0;
+  SequenceForward<Acc> target_fwd;  // recompute_all: found before the collective
 
   auto validate = [&] {
     validate_options(o, fn);
@@ -524,12 +527,21 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     kto::detail::require(grads.d_bias.data != nullptr || grads.d_bias.size == 0, fn,
                          "grads.d_bias.data", "be non-null when size > 0", "nullptr");
     using kto::detail::byte_range;
+    const auto offsets_of = [](const SequencesView& s) {
+      return Span<const index_t>{s.offsets, s.offsets ? s.count + 1 : 0};
+    };
     kto::detail::validate_disjoint(
         {byte_range(grads.d_hidden, "grads.d_hidden"), byte_range(grads.d_weight, "grads.d_weight"),
          byte_range(grads.d_bias, "grads.d_bias")},
         {byte_range(in.hidden, "hidden"), byte_range(head.weight, "head.weight"),
-         byte_range(head.bias, "head.bias"),
-         byte_range(kl ? in.kl_hidden : MatrixView<const T>{}, "kl_hidden")},
+         byte_range(head.bias, "head.bias"), kto::detail::byte_range(in.targets, "targets"),
+         byte_range(offsets_of(in.sequences), "sequences.offsets"),
+         byte_range(in.reference_logp, "reference_logp"), byte_range(in.desirable, "desirable"),
+         byte_range(kl ? in.kl_hidden : MatrixView<const T>{}, "kl_hidden"),
+         byte_range(kl ? in.kl_targets : TargetsView{}, "kl_targets"),
+         byte_range(kl ? offsets_of(in.kl_sequences) : Span<const index_t>{},
+                    "kl_sequences.offsets"),
+         byte_range(kl ? in.kl_reference_logp : Span<const Acc>{}, "kl_reference_logp")},
         fn);
     kto::detail::require(
         !sharded || static_cast<bool>(hooks.gather_partials), fn, "hooks.gather_partials",
@@ -548,8 +560,9 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
       partials = detail::batch_partials(*engine, in.kl_hidden, kl_scorer);
       kl_rows = in.kl_hidden.rows;
     }
+    target_scorer = std::make_unique<detail::RowScorer>(in.targets, in.sequences, o.ignore_index);
     if (recompute_all) {
-      auto target = detail::batch_partials(*engine, in.hidden, scorer);
+      auto target = detail::batch_partials(*engine, in.hidden, *target_scorer);
       partials.insert(partials.end(), target.begin(), target.end());
     }
   };
@@ -565,7 +578,13 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
                          static_cast<index_t>(all.size()));
     partials = merge_row_partials(all, n > 0 ? static_cast<index_t>(all.size()) / n : 1);
   };
+  // The (merged) partials to sequences; what can still fail here (a non-finite
+  // row or sequence log-prob) fails before the collective.
   auto kl_sum_of_partials = [&] {
+    if (recompute_all) {
+      std::vector<RowPartial<Acc>> target(partials.begin() + kl_rows, partials.end());
+      target_fwd = detail::sequences_from_partials(target, target_batch, head, o, fn);
+    }
     KlPartial local;
     if (!kl) return local;
     std::vector<RowPartial<Acc>> kl_part(partials.begin(), partials.begin() + kl_rows);
@@ -592,6 +611,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   }
   kto::detail::validate_kl_partial(kl_sum, fn);
   detail::ChunkEngine<T>& eng = *engine;
+  const detail::RowScorer& scorer = *target_scorer;
 
   const index_t D = head.weight.cols;
   for (index_t r = 0; r < in.hidden.rows; ++r)
@@ -616,11 +636,9 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   };
 
   if (recompute_all) {
-    std::vector<RowPartial<Acc>> target(partials.begin() + kl_rows, partials.end());
-    SequenceForward<Acc> fwd = detail::sequences_from_partials(target, target_batch, head, o, fn);
-    out.logp = std::move(fwd.logp);
-    out.num_tokens = std::move(fwd.num_tokens);
-    row_lse = std::move(fwd.row_lse);
+    out.logp = std::move(target_fwd.logp);
+    out.num_tokens = std::move(target_fwd.num_tokens);
+    row_lse = std::move(target_fwd.row_lse);
     for (index_t s = 0; s < B; ++s) grad_logp[static_cast<size_t>(s)] = sequence_grad(s);
     std::vector<Acc> row_scale(static_cast<size_t>(in.hidden.rows), Acc(0));
     detail::set_row_scales(scorer, in.sequences, 0, B, grad_logp, out.num_tokens, o, row_scale);

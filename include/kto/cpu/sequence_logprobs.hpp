@@ -52,6 +52,17 @@ inline void validate_forward_inputs(const char* fn, index_t rows, index_t vocab,
   kto::detail::validate_target_ids(targets, seqs, vocab, o.ignore_index, fn, "targets");
 }
 
+/// A sequence whose token log-probs are finite but whose sum (or mean) does not
+/// fit the accumulation type: reported as that sequence's, at its first row.
+[[noreturn]] inline void throw_sequence_overflow(const char* fn, const std::string& name, index_t s,
+                                                 index_t first_row, double sum) {
+  std::ostringstream os;
+  os << fn << ": argument '" << name << "' must give a finite sequence log-prob; got " << sum
+     << " for sequence " << s
+     << " (finite token log-probs whose sum overflows the accumulation type)";
+  throw NonFiniteLogitsError(fn, name, s, first_row, os.str());
+}
+
 /// Why a scored row gave a non-finite log-prob: a NaN/inf logit (the first
 /// one named), or finite logits whose log-softmax overflows the accumulator.
 template <class T>
@@ -137,6 +148,8 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
     if (o.average_logprob && n > 0) sum /= static_cast<double>(n);
     out.logp[static_cast<size_t>(s)] = static_cast<Acc>(sum);
     out.num_tokens[static_cast<size_t>(s)] = n;
+    if (!std::isfinite(out.logp[static_cast<size_t>(s)]))
+      throw_sequence_overflow(fn, name, s, seqs.begin(s), sum);
   }
   return out;
 }

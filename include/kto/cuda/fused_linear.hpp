@@ -284,14 +284,11 @@ void validate_hidden(const MatrixView<const T>& hidden, const TargetsView& targe
                      const SequencesView& seqs, const LinearHead<T>& head, const char* fn,
                      const std::string& prefix, bool allow_empty) {
   kto::detail::validate_matrix(hidden, fn, prefix + "hidden");
-  kto::detail::require(hidden.stride >= hidden.cols, fn, prefix + "hidden.stride",
-                       "be >= cols (" + std::to_string(hidden.cols) + "): cuBLAS leading dimension",
-                       hidden.stride);
   kto::detail::require(hidden.cols == head.weight.cols, fn, prefix + "hidden.cols",
                        "equal head.weight.cols (" + std::to_string(head.weight.cols) + ")",
                        hidden.cols);
-  kto::detail::require(hidden.rows < (index_t{1} << 31) && hidden.stride < (index_t{1} << 31), fn,
-                       prefix + "hidden.rows", "be < 2^31 (cuBLAS int sizes)", hidden.rows);
+  kto::detail::require(hidden.rows < (index_t{1} << 31), fn, prefix + "hidden.rows",
+                       "be < 2^31 (cuBLAS int sizes)", hidden.rows);
   kto::detail::validate_targets(targets, hidden.rows, fn, prefix + "targets");
   kto::detail::require(seqs.count >= (allow_empty ? 0 : 1), fn, prefix + "sequences.count",
                        allow_empty ? "be >= 0" : "be >= 1 (an empty batch has no loss)",
@@ -300,9 +297,20 @@ void validate_hidden(const MatrixView<const T>& hidden, const TargetsView& targe
                        "be non-null (count + 1 entries, device memory)", "nullptr");
 }
 
+/// A cuBLAS operand: its row stride is a leading dimension, >= cols and an int,
+/// whatever the row count.
+template <class T>
+void validate_cublas_operand(const MatrixView<T>& m, const char* fn, const std::string& name) {
+  kto::detail::require(
+      m.stride >= m.cols && m.stride < (index_t{1} << 31), fn, name + ".stride",
+      "be >= cols (" + std::to_string(m.cols) + ") and < 2^31: a cuBLAS leading dimension",
+      m.stride);
+}
+
 template <class T>
 void validate_cuda_head(const LinearHead<T>& head, const char* fn) {
   kto::detail::validate_head(head, fn);
+  validate_cublas_operand(head.weight, fn, "head.weight");
   kto::detail::require(!head.sharded(), fn, "head.vocab_total",
                        "equal head.weight.rows: vocab-parallel runs on the CPU path only",
                        head.vocab_total);
@@ -338,6 +346,8 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
                                 "hidden");
     kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
                                 "out.d_weight", "head.weight");
+    detail::validate_cublas_operand(out.d_hidden, fn, "out.d_hidden");
+    detail::validate_cublas_operand(out.d_weight, fn, "out.d_weight");
     kto::detail::require(
         out.d_bias.size == 0 || out.d_bias.size == head.weight.rows, fn, "out.d_bias.size",
         "be 0 (skipped) or head.weight.rows (" + std::to_string(head.weight.rows) + ")",
@@ -350,7 +360,8 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
         {byte_range(out.d_hidden, "out.d_hidden"), byte_range(out.d_weight, "out.d_weight"),
          byte_range(out.d_bias, "out.d_bias")},
         {byte_range(in.hidden, "hidden"), byte_range(head.weight, "head.weight"),
-         byte_range(head.bias, "head.bias"), byte_range(in.kl.hidden, "kl.hidden")},
+         byte_range(head.bias, "head.bias"),
+         byte_range(uses_kl_batch(o) ? in.kl.hidden : MatrixView<const T>{}, "kl.hidden")},
         fn);
   } catch (const kto::Error& e) {
     return Status::from(e);
@@ -425,6 +436,8 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     if (!status) return status;
   }
   if (all_reduce) {
+    device::PreCollectiveParams pc{in.reference_logp, in.desirable, B, b.partial, b.errors};
+    device::note_failures_kernel<<<1, device::kFinishThreads, 0, stream>>>(pc);
     status = all_reduce(b.partial, stream);
     if (!status) return status;
   }

@@ -416,6 +416,9 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
   status = detail::last_launch(fn);
   if (!status) return status;
   if (all_reduce) {
+    device::PreCollectiveParams pc{in.reference_logp, in.desirable, in.sequences.count, b.partial,
+                                   b.errors};
+    device::note_failures_kernel<<<1, device::kFinishThreads, 0, stream>>>(pc);
     status = all_reduce(b.partial, stream);
     if (!status) return status;
   }

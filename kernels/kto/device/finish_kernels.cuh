@@ -66,6 +66,27 @@ __global__ void __launch_bounds__(kFinishThreads) kl_partial_kernel(KlParams p) 
   }
 }
 
+/// Right before the all-reduce: checks what this rank can check now of its
+/// examples (reference log-probs, labels), then sets failures = 1 if any of its
+/// kernels recorded an error, so the other ranks learn of it (kl_all_reduce.hpp).
+struct PreCollectiveParams {
+  const float* reference_logp;
+  const std::uint8_t* desirable;
+  index_t count;
+  KlPartial* partial;
+  DeviceErrors* errors;
+};
+
+__global__ void __launch_bounds__(kFinishThreads) note_failures_kernel(PreCollectiveParams p) {
+  for (index_t s = threadIdx.x; s < p.count; s += kFinishThreads) {
+    if (!isfinite(p.reference_logp[s])) record_error(p.errors, s, kNonFiniteInput);
+    if (p.desirable[s] > 1) record_error(p.errors, s, kInvalidLabel);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0)
+    p.partial->failures = atomicAdd(&p.errors->first, 0ull) == kNoError ? 0.0 : 1.0;
+}
+
 struct FinishParams {
   const KlPartial* partial;  ///< already all-reduced
   const float* policy_logp;

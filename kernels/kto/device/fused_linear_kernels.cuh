@@ -223,7 +223,6 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
                                t, lse, scale, lane, !scored);
 }
 
-/// out[i] = float(in[i]) (the bias), or 1 when in is null (the ones of the db product).
 /// Copies elements [first, cols) step `step` of a hidden row, or writes zeros
 /// when the row is not scored: the GEMMs then never read an ignored row's
 /// values, so a NaN there (prompt, padding) cannot reach dW or dH.
@@ -245,6 +244,7 @@ __global__ void gather_scored_rows_kernel(const T* hidden, index_t ld, index_t c
   }
 }
 
+/// out[i] = float(in[i]) (the bias), or 1 when in is null (the ones of the db product).
 template <class T, class U>
 __global__ void convert_kernel(const T* in, U* out, index_t n) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
