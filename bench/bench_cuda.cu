@@ -1,4 +1,4 @@
-// bench_cuda — the CUDA KTO step against the bandwidth floor (DESIGN §3).
+// bench_cuda — the CUDA KTO step against the bandwidth floor (docs/performance.md).
 //
 // The step reads the policy logits (forward), the KL logits (forward) and the
 // policy logits again while writing their gradient (backward): 4L bytes for

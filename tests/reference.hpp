@@ -1,4 +1,4 @@
-// reference.hpp — a plain float64 KTO written for the tests, from DESIGN §1.
+// reference.hpp — a plain float64 KTO written for the tests, from docs/math.md.
 //
 // Deliberately naive: dense row-major double logits, two-pass log-sum-exp,
 // the loss table written out case by case, the gradient from the closed form.

@@ -1,6 +1,6 @@
 // support.hpp — random problems in every layout and dtype, and the tolerance rule.
 //
-// Tolerance rule (DESIGN §4). A quantity computed with accumulation type Acc
+// Tolerance rule (docs/math.md §7). A quantity computed with accumulation type Acc
 // is compared with the float64 reference of the *upcast* inputs as
 //     |got − want| ≤ rtol(Acc) · max(|want|, scale)
 // where rtol = 1e-5 for fp32 accumulation (≈ 100 ulp) and 1e-12 for fp64, and

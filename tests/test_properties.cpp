@@ -1,4 +1,4 @@
-// Properties of the KTO loss worth a test each (DESIGN §1), finite-difference
+// Properties of the KTO loss worth a test each (docs/math.md), finite-difference
 // gradients, determinism across thread counts and the data-parallel split.
 #include "check_step.hpp"
 

@@ -1,6 +1,6 @@
 """kto's JAX FFI op against a pure-JAX float64 reference (CPU).
 
-Tolerance rule (DESIGN §4): fp32 accumulation is compared with the float64
+Tolerance rule (docs/math.md §7): fp32 accumulation is compared with the float64
 reference of the same (upcast) inputs at 1e-5 relative to the magnitude the
 quantity is computed from; a gradient stored as bfloat16/float16 adds that
 type's unit roundoff (2^-8 / 2^-11) relative to the value.
@@ -65,7 +65,7 @@ def reference_logp(logits64, batch, options):
 
 
 def reference_loss(logits64, batch, reference_logp_, options):
-    """The KTO loss of DESIGN §1, written out in float64 JAX."""
+    """The KTO loss of docs/math.md, written out in float64 JAX."""
     logp, _ = reference_logp(logits64, batch, options)
     rho = logp - jnp.asarray(reference_logp_, jnp.float64)
     kl_rho = np.asarray(batch["kl_policy_logp"], np.float64) - np.asarray(

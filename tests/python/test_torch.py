@@ -1,6 +1,6 @@
 """kto_torch ops against a float64 PyTorch reference written for the test (CPU).
 
-Tolerance rule (DESIGN §4): fp32 accumulation vs the float64 reference of the
+Tolerance rule (docs/math.md §7): fp32 accumulation vs the float64 reference of the
 same upcast inputs at 1e-5 relative to the magnitude the quantity comes from;
 gradients stored in bfloat16/float16 add that type's unit roundoff relative to
 the value (2^-8, 2^-11).

@@ -2,7 +2,7 @@
 
 The fused op takes hidden states and the lm_head; the reference materialises
 logits = hidden @ weight.T + bias in float64 and differentiates a plain float64
-KTO through it with autograd. Tolerance rule (DESIGN §4, as in test_torch.py):
+KTO through it with autograd. Tolerance rule (docs/math.md §7, as in test_torch.py):
 fp32 accumulation of the upcast inputs at 1e-5 relative to the magnitude the
 quantity comes from (Σ|ℓ| + |lse| per sequence, Σ|∂L/∂Z| |W| for a gradient);
 a gradient stored in bfloat16/float16 adds that type's unit roundoff, and so

@@ -4,7 +4,7 @@ Random small problems — B 1–4 sequences, T 1–6 rows each, V 1–40, D 1–
 (the shifted view logits[:, :-1], a transposed [T, B, V], an expand with stride 0, strided
 slices, packed CSR rows), dtypes (float32, float64, bfloat16), options and ignore_index
 patterns (all-ignored sequences included) against a float64 reference written here.
-Tolerance rule (DESIGN §4, as in test_torch.py): bfloat16 inputs are upcast exactly, so the
+Tolerance rule (docs/math.md §7, as in test_torch.py): bfloat16 inputs are upcast exactly, so the
 reference is that of the upcast values; fp32 accumulation at 1e-5 relative to the magnitude
 the quantity comes from; a gradient stored in bfloat16 adds its unit roundoff.
 
