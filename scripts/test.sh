@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: install what is missing, build everything, run every test,
-# then rebuild the CPU tests under AddressSanitizer + UBSan and run them again.
+# then rebuild the CPU tests under AddressSanitizer + UBSan and run them again,
+# under ThreadSanitizer, and fuzz the CPU entry points (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -25,3 +26,9 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKTO_BUILD_BENCHMARK
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan -j"$jobs" --output-on-failure -LE package
+
+echo "== CPU tests under ThreadSanitizer"
+KTO_TSAN_JOBS="$jobs" scripts/tsan.sh
+
+echo "== fuzzing (libFuzzer + ASan + UBSan: saved reproducers, then ${KTO_FUZZ_SECONDS:-60} s per target)"
+KTO_FUZZ_JOBS="$jobs" scripts/fuzz.sh
