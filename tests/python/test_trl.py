@@ -96,24 +96,31 @@ def test_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, desirable_wei
 
 
 def test_fused_linear_under_bf16_autocast(tmp_path):
-    """TRL's default (bf16=True): TRL's reference forward runs under bf16 autocast and rounds
-    each logit to bf16 (unit roundoff u = 2^-8); the fused path computes the same products
-    with fp32 accumulation and output. A log-prob of magnitude L can then differ by about u·L,
-    z0 (a mean of differences of two log-probs) by 2·u·L, and the loss by β times the
-    largest shift of ρ − z0, 4·u·L, with L the largest |log-prob| of the batch."""
+    """TRL's default (bf16=True), through trainer.train(), where both trainers run the policy
+    and the reference model under bf16 autocast (accelerate wraps their forwards; the fused
+    path enters the same context around the backbones it calls). The backbones' hidden
+    states then agree bit for bit; TRL's fused head rounds each logit tile to bf16 (unit
+    roundoff u = 2^-8) while kto multiplies the same bf16 operands with fp32 accumulation and
+    output. A log-prob of magnitude L can then differ by about u·L, z0 (a mean of
+    differences of two log-probs) by 2·u·L, and the loss by β times the largest shift of
+    ρ − z0, 4·u·L, with L the largest |log-prob| of the batch. Compared: what both log at
+    step 1 (policy ≠ reference here: the reference is perturbed)."""
     theirs, ours = make_trainers(tmp_path, fused=True)
     assert ours.args.bf16 and ours._fused(ours.model)
-    batch = next(iter(theirs.get_train_dataloader()))
-    loss_t, _, metrics_t = loss_and_grads(theirs, batch)
-    loss_o, _, metrics_o = loss_and_grads(ours, batch)
+    ours.args.logging_steps = 1  # (the two trainers share args)
+    ours.args.max_steps = 2      # and it trains on: bf16 hidden states, fp32 lm_head weight
+    logs = []
+    for trainer in (theirs, ours):
+        assert trainer.train().global_step == 2
+        logs.append(next(h for h in trainer.state.log_history if "kl" in h))
+    metrics_t, metrics_o = logs
+    assert metrics_t["kl"] > 0.0
     u = 2.0**-8
     L = max(abs(metrics_t["logps/chosen"]), abs(metrics_t["logps/rejected"]), abs(metrics_t["kl"]))
     assert abs(metrics_o["kl"] - metrics_t["kl"]) <= 2 * u * L
-    assert abs(loss_o.item() - loss_t.item()) <= ours.beta * 4 * u * L
-    # And it trains: the policy's decoder runs under the trainer's autocast (bf16 hidden
-    # states against the fp32 lm_head weight).
-    ours.args.max_steps = 2
-    assert ours.train().global_step == 2
+    assert abs(metrics_o["loss"] - metrics_t["loss"]) <= ours.beta * 4 * u * L
+    for key in ("logps/chosen", "logps/rejected"):
+        assert abs(metrics_o[key] - metrics_t[key]) <= u * L, key
 
 
 def test_one_import_trains(tmp_path):
