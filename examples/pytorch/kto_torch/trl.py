@@ -137,6 +137,7 @@ class KTOTrainer(_TRLKTOTrainer):
         super().__init__(*args, **kwargs)
         self.fused_linear = fused_linear
         self.fused_chunk_bytes = fused_chunk_bytes
+        self._stage = "the KTO step"
 
     def _kto_supported(self) -> bool:
         return self.ref_model is not None or self.precompute_ref_logps
@@ -176,6 +177,9 @@ class KTOTrainer(_TRLKTOTrainer):
         context = self.accelerator.autocast if fused else contextlib.nullcontext
 
         def logprobs(m, inputs, completion_mask):
+            self._stage = (("the policy's" if m is policy else "the reference model's")
+                           + (" forward on the KL batch" if inputs is kl_batch[0]
+                              else " forward"))
             with context():
                 if not fused:
                     return kto_torch.sequence_logprobs(*_shifted(m, inputs, completion_mask))
@@ -202,6 +206,7 @@ class KTOTrainer(_TRLKTOTrainer):
                 partial = self.accelerator.reduce(partial.to(device), reduction="sum").cpu()
             global_kl = partial
 
+        self._stage = "the policy's forward or the loss"
         options = dict(beta=self.beta, desirable_weight=self.desirable_weight,
                        undesirable_weight=self.undesirable_weight, loss_type=self.loss_type)
         if fused:
@@ -225,7 +230,7 @@ class KTOTrainer(_TRLKTOTrainer):
     def _non_finite_message(self, model, error) -> str:
         args = self.args
         unwrapped = self.accelerator.unwrap_model(model)
-        params = [p for p in unwrapped.parameters()]
+        params = list(unwrapped.parameters())
         bad = sum(1 for p in params if not bool(torch.isfinite(p.detach()).all()))
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
         precision = ("fp16 autocast" if args.fp16 else "bf16 autocast" if args.bf16
@@ -235,19 +240,22 @@ class KTOTrainer(_TRLKTOTrainer):
                      f"hold NaN/inf after {self.state.global_step} optimizer step(s), so every "
                      "output is non-finite")
         elif "float16" in dtypes or args.fp16:
-            cause = ("a float16 overflow: the parameters are finite, but an activation or logit "
-                     "exceeded float16's range (|x| > 65504) in the forward")
+            cause = ("a float16 overflow: the parameters are still finite, but an activation or "
+                     "logit exceeded float16's range (|x| > 65504) in the forward, typically "
+                     "after updates too large for the model (a diverging run)")
         else:
             cause = ("the model diverged or overflowed: its parameters are finite but its "
                      "forward produced NaN/inf")
+        clip = (f"tighter gradient clipping (max_grad_norm, now {args.max_grad_norm:g})"
+                if args.max_grad_norm and args.max_grad_norm > 0
+                else "gradient clipping (max_grad_norm=1.0; now off)")
         return (
-            f"kto_torch.trl.KTOTrainer: the model's log-probs are not finite at step "
-            f"{self.state.global_step} (parameters {'/'.join(dtypes)}, {precision}, learning rate "
-            f"{args.learning_rate:g}, max_grad_norm {args.max_grad_norm}). Most likely cause: "
-            f"{cause}. Try: train in bf16 (bf16=True, or load the model in bfloat16) or fp32 "
-            f"instead of float16; a lower learning rate; gradient clipping (max_grad_norm, e.g. "
-            f"1.0). (Stock TRL would keep training here into NaN parameters.) Library error: "
-            f"{error}")
+            f"kto_torch.trl.KTOTrainer: non-finite values (NaN/inf) in {self._stage} at step "
+            f"{self.state.global_step + 1} (parameters {'/'.join(dtypes)}, {precision}). "
+            f"Most likely cause: {cause}. Try: bf16 (bf16=True with fp32 weights, or load the "
+            f"model in bfloat16) or fp32 instead of float16; a lower learning rate (now "
+            f"{args.learning_rate:g}; TRL's default is 1e-6); {clip}. kto stops here where "
+            f"TRL's own trainer would go on training into NaN parameters. Library error: {error}")
 
     def _log_kto_metrics(self, mode, out, desirable, batch):
         m = self._metrics[mode]
