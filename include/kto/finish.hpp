@@ -31,6 +31,7 @@ KlPartial kl_partial_impl(Span<const Acc> policy_logp, Span<const Acc> reference
                           Span<const index_t> num_tokens, const Options& o, const char* fn) {
   validate_options(o, fn);
   const index_t n = policy_logp.size;
+  require(n >= 0, fn, "kl_policy_logp.size", "be >= 0", n);
   detail::validate_span(policy_logp, n, fn, "kl_policy_logp");
   detail::validate_span(reference_logp, n, fn, "kl_reference_logp");
   if (o.kl_estimator == KlEstimator::nonempty_mean) {
@@ -38,8 +39,8 @@ KlPartial kl_partial_impl(Span<const Acc> policy_logp, Span<const Acc> reference
   } else if (num_tokens.size != 0) {
     detail::validate_span(num_tokens, n, fn, "kl_num_tokens");
   }
-  detail::validate_finite(policy_logp, fn, "kl_policy_logp");
-  detail::validate_finite(reference_logp, fn, "kl_reference_logp");
+  detail::validate_logprobs(policy_logp, fn, "kl_policy_logp");
+  detail::validate_logprobs(reference_logp, fn, "kl_reference_logp");
   for (index_t j = 0; j < num_tokens.size; ++j)
     if (num_tokens[j] < 0)
       fail(fn, "kl_num_tokens[" + std::to_string(j) + "]", "be >= 0", num_tokens[j]);
@@ -88,15 +89,16 @@ void validate_finish_inputs(index_t n, Span<const Acc> reference_logp,
   require(n >= 1, fn, count_name, "be >= 1 (an empty batch has no loss)", n);
   validate_span(reference_logp, n, fn, "reference_logp");
   validate_span(desirable, n, fn, "desirable");
-  validate_finite(reference_logp, fn, "reference_logp");
+  validate_logprobs(reference_logp, fn, "reference_logp");
   validate_labels(desirable, fn, "desirable");
 }
 
 inline void validate_kl_partial(const KlPartial& kl, const char* fn) {
   require(std::isfinite(kl.sum), fn, "kl.sum", "be finite (an all-reduced sum of log-ratios)",
           kl.sum);
-  require(std::isfinite(kl.count) && kl.count >= 0, fn, "kl.count",
-          "be finite and >= 0 (an all-reduced example count)", kl.count);
+  // A sum of example counts is a whole number: 0, or at least 1 (so S/C is finite).
+  require(std::isfinite(kl.count) && kl.count >= 0 && kl.count == std::floor(kl.count), fn,
+          "kl.count", "be finite and >= 0 and whole (an all-reduced example count)", kl.count);
 }
 
 /// finish() as called by the public entry point `fn`.
@@ -108,7 +110,7 @@ FinishResult<Acc> finish_impl(const KlPartial& kl, Span<const Acc> policy_logp,
   const index_t n = policy_logp.size;
   validate_finish_inputs(n, reference_logp, desirable, o, fn, count_name);
   validate_span(policy_logp, n, fn, "policy_logp");
-  validate_finite(policy_logp, fn, "policy_logp");
+  validate_logprobs(policy_logp, fn, "policy_logp");
   validate_kl_partial(kl, fn);
 
   const double z0 = reference_point(kl, o);

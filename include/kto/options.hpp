@@ -109,7 +109,8 @@ inline void validate_options(const Options& o, const char* function) {
       "options.kl_estimator", "be mean or nonempty_mean", static_cast<int>(o.kl_estimator));
   detail::require(o.reduction == Reduction::mean || o.reduction == Reduction::sum, function,
                   "options.reduction", "be mean or sum", static_cast<int>(o.reduction));
-  detail::require(std::isfinite(o.fixed_z0), function, "options.fixed_z0", "be finite", o.fixed_z0);
+  detail::require(std::fabs(o.fixed_z0) <= 1e15, function, "options.fixed_z0",
+                  "be finite, |z0| <= 1e15 (a log-ratio)", o.fixed_z0);
   detail::require(o.mean_denominator >= 0, function, "options.mean_denominator",
                   "be >= 0 (0 = number of target examples)", o.mean_denominator);
 }

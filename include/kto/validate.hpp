@@ -124,9 +124,24 @@ inline void validate_target_ids(const TargetsView& t, const SequencesView& s, in
 
 template <class T>
 void validate_span(const Span<T>& sp, index_t expected, const char* fn, const std::string& name) {
+  require(sp.size >= 0, fn, name + ".size", "be >= 0", sp.size);
   require(sp.size == expected, fn, name + ".size", "be " + std::to_string(expected), sp.size);
   require(sp.data != nullptr || expected == 0, fn, name + ".data", "be non-null when size > 0",
           "nullptr");
+}
+
+/// Largest |log-prob| accepted, in nats: no real sequence comes near it, and
+/// below it every ρ, βρ, z0 and loss term stays finite in fp32.
+constexpr double kMaxLogprob = 1e15;
+
+/// Every value finite and a log-prob in magnitude (|x| <= kMaxLogprob).
+template <class T>
+void validate_logprobs(const Span<T>& sp, const char* fn, const std::string& name) {
+  for (index_t i = 0; i < sp.size; ++i) {
+    const double x = static_cast<double>(sp.data[i]);
+    if (!(std::fabs(x) <= kMaxLogprob))
+      fail(fn, name + "[" + std::to_string(i) + "]", "be finite and a log-prob (|x| <= 1e15)", x);
+  }
 }
 
 template <class T>

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,15 @@ void backward_impl(const LogitsView<const T>& logits, const TargetsView& targets
                           "be finite on scored rows (the forward's lse)", row_lse[r]);
       kto::detail::require(num_tokens[s] >= 1, fn, "num_tokens[" + std::to_string(s) + "]",
                            "be >= 1 for a sequence with scored rows", num_tokens[s]);
+      // |∂L/∂Z| <= |g_s c_r|: written in T, it must fit T (half: 65504).
+      const double scale =
+          token_scale(static_cast<double>(grad_logp[s]), num_tokens[s], o.average_logprob);
+      const auto highest = static_cast<double>(std::numeric_limits<T>::max());
+      kto::detail::require(std::fabs(scale) <= highest, fn, "grad_logp[" + std::to_string(s) + "]",
+                           "give a gradient scale within the logit type's range (" +
+                               std::to_string(highest) +
+                               "): lower beta, the weights, or use a wider logit type",
+                           scale);
     }
   }
   parallel_for(logits.rows.rows, exec, [&](index_t b, index_t e) {

@@ -336,7 +336,7 @@ void sequence_from_partials(const RowPartial<Acc>* rows, const RowScorer& scorer
   }
   if (o.average_logprob && count > 0) sum /= static_cast<double>(count);
   logp = static_cast<Acc>(sum);
-  if (!std::isfinite(logp))
+  if (!(std::fabs(static_cast<double>(logp)) <= kto::detail::kMaxLogprob))
     throw_sequence_overflow(fn, batch.name, s, batch.sequences.begin(s), sum);
 }
 
@@ -418,6 +418,29 @@ void set_row_scales(const RowScorer& scorer, const SequencesView& seqs, index_t 
     for (index_t r = seqs.begin(s); r < seqs.end(s); ++r)
       if (scorer.target(r) != o.ignore_index) scale[static_cast<size_t>(r)] = v;
   }
+}
+
+/// Finite inputs can still overflow a gradient product (hidden states or
+/// weights near the accumulation type's largest value): raised, never returned.
+template <class Acc>
+void require_finite_gradients(const LinearGradients<Acc>& g, index_t rows, index_t vocab,
+                              const char* fn) {
+  auto check = [&](const MatrixView<Acc>& m, index_t n, const char* name) {
+    for (index_t r = 0; r < n; ++r) {
+      const index_t c = first_non_finite(m.row(r), m.cols);
+      if (c >= 0)
+        kto::detail::fail(fn, name,
+                          "come out finite (hidden states and weights small enough for the "
+                          "accumulation type)",
+                          std::to_string(static_cast<double>(m.row(r)[c])) + " at [" +
+                              std::to_string(r) + ", " + std::to_string(c) + "]");
+    }
+  };
+  check(g.d_weight, vocab, "grads.d_weight");
+  check(g.d_hidden, rows, "grads.d_hidden");
+  const index_t b = first_non_finite(g.d_bias.data, g.d_bias.size);
+  if (b >= 0)
+    kto::detail::fail(fn, "grads.d_bias", "come out finite", static_cast<double>(g.d_bias.data[b]));
 }
 
 /// The engine of a call, or kto::Error when its buffers do not fit in memory.
@@ -676,6 +699,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
 
   FinishResult<Acc> fin = kto::detail::finish_impl<Acc>(
       kl_sum, make_span(out.logp), in.reference_logp, in.desirable, o, fn, "sequences.count");
+  detail::require_finite_gradients(grads, in.hidden.rows, head.weight.rows, fn);
   out.metrics = fin.metrics;
   out.examples = std::move(fin.examples);
   out.row_lse = std::move(row_lse);

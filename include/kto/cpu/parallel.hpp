@@ -43,7 +43,7 @@ template <class Body, class Start>
 void parallel_for_with(index_t n, const ExecutionPolicy& policy, Body&& body, Start&& start) {
   if (n <= 0) return;
   const index_t min_rows = std::max<index_t>(1, policy.min_rows_per_thread);
-  const index_t by_size = (n + min_rows - 1) / min_rows;
+  const index_t by_size = n / min_rows + (n % min_rows != 0 ? 1 : 0);  // no n + min_rows overflow
   const auto threads = static_cast<index_t>(
       std::max<index_t>(1, std::min<index_t>(resolve_threads(policy), by_size)));
   if (threads == 1) {

@@ -57,9 +57,9 @@ inline void validate_forward_inputs(const char* fn, index_t rows, index_t vocab,
 [[noreturn]] inline void throw_sequence_overflow(const char* fn, const std::string& name, index_t s,
                                                  index_t first_row, double sum) {
   std::ostringstream os;
-  os << fn << ": argument '" << name << "' must give a finite sequence log-prob; got " << sum
-     << " for sequence " << s
-     << " (finite token log-probs whose sum overflows the accumulation type)";
+  os << fn << ": argument '" << name
+     << "' must give a finite sequence log-prob (|logp| <= 1e15); got " << sum << " for sequence "
+     << s << " (finite token log-probs of extreme magnitude, or a sum that overflows)";
   throw NonFiniteLogitsError(fn, name, s, first_row, os.str());
 }
 
@@ -148,7 +148,8 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
     if (o.average_logprob && n > 0) sum /= static_cast<double>(n);
     out.logp[static_cast<size_t>(s)] = static_cast<Acc>(sum);
     out.num_tokens[static_cast<size_t>(s)] = n;
-    if (!std::isfinite(out.logp[static_cast<size_t>(s)]))
+    if (!(std::fabs(static_cast<double>(out.logp[static_cast<size_t>(s)])) <=
+          kto::detail::kMaxLogprob))
       throw_sequence_overflow(fn, name, s, seqs.begin(s), sum);
   }
   return out;
