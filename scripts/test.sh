@@ -30,5 +30,5 @@ ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 echo "== CPU tests under ThreadSanitizer"
 KTO_TSAN_JOBS="$jobs" scripts/tsan.sh
 
-echo "== fuzzing (libFuzzer + ASan + UBSan: saved reproducers, then ${KTO_FUZZ_SECONDS:-60} s per target)"
+echo "== fuzzing (libFuzzer + ASan + UBSan: saved reproducers, then ${KTO_FUZZ_RUNS:-40000} inputs per target from a fixed seed)"
 KTO_FUZZ_JOBS="$jobs" scripts/fuzz.sh
