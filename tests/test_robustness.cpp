@@ -87,6 +87,19 @@ std::vector<std::exception_ptr> run_ranks(int ranks, Body body) {
   return errors;
 }
 
+/// f() raises an E naming `function` and `argument`.
+template <class E, class F>
+void expect_named(F&& f, const std::string& function, const std::string& argument) {
+  try {
+    f();
+    FAIL("no error from " << function << " for " << argument);
+  } catch (const E& e) {
+    INFO(e.what());
+    CHECK(e.function() == function);
+    CHECK(e.argument() == argument);
+  }
+}
+
 template <class E>
 std::string error_of(const std::exception_ptr& e) {
   try {
@@ -482,33 +495,16 @@ TEST_CASE("D19: errors name the public entry point and the caller's argument", "
     in.sequences.count = 0;
     in.reference_logp.size = 0;
     in.desirable.size = 0;
-    try {
-      f.run(in);
-      FAIL("no error");
-    } catch (const kto::Error& e) {
-      CHECK(e.function() == "kto::cpu::kto_step");
-      CHECK(e.argument() == "sequences.count");
-    }
+    expect_named<kto::Error>([&] { f.run(in); }, "kto::cpu::kto_step", "sequences.count");
   }
   SECTION("NaN logits") {
     f.Z[7] = NAN;
-    try {
-      f.run();
-      FAIL("no error");
-    } catch (const kto::NonFiniteLogitsError& e) {
-      CHECK(e.function() == "kto::cpu::kto_step");
-      CHECK(e.argument() == "policy_logits");
-    }
+    expect_named<kto::NonFiniteLogitsError>([&] { f.run(); }, "kto::cpu::kto_step",
+                                            "policy_logits");
   }
   SECTION("a KL-batch error raised inside the step") {
     f.klp[1] = NAN;
-    try {
-      f.run();
-      FAIL("no error");
-    } catch (const kto::Error& e) {
-      CHECK(e.function() == "kto::cpu::kto_step");
-      CHECK(e.argument() == "kl_policy_logp[1]");
-    }
+    expect_named<kto::Error>([&] { f.run(); }, "kto::cpu::kto_step", "kl_policy_logp[1]");
   }
   SECTION("a bad total vocabulary") {
     FusedFixture g;
