@@ -10,7 +10,8 @@
 # wheels in .whl (optional). Logs go to build-gpu/logs, and as one
 # logs.tar.gz with summary.txt to $OUT when it is set.
 # Budget: about 3 minutes on an H200. GPU_CHECK_PARTS (default all) picks parts:
-# tests, sanitize, bench, torch, compare (and fused_bench: the fused benchmark alone).
+# tests, sanitize, bench, torch, jax (needs a CUDA jaxlib), compare (and fused_bench:
+# the fused benchmark alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 arch=${KTO_CUDA_ARCH:-90}
@@ -27,7 +28,7 @@ for d in "${KTO_EIGEN_DIR:-}" .deps/eigen3 /usr/include/eigen3; do
   [ -n "$d" ] && [ -f "$d/Eigen/Core" ] && eigen=$(cd "$d" && pwd) && break
 done
 
-parts=${GPU_CHECK_PARTS:-tests,sanitize,bench,torch,compare}
+parts=${GPU_CHECK_PARTS:-tests,sanitize,bench,torch,jax,compare}
 want() { [[ ",$parts," == *",$1,"* ]]; }
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
@@ -123,6 +124,20 @@ if [ -f build-gpu/torch_build.rc ] && [ "$(cat build-gpu/torch_build.rc)" = 0 ];
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/python/test_torch.py \
     tests/python/test_torch_fused.py -k cuda >"$logs/pytest_cuda.txt" 2>&1
   note "pytest CUDA ops: rc=$?, $(tail -1 "$logs/pytest_cuda.txt")"
+fi
+if want jax; then
+  # kto_jax's CUDA handlers against its CPU ones (tests/python/test_jax_cuda.py).
+  # Needs a CUDA build of jaxlib on this machine (carry its wheels: the device
+  # README says how); without one this part only notes the skip.
+  if python3 -c "import jax, sys; sys.exit(0 if jax.devices('cuda') else 1)" >/dev/null 2>&1; then
+    python3 -m pip install -q --no-build-isolation --target build-gpu/jax_site ./examples/jax \
+      >"$logs/jax_build.txt" 2>&1
+    PYTHONPATH=build-gpu/jax_site:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider \
+      tests/python/test_jax_cuda.py >"$logs/pytest_jax_cuda.txt" 2>&1
+    note "pytest kto_jax CUDA: rc=$?, $(tail -1 "$logs/pytest_jax_cuda.txt")"
+  else
+    note "kto_jax CUDA: skipped (no CUDA build of jaxlib on this machine)"
+  fi
 fi
 if want compare; then
   PYTHONUNBUFFERED=1 timeout 240 python3 bench/compare_fused_torch.py \
