@@ -1,6 +1,6 @@
 """Train a tiny causal LM with TRL's KTO loop running on kto ops — one import changed.
 
-    python examples/trl/train_trl_kto.py [--steps 40] [--stock-trl]
+    python examples/trl/train_trl_kto.py [--steps 40] [--stock-trl | --fused-linear]
 
 Everything is built in the script, offline: a word-level tokenizer over 28
 words, a randomly initialised 2-layer Llama (transformers config, no weight
@@ -8,7 +8,9 @@ download), and a binary-feedback dataset whose completions are labelled
 desirable when they contain the word "w7" (about one in four: an imbalanced
 split, weighted per the KTO paper's band). The trainer is
 `kto_torch.trl.KTOTrainer`, TRL's KTOTrainer with its log-prob and loss path on
-kto's ops; `--stock-trl` runs TRL's own class on the same data for comparison.
+kto's ops; `--fused-linear` takes the loss from the last hidden states and the
+lm_head instead (`fused_linear=True`: the logits are never formed);
+`--stock-trl` runs TRL's own class on the same data for comparison.
 TRL's metrics are printed as it logs them.
 """
 
@@ -61,7 +63,10 @@ def make_dataset(n: int = 96, seed: int = 0, label=None) -> Dataset:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--stock-trl", action="store_true", help="use trl.KTOTrainer instead")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--stock-trl", action="store_true", help="use trl.KTOTrainer instead")
+    mode.add_argument("--fused-linear", action="store_true",
+                      help="kto_torch.trl.KTOTrainer(fused_linear=True): no logits formed")
     args = parser.parse_args()
     if args.stock_trl:
         from trl import KTOTrainer
@@ -79,9 +84,11 @@ def main() -> None:
                            learning_rate=5e-3, beta=0.1, desirable_weight=desirable_weight,
                            logging_steps=max(1, args.steps // 8), report_to="none",
                            use_cpu=True, save_strategy="no", disable_tqdm=True)
+        extra = {"fused_linear": True} if args.fused_linear else {}
         trainer = KTOTrainer(model=policy, ref_model=copy.deepcopy(policy), args=config,
-                             train_dataset=data, processing_class=make_tokenizer())
-        print(f"{type(trainer).__module__}.KTOTrainer: {n_desirable} desirable, "
+                             train_dataset=data, processing_class=make_tokenizer(), **extra)
+        print(f"{type(trainer).__module__}.KTOTrainer{'(fused_linear=True)' if extra else ''}: "
+              f"{n_desirable} desirable, "
               f"{n_undesirable} undesirable, desirable_weight {desirable_weight:.2f}")
         trainer.train()
     for entry in trainer.state.log_history:

@@ -133,14 +133,15 @@ def test_one_import_trains(tmp_path):
     assert logged and all("rewards/chosen" in h or "rewards/rejected" in h for h in logged)
 
 
-def test_end_to_end_example_runs():
+@pytest.mark.parametrize("flags", [[], ["--fused-linear"]], ids=["logits", "fused_linear"])
+def test_end_to_end_example_runs(flags):
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(example.__file__)
-    run = subprocess.run([sys.executable, str(script), "--steps", "6"], capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), "--steps", "6", *flags],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "kto_torch.trl.KTOTrainer" in run.stdout
+    assert "kto_torch.trl.KTOTrainer" + ("(fused_linear=True)" if flags else ":") in run.stdout
     assert "rewards/margins" in run.stdout

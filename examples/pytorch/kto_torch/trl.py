@@ -46,7 +46,7 @@ from trl import KTOTrainer as _TRLKTOTrainer
 import kto_torch
 
 # fused_chunk_bytes default: bench/compare_trl.py, docs/performance.md ("TRL 1.16 trainer step").
-DEFAULT_FUSED_CHUNK_BYTES = 1 << 30
+DEFAULT_FUSED_CHUNK_BYTES = 64 << 20
 
 # Collator outputs that feed the loss, not the model (TRL 1.16's collators).
 _NOT_MODEL_INPUTS = frozenset({"completion_mask", "label", "ref_logps", "ref_KL_logps"})
