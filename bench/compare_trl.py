@@ -1,7 +1,8 @@
 """Peer benchmark: TRL 1.16's own KTOTrainer step against kto_torch.trl.KTOTrainer.
 
     .venv/bin/python bench/compare_trl.py [--vocab 32000,128256] [--impls trl,default,logits,fused]
-                                          [--steps 8] [--warmup 2] [--json out.json]
+                                          [--steps 8] [--warmup 2] [--precision bf16|fp32]
+                                          [--json out.json]
 
 Every implementation trains the same model on the same data with the same
 seed, through the whole trainer step (forward of the policy, the KL batch and
@@ -27,7 +28,10 @@ memory the peak RSS growth during `trainer.train()` (VmHWM reset through
 /proc/self/clear_refs just before, minus VmRSS then; warm-up steps included,
 so the AdamW states count). The loss and metrics TRL logs at step 1 are
 printed too: the policy equals the reference there, so TRL logs loss 0.5,
-kl 0 and rewards 0.
+kl 0 and rewards 0. Printed with the table: the machine (CPU model, cores, torch
+threads, load average before and after) and the CPU time other processes used
+during the run (the machine's busy time from /proc/stat minus the workers'), so
+that figures from a busy machine can be told apart.
 """
 
 from __future__ import annotations
