@@ -446,7 +446,6 @@ TEST_CASE("review: fused-step checks that run before anything is read", "[robust
                  std::to_string(INT64_MAX / 2) + " x 4");
   }
   SECTION("a gradient over the targets") {
-    std::vector<float> buf(static_cast<size_t>(f.fp.rows * f.fp.dim) + 64);
     f.grads.d_hidden.data = reinterpret_cast<float*>(const_cast<index_t*>(f.in.targets.data));
     expect_error([&] { f.run(); }, "grads.d_hidden", "share no memory with targets", "an overlap");
   }
