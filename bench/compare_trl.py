@@ -88,7 +88,8 @@ def make_dataset(vocab: int, rows: int, seed: int = 0):
     def text(n):
         return " ".join(f"w{rng.randrange(words)}" for _ in range(n))
 
-    return Dataset.from_list([{"prompt": text(PROMPT_TOKENS), "completion": text(COMPLETION_TOKENS - 1),
+    return Dataset.from_list([{"prompt": text(PROMPT_TOKENS),
+                               "completion": text(COMPLETION_TOKENS - 1),
                                "label": i % 2 == 0} for i in range(rows)])
 
 
@@ -143,7 +144,7 @@ def worker(impl: str, vocab: int, steps: int, warmup: int, precision: str = "bf1
                              disable_tqdm=True, seed=0, bf16=precision == "bf16")
         trainer = cls(model=policy, ref_model=reference, args=args, train_dataset=data,
                       processing_class=make_tokenizer(vocab), callbacks=[timer], **kwargs)
-        fused = getattr(trainer, "_fused", None)
+        fused = getattr(trainer, "fused_linear", None)
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -155,7 +156,7 @@ def worker(impl: str, vocab: int, steps: int, warmup: int, precision: str = "bf1
     return {
         "impl": impl, "vocab": vocab, "step_s": statistics.median(timer.times[warmup:]),
         "step_times": timer.times, "peak_extra_mb": (peak_kb - base_kb) / 1024.0,
-        "fused_ran": bool(fused(trainer.model)) if fused is not None else None,
+        "fused_ran": fused,
         "step1": {k: first[k] for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")
                   if k in first},
         "torch_threads": torch.get_num_threads(),
@@ -210,8 +211,8 @@ def main() -> None:
         return
 
     print(f"machine: {machine()}")
-    print(f"{SEQUENCES} sequences x ({PROMPT_TOKENS} prompt + {COMPLETION_TOKENS} completion) tokens, "
-          f"median of {args.steps} steps after {args.warmup} warm-up, {args.precision}, "
+    print(f"{SEQUENCES} sequences x ({PROMPT_TOKENS} prompt + {COMPLETION_TOKENS} completion) "
+          f"tokens, median of {args.steps} steps after {args.warmup} warm-up, {args.precision}, "
           "each in a fresh process\n")
     results = []
     import resource
@@ -240,15 +241,16 @@ def main() -> None:
             memory = f"{r['peak_extra_mb'] / base['peak_extra_mb']:.2f}x" if base else "-"
             s1 = r["step1"]
             print(f"| {vocab} | {impl} | {r['step_s']:.3f} | {speed} | {r['peak_extra_mb']:.0f} | "
-                  f"{memory} | {s1.get('loss')!r} | {s1.get('kl')!r} | {s1.get('rewards/chosen')!r} |",
-                  flush=True)
+                  f"{memory} | {s1.get('loss')!r} | {s1.get('kl')!r} | "
+                  f"{s1.get('rewards/chosen')!r} |", flush=True)
     # What else ran meanwhile: the machine's CPU time minus this benchmark's own (its workers).
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.monotonic() - start_wall
     others = (_busy_jiffies() - start_busy) / ticks - (own.ru_utime + own.ru_stime)
     print(f"\nmachine after: {machine()}")
-    print(f"other processes used {max(0.0, others):.0f} CPU-s of the {wall * os.cpu_count():.0f} "
-          f"available during the {wall:.0f} s run ({100 * max(0.0, others) / (wall * os.cpu_count()):.1f} %)")
+    available = wall * os.cpu_count()
+    print(f"other processes used {max(0.0, others):.0f} CPU-s of the {available:.0f} "
+          f"available during the {wall:.0f} s run ({100 * max(0.0, others) / available:.1f} %)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "others_cpu_s": others, "wall_s": wall,

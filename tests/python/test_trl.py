@@ -76,7 +76,7 @@ def test_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, desirable_wei
     # see test_fused_linear_under_bf16_autocast).
     theirs, ours = make_trainers(tmp_path, loss_type, desirable_weight, undesirable_weight, label,
                                  fused, bf16=False if fused else None)
-    assert ours._fused(ours.model) == fused  # the fused path really runs when asked
+    assert ours.fused_linear == fused  # the fused path really runs when asked
     batch = next(iter(theirs.get_train_dataloader()))
     assert batch["completion_mask"].sum() < batch["attention_mask"].sum()  # prompts are ignored
     loss_t, grads_t, metrics_t = loss_and_grads(theirs, batch)
@@ -106,7 +106,7 @@ def test_fused_linear_under_bf16_autocast(tmp_path):
     ρ − z0, 4·u·L, with L the largest |log-prob| of the batch. Compared: what both log at
     step 1 (policy ≠ reference here: the reference is perturbed)."""
     theirs, ours = make_trainers(tmp_path, fused=True)
-    assert ours.args.bf16 and ours._fused(ours.model)
+    assert ours.args.bf16 and ours.fused_linear
     ours.args.logging_steps = 1  # (the two trainers share args)
     ours.args.max_steps = 2      # and it trains on: bf16 hidden states, fp32 lm_head weight
     logs = []

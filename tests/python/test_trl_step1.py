@@ -43,7 +43,7 @@ def first_step_log(tmp_path, mode, bf16, loss_type="kto", label=lambda i, c: i %
                   train_dataset=example.make_dataset(n=16, label=label),
                   processing_class=example.make_tokenizer(), **(kwargs or {}))
     if kwargs is not None:
-        assert trainer._fused(trainer.model) == kwargs.get("fused_linear", False)
+        assert trainer.fused_linear == kwargs.get("fused_linear", True)
     trainer.train()
     assert trainer.accelerator.native_amp == bf16  # bf16: the models really ran under autocast
     return next(h for h in trainer.state.log_history if "kl" in h)

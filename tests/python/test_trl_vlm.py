@@ -224,7 +224,7 @@ def is_vision(name, vlm):
 def test_vision_inputs_reach_the_model_and_match_trl(tmp_path, vlm, fused):
     theirs, ours = make_trainers(tmp_path, vlm, fused)
     assert theirs._is_vision_dataset and ours._is_vision_dataset
-    assert ours._fused(ours.model) == fused
+    assert ours.fused_linear == fused
     batch = next(iter(theirs.get_train_dataloader()))
     image_keys = {"qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids",
                                "KL_mm_token_type_ids"},

@@ -56,7 +56,7 @@ from torch import Tensor
 
 import kto_torch
 
-__all__ = ["PeerError", "kto_loss"]
+__all__ = ["PeerError", "kto_loss", "sum_or_fail"]
 
 _FN = "kto_torch.distributed.kto_loss"
 
@@ -77,7 +77,8 @@ def _collective_device(logits: Tensor) -> torch.device:
     return logits.device if logits.is_cuda else torch.device("cpu")
 
 
-def _raise_if_failed(failed: float, error: Optional[BaseException], phase: str, group) -> None:
+def _raise_if_failed(failed: float, error: Optional[BaseException], phase: str, group,
+                     fn: str) -> None:
     """Every rank calls this with the same `failed` (an all-reduced count)."""
     if failed == 0:
         return
@@ -86,9 +87,28 @@ def _raise_if_failed(failed: float, error: Optional[BaseException], phase: str, 
     dist.all_gather_object(gathered, (dist.get_rank(), mine), group=group)
     failures = {rank: message for rank, message in gathered if message is not None}
     causes = "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
-    message = (f"{_FN}: {len(failures)} of {len(gathered)} data-parallel rank(s) failed {phase} "
+    message = (f"{fn}: {len(failures)} of {len(gathered)} data-parallel rank(s) failed {phase} "
                f"(rank {dist.get_rank()} raises with them) — {causes}")
     raise PeerError(message, failures, phase) from error
+
+
+def sum_or_fail(values: Optional[Tensor], error: Optional[BaseException], phase: str, *,
+                size: int, device, group=None, fn: str = _FN) -> Tensor:
+    """The collective of a step that may have failed on some ranks; every rank calls it.
+
+    A rank that succeeded passes ``values`` (``size`` elements) and ``error=None``; one that
+    failed passes its exception (``values`` is then ignored). One all-reduce (SUM) of
+    [values..., failed] in float64 on ``device``; if any rank failed, every rank raises
+    PeerError (naming ``fn``, each failing rank and its cause, and ``phase``), else each gets
+    the sum (float64 [size] on ``device``). ``size=0`` is a bare failure flag."""
+    reduced = torch.zeros(size + 1, dtype=torch.float64, device=device)
+    if error is None:
+        reduced[:size] = values.reshape(-1).to(reduced)
+    else:
+        reduced[size] = 1.0
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+    _raise_if_failed(float(reduced[size]), error, phase, group, fn)
+    return reduced[:size].clone()
 
 
 def _local_kl_partial(logits: Tensor, kl_policy_logp, kl_reference_logp, kl_num_tokens,
@@ -137,26 +157,20 @@ def kto_loss(logits: Tensor, targets: Tensor, offsets: Optional[Tensor], referen
                         "call kto_torch.kto_loss to pass one yourself")
     device = _collective_device(logits)
 
-    error: Optional[BaseException] = None
-    reduced = torch.zeros(3, dtype=torch.float64, device=device)
+    partial, error = None, None
     try:
         partial = _local_kl_partial(logits, kl_policy_logp, kl_reference_logp, kl_num_tokens,
                                     kl_logits, kl_targets, kl_offsets, options)
-        reduced[:2] = partial.to(device)
     except Exception as e:  # noqa: BLE001 — carried to every rank below
         error = e
-        reduced.zero_()
-        reduced[2] = 1.0
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
-    _raise_if_failed(float(reduced[2]), error, "before the KL all-reduce", group)
+    global_kl = sum_or_fail(partial, error, "before the KL all-reduce", size=2, device=device,
+                            group=group)
 
     out = None
     try:
         out = kto_torch.kto_loss(logits, targets, offsets, reference_logp, desirable,
-                                 global_kl=reduced[:2].clone(), **options)
+                                 global_kl=global_kl, **options)
     except Exception as e:  # noqa: BLE001
         error = e
-    flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=group)
-    _raise_if_failed(float(flag[0]), error, "in the target batch's step", group)
+    sum_or_fail(None, error, "in the target batch's step", size=0, device=device, group=group)
     return out

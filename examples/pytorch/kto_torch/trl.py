@@ -37,13 +37,21 @@ and what to try, where TRL's own trainer would go on with NaN parameters.
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import logging
+import types
+from typing import Optional
 
 import torch
 from accelerate.utils import is_peft_model
+from torch.distributed.tensor import DTensor
 from trl import KTOTrainer as _TRLKTOTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 import kto_torch
+
+logger = logging.getLogger(__name__)
+_TRAINER = "kto_torch.trl.KTOTrainer"
 
 # fused_chunk_bytes default: bench/compare_trl.py, docs/performance.md ("TRL 1.16 trainer step").
 DEFAULT_FUSED_CHUNK_BYTES = 64 << 20
@@ -94,31 +102,95 @@ def _backbone(model):
     return getattr(base, "base_model", base)
 
 
-def _fusable(model) -> bool:
-    config = getattr(model, "config", None)
+def _unfusable_reason(model, name: str) -> Optional[str]:
+    """Why the fused head cannot stand in for `model`'s logits, or None when it can."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    config = getattr(base, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return False
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return (isinstance(getattr(head, "weight", None), torch.Tensor)
-            and _backbone(model) is not (model.get_base_model() if is_peft_model(model) else model))
+    for field in _LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            return (f"{name}'s logits are not lm_head(hidden) (config.{field} = {value}; the "
+                    "fused head does not apply logit transforms yet)")
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return f"{name} has no output embedding (lm_head) with a weight"
+    if not isinstance(head, torch.nn.Linear):
+        return f"{name}'s lm_head is a {type(head).__name__}, not one linear layer"
+    if _backbone(model) is base:
+        return f"{name} has no backbone module (model.base_model) returning the hidden states"
+    return None
 
 
-def _hidden(model, inputs, completion_mask):
-    """Last hidden states [:, :-1], labels [:, 1:], and the lm_head's weight and bias in the
-    hidden states' dtype (under autocast the backbone returns bf16/fp16 while the weight
-    stays fp32: cast as autocast would for the lm_head's matmul; gradients flow back
-    through it)."""
-    hidden = _backbone(model)(**inputs).last_hidden_state
-    t = inputs["input_ids"].size(1)
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
-    if weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
-        bias = bias.to(hidden.dtype) if bias is not None else None
-    return hidden, _labels(inputs, completion_mask), weight, bias
+class HeadRequest:
+    """What the patched forward computes from the last hidden states instead of the logits:
+    ``model(**inputs, kto_head=HeadRequest(completion_mask, context, chunk_bytes[, loss]))``.
+
+    Without ``loss``: (logp [B], num_tokens [B]) of the completion tokens
+    (kto_torch.fused_linear_logprobs). With ``loss`` (the keyword arguments of
+    kto_torch.fused_linear_kto_loss past the hidden states, weight and targets): its
+    KTOOutput, differentiable w.r.t. the hidden states and the lm_head. ``context`` (the
+    trainer's autocast) is entered around the backbone and the head."""
+
+    def __init__(self, completion_mask, context, chunk_bytes: int, loss: Optional[dict] = None):
+        self.completion_mask = completion_mask
+        self.context = context
+        self.chunk_bytes = chunk_bytes
+        self.loss = loss
+
+    def __call__(self, model, **inputs):
+        with self.context():
+            hidden = _backbone(model)(**inputs).last_hidden_state
+            head = model.get_output_embeddings()
+            weight, bias = head.weight, head.bias
+            if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it, as TRL does
+                weight = weight.full_tensor()
+                bias = bias.full_tensor() if bias is not None else None
+            with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gathered for the call
+                return self._head(inputs, hidden, weight, bias)
+
+    def _head(self, inputs, hidden, weight, bias):
+        # Only the last T positions are read (prompt-learning PEFT prepends virtual tokens);
+        # under autocast the backbone returns bf16/fp16 while the weight stays fp32: cast it
+        # as autocast would for the lm_head's matmul (gradients flow back through the cast).
+        t = inputs["input_ids"].size(1)
+        hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)
+            bias = bias.to(hidden.dtype) if bias is not None else None
+        labels = _labels(inputs, self.completion_mask).to(weight.device)
+        if self.loss is None:
+            return kto_torch.fused_linear_logprobs(hidden, weight, labels, bias=bias,
+                                                   chunk_bytes=self.chunk_bytes)
+        return kto_torch.fused_linear_kto_loss(hidden, weight, labels, None, bias=bias,
+                                               chunk_bytes=self.chunk_bytes, **self.loss)
+
+
+def install_kto_head(model) -> None:
+    """Patch ``model.forward`` (the transformers model; under PEFT its base model) so that
+    ``model(**inputs, kto_head=request)`` runs the backbone and the fused head, the way TRL
+    1.16's add_fused_lm_head enters its own head: the call goes through whatever wrapper
+    accelerate put around the model (DDP, FSDP2, ZeRO-3), whose forward hooks prepare the
+    gradient reduction and gather parameters. Without ``kto_head`` the forward is the one
+    the model had (TRL's fused-head forward included), so generation is unchanged."""
+    target = model.get_base_model() if is_peft_model(model) else model
+    if getattr(target, "_kto_head_installed", False):
+        return
+    original = target.forward
+
+    # The original signature: generate() validates its model kwargs against it.
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, kto_head=None, **kwargs):
+        if kto_head is None:
+            return original(*args, **kwargs)
+        if args:
+            raise TypeError("kto_torch.trl: a forward with kto_head takes keyword inputs only")
+        kwargs["use_cache"] = False
+        return kto_head(self, **kwargs)
+
+    target.forward = types.MethodType(forward, target)
+    target._kto_head_installed = True
 
 
 class NonFiniteModelOutputError(ValueError):
@@ -132,32 +204,74 @@ def _non_finite(error: ValueError) -> bool:
 
 
 class KTOTrainer(_TRLKTOTrainer):
-    def __init__(self, *args, fused_linear: bool = False,
+    """TRL 1.16's KTOTrainer with its log-prob and loss path on kto ops.
+
+    ``fused_linear``: None (default) runs the fused head wherever the policy's (and the
+    reference model's) logits are ``lm_head(hidden)`` and the logits path elsewhere, logging
+    why; True insists on the fused head (a ValueError names what prevents it); False always
+    forms the logits. ``fused_chunk_bytes`` bounds the fused head's chunk of logits."""
+
+    def __init__(self, *args, fused_linear: Optional[bool] = None,
                  fused_chunk_bytes: int = DEFAULT_FUSED_CHUNK_BYTES, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fused_linear = fused_linear
         self.fused_chunk_bytes = fused_chunk_bytes
         self._stage = "the KTO step"
+        reason = None
+        if fused_linear is False:
+            reason = "fused_linear=False was passed"
+        else:
+            reason = _unfusable_reason(self.model, "the policy")
+            if reason is None and not self.precompute_ref_logps and self.ref_model is not None:
+                reason = _unfusable_reason(self.ref_model, "the reference model")
+            if reason is not None and fused_linear:
+                raise ValueError(f"kto_torch.trl.KTOTrainer: fused_linear=True cannot be honoured: "
+                                 f"{reason}; pass fused_linear=None (the default) to fall back to "
+                                 "the logits path, or False")
+        self.fused_linear = reason is None
+        self.fused_linear_reason = reason
+        if self.fused_linear:
+            install_kto_head(self.model)
+            if self.ref_model is not None:
+                install_kto_head(self.ref_model)
+            logger.info("kto_torch.trl.KTOTrainer: fused head (no logits formed), chunk %d bytes",
+                        fused_chunk_bytes)
+        elif fused_linear is None:
+            logger.warning("kto_torch.trl.KTOTrainer: the logits path, because %s", reason)
 
     def _kto_supported(self) -> bool:
         return self.ref_model is not None or self.precompute_ref_logps
 
-    def _fused(self, model) -> bool:
-        # One process only: the backbone is called past the DDP/FSDP wrapper, whose
-        # forward prepares the gradient reduction.
-        return (self.fused_linear and self.accelerator.num_processes == 1
-                and _fusable(self.accelerator.unwrap_model(model))
-                and (self.precompute_ref_logps or _fusable(self.ref_model)))
-
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._kto_supported() or self.aux_loss_enabled or return_outputs:
             return super()._compute_loss(model, inputs, return_outputs)
+        return self._kto_loss(model, inputs)
+
+    def _attempt(self, model, step):
+        """step() → (result, None), or (None, the error): a rank that fails still joins the
+        collective that follows. A non-finite model output becomes NonFiniteModelOutputError
+        here, on the rank that saw it, so the message names the cause."""
         try:
-            return self._kto_loss(model, inputs)
+            return step(), None
         except ValueError as error:
             if not _non_finite(error):
-                raise
-            raise NonFiniteModelOutputError(self._non_finite_message(model, error)) from error
+                return None, error
+            converted = NonFiniteModelOutputError(self._non_finite_message(model, error))
+            converted.__cause__ = error
+            return None, converted
+        except Exception as error:  # noqa: BLE001 — carried to every rank
+            return None, error
+
+    def _sum_or_fail(self, values, error, phase: str, size: int):
+        """One process: raise the error. Several: all-reduce (SUM) values with a failure flag;
+        every rank raises PeerError if any failed (kto_torch.distributed)."""
+        if self.accelerator.num_processes == 1:
+            if error is not None:
+                raise error
+            return values
+        import kto_torch.distributed as kto_dist
+
+        return kto_dist.sum_or_fail(values, error, phase, size=size,
+                                    device=self.accelerator.device, fn=_TRAINER)
 
     def _kto_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
@@ -166,64 +280,66 @@ class KTOTrainer(_TRLKTOTrainer):
         desirable = torch.as_tensor(batch["label"], dtype=torch.bool)
         target = (model_inputs(batch), batch["completion_mask"])
         kl_batch = (model_inputs(batch, kl=True), batch.get("KL_completion_mask"))
+        fused = self.fused_linear
+        # The fused head runs inside each model's own forward (model(..., kto_head=request)):
+        # through the DDP/FSDP wrapper accelerate put around the policy, under the same
+        # autocast for the policy and the reference model, so that at step 1 (policy =
+        # reference) their log-probs agree bit for bit.
+        autocast = self.accelerator.autocast
 
-        fused = self._fused(model)
-        chunk = self.fused_chunk_bytes
-        policy = self.accelerator.unwrap_model(model) if fused else model
-        # The fused path calls backbones directly, past the forward that accelerate wrapped in
-        # autocast under mixed precision: run the policy and the reference model in that same
-        # context, so that at step 1 (policy = reference) their log-probs agree bit for bit.
-        # The logits path calls the models' own forwards, as TRL does.
-        context = self.accelerator.autocast if fused else contextlib.nullcontext
+        def logprobs(m, inputs, completion_mask, stage):
+            self._stage = stage
+            if fused:
+                return m(**inputs, kto_head=HeadRequest(completion_mask, autocast,
+                                                        self.fused_chunk_bytes))
+            return kto_torch.sequence_logprobs(*_shifted(m, inputs, completion_mask))
 
-        def logprobs(m, inputs, completion_mask):
-            self._stage = (("the policy's" if m is policy else "the reference model's")
-                           + (" forward on the KL batch" if inputs is kl_batch[0]
-                              else " forward"))
-            with context():
-                if not fused:
-                    return kto_torch.sequence_logprobs(*_shifted(m, inputs, completion_mask))
-                hidden, labels, weight, bias = _hidden(m, inputs, completion_mask)
-                return kto_torch.fused_linear_logprobs(hidden, weight, labels, bias=bias,
-                                                       chunk_bytes=chunk)
-
-        global_kl = None
-        if self.calculate_KL:
+        def before_kl_all_reduce():
+            """The reference log-probs and the local (S, C) of the KL batch."""
             with torch.no_grad():
-                kl_logp, kl_tokens = logprobs(policy, *kl_batch)
-        if self.precompute_ref_logps:
-            ref_logp = batch["ref_logps"]
-            ref_kl_logp = batch.get("ref_KL_logps")
-        else:
-            with torch.no_grad():
-                ref_logp, _ = logprobs(self.ref_model, *target)
-                ref_kl_logp = None
                 if self.calculate_KL:
-                    ref_kl_logp, _ = logprobs(self.ref_model, *kl_batch)
-        if self.calculate_KL:
-            partial = kto_torch.kl_partial(kl_logp, ref_kl_logp, kl_tokens)
-            if self.accelerator.num_processes > 1:  # one all-reduce of (S, C)
-                partial = self.accelerator.reduce(partial.to(device), reduction="sum").cpu()
-            global_kl = partial
+                    kl_logp, kl_tokens = logprobs(model, *kl_batch,
+                                                  "the policy's forward on the KL batch")
+                if self.precompute_ref_logps:
+                    ref_logp, ref_kl_logp = batch["ref_logps"], batch.get("ref_KL_logps")
+                else:
+                    ref_logp, _ = logprobs(self.ref_model, *target,
+                                           "the reference model's forward")
+                    if self.calculate_KL:
+                        ref_kl_logp, _ = logprobs(self.ref_model, *kl_batch,
+                                                  "the reference model's forward on the KL batch")
+            partial = torch.zeros(2, dtype=torch.float64)
+            if self.calculate_KL:
+                partial = kto_torch.kl_partial(kl_logp, ref_kl_logp, kl_tokens)
+            return ref_logp, partial
 
-        self._stage = "the policy's forward or the loss"
+        done, error = self._attempt(model, before_kl_all_reduce)
+        ref_logp, partial = done if done is not None else (None, None)
+        global_kl = self._sum_or_fail(partial, error, "before the KL all-reduce", size=2)
+        global_kl = global_kl.cpu() if self.calculate_KL else None
+
         options = dict(beta=self.beta, desirable_weight=self.desirable_weight,
                        undesirable_weight=self.undesirable_weight, loss_type=self.loss_type)
-        if fused:
-            # z0 is detached: the library's own estimate from the global (S, C).
-            z0 = kto_torch.reference_point(global_kl) if global_kl is not None else 0.0
-            with context():
-                hidden, labels, weight, bias = _hidden(policy, *target)
-                out = kto_torch.fused_linear_kto_loss(
-                    hidden, weight, labels, None, ref_logp, desirable, bias=bias,
-                    reference_point="fixed" if self.calculate_KL else "zero", fixed_z0=z0,
-                    chunk_bytes=chunk, **options)
-        else:
+
+        def policy_step():
+            self._stage = "the policy's forward or the loss"
+            if fused:
+                # z0 is detached: the library's own estimate from the global (S, C).
+                z0 = kto_torch.reference_point(global_kl) if global_kl is not None else 0.0
+                loss = dict(reference_logp=ref_logp, desirable=desirable,
+                            reference_point="fixed" if self.calculate_KL else "zero",
+                            fixed_z0=z0, **options)
+                request = HeadRequest(target[1], autocast, self.fused_chunk_bytes, loss)
+                return model(**target[0], kto_head=request)
             logits, labels = _shifted(model, *target)
-            out = kto_torch.kto_loss(
+            return kto_torch.kto_loss(
                 logits, labels, None, ref_logp, desirable,
                 reference_point="kl_batch" if self.calculate_KL else "zero",
                 global_kl=global_kl, **options)
+
+        out, error = self._attempt(model, policy_step)
+        self._sum_or_fail(torch.zeros(0, dtype=torch.float64), error,
+                          "in the target batch's step", size=0)
         self._log_kto_metrics(mode, out, desirable, batch)
         return out.loss
 
