@@ -82,7 +82,9 @@ def _raise_if_failed(failed: float, error: Optional[BaseException], phase: str, 
     """Every rank calls this with the same `failed` (an all-reduced count)."""
     if failed == 0:
         return
-    mine = None if error is None else f"{type(error).__name__}: {error}"
+    mine = None
+    if error is not None:  # with the notes the rank added (where it failed)
+        mine = " ".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", ())])
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, (dist.get_rank(), mine), group=group)
     failures = {rank: message for rank, message in gathered if message is not None}

@@ -254,11 +254,13 @@ class KTOTrainer(_TRLKTOTrainer):
             return step(), None
         except ValueError as error:
             if not _non_finite(error):
+                error.add_note(f"(in {self._stage})")
                 return None, error
             converted = NonFiniteModelOutputError(self._non_finite_message(model, error))
             converted.__cause__ = error
             return None, converted
         except Exception as error:  # noqa: BLE001 — carried to every rank
+            error.add_note(f"(in {self._stage})")
             return None, error
 
     def _sum_or_fail(self, values, error, phase: str, size: int):
