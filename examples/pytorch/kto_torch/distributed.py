@@ -104,10 +104,10 @@ def sum_or_fail(values: Optional[Tensor], error: Optional[BaseException], phase:
     PeerError (naming ``fn``, each failing rank and its cause, and ``phase``), else each gets
     the sum (float64 [size] on ``device``). ``size=0`` is a bare failure flag."""
     reduced = torch.zeros(size + 1, dtype=torch.float64, device=device)
-    if error is None:
-        reduced[:size] = values.reshape(-1).to(reduced)
-    else:
+    if error is not None:
         reduced[size] = 1.0
+    elif size > 0:
+        reduced[:size] = values.reshape(-1).to(reduced)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
     _raise_if_failed(float(reduced[size]), error, phase, group, fn)
     return reduced[:size].clone()

@@ -340,7 +340,7 @@ class KTOTrainer(_TRLKTOTrainer):
                 global_kl=global_kl, **options)
 
         out, error = self._attempt(model, policy_step)
-        self._sum_or_fail(torch.zeros(0, dtype=torch.float64), error,
+        self._sum_or_fail(None, error,
                           "in the target batch's step", size=0)
         self._log_kto_metrics(mode, out, desirable, batch)
         return out.loss
