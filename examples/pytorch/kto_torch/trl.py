@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 from accelerate.utils import is_peft_model
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from trl import KTOTrainer as _TRLKTOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -123,6 +123,19 @@ def _unfusable_reason(model, name: str) -> Optional[str]:
     return None
 
 
+def _gathered(param):
+    """The whole tensor of an FSDP2-sharded (DTensor) parameter, for a forward that reads it
+    without calling its module (whose hooks would gather it). Its gradient is this rank's
+    share of the batch's: averaged over the ranks on the way back (Partial("avg") to the
+    parameter's sharding, a reduce-scatter), as FSDP2 averages the gradients it gathers
+    itself. (``full_tensor()`` would slice the gradient without that reduction, leaving each
+    rank's shard with its own batch's gradient only.)"""
+    if param is None:
+        return None
+    whole = param.redistribute(param.device_mesh, [Replicate()] * param.device_mesh.ndim)
+    return whole.to_local(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
+
+
 class HeadRequest:
     """What the patched forward computes from the last hidden states instead of the logits:
     ``model(**inputs, kto_head=HeadRequest(completion_mask, context, chunk_bytes[, loss]))``.
@@ -144,9 +157,8 @@ class HeadRequest:
             hidden = _backbone(model)(**inputs).last_hidden_state
             head = model.get_output_embeddings()
             weight, bias = head.weight, head.bias
-            if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it, as TRL does
-                weight = weight.full_tensor()
-                bias = bias.full_tensor() if bias is not None else None
+            if isinstance(weight, DTensor):  # an lm_head FSDP2 has not gathered (sharded alone)
+                weight, bias = _gathered(weight), _gathered(bias)
             with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gathered for the call
                 return self._head(inputs, hidden, weight, bias)
 
