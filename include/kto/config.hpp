@@ -15,6 +15,17 @@
 #define KTO_HOST_DEVICE
 #endif
 
+// KTO_UNROLL() or KTO_UNROLL(n) before a loop: `#pragma unroll [n]` in the device
+// pass only. The host pass of a KTO_HOST_DEVICE function (the kernels' logic run
+// on the CPU, tests/gpu/test_device_logic.cu) would otherwise warn of an unknown
+// pragma (GCC's -Wunknown-pragmas).
+#define KTO_PRAGMA_(text) _Pragma(#text)
+#if defined(__CUDA_ARCH__)
+#define KTO_UNROLL(...) KTO_PRAGMA_(unroll __VA_ARGS__)
+#else
+#define KTO_UNROLL(...)
+#endif
+
 #include <cstdint>
 
 namespace kto {

@@ -50,12 +50,12 @@ KTO_HOST_DEVICE inline void write_row(const T* in, T* out, index_t vocab, index_
     out[i] = from_float<T>(value(zero ? 0.0f : to_float(in[i]), i));
   const Vec<T>* vin = reinterpret_cast<const Vec<T>*>(in + span.head);
   Vec<T>* vout = reinterpret_cast<Vec<T>*>(out + span.head);
-#pragma unroll 4
+  KTO_UNROLL(4)
   for (index_t i = lane; i < span.vectors; i += kThreads) {
     Vec<T> v;
     if (!zero) v = vin[i];
     const index_t base = span.head + i * W;
-#pragma unroll
+    KTO_UNROLL()
     for (int k = 0; k < W; ++k)
       v.v[k] = from_float<T>(value(zero ? 0.0f : to_float(v.v[k]), base + k));
     store_streaming(vout + i, v);

@@ -76,11 +76,11 @@ KTO_HOST_DEVICE inline LseState thread_row_lse(const T* row, index_t vocab, int 
     lse_update(st, x);
   }
   const Vec<T>* vec = reinterpret_cast<const Vec<T>*>(row + span.head);
-#pragma unroll 4
+  KTO_UNROLL(4)
   for (index_t i = lane; i < span.vectors; i += kThreads) {
     const Vec<T> v = load_vector(vec + i);
     float x[W];
-#pragma unroll
+    KTO_UNROLL()
     for (int k = 0; k < W; ++k) x[k] = to_float(v.v[k]);
     lse_update(st, x);
   }
@@ -146,7 +146,7 @@ __global__ void sequence_logp_kernel(SequenceParams p) {
     sum += static_cast<double>(p.token_logp[r]);
     ++n;
   }
-#pragma unroll
+  KTO_UNROLL()
   for (int offset = 16; offset > 0; offset >>= 1) {
     sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     n += __shfl_xor_sync(0xffffffffu, n, offset);

@@ -61,7 +61,7 @@ KTO_HOST_DEVICE inline LseState thread_biased_lse(const float* row, const float*
   const index_t vectors = vocab / 4;
   const float4* z4 = reinterpret_cast<const float4*>(row);
   const float4* b4 = reinterpret_cast<const float4*>(bias);
-#pragma unroll 4
+  KTO_UNROLL(4)
   for (index_t i = lane; i < vectors; i += kThreads) {
     float4 z = z4[i];
     if (bias) {
@@ -169,7 +169,7 @@ struct alignas(4 * sizeof(T)) Quad {
 KTO_HOST_DEVICE inline void quad_gradient(float4 z, index_t base, index_t target, float lse,
                                           float scale, float (&out)[4]) {
   const float x[4] = {z.x, z.y, z.z, z.w};
-#pragma unroll
+  KTO_UNROLL()
   for (int k = 0; k < 4; ++k)
     out[k] = (base + k == target ? scale : 0.0f) - scale * expf(x[k] - lse);
 }
@@ -182,7 +182,7 @@ KTO_HOST_DEVICE inline void write_chunk_row(const float* row, const float* bias,
   const float4* z4 = reinterpret_cast<const float4*>(row);
   const float4* b4 = reinterpret_cast<const float4*>(bias);
   Quad<T>* o4 = reinterpret_cast<Quad<T>*>(out);
-#pragma unroll 4
+  KTO_UNROLL(4)
   for (index_t i = lane; i < vectors; i += kThreads) {
     float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (!zero) {
@@ -194,7 +194,7 @@ KTO_HOST_DEVICE inline void write_chunk_row(const float* row, const float* bias,
       quad_gradient(z, i * 4, target, lse, scale, g);
     }
     Quad<T> q;
-#pragma unroll
+    KTO_UNROLL()
     for (int k = 0; k < 4; ++k) q.v[k] = from_float<T>(g[k]);
     o4[i] = q;
   }

@@ -36,17 +36,17 @@ KTO_HOST_DEVICE inline bool is_nan(float x) {
 template <int N>
 KTO_HOST_DEVICE inline void lse_update(LseState& st, const float (&x)[N]) {
   float chunk_max = x[0];
-#pragma unroll
+  KTO_UNROLL()
   for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, x[k]);
   const float m = fmaxf(st.m, chunk_max);
   if (m == -INFINITY) {  // only −inf (and maybe NaN) so far: exp terms are 0
-#pragma unroll
+    KTO_UNROLL()
     for (int k = 0; k < N; ++k)
       if (is_nan(x[k])) st.s = NAN;
     return;
   }
   float s = st.s * expf(st.m - m);
-#pragma unroll
+  KTO_UNROLL()
   for (int k = 0; k < N; ++k) s += expf(x[k] - m);
   st.m = m;
   st.s = s;
@@ -60,7 +60,7 @@ KTO_HOST_DEVICE inline LseState lse_combine(const LseState& a, const LseState& b
 
 /// Butterfly over the 32 lanes in a fixed pattern: deterministic; lane 0 holds the result.
 __device__ __forceinline__ LseState warp_reduce_lse(LseState st) {
-#pragma unroll
+  KTO_UNROLL()
   for (int offset = 16; offset > 0; offset >>= 1) {
     LseState other;
     other.m = __shfl_xor_sync(0xffffffffu, st.m, offset);
