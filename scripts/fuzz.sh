@@ -29,7 +29,7 @@ jobs=${KTO_FUZZ_JOBS:-1}
 out=build-fuzz
 cxx=${KTO_FUZZ_CXX:-clang++}
 flags=(-std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-       -Wall -Wextra -I include -I /usr/include/eigen3)
+       -Wall -Wextra -Werror -I include -I /usr/include/eigen3)
 # Inputs are structured, not raw data: 1 KiB holds any problem the harnesses build.
 max_len=1024
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=0}
