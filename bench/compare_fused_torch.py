@@ -207,11 +207,12 @@ def main():
         torch.cuda.empty_cache()
     print(f"\npeer comparison, B={a.batch} T={a.len} V={a.vocab} bf16, {name} "
           f"(matmul peak {peak:.0f} TFLOP/s)")
-    print(f"{'D':>5} {'case':32s} {'ms':>9} {'peak MB':>9} {'TFLOP/s':>8} {'%peak':>6} {'loss':>10} "
-          f"{'|loss-fp32|':>11}")
+    print(f"{'D':>5} {'case':32s} {'ms':>9} {'peak MB':>9} {'TFLOP/s':>8} {'%peak':>6} "
+          f"{'loss':>10} {'|loss-fp32|':>11}")
     for r in rows:
-        print(f"{r['dim']:5d} {r['case']:32s} {r['ms']:9.2f} {r['peak_mb']:9.0f} {r['tflops']:8.1f} "
-              f"{100 * r['fraction_of_peak']:5.0f}% {r['loss']:10.6f} {r['loss_error']:11.2e}")
+        print(f"{r['dim']:5d} {r['case']:32s} {r['ms']:9.2f} {r['peak_mb']:9.0f} "
+              f"{r['tflops']:8.1f} {100 * r['fraction_of_peak']:5.0f}% {r['loss']:10.6f} "
+              f"{r['loss_error']:11.2e}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(device=name, matmul_tflops=peak, batch=a.batch, len=a.len,

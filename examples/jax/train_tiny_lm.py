@@ -35,7 +35,8 @@ def init_params(key):
     eye = jnp.eye(VOCAB, DIM, dtype=jnp.float32)
     return {
         "embed": 2.0 * eye + 0.1 * jax.random.normal(k1, (VOCAB, DIM), jnp.float32),
-        "layer": jnp.eye(DIM, dtype=jnp.float32) + 0.1 * jax.random.normal(k2, (DIM, DIM), jnp.float32),
+        "layer": jnp.eye(DIM, dtype=jnp.float32)
+        + 0.1 * jax.random.normal(k2, (DIM, DIM), jnp.float32),
         "lm_head": 1.6 * eye + 0.1 * jax.random.normal(k3, (VOCAB, DIM), jnp.float32),  # repeats
     }
 
@@ -83,7 +84,9 @@ def adam(lr=0.05, b1=0.9, b2=0.999, eps=1e-8):
         t += 1
         m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
         v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
-        step = lambda p, m, v: p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+        def step(p, m, v):
+            return p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+
         return jax.tree.map(step, params, m, v), (m, v, t)
 
     return init, update

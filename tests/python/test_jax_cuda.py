@@ -70,6 +70,6 @@ def test_cuda_fused_and_logits_ops_match_the_cpu(dtype):
     tol = 1e-5 if dtype == jnp.float32 else 2.0**-7
     for a, b in ((cpu[0], gpu[0]), (cpu[1], gpu[1]), (cpu[3], gpu[3]), (cpu[4], gpu[4])):
         np.testing.assert_allclose(float(b), float(a), rtol=tol, atol=1e-6)
-    for a, b in zip(list(cpu[2]) + [cpu[5]], list(gpu[2]) + [gpu[5]]):
+    for a, b in zip(list(cpu[2]) + [cpu[5]], list(gpu[2]) + [gpu[5]], strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= tol * np.abs(a).max() + 1e-7

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import kto_jax
 
@@ -53,7 +54,7 @@ def mesh(name):
 
 
 def close(got, want, rel):
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         assert g.shape == w.shape
         assert np.abs(g - w).max() <= rel * np.abs(w).max(), np.abs(g - w).max()

@@ -58,7 +58,8 @@ def test_fused_linear_matches_kto_torch_and_the_reference(dtype, unit_roundoff, 
     ref, kl_ref, want_loss, _, want_grads, dz = reference(batch, options)
     if options.mean_denominator and options.reduction == "mean":  # the reference divides by B
         factor = len(batch["desirable"]) / options.mean_denominator
-        want_loss, want_grads, dz = want_loss * factor, [g * factor for g in want_grads], dz * factor
+        want_loss, dz = want_loss * factor, dz * factor
+        want_grads = [g * factor for g in want_grads]
 
     def f(h, w, b):
         return kto_jax.fused_linear_kto_loss(
@@ -88,7 +89,7 @@ def test_fused_linear_matches_kto_torch_and_the_reference(dtype, unit_roundoff, 
     np.testing.assert_allclose(metrics["per_example/logp"], out.logp.numpy(), rtol=0,
                                atol=RTOL * scale)
     gmax = float(jnp.abs(dz).max()) + 1e-30
-    for g, t, want in zip(grads, (h.grad, w.grad, b.grad), want_grads):
+    for g, t, want in zip(grads, (h.grad, w.grad, b.grad), want_grads, strict=True):
         bound = gmax * 10 * np.abs(np.asarray(want)).max() / gmax
         assert_close(g.astype(jnp.float32), t.float().numpy(), bound, unit_roundoff)
         assert_close(g.astype(jnp.float32), want, bound * 10, unit_roundoff)

@@ -7,7 +7,6 @@ the value (2^-8, 2^-11).
 """
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -36,7 +35,8 @@ def make_batch(seed, B=4, T=6, V=29, dtype=torch.float32, shifted=False):
     K = B
     kl_num_tokens = torch.randint(0, T, (K,), generator=g)
     kl_policy = torch.where(kl_num_tokens > 0, torch.randn(K, generator=g) * 4 - 20, torch.zeros(K))
-    kl_reference = torch.where(kl_num_tokens > 0, kl_policy - 0.4 + 0.5 * torch.randn(K, generator=g),
+    kl_reference = torch.where(kl_num_tokens > 0,
+                               kl_policy - 0.4 + 0.5 * torch.randn(K, generator=g),
                                torch.zeros(K))
     return dict(logits=logits, targets=targets, desirable=desirable, kl_policy=kl_policy,
                 kl_reference=kl_reference, kl_num_tokens=kl_num_tokens, generator=g)
@@ -87,7 +87,8 @@ def run_ours(batch, ref_logp, o, logits=None):
 def check(batch, o):
     logits = batch["logits"]
     logits64 = logits.double().requires_grad_(True)
-    ref_logp = (reference_logp(logits64.detach(), batch["targets"], o.get("average_log_prob", False))[0]
+    average = o.get("average_log_prob", False)
+    ref_logp = (reference_logp(logits64.detach(), batch["targets"], average)[0]
                 + 0.5 * torch.randn(logits.shape[0], generator=batch["generator"],
                                     dtype=torch.float64)).float()
     want, z0, rho, logp = reference_loss(logits64, batch, ref_logp, o)
@@ -219,7 +220,8 @@ def test_data_parallel_gloo_two_ranks_equal_one_process():
     torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), z.grad, rtol=1e-12, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA op is untested here")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the CUDA op is untested here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shifted", [False, True])
 def test_cuda_op_matches_the_reference(dtype, shifted):

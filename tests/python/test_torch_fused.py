@@ -47,11 +47,13 @@ def reference(p, o):
     h = p["hidden"].double().requires_grad_(True)
     w = p["weight"].double().requires_grad_(True)
     b = p["bias"].double().requires_grad_(True) if p["bias"] is not None else None
-    kl_logits = logits_of(p, p["kl_hidden"].double(), w.detach(), b.detach() if b is not None else None)
+    kl_logits = logits_of(p, p["kl_hidden"].double(), w.detach(),
+                          b.detach() if b is not None else None)
     kl_logp, kl_n = kto_torch.sequence_logprobs(kl_logits, p["kl_targets"],
                                                 average_log_prob=o.get("average_log_prob", False))
-    out = kto_torch.kto_loss(logits_of(p, h, w, b), p["targets"], None, p["reference_logp"].double(),
-                             p["desirable"], kl_logp, p["kl_reference_logp"].double(), kl_n, **o)
+    out = kto_torch.kto_loss(logits_of(p, h, w, b), p["targets"], None,
+                             p["reference_logp"].double(), p["desirable"], kl_logp,
+                             p["kl_reference_logp"].double(), kl_n, **o)
     out.loss.backward()
     return out, h.grad, w.grad, (b.grad if b is not None else None), kl_logits
 
@@ -59,7 +61,8 @@ def reference(p, o):
 def fused(p, o, device="cpu", **kw):
     h = p["hidden"].detach().clone().to(device).requires_grad_(True)
     w = p["weight"].detach().clone().to(device).requires_grad_(True)
-    b = p["bias"].detach().clone().to(device).requires_grad_(True) if p["bias"] is not None else None
+    b = p["bias"]
+    b = b.detach().clone().to(device).requires_grad_(True) if b is not None else None
     out = kto_torch.fused_linear_kto_loss(
         h, w, p["targets"].to(device), None, p["reference_logp"].to(device),
         p["desirable"].to(device), bias=b, kl_hidden=p["kl_hidden"].to(device),
@@ -185,23 +188,26 @@ def test_fused_opcheck_and_compile():
             kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
             kl_reference_logp=p["kl_reference_logp"]).loss
 
-    leaves = [t.detach().clone().requires_grad_(True) for t in (p["hidden"], p["weight"], p["bias"])]
+    params = (p["hidden"], p["weight"], p["bias"])
+    leaves = [t.detach().clone().requires_grad_(True) for t in params]
     eager = step(*leaves)
     eager.backward()
-    again = [t.detach().clone().requires_grad_(True) for t in (p["hidden"], p["weight"], p["bias"])]
+    again = [t.detach().clone().requires_grad_(True) for t in params]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*again)
     compiled.backward()
     assert torch.equal(eager.detach(), compiled.detach())
-    for a, b in zip(leaves, again):
+    for a, b in zip(leaves, again, strict=True):
         assert torch.equal(a.grad, b.grad)
 
 
 def test_fused_errors_name_the_argument():
     p = make_problem(6)
-    with pytest.raises((ValueError, RuntimeError), match="'weight' must have the dtype of 'hidden'"):
+    with pytest.raises((ValueError, RuntimeError),
+                       match="'weight' must have the dtype of 'hidden'"):
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"].double(), p["targets"], None,
                                         p["reference_logp"], p["desirable"])
-    with pytest.raises((ValueError, RuntimeError), match=r"hidden.cols' must equal head.weight.cols"):
+    with pytest.raises((ValueError, RuntimeError),
+                       match=r"hidden.cols' must equal head.weight.cols"):
         kto_torch.fused_linear_kto_loss(p["hidden"][..., :-1], p["weight"], p["targets"], None,
                                         p["reference_logp"], p["desirable"])
     with pytest.raises(ValueError, match="strategy"):
@@ -217,7 +223,8 @@ def test_fused_errors_name_the_argument():
                                         p["desirable"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA fused op is untested here")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the CUDA fused op is untested here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
 def test_cuda_fused_op_matches_the_reference(dtype, strategy):

@@ -162,8 +162,9 @@ def test_d4_bias_of_the_wrong_length_raises_naming_it(fn):
     for bias, got in ((p["bias"][:1], r"\[1\]"), (p["bias"][:-1], r"\[40\]"),
                       (torch.cat([p["bias"], p["bias"][:3]]), r"\[44\]"),
                       (p["bias"][:, None], r"\[41, 1\]")):
-        with pytest.raises(ValueError, match=rf"kto_torch.{name}: argument 'bias' must be 1-D with "
-                                             rf"V = weight.size\(0\) = 41 entries; got shape {got}"):
+        with pytest.raises(ValueError, match=rf"kto_torch.{name}: argument 'bias' must be 1-D "
+                                             rf"with V = weight.size\(0\) = 41 entries; "
+                                             rf"got shape {got}"):
             fused_with_bias(p, bias, fn)
     with pytest.raises(ValueError, match=r"'bias' must have V = weight.size\(0\) = 41 entries "
                                          r"\(or be None\); got an empty tensor"):
@@ -269,11 +270,12 @@ def test_d5_cuda_and_cpu_mixes_raise():
 def test_d10_desirable_values_other_than_0_and_1_raise(labels, index, shown):
     batch = make_batch(12)
     with pytest.raises(ValueError, match=rf"kto_torch.kto_loss: argument 'desirable\[{index}\]' "
-                                         rf"must be 0 \(undesirable\) or 1 \(desirable\), or a bool; "
-                                         rf"got {shown}$"):
+                                         rf"must be 0 \(undesirable\) or 1 \(desirable\), "
+                                         rf"or a bool; got {shown}$"):
         loss_and_grad(batch["logits"], batch["targets"], desirable=labels)
     p = make_problem(12)
-    with pytest.raises(ValueError, match=rf"fused_linear_kto_loss: argument 'desirable\[{index}\]'"):
+    with pytest.raises(ValueError,
+                       match=rf"fused_linear_kto_loss: argument 'desirable\[{index}\]'"):
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], p["targets"], None,
                                         p["reference_logp"], labels)
 

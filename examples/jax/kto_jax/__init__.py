@@ -40,7 +40,8 @@ from jax import lax
 from . import _build
 
 try:
-    from importlib.metadata import PackageNotFoundError, version as _dist_version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _dist_version
 
     __version__ = _dist_version("kto_jax")
 except PackageNotFoundError:  # the source tree
@@ -459,7 +460,7 @@ def _fused_core_bwd(static, residuals, cotangents):
     # replicated on (dH over the vocab axis, dW and db over the data axis), then rounded
     # once to the input dtype.
     grads = tuple(_cotangent(ct * g, a, axes).astype(dtype)
-                  for g, a in zip(residuals, operand_axes))
+                  for g, a in zip(residuals, operand_axes, strict=True))
     return grads + (None,) * 11
 
 
