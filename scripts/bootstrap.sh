@@ -3,7 +3,8 @@
 # Safe to run repeatedly: it only calls apt-get when something is absent.
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev openmpi-bin libopenmpi-dev
-          clang libclang-rt-14-dev)  # clang + libFuzzer's runtime: scripts/fuzz.sh
+          clang libclang-rt-14-dev  # clang + libFuzzer's runtime: scripts/fuzz.sh
+          clang-format)             # scripts/lint.sh
 missing=()
 # The Python tests need a python3 that can make virtual environments.
 python3 -m venv --help >/dev/null 2>&1 || packages+=(python3 python3-venv python3-pip)

@@ -3,8 +3,36 @@
 # builds the PyTorch and JAX packages (examples/pytorch, examples/jax) into it.
 # Reuses what is up to date: the packages while requirements.txt is unchanged,
 # the two built packages while their sources and the library headers are.
+# Also installs the linters of requirements-lint.txt (ruff).
+#
+#   scripts/python_env.sh          everything
+#   scripts/python_env.sh --lint   only the linters (creating .venv if needed):
+#                                  what scripts/lint.sh needs, in seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+lint_stamp=.venv/.requirements-lint.sha256
+lint_want=$(sha256sum requirements-lint.txt | cut -d' ' -f1)
+install_linters() {
+  if [ ! -f "$lint_stamp" ] || [ "$(cat "$lint_stamp")" != "$lint_want" ]; then
+    .venv/bin/python -m pip install -q -r requirements-lint.txt
+    echo "$lint_want" >"$lint_stamp"
+  fi
+}
+new_venv() {
+  if ! "$python" -m venv --help >/dev/null 2>&1; then
+    echo "python_env: '$python -m venv' is unavailable" >&2
+    exit 1
+  fi
+  rm -rf .venv
+  "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+}
+if [ "${1:-}" = --lint ]; then
+  [ -x .venv/bin/python ] || new_venv
+  install_linters
+  exit 0
+fi
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 ext_stamp=.venv/.kto_torch.sha256
@@ -21,17 +49,12 @@ build_extension() {
   fi
 }
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  install_linters
   build_extension
   exit 0
 fi
-python=${PYTHON:-python3}
-if ! "$python" -m venv --help >/dev/null 2>&1; then
-  echo "python_env: '$python -m venv' is unavailable" >&2
-  exit 1
-fi
-rm -rf .venv
-"$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+new_venv
 .venv/bin/python -m pip install -q -r requirements.txt
 echo "$want" >"$stamp"
+install_linters
 build_extension
