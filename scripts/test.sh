@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
-# The test command: install what is missing, build everything, run every test,
-# then rebuild the CPU tests under AddressSanitizer + UBSan and run them again,
-# under ThreadSanitizer, and fuzz the CPU entry points (scripts/fuzz.sh).
+# The test command: install what is missing, check the format (scripts/lint.sh),
+# build everything with warnings as errors, run every test, then rebuild the
+# CPU tests under AddressSanitizer + UBSan and run them again, under
+# ThreadSanitizer, and fuzz the CPU entry points (scripts/fuzz.sh). The build
+# trees and their flags are the presets of CMakePresets.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 jobs=$(nproc)
 
-echo "== build (Release)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build -j"$jobs"
+echo "== lint (clang-format, ruff)"
+scripts/lint.sh
+
+echo "== build (Release, warnings as errors)"
+cmake --preset release >/dev/null
+# The CUDA targets first where nvcc was found (compiled, not run: no GPU here).
+cache=build/CMakeCache.txt
+if grep -q '^KTO_ENABLE_CUDA:BOOL=ON' "$cache" && grep -q '^CMAKE_CUDA_COMPILER:[A-Z]*=.' "$cache" &&
+   ! grep -q '^CMAKE_CUDA_COMPILER:[A-Z]*=.*NOTFOUND' "$cache"; then
+  cmake --build --preset cuda-compile -j"$jobs"
+fi
+cmake --build --preset release -j"$jobs"
 echo "== tests"
-ctest --test-dir build -j"$jobs" --output-on-failure
+ctest --preset release -j"$jobs"
 
 echo "== Python tests (JAX and PyTorch ops against float64 references, gloo data parallel)"
 scripts/python_env.sh
 .venv/bin/python -m pytest -q tests/python
 
 echo "== tests under ASan + UBSan"
-san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
-# GCC 12 flags its own AVX-512 intrinsics (`__m512 __Y = __Y;`) under the sanitizers.
-warn="-Wno-uninitialized"
-cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKTO_BUILD_BENCHMARKS=OFF -DKTO_ENABLE_CUDA=OFF \
-  -DCMAKE_CXX_FLAGS="$san $warn" -DCMAKE_EXE_LINKER_FLAGS="$san" >/dev/null
-cmake --build build-asan -j"$jobs"
-ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-  ctest --test-dir build-asan -j"$jobs" --output-on-failure -LE package
+cmake --preset asan-ubsan >/dev/null
+cmake --build --preset asan-ubsan -j"$jobs"
+ctest --preset asan-ubsan -j"$jobs"
 
 echo "== CPU tests under ThreadSanitizer"
 KTO_TSAN_JOBS="$jobs" scripts/tsan.sh
