@@ -46,6 +46,10 @@ struct Options {
   /// it to the global batch size.
   index_t mean_denominator = 0;
   index_t ignore_index = -100;
+  /// Also return, per sequence, the sums of its scored tokens' entropy and mean
+  /// logit (token_statistics.hpp), from the pass that computes lse: TRL's
+  /// `entropy` and `logits/*` metrics. Not on CUDA yet (its entry points raise).
+  bool token_statistics = false;
 };
 
 /// Options from plain numbers, the enums as their integer values: what
@@ -53,7 +57,8 @@ struct Options {
 inline Options options_from_codes(double beta, double desirable_weight, double undesirable_weight,
                                   int loss_type, int link, int reference_point, int kl_estimator,
                                   bool clamp_kl, double fixed_z0, bool average_logprob,
-                                  int reduction, index_t mean_denominator, index_t ignore_index) {
+                                  int reduction, index_t mean_denominator, index_t ignore_index,
+                                  bool token_statistics = false) {
   Options o;
   o.beta = beta;
   o.desirable_weight = desirable_weight;
@@ -68,6 +73,7 @@ inline Options options_from_codes(double beta, double desirable_weight, double u
   o.reduction = static_cast<Reduction>(reduction);
   o.mean_denominator = mean_denominator;
   o.ignore_index = ignore_index;
+  o.token_statistics = token_statistics;
   return o;
 }
 

@@ -41,11 +41,11 @@ def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_w
                          use_cpu=True, save_strategy="no",
                          **({} if bf16 is None else {"bf16": bf16}))
     data = example.make_dataset(n=16, label=label)
+    common = dict(args=args, train_dataset=data, processing_class=example.make_tokenizer())
     theirs = trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
-                            args=args, train_dataset=data, processing_class=example.make_tokenizer())
+                            **common)
     ours = kto_trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
-                              args=args, train_dataset=data, processing_class=example.make_tokenizer(),
-                              fused_linear=fused, fused_chunk_bytes=4096)
+                              fused_linear=fused, fused_chunk_bytes=4096, **common)
     return theirs, ours
 
 

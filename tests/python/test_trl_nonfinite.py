@@ -55,9 +55,11 @@ def test_diverged_parameters_are_named_as_the_cause(tmp_path, fused):
     with pytest.raises(kto_trl.NonFiniteModelOutputError) as raised:
         trainer.train()
     message = str(raised.value)
-    assert "in the policy's forward" in message and "(parameters float32, no mixed precision)" in message
+    assert "in the policy's forward" in message
+    assert "(parameters float32, no mixed precision)" in message
     n = len(list(policy.parameters()))
-    assert f"Most likely cause: the policy diverged: 1 of its {n} parameter tensors already hold NaN/inf" in message
+    assert (f"Most likely cause: the policy diverged: 1 of its {n} parameter tensors already "
+            "hold NaN/inf") in message
     assert "gradient clipping (max_grad_norm=1.0; now off)" in message
 
 

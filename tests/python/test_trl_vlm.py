@@ -34,9 +34,16 @@ np = pytest.importorskip("numpy")
 
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (BatchFeature, CLIPVisionConfig, LlamaConfig,  # noqa: E402
-                          LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers import (  # noqa: E402
+    BatchFeature,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
 
 WORDS = 24
@@ -82,8 +89,9 @@ class StandInProcessor(ProcessorMixin):
             counts = iter(n for _, n in per_image)
             for i, t in enumerate(text):
                 parts = t.split(self.image_token)
-                text[i] = parts[0] + "".join(" " + " ".join([self.image_token] * next(counts)) + " " + p
-                                             for p in parts[1:])
+                text[i] = parts[0] + "".join(
+                    " " + " ".join([self.image_token] * next(counts)) + " " + p
+                    for p in parts[1:])
         enc = self.tokenizer(text, padding=padding, padding_side=padding_side,
                              return_tensors=return_tensors, add_special_tokens=add_special_tokens)
         out = dict(enc)
@@ -125,8 +133,8 @@ class LlavaStandIn(StandInProcessor):
 
     def image_features(self, image):
         h, w, _ = image.shape
-        return ({"pixel_values": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]},
-                (h // self.patch) * (w // self.patch))
+        pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+        return {"pixel_values": pixels}, (h // self.patch) * (w // self.patch)
 
 
 def text_config(cls, **extra):

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "trl"))
 import train_trl_kto as example  # noqa: E402
+
 from kto_torch.trl import HeadRequest, install_kto_head  # noqa: E402
 
 B, T, COMPLETION = 8, 10, 5

@@ -229,8 +229,10 @@ class ChunkEngine {
     });
   }
 
-  /// The slice's partial of each row of [r0, r0 + n) (unscored rows: {NaN, 0}).
-  void partials(const RowScorer& scorer, index_t r0, index_t n, RowPartial<Acc>* out) {
+  /// The slice's partial of each row of [r0, r0 + n) (unscored rows: {NaN, 0});
+  /// with `statistics`, each scored row's token statistics from the same read.
+  void partials(const RowScorer& scorer, index_t r0, index_t n, RowPartial<Acc>* out,
+                TokenStatistics<Acc>* statistics = nullptr) {
     for (index_t i = 0; i < n; ++i) out[i] = {std::numeric_limits<Acc>::quiet_NaN(), Acc(0)};
     const index_t begin = head_.vocab_begin;
     parallel_for(static_cast<index_t>(rows_.size()), exec_, [&](index_t b, index_t e) {
@@ -238,7 +240,8 @@ class ChunkEngine {
         const index_t r = rows_[static_cast<size_t>(k)];
         const index_t t = scorer.target(r);
         const Acc* z = logits_row(k);
-        const RowStats<Acc> st = row_stats<Acc, Acc>(z, vocab_, 0);
+        const RowStats<Acc> st = statistics ? row_stats<Acc, Acc>(z, vocab_, 0, statistics[r - r0])
+                                            : row_stats<Acc, Acc>(z, vocab_, 0);
         const bool owned = t >= begin && t < begin + vocab_;
         out[r - r0] = {st.lse, owned ? z[t - begin] : Acc(0)};
       }
@@ -390,18 +393,19 @@ void validate_hidden_batch(const HiddenBatch<T>& batch, const LinearHead<T>& hea
   }
 }
 
-/// Row partials of every row of a batch, chunk by chunk (forward only).
+/// Row partials of every row of a batch, chunk by chunk (forward only); with
+/// `statistics` (one per row), the scored rows' token statistics too.
 template <class T>
-std::vector<RowPartial<accumulator_t<T>>> batch_partials(ChunkEngine<T>& engine,
-                                                         const MatrixView<const T>& hidden,
-                                                         const RowScorer& scorer) {
+std::vector<RowPartial<accumulator_t<T>>> batch_partials(
+    ChunkEngine<T>& engine, const MatrixView<const T>& hidden, const RowScorer& scorer,
+    TokenStatistics<accumulator_t<T>>* statistics = nullptr) {
   std::vector<RowPartial<accumulator_t<T>>> out(
       static_cast<size_t>(hidden.rows),
       {std::numeric_limits<accumulator_t<T>>::quiet_NaN(), accumulator_t<T>(0)});
   for (index_t r0 = scorer.first; r0 < scorer.last; r0 += engine.chunk_rows()) {
     const index_t n = std::min(engine.chunk_rows(), scorer.last - r0);
     engine.compute(hidden, scorer, r0, n);
-    engine.partials(scorer, r0, n, out.data() + r0);
+    engine.partials(scorer, r0, n, out.data() + r0, statistics ? statistics + r0 : nullptr);
   }
   return out;
 }
@@ -418,6 +422,23 @@ void set_row_scales(const RowScorer& scorer, const SequencesView& seqs, index_t 
     for (index_t r = seqs.begin(s); r < seqs.end(s); ++r)
       if (scorer.target(r) != o.ignore_index) scale[static_cast<size_t>(r)] = v;
   }
+}
+
+/// Per-row token statistics of a batch (Options::token_statistics), or none.
+template <class Acc>
+std::vector<TokenStatistics<Acc>> row_statistics_of(const Options& o, index_t rows) {
+  return o.token_statistics
+             ? std::vector<TokenStatistics<Acc>>(static_cast<size_t>(rows), {Acc(0), Acc(0)})
+             : std::vector<TokenStatistics<Acc>>();
+}
+
+template <class Acc>
+SequenceTokenStatistics sequence_statistics_of(const std::vector<TokenStatistics<Acc>>& rows,
+                                               const RowScorer& scorer,
+                                               const SequencesView& sequences) {
+  if (rows.empty()) return {};
+  return kto::detail::sum_token_statistics(
+      rows, sequences, [&](index_t r) { return scorer.target(r) != scorer.ignore; });
 }
 
 /// Finite inputs can still overflow a gradient product (hidden states or
@@ -497,8 +518,13 @@ SequenceForward<accumulator_t<T>> fused_linear_logprobs(const MatrixView<const T
   detail::validate_hidden_batch(batch, head, o, fn, "", true);
   detail::ChunkEngine<T> engine = detail::make_engine(head, cfg, hidden.rows, exec, fn);
   const detail::RowScorer scorer(targets, sequences, o.ignore_index);
-  return detail::sequences_from_partials(detail::batch_partials(engine, hidden, scorer), batch,
-                                         head, o, fn);
+  auto statistics = detail::row_statistics_of<accumulator_t<T>>(o, hidden.rows);
+  auto out = detail::sequences_from_partials(
+      detail::batch_partials(engine, hidden, scorer,
+                             statistics.empty() ? nullptr : statistics.data()),
+      batch, head, o, fn);
+  out.token_statistics = detail::sequence_statistics_of(statistics, scorer, sequences);
+  return out;
 }
 
 /// The whole KTO step from hidden states. Gradients are overwritten. Every
@@ -522,7 +548,8 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   std::unique_ptr<detail::RowScorer> target_scorer;  // built once the offsets are checked
   std::vector<RowPartial<Acc>> partials;             // KL rows, then (recompute_all) target rows
   index_t kl_rows = 0;
-  SequenceForward<Acc> target_fwd;  // recompute_all: found before the collective
+  SequenceForward<Acc> target_fwd;               // recompute_all: found before the collective
+  std::vector<TokenStatistics<Acc>> statistics;  // target rows, with options.token_statistics
 
   auto validate = [&] {
     validate_options(o, fn);
@@ -566,6 +593,9 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
                     "kl_sequences.offsets"),
          byte_range(kl ? in.kl_reference_logp : Span<const Acc>{}, "kl_reference_logp")},
         fn);
+    kto::detail::require(!sharded || !o.token_statistics, fn, "options.token_statistics",
+                         "be false with a vocabulary slice (the row partials carry no entropy)",
+                         "true");
     kto::detail::require(
         !sharded || static_cast<bool>(hooks.gather_partials), fn, "hooks.gather_partials",
         "be set when head.weight holds a vocabulary slice (" + std::to_string(head.weight.rows) +
@@ -584,8 +614,10 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
       kl_rows = in.kl_hidden.rows;
     }
     target_scorer = std::make_unique<detail::RowScorer>(in.targets, in.sequences, o.ignore_index);
+    statistics = detail::row_statistics_of<Acc>(o, in.hidden.rows);
     if (recompute_all) {
-      auto target = detail::batch_partials(*engine, in.hidden, *target_scorer);
+      auto target = detail::batch_partials(*engine, in.hidden, *target_scorer,
+                                           statistics.empty() ? nullptr : statistics.data());
       partials.insert(partials.end(), target.begin(), target.end());
     }
   };
@@ -678,7 +710,8 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
       for (index_t r0 = g.first_row; r0 < g.last_row; r0 += eng.chunk_rows()) {
         const index_t n = std::min(eng.chunk_rows(), g.last_row - r0);
         eng.compute(in.hidden, scorer, r0, n);
-        eng.partials(scorer, r0, n, part.data() + r0);
+        eng.partials(scorer, r0, n, part.data() + r0,
+                     statistics.empty() ? nullptr : statistics.data() + r0);
       }
       for (index_t s = g.first_seq; s < g.last_seq; ++s) {
         detail::sequence_from_partials(part.data(), scorer, target_batch, head, s, o, fn,
@@ -703,6 +736,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   out.metrics = fin.metrics;
   out.examples = std::move(fin.examples);
   out.row_lse = std::move(row_lse);
+  out.token_statistics = detail::sequence_statistics_of(statistics, scorer, in.sequences);
   return out;
 }
 

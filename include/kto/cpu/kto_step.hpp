@@ -50,6 +50,7 @@ struct StepResult {
   std::vector<index_t> num_tokens;
   ExampleOutputs<Acc> examples;  ///< ρ_s, βρ_s, loss_s, g_s
   std::vector<Acc> row_lse;      ///< lse_r per row (NaN where not scored): the backward's residual
+  SequenceTokenStatistics token_statistics;  ///< with Options::token_statistics
 };
 
 using kto::KlAllReduce;
@@ -89,6 +90,7 @@ StepResult<accumulator_t<T>> step_forward_impl(const StepInputs<T>& in, const Op
   out.num_tokens = std::move(fwd.num_tokens);
   out.examples = std::move(fin.examples);
   out.row_lse = std::move(fwd.row_lse);
+  out.token_statistics = std::move(fwd.token_statistics);
   return out;
 }
 

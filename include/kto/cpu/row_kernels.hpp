@@ -4,6 +4,7 @@
 //   The row streams through an L1-sized fp32 (fp64 for double) buffer in chunks;
 //   the running max m and sum s are rescaled when a chunk raises the max
 //   (online log-sum-exp), so a 128K-vocab row is read exactly once.
+// Token statistics (entropy, mean logit; token_statistics.hpp) from the same read, on request.
 // Backward, one read and one write:  out_v = scale · (1[v = t] − exp(z_v − lse)).
 //   The chunk is converted before it is written, so out may alias the row (in place).
 //
@@ -18,6 +19,7 @@
 #include <limits>
 
 #include "../config.hpp"
+#include "../token_statistics.hpp"
 #include "convert.hpp"
 
 namespace kto {
@@ -48,30 +50,64 @@ inline void store_chunk(const Acc* buf, index_t n, T* dst) {
 
 }  // namespace detail
 
-/// lse of one row and its logit at `target` (target must be in [0, vocab)).
-/// A NaN or +inf anywhere, or a row of only −inf, yields a non-finite lse.
-template <class T, class Acc = accumulator_t<T>>
-inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target) {
+namespace detail {
+
+/// One read of a row: lse and the target logit, and with kStatistics the
+/// token statistics' sums (token_statistics.hpp).
+template <bool kStatistics, class T, class Acc>
+inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
+                              TokenStatistics<Acc>* statistics) {
   alignas(64) Acc buf[kRowChunk];
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   Acc m = neg_inf;
   Acc s = Acc(0);
+  Acc w = Acc(0);  // Σ e^(z−m) (z − m)
+  Acc t = Acc(0);  // Σ z
   for (index_t begin = 0; begin < vocab; begin += kRowChunk) {
     const index_t n = std::min(kRowChunk, vocab - begin);
-    detail::load_chunk(row + begin, n, buf);
-    detail::AlignedChunk<Acc> chunk(buf, n);
+    load_chunk(row + begin, n, buf);
+    AlignedChunk<Acc> chunk(buf, n);
     const Acc chunk_max = chunk.maxCoeff();
+    if constexpr (kStatistics) t += chunk.sum();
     if (chunk_max == neg_inf) {  // every term is exp(−inf) = 0, unless a NaN hid from the max
       if (chunk.isNaN().any()) s = std::numeric_limits<Acc>::quiet_NaN();
       continue;
     }
     if (chunk_max > m) {
-      s *= std::exp(m - chunk_max);
+      const Acc rescale = std::exp(m - chunk_max);
+      if constexpr (kStatistics) w = s > Acc(0) ? rescale * (w + (m - chunk_max) * s) : Acc(0);
+      s *= rescale;
       m = chunk_max;
     }
-    s += (chunk - m).exp().sum();
+    if constexpr (kStatistics) {
+      const auto d = chunk - m;
+      const auto e = d.exp();
+      s += e.sum();
+      // A −inf logit has p = 0: its d is clamped to the lowest finite value so that
+      // the term is 0, not 0·(−inf) = NaN.
+      w += (e * d.max(std::numeric_limits<Acc>::lowest())).sum();
+    } else {
+      s += (chunk - m).exp().sum();
+    }
   }
+  if constexpr (kStatistics) *statistics = token_statistics(s, w, t, vocab);
   return RowStats<Acc>{m + std::log(s), static_cast<Acc>(row[target])};
+}
+
+}  // namespace detail
+
+/// lse of one row and its logit at `target` (target must be in [0, vocab)).
+/// A NaN or +inf anywhere, or a row of only −inf, yields a non-finite lse.
+template <class T, class Acc = accumulator_t<T>>
+inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target) {
+  return detail::row_pass<false, T, Acc>(row, vocab, target, nullptr);
+}
+
+/// row_stats(), and the row's entropy and mean logit from the same read.
+template <class T, class Acc = accumulator_t<T>>
+inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target,
+                               TokenStatistics<Acc>& statistics) {
+  return detail::row_pass<true, T, Acc>(row, vocab, target, &statistics);
 }
 
 /// out[v] = scale · (1[v = target] − exp(row[v] − lse)); out may equal row.

@@ -24,6 +24,7 @@
 #include "../error.hpp"
 #include "../layout.hpp"
 #include "../options.hpp"
+#include "../token_statistics.hpp"
 #include "../validate.hpp"
 #include "parallel.hpp"
 #include "row_kernels.hpp"
@@ -33,10 +34,11 @@ namespace cpu {
 
 template <class Acc>
 struct SequenceForward {
-  std::vector<Acc> logp;            ///< per sequence
-  std::vector<index_t> num_tokens;  ///< non-ignored rows per sequence
-  std::vector<Acc> token_logp;      ///< ℓ_r per row (0 where not scored)
-  std::vector<Acc> row_lse;         ///< lse_r per row (NaN where not scored)
+  std::vector<Acc> logp;                     ///< per sequence
+  std::vector<index_t> num_tokens;           ///< non-ignored rows per sequence
+  std::vector<Acc> token_logp;               ///< ℓ_r per row (0 where not scored)
+  std::vector<Acc> row_lse;                  ///< lse_r per row (NaN where not scored)
+  SequenceTokenStatistics token_statistics;  ///< with Options::token_statistics
 };
 
 namespace detail {
@@ -98,6 +100,15 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
     kto::detail::fail(fn, std::string(name) + ".rows", "leave room in memory for two scalars a row",
                       rows);
   }
+  std::vector<TokenStatistics<Acc>> row_statistics;
+  if (o.token_statistics) {
+    try {
+      row_statistics.assign(static_cast<size_t>(rows), TokenStatistics<Acc>{Acc(0), Acc(0)});
+    } catch (const std::bad_alloc&) {
+      kto::detail::fail(fn, std::string(name) + ".rows",
+                        "leave room in memory for four scalars a row", rows);
+    }
+  }
   const index_t first = seqs.offsets[0];
   const index_t last = seqs.offsets[seqs.count];
 
@@ -111,7 +122,10 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
     for (index_t r = first + b; r < first + e; ++r) {
       const index_t t = targets.at(r);
       if (t == o.ignore_index) continue;
-      const RowStats<Acc> st = row_stats<T, Acc>(logits.row(r), logits.vocab, t);
+      const RowStats<Acc> st = o.token_statistics
+                                   ? row_stats<T, Acc>(logits.row(r), logits.vocab, t,
+                                                       row_statistics[static_cast<size_t>(r)])
+                                   : row_stats<T, Acc>(logits.row(r), logits.vocab, t);
       const Acc lp = st.target_logit - st.lse;
       out.row_lse[static_cast<size_t>(r)] = st.lse;
       out.token_logp[static_cast<size_t>(r)] = lp;
@@ -152,6 +166,9 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
           kto::detail::kMaxLogprob))
       throw_sequence_overflow(fn, name, s, seqs.begin(s), sum);
   }
+  if (o.token_statistics)
+    out.token_statistics = kto::detail::sum_token_statistics(
+        row_statistics, seqs, [&](index_t r) { return targets.at(r) != o.ignore_index; });
   return out;
 }
 

@@ -327,7 +327,7 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::fused_linear_kto_step";
   try {
-    validate_options(o, fn);
+    detail::validate_cuda_options(o, fn);
     detail::validate_cuda_head(head, fn);
     detail::validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
     kto::detail::require(in.reference_logp != nullptr, fn, "reference_logp", "be non-null",
@@ -516,7 +516,7 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::fused_linear_logprobs";
   try {
-    validate_options(o, fn);
+    detail::validate_cuda_options(o, fn);
     detail::validate_cuda_head(head, fn);
     detail::validate_hidden(hidden, targets, sequences, head, fn, "", true);
     kto::detail::require(logp != nullptr || sequences.count == 0, fn, "logp", "be non-null",

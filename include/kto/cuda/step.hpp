@@ -42,6 +42,14 @@ namespace cuda {
 
 namespace detail {
 
+/// validate_options(), and what the CUDA path does not compute yet.
+inline void validate_cuda_options(const Options& o, const char* fn) {
+  validate_options(o, fn);
+  kto::detail::require(
+      !o.token_statistics, fn, "options.token_statistics",
+      "be false on CUDA (entropy and mean logit are computed on the CPU path only)", "true");
+}
+
 template <class T>
 void validate_forward_views(const LogitsView<const T>& logits, const TargetsView& targets,
                             const SequencesView& seqs, const char* fn, const std::string& prefix,
@@ -131,7 +139,7 @@ Status sequence_logprobs(void* workspace, size_t& workspace_bytes,
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::sequence_logprobs";
   try {
-    validate_options(o, fn);
+    detail::validate_cuda_options(o, fn);
     detail::validate_forward_views(logits, targets, sequences, fn, "", true);
     kto::detail::require(logp != nullptr || sequences.count == 0, fn, "logp", "be non-null",
                          "nullptr");
@@ -162,7 +170,7 @@ inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* 
                          const Options& o, KlPartial* partial, cudaStream_t stream) {
   const char* fn = "kto::cuda::kl_partial";
   try {
-    validate_options(o, fn);
+    detail::validate_cuda_options(o, fn);
     kto::detail::require(count >= 0, fn, "count", "be >= 0", count);
     kto::detail::require(policy_logp != nullptr || count == 0, fn, "kl_policy_logp", "be non-null",
                          "nullptr");
@@ -198,7 +206,7 @@ inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* 
                      const ExampleOutputs& out, Metrics* metrics, cudaStream_t stream) {
   const char* fn = "kto::cuda::finish";
   try {
-    validate_options(o, fn);
+    detail::validate_cuda_options(o, fn);
     kto::detail::require(count >= 1, fn, "count", "be >= 1 (an empty batch has no loss)", count);
     kto::detail::require(partial != nullptr, fn, "partial", "be non-null", "nullptr");
     kto::detail::require(policy_logp != nullptr, fn, "policy_logp", "be non-null", "nullptr");
@@ -230,7 +238,7 @@ Status backward(const LogitsView<const T>& logits, const TargetsView& targets,
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::backward";
   try {
-    validate_options(o, fn);
+    detail::validate_cuda_options(o, fn);
     detail::validate_forward_views(logits, targets, sequences, fn, "", true);
     kto::detail::validate_gradient(grad, logits, fn);
     kto::detail::require(row_lse != nullptr || logits.rows.rows == 0, fn, "row_lse", "be non-null",
@@ -335,7 +343,7 @@ Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::kto_step";
   try {
-    validate_options(o, fn);
+    detail::validate_cuda_options(o, fn);
     detail::validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_",
                                    false);
     kto::detail::validate_gradient(grad, in.policy_logits, fn);
