@@ -147,7 +147,8 @@ def test_opcheck_schemas_fake_kernels_and_autograd():
             torch.full((4,), -20.0), batch["desirable"], batch["kl_policy"], batch["kl_reference"],
             batch["kl_num_tokens"], torch.empty(0, dtype=torch.float64), 0.1, 1.0, 1.0, 0, 0, 0, 0,
             True, 0.0, False, 0, 0, -100)
-    torch.library.opcheck(torch.ops.kto.step_forward.default, args)
+    for token_statistics in (False, True):
+        torch.library.opcheck(torch.ops.kto.step_forward.default, args + (token_statistics,))
     torch.library.opcheck(torch.ops.kto.sequence_logprobs.default,
                           (batch["logits"].detach(), batch["targets"], offsets, False, -100))
 

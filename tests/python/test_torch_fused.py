@@ -178,9 +178,10 @@ def test_fused_opcheck_and_compile():
     args = (p["hidden"].reshape(-1, D).requires_grad_(True), p["weight"].requires_grad_(True),
             p["bias"].requires_grad_(True), p["targets"].reshape(-1), offsets, p["reference_logp"],
             p["desirable"], p["kl_hidden"].reshape(-1, D), p["kl_targets"].reshape(-1), offsets,
-            p["kl_reference_logp"], 0.1, 1.0, 1.0, 0, 0, 0, 0, True, 0.0, False, 0, 0, -100,
-            1 << 20, 0)
-    torch.library.opcheck(torch.ops.kto.fused_linear_forward.default, args)
+            p["kl_reference_logp"], 0.1, 1.0, 1.0, 0, 0, 0, 0, True, 0.0, False, 0, 0, -100)
+    for token_statistics in (False, True):
+        torch.library.opcheck(torch.ops.kto.fused_linear_forward.default,
+                              args + (token_statistics, 1 << 20, 0))
 
     def step(h, w, b):
         return kto_torch.fused_linear_kto_loss(

@@ -313,7 +313,7 @@ def test_d11_the_op_itself_rejects_a_wrong_size_and_non_finite_values():
         return torch.ops.kto.step_forward(
             batch["logits"], batch["targets"], offsets, torch.zeros(4), batch["desirable"],
             batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"], global_kl, 0.1,
-            1.0, 1.0, 0, 0, 0, 0, True, 0.0, False, 0, 0, -100)
+            1.0, 1.0, 0, 0, 0, 0, True, 0.0, False, 0, 0, -100, False)
 
     for g in (torch.ones(3, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"argument 'global_kl' must hold the all-reduced"):

@@ -85,7 +85,7 @@ def test_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, desirable_wei
         assert metrics_t["kl"] > 0.0  # the reference point is exercised, not clamped to 0
     assert abs(loss_o.item() - loss_t.item()) <= 1e-6 * max(1.0, abs(loss_t.item()))
     for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                "logps/rejected"):
+                "logps/rejected", "entropy", "logits/chosen", "logits/rejected", "num_tokens"):
         assert (key in metrics_t) == (key in metrics_o), key
         if key in metrics_t:
             assert abs(metrics_o[key] - metrics_t[key]) <= 1e-6 * max(1.0, abs(metrics_t[key])), key

@@ -29,7 +29,8 @@ pytest.importorskip("kto_torch.trl")
 WORKER = Path(__file__).with_name("trl_ddp_worker.py")
 TIMEOUT_S = 240
 METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
-           "logps/chosen", "logps/rejected")
+           "logps/chosen", "logps/rejected", "entropy", "logits/chosen", "logits/rejected",
+           "num_tokens")
 
 
 def _free_port() -> int:

@@ -411,6 +411,18 @@ torch::Tensor per_example_tensor(const std::vector<A>& logp, const kto::ExampleO
   return out;
 }
 
+/// token_statistics [2, B] float64: each sequence's sums of its scored tokens'
+/// entropy (row 0) and mean logit (row 1); [2, 0] when not requested.
+torch::Tensor token_statistics_tensor(const kto::SequenceTokenStatistics& t) {
+  const auto B = static_cast<int64_t>(t.entropy_sum.size());
+  auto out = torch::empty({2, B}, torch::dtype(torch::kDouble));
+  if (B > 0) {
+    std::memcpy(out[0].data_ptr(), t.entropy_sum.data(), B * sizeof(double));
+    std::memcpy(out[1].data_ptr(), t.mean_logit_sum.data(), B * sizeof(double));
+  }
+  return out;
+}
+
 /// The library's metric names, in the order of the metrics array.
 std::vector<std::string> metric_names() {
   return std::vector<std::string>(kto::kMetricNames, kto::kMetricNames + kto::kMetricCount);
@@ -507,7 +519,8 @@ std::vector<torch::Tensor> step_forward_cpu(const StepOperands& s, const StepVec
     const int64_t B = s.offsets.count();
     // Unscored rows: the library's NaN marker becomes 0 (never read).
     out = {metrics_tensor(r.metrics), per_example_tensor(r.logp, r.examples, B),
-           tensor_of(r.num_tokens), tensor_of(r.row_lse).nan_to_num_(0.0)};
+           tensor_of(r.num_tokens), tensor_of(r.row_lse).nan_to_num_(0.0),
+           token_statistics_tensor(r.token_statistics)};
   });
   return out;
 }
@@ -633,7 +646,8 @@ std::vector<torch::Tensor> fused_linear_forward_cpu(const FusedOperands& f, cons
            tensor_of(r.num_tokens),
            dh,
            dw,
-           db};
+           db,
+           token_statistics_tensor(r.token_statistics)};
   });
   return out;
 }
@@ -861,11 +875,12 @@ kto::Options step_options(const char* fn, double beta, double desirable_weight,
                           double undesirable_weight, int64_t loss_type, int64_t link,
                           int64_t reference_point, int64_t kl_estimator, bool clamp_kl,
                           double fixed_z0, bool average, int64_t reduction,
-                          int64_t mean_denominator, int64_t ignore_index) {
+                          int64_t mean_denominator, int64_t ignore_index, bool token_statistics) {
   const kto::Options o = kto::options_from_codes(
       beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
       static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
-      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index);
+      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index,
+      token_statistics);
   kto::validate_options(o, fn);
   return o;
 }
@@ -926,20 +941,23 @@ std::vector<torch::Tensor> step_forward(
     const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl, double beta,
     double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
     int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
-    int64_t reduction, int64_t mean_denominator, int64_t ignore_index) {
+    int64_t reduction, int64_t mean_denominator, int64_t ignore_index, bool token_statistics) {
   const char* fn = kKtoLoss;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
   const auto acc = s.logits.is_cuda() ? torch::kFloat : acc_of(s.logits);
   const StepVectors v =
       step_vectors(fn, logits, s.offsets.count(), reference_logp, desirable, kl_policy_logp,
                    kl_reference_logp, kl_num_tokens, global_kl, acc);
-  const kto::Options o = step_options(fn, beta, desirable_weight, undesirable_weight, loss_type,
-                                      link, reference_point, kl_estimator, clamp_kl, fixed_z0,
-                                      average, reduction, mean_denominator, ignore_index);
+  const kto::Options o =
+      step_options(fn, beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
+                   kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
+                   ignore_index, token_statistics);
   if (!s.logits.is_cuda()) return step_forward_cpu(s, v, o);
   require_cuda_build(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-  return cuda_path::step_forward(s, v, o);
+  auto out = cuda_path::step_forward(s, v, o);  // the library refused token_statistics
+  out.push_back(token_statistics_tensor({}));
+  return out;
 #else
   return {};
 #endif
@@ -974,22 +992,25 @@ std::vector<torch::Tensor> fused_linear_forward(
     const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp, double beta,
     double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
     int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
-    int64_t reduction, int64_t mean_denominator, int64_t ignore_index, int64_t chunk_bytes,
-    int64_t strategy) {
+    int64_t reduction, int64_t mean_denominator, int64_t ignore_index, bool token_statistics,
+    int64_t chunk_bytes, int64_t strategy) {
   const char* fn = kFusedLoss;
   const FusedOperands f =
       fused_operands(fn, hidden, weight, bias, targets, offsets, reference_logp, desirable,
                      kl_hidden, kl_targets, kl_offsets, kl_reference_logp);
-  const kto::Options o = step_options(fn, beta, desirable_weight, undesirable_weight, loss_type,
-                                      link, reference_point, kl_estimator, clamp_kl, fixed_z0,
-                                      average, reduction, mean_denominator, ignore_index);
+  const kto::Options o =
+      step_options(fn, beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
+                   kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
+                   ignore_index, token_statistics);
   check_chunk_bytes(fn, chunk_bytes);
   require(strategy == 0 || strategy == 1, fn, "strategy", "be keep_chunk (0) or recompute (1)",
           text(strategy));
   if (!hidden.is_cuda()) return fused_linear_forward_cpu(f, o, chunk_bytes, strategy);
   require_cuda_build(fn, "hidden", hidden);
 #ifdef KTO_TORCH_WITH_CUDA
-  return cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
+  auto out = cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
+  out.push_back(token_statistics_tensor({}));  // the library refused token_statistics
+  return out;
 #else
   return {};
 #endif

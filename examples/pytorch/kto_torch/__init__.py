@@ -133,14 +133,20 @@ def _step_forward(
     reduction: int,
     mean_denominator: int,
     ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    token_statistics: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_device("logits", logits)
-    metrics, per_example, n, lse = _C.step_forward(
+    return tuple(_C.step_forward(
         logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
         kl_num_tokens, global_kl, beta, desirable_weight, undesirable_weight, loss_type, link,
         reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
-        ignore_index)
-    return metrics, per_example, n, lse
+        ignore_index, token_statistics))
+
+
+def _token_statistics_like(like: Tensor, b: int, requested: bool) -> Tensor:
+    """Each sequence's sums of its scored tokens' entropy (row 0) and mean logit (row 1),
+    float64 on the CPU: [2, B], or [2, 0] when not requested."""
+    return torch.empty((2, b if requested else 0), dtype=torch.float64, device="cpu")
 
 
 @_step_forward.register_fake
@@ -158,6 +164,7 @@ def _(logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_re
         logits.new_empty((5, b), dtype=acc),
         logits.new_empty((b,), dtype=torch.int64),
         logits.new_empty((_rows(logits),), dtype=acc),
+        _token_statistics_like(logits, b, args[-1]),
     )
 
 
@@ -187,19 +194,19 @@ def _(logits, targets, offsets, row_lse, grad_logp, num_tokens, *args):
 
 def _setup_context(ctx, inputs, output):
     logits, targets, offsets = inputs[0], inputs[1], inputs[2]
-    _, per_example, n, lse = output
+    _, per_example, n, lse, _ = output
     ctx.save_for_backward(logits, targets, offsets, lse, per_example[4], n)
     ctx.average = inputs[18]
     ctx.ignore_index = inputs[21]
 
 
-def _backward(ctx, g_metrics, g_per_example, g_num_tokens, g_lse):
+def _backward(ctx, g_metrics, g_per_example, g_num_tokens, g_lse, g_token_statistics):
     logits, targets, offsets, lse, grad_logp, n = ctx.saved_tensors
     # Only the loss (metrics[0]) is differentiable: dL_total/dlogp_s = g · g_s.
     scaled = grad_logp * g_metrics[0].to(grad_logp.dtype)
     dlogits = torch.ops.kto.step_backward(logits, targets, offsets, lse, scaled, n, ctx.average,
                                           ctx.ignore_index)
-    return (dlogits,) + (None,) * 21
+    return (dlogits,) + (None,) * 22
 
 
 torch.library.register_autograd("kto::step_forward", _backward, setup_context=_setup_context)
@@ -234,16 +241,16 @@ def _fused_linear_forward(
     reduction: int,
     mean_denominator: int,
     ignore_index: int,
+    token_statistics: bool,
     chunk_bytes: int,
     strategy: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_device("hidden", hidden)
-    metrics, per_example, n, dh, dw, db = _C.fused_linear_forward(
+    return tuple(_C.fused_linear_forward(
         hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden, kl_targets,
         kl_offsets, kl_reference_logp, beta, desirable_weight, undesirable_weight, loss_type, link,
         reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
-        ignore_index, chunk_bytes, strategy)
-    return metrics, per_example, n, dh, dw, db
+        ignore_index, token_statistics, chunk_bytes, strategy))
 
 
 @_fused_linear_forward.register_fake
@@ -264,12 +271,13 @@ def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidd
         hidden.new_empty(hidden.shape, dtype=acc),
         hidden.new_empty(weight.shape, dtype=acc),
         hidden.new_empty(bias.shape, dtype=acc),
+        _token_statistics_like(hidden, b, args[-3]),
     )
 
 
 def _fused_setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[0], inputs[1], inputs[2]
-    _, _, _, dh, dw, db = output
+    _, _, _, dh, dw, db, _ = output
     ctx.save_for_backward(dh, dw, db)
     ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
     ctx.has_bias = bias.numel() > 0
@@ -282,7 +290,7 @@ def _scaled(grad: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
     return grad.to(dtype) * g.to(dtype)
 
 
-def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db):
+def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db, g_token_statistics):
     dh, dw, db = ctx.saved_tensors
     g = g_metrics[0]
     grads = (
@@ -290,7 +298,7 @@ def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db):
         _scaled(dw, g, ctx.dtypes[1]),
         _scaled(db, g, ctx.dtypes[2]) if ctx.has_bias else None,
     )
-    return grads + (None,) * 23
+    return grads + (None,) * 24
 
 
 torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
@@ -326,6 +334,12 @@ class KTOOutput(NamedTuple):
     example_loss: Tensor
     grad_logp: Tensor
     num_tokens: Tensor
+    # With token_statistics=True, per example (float64, on the CPU): the sums over its scored
+    # tokens of each token's entropy and of its mean logit (from the pass that computes the
+    # log-softmax); None otherwise. TRL's `entropy` and `logits/*` metrics divide them by
+    # token counts.
+    entropy_sum: Optional[Tensor] = None
+    mean_logit_sum: Optional[Tensor] = None
 
 
 def _padded_offsets(fn: str, logits: Tensor) -> Tensor:
@@ -401,7 +415,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
 
 def _option_codes(beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
                   kl_estimator, clamp_kl, fixed_z0, average_log_prob, reduction, mean_denominator,
-                  ignore_index) -> tuple:
+                  ignore_index, token_statistics) -> tuple:
     """The loss options as the ops take them (enums as their codes), in schema order."""
     return (float(beta), float(desirable_weight), float(undesirable_weight),
             _lookup(LOSS_TYPES, "loss_type", loss_type), _lookup(LINKS, "link", link),
@@ -409,11 +423,13 @@ def _option_codes(beta, desirable_weight, undesirable_weight, loss_type, link, r
             _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator), bool(clamp_kl),
             float(fixed_z0), bool(average_log_prob),
             _lookup(REDUCTIONS, "reduction", reduction), int(mean_denominator),
-            int(ignore_index))
+            int(ignore_index), bool(token_statistics))
 
 
-def _kto_output(metrics: Tensor, per_example: Tensor, n: Tensor) -> KTOOutput:
+def _kto_output(metrics: Tensor, per_example: Tensor, n: Tensor,
+                token_statistics: Optional[Tensor]) -> KTOOutput:
     detached = metrics.detach()
+    requested = token_statistics is not None
     return KTOOutput(
         loss=metrics[0],
         metrics={name: detached[i] for i, name in enumerate(METRIC_NAMES)},
@@ -423,6 +439,8 @@ def _kto_output(metrics: Tensor, per_example: Tensor, n: Tensor) -> KTOOutput:
         example_loss=per_example[3].detach(),
         grad_logp=per_example[4].detach(),
         num_tokens=n,
+        entropy_sum=token_statistics[0] if requested else None,
+        mean_logit_sum=token_statistics[1] if requested else None,
     )
 
 
@@ -465,11 +483,14 @@ def kto_loss(
     mean_denominator: int = 0,
     ignore_index: int = -100,
     global_kl: Optional[Tensor] = None,
+    token_statistics: bool = False,
 ) -> KTOOutput:
     """The KTO loss of the target batch with TRL's metrics (see docs/math.md).
 
     ``global_kl``: an all-reduced (S, C) from kl_partial (1-D, 2 elements), used instead of
-    the local KL batch; any other size raises (None means absent)."""
+    the local KL batch; any other size raises (None means absent). ``token_statistics``:
+    also each example's sums of its scored tokens' entropy and mean logit (KTOOutput's
+    entropy_sum and mean_logit_sum), from the same pass over the logits; CPU only for now."""
     fn = "kto_torch.kto_loss"
     if offsets is None:
         offsets = _padded_offsets(fn, logits)
@@ -478,7 +499,7 @@ def kto_loss(
                          f"2 elements (or be None); got shape {tuple(global_kl.shape)}")
     empty_f = logits.new_empty((0,), dtype=torch.float32)
     empty_i = logits.new_empty((0,), dtype=torch.int64)
-    metrics, per_example, n, _ = torch.ops.kto.step_forward(
+    metrics, per_example, n, _, statistics = torch.ops.kto.step_forward(
         logits,
         targets,
         offsets,
@@ -490,9 +511,9 @@ def kto_loss(
         global_kl if global_kl is not None else logits.new_empty((0,), dtype=torch.float64),
         *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
                        reference_point, kl_estimator, clamp_kl, fixed_z0, average_log_prob,
-                       reduction, mean_denominator, ignore_index),
+                       reduction, mean_denominator, ignore_index, token_statistics),
     )
-    return _kto_output(metrics, per_example, n)
+    return _kto_output(metrics, per_example, n, statistics if token_statistics else None)
 
 
 def fused_linear_kto_loss(
@@ -523,6 +544,7 @@ def fused_linear_kto_loss(
     ignore_index: int = -100,
     chunk_bytes: int = 1 << 30,
     strategy: str = "keep_chunk",
+    token_statistics: bool = False,
 ) -> KTOOutput:
     """The KTO loss from hidden states ([N, D] or [B, T, D]) and the lm_head weight [V, D]
     (and bias [V]): logits = hidden @ weight.T + bias, never materialised. The KL batch
@@ -536,7 +558,8 @@ def fused_linear_kto_loss(
     matrices cannot take) is copied to a contiguous tensor first, and the gradient still
     reaches the original tensor. ``bias`` must be None or 1-D with V = weight.size(0)
     entries of hidden's dtype on hidden's device (a strided bias is made contiguous).
-    Gradients are new contiguous tensors."""
+    Gradients are new contiguous tensors. ``token_statistics``: as in kto_loss, from the
+    pass that computes each row's log-softmax (CPU only for now)."""
     fn = "kto_torch.fused_linear_kto_loss"
     if weight.dim() == 2:
         _given(fn, "bias", bias, f"have V = weight.size(0) = {weight.shape[0]} entries")
@@ -551,7 +574,7 @@ def fused_linear_kto_loss(
             raise ValueError("kto: the KL batch needs kl_targets, kl_offsets (for [N, D]) and "
                              "kl_reference_logp with kl_hidden")
     empty_i = torch.empty((0,), dtype=torch.int64, device=hidden.device)
-    metrics, per_example, n, _, _, _ = torch.ops.kto.fused_linear_forward(
+    metrics, per_example, n, _, _, _, statistics = torch.ops.kto.fused_linear_forward(
         hidden,
         weight,
         bias if bias is not None else _empty(hidden),
@@ -566,8 +589,8 @@ def fused_linear_kto_loss(
             (0,), dtype=torch.float32),
         *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
                        reference_point, kl_estimator, clamp_kl, fixed_z0, average_log_prob,
-                       reduction, mean_denominator, ignore_index),
+                       reduction, mean_denominator, ignore_index, token_statistics),
         int(chunk_bytes),
         _lookup(STRATEGIES, "strategy", strategy),
     )
-    return _kto_output(metrics, per_example, n)
+    return _kto_output(metrics, per_example, n, statistics if token_statistics else None)

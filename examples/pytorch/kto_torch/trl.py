@@ -332,8 +332,11 @@ class KTOTrainer(_TRLKTOTrainer):
         global_kl = self._sum_or_fail(partial, error, "before the KL all-reduce", size=2)
         global_kl = global_kl.cpu() if self.calculate_KL else None
 
+        # TRL's entropy and logits/* metrics, from the pass that computes each token's
+        # log-softmax (the library computes them on the CPU path only, so far).
         options = dict(beta=self.beta, desirable_weight=self.desirable_weight,
-                       undesirable_weight=self.undesirable_weight, loss_type=self.loss_type)
+                       undesirable_weight=self.undesirable_weight, loss_type=self.loss_type,
+                       token_statistics=device.type == "cpu")
 
         def policy_step():
             self._stage = "the policy's forward or the loss"
@@ -387,9 +390,26 @@ class KTOTrainer(_TRLKTOTrainer):
             f"{args.learning_rate:g}; TRL's default is 1e-6); {clip}. kto stops here where "
             f"TRL's own trainer would go on training into NaN parameters. Library error: {error}")
 
+    def _log_token_statistics(self, m, out, desirable):
+        """TRL's entropy (mean over the completion tokens of the batch, all ranks) and
+        logits/chosen, logits/rejected (mean per-token mean logit over each side's completion
+        tokens): one all-reduce of six sums."""
+        n = out.num_tokens.to(torch.float64).cpu()
+        sums = torch.stack([out.entropy_sum.sum(), n.sum(),
+                            out.mean_logit_sum[desirable].sum(), n[desirable].sum(),
+                            out.mean_logit_sum[~desirable].sum(), n[~desirable].sum()])
+        sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+        m["entropy"].append((sums[0] / sums[1]).item() if sums[1] > 0 else 0.0)
+        if sums[3] > 0:
+            m["logits/chosen"].append((sums[2] / sums[3]).item())
+        if sums[5] > 0:
+            m["logits/rejected"].append((sums[4] / sums[5]).item())
+
     def _log_kto_metrics(self, mode, out, desirable, batch):
         m = self._metrics[mode]
         m["kl"].append(out.metrics["kl"].item())
+        if out.entropy_sum is not None:
+            self._log_token_statistics(m, out, desirable)
         gather = self.accelerator.gather_for_metrics
         num_chosen = gather(desirable.sum().to(self.accelerator.device)).sum().item()
         num_rejected = gather((~desirable).sum().to(self.accelerator.device)).sum().item()
