@@ -270,3 +270,54 @@ TEST_CASE("error: weight check with a negative weight", "[errors]") {
   expect_error([] { kto::check_weights(-1.0, 1.0, 3, 4); }, "desirable_weight",
                "be finite and >= 0", "-1");
 }
+
+// The binding contract for options (kto/options.hpp): one array, checked value by value.
+TEST_CASE("options array: round trip and named checks", "[errors][options]") {
+  kto::Options o;
+  o.beta = 0.25;
+  o.desirable_weight = 1.5;
+  o.undesirable_weight = 0.75;
+  o.loss_type = kto::LossType::apo_zero_unpaired;
+  o.link = kto::Link::neg_log_sigmoid;
+  o.reference_point = kto::ReferencePoint::fixed;
+  o.kl_estimator = kto::KlEstimator::nonempty_mean;
+  o.clamp_kl = false;
+  o.fixed_z0 = -0.5;
+  o.average_logprob = true;
+  o.reduction = kto::Reduction::sum;
+  o.mean_denominator = 64;
+  o.ignore_index = -1;
+  o.token_statistics = true;
+  double values[kto::kOptionCount];
+  kto::options_to_array(o, values);
+  const kto::Options back = kto::options_from_array(values, kto::kOptionCount, "test");
+  double again[kto::kOptionCount];
+  kto::options_to_array(back, again);
+  for (int k = 0; k < kto::kOptionCount; ++k) {
+    INFO(kto::kOptionNames[k]);
+    CHECK(again[k] == values[k]);
+  }
+  CHECK(back.beta == 0.25);
+  CHECK(back.kl_estimator == kto::KlEstimator::nonempty_mean);
+  CHECK(back.token_statistics);
+
+  CHECK_THROWS_WITH(kto::options_from_array(values, kto::kOptionCount - 1, "f"),
+                    "f: argument 'options' must hold kOptionCount = 14 values; got 13");
+  values[kto::kOptionLossType] = 0.5;
+  CHECK_THROWS_WITH(kto::options_from_array(values, kto::kOptionCount, "f"),
+                    "f: argument 'options.loss_type' must be a whole number in [0, 1]; got 0.5");
+  values[kto::kOptionLossType] = 0;
+  values[kto::kOptionReferencePoint] = 3;
+  CHECK_THROWS_WITH(
+      kto::options_from_array(values, kto::kOptionCount, "f"),
+      "f: argument 'options.reference_point' must be a whole number in [0, 2]; got 3");
+  values[kto::kOptionReferencePoint] = 0;
+  values[kto::kOptionClampKl] = NAN;
+  CHECK_THROWS_WITH(
+      kto::options_from_array(values, kto::kOptionCount, "f"),
+      Catch::Contains("argument 'options.clamp_kl' must be a whole number in [0, 1]"));
+  values[kto::kOptionClampKl] = 1;
+  values[kto::kOptionBeta] = -1;  // then validate_options()
+  CHECK_THROWS_WITH(kto::options_from_array(values, kto::kOptionCount, "f"),
+                    Catch::Contains("argument 'options.beta' must be finite, > 0"));
+}

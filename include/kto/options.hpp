@@ -121,4 +121,86 @@ inline void validate_options(const Options& o, const char* function) {
                   "be >= 0 (0 = number of target examples)", o.mean_denominator);
 }
 
+/// The binding contract for options: one array of kOptionCount numbers, in the
+/// order of OptionIndex and named by kOptionNames (enums as their codes, flags
+/// as 0 or 1, integers exactly). A binding passes this one array to every op;
+/// options_from_array() checks it and builds Options, so a new option changes
+/// no binding's signature.
+enum OptionIndex : int {
+  kOptionBeta = 0,
+  kOptionDesirableWeight,
+  kOptionUndesirableWeight,
+  kOptionLossType,
+  kOptionLink,
+  kOptionReferencePoint,
+  kOptionKlEstimator,
+  kOptionClampKl,
+  kOptionFixedZ0,
+  kOptionAverageLogprob,
+  kOptionReduction,
+  kOptionMeanDenominator,
+  kOptionIgnoreIndex,
+  kOptionTokenStatistics,
+  kOptionCount
+};
+constexpr const char* kOptionNames[kOptionCount] = {
+    "beta",         "desirable_weight", "undesirable_weight", "loss_type",
+    "link",         "reference_point",  "kl_estimator",       "clamp_kl",
+    "fixed_z0",     "average_logprob",  "reduction",          "mean_denominator",
+    "ignore_index", "token_statistics"};
+
+inline void options_to_array(const Options& o, double* out) {
+  out[kOptionBeta] = o.beta;
+  out[kOptionDesirableWeight] = o.desirable_weight;
+  out[kOptionUndesirableWeight] = o.undesirable_weight;
+  out[kOptionLossType] = static_cast<double>(o.loss_type);
+  out[kOptionLink] = static_cast<double>(o.link);
+  out[kOptionReferencePoint] = static_cast<double>(o.reference_point);
+  out[kOptionKlEstimator] = static_cast<double>(o.kl_estimator);
+  out[kOptionClampKl] = o.clamp_kl ? 1.0 : 0.0;
+  out[kOptionFixedZ0] = o.fixed_z0;
+  out[kOptionAverageLogprob] = o.average_logprob ? 1.0 : 0.0;
+  out[kOptionReduction] = static_cast<double>(o.reduction);
+  out[kOptionMeanDenominator] = static_cast<double>(o.mean_denominator);
+  out[kOptionIgnoreIndex] = static_cast<double>(o.ignore_index);
+  out[kOptionTokenStatistics] = o.token_statistics ? 1.0 : 0.0;
+}
+
+/// Options from the binding contract's array (see OptionIndex), for the public
+/// entry point `fn`: the count, every code and flag and integer are checked
+/// (then validate_options()); errors name "options.<name>".
+inline Options options_from_array(const double* values, index_t count, const char* fn) {
+  detail::require(count == kOptionCount, fn, "options",
+                  "hold kOptionCount = " + std::to_string(kOptionCount) + " values", count);
+  auto integer = [&](int k, double lo, double hi) {
+    const double v = values[k];
+    detail::require(std::isfinite(v) && v == std::floor(v) && v >= lo && v <= hi, fn,
+                    std::string("options.") + kOptionNames[k],
+                    "be a whole number in [" + std::to_string(static_cast<long long>(lo)) + ", " +
+                        std::to_string(static_cast<long long>(hi)) + "]",
+                    v);
+    return v;
+  };
+  auto flag = [&](int k) { return integer(k, 0, 1) != 0.0; };
+  constexpr double kLargestExact = 9007199254740992.0;  // 2^53: integers a double holds exactly
+  Options o;
+  o.beta = values[kOptionBeta];
+  o.desirable_weight = values[kOptionDesirableWeight];
+  o.undesirable_weight = values[kOptionUndesirableWeight];
+  o.loss_type = static_cast<LossType>(integer(kOptionLossType, 0, 1));
+  o.link = static_cast<Link>(integer(kOptionLink, 0, 1));
+  o.reference_point = static_cast<ReferencePoint>(integer(kOptionReferencePoint, 0, 2));
+  o.kl_estimator = static_cast<KlEstimator>(integer(kOptionKlEstimator, 0, 1));
+  o.clamp_kl = flag(kOptionClampKl);
+  o.fixed_z0 = values[kOptionFixedZ0];
+  o.average_logprob = flag(kOptionAverageLogprob);
+  o.reduction = static_cast<Reduction>(integer(kOptionReduction, 0, 1));
+  o.mean_denominator =
+      static_cast<index_t>(integer(kOptionMeanDenominator, -kLargestExact, kLargestExact));
+  o.ignore_index = static_cast<index_t>(integer(kOptionIgnoreIndex, -kLargestExact, kLargestExact));
+  o.token_statistics = flag(kOptionTokenStatistics);
+  validate_options(o, fn);
+  return o;
+}
+
 }  // namespace kto

@@ -59,7 +59,7 @@ def reference_logp(logits64, batch, options):
     seg = jnp.asarray(batch["seq_of_row"])
     logp = jax.ops.segment_sum(token, seg, num_segments=b + 1)[:b]
     n = jax.ops.segment_sum(mask.astype(jnp.float64), seg, num_segments=b + 1)[:b]
-    if options.average_log_prob:
+    if options.average_logprob:
         logp = jnp.where(n > 0, logp / jnp.maximum(n, 1), 0.0)
     return logp, n
 
@@ -183,7 +183,7 @@ def test_every_option_matches_reference(loss_type, link, kl_estimator, average, 
         loss_type=loss_type,
         link=link,
         kl_estimator=kl_estimator,
-        average_log_prob=average,
+        average_logprob=average,
         reduction=reduction,
     )
     check(make_batch(11), options, 2.0**-24)

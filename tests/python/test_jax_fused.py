@@ -158,7 +158,7 @@ def test_half_precision_inputs_match_reference_of_upcast_values(dtype, unit_roun
 def test_every_option_matches_reference(loss_type, link, kl_estimator, average, reduction):
     options = kto_jax.KTOOptions(beta=0.7, desirable_weight=1.4, undesirable_weight=0.8,
                                  loss_type=loss_type, link=link, kl_estimator=kl_estimator,
-                                 average_log_prob=average, reduction=reduction)
+                                 average_logprob=average, reduction=reduction)
     check(make_fused_batch(11), options)
 
 

@@ -46,7 +46,7 @@ def assert_close(got, want, scale, unit_roundoff=0.0):
 OPTIONS = [
     dict(beta=0.4, undesirable_weight=1.33),
     dict(beta=0.7, loss_type="apo_zero_unpaired", link="neg_log_sigmoid", reduction="sum"),
-    dict(beta=0.2, kl_estimator="nonempty_mean", average_log_prob=True, mean_denominator=9),
+    dict(beta=0.2, kl_estimator="nonempty_mean", average_logprob=True, mean_denominator=9),
 ]
 
 

@@ -54,7 +54,7 @@ def reference_logp(logits64, targets, average, ignore_index=-100):
 
 
 def reference_loss(logits64, batch, ref_logp, o):
-    logp, _ = reference_logp(logits64, batch["targets"], o.get("average_log_prob", False))
+    logp, _ = reference_logp(logits64, batch["targets"], o.get("average_logprob", False))
     rho = logp - ref_logp.double()
     beta = o.get("beta", 0.1)
     if o.get("loss_type", "kto") == "apo_zero_unpaired":
@@ -87,7 +87,7 @@ def run_ours(batch, ref_logp, o, logits=None):
 def check(batch, o):
     logits = batch["logits"]
     logits64 = logits.double().requires_grad_(True)
-    average = o.get("average_log_prob", False)
+    average = o.get("average_logprob", False)
     ref_logp = (reference_logp(logits64.detach(), batch["targets"], average)[0]
                 + 0.5 * torch.randn(logits.shape[0], generator=batch["generator"],
                                     dtype=torch.float64)).float()
@@ -118,12 +118,12 @@ def test_kto_loss_matches_reference_for_every_dtype(dtype):
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
 @pytest.mark.parametrize("link", ["one_minus_sigmoid", "neg_log_sigmoid"])
 @pytest.mark.parametrize("kl_estimator", ["mean", "nonempty_mean"])
-@pytest.mark.parametrize("average_log_prob", [False, True])
+@pytest.mark.parametrize("average_logprob", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_every_option_matches_reference(loss_type, link, kl_estimator, average_log_prob, reduction):
+def test_every_option_matches_reference(loss_type, link, kl_estimator, average_logprob, reduction):
     check(make_batch(2), dict(beta=0.6, desirable_weight=1.5, undesirable_weight=0.7,
                               loss_type=loss_type, link=link, kl_estimator=kl_estimator,
-                              average_log_prob=average_log_prob, reduction=reduction))
+                              average_logprob=average_logprob, reduction=reduction))
 
 
 def test_shifted_view_needs_no_copy():
@@ -145,12 +145,13 @@ def test_opcheck_schemas_fake_kernels_and_autograd():
     offsets = torch.arange(5, dtype=torch.int64) * 6
     args = (batch["logits"].requires_grad_(True), batch["targets"], offsets,
             torch.full((4,), -20.0), batch["desirable"], batch["kl_policy"], batch["kl_reference"],
-            batch["kl_num_tokens"], torch.empty(0, dtype=torch.float64), 0.1, 1.0, 1.0, 0, 0, 0, 0,
-            True, 0.0, False, 0, 0, -100)
+            batch["kl_num_tokens"], torch.empty(0, dtype=torch.float64))
     for token_statistics in (False, True):
-        torch.library.opcheck(torch.ops.kto.step_forward.default, args + (token_statistics,))
+        options = kto_torch._options(token_statistics=token_statistics)
+        torch.library.opcheck(torch.ops.kto.step_forward.default, args + (options,))
     torch.library.opcheck(torch.ops.kto.sequence_logprobs.default,
-                          (batch["logits"].detach(), batch["targets"], offsets, False, -100))
+                          (batch["logits"].detach(), batch["targets"], offsets,
+                           kto_torch._options()))
 
 
 def test_torch_compile_traces_without_graph_breaks():

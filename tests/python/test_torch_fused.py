@@ -50,7 +50,7 @@ def reference(p, o):
     kl_logits = logits_of(p, p["kl_hidden"].double(), w.detach(),
                           b.detach() if b is not None else None)
     kl_logp, kl_n = kto_torch.sequence_logprobs(kl_logits, p["kl_targets"],
-                                                average_log_prob=o.get("average_log_prob", False))
+                                                average_logprob=o.get("average_logprob", False))
     out = kto_torch.kto_loss(logits_of(p, h, w, b), p["targets"], None,
                              p["reference_logp"].double(), p["desirable"], kl_logp,
                              p["kl_reference_logp"].double(), kl_n, **o)
@@ -91,7 +91,7 @@ def assert_matches(p, o, got, want, u_grad):
     # Gradients. rowscale_r = |g_s c_r| (1 + |lse_r| + max|Z_r|) bounds the rounding of
     # ∂L/∂Z[r, :]; carried through one product: (1e-5 + u) Σ_r or Σ_v of rowscale times |W|
     # (dH), |H| (dW) or 1 (db); a result stored in bf16/half adds u_T |value|.
-    c = ref.num_tokens.clamp(min=1).double() if o.get("average_log_prob") else \
+    c = ref.num_tokens.clamp(min=1).double() if o.get("average_logprob") else \
         torch.ones_like(ref.grad_logp.double())
     per_seq = (ref.grad_logp.double().abs() / c)[:, None].expand(scored.shape)
     zmax = z.abs().amax(-1)
@@ -126,12 +126,12 @@ def test_fused_op_matches_float64_reference(dtype, strategy, bias):
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
 @pytest.mark.parametrize("link", ["one_minus_sigmoid", "neg_log_sigmoid"])
-@pytest.mark.parametrize("average_log_prob", [False, True])
+@pytest.mark.parametrize("average_logprob", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_op_every_option(loss_type, link, average_log_prob, reduction):
+def test_fused_op_every_option(loss_type, link, average_logprob, reduction):
     p = make_problem(2)
     o = dict(beta=0.5, desirable_weight=1.7, undesirable_weight=0.6, loss_type=loss_type,
-             link=link, average_log_prob=average_log_prob, reduction=reduction)
+             link=link, average_logprob=average_logprob, reduction=reduction)
     assert_matches(p, o, fused(p, o), reference(p, o), 0.0)
 
 
@@ -178,10 +178,11 @@ def test_fused_opcheck_and_compile():
     args = (p["hidden"].reshape(-1, D).requires_grad_(True), p["weight"].requires_grad_(True),
             p["bias"].requires_grad_(True), p["targets"].reshape(-1), offsets, p["reference_logp"],
             p["desirable"], p["kl_hidden"].reshape(-1, D), p["kl_targets"].reshape(-1), offsets,
-            p["kl_reference_logp"], 0.1, 1.0, 1.0, 0, 0, 0, 0, True, 0.0, False, 0, 0, -100)
+            p["kl_reference_logp"])
     for token_statistics in (False, True):
+        options = kto_torch._options(token_statistics=token_statistics)
         torch.library.opcheck(torch.ops.kto.fused_linear_forward.default,
-                              args + (token_statistics, 1 << 20, 0))
+                              args + (options, 1 << 20, 0))
 
     def step(h, w, b):
         return kto_torch.fused_linear_kto_loss(

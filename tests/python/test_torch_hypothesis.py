@@ -44,7 +44,7 @@ def reference_step(z64, targets, offsets, ref_logp, desirable, kl, o):
     for s in range(B):
         a, b = int(offsets[s]), int(offsets[s + 1])
         lp, n = tok[a:b].sum(), int(scored[a:b].sum())
-        if o.get("average_log_prob", False) and n > 0:
+        if o.get("average_logprob", False) and n > 0:
             lp = lp / n
         logps.append(lp)
         counts.append(n)
@@ -93,7 +93,7 @@ def options(draw):
              link=draw(st.sampled_from(["one_minus_sigmoid", "neg_log_sigmoid"])),
              kl_estimator=draw(st.sampled_from(["mean", "nonempty_mean"])),
              clamp_kl=draw(st.booleans()),
-             average_log_prob=draw(st.booleans()),
+             average_logprob=draw(st.booleans()),
              reduction=draw(st.sampled_from(["mean", "sum"])),
              ignore_index=draw(st.sampled_from([-100, -1])))
     point = draw(st.sampled_from(["kl_batch", "kl_batch", "fixed", "zero"]))
@@ -309,7 +309,7 @@ def test_fused_linear_kto_loss_matches_the_float64_reference(p, D, dtype, h_layo
     logp_leaf = logp.detach().requires_grad_(True)
     g_s = torch.autograd.grad(loss_from_logp(logp_leaf, inputs["reference_logp"],
                                              inputs["desirable"], z0, o_ref), logp_leaf)[0].abs()
-    c = 1.0 / counts.clamp(min=1).double() if o["average_log_prob"] else \
+    c = 1.0 / counts.clamp(min=1).double() if o["average_logprob"] else \
         torch.ones(B, dtype=torch.float64)
     seq_of_row = torch.arange(N) // T
     scored = targets != o["ignore_index"]

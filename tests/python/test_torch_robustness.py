@@ -312,8 +312,8 @@ def test_d11_the_op_itself_rejects_a_wrong_size_and_non_finite_values():
     def op(global_kl):
         return torch.ops.kto.step_forward(
             batch["logits"], batch["targets"], offsets, torch.zeros(4), batch["desirable"],
-            batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"], global_kl, 0.1,
-            1.0, 1.0, 0, 0, 0, 0, True, 0.0, False, 0, 0, -100, False)
+            batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"], global_kl,
+            kto_torch._options())
 
     for g in (torch.ones(3, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"argument 'global_kl' must hold the all-reduced"):
@@ -414,3 +414,30 @@ def test_library_errors_name_the_library_step():
     nan["logits"][0, 1, 4] = float("nan")
     with pytest.raises(ValueError, match=r"kto::cpu::step_forward: .*sequence 0, row 1"):
         loss_and_grad(nan["logits"], nan["targets"].clamp(min=0))
+
+
+def test_the_ops_options_list_is_checked_and_named():
+    """The ops take the options as one list in the library's order (kto_torch.OPTION_NAMES);
+    the library checks its length and each value, naming it."""
+    batch = make_batch(17)
+    offsets = torch.arange(5) * 6
+    assert kto_torch.OPTION_NAMES[0] == "beta" and "token_statistics" in kto_torch.OPTION_NAMES
+
+    def op(options):
+        return torch.ops.kto.step_forward(
+            batch["logits"], batch["targets"], offsets, torch.zeros(4), batch["desirable"],
+            batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"],
+            torch.empty(0, dtype=torch.float64), options)
+
+    good = kto_torch._options()
+    op(good)
+    with pytest.raises(ValueError, match=r"kto_torch.kto_loss: argument 'options' must hold "
+                                         r"kOptionCount = 14 values; got 13"):
+        op(good[:-1])
+    bad = list(good)
+    bad[kto_torch.OPTION_NAMES.index("loss_type")] = 0.5
+    with pytest.raises(ValueError, match=r"argument 'options.loss_type' must be a whole number "
+                                         r"in \[0, 1\]; got 0.5"):
+        op(bad)
+    with pytest.raises(ValueError, match=r"kto: argument 'link' must be one of"):
+        kto_torch._options(link="sigmoid")

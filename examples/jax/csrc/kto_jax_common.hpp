@@ -23,11 +23,11 @@ using kto::index_t;
 #define KTO_JAX_OPTION_PARAMS                                                                      \
   double beta, double desirable_weight, double undesirable_weight, int32_t loss_type,              \
       int32_t link, int32_t reference_point, int32_t kl_estimator, bool clamp_kl, double fixed_z0, \
-      bool average, int32_t reduction, int64_t mean_denominator, int64_t ignore_index
-#define KTO_JAX_OPTIONS                                                                          \
-  kto::options_from_codes(beta, desirable_weight, undesirable_weight, loss_type, link,           \
-                          reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, \
-                          mean_denominator, ignore_index)
+      bool average_logprob, int32_t reduction, int64_t mean_denominator, int64_t ignore_index
+#define KTO_JAX_OPTIONS                                                                       \
+  kto::options_from_codes(beta, desirable_weight, undesirable_weight, loss_type, link,        \
+                          reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob, \
+                          reduction, mean_denominator, ignore_index)
 #define KTO_JAX_OPTION_ATTRS              \
   .Attr<double>("beta")                   \
       .Attr<double>("desirable_weight")   \
@@ -38,7 +38,7 @@ using kto::index_t;
       .Attr<int32_t>("kl_estimator")      \
       .Attr<bool>("clamp_kl")             \
       .Attr<double>("fixed_z0")           \
-      .Attr<bool>("average")              \
+      .Attr<bool>("average_logprob")      \
       .Attr<int32_t>("reduction")         \
       .Attr<int64_t>("mean_denominator")  \
       .Attr<int64_t>("ignore_index")

@@ -104,8 +104,8 @@ constexpr const char* kFusedLogprobs = "kto_jax.fused_linear_logprobs";
 constexpr const char* kPartials = "kto_jax.fused_linear_row_partials";
 
 ffi::Error SequenceLogprobsImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
-                                ffi::Buffer<ffi::S32> offsets, int64_t ignore_index, bool average,
-                                ffi::ResultBuffer<ffi::F32> logp,
+                                ffi::Buffer<ffi::S32> offsets, int64_t ignore_index,
+                                bool average_logprob, ffi::ResultBuffer<ffi::F32> logp,
                                 ffi::ResultBuffer<ffi::S32> num_tokens) {
   if (auto e = require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"); !e.success())
     return e;
@@ -113,7 +113,7 @@ ffi::Error SequenceLogprobsImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> tar
   const auto off = widen(offsets);
   kto::Options o;
   o.ignore_index = ignore_index;
-  o.average_logprob = average;
+  o.average_logprob = average_logprob;
   return dispatch(logits.element_type(), kLogprobs, "logits", [&](auto tag) {
     using T = decltype(tag);
     const auto f = kto::cpu::sequence_logprobs<T>(
@@ -242,7 +242,7 @@ ffi::Error check_fused_operands(const char* fn, const ffi::AnyBuffer& hidden,
 
 ffi::Error FusedLogprobsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                              ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-                             bool average, int64_t ignore_index, int64_t chunk_bytes,
+                             bool average_logprob, int64_t ignore_index, int64_t chunk_bytes,
                              ffi::ResultBuffer<ffi::F32> logp,
                              ffi::ResultBuffer<ffi::S32> num_tokens) {
   if (auto e = check_fused_operands(kFusedLogprobs, hidden, weight, bias); !e.success()) return e;
@@ -250,7 +250,7 @@ ffi::Error FusedLogprobsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::
   const auto off = widen(offsets);
   kto::Options o;
   o.ignore_index = ignore_index;
-  o.average_logprob = average;
+  o.average_logprob = average_logprob;
   return dispatch(hidden.element_type(), kFusedLogprobs, "hidden", [&](auto tag) {
     using T = decltype(tag);
     kto::cpu::FusedLinearConfig cfg;
@@ -393,7 +393,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoSequenceLogprobs, SequenceLogprobsImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("ignore_index")
-                                  .Attr<bool>("average")
+                                  .Attr<bool>("average_logprob")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
@@ -439,7 +439,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearLogprobs, FusedLogprobsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<bool>("average")
+                                  .Attr<bool>("average_logprob")
                                   .Attr<int64_t>("ignore_index")
                                   .Attr<int64_t>("chunk_bytes")
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -195,8 +195,8 @@ constexpr size_t kSmall = 256;  // an error word (kl_partial, finish)
 
 ffi::Error SequenceLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
                                 ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
-                                ffi::Buffer<ffi::S32> offsets, int64_t ignore_index, bool average,
-                                ffi::ResultBuffer<ffi::F32> logp,
+                                ffi::Buffer<ffi::S32> offsets, int64_t ignore_index,
+                                bool average_logprob, ffi::ResultBuffer<ffi::F32> logp,
                                 ffi::ResultBuffer<ffi::S32> num_tokens) {
   KTO_JAX_TRY(require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"));
   Scratch s{alloc};
@@ -209,7 +209,7 @@ ffi::Error SequenceLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc
   if (!s.ok) return s.error();
   kto::Options o;
   o.ignore_index = ignore_index;
-  o.average_logprob = average;
+  o.average_logprob = average_logprob;
   const auto seqs = kto::sequences(off, B);
   return dispatch(logits.element_type(), kLogprobs, "logits", [&](auto tag) -> ffi::Error {
     using T = decltype(tag);
@@ -364,7 +364,7 @@ kto::LinearHead<T> head_of(const ffi::AnyBuffer& weight, const ffi::AnyBuffer& b
 ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
                              ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                              ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-                             bool average, int64_t ignore_index, int64_t chunk_bytes,
+                             bool average_logprob, int64_t ignore_index, int64_t chunk_bytes,
                              ffi::ResultBuffer<ffi::F32> logp,
                              ffi::ResultBuffer<ffi::S32> num_tokens) {
   KTO_JAX_TRY(check_fused(kFusedLogprobs, hidden, weight, bias));
@@ -376,7 +376,7 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
   if (!s.ok) return s.error();
   kto::Options o;
   o.ignore_index = ignore_index;
-  o.average_logprob = average;
+  o.average_logprob = average_logprob;
   const auto seqs = kto::sequences(off, B);
   return dispatch(hidden.element_type(), kFusedLogprobs, "hidden", [&](auto tag) -> ffi::Error {
     using T = decltype(tag);
@@ -505,7 +505,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoSequenceLogprobs, SequenceLogprobsImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("ignore_index")
-                                  .Attr<bool>("average")
+                                  .Attr<bool>("average_logprob")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
@@ -547,7 +547,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearLogprobs, FusedLogprobsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<bool>("average")
+                                  .Attr<bool>("average_logprob")
                                   .Attr<int64_t>("ignore_index")
                                   .Attr<int64_t>("chunk_bytes")
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -96,7 +96,7 @@ class KTOOptions:
     kl_estimator: str = "mean"
     clamp_kl: bool = True
     fixed_z0: float = 0.0
-    average_log_prob: bool = False
+    average_logprob: bool = False
     reduction: str = "mean"
     mean_denominator: int = 0
     ignore_index: int = -100
@@ -129,7 +129,7 @@ class KTOOptions:
             kl_estimator=np.int32(KL_ESTIMATORS[self.kl_estimator]),
             clamp_kl=bool(self.clamp_kl),
             fixed_z0=np.float64(self.fixed_z0),
-            average=bool(self.average_log_prob),
+            average_logprob=bool(self.average_logprob),
             reduction=np.int32(REDUCTIONS[self.reduction]),
             mean_denominator=np.int64(self.mean_denominator),
             ignore_index=np.int64(self.ignore_index),
@@ -285,13 +285,13 @@ def _step_results(rows: int, b: int):
 # --------------------------------------------------------------------------- logits level
 
 
-def sequence_logprobs(logits, targets, offsets=None, *, average_log_prob=False, ignore_index=-100):
+def sequence_logprobs(logits, targets, offsets=None, *, average_logprob=False, ignore_index=-100):
     """Per-sequence log-probs and token counts (forward only, no gradient)."""
     logits, targets, offsets = _rows(logits, targets, offsets, "logits")
     b = offsets.shape[0] - 1
     call = _call("kto_sequence_logprobs",
                  (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
-                 ignore_index=np.int64(ignore_index), average=bool(average_log_prob))
+                 ignore_index=np.int64(ignore_index), average_logprob=bool(average_logprob))
     return call(lax.stop_gradient(logits), targets, offsets)
 
 
@@ -385,7 +385,7 @@ def _head(hidden, weight, bias):
 
 
 def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
-                          average_log_prob=False, ignore_index=-100,
+                          average_logprob=False, ignore_index=-100,
                           chunk_bytes=DEFAULT_CHUNK_BYTES):
     """Per-sequence log-probs and token counts from hidden states and the lm_head
     (forward only: the reference model, the KL batch)."""
@@ -394,7 +394,7 @@ def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
     b = offsets.shape[0] - 1
     call = _call("kto_fused_linear_logprobs",
                  (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
-                 average=bool(average_log_prob), ignore_index=np.int64(ignore_index),
+                 average_logprob=bool(average_logprob), ignore_index=np.int64(ignore_index),
                  chunk_bytes=np.int64(chunk_bytes))
     return call(*map(lax.stop_gradient, (hidden, weight, bias)), targets, offsets)
 
@@ -403,7 +403,7 @@ def fused_linear_kl_partial(kl_hidden, weight, kl_targets, kl_offsets, kl_refere
                             bias=None, options=KTOOptions(), *, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """This device's (S, C) of a KL batch given as hidden states, float32 [2]."""
     logp, n = fused_linear_logprobs(kl_hidden, weight, kl_targets, kl_offsets, bias,
-                                    average_log_prob=options.average_log_prob,
+                                    average_logprob=options.average_logprob,
                                     ignore_index=options.ignore_index, chunk_bytes=chunk_bytes)
     return kl_partial(logp, kl_reference_logp, n, kl_estimator=options.kl_estimator)
 

@@ -428,11 +428,14 @@ std::vector<std::string> metric_names() {
   return std::vector<std::string>(kto::kMetricNames, kto::kMetricNames + kto::kMetricCount);
 }
 
-kto::Options forward_options(bool average, int64_t ignore_index) {
-  kto::Options o;
-  o.average_logprob = average;
-  o.ignore_index = ignore_index;
-  return o;
+/// The library's option names, in the order of the options array every op takes.
+std::vector<std::string> option_names() {
+  return std::vector<std::string>(kto::kOptionNames, kto::kOptionNames + kto::kOptionCount);
+}
+
+/// Options from the one array the ops take (kto/options.hpp's binding contract).
+kto::Options options_of(const char* fn, const std::vector<double>& options) {
+  return kto::options_from_array(options.data(), static_cast<kto::index_t>(options.size()), fn);
 }
 
 /// Checked operands of a step on logits: what the CPU and CUDA kernels both take.
@@ -871,27 +874,13 @@ void require_cuda_build(const char* fn, const char* name, const torch::Tensor& z
                               "where nvcc is present)");
 }
 
-kto::Options step_options(const char* fn, double beta, double desirable_weight,
-                          double undesirable_weight, int64_t loss_type, int64_t link,
-                          int64_t reference_point, int64_t kl_estimator, bool clamp_kl,
-                          double fixed_z0, bool average, int64_t reduction,
-                          int64_t mean_denominator, int64_t ignore_index, bool token_statistics) {
-  const kto::Options o = kto::options_from_codes(
-      beta, desirable_weight, undesirable_weight, static_cast<int>(loss_type),
-      static_cast<int>(link), static_cast<int>(reference_point), static_cast<int>(kl_estimator),
-      clamp_kl, fixed_z0, average, static_cast<int>(reduction), mean_denominator, ignore_index,
-      token_statistics);
-  kto::validate_options(o, fn);
-  return o;
-}
-
 std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
                                              const torch::Tensor& targets,
-                                             const torch::Tensor& offsets, bool average,
-                                             int64_t ignore_index) {
+                                             const torch::Tensor& offsets,
+                                             const std::vector<double>& options) {
   const char* fn = kSequenceLogprobs;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
-  const kto::Options o = forward_options(average, ignore_index);
+  const kto::Options o = options_of(fn, options);
   if (!s.logits.is_cuda()) return sequence_logprobs_cpu(s, o);
   require_cuda_build(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
@@ -938,20 +927,15 @@ std::vector<torch::Tensor> step_forward(
     const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
     const torch::Tensor& reference_logp, const torch::Tensor& desirable,
     const torch::Tensor& kl_policy_logp, const torch::Tensor& kl_reference_logp,
-    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl, double beta,
-    double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
-    int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
-    int64_t reduction, int64_t mean_denominator, int64_t ignore_index, bool token_statistics) {
+    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl,
+    const std::vector<double>& options) {
   const char* fn = kKtoLoss;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
   const auto acc = s.logits.is_cuda() ? torch::kFloat : acc_of(s.logits);
   const StepVectors v =
       step_vectors(fn, logits, s.offsets.count(), reference_logp, desirable, kl_policy_logp,
                    kl_reference_logp, kl_num_tokens, global_kl, acc);
-  const kto::Options o =
-      step_options(fn, beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
-                   kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
-                   ignore_index, token_statistics);
+  const kto::Options o = options_of(fn, options);
   if (!s.logits.is_cuda()) return step_forward_cpu(s, v, o);
   require_cuda_build(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
@@ -966,12 +950,12 @@ std::vector<torch::Tensor> step_forward(
 torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& targets,
                             const torch::Tensor& offsets, const torch::Tensor& row_lse,
                             const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
-                            bool average, int64_t ignore_index) {
+                            const std::vector<double>& options) {
   const char* fn = kKtoLossBackward;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
   const auto acc = s.logits.is_cuda() ? torch::kFloat : acc_of(s.logits);
   const BackwardVectors b = backward_vectors(fn, s, row_lse, grad_logp, num_tokens, acc);
-  const kto::Options o = forward_options(average, ignore_index);
+  const kto::Options o = options_of(fn, options);
   if (!s.logits.is_cuda()) return step_backward_cpu(s, b, o);
   require_cuda_build(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
@@ -989,19 +973,13 @@ std::vector<torch::Tensor> fused_linear_forward(
     const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
     const torch::Tensor& desirable, const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
-    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp, double beta,
-    double desirable_weight, double undesirable_weight, int64_t loss_type, int64_t link,
-    int64_t reference_point, int64_t kl_estimator, bool clamp_kl, double fixed_z0, bool average,
-    int64_t reduction, int64_t mean_denominator, int64_t ignore_index, bool token_statistics,
-    int64_t chunk_bytes, int64_t strategy) {
+    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp,
+    const std::vector<double>& options, int64_t chunk_bytes, int64_t strategy) {
   const char* fn = kFusedLoss;
   const FusedOperands f =
       fused_operands(fn, hidden, weight, bias, targets, offsets, reference_logp, desirable,
                      kl_hidden, kl_targets, kl_offsets, kl_reference_logp);
-  const kto::Options o =
-      step_options(fn, beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
-                   kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
-                   ignore_index, token_statistics);
+  const kto::Options o = options_of(fn, options);
   check_chunk_bytes(fn, chunk_bytes);
   require(strategy == 0 || strategy == 1, fn, "strategy", "be keep_chunk (0) or recompute (1)",
           text(strategy));
@@ -1016,15 +994,13 @@ std::vector<torch::Tensor> fused_linear_forward(
 #endif
 }
 
-std::vector<torch::Tensor> fused_linear_logprobs(const torch::Tensor& hidden,
-                                                 const torch::Tensor& weight,
-                                                 const torch::Tensor& bias,
-                                                 const torch::Tensor& targets,
-                                                 const torch::Tensor& offsets, bool average,
-                                                 int64_t ignore_index, int64_t chunk_bytes) {
+std::vector<torch::Tensor> fused_linear_logprobs(
+    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& targets, const torch::Tensor& offsets, const std::vector<double>& options,
+    int64_t chunk_bytes) {
   const char* fn = kFusedLogprobs;
   const FusedLogprobOperands f = fused_logprob_operands(fn, hidden, weight, bias, targets, offsets);
-  const kto::Options o = forward_options(average, ignore_index);
+  const kto::Options o = options_of(fn, options);
   check_chunk_bytes(fn, chunk_bytes);
   if (!hidden.is_cuda()) return fused_linear_logprobs_cpu(f, o, chunk_bytes);
   require_cuda_build(fn, "hidden", hidden);
@@ -1048,4 +1024,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_linear_logprobs", &fused_linear_logprobs);
   m.def("has_cuda", &has_cuda);
   m.def("metric_names", &metric_names);
+  m.def("option_names", &option_names);
 }

@@ -53,6 +53,29 @@ REFERENCE_POINTS = {"kl_batch": 0, "fixed": 1, "zero": 2}
 KL_ESTIMATORS = {"mean": 0, "nonempty_mean": 1}
 REDUCTIONS = {"mean": 0, "sum": 1}
 METRIC_NAMES = tuple(_C.metric_names())  # the library's names, in its array order
+# The options every op takes as one float list, in the library's order (kto/options.hpp).
+OPTION_NAMES = tuple(_C.option_names())
+_ENUMS = {"loss_type": LOSS_TYPES, "link": LINKS, "reference_point": REFERENCE_POINTS,
+          "kl_estimator": KL_ESTIMATORS, "reduction": REDUCTIONS}
+_DEFAULT_OPTIONS = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
+                        link="one_minus_sigmoid", reference_point="kl_batch",
+                        kl_estimator="mean", clamp_kl=True, fixed_z0=0.0, average_logprob=False,
+                        reduction="mean", mean_denominator=0, ignore_index=-100,
+                        token_statistics=False)
+assert set(_DEFAULT_OPTIONS) == set(OPTION_NAMES), "kto_torch and its extension disagree"
+
+
+def _options(**given) -> list:
+    """The ops' options list: the library's names in its order, enums as their codes (the
+    C++ side checks every value and names it)."""
+    merged = {**_DEFAULT_OPTIONS, **given}
+    values = []
+    for name in OPTION_NAMES:
+        value = merged[name]
+        if name in _ENUMS:
+            value = _lookup(_ENUMS[name], name, value)
+        values.append(float(value))
+    return values
 
 
 def _rows(logits: Tensor) -> int:
@@ -89,15 +112,15 @@ def _check_device(name: str, t: Tensor) -> None:
 
 @torch.library.custom_op("kto::sequence_logprobs", mutates_args=())
 def _sequence_logprobs(
-    logits: Tensor, targets: Tensor, offsets: Tensor, average: bool, ignore_index: int
+    logits: Tensor, targets: Tensor, offsets: Tensor, options: list[float]
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_device("logits", logits)
-    logp, n, lse = _C.sequence_logprobs(logits, targets, offsets, average, ignore_index)
+    logp, n, lse = _C.sequence_logprobs(logits, targets, offsets, options)
     return logp, n, lse
 
 
 @_sequence_logprobs.register_fake
-def _(logits, targets, offsets, average, ignore_index):
+def _(logits, targets, offsets, options):
     _check_devices("kto_torch.sequence_logprobs", "logits", logits, [("targets", targets)],
                    [("offsets", offsets)])
     b = offsets.shape[0] - 1
@@ -120,32 +143,18 @@ def _step_forward(
     kl_reference_logp: Tensor,
     kl_num_tokens: Tensor,
     global_kl: Tensor,
-    beta: float,
-    desirable_weight: float,
-    undesirable_weight: float,
-    loss_type: int,
-    link: int,
-    reference_point: int,
-    kl_estimator: int,
-    clamp_kl: bool,
-    fixed_z0: float,
-    average: bool,
-    reduction: int,
-    mean_denominator: int,
-    ignore_index: int,
-    token_statistics: bool,
+    options: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_device("logits", logits)
     return tuple(_C.step_forward(
         logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
-        kl_num_tokens, global_kl, beta, desirable_weight, undesirable_weight, loss_type, link,
-        reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
-        ignore_index, token_statistics))
+        kl_num_tokens, global_kl, options))
 
 
-def _token_statistics_like(like: Tensor, b: int, requested: bool) -> Tensor:
+def _token_statistics_like(like: Tensor, b: int, options: list) -> Tensor:
     """Each sequence's sums of its scored tokens' entropy (row 0) and mean logit (row 1),
     float64 on the CPU: [2, B], or [2, 0] when not requested."""
+    requested = options[OPTION_NAMES.index("token_statistics")] != 0
     return torch.empty((2, b if requested else 0), dtype=torch.float64, device="cpu")
 
 
@@ -176,12 +185,10 @@ def _step_backward(
     row_lse: Tensor,
     grad_logp: Tensor,
     num_tokens: Tensor,
-    average: bool,
-    ignore_index: int,
+    options: list[float],
 ) -> Tensor:
     _check_device("logits", logits)
-    return _C.step_backward(logits, targets, offsets, row_lse, grad_logp, num_tokens, average,
-                            ignore_index)
+    return _C.step_backward(logits, targets, offsets, row_lse, grad_logp, num_tokens, options)
 
 
 @_step_backward.register_fake
@@ -196,17 +203,15 @@ def _setup_context(ctx, inputs, output):
     logits, targets, offsets = inputs[0], inputs[1], inputs[2]
     _, per_example, n, lse, _ = output
     ctx.save_for_backward(logits, targets, offsets, lse, per_example[4], n)
-    ctx.average = inputs[18]
-    ctx.ignore_index = inputs[21]
+    ctx.options = inputs[9]
 
 
 def _backward(ctx, g_metrics, g_per_example, g_num_tokens, g_lse, g_token_statistics):
     logits, targets, offsets, lse, grad_logp, n = ctx.saved_tensors
     # Only the loss (metrics[0]) is differentiable: dL_total/dlogp_s = g · g_s.
     scaled = grad_logp * g_metrics[0].to(grad_logp.dtype)
-    dlogits = torch.ops.kto.step_backward(logits, targets, offsets, lse, scaled, n, ctx.average,
-                                          ctx.ignore_index)
-    return (dlogits,) + (None,) * 22
+    dlogits = torch.ops.kto.step_backward(logits, targets, offsets, lse, scaled, n, ctx.options)
+    return (dlogits,) + (None,) * 9
 
 
 torch.library.register_autograd("kto::step_forward", _backward, setup_context=_setup_context)
@@ -228,29 +233,14 @@ def _fused_linear_forward(
     kl_targets: Tensor,
     kl_offsets: Tensor,
     kl_reference_logp: Tensor,
-    beta: float,
-    desirable_weight: float,
-    undesirable_weight: float,
-    loss_type: int,
-    link: int,
-    reference_point: int,
-    kl_estimator: int,
-    clamp_kl: bool,
-    fixed_z0: float,
-    average: bool,
-    reduction: int,
-    mean_denominator: int,
-    ignore_index: int,
-    token_statistics: bool,
+    options: list[float],
     chunk_bytes: int,
     strategy: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_device("hidden", hidden)
     return tuple(_C.fused_linear_forward(
         hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden, kl_targets,
-        kl_offsets, kl_reference_logp, beta, desirable_weight, undesirable_weight, loss_type, link,
-        reference_point, kl_estimator, clamp_kl, fixed_z0, average, reduction, mean_denominator,
-        ignore_index, token_statistics, chunk_bytes, strategy))
+        kl_offsets, kl_reference_logp, options, chunk_bytes, strategy))
 
 
 @_fused_linear_forward.register_fake
@@ -271,7 +261,7 @@ def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidd
         hidden.new_empty(hidden.shape, dtype=acc),
         hidden.new_empty(weight.shape, dtype=acc),
         hidden.new_empty(bias.shape, dtype=acc),
-        _token_statistics_like(hidden, b, args[-3]),
+        _token_statistics_like(hidden, b, args[0]),
     )
 
 
@@ -298,7 +288,7 @@ def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db, g_toke
         _scaled(dw, g, ctx.dtypes[1]),
         _scaled(db, g, ctx.dtypes[2]) if ctx.has_bias else None,
     )
-    return grads + (None,) * 24
+    return grads + (None,) * 11
 
 
 torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
@@ -307,11 +297,11 @@ torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
 
 @torch.library.custom_op("kto::fused_linear_logprobs", mutates_args=())
 def _fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
-                           offsets: Tensor, average: bool, ignore_index: int,
+                           offsets: Tensor, options: list[float],
                            chunk_bytes: int) -> tuple[Tensor, Tensor]:
     _check_device("hidden", hidden)
-    logp, n = _C.fused_linear_logprobs(hidden, weight, bias, targets, offsets, average,
-                                       ignore_index, chunk_bytes)
+    logp, n = _C.fused_linear_logprobs(hidden, weight, bias, targets, offsets, options,
+                                       chunk_bytes)
     return logp, n
 
 
@@ -359,6 +349,12 @@ def _given(fn: str, name: str, t: Optional[Tensor], expectation: str) -> None:
                          f"empty tensor of shape {tuple(t.shape)}")
 
 
+def _loss_options(*values) -> list:
+    """The options list from a loss function's option arguments, given in the library's
+    order (OPTION_NAMES)."""
+    return _options(**dict(zip(OPTION_NAMES, values, strict=True)))
+
+
 def _lookup(table: dict, name: str, value: str) -> int:
     if value not in table:
         raise ValueError(f"kto: argument '{name}' must be one of {sorted(table)}; got {value!r}")
@@ -366,12 +362,13 @@ def _lookup(table: dict, name: str, value: str) -> int:
 
 
 def sequence_logprobs(logits: Tensor, targets: Tensor, offsets: Optional[Tensor] = None, *,
-                      average_log_prob: bool = False, ignore_index: int = -100):
+                      average_logprob: bool = False, ignore_index: int = -100):
     """(logp [B], num_tokens [B]) — forward only."""
     if offsets is None:
         offsets = _padded_offsets("kto_torch.sequence_logprobs", logits)
-    logp, n, _ = torch.ops.kto.sequence_logprobs(logits, targets, offsets, average_log_prob,
-                                                  ignore_index)
+    logp, n, _ = torch.ops.kto.sequence_logprobs(
+        logits, targets, offsets,
+        _options(average_logprob=average_logprob, ignore_index=ignore_index))
     return logp, n
 
 
@@ -396,7 +393,7 @@ def _empty(like: Tensor) -> Tensor:
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
                           offsets: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
-                          average_log_prob: bool = False, ignore_index: int = -100,
+                          average_logprob: bool = False, ignore_index: int = -100,
                           chunk_bytes: int = 1 << 30):
     """(logp [B], num_tokens [B]) from hidden states and the lm_head — forward only
     (the reference model's log-probs, without materialising its logits). Layouts as in
@@ -410,20 +407,8 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
         raise ValueError("kto: argument 'offsets' is needed for [N, D] hidden states")
     return torch.ops.kto.fused_linear_logprobs(
         hidden, weight, bias if bias is not None else _empty(hidden), targets.reshape(-1),
-        offsets, average_log_prob, ignore_index, int(chunk_bytes))
-
-
-def _option_codes(beta, desirable_weight, undesirable_weight, loss_type, link, reference_point,
-                  kl_estimator, clamp_kl, fixed_z0, average_log_prob, reduction, mean_denominator,
-                  ignore_index, token_statistics) -> tuple:
-    """The loss options as the ops take them (enums as their codes), in schema order."""
-    return (float(beta), float(desirable_weight), float(undesirable_weight),
-            _lookup(LOSS_TYPES, "loss_type", loss_type), _lookup(LINKS, "link", link),
-            _lookup(REFERENCE_POINTS, "reference_point", reference_point),
-            _lookup(KL_ESTIMATORS, "kl_estimator", kl_estimator), bool(clamp_kl),
-            float(fixed_z0), bool(average_log_prob),
-            _lookup(REDUCTIONS, "reduction", reduction), int(mean_denominator),
-            int(ignore_index), bool(token_statistics))
+        offsets, _options(average_logprob=average_logprob, ignore_index=ignore_index),
+        int(chunk_bytes))
 
 
 def _kto_output(metrics: Tensor, per_example: Tensor, n: Tensor,
@@ -478,7 +463,7 @@ def kto_loss(
     kl_estimator: str = "mean",
     clamp_kl: bool = True,
     fixed_z0: float = 0.0,
-    average_log_prob: bool = False,
+    average_logprob: bool = False,
     reduction: str = "mean",
     mean_denominator: int = 0,
     ignore_index: int = -100,
@@ -492,6 +477,9 @@ def kto_loss(
     also each example's sums of its scored tokens' entropy and mean logit (KTOOutput's
     entropy_sum and mean_logit_sum), from the same pass over the logits; CPU only for now."""
     fn = "kto_torch.kto_loss"
+    options = _loss_options(beta, desirable_weight, undesirable_weight, loss_type, link,
+                            reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob,
+                            reduction, mean_denominator, ignore_index, token_statistics)
     if offsets is None:
         offsets = _padded_offsets(fn, logits)
     if global_kl is not None and (global_kl.dim() != 1 or global_kl.numel() != 2):
@@ -509,9 +497,7 @@ def kto_loss(
         kl_reference_logp if kl_reference_logp is not None else empty_f,
         kl_num_tokens if kl_num_tokens is not None else empty_i,
         global_kl if global_kl is not None else logits.new_empty((0,), dtype=torch.float64),
-        *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
-                       reference_point, kl_estimator, clamp_kl, fixed_z0, average_log_prob,
-                       reduction, mean_denominator, ignore_index, token_statistics),
+        options,
     )
     return _kto_output(metrics, per_example, n, statistics if token_statistics else None)
 
@@ -538,7 +524,7 @@ def fused_linear_kto_loss(
     kl_estimator: str = "mean",
     clamp_kl: bool = True,
     fixed_z0: float = 0.0,
-    average_log_prob: bool = False,
+    average_logprob: bool = False,
     reduction: str = "mean",
     mean_denominator: int = 0,
     ignore_index: int = -100,
@@ -561,6 +547,9 @@ def fused_linear_kto_loss(
     Gradients are new contiguous tensors. ``token_statistics``: as in kto_loss, from the
     pass that computes each row's log-softmax (CPU only for now)."""
     fn = "kto_torch.fused_linear_kto_loss"
+    options = _loss_options(beta, desirable_weight, undesirable_weight, loss_type, link,
+                            reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob,
+                            reduction, mean_denominator, ignore_index, token_statistics)
     if weight.dim() == 2:
         _given(fn, "bias", bias, f"have V = weight.size(0) = {weight.shape[0]} entries")
     hidden, padded = _flatten_hidden("hidden", hidden)
@@ -587,9 +576,7 @@ def fused_linear_kto_loss(
         kl_offsets if kl_offsets is not None else empty_i,
         kl_reference_logp if kl_reference_logp is not None else hidden.new_empty(
             (0,), dtype=torch.float32),
-        *_option_codes(beta, desirable_weight, undesirable_weight, loss_type, link,
-                       reference_point, kl_estimator, clamp_kl, fixed_z0, average_log_prob,
-                       reduction, mean_denominator, ignore_index, token_statistics),
+        options,
         int(chunk_bytes),
         _lookup(STRATEGIES, "strategy", strategy),
     )

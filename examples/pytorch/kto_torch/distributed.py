@@ -130,7 +130,7 @@ def _local_kl_partial(logits: Tensor, kl_policy_logp, kl_reference_logp, kl_num_
             with torch.no_grad():
                 kl_policy_logp, n = kto_torch.sequence_logprobs(
                     kl_logits.detach(), kl_targets, kl_offsets,
-                    average_log_prob=options.get("average_log_prob", False),
+                    average_logprob=options.get("average_logprob", False),
                     ignore_index=options.get("ignore_index", -100))
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"{_FN}: the KL batch (kl_logits, kl_targets) was rejected: {e}") \
