@@ -288,6 +288,9 @@ TEST_CASE("options array: round trip and named checks", "[errors][options]") {
   o.mean_denominator = 64;
   o.ignore_index = -1;
   o.token_statistics = true;
+  o.logit_scale = 0.125;
+  o.logit_softcap = 30.0;
+  o.temperature = 0.7;
   double values[kto::kOptionCount];
   kto::options_to_array(o, values);
   const kto::Options back = kto::options_from_array(values, kto::kOptionCount, "test");
@@ -301,8 +304,10 @@ TEST_CASE("options array: round trip and named checks", "[errors][options]") {
   CHECK(back.kl_estimator == kto::KlEstimator::nonempty_mean);
   CHECK(back.token_statistics);
 
-  CHECK_THROWS_WITH(kto::options_from_array(values, kto::kOptionCount - 1, "f"),
-                    "f: argument 'options' must hold kOptionCount = 14 values; got 13");
+  CHECK_THROWS_WITH(
+      kto::options_from_array(values, kto::kOptionCount - 1, "f"),
+      "f: argument 'options' must hold kOptionCount = " + std::to_string(kto::kOptionCount) +
+          " values; got " + std::to_string(kto::kOptionCount - 1));
   values[kto::kOptionLossType] = 0.5;
   CHECK_THROWS_WITH(kto::options_from_array(values, kto::kOptionCount, "f"),
                     "f: argument 'options.loss_type' must be a whole number in [0, 1]; got 0.5");

@@ -178,7 +178,7 @@ TEST_CASE("fused-linear extra memory does not grow with the number of rows", "[f
   const size_t bytes_b = kto::cpu::fused_linear_workspace_bytes(sb.head(), cfg);
   CHECK(bytes_a == bytes_b);
   // The engine holds exactly that: a chunk within the budget, fp32 W and b.
-  kto::cpu::detail::ChunkEngine<Eigen::bfloat16> engine(sb.head(), 8, {});
+  kto::cpu::detail::ChunkEngine<Eigen::bfloat16> engine(sb.head(), 8, {}, {});
   CHECK(engine.allocated_bytes() == bytes_b);
   CHECK(bytes_b == cfg.chunk_bytes + sizeof(float) * (37 * 16 + 37));
   // Far below materialising the logits of the large batch.

@@ -17,6 +17,7 @@
 
 #include "config.hpp"
 #include "error.hpp"
+#include "logit_transform.hpp"
 
 namespace kto {
 
@@ -50,7 +51,19 @@ struct Options {
   /// logit (token_statistics.hpp), from the pass that computes lse: TRL's
   /// `entropy` and `logits/*` metrics. Not on CUDA yet (its entry points raise).
   bool token_statistics = false;
+  /// The transform the model applies to its logits before the softmax
+  /// (logit_transform.hpp): z' = c·tanh(a·z / c) / τ, or a·z / τ when c = 0,
+  /// applied to the logits every path reads (the fused step's raw hidden·Wᵀ + b,
+  /// or the logits a caller passes untransformed); gradients are to the raw
+  /// logits. The identity (the default) costs nothing. Not on CUDA yet.
+  double logit_scale = 1.0;    ///< a
+  double logit_softcap = 0.0;  ///< c (0: no soft-cap)
+  double temperature = 1.0;    ///< τ
 };
+
+inline LogitTransform logit_transform(const Options& o) {
+  return LogitTransform{o.logit_scale, o.logit_softcap, o.temperature};
+}
 
 /// Options from plain numbers, the enums as their integer values: what
 /// language bindings receive. Invalid codes are caught by validate_options().
@@ -119,6 +132,16 @@ inline void validate_options(const Options& o, const char* function) {
                   "be finite, |z0| <= 1e15 (a log-ratio)", o.fixed_z0);
   detail::require(o.mean_denominator >= 0, function, "options.mean_denominator",
                   "be >= 0 (0 = number of target examples)", o.mean_denominator);
+  // Bounded like β: |∂z'/∂z| <= |a| / τ <= 1e12 keeps every gradient finite.
+  detail::require(
+      std::isfinite(o.logit_scale) && o.logit_scale != 0.0 && std::fabs(o.logit_scale) <= kMaxScale,
+      function, "options.logit_scale", "be finite, nonzero and |a| <= 1e6", o.logit_scale);
+  detail::require(
+      std::isfinite(o.logit_softcap) && o.logit_softcap >= 0.0 && o.logit_softcap <= kMaxScale,
+      function, "options.logit_softcap", "be finite, >= 0 (0: off) and <= 1e6", o.logit_softcap);
+  detail::require(std::isfinite(o.temperature) && o.temperature >= 1.0 / kMaxScale &&
+                      o.temperature <= kMaxScale,
+                  function, "options.temperature", "be finite, in [1e-6, 1e6]", o.temperature);
 }
 
 /// The binding contract for options: one array of kOptionCount numbers, in the
@@ -141,13 +164,17 @@ enum OptionIndex : int {
   kOptionMeanDenominator,
   kOptionIgnoreIndex,
   kOptionTokenStatistics,
+  kOptionLogitScale,
+  kOptionLogitSoftcap,
+  kOptionTemperature,
   kOptionCount
 };
 constexpr const char* kOptionNames[kOptionCount] = {
     "beta",         "desirable_weight", "undesirable_weight", "loss_type",
     "link",         "reference_point",  "kl_estimator",       "clamp_kl",
     "fixed_z0",     "average_logprob",  "reduction",          "mean_denominator",
-    "ignore_index", "token_statistics"};
+    "ignore_index", "token_statistics", "logit_scale",        "logit_softcap",
+    "temperature"};
 
 inline void options_to_array(const Options& o, double* out) {
   out[kOptionBeta] = o.beta;
@@ -164,6 +191,9 @@ inline void options_to_array(const Options& o, double* out) {
   out[kOptionMeanDenominator] = static_cast<double>(o.mean_denominator);
   out[kOptionIgnoreIndex] = static_cast<double>(o.ignore_index);
   out[kOptionTokenStatistics] = o.token_statistics ? 1.0 : 0.0;
+  out[kOptionLogitScale] = o.logit_scale;
+  out[kOptionLogitSoftcap] = o.logit_softcap;
+  out[kOptionTemperature] = o.temperature;
 }
 
 /// Options from the binding contract's array (see OptionIndex), for the public
@@ -199,6 +229,9 @@ inline Options options_from_array(const double* values, index_t count, const cha
       static_cast<index_t>(integer(kOptionMeanDenominator, -kLargestExact, kLargestExact));
   o.ignore_index = static_cast<index_t>(integer(kOptionIgnoreIndex, -kLargestExact, kLargestExact));
   o.token_statistics = flag(kOptionTokenStatistics);
+  o.logit_scale = values[kOptionLogitScale];
+  o.logit_softcap = values[kOptionLogitSoftcap];
+  o.temperature = values[kOptionTemperature];
   validate_options(o, fn);
   return o;
 }

@@ -1,7 +1,8 @@
 // cpu/backward.hpp — the gradient of the KTO loss w.r.t. the policy logits.
 //
-//   ∂L/∂Z[r, v] = g_s · c_r · (1[v = t_r] − exp(Z[r, v] − lse_r))
+//   ∂L/∂Z[r, v] = g_s · c_r · (1[v = t_r] − exp(Z'[r, v] − lse_r)) · ∂Z'/∂Z
 //
+// (Z' = Z and ∂Z'/∂Z = 1 unless options carry a logit transform, logit_transform.hpp)
 // with g_s = ∂L/∂logp_s from finish(), c_r = 1 (sum) or 1/n_s (average) on
 // scored rows. Ignored rows and rows outside every sequence get all zeros, so
 // every element of the output is written. One read of the logits and one write
@@ -42,6 +43,7 @@ void backward_impl(const LogitsView<const T>& logits, const TargetsView& targets
   kto::detail::validate_span(num_tokens, seqs.count, fn, "num_tokens");
   kto::detail::validate_finite(grad_logp, fn, "grad_logp");
 
+  const LogitTransform transform = logit_transform(o);
   const index_t first = seqs.offsets[0];
   const index_t last = seqs.offsets[seqs.count];
   // The residuals of scored rows, checked before anything is written.
@@ -53,9 +55,10 @@ void backward_impl(const LogitsView<const T>& logits, const TargetsView& targets
                           "be finite on scored rows (the forward's lse)", row_lse[r]);
       kto::detail::require(num_tokens[s] >= 1, fn, "num_tokens[" + std::to_string(s) + "]",
                            "be >= 1 for a sequence with scored rows", num_tokens[s]);
-      // |∂L/∂Z| <= |g_s c_r|: written in T, it must fit T (half: 65504).
+      // |∂L/∂Z| <= |g_s c_r| |a| / τ: written in T, it must fit T (half: 65504).
       const double scale =
-          token_scale(static_cast<double>(grad_logp[s]), num_tokens[s], o.average_logprob);
+          token_scale(static_cast<double>(grad_logp[s]), num_tokens[s], o.average_logprob) *
+          transform.max_derivative();
       const auto highest = static_cast<double>(std::numeric_limits<T>::max());
       kto::detail::require(std::fabs(scale) <= highest, fn, "grad_logp[" + std::to_string(s) + "]",
                            "give a gradient scale within the logit type's range (" +
@@ -80,7 +83,7 @@ void backward_impl(const LogitsView<const T>& logits, const TargetsView& targets
       }
       const Acc scale = static_cast<Acc>(
           token_scale(static_cast<double>(grad_logp[s]), num_tokens[s], o.average_logprob));
-      row_gradient<T, Acc>(logits.row(r), logits.vocab, t, row_lse[r], scale, out);
+      row_gradient<T, Acc>(logits.row(r), logits.vocab, t, row_lse[r], scale, out, transform);
     }
   });
 }

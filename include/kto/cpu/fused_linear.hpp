@@ -164,12 +164,14 @@ class ChunkEngine {
  public:
   using Acc = accumulator_t<T>;
 
-  ChunkEngine(const LinearHead<T>& head, index_t chunk_rows, const ExecutionPolicy& exec)
+  ChunkEngine(const LinearHead<T>& head, index_t chunk_rows, const ExecutionPolicy& exec,
+              const LogitTransform& transform)
       : head_(head),
         vocab_(head.weight.rows),
         dim_(head.weight.cols),
         chunk_rows_(chunk_rows),
-        exec_(exec) {
+        exec_(exec),
+        transform_(transform) {
     if (!std::is_same<T, Acc>::value) {
       weight_copy_.resize(static_cast<size_t>(vocab_ * dim_));
       parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
@@ -240,10 +242,11 @@ class ChunkEngine {
         const index_t r = rows_[static_cast<size_t>(k)];
         const index_t t = scorer.target(r);
         const Acc* z = logits_row(k);
-        const RowStats<Acc> st = statistics ? row_stats<Acc, Acc>(z, vocab_, 0, statistics[r - r0])
-                                            : row_stats<Acc, Acc>(z, vocab_, 0);
+        const RowStats<Acc> st =
+            statistics ? row_stats<Acc, Acc>(z, vocab_, 0, statistics[r - r0], transform_)
+                       : row_stats<Acc, Acc>(z, vocab_, 0, transform_);
         const bool owned = t >= begin && t < begin + vocab_;
-        out[r - r0] = {st.lse, owned ? z[t - begin] : Acc(0)};
+        out[r - r0] = {st.lse, owned ? transform_logit(z[t - begin], transform_) : Acc(0)};
       }
     });
   }
@@ -266,7 +269,7 @@ class ChunkEngine {
           continue;
         }
         const index_t local = t >= begin && t < begin + vocab_ ? t - begin : -1;
-        row_gradient<Acc, Acc>(z, vocab_, local, row_lse[r], row_scale[r], z);
+        row_gradient<Acc, Acc>(z, vocab_, local, row_lse[r], row_scale[r], z, transform_);
       }
     });
     const auto g = logits_chunk(m);
@@ -294,6 +297,7 @@ class ChunkEngine {
   const LinearHead<T>& head_;
   index_t vocab_, dim_, chunk_rows_;
   ExecutionPolicy exec_;
+  LogitTransform transform_;
   // Aligned storage: the same alignment every run, so the same Eigen code paths and bits.
   std::vector<Acc, Eigen::aligned_allocator<Acc>> weight_copy_, bias_, hidden_, logits_;
   std::vector<index_t> rows_;  ///< the chunk's scored rows, in order
@@ -467,10 +471,11 @@ void require_finite_gradients(const LinearGradients<Acc>& g, index_t rows, index
 /// The engine of a call, or kto::Error when its buffers do not fit in memory.
 template <class T>
 ChunkEngine<T> make_engine(const LinearHead<T>& head, const FusedLinearConfig& cfg,
-                           index_t max_rows, const ExecutionPolicy& exec, const char* fn) {
+                           index_t max_rows, const ExecutionPolicy& exec, const Options& o,
+                           const char* fn) {
   const index_t rows = chunk_rows_of(head, cfg, max_rows);
   try {
-    return ChunkEngine<T>(head, rows, exec);
+    return ChunkEngine<T>(head, rows, exec, logit_transform(o));
   } catch (const std::bad_alloc&) {
     kto::detail::fail(fn, "config.chunk_bytes",
                       "leave room for the chunk buffers (" + std::to_string(rows) +
@@ -516,7 +521,7 @@ SequenceForward<accumulator_t<T>> fused_linear_logprobs(const MatrixView<const T
                        head.vocab_total);
   const detail::HiddenBatch<T> batch{hidden, targets, sequences, "hidden"};
   detail::validate_hidden_batch(batch, head, o, fn, "", true);
-  detail::ChunkEngine<T> engine = detail::make_engine(head, cfg, hidden.rows, exec, fn);
+  detail::ChunkEngine<T> engine = detail::make_engine(head, cfg, hidden.rows, exec, o, fn);
   const detail::RowScorer scorer(targets, sequences, o.ignore_index);
   auto statistics = detail::row_statistics_of<accumulator_t<T>>(o, hidden.rows);
   auto out = detail::sequences_from_partials(
@@ -607,7 +612,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   // strategy is recompute, of the target batch too: one gather serves both.
   auto local_partials = [&] {
     engine = std::make_unique<detail::ChunkEngine<T>>(detail::make_engine(
-        head, cfg, std::max(in.hidden.rows, kl ? in.kl_hidden.rows : index_t{0}), exec, fn));
+        head, cfg, std::max(in.hidden.rows, kl ? in.kl_hidden.rows : index_t{0}), exec, o, fn));
     if (kl) {
       const detail::RowScorer kl_scorer(in.kl_targets, in.kl_sequences, o.ignore_index);
       partials = detail::batch_partials(*engine, in.kl_hidden, kl_scorer);

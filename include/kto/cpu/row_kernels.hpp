@@ -19,6 +19,7 @@
 #include <limits>
 
 #include "../config.hpp"
+#include "../logit_transform.hpp"
 #include "../token_statistics.hpp"
 #include "convert.hpp"
 
@@ -48,6 +49,17 @@ inline void store_chunk(const Acc* buf, index_t n, T* dst) {
   narrow(buf, n, dst);
 }
 
+/// z ← z' in place (logit_transform.hpp), vectorised.
+template <class Acc>
+inline void transform_chunk(AlignedChunk<Acc>& chunk, const LogitTransform& t) {
+  if (!t.capped()) {
+    chunk *= static_cast<Acc>(t.scale / t.temperature);
+  } else {
+    chunk = (chunk * static_cast<Acc>(t.scale / t.softcap)).tanh() *
+            static_cast<Acc>(t.softcap / t.temperature);
+  }
+}
+
 }  // namespace detail
 
 namespace detail {
@@ -56,7 +68,8 @@ namespace detail {
 /// token statistics' sums (token_statistics.hpp).
 template <bool kStatistics, class T, class Acc>
 inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
-                              TokenStatistics<Acc>* statistics) {
+                              TokenStatistics<Acc>* statistics, const LogitTransform& transform) {
+  const bool transformed = !transform.identity();
   alignas(64) Acc buf[kRowChunk];
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   Acc m = neg_inf;
@@ -67,6 +80,7 @@ inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
     const index_t n = std::min(kRowChunk, vocab - begin);
     load_chunk(row + begin, n, buf);
     AlignedChunk<Acc> chunk(buf, n);
+    if (transformed) transform_chunk(chunk, transform);
     const Acc chunk_max = chunk.maxCoeff();
     if constexpr (kStatistics) t += chunk.sum();
     if (chunk_max == neg_inf) {  // every term is exp(−inf) = 0, unless a NaN hid from the max
@@ -91,35 +105,56 @@ inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
     }
   }
   if constexpr (kStatistics) *statistics = token_statistics(s, w, t, vocab);
-  return RowStats<Acc>{m + std::log(s), static_cast<Acc>(row[target])};
+  const Acc target_logit = static_cast<Acc>(row[target]);
+  return RowStats<Acc>{m + std::log(s),
+                       transformed ? transform_logit(target_logit, transform) : target_logit};
 }
 
 }  // namespace detail
 
 /// lse of one row and its logit at `target` (target must be in [0, vocab)).
 /// A NaN or +inf anywhere, or a row of only −inf, yields a non-finite lse.
+/// With a `transform`, of the transformed row (logit_transform.hpp).
 template <class T, class Acc = accumulator_t<T>>
-inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target) {
-  return detail::row_pass<false, T, Acc>(row, vocab, target, nullptr);
+inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target,
+                               const LogitTransform& transform = {}) {
+  return detail::row_pass<false, T, Acc>(row, vocab, target, nullptr, transform);
 }
 
 /// row_stats(), and the row's entropy and mean logit from the same read.
 template <class T, class Acc = accumulator_t<T>>
 inline RowStats<Acc> row_stats(const T* row, index_t vocab, index_t target,
-                               TokenStatistics<Acc>& statistics) {
-  return detail::row_pass<true, T, Acc>(row, vocab, target, &statistics);
+                               TokenStatistics<Acc>& statistics,
+                               const LogitTransform& transform = {}) {
+  return detail::row_pass<true, T, Acc>(row, vocab, target, &statistics, transform);
 }
 
-/// out[v] = scale · (1[v = target] − exp(row[v] − lse)); out may equal row.
+/// out[v] = scale · (1[v = target] − exp(z'_v − lse)) · ∂z'_v/∂z_v, with z' the
+/// transformed row (the identity by default) and lse its lse; out may equal row.
 template <class T, class Acc>
-inline void row_gradient(const T* row, index_t vocab, index_t target, Acc lse, Acc scale, T* out) {
+inline void row_gradient(const T* row, index_t vocab, index_t target, Acc lse, Acc scale, T* out,
+                         const LogitTransform& transform = {}) {
   alignas(64) Acc buf[kRowChunk];
+  alignas(64) Acc tanh_buf[kRowChunk];
+  const Acc k = static_cast<Acc>(transform.scale / transform.temperature);
   for (index_t begin = 0; begin < vocab; begin += kRowChunk) {
     const index_t n = std::min(kRowChunk, vocab - begin);
     detail::load_chunk(row + begin, n, buf);
     detail::AlignedChunk<Acc> chunk(buf, n);
-    chunk = (chunk - lse).exp() * (-scale);
-    if (target >= begin && target < begin + n) buf[target - begin] += scale;
+    if (transform.identity()) {
+      chunk = (chunk - lse).exp() * (-scale);
+      if (target >= begin && target < begin + n) buf[target - begin] += scale;
+    } else if (!transform.capped()) {  // z' = k z, ∂z'/∂z = k
+      chunk = (chunk * k - lse).exp() * (-scale * k);
+      if (target >= begin && target < begin + n) buf[target - begin] += scale * k;
+    } else {  // z' = (c/τ) tanh(a z / c), ∂z'/∂z = k (1 − tanh²)
+      detail::AlignedChunk<Acc> th(tanh_buf, n);
+      th = (chunk * static_cast<Acc>(transform.scale / transform.softcap)).tanh();
+      const Acc cap = static_cast<Acc>(transform.softcap / transform.temperature);
+      chunk = (th * cap - lse).exp() * (-scale);
+      if (target >= begin && target < begin + n) buf[target - begin] += scale;
+      chunk *= (Acc(1) - th.square()) * k;
+    }
     detail::store_chunk(buf, n, out + begin);
   }
 }

@@ -109,6 +109,7 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
                         "leave room in memory for four scalars a row", rows);
     }
   }
+  const LogitTransform transform = logit_transform(o);
   const index_t first = seqs.offsets[0];
   const index_t last = seqs.offsets[seqs.count];
 
@@ -122,10 +123,10 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
     for (index_t r = first + b; r < first + e; ++r) {
       const index_t t = targets.at(r);
       if (t == o.ignore_index) continue;
-      const RowStats<Acc> st = o.token_statistics
-                                   ? row_stats<T, Acc>(logits.row(r), logits.vocab, t,
-                                                       row_statistics[static_cast<size_t>(r)])
-                                   : row_stats<T, Acc>(logits.row(r), logits.vocab, t);
+      const RowStats<Acc> st =
+          o.token_statistics ? row_stats<T, Acc>(logits.row(r), logits.vocab, t,
+                                                 row_statistics[static_cast<size_t>(r)], transform)
+                             : row_stats<T, Acc>(logits.row(r), logits.vocab, t, transform);
       const Acc lp = st.target_logit - st.lse;
       out.row_lse[static_cast<size_t>(r)] = st.lse;
       out.token_logp[static_cast<size_t>(r)] = lp;

@@ -48,6 +48,10 @@ inline void validate_cuda_options(const Options& o, const char* fn) {
   kto::detail::require(
       !o.token_statistics, fn, "options.token_statistics",
       "be false on CUDA (entropy and mean logit are computed on the CPU path only)", "true");
+  kto::detail::require(logit_transform(o).identity(), fn, "options.logit_scale",
+                       "be 1, with logit_softcap 0 and temperature 1, on CUDA (logit transforms "
+                       "are computed on the CPU path only)",
+                       o.logit_scale);
 }
 
 template <class T>
