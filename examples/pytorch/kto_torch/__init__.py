@@ -61,7 +61,8 @@ _DEFAULT_OPTIONS = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, 
                         link="one_minus_sigmoid", reference_point="kl_batch",
                         kl_estimator="mean", clamp_kl=True, fixed_z0=0.0, average_logprob=False,
                         reduction="mean", mean_denominator=0, ignore_index=-100,
-                        token_statistics=False)
+                        token_statistics=False, logit_scale=1.0, logit_softcap=0.0,
+                        temperature=1.0)
 assert set(_DEFAULT_OPTIONS) == set(OPTION_NAMES), "kto_torch and its extension disagree"
 
 
@@ -362,13 +363,16 @@ def _lookup(table: dict, name: str, value: str) -> int:
 
 
 def sequence_logprobs(logits: Tensor, targets: Tensor, offsets: Optional[Tensor] = None, *,
-                      average_logprob: bool = False, ignore_index: int = -100):
-    """(logp [B], num_tokens [B]) — forward only."""
+                      average_logprob: bool = False, ignore_index: int = -100,
+                      logit_scale: float = 1.0, logit_softcap: float = 0.0,
+                      temperature: float = 1.0):
+    """(logp [B], num_tokens [B]) — forward only; the logit transform as in kto_loss."""
     if offsets is None:
         offsets = _padded_offsets("kto_torch.sequence_logprobs", logits)
     logp, n, _ = torch.ops.kto.sequence_logprobs(
         logits, targets, offsets,
-        _options(average_logprob=average_logprob, ignore_index=ignore_index))
+        _options(average_logprob=average_logprob, ignore_index=ignore_index,
+                 logit_scale=logit_scale, logit_softcap=logit_softcap, temperature=temperature))
     return logp, n
 
 
@@ -394,7 +398,8 @@ def _empty(like: Tensor) -> Tensor:
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
                           offsets: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
                           average_logprob: bool = False, ignore_index: int = -100,
-                          chunk_bytes: int = 1 << 30):
+                          chunk_bytes: int = 1 << 30, logit_scale: float = 1.0,
+                          logit_softcap: float = 0.0, temperature: float = 1.0):
     """(logp [B], num_tokens [B]) from hidden states and the lm_head — forward only
     (the reference model's log-probs, without materialising its logits). Layouts as in
     fused_linear_kto_loss."""
@@ -407,7 +412,9 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
         raise ValueError("kto: argument 'offsets' is needed for [N, D] hidden states")
     return torch.ops.kto.fused_linear_logprobs(
         hidden, weight, bias if bias is not None else _empty(hidden), targets.reshape(-1),
-        offsets, _options(average_logprob=average_logprob, ignore_index=ignore_index),
+        offsets,
+        _options(average_logprob=average_logprob, ignore_index=ignore_index,
+                 logit_scale=logit_scale, logit_softcap=logit_softcap, temperature=temperature),
         int(chunk_bytes))
 
 
@@ -469,17 +476,24 @@ def kto_loss(
     ignore_index: int = -100,
     global_kl: Optional[Tensor] = None,
     token_statistics: bool = False,
+    logit_scale: float = 1.0,
+    logit_softcap: float = 0.0,
+    temperature: float = 1.0,
 ) -> KTOOutput:
     """The KTO loss of the target batch with TRL's metrics (see docs/math.md).
 
     ``global_kl``: an all-reduced (S, C) from kl_partial (1-D, 2 elements), used instead of
     the local KL batch; any other size raises (None means absent). ``token_statistics``:
     also each example's sums of its scored tokens' entropy and mean logit (KTOOutput's
-    entropy_sum and mean_logit_sum), from the same pass over the logits; CPU only for now."""
+    entropy_sum and mean_logit_sum), from the same pass over the logits; CPU only for now.
+    ``logit_scale`` a, ``logit_softcap`` c (0: off) and ``temperature`` τ: the logits are
+    taken as z' = c·tanh(a·z / c) / τ (a·z / τ uncapped) before the log-softmax, as models
+    with a scaled or soft-capped head do; the gradient is to the raw z. CPU only for now."""
     fn = "kto_torch.kto_loss"
     options = _loss_options(beta, desirable_weight, undesirable_weight, loss_type, link,
                             reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob,
-                            reduction, mean_denominator, ignore_index, token_statistics)
+                            reduction, mean_denominator, ignore_index, token_statistics,
+                            logit_scale, logit_softcap, temperature)
     if offsets is None:
         offsets = _padded_offsets(fn, logits)
     if global_kl is not None and (global_kl.dim() != 1 or global_kl.numel() != 2):
@@ -531,6 +545,9 @@ def fused_linear_kto_loss(
     chunk_bytes: int = 1 << 30,
     strategy: str = "keep_chunk",
     token_statistics: bool = False,
+    logit_scale: float = 1.0,
+    logit_softcap: float = 0.0,
+    temperature: float = 1.0,
 ) -> KTOOutput:
     """The KTO loss from hidden states ([N, D] or [B, T, D]) and the lm_head weight [V, D]
     (and bias [V]): logits = hidden @ weight.T + bias, never materialised. The KL batch
@@ -545,11 +562,14 @@ def fused_linear_kto_loss(
     reaches the original tensor. ``bias`` must be None or 1-D with V = weight.size(0)
     entries of hidden's dtype on hidden's device (a strided bias is made contiguous).
     Gradients are new contiguous tensors. ``token_statistics``: as in kto_loss, from the
-    pass that computes each row's log-softmax (CPU only for now)."""
+    pass that computes each row's log-softmax (CPU only for now). ``logit_scale``,
+    ``logit_softcap``, ``temperature``: as in kto_loss, on logits = hidden @ weight.T + bias
+    (CPU only for now)."""
     fn = "kto_torch.fused_linear_kto_loss"
     options = _loss_options(beta, desirable_weight, undesirable_weight, loss_type, link,
                             reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob,
-                            reduction, mean_denominator, ignore_index, token_statistics)
+                            reduction, mean_denominator, ignore_index, token_statistics,
+                            logit_scale, logit_softcap, temperature)
     if weight.dim() == 2:
         _given(fn, "bias", bias, f"have V = weight.size(0) = {weight.shape[0]} entries")
     hidden, padded = _flatten_hidden("hidden", hidden)

@@ -5,30 +5,29 @@
 
 Everything else — data collation (text or vision-language), the KL dataset
 (completions rotated by one), reference log-prob precomputation, the optimiser
-loop and logging — stays TRL's. Per step, the subclass calls the model with
-every model input TRL's own step passes (everything the collator produced but
-the loss's own entries: pixel_values, image_grid_thw, token_type_ids,
-mm_token_type_ids, ...; the KL batch with its KL_* entries in their place),
-computes the policy logits of the target batch, forwards the KL batch and
-(unless precomputed) the reference model through ``kto_torch.sequence_logprobs``,
-and takes the loss, its metrics and the gradient to the logits from
-``kto_torch.kto_loss``. Across data-parallel ranks the KL estimate is the global
-(S, C) of one all-reduce, which equals TRL's mean of per-rank means when ranks
-hold equal batches. Not covered (they fall back to TRL's own path): PEFT models
-without a separate reference model and MoE auxiliary losses. TRL's `entropy`
-and `logits/*` metrics are not logged: they would cost an extra pass over the
-logits.
+loop and logging — stays TRL's. Every model input TRL's own step passes reaches
+the model (pixel_values, image_grid_thw, token_type_ids, mm_token_type_ids, ...;
+the KL batch with its KL_* entries in their place).
 
-``KTOTrainer(..., fused_linear=True)`` goes one step further: the policy, the
-KL batch and the reference model run their backbones only (``model.base_model``,
-vision tower included, under the trainer's autocast exactly as accelerate's
-forward wrapper would run them), and log-probs, loss and gradients come from the
-last hidden states and the lm_head through ``kto_torch.fused_linear_kto_loss`` /
-``fused_linear_logprobs`` — the logits of the batch never exist
-(``fused_chunk_bytes`` bounds the chunk; the default was chosen by
-bench/compare_trl.py, see docs/performance.md). Models whose logits are not
-``lm_head(hidden)`` (soft-capping, logit scales) and multi-process runs (the
-backbone would be called past the DDP wrapper) keep the logits path.
+Fused by default: where the model's logits are lm_head(hidden), up to the
+scale and soft-cap its config declares (read as TRL 1.16 reads them, applied by
+the library as options), the policy, the KL batch and the reference model are
+called as ``model(**inputs, kto_head=HeadRequest(...))``: the forward that
+``install_kto_head`` patched in runs the backbone (``model.base_model``, vision
+tower included) and the fused head on the last hidden states
+(``kto_torch.fused_linear_kto_loss`` / ``fused_linear_logprobs``), so the
+batch's logits never exist and the call goes through whatever wrapper
+accelerate put around the model (DDP, FSDP2, ZeRO-3), as TRL's own fused head
+does. ``fused_chunk_bytes`` bounds the chunk (the default was chosen by
+bench/compare_trl.py, see docs/performance.md). Elsewhere, or with
+``fused_linear=False``, the logits path: ``kto_torch.kto_loss`` on the policy
+logits, ``kto_torch.sequence_logprobs`` for the KL batch and the reference.
+Either way TRL's metrics are logged, ``entropy`` and ``logits/*`` included (on
+the CPU), and across data-parallel ranks the KL estimate is the global (S, C)
+of one all-reduce, which equals TRL's mean of per-rank means when ranks hold
+equal batches; a failure on one rank raises ``PeerError`` on every rank. Not
+covered (they fall back to TRL's own path): PEFT models without a separate
+reference model and MoE auxiliary losses.
 
 Non-finite values (a float16 overflow, a diverged model) stop training with
 ``NonFiniteModelOutputError`` (a ValueError) that says what most likely happened
@@ -90,9 +89,32 @@ def _shifted(model, inputs, completion_mask):
     return logits[:, logits.size(1) - t:-1], _labels(inputs, completion_mask)
 
 
-# Config fields of models whose logits are more than lm_head(hidden) (as TRL 1.16 reads them).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
-                     "lm_head_multiplier", "logits_scaling")
+def _text_config(model):
+    base = model.get_base_model() if is_peft_model(model) else model
+    config = getattr(base, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def logit_transform(model) -> dict:
+    """What the model does to lm_head(hidden) before its softmax, read from its (text) config
+    as TRL 1.16's fused head reads it: the scale from ``logit_scale``, else
+    ``output_multiplier``, else ``lm_head_multiplier``, else 1 / ``logits_scaling``
+    (HyperCLOVA X multiplies by it); the soft-cap from ``final_logit_softcapping``. As the
+    library's options (kto_torch.fused_linear_kto_loss's logit_scale, logit_softcap)."""
+    config = _text_config(model)
+    scale = None
+    for field in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(config, field, None)
+    scaling = getattr(config, "logits_scaling", None)
+    if scale is None and scaling is not None:
+        hyperclovax = getattr(config, "model_type", None) == "hyperclovax"
+        scale = scaling if hyperclovax else 1.0 / scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return dict(logit_scale=float(1.0 if scale is None else scale),
+                logit_softcap=float(softcap or 0.0))
 
 
 def _backbone(model):
@@ -102,17 +124,15 @@ def _backbone(model):
     return getattr(base, "base_model", base)
 
 
-def _unfusable_reason(model, name: str) -> Optional[str]:
+def _unfusable_reason(model, name: str, device_type: str) -> Optional[str]:
     """Why the fused head cannot stand in for `model`'s logits, or None when it can."""
     base = model.get_base_model() if is_peft_model(model) else model
-    config = getattr(base, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for field in _LOGIT_TRANSFORMS:
-        value = getattr(config, field, None)
-        if value not in (None, 1, 1.0):
-            return (f"{name}'s logits are not lm_head(hidden) (config.{field} = {value}; the "
-                    "fused head does not apply logit transforms yet)")
+    transform = logit_transform(model)
+    if transform["logit_scale"] == 0.0:
+        return f"{name}'s config scales its logits by 0"
+    if device_type != "cpu" and transform != logit_transform_identity():
+        return (f"{name}'s logits are transformed ({transform}), which the library's CUDA "
+                "kernels do not apply yet")
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         return f"{name} has no output embedding (lm_head) with a weight"
@@ -134,6 +154,10 @@ def _gathered(param):
         return None
     whole = param.redistribute(param.device_mesh, [Replicate()] * param.device_mesh.ndim)
     return whole.to_local(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
+
+
+def logit_transform_identity() -> dict:
+    return dict(logit_scale=1.0, logit_softcap=0.0)
 
 
 class HeadRequest:
@@ -160,9 +184,9 @@ class HeadRequest:
             if isinstance(weight, DTensor):  # an lm_head FSDP2 has not gathered (sharded alone)
                 weight, bias = _gathered(weight), _gathered(bias)
             with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gathered for the call
-                return self._head(inputs, hidden, weight, bias)
+                return self._head(inputs, hidden, weight, bias, logit_transform(model))
 
-    def _head(self, inputs, hidden, weight, bias):
+    def _head(self, inputs, hidden, weight, bias, transform):
         # Only the last T positions are read (prompt-learning PEFT prepends virtual tokens);
         # under autocast the backbone returns bf16/fp16 while the weight stays fp32: cast it
         # as autocast would for the lm_head's matmul (gradients flow back through the cast).
@@ -174,9 +198,10 @@ class HeadRequest:
         labels = _labels(inputs, self.completion_mask).to(weight.device)
         if self.loss is None:
             return kto_torch.fused_linear_logprobs(hidden, weight, labels, bias=bias,
-                                                   chunk_bytes=self.chunk_bytes)
+                                                   chunk_bytes=self.chunk_bytes, **transform)
         return kto_torch.fused_linear_kto_loss(hidden, weight, labels, None, bias=bias,
-                                               chunk_bytes=self.chunk_bytes, **self.loss)
+                                               chunk_bytes=self.chunk_bytes, **transform,
+                                               **self.loss)
 
 
 def install_kto_head(model) -> None:
@@ -232,9 +257,10 @@ class KTOTrainer(_TRLKTOTrainer):
         if fused_linear is False:
             reason = "fused_linear=False was passed"
         else:
-            reason = _unfusable_reason(self.model, "the policy")
+            device = self.accelerator.device.type
+            reason = _unfusable_reason(self.model, "the policy", device)
             if reason is None and not self.precompute_ref_logps and self.ref_model is not None:
-                reason = _unfusable_reason(self.ref_model, "the reference model")
+                reason = _unfusable_reason(self.ref_model, "the reference model", device)
             if reason is not None and fused_linear:
                 raise ValueError(f"kto_torch.trl.KTOTrainer: fused_linear=True cannot be honoured: "
                                  f"{reason}; pass fused_linear=None (the default) to fall back to "

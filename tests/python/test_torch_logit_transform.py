@@ -1,0 +1,102 @@
+"""Logit transforms through kto_torch (logit_scale a, logit_softcap c, temperature τ): the ops
+take the raw logits (or hidden states and the lm_head) and apply z' = c·tanh(a·z / c) / τ
+(a·z / τ uncapped) before the log-softmax. Reference: the transform written here in float64
+torch, differentiated by autograd (the chain rule independent of the library's), feeding the
+untransformed float64 op (itself tested against plain torch in test_torch.py).
+
+Tolerance rule (docs/math.md §7, as test_torch.py): fp32 accumulation at 1e-5 relative to the
+magnitude a quantity comes from: the loss 1e-5 absolute (it is O(λ)), a log-prob Σ(|ℓ| + |lse|)
+over its rows, a gradient element the largest |∂L/∂z| of the tensor times the transform's
+largest derivative |a| / τ.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+kto_torch = pytest.importorskip("kto_torch")
+
+from test_torch import make_batch  # noqa: E402
+from test_torch_fused import logits_of, make_problem  # noqa: E402
+
+TRANSFORMS = [dict(logit_scale=0.5), dict(logit_softcap=2.0),
+              dict(logit_scale=2.0, logit_softcap=5.0, temperature=0.7),
+              dict(temperature=2.0), dict(logit_scale=-1.5)]
+IDS = ["scale", "softcap", "all", "temperature", "negative_scale"]
+
+
+def transformed(z, logit_scale=1.0, logit_softcap=0.0, temperature=1.0):
+    if logit_softcap:
+        return logit_softcap * torch.tanh(logit_scale * z / logit_softcap) / temperature
+    return logit_scale * z / temperature
+
+
+def bound(t):
+    return abs(t.get("logit_scale", 1.0)) / t.get("temperature", 1.0)
+
+
+@pytest.mark.parametrize("t", TRANSFORMS, ids=IDS)
+def test_kto_loss_with_a_logit_transform(t):
+    batch = make_batch(41)
+    args = (batch["targets"], None, torch.full((4,), -20.0), batch["desirable"],
+            batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"])
+    z = batch["logits"].detach().clone().requires_grad_(True)
+    out = kto_torch.kto_loss(z, *args, **t)
+    out.loss.backward()
+    z64 = batch["logits"].double().requires_grad_(True)
+    want = kto_torch.kto_loss(transformed(z64, **t), *args)
+    want.loss.backward()
+    assert abs(out.loss.item() - want.loss.item()) <= 1e-5
+    scale = float(want.logp.abs().sum()) + 1
+    torch.testing.assert_close(out.logp.double(), want.logp, rtol=0, atol=1e-5 * scale)
+    g_scale = float(z64.grad.abs().max()) * bound(t) + 1e-6
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=0, atol=1e-5 * g_scale)
+
+
+@pytest.mark.parametrize("t", TRANSFORMS, ids=IDS)
+def test_sequence_and_fused_logprobs_with_a_logit_transform(t):
+    p = make_problem(42)
+    z64 = logits_of(p, p["hidden"].double(), p["weight"].double(), p["bias"].double())
+    lsm = torch.log_softmax(transformed(z64, **t), dim=-1)
+    mask = p["targets"] != -100
+    want = (torch.gather(lsm, -1, p["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            * mask).sum(-1)
+    scale = float((lsm.abs().amax(-1) * mask).sum()) + 1
+    z32 = logits_of(p, p["hidden"], p["weight"], p["bias"])
+    got, _ = kto_torch.sequence_logprobs(z32, p["targets"], **t)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * scale * (1 + bound(t)))
+    fused, _ = kto_torch.fused_linear_logprobs(p["hidden"], p["weight"], p["targets"],
+                                               bias=p["bias"], **t)
+    torch.testing.assert_close(fused.double(), want, rtol=0, atol=1e-5 * scale * (1 + bound(t)))
+
+
+@pytest.mark.parametrize("t", TRANSFORMS, ids=IDS)
+def test_fused_linear_kto_loss_with_a_logit_transform(t):
+    p = make_problem(43)
+    kwargs = dict(bias=None, kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
+                  kl_reference_logp=p["kl_reference_logp"])
+    h = p["hidden"].detach().clone().requires_grad_(True)
+    w = p["weight"].detach().clone().requires_grad_(True)
+    out = kto_torch.fused_linear_kto_loss(h, w, p["targets"], None, p["reference_logp"],
+                                          p["desirable"], chunk_bytes=3 * 4 * (41 + 12),
+                                          **kwargs, **t)
+    out.loss.backward()
+    h64 = p["hidden"].double().requires_grad_(True)
+    w64 = p["weight"].double().requires_grad_(True)
+    kl_z = transformed(p["kl_hidden"].double() @ w64.detach().T, **t)
+    kl_logp, kl_n = kto_torch.sequence_logprobs(kl_z, p["kl_targets"])
+    want = kto_torch.kto_loss(transformed(h64 @ w64.T, **t), p["targets"], None,
+                              p["reference_logp"].double(), p["desirable"], kl_logp,
+                              p["kl_reference_logp"].double(), kl_n)
+    want.loss.backward()
+    assert abs(out.loss.item() - want.loss.item()) <= 1e-5
+    for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        g_scale = float(ref.abs().max()) * bound(t) + 1e-6
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * g_scale)
+
+
+def test_transform_options_are_checked():
+    batch = make_batch(44)
+    with pytest.raises(ValueError, match=r"argument 'options.logit_softcap' must be finite, >= 0"):
+        kto_torch.sequence_logprobs(batch["logits"], batch["targets"], logit_softcap=-1.0)
+    with pytest.raises(ValueError, match=r"argument 'options.temperature' must be finite"):
+        kto_torch.sequence_logprobs(batch["logits"], batch["targets"], temperature=0.0)

@@ -1,0 +1,82 @@
+"""A soft-capped model (a Gemma-2-style config, final_logit_softcapping) through the TRL
+drop-in: the fused head runs by default and applies the cap as the library's option (read
+from the config as TRL 1.16 reads it), and loss, every metric and every parameter gradient
+match TRL 1.16's own trainer on the same model and batch. The cap is set low (2.0) so that it
+changes the logits of this tiny random model substantially.
+
+Tolerance: test_trl.py's rule (fp32 throughout; loss and metrics within 1e-6 relative,
+gradients within 1e-4 of the largest entry).
+"""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+trl = pytest.importorskip("trl")
+kto_trl = pytest.importorskip("kto_torch.trl")
+transformers = pytest.importorskip("transformers")
+
+import train_trl_kto as example  # noqa: E402
+
+from test_trl import loss_and_grads  # noqa: E402
+
+METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+           "logps/rejected", "entropy", "logits/chosen", "logits/rejected")
+
+
+def make_gemma2(seed=0, softcap=2.0):
+    torch.manual_seed(seed)
+    config = transformers.Gemma2Config(
+        vocab_size=len(example.WORDS), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        final_logit_softcapping=softcap, attn_logit_softcapping=None,
+        tie_word_embeddings=False)
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # logits well past the cap
+    return model
+
+
+@pytest.mark.parametrize("fused_linear", [None, False], ids=["fused_default", "logits"])
+def test_soft_capped_model_matches_trl(tmp_path, fused_linear):
+    policy = make_gemma2()
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert kto_trl.logit_transform(policy) == dict(logit_scale=1.0, logit_softcap=2.0)
+    args = trl.KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1,
+                         report_to="none", beta=0.3, use_cpu=True, save_strategy="no",
+                         bf16=False)
+    data = example.make_dataset(n=16, label=lambda i, c: i % 3 == 0)
+    common = dict(args=args, train_dataset=data, processing_class=example.make_tokenizer())
+    theirs = trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                            **common)
+    ours = kto_trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                              fused_linear=fused_linear, fused_chunk_bytes=4096, **common)
+    assert ours.fused_linear == (fused_linear is None)
+    batch = next(iter(theirs.get_train_dataloader()))
+    loss_t, grads_t, metrics_t = loss_and_grads(theirs, batch)
+    loss_o, grads_o, metrics_o = loss_and_grads(ours, batch)
+    assert metrics_t["kl"] > 0.0
+    assert abs(loss_o.item() - loss_t.item()) <= 1e-6 * max(1.0, abs(loss_t.item()))
+    for key in METRICS:
+        assert (key in metrics_t) == (key in metrics_o), key
+        if key in metrics_t:
+            assert abs(metrics_o[key] - metrics_t[key]) <= 1e-6 * max(1.0, abs(metrics_t[key])), key
+    scale = max(float(g.abs().max()) for g in grads_t.values())
+    for name, g in grads_t.items():
+        assert torch.allclose(grads_o[name], g, rtol=0, atol=1e-4 * scale), name
+
+
+def test_the_cap_matters_here():
+    """Without the cap the loss differs: the test above would catch a head that ignored it."""
+    policy = make_gemma2()
+    ids = torch.randint(4, len(example.WORDS), (2, 6))
+    with torch.no_grad():
+        capped = policy(input_ids=ids).logits
+        raw = policy.lm_head(policy.model(input_ids=ids).last_hidden_state)
+    assert float((capped - raw).abs().max()) > 1.0
+    assert float(capped.abs().max()) <= 2.0
