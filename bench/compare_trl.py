@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compare_trl.py [--vocab 32000,128256] [--impls trl,default,logits,fused]
                                           [--steps 8] [--warmup 2] [--precision bf16|fp32]
-                                          [--json out.json]
+                                          [--device cpu|cuda] [--json out.json]
 
 Every implementation trains the same model on the same data with the same
 seed, through the whole trainer step (forward of the policy, the KL batch and
@@ -25,7 +25,8 @@ implementation runs in a fresh process (`--worker`); the time is the median
 over `--steps` trainer steps after `--warmup` steps (each step timed from
 `on_step_begin` to `on_step_end`, so the optimiser step is included), the
 memory the peak RSS growth during `trainer.train()` (VmHWM reset through
-/proc/self/clear_refs just before, minus VmRSS then; warm-up steps included,
+/proc/self/clear_refs just before, minus VmRSS then; with `--device cuda` the
+growth of torch.cuda.max_memory_allocated instead; warm-up steps included,
 so the AdamW states count). The loss and metrics TRL logs at step 1 are
 printed too: the policy equals the reference there, so TRL logs loss 0.5,
 kl 0 and rewards 0. Printed with the table: the machine (CPU model, cores, torch
@@ -101,7 +102,8 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(impl: str, vocab: int, steps: int, warmup: int, precision: str = "bf16") -> dict:
+def worker(impl: str, vocab: int, steps: int, warmup: int, precision: str = "bf16",
+           device: str = "cpu") -> dict:
     import copy
     import gc
 
@@ -132,30 +134,43 @@ def worker(impl: str, vocab: int, steps: int, warmup: int, precision: str = "bf1
             self.times, self.start = [], None
 
         def on_step_begin(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.start)
 
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
         args = trl.KTOConfig(output_dir=out, per_device_train_batch_size=SEQUENCES, max_steps=total,
-                             logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                             logging_steps=1, report_to="none", use_cpu=device == "cpu",
+                             save_strategy="no",
                              disable_tqdm=True, seed=0, bf16=precision == "bf16")
         trainer = cls(model=policy, ref_model=reference, args=args, train_dataset=data,
                       processing_class=make_tokenizer(vocab), callbacks=[timer], **kwargs)
         fused = getattr(trainer, "fused_linear", None)
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base_kb = _status_kb("VmRSS")
-        trainer.train()
-        peak_kb = _status_kb("VmHWM")
+        if device == "cuda":  # peak allocated by torch's caching allocator during train()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            trainer.train()
+            torch.cuda.synchronize()
+            peak_extra_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            base_kb = _status_kb("VmRSS")
+            trainer.train()
+            peak_extra_mb = (_status_kb("VmHWM") - base_kb) / 1024.0
     logged = [h for h in trainer.state.log_history if "kl" in h]
     first = logged[0]
     return {
         "impl": impl, "vocab": vocab, "step_s": statistics.median(timer.times[warmup:]),
-        "step_times": timer.times, "peak_extra_mb": (peak_kb - base_kb) / 1024.0,
+        "step_times": timer.times, "peak_extra_mb": peak_extra_mb,
         "fused_ran": fused,
         "step1": {k: first[k] for k in ("loss", "kl", "rewards/chosen", "rewards/rejected")
                   if k in first},
@@ -187,6 +202,8 @@ def machine() -> str:
     import transformers
     import trl
 
+    if torch.cuda.is_available():
+        model = f"{torch.cuda.get_device_name(0)} (host: {model})"
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), TRL {trl.__version__}, transformers "
             f"{transformers.__version__}, Python {platform.python_version()}; load average {load}")
@@ -200,13 +217,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="bf16 (TRL's default: bf16 autocast) or fp32 (bf16=False)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (peak RSS growth) or cuda (peak torch.cuda.max_memory_allocated "
+                             "growth during train(); TRL's Triton head is the peer there)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         result = worker(args.worker[0], int(args.worker[1]), args.steps, args.warmup,
-                        args.precision)
+                        args.precision, args.device)
         print("RESULT " + json.dumps(result))
         return
 
@@ -227,7 +247,7 @@ def main() -> None:
         for impl in args.impls.split(","):
             run = subprocess.run([sys.executable, __file__, "--worker", impl, str(vocab),
                                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                  "--precision", args.precision],
+                                  "--precision", args.precision, "--device", args.device],
                                  capture_output=True, text=True)
             lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
             if run.returncode != 0 or not lines:

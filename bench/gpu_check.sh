@@ -9,9 +9,12 @@
 # $KTO_EIGEN_DIR or .deps (carry .deps: catch2/catch.hpp, eigen3/); Liger from
 # wheels in .whl (optional). Logs go to build-gpu/logs, and as one
 # logs.tar.gz with summary.txt to $OUT when it is set.
-# Budget: about 3 minutes on an H200. GPU_CHECK_PARTS (default all) picks parts:
-# tests, sanitize, bench, torch, jax (needs a CUDA jaxlib), compare (and fused_bench:
-# the fused benchmark alone).
+# Budget: about 3 minutes on an H200 (plus about 2 for trl). GPU_CHECK_PARTS
+# (default all) picks parts: tests, sanitize, bench, torch, jax (needs a CUDA
+# jaxlib), compare, trl (TRL 1.16's trainer step against the drop-in,
+# bench/compare_trl.py --device cuda; needs trl, transformers, accelerate and
+# datasets, from .whl wheels where the machine lacks them) (and fused_bench: the
+# fused benchmark alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 arch=${KTO_CUDA_ARCH:-90}
@@ -28,7 +31,7 @@ for d in "${KTO_EIGEN_DIR:-}" .deps/eigen3 /usr/include/eigen3; do
   [ -n "$d" ] && [ -f "$d/Eigen/Core" ] && eigen=$(cd "$d" && pwd) && break
 done
 
-parts=${GPU_CHECK_PARTS:-tests,sanitize,bench,torch,jax,compare}
+parts=${GPU_CHECK_PARTS:-tests,sanitize,bench,torch,jax,compare,trl}
 want() { [[ ",$parts," == *",$1,"* ]]; }
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
@@ -147,12 +150,24 @@ if want compare; then
   grep -E 'failed|not measured|not usable|fp32 logits' "$logs/compare_fused.txt" | head -8
 fi
 
+if want trl; then
+  if python3 -c "import trl, transformers, accelerate, datasets" >/dev/null 2>&1; then
+    PYTHONUNBUFFERED=1 timeout 200 python3 bench/compare_trl.py --device cuda \
+      --vocab 32000,128256 --impls trl,default,logits --steps 6 --warmup 2 \
+      --json "$logs/compare_trl.json" >"$logs/compare_trl.txt" 2>&1
+    note "compare_trl (cuda): rc=$?"
+  else
+    note "compare_trl: skipped (trl, transformers, accelerate or datasets missing)"
+  fi
+fi
+
 {
   echo "==================== summary ===================="
   printf '%s\n' "${summary[@]}"
   [ -f "$logs/bench_cuda.txt" ] && sed -n '/KTO step/,$p' "$logs/bench_cuda.txt"
   [ -f "$logs/bench_fused_cuda.txt" ] && sed -n '/^device:/p;/^fused-linear KTO step/,$p' "$logs/bench_fused_cuda.txt"
   [ -f "$logs/compare_fused.txt" ] && sed -n '/^peer comparison/,$p' "$logs/compare_fused.txt"
+  [ -f "$logs/compare_trl.txt" ] && grep -E '^machine:|^\|' "$logs/compare_trl.txt"
 } | tee "$logs/summary.txt"
 if [ -n "${OUT:-}" ]; then
   cp "$logs/summary.txt" "$OUT/summary.txt"
