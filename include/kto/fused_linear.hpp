@@ -38,6 +38,14 @@
 
 namespace kto {
 
+/// The default chunk budget of each device, in one home, each chosen by measurement
+/// on the path users run. CPU: 64 MiB (bench/compare_trl.py, TRL 1.16's trainer step
+/// on a 2-vCPU EPYC: within 2 % of the fastest budget and the least memory of the
+/// fast ones; docs/performance.md). CUDA: 1 GiB (bench_fused_cuda on an H200 at
+/// Liger's shape; docs/fused-linear.md).
+constexpr size_t kDefaultCpuChunkBytes = size_t{64} << 20;
+constexpr size_t kDefaultCudaChunkBytes = size_t{1} << 30;
+
 /// keep_chunk: Z_c computed once per chunk of whole sequences (3 GEMMs a row);
 /// recompute: forward over every chunk, then Z_c recomputed for the backward (4).
 enum class FusedStrategy : int { keep_chunk = 0, recompute = 1 };

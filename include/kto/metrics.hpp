@@ -97,6 +97,8 @@ enum ExampleOutput : int {
   kExampleGradLogp = 4,  ///< g_s = ∂L/∂logp_s
   kExampleOutputCount = 5
 };
+constexpr const char* kExampleOutputNames[kExampleOutputCount] = {"logp", "ratio", "reward", "loss",
+                                                                  "grad_logp"};
 
 KTO_HOST_DEVICE inline Metrics finalize(const MetricSums& s, double z0, double scale) {
   const double nan = NAN;

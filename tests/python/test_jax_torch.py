@@ -120,3 +120,13 @@ def test_logits_op_matches_kto_torch(dtype, unit_roundoff):
     assert abs(float(metrics["kl"]) - float(out.metrics["kl"])) <= RTOL * scale
     gmax = float(np.abs(z.grad.float().numpy()).max())
     assert_close(grad.astype(jnp.float32), z.grad.float().numpy(), gmax * 10, unit_roundoff)
+
+
+def test_both_bindings_read_the_library_contract():
+    """Metric names, per-example row names, option names and the default chunk budgets have
+    one home, the library's headers; both packages read them from their extensions."""
+    assert kto_jax.METRIC_NAMES == kto_torch.METRIC_NAMES
+    assert kto_jax.METRIC_NAMES[:2] == ("loss", "kl")
+    assert kto_jax.PER_EXAMPLE_NAMES == kto_torch.EXAMPLE_OUTPUT_NAMES
+    assert kto_jax.DEFAULT_CHUNK_BYTES == kto_torch._C.default_chunk_bytes(False)
+    assert kto_jax.DEFAULT_CUDA_CHUNK_BYTES == kto_torch._C.default_chunk_bytes(True)

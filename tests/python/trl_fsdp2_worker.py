@@ -13,7 +13,8 @@ computation of the same loss over the whole batch on an unsharded copy.
 
 Layouts: root_head shards the decoder layers and the root (the lm_head is the root's, so its
 weight is unsharded inside the forward); sharded_head also shards the lm_head on its own, so
-that inside the forward its weight is a DTensor the head gathers (weight.full_tensor()).
+that inside the forward its weight is a DTensor the head gathers itself, its gradient
+averaged over the ranks on the way back (kto_torch.trl's _gathered).
 """
 
 import argparse

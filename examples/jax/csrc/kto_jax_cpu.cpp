@@ -305,7 +305,7 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
                              "kl_", true);
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
-    auto engine = d::make_engine(head, cfg, std::max(h.rows, kl_h.rows), {}, kPartials);
+    auto engine = d::make_engine(head, cfg, std::max(h.rows, kl_h.rows), {}, o, kPartials);
     // The step's order: the KL batch's rows, then the target batch's.
     auto rows = d::batch_partials(engine, kl_h, d::RowScorer(kl_tv, kl_sv, ignore_index));
     const auto t_rows = d::batch_partials(engine, h, d::RowScorer(tv, sv, ignore_index));
@@ -386,6 +386,24 @@ ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyB
 }
 
 }  // namespace
+
+// The library's binding-contract constants, read by kto_jax at import through
+// ctypes, so that their one home stays kto/metrics.hpp and kto/fused_linear.hpp.
+extern "C" int KtoMetricCount() {
+  return kto::kMetricCount;
+}
+extern "C" const char* KtoMetricName(int i) {
+  return kto::kMetricNames[i];
+}
+extern "C" int KtoExampleOutputCount() {
+  return kto::kExampleOutputCount;
+}
+extern "C" const char* KtoExampleOutputName(int i) {
+  return kto::kExampleOutputNames[i];
+}
+extern "C" int64_t KtoDefaultChunkBytes(int cuda) {
+  return static_cast<int64_t>(cuda ? kto::kDefaultCudaChunkBytes : kto::kDefaultCpuChunkBytes);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoSequenceLogprobs, SequenceLogprobsImpl,
                               ffi::Ffi::Bind()

@@ -53,19 +53,6 @@ REFERENCE_POINTS = {"kl_batch": 0, "fixed": 1, "zero": 2}
 KL_ESTIMATORS = {"mean": 0, "nonempty_mean": 1}
 REDUCTIONS = {"mean": 0, "sum": 1}
 STRATEGIES = {"keep_chunk": 0, "recompute": 1}
-METRIC_NAMES = (
-    "loss",
-    "kl",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "count/chosen",
-    "count/rejected",
-)
-PER_EXAMPLE_NAMES = ("logp", "ratio", "reward", "loss", "grad_logp")
-DEFAULT_CHUNK_BYTES = 256 << 20
 
 # FFI target name → symbol in the libraries (the same names on CPU and CUDA).
 _TARGETS = {
@@ -160,6 +147,29 @@ def cpu_library() -> Path:
 def cuda_library() -> Path | None:
     """The CUDA handlers' library, when the install found nvcc."""
     return _installed("_kto_jax_cuda")
+
+
+def _library_contract():
+    """The library's constants (kto/metrics.hpp, kto/fused_linear.hpp), read from the CPU
+    library: metric names, per-example row names, default chunk budgets (CPU, CUDA)."""
+    lib = ctypes.cdll.LoadLibrary(str(cpu_library()))
+    lib.KtoMetricName.restype = lib.KtoExampleOutputName.restype = ctypes.c_char_p
+    lib.KtoDefaultChunkBytes.restype = ctypes.c_int64
+    metrics = tuple(lib.KtoMetricName(i).decode() for i in range(lib.KtoMetricCount()))
+    rows = tuple(lib.KtoExampleOutputName(i).decode()
+                 for i in range(lib.KtoExampleOutputCount()))
+    return metrics, rows, (lib.KtoDefaultChunkBytes(0), lib.KtoDefaultChunkBytes(1))
+
+
+METRIC_NAMES, PER_EXAMPLE_NAMES, (DEFAULT_CHUNK_BYTES, DEFAULT_CUDA_CHUNK_BYTES) = \
+    _library_contract()
+
+
+def _chunk_bytes(chunk_bytes):
+    """The caller's chunk budget, or the library's default for the default backend."""
+    if chunk_bytes is not None:
+        return int(chunk_bytes)
+    return DEFAULT_CUDA_CHUNK_BYTES if jax.default_backend() == "gpu" else DEFAULT_CHUNK_BYTES
 
 
 def _gpu_backend() -> bool:
@@ -386,11 +396,12 @@ def _head(hidden, weight, bias):
 
 def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
                           average_logprob=False, ignore_index=-100,
-                          chunk_bytes=DEFAULT_CHUNK_BYTES):
+                          chunk_bytes=None):
     """Per-sequence log-probs and token counts from hidden states and the lm_head
     (forward only: the reference model, the KL batch)."""
     hidden, targets, offsets = _rows(hidden, targets, offsets, "hidden")
     hidden, weight, bias = _head(hidden, weight, bias)
+    chunk_bytes = _chunk_bytes(chunk_bytes)
     b = offsets.shape[0] - 1
     call = _call("kto_fused_linear_logprobs",
                  (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
@@ -400,7 +411,7 @@ def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
 
 
 def fused_linear_kl_partial(kl_hidden, weight, kl_targets, kl_offsets, kl_reference_logp,
-                            bias=None, options=KTOOptions(), *, chunk_bytes=DEFAULT_CHUNK_BYTES):
+                            bias=None, options=KTOOptions(), *, chunk_bytes=None):
     """This device's (S, C) of a KL batch given as hidden states, float32 [2]."""
     logp, n = fused_linear_logprobs(kl_hidden, weight, kl_targets, kl_offsets, bias,
                                     average_logprob=options.average_logprob,
@@ -471,7 +482,7 @@ def fused_linear_kto_loss(hidden, weight, targets, offsets, reference_logp, desi
                           kl_hidden=None, kl_targets=None, kl_offsets=None,
                           kl_reference_logp=None, options=KTOOptions(), *, global_kl=None,
                           kl_axis_name=None, vocab_axis_name=None,
-                          chunk_bytes=DEFAULT_CHUNK_BYTES, strategy="keep_chunk"):
+                          chunk_bytes=None, strategy="keep_chunk"):
     """(loss, metrics) from hidden states and the lm_head: logits = hidden @ weight.T + bias,
     never materialised (kto::cpu::fused_linear_kto_step; one chunk of at most
     ``chunk_bytes`` of logits at a time; ``strategy`` "keep_chunk" or "recompute").
@@ -493,6 +504,7 @@ def fused_linear_kto_loss(hidden, weight, targets, offsets, reference_logp, desi
                          f"got {strategy!r}")
     hidden, targets, offsets = _rows(hidden, targets, offsets, "hidden")
     hidden, weight, bias = _head(hidden, weight, bias)
+    chunk_bytes = _chunk_bytes(chunk_bytes)
     use_kl = kl_hidden is not None and options.uses_kl_batch
     if use_kl:
         if kl_targets is None or kl_reference_logp is None:

@@ -428,6 +428,17 @@ std::vector<std::string> metric_names() {
   return std::vector<std::string>(kto::kMetricNames, kto::kMetricNames + kto::kMetricCount);
 }
 
+/// The library's names of the per-example rows, in their order.
+std::vector<std::string> example_output_names() {
+  return std::vector<std::string>(kto::kExampleOutputNames,
+                                  kto::kExampleOutputNames + kto::kExampleOutputCount);
+}
+
+/// The library's default chunk budget of the fused-linear step on each device.
+int64_t default_chunk_bytes(bool cuda) {
+  return static_cast<int64_t>(cuda ? kto::kDefaultCudaChunkBytes : kto::kDefaultCpuChunkBytes);
+}
+
 /// The library's option names, in the order of the options array every op takes.
 std::vector<std::string> option_names() {
   return std::vector<std::string>(kto::kOptionNames, kto::kOptionNames + kto::kOptionCount);
@@ -866,14 +877,21 @@ bool has_cuda() {
 #endif
 }
 
-// ---- entry points: checks, then CPU tensors → Eigen path, CUDA tensors → CUDA kernels ----
+// ---- entry points: checks, then one library call on the backend torch's dispatcher
+// chose (each op is registered per device in kto_torch/__init__.py: `_cpu` for CPU
+// tensors, `_cuda` for CUDA ones) ----
 
-void require_cuda_build(const char* fn, const char* name, const torch::Tensor& z) {
+enum class Backend { cpu, cuda };
+
+/// The CUDA kernel of an op: a build with CUDA, and its anchor tensor on a CUDA device.
+void require_cuda(const char* fn, const char* name, const torch::Tensor& z) {
   TORCH_CHECK_NOT_IMPLEMENTED(has_cuda(), fn, ": argument '", name, "' is on ", z.device(),
                               "; this build of kto_torch has the CPU kernels only (rebuild it "
                               "where nvcc is present)");
+  require(z.is_cuda(), fn, name, "be on a CUDA device (another argument is)", text(z.device()));
 }
 
+template <Backend B>
 std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
                                              const torch::Tensor& targets,
                                              const torch::Tensor& offsets,
@@ -881,13 +899,16 @@ std::vector<torch::Tensor> sequence_logprobs(const torch::Tensor& logits,
   const char* fn = kSequenceLogprobs;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
   const kto::Options o = options_of(fn, options);
-  if (!s.logits.is_cuda()) return sequence_logprobs_cpu(s, o);
-  require_cuda_build(fn, "logits", logits);
+  if constexpr (B == Backend::cpu) {
+    return sequence_logprobs_cpu(s, o);
+  } else {
+    require_cuda(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-  return cuda_path::sequence_logprobs(s, o);
+    return cuda_path::sequence_logprobs(s, o);
 #else
-  return {};
+    return {};
 #endif
+  }
 }
 
 /// Local (S, C) of a KL batch as a float64 [2] tensor, for an all-reduce.
@@ -923,6 +944,7 @@ double reference_point(const torch::Tensor& global_kl, bool clamp_kl) {
   return kto::reference_point(kto::KlPartial{g->first, g->second}, o);
 }
 
+template <Backend B>
 std::vector<torch::Tensor> step_forward(
     const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
     const torch::Tensor& reference_logp, const torch::Tensor& desirable,
@@ -931,44 +953,52 @@ std::vector<torch::Tensor> step_forward(
     const std::vector<double>& options) {
   const char* fn = kKtoLoss;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
-  const auto acc = s.logits.is_cuda() ? torch::kFloat : acc_of(s.logits);
+  const auto acc = B == Backend::cuda ? torch::kFloat : acc_of(s.logits);
   const StepVectors v =
       step_vectors(fn, logits, s.offsets.count(), reference_logp, desirable, kl_policy_logp,
                    kl_reference_logp, kl_num_tokens, global_kl, acc);
   const kto::Options o = options_of(fn, options);
-  if (!s.logits.is_cuda()) return step_forward_cpu(s, v, o);
-  require_cuda_build(fn, "logits", logits);
+  if constexpr (B == Backend::cpu) {
+    return step_forward_cpu(s, v, o);
+  } else {
+    require_cuda(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-  auto out = cuda_path::step_forward(s, v, o);  // the library refused token_statistics
-  out.push_back(token_statistics_tensor({}));
-  return out;
+    auto out = cuda_path::step_forward(s, v, o);  // the library refused token_statistics
+    out.push_back(token_statistics_tensor({}));
+    return out;
 #else
-  return {};
+    return {};
 #endif
+  }
 }
 
+template <Backend B>
 torch::Tensor step_backward(const torch::Tensor& logits, const torch::Tensor& targets,
                             const torch::Tensor& offsets, const torch::Tensor& row_lse,
                             const torch::Tensor& grad_logp, const torch::Tensor& num_tokens,
                             const std::vector<double>& options) {
   const char* fn = kKtoLossBackward;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
-  const auto acc = s.logits.is_cuda() ? torch::kFloat : acc_of(s.logits);
+  const auto acc = B == Backend::cuda ? torch::kFloat : acc_of(s.logits);
   const BackwardVectors b = backward_vectors(fn, s, row_lse, grad_logp, num_tokens, acc);
   const kto::Options o = options_of(fn, options);
-  if (!s.logits.is_cuda()) return step_backward_cpu(s, b, o);
-  require_cuda_build(fn, "logits", logits);
+  if constexpr (B == Backend::cpu) {
+    return step_backward_cpu(s, b, o);
+  } else {
+    require_cuda(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-  return cuda_path::step_backward(s, b, o);
+    return cuda_path::step_backward(s, b, o);
 #else
-  return {};
+    return {};
 #endif
+  }
 }
 
 void check_chunk_bytes(const char* fn, int64_t chunk_bytes) {
   require(chunk_bytes > 0, fn, "chunk_bytes", "be > 0", text(chunk_bytes));
 }
 
+template <Backend B>
 std::vector<torch::Tensor> fused_linear_forward(
     const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
@@ -983,17 +1013,21 @@ std::vector<torch::Tensor> fused_linear_forward(
   check_chunk_bytes(fn, chunk_bytes);
   require(strategy == 0 || strategy == 1, fn, "strategy", "be keep_chunk (0) or recompute (1)",
           text(strategy));
-  if (!hidden.is_cuda()) return fused_linear_forward_cpu(f, o, chunk_bytes, strategy);
-  require_cuda_build(fn, "hidden", hidden);
+  if constexpr (B == Backend::cpu) {
+    return fused_linear_forward_cpu(f, o, chunk_bytes, strategy);
+  } else {
+    require_cuda(fn, "hidden", hidden);
 #ifdef KTO_TORCH_WITH_CUDA
-  auto out = cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
-  out.push_back(token_statistics_tensor({}));  // the library refused token_statistics
-  return out;
+    auto out = cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
+    out.push_back(token_statistics_tensor({}));  // the library refused token_statistics
+    return out;
 #else
-  return {};
+    return {};
 #endif
+  }
 }
 
+template <Backend B>
 std::vector<torch::Tensor> fused_linear_logprobs(
     const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& targets, const torch::Tensor& offsets, const std::vector<double>& options,
@@ -1002,27 +1036,37 @@ std::vector<torch::Tensor> fused_linear_logprobs(
   const FusedLogprobOperands f = fused_logprob_operands(fn, hidden, weight, bias, targets, offsets);
   const kto::Options o = options_of(fn, options);
   check_chunk_bytes(fn, chunk_bytes);
-  if (!hidden.is_cuda()) return fused_linear_logprobs_cpu(f, o, chunk_bytes);
-  require_cuda_build(fn, "hidden", hidden);
+  if constexpr (B == Backend::cpu) {
+    return fused_linear_logprobs_cpu(f, o, chunk_bytes);
+  } else {
+    require_cuda(fn, "hidden", hidden);
 #ifdef KTO_TORCH_WITH_CUDA
-  return cuda_path::fused_linear_logprobs(f, o, chunk_bytes);
+    return cuda_path::fused_linear_logprobs(f, o, chunk_bytes);
 #else
-  return {};
+    return {};
 #endif
+  }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kto kernels (CPU, and CUDA where built) for the torch.library ops in kto_torch";
-  m.def("sequence_logprobs", &sequence_logprobs);
+  m.def("sequence_logprobs_cpu", &sequence_logprobs<Backend::cpu>);
+  m.def("sequence_logprobs_cuda", &sequence_logprobs<Backend::cuda>);
   m.def("kl_partial", &kl_partial);
   m.def("reference_point", &reference_point);
-  m.def("step_forward", &step_forward);
-  m.def("step_backward", &step_backward);
-  m.def("fused_linear_forward", &fused_linear_forward);
-  m.def("fused_linear_logprobs", &fused_linear_logprobs);
+  m.def("step_forward_cpu", &step_forward<Backend::cpu>);
+  m.def("step_forward_cuda", &step_forward<Backend::cuda>);
+  m.def("step_backward_cpu", &step_backward<Backend::cpu>);
+  m.def("step_backward_cuda", &step_backward<Backend::cuda>);
+  m.def("fused_linear_forward_cpu", &fused_linear_forward<Backend::cpu>);
+  m.def("fused_linear_forward_cuda", &fused_linear_forward<Backend::cuda>);
+  m.def("fused_linear_logprobs_cpu", &fused_linear_logprobs<Backend::cpu>);
+  m.def("fused_linear_logprobs_cuda", &fused_linear_logprobs<Backend::cuda>);
   m.def("has_cuda", &has_cuda);
   m.def("metric_names", &metric_names);
   m.def("option_names", &option_names);
+  m.def("example_output_names", &example_output_names);
+  m.def("default_chunk_bytes", &default_chunk_bytes);
 }

@@ -8,7 +8,11 @@
 Ops (namespace ``kto``): ``kto::sequence_logprobs`` (forward only, for the
 reference model and the KL batch), ``kto::step_forward`` (loss, metrics and
 residuals; autograd to the logits) and ``kto::step_backward``. Each has a fake
-(meta) kernel, so ``torch.compile`` traces them without graph breaks.
+(meta) kernel, so ``torch.compile`` traces them without graph breaks, and one
+kernel per device registered with torch.library (the CPU kernel is the op's
+body, the CUDA one ``register_kernel("cuda")``), so torch's dispatcher, not the
+extension, picks the backend. The loss options travel as one list in the
+library's order (``OPTION_NAMES``).
 
 Fused linear (``fused_linear_kto_loss``, ops ``kto::fused_linear_forward`` and
 ``kto::fused_linear_logprobs``): the same loss from the hidden states and the
@@ -53,6 +57,9 @@ REFERENCE_POINTS = {"kl_batch": 0, "fixed": 1, "zero": 2}
 KL_ESTIMATORS = {"mean": 0, "nonempty_mean": 1}
 REDUCTIONS = {"mean": 0, "sum": 1}
 METRIC_NAMES = tuple(_C.metric_names())  # the library's names, in its array order
+EXAMPLE_OUTPUT_NAMES = tuple(_C.example_output_names())  # rows of the per-example output
+# The fused step's default chunk budget on each device (read once: torch.compile traces it).
+_DEFAULT_CHUNK_BYTES = {False: _C.default_chunk_bytes(False), True: _C.default_chunk_bytes(True)}
 # The options every op takes as one float list, in the library's order (kto/options.hpp).
 OPTION_NAMES = tuple(_C.option_names())
 _ENUMS = {"loss_type": LOSS_TYPES, "link": LINKS, "reference_point": REFERENCE_POINTS,
@@ -101,23 +108,25 @@ def _check_devices(fn: str, anchor_name: str, anchor: Tensor, same=(), or_cpu=()
                              f"'{anchor_name}' (or on the CPU); got {t.device}")
 
 
-def _check_device(name: str, t: Tensor) -> None:
-    if t.device.type == "cuda" and not _C.has_cuda():
-        raise NotImplementedError(
-            f"kto: argument '{name}' is on {t.device}; this build of kto_torch has the CPU "
-            "kernels only (rebuild it where nvcc is present)"
-        )
-    if t.device.type not in ("cpu", "cuda"):
-        raise NotImplementedError(f"kto: argument '{name}' is on {t.device}; CPU or CUDA only")
+def _per_device(op, name: str):
+    """Registers the op's CUDA kernel (the CPU one is the custom op's own body): each calls
+    the extension's entry point for its backend, chosen by torch's dispatcher."""
+    cuda = getattr(_C, name + "_cuda")
+    op.register_kernel("cuda")(lambda *args: _tuple(cuda(*args)))
 
 
-@torch.library.custom_op("kto::sequence_logprobs", mutates_args=())
+def _tuple(out):
+    return tuple(out) if isinstance(out, list) else out
+
+
+@torch.library.custom_op("kto::sequence_logprobs", mutates_args=(), device_types="cpu")
 def _sequence_logprobs(
     logits: Tensor, targets: Tensor, offsets: Tensor, options: list[float]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_device("logits", logits)
-    logp, n, lse = _C.sequence_logprobs(logits, targets, offsets, options)
-    return logp, n, lse
+    return tuple(_C.sequence_logprobs_cpu(logits, targets, offsets, options))
+
+
+_per_device(_sequence_logprobs, "sequence_logprobs")
 
 
 @_sequence_logprobs.register_fake
@@ -133,7 +142,7 @@ def _(logits, targets, offsets, options):
     )
 
 
-@torch.library.custom_op("kto::step_forward", mutates_args=())
+@torch.library.custom_op("kto::step_forward", mutates_args=(), device_types="cpu")
 def _step_forward(
     logits: Tensor,
     targets: Tensor,
@@ -146,10 +155,12 @@ def _step_forward(
     global_kl: Tensor,
     options: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_device("logits", logits)
-    return tuple(_C.step_forward(
+    return tuple(_C.step_forward_cpu(
         logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
         kl_num_tokens, global_kl, options))
+
+
+_per_device(_step_forward, "step_forward")
 
 
 def _token_statistics_like(like: Tensor, b: int, options: list) -> Tensor:
@@ -171,14 +182,14 @@ def _(logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_re
     acc = _accumulation(logits)
     return (
         logits.new_empty((len(METRIC_NAMES),), dtype=torch.float64),
-        logits.new_empty((5, b), dtype=acc),
+        logits.new_empty((len(EXAMPLE_OUTPUT_NAMES), b), dtype=acc),
         logits.new_empty((b,), dtype=torch.int64),
         logits.new_empty((_rows(logits),), dtype=acc),
         _token_statistics_like(logits, b, args[-1]),
     )
 
 
-@torch.library.custom_op("kto::step_backward", mutates_args=())
+@torch.library.custom_op("kto::step_backward", mutates_args=(), device_types="cpu")
 def _step_backward(
     logits: Tensor,
     targets: Tensor,
@@ -188,8 +199,10 @@ def _step_backward(
     num_tokens: Tensor,
     options: list[float],
 ) -> Tensor:
-    _check_device("logits", logits)
-    return _C.step_backward(logits, targets, offsets, row_lse, grad_logp, num_tokens, options)
+    return _C.step_backward_cpu(logits, targets, offsets, row_lse, grad_logp, num_tokens, options)
+
+
+_per_device(_step_backward, "step_backward")
 
 
 @_step_backward.register_fake
@@ -203,7 +216,8 @@ def _(logits, targets, offsets, row_lse, grad_logp, num_tokens, *args):
 def _setup_context(ctx, inputs, output):
     logits, targets, offsets = inputs[0], inputs[1], inputs[2]
     _, per_example, n, lse, _ = output
-    ctx.save_for_backward(logits, targets, offsets, lse, per_example[4], n)
+    grad_logp = per_example[EXAMPLE_OUTPUT_NAMES.index("grad_logp")]
+    ctx.save_for_backward(logits, targets, offsets, lse, grad_logp, n)
     ctx.options = inputs[9]
 
 
@@ -221,7 +235,7 @@ torch.library.register_autograd("kto::step_forward", _backward, setup_context=_s
 STRATEGIES = {"keep_chunk": 0, "recompute": 1}
 
 
-@torch.library.custom_op("kto::fused_linear_forward", mutates_args=())
+@torch.library.custom_op("kto::fused_linear_forward", mutates_args=(), device_types="cpu")
 def _fused_linear_forward(
     hidden: Tensor,
     weight: Tensor,
@@ -238,10 +252,12 @@ def _fused_linear_forward(
     chunk_bytes: int,
     strategy: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_device("hidden", hidden)
-    return tuple(_C.fused_linear_forward(
+    return tuple(_C.fused_linear_forward_cpu(
         hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden, kl_targets,
         kl_offsets, kl_reference_logp, options, chunk_bytes, strategy))
+
+
+_per_device(_fused_linear_forward, "fused_linear_forward")
 
 
 @_fused_linear_forward.register_fake
@@ -257,7 +273,7 @@ def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidd
     acc = _accumulation(hidden)
     return (
         hidden.new_empty((len(METRIC_NAMES),), dtype=torch.float64),
-        hidden.new_empty((5, b), dtype=acc),
+        hidden.new_empty((len(EXAMPLE_OUTPUT_NAMES), b), dtype=acc),
         hidden.new_empty((b,), dtype=torch.int64),
         hidden.new_empty(hidden.shape, dtype=acc),
         hidden.new_empty(weight.shape, dtype=acc),
@@ -296,14 +312,15 @@ torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
                                 setup_context=_fused_setup_context)
 
 
-@torch.library.custom_op("kto::fused_linear_logprobs", mutates_args=())
+@torch.library.custom_op("kto::fused_linear_logprobs", mutates_args=(), device_types="cpu")
 def _fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
                            offsets: Tensor, options: list[float],
                            chunk_bytes: int) -> tuple[Tensor, Tensor]:
-    _check_device("hidden", hidden)
-    logp, n = _C.fused_linear_logprobs(hidden, weight, bias, targets, offsets, options,
-                                       chunk_bytes)
-    return logp, n
+    return tuple(_C.fused_linear_logprobs_cpu(hidden, weight, bias, targets, offsets, options,
+                                              chunk_bytes))
+
+
+_per_device(_fused_linear_logprobs, "fused_linear_logprobs")
 
 
 @_fused_linear_logprobs.register_fake
@@ -391,6 +408,14 @@ def _flatten_hidden(name: str, hidden: Tensor):
     return hidden, offsets
 
 
+def _chunk_bytes(hidden: Tensor, chunk_bytes: Optional[int]) -> int:
+    """The chunk budget: the caller's, or the library's default for hidden's device
+    (kto::kDefaultCpuChunkBytes, kDefaultCudaChunkBytes: each measured on its device)."""
+    if chunk_bytes is None:
+        return _DEFAULT_CHUNK_BYTES[hidden.is_cuda]
+    return int(chunk_bytes)
+
+
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
@@ -398,7 +423,7 @@ def _empty(like: Tensor) -> Tensor:
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
                           offsets: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
                           average_logprob: bool = False, ignore_index: int = -100,
-                          chunk_bytes: int = 1 << 30, logit_scale: float = 1.0,
+                          chunk_bytes: Optional[int] = None, logit_scale: float = 1.0,
                           logit_softcap: float = 0.0, temperature: float = 1.0):
     """(logp [B], num_tokens [B]) from hidden states and the lm_head — forward only
     (the reference model's log-probs, without materialising its logits). Layouts as in
@@ -415,7 +440,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
         offsets,
         _options(average_logprob=average_logprob, ignore_index=ignore_index,
                  logit_scale=logit_scale, logit_softcap=logit_softcap, temperature=temperature),
-        int(chunk_bytes))
+        _chunk_bytes(hidden, chunk_bytes))
 
 
 def _kto_output(metrics: Tensor, per_example: Tensor, n: Tensor,
@@ -425,11 +450,9 @@ def _kto_output(metrics: Tensor, per_example: Tensor, n: Tensor,
     return KTOOutput(
         loss=metrics[0],
         metrics={name: detached[i] for i, name in enumerate(METRIC_NAMES)},
-        logp=per_example[0].detach(),
-        ratio=per_example[1].detach(),
-        reward=per_example[2].detach(),
-        example_loss=per_example[3].detach(),
-        grad_logp=per_example[4].detach(),
+        **{field: per_example[EXAMPLE_OUTPUT_NAMES.index(name)].detach()
+           for field, name in (("logp", "logp"), ("ratio", "ratio"), ("reward", "reward"),
+                               ("example_loss", "loss"), ("grad_logp", "grad_logp"))},
         num_tokens=n,
         entropy_sum=token_statistics[0] if requested else None,
         mean_logit_sum=token_statistics[1] if requested else None,
@@ -542,7 +565,7 @@ def fused_linear_kto_loss(
     reduction: str = "mean",
     mean_denominator: int = 0,
     ignore_index: int = -100,
-    chunk_bytes: int = 1 << 30,
+    chunk_bytes: Optional[int] = None,
     strategy: str = "keep_chunk",
     token_statistics: bool = False,
     logit_scale: float = 1.0,
@@ -597,7 +620,7 @@ def fused_linear_kto_loss(
         kl_reference_logp if kl_reference_logp is not None else hidden.new_empty(
             (0,), dtype=torch.float32),
         options,
-        int(chunk_bytes),
+        _chunk_bytes(hidden, chunk_bytes),
         _lookup(STRATEGIES, "strategy", strategy),
     )
     return _kto_output(metrics, per_example, n, statistics if token_statistics else None)

@@ -128,10 +128,12 @@ def _local_kl_partial(logits: Tensor, kl_policy_logp, kl_reference_logp, kl_num_
             raise ValueError(f"{_FN}: argument 'kl_targets' must be given with kl_logits")
         try:
             with torch.no_grad():
+                # The options that shape a log-prob, as the target batch gets them.
+                shaping = ("average_logprob", "ignore_index", "logit_scale", "logit_softcap",
+                           "temperature")
                 kl_policy_logp, n = kto_torch.sequence_logprobs(
                     kl_logits.detach(), kl_targets, kl_offsets,
-                    average_logprob=options.get("average_logprob", False),
-                    ignore_index=options.get("ignore_index", -100))
+                    **{k: options[k] for k in shaping if k in options})
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"{_FN}: the KL batch (kl_logits, kl_targets) was rejected: {e}") \
                 from e

@@ -18,8 +18,8 @@ tower included) and the fused head on the last hidden states
 (``kto_torch.fused_linear_kto_loss`` / ``fused_linear_logprobs``), so the
 batch's logits never exist and the call goes through whatever wrapper
 accelerate put around the model (DDP, FSDP2, ZeRO-3), as TRL's own fused head
-does. ``fused_chunk_bytes`` bounds the chunk (the default was chosen by
-bench/compare_trl.py, see docs/performance.md). Elsewhere, or with
+does. ``fused_chunk_bytes`` bounds the chunk (by default the library's for the
+device, chosen by measurement: docs/performance.md). Elsewhere, or with
 ``fused_linear=False``, the logits path: ``kto_torch.kto_loss`` on the policy
 logits, ``kto_torch.sequence_logprobs`` for the KL batch and the reference.
 Either way TRL's metrics are logged, ``entropy`` and ``logits/*`` included (on
@@ -52,8 +52,6 @@ import kto_torch
 logger = logging.getLogger(__name__)
 _TRAINER = "kto_torch.trl.KTOTrainer"
 
-# fused_chunk_bytes default: bench/compare_trl.py, docs/performance.md ("TRL 1.16 trainer step").
-DEFAULT_FUSED_CHUNK_BYTES = 64 << 20
 
 # Collator outputs that feed the loss, not the model (TRL 1.16's collators).
 _NOT_MODEL_INPUTS = frozenset({"completion_mask", "label", "ref_logps", "ref_KL_logps"})
@@ -112,7 +110,8 @@ def logit_transform(model) -> dict:
     if scale is None and scaling is not None:
         hyperclovax = getattr(config, "model_type", None) == "hyperclovax"
         scale = scaling if hyperclovax else 1.0 / scaling
-    softcap = getattr(config, "final_logit_softcapping", None)
+    # c·tanh(z / c) is the same function for −c: the library takes |c|.
+    softcap = abs(getattr(config, "final_logit_softcapping", None) or 0.0)
     return dict(logit_scale=float(1.0 if scale is None else scale),
                 logit_softcap=float(softcap or 0.0))
 
@@ -130,6 +129,10 @@ def _unfusable_reason(model, name: str, device_type: str) -> Optional[str]:
     transform = logit_transform(model)
     if transform["logit_scale"] == 0.0:
         return f"{name}'s config scales its logits by 0"
+    if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False)
+                                    for c in model.peft_config.values()):
+        return (f"{name} is a prompt-learning PEFT model (its forward passes inputs_embeds "
+                "with virtual tokens, not input_ids)")
     if device_type != "cpu" and transform != logit_transform_identity():
         return (f"{name}'s logits are transformed ({transform}), which the library's CUDA "
                 "kernels do not apply yet")
@@ -170,7 +173,8 @@ class HeadRequest:
     KTOOutput, differentiable w.r.t. the hidden states and the lm_head. ``context`` (the
     trainer's autocast) is entered around the backbone and the head."""
 
-    def __init__(self, completion_mask, context, chunk_bytes: int, loss: Optional[dict] = None):
+    def __init__(self, completion_mask, context, chunk_bytes: Optional[int],
+                 loss: Optional[dict] = None):
         self.completion_mask = completion_mask
         self.context = context
         self.chunk_bytes = chunk_bytes
@@ -246,10 +250,12 @@ class KTOTrainer(_TRLKTOTrainer):
     ``fused_linear``: None (default) runs the fused head wherever the policy's (and the
     reference model's) logits are ``lm_head(hidden)`` and the logits path elsewhere, logging
     why; True insists on the fused head (a ValueError names what prevents it); False always
-    forms the logits. ``fused_chunk_bytes`` bounds the fused head's chunk of logits."""
+    forms the logits. ``fused_chunk_bytes`` bounds the fused head's chunk of logits; None
+    (the default) is the library's default for the device (64 MiB on the CPU, 1 GiB on CUDA,
+    each measured: kto::kDefaultCpuChunkBytes, kDefaultCudaChunkBytes)."""
 
     def __init__(self, *args, fused_linear: Optional[bool] = None,
-                 fused_chunk_bytes: int = DEFAULT_FUSED_CHUNK_BYTES, **kwargs):
+                 fused_chunk_bytes: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_chunk_bytes = fused_chunk_bytes
         self._stage = "the KTO step"
@@ -271,10 +277,15 @@ class KTOTrainer(_TRLKTOTrainer):
             install_kto_head(self.model)
             if self.ref_model is not None:
                 install_kto_head(self.ref_model)
-            logger.info("kto_torch.trl.KTOTrainer: fused head (no logits formed), chunk %d bytes",
-                        fused_chunk_bytes)
+            logger.info("kto_torch.trl.KTOTrainer: fused head (no logits formed), chunk %s",
+                        "the library's default" if fused_chunk_bytes is None
+                        else f"{fused_chunk_bytes} bytes")
         elif fused_linear is None:
             logger.warning("kto_torch.trl.KTOTrainer: the logits path, because %s", reason)
+        if self.accelerator.device.type != "cpu":
+            logger.warning("kto_torch.trl.KTOTrainer: TRL's entropy and logits/* metrics are not "
+                           "logged on %s yet (the library computes them on the CPU path only)",
+                           self.accelerator.device.type)
 
     def _kto_supported(self) -> bool:
         return self.ref_model is not None or self.precompute_ref_logps
@@ -389,8 +400,12 @@ class KTOTrainer(_TRLKTOTrainer):
     def _non_finite_message(self, model, error) -> str:
         args = self.args
         unwrapped = self.accelerator.unwrap_model(model)
+        # This rank's own shards only (FSDP2's DTensors: to_local(); ZeRO-3's partitions): a
+        # check of the whole tensors would start collectives that the other ranks, already
+        # waiting in the failure all-reduce, never join.
         params = list(unwrapped.parameters())
-        bad = sum(1 for p in params if not bool(torch.isfinite(p.detach()).all()))
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        bad = sum(1 for p in local if p.numel() and not bool(torch.isfinite(p.detach()).all()))
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
         precision = ("fp16 autocast" if args.fp16 else "bf16 autocast" if args.bf16
                      else "no mixed precision")
@@ -419,17 +434,18 @@ class KTOTrainer(_TRLKTOTrainer):
     def _log_token_statistics(self, m, out, desirable):
         """TRL's entropy (mean over the completion tokens of the batch, all ranks) and
         logits/chosen, logits/rejected (mean per-token mean logit over each side's completion
-        tokens): one all-reduce of six sums."""
+        tokens), gathered sum by sum as TRL gathers them (gather_for_metrics)."""
         n = out.num_tokens.to(torch.float64).cpu()
-        sums = torch.stack([out.entropy_sum.sum(), n.sum(),
-                            out.mean_logit_sum[desirable].sum(), n[desirable].sum(),
-                            out.mean_logit_sum[~desirable].sum(), n[~desirable].sum()])
-        sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
-        m["entropy"].append((sums[0] / sums[1]).item() if sums[1] > 0 else 0.0)
-        if sums[3] > 0:
-            m["logits/chosen"].append((sums[2] / sums[3]).item())
-        if sums[5] > 0:
-            m["logits/rejected"].append((sums[4] / sums[5]).item())
+        sums = (out.entropy_sum.sum(), n.sum(), out.mean_logit_sum[desirable].sum(),
+                n[desirable].sum(), out.mean_logit_sum[~desirable].sum(), n[~desirable].sum())
+        device = self.accelerator.device
+        h, tokens, zc, nc, zr, nr = (
+            self.accelerator.gather_for_metrics(x.to(device)).sum().item() for x in sums)
+        m["entropy"].append(h / tokens if tokens > 0 else 0.0)
+        if nc > 0:
+            m["logits/chosen"].append(zc / nc)
+        if nr > 0:
+            m["logits/rejected"].append(zr / nr)
 
     def _log_kto_metrics(self, mode, out, desirable, batch):
         m = self._metrics[mode]

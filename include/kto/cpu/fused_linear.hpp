@@ -43,7 +43,7 @@ using kto::FusedStrategy;
 
 struct FusedLinearConfig {
   /// Budget for one chunk: its logits and hidden rows in the accumulation type.
-  size_t chunk_bytes = size_t{256} << 20;
+  size_t chunk_bytes = kDefaultCpuChunkBytes;
   FusedStrategy strategy = FusedStrategy::keep_chunk;
 };
 

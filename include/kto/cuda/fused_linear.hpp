@@ -39,7 +39,7 @@ using kto::FusedStrategy;
 
 struct FusedLinearConfig {
   /// Budget for one chunk: fp32 logits plus their gradient in the input type.
-  size_t chunk_bytes = size_t{1} << 30;
+  size_t chunk_bytes = kDefaultCudaChunkBytes;
   FusedStrategy strategy = FusedStrategy::keep_chunk;
   /// Handed to cuBLAS (cublasSetWorkspace), carved from the workspace.
   size_t cublas_workspace_bytes = size_t{32} << 20;
