@@ -39,7 +39,7 @@ struct Problem {
   std::vector<index_t> targets, offsets = {0, 4, 7, 10};
   std::vector<double> ref_logp = {-30.0, -25.0, -28.0};
   std::vector<std::uint8_t> desirable = {1, 0, 1};
-  explicit Problem(std::mt19937_64& rng) {
+  explicit Problem(std::mt19937_64& rng, index_t vocab = 37) : V(vocab) {
     std::uniform_int_distribution<index_t> tok(0, V - 1);
     for (index_t r = 0; r < N; ++r) targets.push_back(r % 4 == 0 ? -100 : tok(rng));
   }
@@ -115,12 +115,16 @@ TEST_CASE("logit transform: float32 logits path against the float64 path on tran
   const uint64_t seed = test::fresh_seed();
   INFO("KTO_TEST_SEED=" << seed);
   std::mt19937_64 rng(seed);
-  Problem p(rng);
+  // V = 3000 spans two of the row kernel's chunks: the running max and sums are rescaled.
+  const index_t vocab = GENERATE(37, 3000);
+  Problem p(rng, vocab);
   std::normal_distribution<double> nd(0.0, 4.0);
   std::vector<float> z(static_cast<size_t>(p.N * p.V)), grad;
   for (auto& x : z) x = static_cast<float>(nd(rng));
+  for (index_t r = 0; r < p.N; ++r)  // the row's max in its second chunk: a rescale
+    if (p.V > 2048) z[static_cast<size_t>(r * p.V + p.V - 1)] = 25.0f;
   for (const auto& t : kTransforms) {
-    INFO("a " << t.scale << ", c " << t.softcap << ", tau " << t.temperature);
+    INFO("V " << p.V << ", a " << t.scale << ", c " << t.softcap << ", tau " << t.temperature);
     const kto::Options o = p.options(t);
     const auto got = p.step(z, o, grad);
     std::vector<double> zt(z.size()), gt;

@@ -230,3 +230,36 @@ TEST_CASE("token statistics: refused where not computed", "[token_statistics][er
                                     "'options.token_statistics' must be false with a "
                                     "vocabulary slice"));
 }
+
+TEST_CASE("token statistics of soft-capped logits", "[token_statistics][logit_transform]") {
+  // The statistics are of the distribution the loss sees: z' = c·tanh(a z / c) / τ, here
+  // written in float64 by the test; a masked (−inf) logit becomes −c/τ, as in the model.
+  const uint64_t seed = test::fresh_seed();
+  INFO("KTO_TEST_SEED=" << seed);
+  std::mt19937_64 rng(seed);
+  const double a = 1.5, c = 4.0, tau = 0.8;
+  for (const index_t V : {123, 5000}) {
+    const index_t N = 13;
+    Batch b = make_batch(rng, N, V);
+    std::normal_distribution<double> nd(0.0, 5.0);
+    std::vector<float> logits(static_cast<size_t>(N * V));
+    for (auto& x : logits) x = static_cast<float>(nd(rng));
+    logits[static_cast<size_t>(1 * V + 2)] = -std::numeric_limits<float>::infinity();
+    b.targets[1] = 0;
+    for (index_t r = 0; r < N; ++r) {
+      std::vector<double> z(static_cast<size_t>(V));
+      for (index_t v = 0; v < V; ++v) z[v] = c * std::tanh(a * logits[r * V + v] / c) / tau;
+      b.rows.push_back(reference_row(z, 2 * c / tau));  // |z'| <= c/τ: scale of the products
+    }
+    INFO("V = " << V);
+    kto::Options o;
+    o.token_statistics = true;
+    o.logit_scale = a;
+    o.logit_softcap = c;
+    o.temperature = tau;
+    b.expect(kto::cpu::sequence_logprobs<float>(
+                 kto::logits_matrix<const float>(logits.data(), N, V),
+                 kto::targets_vector(b.targets.data(), N), kto::sequences(b.offsets.data(), 3), o)
+                 .token_statistics);
+  }
+}
