@@ -326,3 +326,22 @@ TEST_CASE("options array: round trip and named checks", "[errors][options]") {
   CHECK_THROWS_WITH(kto::options_from_array(values, kto::kOptionCount, "f"),
                     Catch::Contains("argument 'options.beta' must be finite, > 0"));
 }
+
+TEST_CASE("error: a kto step estimating z0 from an empty KL batch", "[errors]") {
+  // z0 from no KL example would silently be 0; the caller must choose that.
+  Fixture f;
+  f.klp.clear();
+  f.klr.clear();
+  f.kln.clear();
+  expect_error([&] { f.run(); }, "kl.count", "be >= 1 with options.reference_point kl_batch", "0");
+  f.o.kl_estimator = kto::KlEstimator::nonempty_mean;  // examples, but none with a token
+  f.klp = {0.f, 0.f};
+  f.klr = {0.f, 0.f};
+  f.kln = {0, 0};
+  expect_error([&] { f.run(); }, "kl.count", "be >= 1 with options.reference_point kl_batch", "0");
+  f.o.reference_point = kto::ReferencePoint::zero;
+  CHECK_NOTHROW(f.run());
+  f.o.reference_point = kto::ReferencePoint::kl_batch;
+  f.o.loss_type = kto::LossType::apo_zero_unpaired;  // no KL batch used
+  CHECK_NOTHROW(f.run());
+}

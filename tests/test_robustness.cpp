@@ -254,11 +254,14 @@ TEST_CASE("D8: a thread that cannot start runs its range on the caller", "[robus
 
 TEST_CASE("D9: the fused step without a KL batch, and KL errors named as KL", "[robustness]") {
   FusedFixture f;
-  SECTION("default-constructed KL views: an empty KL batch, z0 = 0 as in kto_step") {
+  SECTION("default-constructed KL views: an empty KL batch raises where z0 needs it") {
     f.in.kl_hidden = {};
     f.in.kl_targets = {};
     f.in.kl_sequences = {};
     f.in.kl_reference_logp = {};
+    expect_error([&] { f.run(); }, "kl.count", "be >= 1 with options.reference_point kl_batch",
+                 "0");
+    f.o.reference_point = kto::ReferencePoint::zero;  // the caller's choice: z0 = 0
     const FusedGrads g = run_grads(f);
     CHECK(g.metrics.kl == 0.0);
     CHECK(all_finite(g.dw));

@@ -93,12 +93,18 @@ void validate_finish_inputs(index_t n, Span<const Acc> reference_logp,
   validate_labels(desirable, fn, "desirable");
 }
 
-inline void validate_kl_partial(const KlPartial& kl, const char* fn) {
+/// Checks the all-reduced KL partial; with `o`, also that a step estimating z0 from a
+/// KL batch has one (z0 would silently be 0 otherwise).
+inline void validate_kl_partial(const KlPartial& kl, const char* fn, const Options* o = nullptr) {
   require(std::isfinite(kl.sum), fn, "kl.sum", "be finite (an all-reduced sum of log-ratios)",
           kl.sum);
   // A sum of example counts is a whole number: 0, or at least 1 (so S/C is finite).
   require(std::isfinite(kl.count) && kl.count >= 0 && kl.count == std::floor(kl.count), fn,
           "kl.count", "be finite and >= 0 and whole (an all-reduced example count)", kl.count);
+  require(o == nullptr || !uses_kl_batch(*o) || kl.count >= 1, fn, "kl.count",
+          "be >= 1 with options.reference_point kl_batch: give a KL batch with at least one "
+          "example (on some rank), or choose reference_point zero or fixed",
+          kl.count);
 }
 
 /// finish() as called by the public entry point `fn`.
@@ -111,7 +117,7 @@ FinishResult<Acc> finish_impl(const KlPartial& kl, Span<const Acc> policy_logp,
   validate_finish_inputs(n, reference_logp, desirable, o, fn, count_name);
   validate_span(policy_logp, n, fn, "policy_logp");
   validate_logprobs(policy_logp, fn, "policy_logp");
-  validate_kl_partial(kl, fn);
+  validate_kl_partial(kl, fn, &o);
 
   const double z0 = reference_point(kl, o);
   const double scale = reduction_scale(o, n);

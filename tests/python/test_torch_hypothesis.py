@@ -69,6 +69,19 @@ def loss_from_logp(logp, ref_logp, desirable, z0, o):
     return losses.sum() if o.get("reduction", "mean") == "sum" else losses.sum() / B
 
 
+def kl_batch_is_empty(tokens, o) -> bool:
+    """z0 estimated from a KL batch with no example to count (the library raises then):
+    none at all, or none with a token under the nonempty_mean estimator."""
+    if o.get("loss_type", "kto") != "kto" or o.get("reference_point", "kl_batch") != "kl_batch":
+        return False
+    if o.get("kl_estimator", "mean") == "nonempty_mean":
+        return not bool((tokens > 0).any())
+    return tokens.numel() == 0
+
+
+EMPTY_KL = r"argument 'kl.count' must be >= 1 with options.reference_point kl_batch"
+
+
 def reference_z0(kl, o):
     if o.get("loss_type", "kto") == "apo_zero_unpaired" or o.get("reference_point") == "zero":
         return 0.0
@@ -192,6 +205,11 @@ def test_kto_loss_matches_the_float64_reference(p, dtype, layout, o, global_kl):
         kl_args = kl
 
     view = logits.detach().requires_grad_(True)  # same strides: a leaf view
+    if kl_batch_is_empty(kl[2], o):
+        with pytest.raises(ValueError, match=EMPTY_KL):
+            kto_torch.kto_loss(view, targets, offsets, inputs["reference_logp"],
+                               inputs["desirable"], *kl_args, **kwargs)
+        return
     out = kto_torch.kto_loss(view, targets, offsets, inputs["reference_logp"],
                              inputs["desirable"], *kl_args, **kwargs)
     (grad,) = torch.autograd.grad(out.loss, view)
@@ -273,6 +291,11 @@ def test_fused_linear_kto_loss_matches_the_float64_reference(p, D, dtype, h_layo
         kw["reference_point"] = "zero"  # no KL batch: z0 = 0 stated explicitly
     o_ref = dict(o, reference_point=kw.get("reference_point", o["reference_point"]))
 
+    if kl_batch and kl_batch_is_empty((kl_t.reshape(B, T) != o["ignore_index"]).sum(1), o):
+        with pytest.raises(ValueError, match=EMPTY_KL):
+            kto_torch.fused_linear_kto_loss(h, w, targets, offsets, inputs["reference_logp"],
+                                            inputs["desirable"], bias=b, **kw)
+        return
     h_leaf = h.detach().requires_grad_(True)
     w_leaf = w.detach().requires_grad_(True)
     b_leaf = b.detach().requires_grad_(True) if b is not None else None

@@ -129,7 +129,8 @@ def test_d3_fused_expanded_hidden_and_weight_are_made_contiguous(which):
 
     def run(h, w):
         return kto_torch.fused_linear_kto_loss(h, w, targets, offsets, p["reference_logp"][:2],
-                                               p["desirable"][:2], bias=p["bias"], beta=0.3)
+                                               p["desirable"][:2], bias=p["bias"], beta=0.3,
+                                               reference_point="zero")
 
     h_copy = hidden.detach().clone().requires_grad_(True)
     w_copy = weight.detach().clone().requires_grad_(True)

@@ -669,7 +669,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
       return kl_sum_of_partials();
     });
   }
-  kto::detail::validate_kl_partial(kl_sum, fn);
+  kto::detail::validate_kl_partial(kl_sum, fn, &o);
   detail::ChunkEngine<T>& eng = *engine;
   const detail::RowScorer& scorer = *target_scorer;
 
