@@ -145,3 +145,39 @@ def test_end_to_end_example_runs(flags):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "kto_torch.trl.KTOTrainer" + ("(fused_linear=True)" if flags else ":") in run.stdout
     assert "rewards/margins" in run.stdout
+
+
+TRL_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+               "logps/rejected", "entropy", "logits/chosen", "logits/rejected", "aux_loss")
+
+
+def step_against_trl(tmp_path, policy, fused_linear):
+    """One step of TRL 1.16's KTOTrainer and of the drop-in on the same model (perturbed into
+    the policy; the unperturbed copy is the reference), batch and options, compared under
+    this file's rule; returns (TRL's metrics, the drop-in's trainer, its gradients)."""
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args = trl.KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1,
+                         report_to="none", beta=0.3, use_cpu=True, save_strategy="no",
+                         bf16=False)
+    data = example.make_dataset(n=16, label=lambda i, c: i % 3 == 0)
+    common = dict(args=args, train_dataset=data, processing_class=example.make_tokenizer())
+    theirs = trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                            **common)
+    ours = kto_trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                              fused_linear=fused_linear, fused_chunk_bytes=4096, **common)
+    assert ours.fused_linear == (fused_linear is None)
+    batch = next(iter(theirs.get_train_dataloader()))
+    loss_t, grads_t, metrics_t = loss_and_grads(theirs, batch)
+    loss_o, grads_o, metrics_o = loss_and_grads(ours, batch)
+    assert abs(loss_o.item() - loss_t.item()) <= 1e-6 * max(1.0, abs(loss_t.item()))
+    for key in TRL_METRICS:
+        assert (key in metrics_t) == (key in metrics_o), key
+        if key in metrics_t:
+            assert abs(metrics_o[key] - metrics_t[key]) <= 1e-6 * max(1.0, abs(metrics_t[key])), key
+    scale = max(float(g.abs().max()) for g in grads_t.values())
+    for name, g in grads_t.items():
+        assert torch.allclose(grads_o[name], g, rtol=0, atol=1e-4 * scale), name
+    return metrics_t, ours, grads_o

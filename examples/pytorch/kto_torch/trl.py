@@ -25,9 +25,10 @@ logits, ``kto_torch.sequence_logprobs`` for the KL batch and the reference.
 Either way TRL's metrics are logged, ``entropy`` and ``logits/*`` included (on
 the CPU), and across data-parallel ranks the KL estimate is the global (S, C)
 of one all-reduce, which equals TRL's mean of per-rank means when ranks hold
-equal batches; a failure on one rank raises ``PeerError`` on every rank. Not
-covered (they fall back to TRL's own path): PEFT models without a separate
-reference model and MoE auxiliary losses.
+equal batches; a failure on one rank raises ``PeerError`` on every rank. MoE
+models add TRL's load-balancing auxiliary loss (and log ``aux_loss``). Not
+covered (it falls back to TRL's own path): PEFT models without a separate
+reference model.
 
 Non-finite values (a float16 overflow, a diverged model) stop training with
 ``NonFiniteModelOutputError`` (a ValueError) that says what most likely happened
@@ -79,12 +80,26 @@ def _labels(inputs: dict, completion_mask):
     return inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
 
 
-def _shifted(model, inputs, completion_mask):
+def _shifted(model, inputs, completion_mask, aux_loss=False):
     """logits[:, :-1] and labels[:, 1:] as views: no copy of the logits. Only the last T
-    positions are read (prompt-learning PEFT prepends virtual tokens to the outputs)."""
-    logits = model(**inputs).logits
+    positions are read (prompt-learning PEFT prepends virtual tokens to the outputs). With
+    ``aux_loss``, also the MoE load-balancing loss the model's forward computes."""
+    outputs = model(**inputs, output_router_logits=True) if aux_loss else model(**inputs)
+    logits = outputs.logits
     t = inputs["input_ids"].size(1)
-    return logits[:, logits.size(1) - t:-1], _labels(inputs, completion_mask)
+    shifted = (logits[:, logits.size(1) - t:-1], _labels(inputs, completion_mask))
+    return shifted + (outputs.aux_loss,) if aux_loss else shifted
+
+
+def _load_balancing_loss(model, router_logits, attention_mask):
+    """The MoE auxiliary loss as TRL 1.16's fused head computes it (Mixtral's
+    load-balancing loss, which every MoE family in transformers shares)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    config = _text_config(model)
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    return load_balancing_loss_func(router_logits, experts, config.num_experts_per_tok,
+                                    attention_mask)
 
 
 def _text_config(model):
@@ -174,21 +189,29 @@ class HeadRequest:
     trainer's autocast) is entered around the backbone and the head."""
 
     def __init__(self, completion_mask, context, chunk_bytes: Optional[int],
-                 loss: Optional[dict] = None):
+                 loss: Optional[dict] = None, aux_loss: bool = False):
         self.completion_mask = completion_mask
         self.context = context
         self.chunk_bytes = chunk_bytes
         self.loss = loss
+        self.aux_loss = aux_loss  # MoE: also return the load-balancing loss
 
     def __call__(self, model, **inputs):
         with self.context():
-            hidden = _backbone(model)(**inputs).last_hidden_state
+            if self.aux_loss:
+                inputs["output_router_logits"] = True
+            backbone = _backbone(model)(**inputs)
             head = model.get_output_embeddings()
             weight, bias = head.weight, head.bias
             if isinstance(weight, DTensor):  # an lm_head FSDP2 has not gathered (sharded alone)
                 weight, bias = _gathered(weight), _gathered(bias)
             with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gathered for the call
-                return self._head(inputs, hidden, weight, bias, logit_transform(model))
+                out = self._head(inputs, backbone.last_hidden_state, weight, bias,
+                                 logit_transform(model))
+            if not self.aux_loss:
+                return out
+            return out, _load_balancing_loss(model, backbone.router_logits,
+                                             inputs.get("attention_mask"))
 
     def _head(self, inputs, hidden, weight, bias, transform):
         # Only the last T positions are read (prompt-learning PEFT prepends virtual tokens);
@@ -291,7 +314,7 @@ class KTOTrainer(_TRLKTOTrainer):
         return self.ref_model is not None or self.precompute_ref_logps
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if not self._kto_supported() or self.aux_loss_enabled or return_outputs:
+        if not self._kto_supported() or return_outputs:
             return super()._compute_loss(model, inputs, return_outputs)
         return self._kto_loss(model, inputs)
 
@@ -383,19 +406,28 @@ class KTOTrainer(_TRLKTOTrainer):
                 loss = dict(reference_logp=ref_logp, desirable=desirable,
                             reference_point="fixed" if self.calculate_KL else "zero",
                             fixed_z0=z0, **options)
-                request = HeadRequest(target[1], autocast, self.fused_chunk_bytes, loss)
-                return model(**target[0], kto_head=request)
-            logits, labels = _shifted(model, *target)
-            return kto_torch.kto_loss(
+                request = HeadRequest(target[1], autocast, self.fused_chunk_bytes, loss,
+                                      aux_loss=self.aux_loss_enabled)
+                out = model(**target[0], kto_head=request)
+                return out if self.aux_loss_enabled else (out, None)
+            logits, labels, *aux = _shifted(model, *target, aux_loss=self.aux_loss_enabled)
+            out = kto_torch.kto_loss(
                 logits, labels, None, ref_logp, desirable,
                 reference_point="kl_batch" if self.calculate_KL else "zero",
                 global_kl=global_kl, **options)
+            return out, (aux[0] if aux else None)
 
-        out, error = self._attempt(model, policy_step)
+        done, error = self._attempt(model, policy_step)
         self._sum_or_fail(None, error,
                           "in the target batch's step", size=0)
+        out, aux_loss = done
         self._log_kto_metrics(mode, out, desirable, batch)
-        return out.loss
+        if aux_loss is None:
+            return out.loss
+        # MoE: as TRL 1.16, the architecture's coefficient times the load-balancing loss.
+        self._metrics[mode]["aux_loss"].append(
+            self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        return out.loss + self.router_aux_loss_coef * aux_loss
 
     def _non_finite_message(self, model, error) -> str:
         args = self.args
