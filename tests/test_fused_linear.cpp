@@ -490,3 +490,60 @@ TEST_CASE("fused-linear logprobs equal the reference forward", "[fused]") {
     KTO_CHECK_CLOSE(got.logp[s], want.logp[s], scale, 1e-5);
   }
 }
+
+TEST_CASE("fused_linear_row_partials: a vocabulary slice's lse and target logit of every row",
+          "[fused][vocab_parallel]") {
+  // Two slices of a V = 9 head; each slice's partials against float64 logits of its rows
+  // (KL rows first, then target rows, as the step's gather hook receives them), and the
+  // merge of the two slices against the whole row (rtol 1e-5 of the row's largest |z|).
+  using kto::index_t;
+  const index_t N = 5, KN = 3, D = 4, V = 9, half = 5;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<float> h(N * D), kh(KN * D), w(V * D);
+  for (auto* v : {&h, &kh, &w})
+    for (auto& x : *v) x = static_cast<float>(nd(rng));
+  std::vector<index_t> t = {1, -100, 8, 4, 0}, kt = {2, 6, -100}, off = {0, 2, 5}, koff = {0, 3};
+  kto::cpu::FusedLinearInputs<float> in;
+  in.hidden = kto::matrix_view<const float>(h.data(), N, D);
+  in.targets = kto::targets_vector(t.data(), N);
+  in.sequences = kto::sequences(off.data(), 2);
+  in.kl_hidden = kto::matrix_view<const float>(kh.data(), KN, D);
+  in.kl_targets = kto::targets_vector(kt.data(), KN);
+  in.kl_sequences = kto::sequences(koff.data(), 1);
+  std::vector<std::vector<kto::RowPartial<float>>> slices;
+  for (const auto& [begin, rows] : {std::pair<index_t, index_t>{0, half}, {half, V - half}}) {
+    kto::LinearHead<float> head{
+        kto::matrix_view<const float>(w.data() + begin * D, rows, D), {}, begin, V};
+    slices.push_back(kto::cpu::fused_linear_row_partials<float>(in, head, kto::Options{}));
+  }
+  const auto merged = kto::merge_row_partials(
+      [&] {
+        auto all = slices[0];
+        all.insert(all.end(), slices[1].begin(), slices[1].end());
+        return all;
+      }(),
+      2);
+  REQUIRE(merged.size() == static_cast<size_t>(KN + N));
+  for (index_t r = 0; r < KN + N; ++r) {
+    const bool kl_row = r < KN;
+    const float* x = kl_row ? kh.data() + r * D : h.data() + (r - KN) * D;
+    const index_t target = kl_row ? kt[r] : t[r - KN];
+    INFO("row " << r);
+    if (target == -100) {
+      CHECK(std::isnan(merged[r].lse));
+      continue;
+    }
+    std::vector<double> z(V);
+    double m = -INFINITY, zmax = 0;
+    for (index_t v = 0; v < V; ++v) {
+      for (index_t d = 0; d < D; ++d) z[v] += double(x[d]) * w[v * D + d];
+      m = std::max(m, z[v]);
+      zmax = std::max(zmax, std::fabs(z[v]));
+    }
+    double s = 0;
+    for (double v : z) s += std::exp(v - m);
+    KTO_CHECK_CLOSE(merged[r].lse, m + std::log(s), 1 + zmax, 1e-5);
+    KTO_CHECK_CLOSE(merged[r].target_logit, z[target], 1 + zmax, 1e-5);
+  }
+}

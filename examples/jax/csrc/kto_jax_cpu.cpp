@@ -293,23 +293,19 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
   o.ignore_index = ignore_index;
   return dispatch(hidden.element_type(), kPartials, "hidden", [&](auto tag) {
     using T = decltype(tag);
-    namespace d = kto::cpu::detail;
     const auto head = head_of<T>(weight, bias, vocab_begin.typed_data()[0], vocab_total);
-    kto::detail::validate_head(head, kPartials);
-    const auto h = matrix_of<T>(hidden);
-    const auto kl_h = kl.present() ? matrix_of<T>(kl_hidden) : kto::MatrixView<const T>{};
-    const auto tv = target.targets_view(), kl_tv = kl.targets_view();
-    const auto sv = target.sequences(), kl_sv = kl.sequences();
-    d::validate_hidden_batch(d::HiddenBatch<T>{h, tv, sv, "hidden"}, head, o, kPartials, "", false);
-    d::validate_hidden_batch(d::HiddenBatch<T>{kl_h, kl_tv, kl_sv, "kl_hidden"}, head, o, kPartials,
-                             "kl_", true);
+    kto::cpu::FusedLinearInputs<T> in;
+    in.hidden = matrix_of<T>(hidden);
+    in.targets = target.targets_view();
+    in.sequences = target.sequences();
+    if (kl.present()) {
+      in.kl_hidden = matrix_of<T>(kl_hidden);
+      in.kl_targets = kl.targets_view();
+      in.kl_sequences = kl.sequences();
+    }
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
-    auto engine = d::make_engine(head, cfg, std::max(h.rows, kl_h.rows), {}, o, kPartials);
-    // The step's order: the KL batch's rows, then the target batch's.
-    auto rows = d::batch_partials(engine, kl_h, d::RowScorer(kl_tv, kl_sv, ignore_index));
-    const auto t_rows = d::batch_partials(engine, h, d::RowScorer(tv, sv, ignore_index));
-    rows.insert(rows.end(), t_rows.begin(), t_rows.end());
+    const auto rows = kto::cpu::fused_linear_row_partials<T>(in, head, o, cfg);
     float* out = partials->typed_data();
     for (size_t r = 0; r < rows.size(); ++r) {
       out[2 * r] = std::isnan(rows[r].lse) ? 0.0f : rows[r].lse;  // unscored: never read

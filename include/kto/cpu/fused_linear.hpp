@@ -532,6 +532,47 @@ SequenceForward<accumulator_t<T>> fused_linear_logprobs(const MatrixView<const T
   return out;
 }
 
+namespace detail {
+
+/// fused_linear_row_partials() as called by the public entry point `fn`.
+template <class T>
+std::vector<RowPartial<accumulator_t<T>>> row_partials_impl(
+    const FusedLinearInputs<T>& in, const LinearHead<T>& head, const Options& o,
+    const FusedLinearConfig& cfg, const ExecutionPolicy& exec, const char* fn) {
+  validate_options(o, fn);
+  kto::detail::validate_head(head, fn);
+  kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
+                       static_cast<index_t>(cfg.chunk_bytes));
+  kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
+                       "be false for row partials (they carry no entropy)", "true");
+  const HiddenBatch<T> target{in.hidden, in.targets, in.sequences, "hidden"};
+  const HiddenBatch<T> kl{in.kl_hidden, in.kl_targets, in.kl_sequences, "kl_hidden"};
+  validate_hidden_batch(target, head, o, fn, "", true);
+  validate_hidden_batch(kl, head, o, fn, "kl_", true);
+  ChunkEngine<T> engine =
+      make_engine(head, cfg, std::max(in.hidden.rows, in.kl_hidden.rows), exec, o, fn);
+  auto rows = batch_partials(engine, in.kl_hidden,
+                             RowScorer(in.kl_targets, in.kl_sequences, o.ignore_index));
+  const auto t =
+      batch_partials(engine, in.hidden, RowScorer(in.targets, in.sequences, o.ignore_index));
+  rows.insert(rows.end(), t.begin(), t.end());
+  return rows;
+}
+
+}  // namespace detail
+
+/// Vocab parallel, for a caller that gathers the slices' partials itself (a JAX
+/// all_gather, MPI_Allgather): this slice's RowPartial of every row of the KL
+/// batch, then of the target batch ({NaN, 0} on unscored rows), forward only —
+/// what fused_linear_kto_step hands its hooks.gather_partials. Absent KL views
+/// mean no KL rows. Only the batches, the head and the options are read.
+template <class T>
+std::vector<RowPartial<accumulator_t<T>>> fused_linear_row_partials(
+    const FusedLinearInputs<T>& in, const LinearHead<T>& head, const Options& o,
+    const FusedLinearConfig& cfg = {}, const ExecutionPolicy& exec = {}) {
+  return detail::row_partials_impl(in, head, o, cfg, exec, "kto::cpu::fused_linear_row_partials");
+}
+
 /// The whole KTO step from hidden states. Gradients are overwritten. Every
 /// argument (and every scored hidden row) is checked before anything is
 /// written; with hooks.kl_all_reduce, a failure up to the collective raises
