@@ -76,6 +76,11 @@ void check_step(const StepCase<T>& c, const kto::Options& o, bool in_place,
   std::vector<T> storage = in_place ? c.st.buffer : c.st.poisoned_like();
   kto::cpu::StepInputs<T> in = step_inputs(c);
   if (in_place) in.policy_logits.data = storage.data();
+  if (want.empty_kl) {
+    expect_error([&] { kto::cpu::kto_step<T>(in, o, c.st.view_over(storage), exec); }, "kl.count",
+                 "be >= 1 with options.reference_point kl_batch", "0");
+    return;
+  }
   const auto got = kto::cpu::kto_step<T>(in, o, c.st.view_over(storage), exec);
 
   Observed obs;

@@ -61,6 +61,9 @@ inline double sig(double u) {
 }
 
 struct Step {
+  /// z0 estimated from a KL batch with no example to count: the library raises
+  /// (kl.count) instead of computing anything else.
+  bool empty_kl = false;
   double z0 = 0, loss = 0;
   std::vector<double> rho, reward, loss_s, g;
   double rewards_chosen = NAN, rewards_rejected = NAN, margins = 0;
@@ -87,6 +90,7 @@ inline Step step(const Problem& p, const std::vector<double>& ref_logp,
       S += kl_rho[j];
       C += 1;
     }
+    out.empty_kl = C == 0;
     out.z0 = C > 0 ? S / C : 0.0;
     if (o.clamp_kl) out.z0 = std::max(0.0, out.z0);
   } else if (o.loss_type == LossType::kto && o.reference_point == ReferencePoint::fixed) {

@@ -23,6 +23,8 @@
 
 #include <kto/kto.hpp>
 
+#include "type_name.hpp"
+
 #include "problem.hpp"
 #include "reference.hpp"
 
@@ -57,13 +59,6 @@ constexpr double unit_roundoff() {
   if (std::is_same<T, float>::value) return 0x1p-24;
   if (std::is_same<T, Eigen::half>::value) return 0x1p-11;
   return 0x1p-8;  // bfloat16
-}
-template <class T>
-const char* type_name() {
-  if (std::is_same<T, double>::value) return "double";
-  if (std::is_same<T, float>::value) return "float";
-  if (std::is_same<T, Eigen::half>::value) return "half";
-  return "bfloat16";
 }
 
 /// A problem stored as T in one of the layouts, with its dense float64 upcast.

@@ -265,6 +265,14 @@ class Reader {
   size_t n_;
 };
 
+/// Labels of the examples: 0 or 1, or (one input in 16) any byte, from a seed
+/// drawn here.
+inline void fill_labels(Reader& in, std::vector<std::uint8_t>& labels) {
+  Rng rng{in.u32()};
+  const bool raw = in.rarely(16);
+  for (auto& d : labels) d = static_cast<std::uint8_t>(raw ? rng.next() & 255 : rng.next() & 1);
+}
+
 /// Fills v with seeded values of magnitude ≲ scale, then a few byte-chosen
 /// overrides with special values (NaN, ±inf, denormals, huge).
 template <class T>

@@ -15,19 +15,14 @@
 // float, double, half and bfloat16 logits.
 #include <kto/cpu/kto_step.hpp>
 
+#include "../type_name.hpp"
 #include "fuzz_common.hpp"
 
 namespace {
 
 using namespace fuzz;
 
-template <class T>
-const char* type_name() {
-  if (std::is_same<T, double>::value) return "double";
-  if (std::is_same<T, float>::value) return "float";
-  if (std::is_same<T, Eigen::half>::value) return "half";
-  return "bfloat16";
-}
+using test::type_name;
 
 template <class T>
 T to(double x) {
@@ -124,12 +119,7 @@ Problem<T> read_problem(Reader& in, const kto::Options& o) {
   for (auto& x : p.ref) x = x - Acc(8);
   p.desirable_size = size(p.B);
   p.desirable.resize(static_cast<size_t>(p.desirable_size));
-  {
-    Rng rng{in.u32()};
-    const bool raw = in.rarely(16);
-    for (auto& d : p.desirable)
-      d = static_cast<std::uint8_t>(raw ? rng.next() & 255 : rng.next() & 1);
-  }
+  fill_labels(in, p.desirable);
   const index_t kl_n = in.range(0, 8);
   p.kl_policy_size = size(kl_n);
   p.kl_ref_size = size(kl_n);

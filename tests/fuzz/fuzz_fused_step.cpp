@@ -229,12 +229,7 @@ Case<T> read_case(Reader& in) {
   for (auto& x : c.ref) x = x - Acc(8);
   c.desirable_size = size(c.B);
   c.desirable.resize(static_cast<size_t>(c.desirable_size));
-  {
-    Rng rng{in.u32()};
-    const bool raw = in.rarely(16);
-    for (auto& d : c.desirable)
-      d = static_cast<std::uint8_t>(raw ? rng.next() & 255 : rng.next() & 1);
-  }
+  fill_labels(in, c.desirable);
   c.kl_ref_size = size(c.kl_B);
   c.kl_ref.resize(static_cast<size_t>(c.kl_ref_size));
   fill_values(in, c.kl_ref.data(), c.kl_ref_size, 4.0);
