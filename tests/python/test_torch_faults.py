@@ -78,6 +78,10 @@ def _rank_main(rank, init_file, batch, out_dir):
                             world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
     records = {fault: _scenario(rank, batch, fault) for fault in FAULTS}
     torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Both ranks leave together: one rank tearing gloo's connections down while the other
+    # still uses them aborted a rank once in CI ("terminate called without an active
+    # exception", after its records were saved).
+    dist.barrier()
     dist.destroy_process_group()
 
 
