@@ -46,9 +46,9 @@ struct Workload {
     return {kto::logits_matrix<const T>(logits.data(), rows, vocab),
             kto::targets_vector(targets.data(), rows),
             kto::sequences(offsets.data(), static_cast<index_t>(offsets.size()) - 1),
-            kto::make_span(ref_logp),
+            kto::reference_logp(ref_logp),
             kto::make_span(desirable),
-            {kto::make_span(kl_policy), kto::make_span(kl_reference), {}}};
+            {kto::policy_logp(kl_policy), kto::reference_logp(kl_reference), {}}};
   }
 };
 
@@ -171,9 +171,9 @@ struct FusedWorkload {
     in.hidden = kto::matrix_view<const float>(hidden.data(), rows, kDim);
     in.targets = kto::targets_vector(targets.data(), rows);
     in.sequences = kto::sequences(offsets.data(), kSeqs);
-    in.reference_logp = kto::make_span(ref_logp);
+    in.reference_logp = kto::reference_logp(ref_logp);
     in.desirable = kto::make_span(desirable);
-    in.kl_hidden = kto::matrix_view<const float>(nullptr, 0, kDim);
+    in.kl.hidden = kto::matrix_view<const float>(nullptr, 0, kDim);
     return in;
   }
   void counters(benchmark::State& state, double extra_bytes) const {
@@ -223,7 +223,7 @@ void BM_materialised_linear_step(benchmark::State& state) {
     kto::cpu::StepInputs<float> in{kto::logits_matrix<const float>(z.data(), N, V),
                                    kto::targets_vector(w.targets.data(), N),
                                    kto::sequences(w.offsets.data(), FusedWorkload::kSeqs),
-                                   kto::make_span(w.ref_logp),
+                                   kto::reference_logp(w.ref_logp),
                                    kto::make_span(w.desirable),
                                    {}};
     auto r = kto::cpu::kto_step<float>(in, o, kto::logits_matrix<float>(z.data(), N, V), exec);

@@ -111,12 +111,12 @@ int main(int argc, char** argv) {
     in.policy_logits = kto::logits_matrix<const bf16>(policy, rows, V);
     in.targets = kto::targets_vector(targets, rows);
     in.sequences = kto::sequences(offsets, seqs);
-    in.reference_logp = ref;
+    in.reference_logp = kto::reference_logp(ref, seqs);
     in.desirable = des;
     in.kl.logits = kto::logits_matrix<const bf16>(kl, rows, V);
     in.kl.targets = kto::targets_vector(kl_targets, rows);
     in.kl.sequences = kto::sequences(offsets, seqs);
-    in.kl.reference_logp = kl_ref;
+    in.kl.reference_logp = kto::reference_logp(kl_ref, seqs);
     kto::cuda::StepOutputs out;
     out.metrics = metrics;
     const auto grad_view = kto::logits_matrix<bf16>(grad, rows, V);

@@ -149,12 +149,12 @@ int main(int argc, char** argv) {
     in.targets = kto::targets_vector(targets, N);
     in.sequences = kto::sequences(offsets, batch);
     in.host_offsets = host_offsets.data();
-    in.reference_logp = ref_logp;
+    in.reference_logp = kto::reference_logp(ref_logp, batch);
     in.desirable = desirable;
     in.kl.hidden = kto::matrix_view<const bf16>(kl_hidden, N, D);
     in.kl.targets = in.targets;
     in.kl.sequences = in.sequences;
-    in.kl.reference_logp = ref_logp;
+    in.kl.reference_logp = kto::reference_logp(ref_logp, batch);
     kto::cuda::FusedLinearOutputs out;
     out.metrics = metrics;
     out.d_hidden = kto::matrix_view(d_hidden, N, D);

@@ -186,9 +186,9 @@ int main(int argc, char** argv) {
         kto::logits_matrix<const float>(z.data(), target.rows(), kVocab),
         kto::targets_vector(target.targets.data(), target.rows()),
         kto::sequences(target.offsets.data(), target.count()),
-        kto::make_span(ref_logp),
+        kto::reference_logp(ref_logp),
         kto::make_span(desirable),
-        {kto::make_span(kl_policy), kto::make_span(kl_ref), kto::make_span(kl_tokens)}};
+        {kto::policy_logp(kl_policy), kto::reference_logp(kl_ref), kto::make_span(kl_tokens)}};
     // In place: the logits buffer becomes dL/dlogits.
     const auto r = kto::cpu::kto_step<float>(
         in, opt, kto::logits_matrix<float>(z.data(), target.rows(), kVocab));

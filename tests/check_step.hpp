@@ -48,9 +48,9 @@ kto::cpu::StepInputs<T> step_inputs(const StepCase<T>& c) {
   in.policy_logits = c.st.logits;
   in.targets = c.st.targets;
   in.sequences = c.st.sequences();
-  in.reference_logp = kto::make_span(c.ref_logp);
+  in.reference_logp = kto::reference_logp(c.ref_logp);
   in.desirable = kto::make_span(c.desirable);
-  in.kl = {kto::make_span(c.kl_policy), kto::make_span(c.kl_reference),
+  in.kl = {kto::policy_logp(c.kl_policy), kto::reference_logp(c.kl_reference),
            kto::make_span(c.kl_tokens)};
   return in;
 }

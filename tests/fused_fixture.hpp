@@ -59,13 +59,13 @@ struct Storage {
     in.hidden = kto::matrix_view<const T>(hidden.data(), fp.rows, fp.dim);
     in.targets = kto::targets_vector(fp.targets.data(), fp.rows);
     in.sequences = kto::sequences(fp.offsets.data(), static_cast<index_t>(fp.offsets.size()) - 1);
-    in.reference_logp = kto::make_span(reference_logp);
+    in.reference_logp = kto::reference_logp(reference_logp);
     in.desirable = kto::make_span(fp.desirable);
-    in.kl_hidden = kto::matrix_view<const T>(kl_hidden.data(), fp.kl_rows, fp.dim);
-    in.kl_targets = kto::targets_vector(fp.kl_targets.data(), fp.kl_rows);
-    in.kl_sequences =
+    in.kl.hidden = kto::matrix_view<const T>(kl_hidden.data(), fp.kl_rows, fp.dim);
+    in.kl.targets = kto::targets_vector(fp.kl_targets.data(), fp.kl_rows);
+    in.kl.sequences =
         kto::sequences(fp.kl_offsets.data(), static_cast<index_t>(fp.kl_offsets.size()) - 1);
-    in.kl_reference_logp = kto::make_span(kl_reference_logp);
+    in.kl.reference_logp = kto::reference_logp(kl_reference_logp);
     return in;
   }
 };

@@ -26,9 +26,9 @@ struct Fixture {
     return {kto::logits_matrix<const float>(Z.data(), rows, V),
             kto::targets_vector(targets.data(), rows),
             kto::sequences(offsets.data(), 2),
-            kto::make_span(ref),
+            kto::reference_logp(ref),
             kto::make_span(desirable),
-            {kto::make_span(klp), kto::make_span(klr), kto::make_span(kln)}};
+            {kto::policy_logp(klp), kto::reference_logp(klr), kto::make_span(kln)}};
   }
   kto::LogitsView<float> grad() { return kto::logits_matrix<float>(G.data(), rows, V); }
   void run(const kto::cpu::StepInputs<float>& in) { kto::cpu::kto_step<float>(in, o, grad()); }

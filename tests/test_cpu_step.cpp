@@ -119,9 +119,9 @@ TEST_CASE("kto_step: the seed's sequences of length 1 and all-ignored sequences"
   kto::cpu::StepInputs<double> in{kto::logits_matrix<const double>(Z.data(), 3, V),
                                   kto::targets_vector(targets.data(), 3),
                                   kto::sequences(offsets.data(), 3),
-                                  kto::make_span(ref),
+                                  kto::reference_logp(ref),
                                   kto::make_span(des),
-                                  {kto::make_span(klp), kto::make_span(klr), {}}};
+                                  {kto::policy_logp(klp), kto::reference_logp(klr), {}}};
   kto::Options o;
   o.average_logprob = true;  // all-ignored stays 0, not 0/0
   std::vector<double> G(Z.size(), NAN);
@@ -134,4 +134,36 @@ TEST_CASE("kto_step: the seed's sequences of length 1 and all-ignored sequences"
   for (int v = 0; v < V; ++v) m = std::max(m, Z[v]);
   for (int v = 0; v < V; ++v) s += std::exp(Z[v] - m);
   CHECK(r.logp[0] == Approx(Z[3] - m - std::log(s)).epsilon(1e-13));
+}
+
+namespace {
+// Whether KlInputs<float>{a, b, tokens} compiles for argument types A and B.
+template <class A, class B, class = void>
+struct BracesKl : std::false_type {};
+template <class A, class B>
+struct BracesKl<A, B,
+                std::void_t<decltype(kto::cpu::KlInputs<float>{std::declval<A>(), std::declval<B>(),
+                                                               kto::Span<const kto::index_t>{}})>>
+    : std::true_type {};
+}  // namespace
+
+TEST_CASE("the policy's and the reference's log-probs cannot be swapped silently", "[api]") {
+  using Policy = kto::PolicyLogp<float>;
+  using Reference = kto::ReferenceLogp<float>;
+  using Plain = kto::Span<const float>;
+  // Named: the intended order compiles; a swap, or bare spans, do not.
+  static_assert(BracesKl<Policy, Reference>::value, "policy, reference compiles");
+  static_assert(!BracesKl<Reference, Policy>::value, "a swap must not compile");
+  static_assert(!BracesKl<Plain, Plain>::value, "bare spans must not compile");
+  static_assert(!std::is_convertible<Reference, Policy>::value, "no conversion between them");
+  static_assert(!std::is_convertible<Policy, Reference>::value, "no conversion between them");
+  static_assert(!std::is_convertible<Plain, Reference>::value, "a span must be named");
+  static_assert(std::is_convertible<Reference, Plain>::value, "the readers take spans");
+  // Named values reach the step in the right roles: ρ = policy − reference = +0.5 nats.
+  std::vector<float> klp = {-3.0f}, klr = {-3.5f};
+  const kto::cpu::KlInputs<float> kl{kto::policy_logp(klp), kto::reference_logp(klr), {}};
+  kto::Options o;
+  const kto::KlPartial p = kto::kl_partial<float>(kl.policy_logp, kl.reference_logp, {}, o);
+  CHECK(p.sum == 0.5);
+  CHECK(p.count == 1.0);
 }

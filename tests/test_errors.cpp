@@ -255,7 +255,7 @@ TEST_CASE("error: finish with a non-finite KL partial", "[errors]") {
   p.count = 1;
   expect_error(
       [&] {
-        kto::finish<float>(p, kto::make_span(f.ref), kto::make_span(f.ref),
+        kto::finish<float>(p, kto::policy_logp(f.ref), kto::reference_logp(f.ref),
                            kto::make_span(f.desirable), f.o);
       },
       "kl.sum", "be finite", "nan");

@@ -82,10 +82,10 @@ TEST_CASE("fused-linear step equals the logits-level step on a larger problem", 
   in.policy_logits = kto::logits_matrix<const float>(z.data(), zp.rows, zp.vocab);
   in.targets = kto::targets_vector(fp.targets.data(), zp.rows);
   in.sequences = kto::sequences(fp.offsets.data(), static_cast<index_t>(fp.offsets.size()) - 1);
-  in.reference_logp = kto::make_span(ref32);
+  in.reference_logp = kto::reference_logp(ref32);
   in.desirable = kto::make_span(fp.desirable);
-  in.kl.policy_logp = kto::make_span(kl_fwd.logp);
-  in.kl.reference_logp = kto::make_span(kl_ref32);
+  in.kl.policy_logp = kto::policy_logp(kl_fwd.logp);
+  in.kl.reference_logp = kto::reference_logp(kl_ref32);
   in.kl.num_tokens = kto::make_span(kl_fwd.num_tokens);
   std::vector<float> dz(z.size());
   const auto step =
@@ -337,9 +337,9 @@ TEST_CASE("fused error: hidden width differs from the weight's", "[fused][errors
 
 TEST_CASE("fused error: KL hidden width differs from the weight's", "[fused][errors]") {
   FusedFixture f;
-  f.in.kl_hidden.cols = f.fp.dim + 1;
-  f.in.kl_hidden.stride = f.fp.dim + 1;
-  expect_error([&] { f.run(); }, "kl_hidden.cols", "equal head.weight.cols (16)", "17");
+  f.in.kl.hidden.cols = f.fp.dim + 1;
+  f.in.kl.hidden.stride = f.fp.dim + 1;
+  expect_error([&] { f.run(); }, "kl.hidden.cols", "equal head.weight.cols (16)", "17");
 }
 
 TEST_CASE("fused error: hidden stride below its width", "[fused][errors]") {
@@ -432,8 +432,8 @@ TEST_CASE("fused error: reference_logp of the wrong size", "[fused][errors]") {
 
 TEST_CASE("fused error: KL reference_logp of the wrong size", "[fused][errors]") {
   FusedFixture f;
-  f.in.kl_reference_logp.size += 1;
-  expect_error([&] { f.run(); }, "kl_reference_logp.size", "be 4", "5");
+  f.in.kl.reference_logp.size += 1;
+  expect_error([&] { f.run(); }, "kl.reference_logp.size", "be 4", "5");
 }
 
 TEST_CASE("fused error: a NaN hidden state names its sequence and row", "[fused][errors]") {
@@ -468,7 +468,7 @@ TEST_CASE("fused error: a NaN weight in the KL batch's forward is reported there
     FAIL("no NonFiniteLogitsError");
   } catch (const kto::NonFiniteLogitsError& e) {
     INFO(e.what());
-    CHECK(e.argument() == "kl_hidden");
+    CHECK(e.argument() == "kl.hidden");
     CHECK(e.row() == f.fp.kl_offsets[0]);
   }
 }
@@ -515,9 +515,9 @@ TEST_CASE("fused_linear_row_partials: a vocabulary slice's lse and target logit 
   in.hidden = kto::matrix_view<const float>(h.data(), N, D);
   in.targets = kto::targets_vector(t.data(), N);
   in.sequences = kto::sequences(off.data(), 2);
-  in.kl_hidden = kto::matrix_view<const float>(kh.data(), KN, D);
-  in.kl_targets = kto::targets_vector(kt.data(), KN);
-  in.kl_sequences = kto::sequences(koff.data(), 1);
+  in.kl.hidden = kto::matrix_view<const float>(kh.data(), KN, D);
+  in.kl.targets = kto::targets_vector(kt.data(), KN);
+  in.kl.sequences = kto::sequences(koff.data(), 1);
   std::vector<std::vector<kto::RowPartial<float>>> slices;
   for (const auto& [begin, rows] : {std::pair<index_t, index_t>{0, half}, {half, V - half}}) {
     kto::LinearHead<float> head{

@@ -64,7 +64,7 @@ struct Problem {
     in.policy_logits = kto::logits_matrix<const T>(z.data(), N, V);
     in.targets = kto::targets_vector(targets.data(), N);
     in.sequences = kto::sequences(offsets.data(), B);
-    in.reference_logp = kto::make_span(ref);
+    in.reference_logp = kto::reference_logp(ref);
     in.desirable = kto::make_span(desirable);
     grad.assign(z.size(), T(0));
     return kto::cpu::kto_step<T>(in, o, kto::logits_matrix<T>(grad.data(), N, V));
@@ -181,7 +181,7 @@ TEST_CASE("logit transform: the fused step against the float64 logits path", "[l
   in.hidden = kto::matrix_view<const float>(hidden.data(), p.N, D);
   in.targets = kto::targets_vector(p.targets.data(), p.N);
   in.sequences = kto::sequences(p.offsets.data(), p.B);
-  in.reference_logp = kto::make_span(ref);
+  in.reference_logp = kto::reference_logp(ref);
   in.desirable = kto::make_span(p.desirable);
   std::vector<float> dh(hidden.size()), dw(weight.size()), db(bias.size());
   kto::cpu::LinearGradients<float> grads{kto::matrix_view(dh.data(), p.N, D),

@@ -86,9 +86,9 @@ TEST_CASE("contradiction: one sequence labelled both ways with lambda_D = lambda
   kto::cpu::StepInputs<float> in{kto::logits_matrix<const float>(Z.data(), 2 * T, V),
                                  kto::targets_vector(tg.data(), 2 * T),
                                  kto::sequences(off.data(), 2),
-                                 kto::make_span(ref),
+                                 kto::reference_logp(ref),
                                  kto::make_span(des),
-                                 {kto::make_span(klp), kto::make_span(klr), {}}};
+                                 {kto::policy_logp(klp), kto::reference_logp(klr), {}}};
   std::vector<float> G(Z.size());
   const auto r = kto::cpu::kto_step<float>(in, o, kto::logits_matrix<float>(G.data(), 2 * T, V));
   CHECK(r.metrics.kl > 0.0);
@@ -233,9 +233,9 @@ TEST_CASE("data parallel: two ranks with one all-reduce equal one process", "[di
       rc.kl_reference.push_back(whole.kl_reference[j]);
       rc.kl_tokens.push_back(whole.kl_tokens[j]);
     }
-    partials[k] =
-        kto::kl_partial<double>(kto::make_span(rc.kl_policy), kto::make_span(rc.kl_reference),
-                                kto::make_span(rc.kl_tokens), o);
+    partials[k] = kto::kl_partial<double>(kto::policy_logp(rc.kl_policy),
+                                          kto::reference_logp(rc.kl_reference),
+                                          kto::make_span(rc.kl_tokens), o);
   }
   // The all-reduce every rank performs: sum of the two doubles.
   const kto::KlPartial global = kto::merge(partials[0], partials[1]);

@@ -151,8 +151,8 @@ TEST_CASE("D2: fused outputs that alias an input or each other are rejected", "[
                  "an overlap");
   }
   SECTION("d_hidden over the KL batch") {
-    f.grads.d_hidden.data = const_cast<float*>(f.in.kl_hidden.data);
-    expect_error([&] { f.run(); }, "grads.d_hidden", "share no memory with kl_hidden",
+    f.grads.d_hidden.data = const_cast<float*>(f.in.kl.hidden.data);
+    expect_error([&] { f.run(); }, "grads.d_hidden", "share no memory with kl.hidden",
                  "an overlap");
   }
 }
@@ -255,10 +255,10 @@ TEST_CASE("D8: a thread that cannot start runs its range on the caller", "[robus
 TEST_CASE("D9: the fused step without a KL batch, and KL errors named as KL", "[robustness]") {
   FusedFixture f;
   SECTION("default-constructed KL views: an empty KL batch raises where z0 needs it") {
-    f.in.kl_hidden = {};
-    f.in.kl_targets = {};
-    f.in.kl_sequences = {};
-    f.in.kl_reference_logp = {};
+    f.in.kl.hidden = {};
+    f.in.kl.targets = {};
+    f.in.kl.sequences = {};
+    f.in.kl.reference_logp = {};
     expect_error([&] { f.run(); }, "kl.count", "be >= 1 with options.reference_point kl_batch",
                  "0");
     f.o.reference_point = kto::ReferencePoint::zero;  // the caller's choice: z0 = 0
@@ -266,17 +266,17 @@ TEST_CASE("D9: the fused step without a KL batch, and KL errors named as KL", "[
     CHECK(g.metrics.kl == 0.0);
     CHECK(all_finite(g.dw));
   }
-  SECTION("a bad KL target names kl_targets") {
+  SECTION("a bad KL target names kl.targets") {
     const index_t r = f.fp.kl_offsets[0];
     f.fp.kl_targets[static_cast<size_t>(r)] = 99;
     f.restore();
-    expect_error([&] { f.run(); }, "kl_targets[" + std::to_string(r) + "]", "be in [0, 37)", "99");
+    expect_error([&] { f.run(); }, "kl.targets[" + std::to_string(r) + "]", "be in [0, 37)", "99");
   }
-  SECTION("bad KL offsets name kl_sequences") {
+  SECTION("bad KL offsets name kl.sequences") {
     f.fp.kl_offsets.back() = f.fp.kl_rows + 1;
     f.restore();
     expect_error([&] { f.run(); },
-                 "kl_sequences.offsets[" + std::to_string(f.fp.kl_offsets.size() - 1) + "]",
+                 "kl.sequences.offsets[" + std::to_string(f.fp.kl_offsets.size() - 1) + "]",
                  "be <= the number of rows", std::to_string(f.fp.kl_rows + 1));
   }
 }
@@ -310,7 +310,7 @@ TEST_CASE("D14: a bad KL count is reported as the count", "[robustness]") {
   kto::KlPartial p{1.0, -2.0, 0.0};
   expect_error(
       [&] {
-        kto::finish<float>(p, kto::make_span(f.ref), kto::make_span(f.ref),
+        kto::finish<float>(p, kto::policy_logp(f.ref), kto::reference_logp(f.ref),
                            kto::make_span(f.desirable), f.o);
       },
       "kl.count", "be finite and >= 0", "-2");
@@ -567,7 +567,7 @@ TEST_CASE("data parallel: one rank's bad input raises on every rank, none waits"
   CHECK(error_of<kto::PeerError>(errors[0]).find("1 data-parallel rank(s) failed") !=
         std::string::npos);
   const std::string own = error_of<kto::Error>(errors[1]);
-  CHECK(own.find(fused ? "kl_targets" : "policy_logits") != std::string::npos);
+  CHECK(own.find(fused ? "kl.targets" : "policy_logits") != std::string::npos);
 }
 
 TEST_CASE("data parallel: healthy ranks agree with one process", "[robustness]") {

@@ -128,7 +128,7 @@ TEST_CASE("token statistics on the logits path: sequence_logprobs and step_forwa
       in.policy_logits = view;
       in.targets = tv;
       in.sequences = seqs;
-      in.reference_logp = kto::make_span(ref);
+      in.reference_logp = kto::reference_logp(ref);
       in.desirable = kto::make_span(desirable);
       const auto step = kto::cpu::step_forward<float>(in, o);
       b.expect(step.token_statistics);
@@ -185,7 +185,7 @@ TEST_CASE("token statistics on the fused-linear path", "[token_statistics][fused
   in.hidden = kto::matrix_view<const float>(hidden.data(), N, D);
   in.targets = tv;
   in.sequences = seqs;
-  in.reference_logp = kto::make_span(ref);
+  in.reference_logp = kto::reference_logp(ref);
   in.desirable = kto::make_span(desirable);
   std::vector<float> dh(static_cast<size_t>(N * D)), dw(static_cast<size_t>(V * D)),
       db(static_cast<size_t>(V));
@@ -216,7 +216,7 @@ TEST_CASE("token statistics: refused where not computed", "[token_statistics][er
   in.hidden = kto::matrix_view<const float>(hidden.data(), N, D);
   in.targets = kto::targets_vector(targets.data(), N);
   in.sequences = kto::sequences(offsets.data(), 1);
-  in.reference_logp = kto::make_span(ref);
+  in.reference_logp = kto::reference_logp(ref);
   in.desirable = kto::make_span(desirable);
   kto::cpu::LinearGradients<float> grads{
       kto::matrix_view(dh.data(), N, D), kto::matrix_view(dw.data(), V, D), {}};

@@ -67,10 +67,10 @@ kto::cpu::StepResult<double> run_shard(const Batch& b, index_t first, index_t co
       kto::logits_matrix<const double>(b.logits.data() + first * b.T * b.V, rows, b.V),
       kto::targets_vector(b.targets.data() + first * b.T, rows),
       kto::sequences(offsets.data(), count),
-      kto::make_span(b.ref_logp.data() + first, count),
+      kto::reference_logp(b.ref_logp.data() + first, count),
       kto::make_span(b.desirable.data() + first, count),
-      {kto::make_span(b.kl_policy.data() + first, count),
-       kto::make_span(b.kl_reference.data() + first, count),
+      {kto::policy_logp(b.kl_policy.data() + first, count),
+       kto::reference_logp(b.kl_reference.data() + first, count),
        kto::make_span(b.kl_tokens.data() + first, count)}};
   return kto::cpu::kto_step<double>(in, o, kto::logits_matrix<double>(grad.data(), rows, b.V), {},
                                     all_reduce);

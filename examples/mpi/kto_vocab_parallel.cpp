@@ -79,12 +79,12 @@ kto::cpu::StepResult<T> run(const Batch<T>& b, index_t v0, index_t nv, const kto
   in.hidden = kto::matrix_view<const T>(b.hidden.data(), N, b.D);
   in.targets = kto::targets_vector(b.targets.data(), N);
   in.sequences = kto::sequences(b.offsets.data(), b.B);
-  in.reference_logp = kto::make_span(b.ref_logp);
+  in.reference_logp = kto::reference_logp(b.ref_logp);
   in.desirable = kto::make_span(b.desirable);
-  in.kl_hidden = kto::matrix_view<const T>(b.kl_hidden.data(), b.kl_B * b.L, b.D);
-  in.kl_targets = kto::targets_vector(b.kl_targets.data(), b.kl_B * b.L);
-  in.kl_sequences = kto::sequences(b.kl_offsets.data(), b.kl_B);
-  in.kl_reference_logp = kto::make_span(b.kl_ref_logp);
+  in.kl.hidden = kto::matrix_view<const T>(b.kl_hidden.data(), b.kl_B * b.L, b.D);
+  in.kl.targets = kto::targets_vector(b.kl_targets.data(), b.kl_B * b.L);
+  in.kl.sequences = kto::sequences(b.kl_offsets.data(), b.kl_B);
+  in.kl.reference_logp = kto::reference_logp(b.kl_ref_logp);
   g.d_hidden.assign(N * b.D, NAN);
   g.d_weight.assign(nv * b.D, NAN);
   g.d_bias.assign(nv, NAN);

@@ -17,6 +17,7 @@
 #include "example_loss.hpp"
 #include "layout.hpp"
 #include "metrics.hpp"
+#include "model_logp.hpp"
 #include "options.hpp"
 #include "reference_point.hpp"
 #include "validate.hpp"
@@ -58,7 +59,7 @@ KlPartial kl_partial_impl(Span<const Acc> policy_logp, Span<const Acc> reference
 /// Local (S, C) over a KL batch: ρ_j = policy_logp[j] − reference_logp[j].
 /// `num_tokens` is needed only for KlEstimator::nonempty_mean (may be empty otherwise).
 template <class Acc>
-KlPartial kl_partial(Span<const Acc> policy_logp, Span<const Acc> reference_logp,
+KlPartial kl_partial(PolicyLogp<Acc> policy_logp, ReferenceLogp<Acc> reference_logp,
                      Span<const index_t> num_tokens, const Options& o) {
   return detail::kl_partial_impl(policy_logp, reference_logp, num_tokens, o, "kto::kl_partial");
 }
@@ -149,8 +150,8 @@ FinishResult<Acc> finish_impl(const KlPartial& kl, Span<const Acc> policy_logp,
 
 /// Loss, metrics and g_s for the target batch, given the all-reduced KL partial.
 template <class Acc>
-FinishResult<Acc> finish(const KlPartial& kl, Span<const Acc> policy_logp,
-                         Span<const Acc> reference_logp, Span<const std::uint8_t> desirable,
+FinishResult<Acc> finish(const KlPartial& kl, PolicyLogp<Acc> policy_logp,
+                         ReferenceLogp<Acc> reference_logp, Span<const std::uint8_t> desirable,
                          const Options& o) {
   return detail::finish_impl(kl, policy_logp, reference_logp, desirable, o, "kto::finish");
 }

@@ -158,10 +158,10 @@ Outcome<T> run(const Problem<T>& p, const kto::Options& o, bool in_place,
   in.policy_logits = p.view(lp);
   in.targets = p.targets();
   in.sequences = kto::sequences(p.offsets.data(), p.B);
-  in.reference_logp = kto::make_span(p.ref.data(), p.ref_size);
+  in.reference_logp = kto::reference_logp(p.ref.data(), p.ref_size);
   in.desirable = kto::make_span(p.desirable.data(), p.desirable_size);
-  in.kl.policy_logp = kto::make_span(p.kl_policy.data(), p.kl_policy_size);
-  in.kl.reference_logp = kto::make_span(p.kl_ref.data(), p.kl_ref_size);
+  in.kl.policy_logp = kto::policy_logp(p.kl_policy.data(), p.kl_policy_size);
+  in.kl.reference_logp = kto::reference_logp(p.kl_ref.data(), p.kl_ref_size);
   in.kl.num_tokens = kto::make_span(p.kl_tokens.data(), p.kl_tokens_size);
   try {
     out.result = kto::cpu::kto_step<T>(in, o, p.view(out.grad.data()), exec);

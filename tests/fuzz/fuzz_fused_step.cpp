@@ -311,12 +311,12 @@ Outcome<T> run(const Case<T>& c, const Placement& pl, const kto::cpu::ExecutionP
   in.hidden = cview(c.hidden, kHidden);
   in.targets = kto::targets_vector(c.targets.data(), c.N);
   in.sequences = kto::sequences(c.offsets.data(), c.B);
-  in.reference_logp = kto::make_span(c.ref.data(), c.ref_size);
+  in.reference_logp = kto::reference_logp(c.ref.data(), c.ref_size);
   in.desirable = kto::make_span(c.desirable.data(), c.desirable_size);
-  in.kl_hidden = cview(c.kl_hidden, kKlHidden);
-  in.kl_targets = kto::targets_vector(c.kl_targets.data(), c.kl_N);
-  in.kl_sequences = kto::sequences(c.kl_offsets.data(), c.kl_B);
-  in.kl_reference_logp = kto::make_span(c.kl_ref.data(), c.kl_ref_size);
+  in.kl.hidden = cview(c.kl_hidden, kKlHidden);
+  in.kl.targets = kto::targets_vector(c.kl_targets.data(), c.kl_N);
+  in.kl.sequences = kto::sequences(c.kl_offsets.data(), c.kl_B);
+  in.kl.reference_logp = kto::reference_logp(c.kl_ref.data(), c.kl_ref_size);
   const auto head = make_head<T>(cview(c.weight, kWeight), c.bias_size ? at(kBias) : nullptr,
                                  c.bias_size, c.vocab_begin, c.vocab_total);
   const auto grads = make_grads<Acc>(mview(c.d_hidden, kDHidden), mview(c.d_weight, kDWeight),

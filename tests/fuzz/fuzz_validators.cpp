@@ -437,8 +437,10 @@ void op_kto_step(Reader& in, bool backward_only) {
   const auto logits = make_logits<const float>(la, ar.logits.data());
   const auto grad = make_logits<float>(gp.args, ar.grad_base);
   const auto targets = make_targets(ta, tbuf.data());
-  kto::cpu::StepInputs<float> sin{logits,   targets,     seqs.view,
-                                  ref.span, labels.span, {klp.span, klr.span, klt.span}};
+  kto::cpu::StepInputs<float> sin{
+      logits,      targets,
+      seqs.view,   kto::reference_logp(ref.span),
+      labels.span, {kto::policy_logp(klp.span), kto::reference_logp(klr.span), klt.span}};
   try {
     if (backward_only) {
       // The phases driven by hand: forward, then backward with caller spans.
@@ -504,7 +506,8 @@ void op_finish(Reader& in, bool dbl) {
                   list(kt.buf) + "; options " + describe(o);
       announce();
       try {
-        kl = kto::kl_partial<Acc>(kp.span, kr.span, kt.span, o);
+        kl = kto::kl_partial<Acc>(kto::policy_logp(kp.span), kto::reference_logp(kr.span), kt.span,
+                                  o);
         FUZZ_CHECK(kv.why.empty(), "kl_partial accepted: %s", kv.why.c_str());
       } catch (const kto::Error& e) {
         note(std::string(e.function()) + ": " + e.argument());
@@ -518,7 +521,8 @@ void op_finish(Reader& in, bool dbl) {
                 list(ref.buf) + ", desirable " + list(labels.buf) + "; options " + describe(o);
     announce();
     try {
-      const auto f = kto::finish<Acc>(kl, pol.span, ref.span, labels.span, o);
+      const auto f = kto::finish<Acc>(kl, kto::policy_logp(pol.span), kto::reference_logp(ref.span),
+                                      labels.span, o);
       note("finish returned");
       FUZZ_CHECK(v.why.empty(), "finish accepted: %s", v.why.c_str());
       FUZZ_CHECK(std::isfinite(f.metrics.loss) && std::isfinite(f.metrics.kl),

@@ -100,12 +100,12 @@ struct DeviceProblem {
     in.targets = kto::targets_vector(targets.get(), fp.rows);
     in.sequences = kto::sequences(offsets.get(), B);
     in.host_offsets = host_offsets ? fp.offsets.data() : nullptr;
-    in.reference_logp = ref.get();
+    in.reference_logp = kto::reference_logp(ref.get(), B);
     in.desirable = desirable.get();
     in.kl.hidden = kto::matrix_view<const T>(kl_hidden.get(), fp.kl_rows, fp.dim);
     in.kl.targets = kto::targets_vector(kl_targets.get(), fp.kl_rows);
     in.kl.sequences = kto::sequences(kl_offsets.get(), K);
-    in.kl.reference_logp = kl_ref.get();
+    in.kl.reference_logp = kto::reference_logp(kl_ref.get(), K);
     return in;
   }
   kto::cuda::FusedLinearOutputs outputs() {
@@ -436,7 +436,7 @@ TEST_CASE("CUDA fused-linear errors: host arguments", "[fused][errors]") {
   }
   {
     auto in = d.inputs(true);
-    in.kl.reference_logp = nullptr;
+    in.kl.reference_logp = kto::reference_logp<float>(nullptr, in.kl.sequences.count);
     expect(in, d.head(), d.outputs(), "kl.reference_logp");
   }
 }

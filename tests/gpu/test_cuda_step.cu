@@ -127,7 +127,7 @@ struct DeviceStep {
         kto::LogitsView<const T>{in_place ? grad.get() : logits.get(), V, c.plan.logit_rows};
     in.targets = kto::TargetsView{targets.get() + c.plan.target_base, c.plan.target_rows};
     in.sequences = kto::sequences(offsets.get(), B);
-    in.reference_logp = ref_logp.get();
+    in.reference_logp = kto::reference_logp(ref_logp.get(), B);
     in.desirable = desirable.get();
     if (kl_as_logits) {
       in.kl.logits = kto::LogitsView<const T>{kl_logits.get(), V, c.kl_plan.logit_rows};
@@ -135,11 +135,10 @@ struct DeviceStep {
           kto::TargetsView{kl_targets.get() + c.kl_plan.target_base, c.kl_plan.target_rows};
       in.kl.sequences = kto::sequences(kl_offsets.get(), K);
     } else {
-      in.kl.policy_logp = kl_pol.get();
+      in.kl.policy_logp = kto::policy_logp(kl_pol.get(), K);
       in.kl.num_tokens = kl_tokens.get();
-      in.kl.count = K;
     }
-    in.kl.reference_logp = kl_ref.get();
+    in.kl.reference_logp = kto::reference_logp(kl_ref.get(), K);
     out.metrics = metrics.get();
     out.logp = logp.get();
     out.num_tokens = num_tokens.get();
@@ -327,6 +326,32 @@ TEST_CASE("gpu errors: host-visible arguments come back from the call", "[gpu][s
   st = d.launch(workspace.get(), enough, o);
   CHECK(st.code == kto::cuda::StatusCode::invalid_argument);
   CHECK(std::string(st.message).find("'out.metrics'") != std::string::npos);
+}
+
+TEST_CASE("gpu errors: a kl_batch step without a KL example reports empty_kl_batch",
+          "[gpu][small][errors]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  kto::Options o;
+  test::ShapeSpec spec;
+  Case<float> c(rng, Layout::padded, spec, o);
+  DeviceStep<float> d(c, false, false);
+  d.in.kl.policy_logp = kto::policy_logp<float>(nullptr, 0);
+  d.in.kl.reference_logp = kto::reference_logp<float>(nullptr, 0);
+  for (const auto point : {kto::ReferencePoint::kl_batch, kto::ReferencePoint::zero}) {
+    o.reference_point = point;
+    size_t bytes = 0;
+    REQUIRE(d.launch(nullptr, bytes, o).ok());
+    DeviceArray<char> workspace(bytes);
+    REQUIRE(d.launch(workspace.get(), bytes, o).ok());
+    const auto st = kto::cuda::read_status(workspace.get(), d.stream, d.in.sequences);
+    INFO(st.message);
+    if (point == kto::ReferencePoint::kl_batch) {
+      CHECK(st.code == kto::cuda::StatusCode::empty_kl_batch);
+      CHECK(std::string(st.message).find("kl.count") != std::string::npos);
+    } else {
+      CHECK(st.ok());  // z0 = 0 chosen explicitly
+    }
+  }
 }
 
 TEST_CASE("gpu errors: the device reports bad targets, non-finite logits, offsets and labels",

@@ -14,9 +14,9 @@ int main() {
   kto::cpu::StepInputs<float> in{kto::logits_matrix<const float>(logits.data(), 2, 3),
                                  kto::targets_vector(targets.data(), 2),
                                  kto::sequences(offsets.data(), 1),
-                                 kto::make_span(ref),
+                                 kto::reference_logp(ref),
                                  kto::make_span(desirable),
-                                 {kto::make_span(kl_policy), kto::make_span(kl_ref), {}}};
+                                 {kto::policy_logp(kl_policy), kto::reference_logp(kl_ref), {}}};
   kto::Options opt;
   opt.beta = 1.0;
   const auto r = kto::cpu::kto_step<float>(in, opt, kto::logits_matrix<float>(grad.data(), 2, 3));

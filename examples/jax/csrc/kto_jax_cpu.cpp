@@ -133,8 +133,9 @@ ffi::Error KlPartialImpl(ffi::Buffer<ffi::F32> policy, ffi::Buffer<ffi::F32> ref
     kto::Options o;
     o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
     const auto n = widen(num_tokens);
-    const kto::KlPartial p = kto::kl_partial<float>(
-        span_of<float>(policy), span_of<float>(reference), kto::make_span(n.data(), n.size()), o);
+    const kto::KlPartial p = kto::kl_partial<float>(kto::policy_logp(span_of<float>(policy)),
+                                                    kto::reference_logp(span_of<float>(reference)),
+                                                    kto::make_span(n.data(), n.size()), o);
     partial->typed_data()[0] = static_cast<float>(p.sum);
     partial->typed_data()[1] = static_cast<float>(p.count);
     return ffi::Error::Success();
@@ -165,11 +166,12 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
         logits_of<T>(logits),
         kto::targets_vector(t.data(), static_cast<index_t>(t.size())),
         kto::sequences(off.data(), B),
-        span_of<float>(reference_logp),
+        kto::reference_logp(span_of<float>(reference_logp)),
         kto::make_span(desirable.typed_data(), static_cast<index_t>(desirable.element_count())),
         {}};
     if (!hook)
-      in.kl = {span_of<float>(kl_policy_logp), span_of<float>(kl_reference_logp),
+      in.kl = {kto::policy_logp(span_of<float>(kl_policy_logp)),
+               kto::reference_logp(span_of<float>(kl_reference_logp)),
                kto::make_span(kl_n.data(), static_cast<index_t>(kl_n.size()))};
     const auto r = kto::cpu::step_forward<T>(in, o, {}, hook);
     metrics_values(r.metrics, metrics->typed_data());
@@ -299,9 +301,9 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
     in.targets = target.targets_view();
     in.sequences = target.sequences();
     if (kl.present()) {
-      in.kl_hidden = matrix_of<T>(kl_hidden);
-      in.kl_targets = kl.targets_view();
-      in.kl_sequences = kl.sequences();
+      in.kl.hidden = matrix_of<T>(kl_hidden);
+      in.kl.targets = kl.targets_view();
+      in.kl.sequences = kl.sequences();
     }
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
@@ -343,14 +345,14 @@ ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyB
     in.hidden = matrix_of<T>(hidden);
     in.targets = target.targets_view();
     in.sequences = target.sequences();
-    in.reference_logp = span_of<float>(reference_logp);
+    in.reference_logp = kto::reference_logp(span_of<float>(reference_logp));
     in.desirable =
         kto::make_span(desirable.typed_data(), static_cast<index_t>(desirable.element_count()));
     if (kl.present() && !hook) {
-      in.kl_hidden = matrix_of<T>(kl_hidden);
-      in.kl_targets = kl.targets_view();
-      in.kl_sequences = kl.sequences();
-      in.kl_reference_logp = span_of<float>(kl_reference_logp);
+      in.kl.hidden = matrix_of<T>(kl_hidden);
+      in.kl.targets = kl.targets_view();
+      in.kl.sequences = kl.sequences();
+      in.kl.reference_logp = kto::reference_logp(span_of<float>(kl_reference_logp));
     }
     const kto::cpu::LinearGradients<float> grads{
         kto::matrix_view(d_hidden->typed_data(), N, D),

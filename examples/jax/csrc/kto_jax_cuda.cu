@@ -238,8 +238,11 @@ ffi::Error KlPartialImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
     cudaMemsetAsync(p, 0, sizeof(kto::KlPartial), stream);
     size_t bytes = kSmall;
     if (K > 0)
-      KTO_JAX_TRY(to_error(kto::cuda::kl_partial(small, bytes, policy.typed_data(),
-                                                 reference.typed_data(), n, K, o, p, stream)));
+      KTO_JAX_TRY(to_error(kto::cuda::kl_partial(
+          small, bytes, kto::policy_logp(policy.typed_data(), K),
+          kto::reference_logp(reference.typed_data(),
+                              static_cast<index_t>(reference.element_count())),
+          n, o, p, stream)));
     partial_to_f32<<<1, 1, 0, stream>>>(p, partial->typed_data());
     KTO_JAX_TRY(launch_error(kKl));
     return K > 0 ? to_error(kto::cuda::read_status(small, stream)) : ffi::Error::Success();
@@ -287,15 +290,20 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
       partial_from_f32<<<1, 1, 0, stream>>>(global_kl.typed_data(), partial);
     } else if (kto::uses_kl_batch(o) && K > 0) {
       size_t kb = kSmall;
-      KTO_JAX_TRY(to_error(kto::cuda::kl_partial(kl_ws, kb, kl_policy_logp.typed_data(),
-                                                 kl_reference_logp.typed_data(), kl_n, K, o,
-                                                 partial, stream)));
+      KTO_JAX_TRY(to_error(kto::cuda::kl_partial(
+          kl_ws, kb, kto::policy_logp(kl_policy_logp.typed_data(), K),
+          kto::reference_logp(kl_reference_logp.typed_data(),
+                              static_cast<index_t>(kl_reference_logp.element_count())),
+          kl_n, o, partial, stream)));
       kl_ran = true;
     }
     size_t fb = kSmall;
     const kto::cuda::ExampleOutputs ex{pe + B, pe + 2 * B, pe + 3 * B, pe + 4 * B};
-    KTO_JAX_TRY(to_error(kto::cuda::finish(fin_ws, fb, partial, pe, reference_logp.typed_data(),
-                                           desirable.typed_data(), B, o, ex, m, stream)));
+    KTO_JAX_TRY(to_error(
+        kto::cuda::finish(fin_ws, fb, partial, kto::policy_logp(static_cast<const float*>(pe), B),
+                          kto::reference_logp(reference_logp.typed_data(),
+                                              static_cast<index_t>(reference_logp.element_count())),
+                          desirable.typed_data(), o, ex, m, stream)));
     metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
     narrow(n, num_tokens->typed_data(), B, stream);
     if (rows > 0)
@@ -454,13 +462,15 @@ ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::
     in.targets = kto::targets_vector(t, N);
     in.sequences = seqs;
     in.host_offsets = host_offsets.empty() ? nullptr : host_offsets.data();
-    in.reference_logp = reference_logp.typed_data();
+    in.reference_logp = kto::reference_logp(reference_logp.typed_data(),
+                                            static_cast<index_t>(reference_logp.element_count()));
     in.desirable = desirable.typed_data();
     if (kl) {
       in.kl.hidden = matrix_of<T>(kl_hidden);
       in.kl.targets = kto::targets_vector(kl_t, kl_hidden.dimensions()[0]);
       in.kl.sequences = kto::sequences(kl_off, kl_offsets.element_count() - 1);
-      in.kl.reference_logp = kl_reference_logp.typed_data();
+      in.kl.reference_logp = kto::reference_logp(
+          kl_reference_logp.typed_data(), static_cast<index_t>(kl_reference_logp.element_count()));
     }
     kto::cuda::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);

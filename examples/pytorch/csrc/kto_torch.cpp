@@ -515,7 +515,7 @@ std::vector<torch::Tensor> step_forward_cpu(const StepOperands& s, const StepVec
     kto::cpu::StepInputs<T> in{logits_view<const T>(s.logits),
                                targets_view(s.targets),
                                s.offsets.view,
-                               span_of<A>(v.reference_logp),
+                               kto::reference_logp(span_of<A>(v.reference_logp)),
                                kto::make_span(v.desirable.data_ptr<uint8_t>(), v.desirable.numel()),
                                {}};
     kto::KlAllReduce all_reduce;
@@ -526,8 +526,8 @@ std::vector<torch::Tensor> step_forward_cpu(const StepOperands& s, const StepVec
         p.count = C;
       };
     } else {
-      in.kl = {span_of<A>(v.kl_policy_logp), span_of<A>(v.kl_reference_logp),
-               index_span(v.kl_num_tokens)};
+      in.kl = {kto::policy_logp(span_of<A>(v.kl_policy_logp)),
+               kto::reference_logp(span_of<A>(v.kl_reference_logp)), index_span(v.kl_num_tokens)};
     }
     const auto r = kto::cpu::step_forward<T>(in, o, exec(), all_reduce);
     const int64_t B = s.offsets.count();
@@ -636,13 +636,13 @@ std::vector<torch::Tensor> fused_linear_forward_cpu(const FusedOperands& f, cons
     in.hidden = matrix_of<T>(f.head.hidden);
     in.targets = targets_view(f.targets);
     in.sequences = f.offsets.view;
-    in.reference_logp = span_of<A>(f.reference_logp);
+    in.reference_logp = kto::reference_logp(span_of<A>(f.reference_logp));
     in.desirable = kto::make_span(f.desirable.data_ptr<uint8_t>(), f.desirable.numel());
     if (kl) {  // otherwise the default (absent) views
-      in.kl_hidden = matrix_of<T>(f.kl.hidden);
-      in.kl_targets = targets_view(f.kl.targets);
-      in.kl_sequences = f.kl.offsets.view;
-      in.kl_reference_logp = span_of<A>(f.kl.reference_logp);
+      in.kl.hidden = matrix_of<T>(f.kl.hidden);
+      in.kl.targets = targets_view(f.kl.targets);
+      in.kl.sequences = f.kl.offsets.view;
+      in.kl.reference_logp = kto::reference_logp(span_of<A>(f.kl.reference_logp));
     }
     const int64_t N = f.head.N, D = f.head.D, V = f.head.V;
     auto dh = acc_tensor<A>({N, D}), dw = acc_tensor<A>({V, D});
@@ -928,7 +928,8 @@ torch::Tensor kl_partial(const torch::Tensor& policy_logp, const torch::Tensor& 
   const auto n = int_vector(fn, "kl_num_tokens", num_tokens, policy_logp, "kl_policy_logp",
                             p.size(0), cpu, true);
   const kto::KlPartial kl =
-      kto::kl_partial<double>(span_of<double>(p), span_of<double>(r), index_span(n), o);
+      kto::kl_partial<double>(kto::policy_logp(span_of<double>(p)),
+                              kto::reference_logp(span_of<double>(r)), index_span(n), o);
   return torch::tensor({kl.sum, kl.count}, torch::dtype(torch::kDouble));
 }
 

@@ -108,8 +108,9 @@ std::string kl_partial(const float* policy_logp, const float* reference_logp,
                        void* stream) {
   static_assert(sizeof(kto::KlPartial) == 3 * sizeof(double), "KlPartial is three doubles");
   std::size_t bytes = workspace_bytes;
-  return message(kto::cuda::kl_partial(workspace, bytes, policy_logp, reference_logp, num_tokens,
-                                       count, o, reinterpret_cast<kto::KlPartial*>(partial),
+  return message(kto::cuda::kl_partial(workspace, bytes, kto::policy_logp(policy_logp, count),
+                                       kto::reference_logp(reference_logp, count), num_tokens, o,
+                                       reinterpret_cast<kto::KlPartial*>(partial),
                                        as_stream(stream)));
 }
 
@@ -126,9 +127,10 @@ std::string finish(const double* partial, const float* policy_logp, const float*
   cudaMemcpyAsync(per_example, policy_logp, count * sizeof(float), cudaMemcpyDeviceToDevice,
                   as_stream(stream));
   std::size_t bytes = workspace_bytes;
-  const auto s = kto::cuda::finish(workspace, bytes,
-                                   reinterpret_cast<const kto::KlPartial*>(partial), policy_logp,
-                                   reference_logp, desirable, count, o, out, m, as_stream(stream));
+  const auto s = kto::cuda::finish(
+      workspace, bytes, reinterpret_cast<const kto::KlPartial*>(partial),
+      kto::policy_logp(policy_logp, count), kto::reference_logp(reference_logp, count), desirable,
+      o, out, m, as_stream(stream));
   if (!s.ok()) return message(s);
   metrics_to_doubles<<<1, 1, 0, as_stream(stream)>>>(m, metrics);
   const cudaError_t err = cudaGetLastError();
@@ -166,12 +168,12 @@ std::string fused_linear_step(
     in.targets = targets;
     in.sequences = sequences;
     in.host_offsets = host_offsets;
-    in.reference_logp = reference_logp;
+    in.reference_logp = kto::reference_logp(reference_logp, sequences.count);
     in.desirable = desirable;
     in.kl.hidden = matrix<T>(kl_hidden);
     in.kl.targets = kl_targets;
     in.kl.sequences = kl_sequences;
-    in.kl.reference_logp = kl_reference_logp;
+    in.kl.reference_logp = kto::reference_logp(kl_reference_logp, kl_sequences.count);
     kto::cuda::FusedLinearConfig cfg;
     cfg.chunk_bytes = chunk_bytes;
     cfg.strategy = static_cast<kto::cuda::FusedStrategy>(strategy);

@@ -57,16 +57,18 @@ struct LinearGradients {
 template <class T>
 struct FusedLinearInputs {
   using Acc = accumulator_t<T>;
-  MatrixView<const T> hidden;  ///< N × D, policy model, target batch
-  TargetsView targets;         ///< N global token ids (or ignore_index)
-  SequencesView sequences;     ///< B ≥ 1 examples over the N rows (host offsets)
-  Span<const Acc> reference_logp;
+  MatrixView<const T> hidden;         ///< N × D, policy model, target batch
+  TargetsView targets;                ///< N global token ids (or ignore_index)
+  SequencesView sequences;            ///< B ≥ 1 examples over the N rows (host offsets)
+  ReferenceLogp<Acc> reference_logp;  ///< B, kto::reference_logp(...)
   Span<const std::uint8_t> desirable;
   /// KL batch, forward only; used when options.reference_point is kl_batch.
-  MatrixView<const T> kl_hidden;
-  TargetsView kl_targets;
-  SequencesView kl_sequences;
-  Span<const Acc> kl_reference_logp;
+  struct Kl {
+    MatrixView<const T> hidden;
+    TargetsView targets;
+    SequencesView sequences;
+    ReferenceLogp<Acc> reference_logp;
+  } kl;
 };
 
 /// Gathers every rank's row partials, rank-major (rank k's row r at k·n + r).
@@ -317,7 +319,7 @@ struct HiddenBatch {
   const MatrixView<const T>& hidden;
   const TargetsView& targets;
   const SequencesView& sequences;
-  const char* name;  ///< "hidden" or "kl_hidden"
+  const char* name;  ///< "hidden" or "kl.hidden"
 };
 
 /// logp_s and n_s from the merged partials of its rows (row order, double);
@@ -546,13 +548,13 @@ std::vector<RowPartial<accumulator_t<T>>> row_partials_impl(
   kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
                        "be false for row partials (they carry no entropy)", "true");
   const HiddenBatch<T> target{in.hidden, in.targets, in.sequences, "hidden"};
-  const HiddenBatch<T> kl{in.kl_hidden, in.kl_targets, in.kl_sequences, "kl_hidden"};
+  const HiddenBatch<T> kl{in.kl.hidden, in.kl.targets, in.kl.sequences, "kl.hidden"};
   validate_hidden_batch(target, head, o, fn, "", true);
-  validate_hidden_batch(kl, head, o, fn, "kl_", true);
+  validate_hidden_batch(kl, head, o, fn, "kl.", true);
   ChunkEngine<T> engine =
-      make_engine(head, cfg, std::max(in.hidden.rows, in.kl_hidden.rows), exec, o, fn);
-  auto rows = batch_partials(engine, in.kl_hidden,
-                             RowScorer(in.kl_targets, in.kl_sequences, o.ignore_index));
+      make_engine(head, cfg, std::max(in.hidden.rows, in.kl.hidden.rows), exec, o, fn);
+  auto rows = batch_partials(engine, in.kl.hidden,
+                             RowScorer(in.kl.targets, in.kl.sequences, o.ignore_index));
   const auto t =
       batch_partials(engine, in.hidden, RowScorer(in.targets, in.sequences, o.ignore_index));
   rows.insert(rows.end(), t.begin(), t.end());
@@ -589,7 +591,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   const bool sharded = head.sharded();
   const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
   const detail::HiddenBatch<T> target_batch{in.hidden, in.targets, in.sequences, "hidden"};
-  const detail::HiddenBatch<T> kl_batch{in.kl_hidden, in.kl_targets, in.kl_sequences, "kl_hidden"};
+  const detail::HiddenBatch<T> kl_batch{in.kl.hidden, in.kl.targets, in.kl.sequences, "kl.hidden"};
   std::unique_ptr<detail::ChunkEngine<T>> engine;
   std::unique_ptr<detail::RowScorer> target_scorer;  // built once the offsets are checked
   std::vector<RowPartial<Acc>> partials;             // KL rows, then (recompute_all) target rows
@@ -607,10 +609,10 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     kto::detail::validate_finish_inputs(B, in.reference_logp, in.desirable, o, fn,
                                         "sequences.count");
     if (kl) {
-      detail::validate_hidden_batch(kl_batch, head, o, fn, "kl_", true);
-      kto::detail::validate_span(in.kl_reference_logp, in.kl_sequences.count, fn,
-                                 "kl_reference_logp");
-      kto::detail::validate_finite(in.kl_reference_logp, fn, "kl_reference_logp");
+      detail::validate_hidden_batch(kl_batch, head, o, fn, "kl.", true);
+      kto::detail::validate_span(in.kl.reference_logp, in.kl.sequences.count, fn,
+                                 "kl.reference_logp");
+      kto::detail::validate_finite(in.kl.reference_logp, fn, "kl.reference_logp");
     }
     kto::detail::validate_shape(grads.d_hidden, in.hidden.rows, in.hidden.cols, fn,
                                 "grads.d_hidden", "hidden");
@@ -633,11 +635,12 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
          byte_range(head.bias, "head.bias"), kto::detail::byte_range(in.targets, "targets"),
          byte_range(offsets_of(in.sequences), "sequences.offsets"),
          byte_range(in.reference_logp, "reference_logp"), byte_range(in.desirable, "desirable"),
-         byte_range(kl ? in.kl_hidden : MatrixView<const T>{}, "kl_hidden"),
-         byte_range(kl ? in.kl_targets : TargetsView{}, "kl_targets"),
-         byte_range(kl ? offsets_of(in.kl_sequences) : Span<const index_t>{},
-                    "kl_sequences.offsets"),
-         byte_range(kl ? in.kl_reference_logp : Span<const Acc>{}, "kl_reference_logp")},
+         byte_range(kl ? in.kl.hidden : MatrixView<const T>{}, "kl.hidden"),
+         byte_range(kl ? in.kl.targets : TargetsView{}, "kl.targets"),
+         byte_range(kl ? offsets_of(in.kl.sequences) : Span<const index_t>{},
+                    "kl.sequences.offsets"),
+         byte_range(kl ? Span<const Acc>(in.kl.reference_logp) : Span<const Acc>{},
+                    "kl.reference_logp")},
         fn);
     kto::detail::require(!sharded || !o.token_statistics, fn, "options.token_statistics",
                          "be false with a vocabulary slice (the row partials carry no entropy)",
@@ -653,11 +656,11 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   // strategy is recompute, of the target batch too: one gather serves both.
   auto local_partials = [&] {
     engine = std::make_unique<detail::ChunkEngine<T>>(detail::make_engine(
-        head, cfg, std::max(in.hidden.rows, kl ? in.kl_hidden.rows : index_t{0}), exec, o, fn));
+        head, cfg, std::max(in.hidden.rows, kl ? in.kl.hidden.rows : index_t{0}), exec, o, fn));
     if (kl) {
-      const detail::RowScorer kl_scorer(in.kl_targets, in.kl_sequences, o.ignore_index);
-      partials = detail::batch_partials(*engine, in.kl_hidden, kl_scorer);
-      kl_rows = in.kl_hidden.rows;
+      const detail::RowScorer kl_scorer(in.kl.targets, in.kl.sequences, o.ignore_index);
+      partials = detail::batch_partials(*engine, in.kl.hidden, kl_scorer);
+      kl_rows = in.kl.hidden.rows;
     }
     target_scorer = std::make_unique<detail::RowScorer>(in.targets, in.sequences, o.ignore_index);
     statistics = detail::row_statistics_of<Acc>(o, in.hidden.rows);
@@ -691,7 +694,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     std::vector<RowPartial<Acc>> kl_part(partials.begin(), partials.begin() + kl_rows);
     const SequenceForward<Acc> kl_fwd =
         detail::sequences_from_partials(kl_part, kl_batch, head, o, fn);
-    return kto::detail::kl_partial_impl<Acc>(make_span(kl_fwd.logp), in.kl_reference_logp,
+    return kto::detail::kl_partial_impl<Acc>(make_span(kl_fwd.logp), in.kl.reference_logp,
                                              make_span(kl_fwd.num_tokens), o, fn);
   };
 

@@ -25,11 +25,12 @@ namespace cpu {
 
 /// Log-probs of the KL batch (mismatched pairs), policy and reference, and the
 /// token counts (needed for KlEstimator::nonempty_mean). Unused when the
-/// reference point is not estimated from a KL batch.
+/// reference point is not estimated from a KL batch. The two log-prob arrays
+/// are distinct types (model_logp.hpp): {kto::policy_logp(p), kto::reference_logp(r), n}.
 template <class Acc>
 struct KlInputs {
-  Span<const Acc> policy_logp;
-  Span<const Acc> reference_logp;
+  PolicyLogp<Acc> policy_logp;
+  ReferenceLogp<Acc> reference_logp;
   Span<const index_t> num_tokens;
 };
 
@@ -37,9 +38,9 @@ template <class T>
 struct StepInputs {
   LogitsView<const T> policy_logits;  ///< target batch, policy model
   TargetsView targets;
-  SequencesView sequences;                      ///< B ≥ 1 target examples
-  Span<const accumulator_t<T>> reference_logp;  ///< B reference log-probs
-  Span<const std::uint8_t> desirable;           ///< B labels: 1 desirable, 0 undesirable
+  SequencesView sequences;                         ///< B ≥ 1 target examples
+  ReferenceLogp<accumulator_t<T>> reference_logp;  ///< B reference log-probs
+  Span<const std::uint8_t> desirable;              ///< B labels: 1 desirable, 0 undesirable
   KlInputs<accumulator_t<T>> kl;
 };
 

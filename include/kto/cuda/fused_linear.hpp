@@ -51,13 +51,13 @@ struct FusedLinearInputs {
   TargetsView targets;
   SequencesView sequences;                ///< device offsets
   const index_t* host_offsets = nullptr;  ///< the same offsets in host memory (keep_chunk)
-  const float* reference_logp = nullptr;
+  ReferenceLogp<float> reference_logp;    ///< B, kto::reference_logp(device pointer, B)
   const std::uint8_t* desirable = nullptr;
   struct Kl {
     MatrixView<const T> hidden;  ///< forward only
     TargetsView targets;
     SequencesView sequences;
-    const float* reference_logp = nullptr;
+    ReferenceLogp<float> reference_logp;
   } kl;
 };
 
@@ -330,16 +330,15 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
     detail::validate_cuda_options(o, fn);
     detail::validate_cuda_head(head, fn);
     detail::validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
-    kto::detail::require(in.reference_logp != nullptr, fn, "reference_logp", "be non-null",
-                         "nullptr");
+    detail::validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
     kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
     if (in.host_offsets)
       kto::detail::validate_sequences(SequencesView{in.host_offsets, in.sequences.count},
                                       in.hidden.rows, fn, "host_offsets", false);
     if (uses_kl_batch(o)) {
       detail::validate_hidden(in.kl.hidden, in.kl.targets, in.kl.sequences, head, fn, "kl.", true);
-      kto::detail::require(in.kl.reference_logp != nullptr || in.kl.sequences.count == 0, fn,
-                           "kl.reference_logp", "be non-null", "nullptr");
+      detail::validate_device_logp(in.kl.reference_logp, in.kl.sequences.count, fn,
+                                   "kl.reference_logp");
     }
     kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
     kto::detail::validate_shape(out.d_hidden, in.hidden.rows, in.hidden.cols, fn, "out.d_hidden",
@@ -430,13 +429,14 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     detail::launch_sequence_logp(kl_rows, 0, K, o.average_logprob, b.kl_token_logp, b.kl_logp,
                                  b.kl_num_tokens, stream);
     device::KlParams kp{
-        b.kl_logp, in.kl.reference_logp, b.kl_num_tokens, K, o.kl_estimator, b.partial, b.errors};
+        b.kl_logp, in.kl.reference_logp.data, b.kl_num_tokens, K, o.kl_estimator, b.partial,
+        b.errors};
     device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(kp);
     status = detail::last_launch(fn);
     if (!status) return status;
   }
   if (all_reduce) {
-    device::PreCollectiveParams pc{in.reference_logp, in.desirable, B, b.partial, b.errors};
+    device::PreCollectiveParams pc{in.reference_logp.data, in.desirable, B, b.partial, b.errors};
     device::note_failures_kernel<<<1, device::kFinishThreads, 0, stream>>>(pc);
     status = all_reduce(b.partial, stream);
     if (!status) return status;
@@ -445,8 +445,8 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   const device::BatchRows rows{in.targets, in.sequences, N, o.ignore_index};
   auto grads_of = [&](index_t s0, index_t s1) {
     device::SequenceGradParams gp{
-        b.partial, logp, in.reference_logp, in.desirable, num_tokens, rows, s0, s1,
-        B,         o,    ex.grad_logp,      b.row_scale};
+        b.partial, logp, in.reference_logp.data, in.desirable, num_tokens, rows, s0, s1,
+        B,         o,    ex.grad_logp,           b.row_scale};
     device::sequence_grad_kernel<<<static_cast<unsigned>((s1 - s0 + 7) / 8), 256, 0, stream>>>(gp);
   };
   bool first_chunk = true;
@@ -491,8 +491,9 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     if (out.d_bias.size)
       cudaMemsetAsync(out.d_bias.data, 0, sizeof(float) * static_cast<size_t>(V), stream);
   }
-  device::FinishParams fp{b.partial, logp,    in.reference_logp, in.desirable, B,       o, ex.ratio,
-                          ex.reward, ex.loss, ex.grad_logp,      out.metrics,  b.errors};
+  device::FinishParams fp{
+      b.partial, logp,    in.reference_logp.data, in.desirable, B,       o, ex.ratio,
+      ex.reward, ex.loss, ex.grad_logp,           out.metrics,  b.errors};
   device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(fp);
   return detail::last_launch(fn);
 }

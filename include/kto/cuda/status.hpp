@@ -33,6 +33,7 @@ enum class StatusCode : int {
   non_finite_input,     ///< device: a non-finite reference/KL log-prob
   invalid_label,        ///< device: a label other than 0 or 1
   peer_failure,         ///< device: another data-parallel rank failed (via the all-reduce)
+  empty_kl_batch,       ///< device: reference_point kl_batch, but the KL batch had no example
 };
 
 struct Status {
@@ -125,6 +126,12 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
                           "kto::cuda: argument 'desirable[%lld]' must be 0 or 1; got another "
                           "value",
                           index);
+    case device::kEmptyKlBatch:
+      return Status::make(
+          StatusCode::empty_kl_batch,
+          "kto::cuda: argument 'kl.count' must be >= 1 with options.reference_point "
+          "kl_batch: give a KL batch with at least one example (on some rank), or "
+          "choose reference_point zero or fixed; got 0");
     default:
       return Status::make(StatusCode::cuda_error, "kto::cuda: unknown device error key %llx", key);
   }

@@ -30,6 +30,7 @@
 
 #include "../layout.hpp"
 #include "../metrics.hpp"
+#include "../model_logp.hpp"
 #include "../options.hpp"
 #include "../reference_point.hpp"
 #include "../validate.hpp"
@@ -52,6 +53,15 @@ inline void validate_cuda_options(const Options& o, const char* fn) {
                        "be 1, with logit_softcap 0 and temperature 1, on CUDA (logit transforms "
                        "are computed on the CPU path only)",
                        o.logit_scale);
+}
+
+/// A device array of `count` log-probs: its size matches, its pointer is set (when count > 0).
+template <class Logp>
+void validate_device_logp(const Logp& logp, index_t count, const char* fn,
+                          const std::string& name) {
+  kto::detail::require(logp.size == count, fn, name + ".size",
+                       "equal the number of examples (" + std::to_string(count) + ")", logp.size);
+  kto::detail::require(logp.data != nullptr || count == 0, fn, name, "be non-null", "nullptr");
 }
 
 template <class T>
@@ -167,18 +177,22 @@ Status sequence_logprobs(void* workspace, size_t& workspace_bytes,
 
 // ------------------------------------------------------- KL partial, finish --
 
-/// (S, C) of the KL batch into `partial` (device). num_tokens may be null
-/// unless options.kl_estimator is nonempty_mean.
-inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* policy_logp,
-                         const float* reference_logp, const index_t* num_tokens, index_t count,
+/// (S, C) of the KL batch into `partial` (device), over policy_logp.size
+/// examples. num_tokens may be null unless options.kl_estimator is nonempty_mean.
+inline Status kl_partial(void* workspace, size_t& workspace_bytes, PolicyLogp<float> policy_logp,
+                         ReferenceLogp<float> reference_logp, const index_t* num_tokens,
                          const Options& o, KlPartial* partial, cudaStream_t stream) {
   const char* fn = "kto::cuda::kl_partial";
+  const index_t count = policy_logp.size;
   try {
     detail::validate_cuda_options(o, fn);
-    kto::detail::require(count >= 0, fn, "count", "be >= 0", count);
-    kto::detail::require(policy_logp != nullptr || count == 0, fn, "kl_policy_logp", "be non-null",
-                         "nullptr");
-    kto::detail::require(reference_logp != nullptr || count == 0, fn, "kl_reference_logp",
+    kto::detail::require(count >= 0, fn, "kl_policy_logp.size", "be >= 0", count);
+    kto::detail::require(policy_logp.data != nullptr || count == 0, fn, "kl_policy_logp",
+                         "be non-null", "nullptr");
+    kto::detail::require(reference_logp.size == count, fn, "kl_reference_logp.size",
+                         "equal kl_policy_logp.size (" + std::to_string(count) + ")",
+                         reference_logp.size);
+    kto::detail::require(reference_logp.data != nullptr || count == 0, fn, "kl_reference_logp",
                          "be non-null", "nullptr");
     kto::detail::require(
         num_tokens != nullptr || count == 0 || o.kl_estimator != KlEstimator::nonempty_mean, fn,
@@ -190,8 +204,8 @@ inline Status kl_partial(void* workspace, size_t& workspace_bytes, const float* 
   Status status;
   device::DeviceErrors* errors = detail::error_word(workspace, workspace_bytes, status, fn, stream);
   if (errors == nullptr) return status;
-  device::KlParams p{policy_logp,    reference_logp, num_tokens, count,
-                     o.kl_estimator, partial,        errors};
+  device::KlParams p{
+      policy_logp.data, reference_logp.data, num_tokens, count, o.kl_estimator, partial, errors};
   device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
   return detail::last_launch(fn);
 }
@@ -204,17 +218,24 @@ struct ExampleOutputs {
   float* grad_logp = nullptr;
 };
 
+/// Loss, metrics and g_s over policy_logp.size examples, given the all-reduced partial.
 inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* partial,
-                     const float* policy_logp, const float* reference_logp,
-                     const std::uint8_t* desirable, index_t count, const Options& o,
-                     const ExampleOutputs& out, Metrics* metrics, cudaStream_t stream) {
+                     PolicyLogp<float> policy_logp, ReferenceLogp<float> reference_logp,
+                     const std::uint8_t* desirable, const Options& o, const ExampleOutputs& out,
+                     Metrics* metrics, cudaStream_t stream) {
   const char* fn = "kto::cuda::finish";
+  const index_t count = policy_logp.size;
   try {
     detail::validate_cuda_options(o, fn);
-    kto::detail::require(count >= 1, fn, "count", "be >= 1 (an empty batch has no loss)", count);
+    kto::detail::require(count >= 1, fn, "policy_logp.size", "be >= 1 (an empty batch has no loss)",
+                         count);
     kto::detail::require(partial != nullptr, fn, "partial", "be non-null", "nullptr");
-    kto::detail::require(policy_logp != nullptr, fn, "policy_logp", "be non-null", "nullptr");
-    kto::detail::require(reference_logp != nullptr, fn, "reference_logp", "be non-null", "nullptr");
+    kto::detail::require(policy_logp.data != nullptr, fn, "policy_logp", "be non-null", "nullptr");
+    kto::detail::require(reference_logp.size == count, fn, "reference_logp.size",
+                         "equal policy_logp.size (" + std::to_string(count) + ")",
+                         reference_logp.size);
+    kto::detail::require(reference_logp.data != nullptr, fn, "reference_logp", "be non-null",
+                         "nullptr");
     kto::detail::require(desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
     kto::detail::require(out.ratio && out.reward && out.loss && out.grad_logp, fn, "out",
                          "have four non-null arrays", "a null array");
@@ -225,8 +246,9 @@ inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* 
   Status status;
   device::DeviceErrors* errors = detail::error_word(workspace, workspace_bytes, status, fn, stream);
   if (errors == nullptr) return status;
-  device::FinishParams p{partial,   policy_logp, reference_logp, desirable,     count,   o,
-                         out.ratio, out.reward,  out.loss,       out.grad_logp, metrics, errors};
+  device::FinishParams p{
+      partial,    policy_logp.data, reference_logp.data, desirable, count, o, out.ratio,
+      out.reward, out.loss,         out.grad_logp,       metrics,   errors};
   device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(p);
   return detail::last_launch(fn);
 }
@@ -267,19 +289,18 @@ template <class T>
 struct StepInputs {
   LogitsView<const T> policy_logits;  ///< target batch, policy model
   TargetsView targets;
-  SequencesView sequences;        ///< B ≥ 1 target examples (device offsets)
-  const float* reference_logp;    ///< B
-  const std::uint8_t* desirable;  ///< B labels, 1 desirable / 0 undesirable
+  SequencesView sequences;              ///< B ≥ 1 target examples (device offsets)
+  ReferenceLogp<float> reference_logp;  ///< B, kto::reference_logp(device pointer, B)
+  const std::uint8_t* desirable;        ///< B labels, 1 desirable / 0 undesirable
   /// The KL batch: either its policy logits (forwarded inside the step) or its
   /// precomputed policy log-probs; its reference log-probs always.
   struct Kl {
     LogitsView<const T> logits;  ///< data == nullptr: use policy_logp
     TargetsView targets;
     SequencesView sequences;
-    const float* policy_logp = nullptr;
+    PolicyLogp<float> policy_logp;        ///< without logits: K precomputed log-probs
     const index_t* num_tokens = nullptr;  ///< with policy_logp, for nonempty_mean
-    const float* reference_logp = nullptr;
-    index_t count = 0;  ///< with policy_logp; from sequences.count otherwise
+    ReferenceLogp<float> reference_logp;  ///< K: policy_logp.size or sequences.count
   } kl;
 };
 
@@ -301,7 +322,7 @@ namespace detail {
 
 template <class T>
 index_t kl_count(const StepInputs<T>& in) {
-  return in.kl.logits.data ? in.kl.sequences.count : in.kl.count;
+  return in.kl.logits.data ? in.kl.sequences.count : in.kl.policy_logp.size;
 }
 
 struct StepBuffers {
@@ -351,8 +372,7 @@ Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView
     detail::validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_",
                                    false);
     kto::detail::validate_gradient(grad, in.policy_logits, fn);
-    kto::detail::require(in.reference_logp != nullptr, fn, "reference_logp", "be non-null",
-                         "nullptr");
+    detail::validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
     kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
     kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
     if (uses_kl_batch(o)) {
@@ -360,16 +380,16 @@ Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView
         detail::validate_forward_views(in.kl.logits, in.kl.targets, in.kl.sequences, fn, "kl.",
                                        true);
       } else {
-        kto::detail::require(in.kl.count >= 0, fn, "kl.count", "be >= 0", in.kl.count);
-        kto::detail::require(in.kl.policy_logp != nullptr || in.kl.count == 0, fn, "kl.policy_logp",
+        const index_t K = in.kl.policy_logp.size;
+        kto::detail::require(K >= 0, fn, "kl.policy_logp.size", "be >= 0", K);
+        kto::detail::require(in.kl.policy_logp.data != nullptr || K == 0, fn, "kl.policy_logp",
                              "be non-null (or give kl.logits)", "nullptr");
-        kto::detail::require(in.kl.num_tokens != nullptr || in.kl.count == 0 ||
-                                 o.kl_estimator != KlEstimator::nonempty_mean,
-                             fn, "kl.num_tokens", "be non-null for the nonempty_mean estimator",
-                             "nullptr");
+        kto::detail::require(
+            in.kl.num_tokens != nullptr || K == 0 || o.kl_estimator != KlEstimator::nonempty_mean,
+            fn, "kl.num_tokens", "be non-null for the nonempty_mean estimator", "nullptr");
       }
-      kto::detail::require(in.kl.reference_logp != nullptr || detail::kl_count(in) == 0, fn,
-                           "kl.reference_logp", "be non-null", "nullptr");
+      detail::validate_device_logp(in.kl.reference_logp, detail::kl_count(in), fn,
+                                   "kl.reference_logp");
     }
   } catch (const kto::Error& e) {
     return Status::from(e);
@@ -412,7 +432,7 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
   cudaMemsetAsync(b.partial, 0, sizeof(KlPartial), stream);
   const index_t K = detail::kl_count(in);
   if (uses_kl_batch(o) && K > 0) {
-    const float* kl_logp = in.kl.policy_logp;
+    const float* kl_logp = in.kl.policy_logp.data;
     const index_t* kl_tokens = in.kl.num_tokens;
     if (in.kl.logits.data) {
       detail::launch_forward(in.kl.logits, in.kl.targets, in.kl.sequences, o.ignore_index,
@@ -421,22 +441,31 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
       kl_logp = b.kl_logp;
       kl_tokens = b.kl_num_tokens;
     }
-    device::KlParams kp{kl_logp, in.kl.reference_logp, kl_tokens, K, o.kl_estimator, b.partial,
+    device::KlParams kp{kl_logp, in.kl.reference_logp.data, kl_tokens, K, o.kl_estimator, b.partial,
                         b.errors};
     device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(kp);
   }
   status = detail::last_launch(fn);
   if (!status) return status;
   if (all_reduce) {
-    device::PreCollectiveParams pc{in.reference_logp, in.desirable, in.sequences.count, b.partial,
-                                   b.errors};
+    device::PreCollectiveParams pc{in.reference_logp.data, in.desirable, in.sequences.count,
+                                   b.partial, b.errors};
     device::note_failures_kernel<<<1, device::kFinishThreads, 0, stream>>>(pc);
     status = all_reduce(b.partial, stream);
     if (!status) return status;
   }
-  device::FinishParams fp{
-      b.partial, logp,      in.reference_logp, in.desirable, in.sequences.count, o,
-      ex.ratio,  ex.reward, ex.loss,           ex.grad_logp, out.metrics,        b.errors};
+  device::FinishParams fp{b.partial,
+                          logp,
+                          in.reference_logp.data,
+                          in.desirable,
+                          in.sequences.count,
+                          o,
+                          ex.ratio,
+                          ex.reward,
+                          ex.loss,
+                          ex.grad_logp,
+                          out.metrics,
+                          b.errors};
   device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(fp);
   device::BackwardParams<T> bp{in.policy_logits, in.targets,        in.sequences,
                                o.ignore_index,   o.average_logprob, b.row_lse,

@@ -22,6 +22,7 @@ enum ErrorKind : unsigned {
   kNonFiniteInput = 4,    ///< index = sequence (reference / KL log-prob, g_s)
   kInvalidLabel = 5,      ///< index = sequence
   kPeerFailure = 6,       ///< index = failed ranks: another data-parallel rank failed
+  kEmptyKlBatch = 7,      ///< index = 0: z0 from a KL batch, but no rank gave an example
 };
 /// OR-ed into the kind by the KL batch's forward, so the report says which batch.
 constexpr unsigned kKlBatchTag = 8;

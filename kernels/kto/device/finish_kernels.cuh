@@ -134,6 +134,9 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(FinishParams p) 
     *p.metrics = finalize(sums[0], z0, scale);
     if (!isfinite(kl.sum) || !isfinite(kl.count))
       record_error(p.errors, 0, kNonFiniteInput | kKlBatchTag);
+    // z0 would silently be 0 (the CPU path raises the same error before finishing).
+    else if (uses_kl_batch(p.options) && kl.count < 1.0)
+      record_error(p.errors, 0, kEmptyKlBatch);
     // Another rank failed before the all-reduce: this rank's result is not
     // the batch's either. Its own error (if any) ranks first.
     if (kl.failures > 0.0) record_error(p.errors, static_cast<index_t>(kl.failures), kPeerFailure);
