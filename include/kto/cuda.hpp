@@ -2,5 +2,6 @@
 // kernels launched on a stream, CUB-style workspaces and status codes.
 #pragma once
 
+#include "cuda/blas_handle.hpp"
 #include "cuda/status.hpp"
 #include "cuda/step.hpp"

@@ -145,10 +145,17 @@ def test_opcheck_schemas_fake_kernels_and_autograd():
     offsets = torch.arange(5, dtype=torch.int64) * 6
     args = (batch["logits"].requires_grad_(True), batch["targets"], offsets,
             torch.full((4,), -20.0), batch["desirable"], batch["kl_policy"], batch["kl_reference"],
-            batch["kl_num_tokens"], torch.empty(0, dtype=torch.float64))
+            batch["kl_num_tokens"], None)
     for token_statistics in (False, True):
         options = kto_torch._options(token_statistics=token_statistics)
         torch.library.opcheck(torch.ops.kto.step_forward.default, args + (options,))
+    # The schema's Optional[Tensor]s: no KL batch at all (z0 = 0 chosen), or an all-reduced one.
+    bare = args[:5] + (None, None, None, None)
+    torch.library.opcheck(torch.ops.kto.step_forward.default,
+                          bare + (kto_torch._options(reference_point="zero"),))
+    global_kl = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.kto.step_forward.default,
+                          args[:5] + (None, None, None, global_kl, kto_torch._options()))
     torch.library.opcheck(torch.ops.kto.sequence_logprobs.default,
                           (batch["logits"].detach(), batch["targets"], offsets,
                            kto_torch._options()))

@@ -183,6 +183,10 @@ def test_fused_opcheck_and_compile():
         options = kto_torch._options(token_statistics=token_statistics)
         torch.library.opcheck(torch.ops.kto.fused_linear_forward.default,
                               args + (options, 1 << 20, 0))
+    # The schema's Optional[Tensor]s: no bias, no KL batch (z0 = 0 chosen).
+    bare = args[:2] + (None,) + args[3:7] + (None, None, None, None)
+    torch.library.opcheck(torch.ops.kto.fused_linear_forward.default,
+                          bare + (kto_torch._options(reference_point="zero"), 1 << 20, 0))
 
     def step(h, w, b):
         return kto_torch.fused_linear_kto_loss(

@@ -427,8 +427,7 @@ def test_the_ops_options_list_is_checked_and_named():
     def op(options):
         return torch.ops.kto.step_forward(
             batch["logits"], batch["targets"], offsets, torch.zeros(4), batch["desirable"],
-            batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"],
-            torch.empty(0, dtype=torch.float64), options)
+            batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"], None, options)
 
     good = kto_torch._options()
     op(good)

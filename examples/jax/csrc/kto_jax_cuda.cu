@@ -21,8 +21,6 @@
 #include <kto/cuda/fused_linear.hpp>
 
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <string>
 
 #include "kto_jax_common.hpp"
@@ -166,21 +164,6 @@ template <class T>
 kto::MatrixView<const T> matrix_of(const ffi::AnyBuffer& b) {
   const auto d = b.dimensions();
   return kto::matrix_view<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
-}
-
-/// One cuBLAS handle per device, for the fused-linear GEMMs.
-cublasHandle_t blas_handle() {
-  static std::mutex mutex;
-  static std::map<int, cublasHandle_t> handles;
-  int device = 0;
-  cudaGetDevice(&device);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = handles.find(device);
-  if (it != handles.end()) return it->second;
-  cublasHandle_t h = nullptr;
-  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return nullptr;
-  handles[device] = h;
-  return h;
 }
 
 constexpr const char* kLogprobs = "kto_jax.sequence_logprobs";
@@ -394,8 +377,10 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
     size_t bytes = kto::cuda::fused_linear_logprobs_workspace_bytes(rows, head, cfg);
     void* ws = s.take<char>(bytes);
     if (!s.ok) return s.error();
+    cublasHandle_t handle = nullptr;
+    KTO_JAX_TRY(to_error(kto::cuda::shared_blas_handle(&handle)));
     KTO_JAX_TRY(to_error(kto::cuda::fused_linear_logprobs<T>(
-        blas_handle(), ws, bytes, matrix_of<T>(hidden), kto::targets_vector(t, rows), seqs, head, o,
+        handle, ws, bytes, matrix_of<T>(hidden), kto::targets_vector(t, rows), seqs, head, o,
         logp->typed_data(), n, stream, cfg)));
     narrow(n, num_tokens->typed_data(), B, stream);
     KTO_JAX_TRY(launch_error(kFusedLogprobs));
@@ -494,8 +479,10 @@ ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::
     size_t bytes = kto::cuda::fused_linear_workspace_bytes(in, head, cfg);
     void* ws = s.take<char>(bytes);
     if (!s.ok) return s.error();
-    KTO_JAX_TRY(to_error(kto::cuda::fused_linear_kto_step<T>(blas_handle(), ws, bytes, in, head, o,
-                                                             out, stream, cfg, all_reduce)));
+    cublasHandle_t handle = nullptr;
+    KTO_JAX_TRY(to_error(kto::cuda::shared_blas_handle(&handle)));
+    KTO_JAX_TRY(to_error(kto::cuda::fused_linear_kto_step<T>(handle, ws, bytes, in, head, o, out,
+                                                             stream, cfg, all_reduce)));
     metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
     narrow(n, num_tokens->typed_data(), B, stream);
     // The CUDA step keeps lse_r in its workspace; report 0 for every row until the

@@ -945,19 +945,29 @@ double reference_point(const torch::Tensor& global_kl, bool clamp_kl) {
   return kto::reference_point(kto::KlPartial{g->first, g->second}, o);
 }
 
+/// The schemas' Optional[Tensor]: an absent operand reads as an empty 1-D tensor on `like`'s
+/// device (what the checks below treat as "not given").
+using OptionalTensor = std::optional<torch::Tensor>;
+torch::Tensor or_empty(const OptionalTensor& t, const torch::Tensor& like,
+                       torch::ScalarType dtype) {
+  return t ? *t : torch::empty({0}, like.options().dtype(dtype));
+}
+
 template <Backend B>
 std::vector<torch::Tensor> step_forward(
     const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& offsets,
     const torch::Tensor& reference_logp, const torch::Tensor& desirable,
-    const torch::Tensor& kl_policy_logp, const torch::Tensor& kl_reference_logp,
-    const torch::Tensor& kl_num_tokens, const torch::Tensor& global_kl,
+    const OptionalTensor& kl_policy_logp, const OptionalTensor& kl_reference_logp,
+    const OptionalTensor& kl_num_tokens, const OptionalTensor& global_kl,
     const std::vector<double>& options) {
   const char* fn = kKtoLoss;
   const StepOperands s = step_operands(fn, logits, targets, offsets);
   const auto acc = B == Backend::cuda ? torch::kFloat : acc_of(s.logits);
-  const StepVectors v =
-      step_vectors(fn, logits, s.offsets.count(), reference_logp, desirable, kl_policy_logp,
-                   kl_reference_logp, kl_num_tokens, global_kl, acc);
+  const StepVectors v = step_vectors(fn, logits, s.offsets.count(), reference_logp, desirable,
+                                     or_empty(kl_policy_logp, logits, torch::kFloat),
+                                     or_empty(kl_reference_logp, logits, torch::kFloat),
+                                     or_empty(kl_num_tokens, logits, torch::kLong),
+                                     or_empty(global_kl, logits, torch::kDouble), acc);
   const kto::Options o = options_of(fn, options);
   if constexpr (B == Backend::cpu) {
     return step_forward_cpu(s, v, o);
@@ -1001,15 +1011,19 @@ void check_chunk_bytes(const char* fn, int64_t chunk_bytes) {
 
 template <Backend B>
 std::vector<torch::Tensor> fused_linear_forward(
-    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& hidden, const torch::Tensor& weight, const OptionalTensor& bias,
     const torch::Tensor& targets, const torch::Tensor& offsets, const torch::Tensor& reference_logp,
-    const torch::Tensor& desirable, const torch::Tensor& kl_hidden, const torch::Tensor& kl_targets,
-    const torch::Tensor& kl_offsets, const torch::Tensor& kl_reference_logp,
-    const std::vector<double>& options, int64_t chunk_bytes, int64_t strategy) {
+    const torch::Tensor& desirable, const OptionalTensor& kl_hidden,
+    const OptionalTensor& kl_targets, const OptionalTensor& kl_offsets,
+    const OptionalTensor& kl_reference_logp, const std::vector<double>& options,
+    int64_t chunk_bytes, int64_t strategy) {
   const char* fn = kFusedLoss;
-  const FusedOperands f =
-      fused_operands(fn, hidden, weight, bias, targets, offsets, reference_logp, desirable,
-                     kl_hidden, kl_targets, kl_offsets, kl_reference_logp);
+  const auto h = hidden.scalar_type();
+  const FusedOperands f = fused_operands(
+      fn, hidden, weight, or_empty(bias, hidden, h), targets, offsets, reference_logp, desirable,
+      or_empty(kl_hidden, hidden, h), or_empty(kl_targets, hidden, torch::kLong),
+      or_empty(kl_offsets, hidden, torch::kLong),
+      or_empty(kl_reference_logp, hidden, torch::kFloat));
   const kto::Options o = options_of(fn, options);
   check_chunk_bytes(fn, chunk_bytes);
   require(strategy == 0 || strategy == 1, fn, "strategy", "be keep_chunk (0) or recompute (1)",
@@ -1030,11 +1044,12 @@ std::vector<torch::Tensor> fused_linear_forward(
 
 template <Backend B>
 std::vector<torch::Tensor> fused_linear_logprobs(
-    const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& hidden, const torch::Tensor& weight, const OptionalTensor& bias,
     const torch::Tensor& targets, const torch::Tensor& offsets, const std::vector<double>& options,
     int64_t chunk_bytes) {
   const char* fn = kFusedLogprobs;
-  const FusedLogprobOperands f = fused_logprob_operands(fn, hidden, weight, bias, targets, offsets);
+  const FusedLogprobOperands f = fused_logprob_operands(
+      fn, hidden, weight, or_empty(bias, hidden, hidden.scalar_type()), targets, offsets);
   const kto::Options o = options_of(fn, options);
   check_chunk_bytes(fn, chunk_bytes);
   if constexpr (B == Backend::cpu) {

@@ -3,9 +3,6 @@
 #include <kto/cuda.hpp>
 #include <kto/cuda/fused_linear.hpp>
 
-#include <map>
-#include <mutex>
-
 #include "kto_torch_cuda.h"
 
 namespace kto_torch_cuda {
@@ -47,22 +44,6 @@ __global__ void metrics_to_doubles(const kto::Metrics* m, double* out) {
 }
 
 constexpr std::size_t kMetricsSlot = 256;  // a kto::Metrics after the error word
-
-/// One cuBLAS handle per device for the fused-linear GEMMs (torch's own handle
-/// keeps its workspace settings untouched).
-cublasHandle_t blas_handle() {
-  static std::mutex mutex;
-  static std::map<int, cublasHandle_t> handles;
-  int device = 0;
-  cudaGetDevice(&device);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = handles.find(device);
-  if (it != handles.end()) return it->second;
-  cublasHandle_t h = nullptr;
-  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return nullptr;
-  handles[device] = h;
-  return h;
-}
 
 template <class T>
 kto::MatrixView<const T> matrix(const Matrix& m) {
@@ -193,8 +174,11 @@ std::string fused_linear_step(
     out.d_weight = kto::matrix_view(d_weight, weight.rows, weight.cols);
     if (d_bias) out.d_bias = kto::make_span(d_bias, weight.rows);
     std::size_t bytes = step_bytes;
-    const auto s = kto::cuda::fused_linear_kto_step<T>(blas_handle(), workspace, bytes, in, head, o,
-                                                       out, as_stream(stream), cfg);
+    cublasHandle_t handle = nullptr;
+    const auto hs = kto::cuda::shared_blas_handle(&handle);
+    if (!hs.ok()) return message(hs);
+    const auto s = kto::cuda::fused_linear_kto_step<T>(handle, workspace, bytes, in, head, o, out,
+                                                       as_stream(stream), cfg);
     if (!s.ok()) return message(s);
     metrics_to_doubles<<<1, 1, 0, as_stream(stream)>>>(m, metrics);
     const cudaError_t err = cudaGetLastError();
@@ -219,9 +203,12 @@ std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, co
       *workspace_bytes = kto::cuda::fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg);
       return std::string();
     }
+    cublasHandle_t handle = nullptr;
+    const auto hs = kto::cuda::shared_blas_handle(&handle);
+    if (!hs.ok()) return message(hs);
     return message(kto::cuda::fused_linear_logprobs<T>(
-        blas_handle(), workspace, *workspace_bytes, matrix<T>(hidden), targets, sequences, head, o,
-        logp, num_tokens, as_stream(stream), cfg));
+        handle, workspace, *workspace_bytes, matrix<T>(hidden), targets, sequences, head, o, logp,
+        num_tokens, as_stream(stream), cfg));
   });
 }
 

@@ -108,6 +108,11 @@ def _check_devices(fn: str, anchor_name: str, anchor: Tensor, same=(), or_cpu=()
                              f"'{anchor_name}' (or on the CPU); got {t.device}")
 
 
+def _given_pairs(**tensors) -> list:
+    """(name, tensor) for each optional operand that was given."""
+    return [(name, t) for name, t in tensors.items() if t is not None]
+
+
 def _per_device(op, name: str):
     """Registers the op's CUDA kernel (the CPU one is the custom op's own body): each calls
     the extension's entry point for its backend, chosen by torch's dispatcher."""
@@ -149,10 +154,10 @@ def _step_forward(
     offsets: Tensor,
     reference_logp: Tensor,
     desirable: Tensor,
-    kl_policy_logp: Tensor,
-    kl_reference_logp: Tensor,
-    kl_num_tokens: Tensor,
-    global_kl: Tensor,
+    kl_policy_logp: Optional[Tensor],
+    kl_reference_logp: Optional[Tensor],
+    kl_num_tokens: Optional[Tensor],
+    global_kl: Optional[Tensor],
     options: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(_C.step_forward_cpu(
@@ -174,10 +179,10 @@ def _token_statistics_like(like: Tensor, b: int, options: list) -> Tensor:
 def _(logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
       kl_num_tokens, global_kl, *args):
     _check_devices("kto_torch.kto_loss", "logits", logits, [("targets", targets)],
-                   [("offsets", offsets), ("reference_logp", reference_logp),
-                    ("desirable", desirable), ("kl_policy_logp", kl_policy_logp),
-                    ("kl_reference_logp", kl_reference_logp), ("kl_num_tokens", kl_num_tokens),
-                    ("global_kl", global_kl)])
+                   _given_pairs(offsets=offsets, reference_logp=reference_logp,
+                                desirable=desirable, kl_policy_logp=kl_policy_logp,
+                                kl_reference_logp=kl_reference_logp, kl_num_tokens=kl_num_tokens,
+                                global_kl=global_kl))
     b = offsets.shape[0] - 1
     acc = _accumulation(logits)
     return (
@@ -239,15 +244,15 @@ STRATEGIES = {"keep_chunk": 0, "recompute": 1}
 def _fused_linear_forward(
     hidden: Tensor,
     weight: Tensor,
-    bias: Tensor,
+    bias: Optional[Tensor],
     targets: Tensor,
     offsets: Tensor,
     reference_logp: Tensor,
     desirable: Tensor,
-    kl_hidden: Tensor,
-    kl_targets: Tensor,
-    kl_offsets: Tensor,
-    kl_reference_logp: Tensor,
+    kl_hidden: Optional[Tensor],
+    kl_targets: Optional[Tensor],
+    kl_offsets: Optional[Tensor],
+    kl_reference_logp: Optional[Tensor],
     options: list[float],
     chunk_bytes: int,
     strategy: int,
@@ -264,11 +269,11 @@ _per_device(_fused_linear_forward, "fused_linear_forward")
 def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden, kl_targets,
       kl_offsets, kl_reference_logp, *args):
     _check_devices("kto_torch.fused_linear_kto_loss", "hidden", hidden,
-                   [("weight", weight), ("bias", bias), ("targets", targets),
-                    ("kl_hidden", kl_hidden), ("kl_targets", kl_targets)],
-                   [("offsets", offsets), ("reference_logp", reference_logp),
-                    ("desirable", desirable), ("kl_offsets", kl_offsets),
-                    ("kl_reference_logp", kl_reference_logp)])
+                   _given_pairs(weight=weight, bias=bias, targets=targets, kl_hidden=kl_hidden,
+                                kl_targets=kl_targets),
+                   _given_pairs(offsets=offsets, reference_logp=reference_logp,
+                                desirable=desirable, kl_offsets=kl_offsets,
+                                kl_reference_logp=kl_reference_logp))
     b = offsets.shape[0] - 1
     acc = _accumulation(hidden)
     return (
@@ -277,7 +282,7 @@ def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidd
         hidden.new_empty((b,), dtype=torch.int64),
         hidden.new_empty(hidden.shape, dtype=acc),
         hidden.new_empty(weight.shape, dtype=acc),
-        hidden.new_empty(bias.shape, dtype=acc),
+        hidden.new_empty(bias.shape if bias is not None else (0,), dtype=acc),
         _token_statistics_like(hidden, b, args[0]),
     )
 
@@ -286,8 +291,8 @@ def _fused_setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[0], inputs[1], inputs[2]
     _, _, _, dh, dw, db, _ = output
     ctx.save_for_backward(dh, dw, db)
-    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
-    ctx.has_bias = bias.numel() > 0
+    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    ctx.has_bias = bias is not None and bias.numel() > 0
 
 
 def _scaled(grad: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
@@ -313,7 +318,7 @@ torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
 
 
 @torch.library.custom_op("kto::fused_linear_logprobs", mutates_args=(), device_types="cpu")
-def _fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
+def _fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                            offsets: Tensor, options: list[float],
                            chunk_bytes: int) -> tuple[Tensor, Tensor]:
     return tuple(_C.fused_linear_logprobs_cpu(hidden, weight, bias, targets, offsets, options,
@@ -326,8 +331,7 @@ _per_device(_fused_linear_logprobs, "fused_linear_logprobs")
 @_fused_linear_logprobs.register_fake
 def _(hidden, weight, bias, targets, offsets, *args):
     _check_devices("kto_torch.fused_linear_logprobs", "hidden", hidden,
-                   [("weight", weight), ("bias", bias), ("targets", targets)],
-                   [("offsets", offsets)])
+                   _given_pairs(weight=weight, bias=bias, targets=targets), [("offsets", offsets)])
     b = offsets.shape[0] - 1
     return (hidden.new_empty((b,), dtype=_accumulation(hidden)),
             hidden.new_empty((b,), dtype=torch.int64))
@@ -416,10 +420,6 @@ def _chunk_bytes(hidden: Tensor, chunk_bytes: Optional[int]) -> int:
     return int(chunk_bytes)
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
                           offsets: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
                           average_logprob: bool = False, ignore_index: int = -100,
@@ -436,7 +436,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor,
     if offsets is None:
         raise ValueError("kto: argument 'offsets' is needed for [N, D] hidden states")
     return torch.ops.kto.fused_linear_logprobs(
-        hidden, weight, bias if bias is not None else _empty(hidden), targets.reshape(-1),
+        hidden, weight, bias, targets.reshape(-1),
         offsets,
         _options(average_logprob=average_logprob, ignore_index=ignore_index,
                  logit_scale=logit_scale, logit_softcap=logit_softcap, temperature=temperature),
@@ -522,20 +522,9 @@ def kto_loss(
     if global_kl is not None and (global_kl.dim() != 1 or global_kl.numel() != 2):
         raise ValueError(f"{fn}: argument 'global_kl' must hold the all-reduced (S, C): 1-D with "
                          f"2 elements (or be None); got shape {tuple(global_kl.shape)}")
-    empty_f = logits.new_empty((0,), dtype=torch.float32)
-    empty_i = logits.new_empty((0,), dtype=torch.int64)
     metrics, per_example, n, _, statistics = torch.ops.kto.step_forward(
-        logits,
-        targets,
-        offsets,
-        reference_logp,
-        desirable,
-        kl_policy_logp if kl_policy_logp is not None else empty_f,
-        kl_reference_logp if kl_reference_logp is not None else empty_f,
-        kl_num_tokens if kl_num_tokens is not None else empty_i,
-        global_kl if global_kl is not None else logits.new_empty((0,), dtype=torch.float64),
-        options,
-    )
+        logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
+        kl_num_tokens, global_kl, options)
     return _kto_output(metrics, per_example, n, statistics if token_statistics else None)
 
 
@@ -605,20 +594,18 @@ def fused_linear_kto_loss(
         if kl_offsets is None or kl_targets is None or kl_reference_logp is None:
             raise ValueError("kto: the KL batch needs kl_targets, kl_offsets (for [N, D]) and "
                              "kl_reference_logp with kl_hidden")
-    empty_i = torch.empty((0,), dtype=torch.int64, device=hidden.device)
     metrics, per_example, n, _, _, _, statistics = torch.ops.kto.fused_linear_forward(
         hidden,
         weight,
-        bias if bias is not None else _empty(hidden),
+        bias,
         targets.reshape(-1),
         offsets,
         reference_logp,
         desirable,
-        kl_hidden if kl_hidden is not None else _empty(hidden),
-        kl_targets.reshape(-1) if kl_targets is not None else empty_i,
-        kl_offsets if kl_offsets is not None else empty_i,
-        kl_reference_logp if kl_reference_logp is not None else hidden.new_empty(
-            (0,), dtype=torch.float32),
+        kl_hidden,
+        kl_targets.reshape(-1) if kl_targets is not None else None,
+        kl_offsets,
+        kl_reference_logp,
         options,
         _chunk_bytes(hidden, chunk_bytes),
         _lookup(STRATEGIES, "strategy", strategy),
