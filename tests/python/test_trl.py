@@ -170,14 +170,22 @@ def step_against_trl(tmp_path, policy, fused_linear):
                               fused_linear=fused_linear, fused_chunk_bytes=4096, **common)
     assert ours.fused_linear == (fused_linear is None)
     batch = next(iter(theirs.get_train_dataloader()))
-    loss_t, grads_t, metrics_t = loss_and_grads(theirs, batch)
-    loss_o, grads_o, metrics_o = loss_and_grads(ours, batch)
+    theirs_out = loss_and_grads(theirs, batch)
+    _, grads_o, _ = assert_matches_trl(theirs_out, loss_and_grads(ours, batch))
+    return theirs_out[2], ours, grads_o
+
+
+def assert_matches_trl(theirs, ours):
+    """(loss, grads, metrics) of the drop-in against TRL's, under this file's rule."""
+    loss_t, grads_t, metrics_t = theirs
+    loss_o, grads_o, metrics_o = ours
     assert abs(loss_o.item() - loss_t.item()) <= 1e-6 * max(1.0, abs(loss_t.item()))
     for key in TRL_METRICS:
         assert (key in metrics_t) == (key in metrics_o), key
         if key in metrics_t:
             assert abs(metrics_o[key] - metrics_t[key]) <= 1e-6 * max(1.0, abs(metrics_t[key])), key
     scale = max(float(g.abs().max()) for g in grads_t.values())
+    assert scale > 0
     for name, g in grads_t.items():
         assert torch.allclose(grads_o[name], g, rtol=0, atol=1e-4 * scale), name
-    return metrics_t, ours, grads_o
+    return ours

@@ -37,6 +37,7 @@ and what to try, where TRL's own trainer would go on with NaN parameters.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -46,7 +47,7 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from trl import KTOTrainer as _TRLKTOTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 import kto_torch
 
@@ -311,7 +312,21 @@ class KTOTrainer(_TRLKTOTrainer):
                            self.accelerator.device.type)
 
     def _kto_supported(self) -> bool:
-        return self.ref_model is not None or self.precompute_ref_logps
+        return (self.ref_model is not None or self.precompute_ref_logps
+                or self._reference_is_base_model())
+
+    def _reference_is_base_model(self) -> bool:
+        """PEFT without a ref_model: as TRL, the reference is the policy with its adapter
+        disabled (or switched to an adapter named "ref")."""
+        return self.ref_model is None and is_peft_model(self.model)
+
+    def _reference(self, model):
+        """(the reference model, the context it runs in)."""
+        if self._reference_is_base_model():
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in unwrapped.peft_config else None
+            return model, use_adapter(unwrapped, adapter_name=name)
+        return self.ref_model, contextlib.nullcontext()
 
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._kto_supported() or return_outputs:
@@ -377,11 +392,14 @@ class KTOTrainer(_TRLKTOTrainer):
                 if self.precompute_ref_logps:
                     ref_logp, ref_kl_logp = batch["ref_logps"], batch.get("ref_KL_logps")
                 else:
-                    ref_logp, _ = logprobs(self.ref_model, *target,
-                                           "the reference model's forward")
-                    if self.calculate_KL:
-                        ref_kl_logp, _ = logprobs(self.ref_model, *kl_batch,
-                                                  "the reference model's forward on the KL batch")
+                    reference, context = self._reference(model)
+                    with context:
+                        ref_logp, _ = logprobs(reference, *target,
+                                               "the reference model's forward")
+                        if self.calculate_KL:
+                            ref_kl_logp, _ = logprobs(
+                                reference, *kl_batch,
+                                "the reference model's forward on the KL batch")
             partial = torch.zeros(2, dtype=torch.float64)
             if self.calculate_KL:
                 partial = kto_torch.kl_partial(kl_logp, ref_kl_logp, kl_tokens)
