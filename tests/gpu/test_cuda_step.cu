@@ -328,6 +328,49 @@ TEST_CASE("gpu errors: host-visible arguments come back from the call", "[gpu][s
   CHECK(std::string(st.message).find("'out.metrics'") != std::string::npos);
 }
 
+TEMPLATE_TEST_CASE("gpu step_forward + step_backward are kto_step, split; the cotangent scales",
+                   "[gpu][small]", KTO_GPU_DTYPES) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  kto::Options o;
+  test::ShapeSpec spec;
+  Case<T> c(rng, Layout::padded, spec, o);
+  const Outcome<T> whole = run_step(c, o, false, true);
+  REQUIRE(whole.status.ok());
+
+  DeviceStep<T> d(c, false, true);
+  DeviceArray<float> row_lse(static_cast<size_t>(d.in.policy_logits.rows.rows));
+  d.out.row_lse = row_lse.get();
+  size_t bytes = 0;
+  REQUIRE(kto::cuda::step_forward<T>(nullptr, bytes, d.in, o, d.out, d.stream).ok());
+  DeviceArray<char> workspace(bytes);
+  REQUIRE(kto::cuda::step_forward<T>(workspace.get(), bytes, d.in, o, d.out, d.stream).ok());
+  REQUIRE(kto::cuda::read_status(workspace.get(), d.stream, d.in.sequences).ok());
+  CHECK(std::memcmp(&d.metrics.download()[0], &whole.metrics, sizeof(kto::Metrics)) == 0);
+  REQUIRE(kto::cuda::step_backward<T>(d.in, d.out, o, d.grad_view, d.stream).ok());
+  const auto split = d.grad.download();
+  CHECK(std::memcmp(split.data(), whole.grad.data(), split.size() * sizeof(T)) == 0);
+
+  // A cotangent of 2 doubles every gradient element exactly (a power of two).
+  DeviceArray<float> two(std::vector<float>{2.0f});
+  REQUIRE(kto::cuda::step_backward<T>(d.in, d.out, o, d.grad_view, d.stream, two.get()).ok());
+  const auto doubled = d.grad.download();
+  for (size_t i = 0; i < doubled.size(); ++i) {
+    if (std::isnan(Type<T>::up(split[i]))) continue;  // padding keeps its poison
+    if (Type<T>::up(doubled[i]) != 2.0 * Type<T>::up(split[i])) {
+      FAIL_CHECK("element " << i << ": " << Type<T>::up(doubled[i]) << " != 2 x "
+                            << Type<T>::up(split[i]));
+      break;
+    }
+  }
+  // The residuals are required.
+  kto::cuda::StepOutputs missing = d.out;
+  missing.row_lse = nullptr;
+  const auto st = kto::cuda::step_forward<T>(workspace.get(), bytes, d.in, o, missing, d.stream);
+  CHECK(st.code == kto::cuda::StatusCode::invalid_argument);
+  CHECK(std::string(st.message).find("out.row_lse") != std::string::npos);
+}
+
 TEST_CASE("gpu errors: a kl_batch step without a KL example reports empty_kl_batch",
           "[gpu][small][errors]") {
   std::mt19937_64 rng(test::fresh_seed());

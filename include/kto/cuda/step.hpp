@@ -305,11 +305,14 @@ struct StepInputs {
 };
 
 /// Device outputs; metrics is required, a null array stays in the workspace.
+/// step_forward() also needs the backward's residuals: row_lse (one per logits
+/// row), num_tokens and examples.grad_logp.
 struct StepOutputs {
   Metrics* metrics = nullptr;
   float* logp = nullptr;
   index_t* num_tokens = nullptr;
   ExampleOutputs examples;
+  float* row_lse = nullptr;  ///< lse_r per row: the backward's residual
 };
 
 /// Sums the KlPartial (three doubles, device memory: S, C and the failed
@@ -359,65 +362,45 @@ StepBuffers carve_step(Carver& c, const StepInputs<T>& in) {
   return b;
 }
 
-}  // namespace detail
-
-/// Checks every host-visible argument of kto_step(); launches nothing.
+/// Checks every host-visible argument of a step (with `grad`: kto_step's) under `fn`.
 template <class T>
-Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView<T>& grad,
-                     const StepOutputs& out) {
-  detail::check_logit_type<T>();
-  const char* fn = "kto::cuda::kto_step";
-  try {
-    detail::validate_cuda_options(o, fn);
-    detail::validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_",
-                                   false);
-    kto::detail::validate_gradient(grad, in.policy_logits, fn);
-    detail::validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
-    kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
-    kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
-    if (uses_kl_batch(o)) {
-      if (in.kl.logits.data) {
-        detail::validate_forward_views(in.kl.logits, in.kl.targets, in.kl.sequences, fn, "kl.",
-                                       true);
-      } else {
-        const index_t K = in.kl.policy_logp.size;
-        kto::detail::require(K >= 0, fn, "kl.policy_logp.size", "be >= 0", K);
-        kto::detail::require(in.kl.policy_logp.data != nullptr || K == 0, fn, "kl.policy_logp",
-                             "be non-null (or give kl.logits)", "nullptr");
-        kto::detail::require(
-            in.kl.num_tokens != nullptr || K == 0 || o.kl_estimator != KlEstimator::nonempty_mean,
-            fn, "kl.num_tokens", "be non-null for the nonempty_mean estimator", "nullptr");
-      }
-      detail::validate_device_logp(in.kl.reference_logp, detail::kl_count(in), fn,
-                                   "kl.reference_logp");
+void validate_step(const StepInputs<T>& in, const Options& o, const LogitsView<T>* grad,
+                   const StepOutputs& out, const char* fn) {
+  validate_cuda_options(o, fn);
+  validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_", false);
+  if (grad) kto::detail::validate_gradient(*grad, in.policy_logits, fn);
+  validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
+  kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
+  kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
+  if (uses_kl_batch(o)) {
+    if (in.kl.logits.data) {
+      validate_forward_views(in.kl.logits, in.kl.targets, in.kl.sequences, fn, "kl.", true);
+    } else {
+      const index_t K = in.kl.policy_logp.size;
+      kto::detail::require(K >= 0, fn, "kl.policy_logp.size", "be >= 0", K);
+      kto::detail::require(in.kl.policy_logp.data != nullptr || K == 0, fn, "kl.policy_logp",
+                           "be non-null (or give kl.logits)", "nullptr");
+      kto::detail::require(
+          in.kl.num_tokens != nullptr || K == 0 || o.kl_estimator != KlEstimator::nonempty_mean, fn,
+          "kl.num_tokens", "be non-null for the nonempty_mean estimator", "nullptr");
     }
-  } catch (const kto::Error& e) {
-    return Status::from(e);
+    validate_device_logp(in.kl.reference_logp, kl_count(in), fn, "kl.reference_logp");
   }
-  return Status::success();
 }
 
+/// The forward of a step into `out` (arrays it leaves null: the workspace's),
+/// after the checks; with `grad`, the backward too.
 template <class T>
-size_t kto_step_workspace_bytes(const StepInputs<T>& in) {
-  detail::Carver c(nullptr);
-  detail::carve_step(c, in);
-  return c.used();
-}
-
-/// The whole step for one process: forward (target and, if given as logits,
-/// KL batch), KL partial → all_reduce (if given) → finish → backward.
-template <class T>
-Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in, const Options& o,
-                const LogitsView<T>& grad, const StepOutputs& out, cudaStream_t stream,
-                const KlAllReduce& all_reduce = {}) {
-  const char* fn = "kto::cuda::kto_step";
-  Status status = can_implement(in, o, grad, out);
-  if (!status) return status;
-  if (!detail::workspace_ready(workspace, workspace_bytes, kto_step_workspace_bytes(in), status,
-                               fn))
-    return status;
-  detail::Carver c(workspace);
-  const detail::StepBuffers b = detail::carve_step(c, in);
+Status run_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in, const Options& o,
+                const StepOutputs& out, cudaStream_t stream, const KlAllReduce& all_reduce,
+                const LogitsView<T>* grad, const char* fn) {
+  Carver query(nullptr);
+  carve_step(query, in);
+  Status status;
+  if (!workspace_ready(workspace, workspace_bytes, query.used(), status, fn)) return status;
+  Carver c(workspace);
+  const StepBuffers b = carve_step(c, in);
+  float* row_lse = out.row_lse ? out.row_lse : b.row_lse;
   float* logp = out.logp ? out.logp : b.logp;
   index_t* num_tokens = out.num_tokens ? out.num_tokens : b.num_tokens;
   ExampleOutputs ex{out.examples.ratio ? out.examples.ratio : b.ratio,
@@ -425,19 +408,19 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
                     out.examples.loss ? out.examples.loss : b.loss,
                     out.examples.grad_logp ? out.examples.grad_logp : b.grad_logp};
 
-  detail::reset_errors(b.errors, stream);
-  detail::launch_forward(in.policy_logits, in.targets, in.sequences, o.ignore_index, b.row_lse,
-                         b.token_logp, logp, num_tokens, o.average_logprob, b.errors, 0u, stream);
+  reset_errors(b.errors, stream);
+  launch_forward(in.policy_logits, in.targets, in.sequences, o.ignore_index, row_lse, b.token_logp,
+                 logp, num_tokens, o.average_logprob, b.errors, 0u, stream);
 
   cudaMemsetAsync(b.partial, 0, sizeof(KlPartial), stream);
-  const index_t K = detail::kl_count(in);
+  const index_t K = kl_count(in);
   if (uses_kl_batch(o) && K > 0) {
     const float* kl_logp = in.kl.policy_logp.data;
     const index_t* kl_tokens = in.kl.num_tokens;
     if (in.kl.logits.data) {
-      detail::launch_forward(in.kl.logits, in.kl.targets, in.kl.sequences, o.ignore_index,
-                             b.kl_row_lse, b.kl_token_logp, b.kl_logp, b.kl_num_tokens,
-                             o.average_logprob, b.errors, device::kKlBatchTag, stream);
+      launch_forward(in.kl.logits, in.kl.targets, in.kl.sequences, o.ignore_index, b.kl_row_lse,
+                     b.kl_token_logp, b.kl_logp, b.kl_num_tokens, o.average_logprob, b.errors,
+                     device::kKlBatchTag, stream);
       kl_logp = b.kl_logp;
       kl_tokens = b.kl_num_tokens;
     }
@@ -445,7 +428,7 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
                         b.errors};
     device::kl_partial_kernel<<<1, device::kFinishThreads, 0, stream>>>(kp);
   }
-  status = detail::last_launch(fn);
+  status = last_launch(fn);
   if (!status) return status;
   if (all_reduce) {
     device::PreCollectiveParams pc{in.reference_logp.data, in.desirable, in.sequences.count,
@@ -467,11 +450,109 @@ Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
                           out.metrics,
                           b.errors};
   device::finish_kernel<<<1, device::kFinishThreads, 0, stream>>>(fp);
-  device::BackwardParams<T> bp{in.policy_logits, in.targets,        in.sequences,
-                               o.ignore_index,   o.average_logprob, b.row_lse,
-                               ex.grad_logp,     num_tokens,        grad};
-  detail::launch_backward(bp, stream);
+  if (grad) {
+    device::BackwardParams<T> bp{in.policy_logits, in.targets,        in.sequences,
+                                 o.ignore_index,   o.average_logprob, row_lse,
+                                 ex.grad_logp,     num_tokens,        *grad};
+    launch_backward(bp, stream);
+  }
+  return last_launch(fn);
+}
+
+}  // namespace detail
+
+/// Checks every host-visible argument of kto_step(); launches nothing.
+template <class T>
+Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView<T>& grad,
+                     const StepOutputs& out) {
+  detail::check_logit_type<T>();
+  try {
+    detail::validate_step(in, o, &grad, out, "kto::cuda::kto_step");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  return Status::success();
+}
+
+/// Workspace of step_forward() and kto_step() (the same layout).
+template <class T>
+size_t kto_step_workspace_bytes(const StepInputs<T>& in) {
+  detail::Carver c(nullptr);
+  detail::carve_step(c, in);
+  return c.used();
+}
+
+/// Forward half of a step, the twin of kto::cpu::step_forward: loss, metrics
+/// and per-example outputs into `out`, plus the residuals step_backward()
+/// reads (out.row_lse, out.num_tokens, out.examples.grad_logp: required).
+/// With `all_reduce`, the KL partial is summed across ranks before the finish.
+template <class T>
+Status step_forward(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in,
+                    const Options& o, const StepOutputs& out, cudaStream_t stream,
+                    const KlAllReduce& all_reduce = {}) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::step_forward";
+  try {
+    detail::validate_step<T>(in, o, nullptr, out, fn);
+    kto::detail::require(out.row_lse != nullptr || in.policy_logits.rows.rows == 0, fn,
+                         "out.row_lse", "be non-null (the backward's residual)", "nullptr");
+    kto::detail::require(out.num_tokens != nullptr, fn, "out.num_tokens",
+                         "be non-null (the backward's residual)", "nullptr");
+    kto::detail::require(out.examples.grad_logp != nullptr, fn, "out.examples.grad_logp",
+                         "be non-null (the backward's residual)", "nullptr");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  return detail::run_step<T>(workspace, workspace_bytes, in, o, out, stream, all_reduce, nullptr,
+                             fn);
+}
+
+/// Backward half, the twin of kto::cpu::step_backward: ∂L/∂logits into `grad`
+/// (which may alias the logits exactly) from step_forward()'s residuals.
+/// `cotangent` (a device scalar, or null for 1) scales the loss.
+template <class T>
+Status step_backward(const StepInputs<T>& in, const StepOutputs& forward, const Options& o,
+                     const LogitsView<T>& grad, cudaStream_t stream,
+                     const float* cotangent = nullptr) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::step_backward";
+  try {
+    detail::validate_cuda_options(o, fn);
+    detail::validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_",
+                                   false);
+    kto::detail::validate_gradient(grad, in.policy_logits, fn);
+    kto::detail::require(forward.row_lse != nullptr || in.policy_logits.rows.rows == 0, fn,
+                         "forward.row_lse", "be non-null", "nullptr");
+    kto::detail::require(forward.num_tokens != nullptr, fn, "forward.num_tokens", "be non-null",
+                         "nullptr");
+    kto::detail::require(forward.examples.grad_logp != nullptr, fn, "forward.examples.grad_logp",
+                         "be non-null", "nullptr");
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  device::BackwardParams<T> p{in.policy_logits,
+                              in.targets,
+                              in.sequences,
+                              o.ignore_index,
+                              o.average_logprob,
+                              forward.row_lse,
+                              forward.examples.grad_logp,
+                              forward.num_tokens,
+                              grad,
+                              cotangent};
+  detail::launch_backward(p, stream);
   return detail::last_launch(fn);
+}
+
+/// The whole step for one process: step_forward, then step_backward into `grad`.
+template <class T>
+Status kto_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in, const Options& o,
+                const LogitsView<T>& grad, const StepOutputs& out, cudaStream_t stream,
+                const KlAllReduce& all_reduce = {}) {
+  Status status = can_implement(in, o, grad, out);
+  if (!status) return status;
+  return detail::run_step<T>(workspace, workspace_bytes, in, o, out, stream, all_reduce, &grad,
+                             "kto::cuda::kto_step");
 }
 
 }  // namespace cuda

@@ -29,6 +29,7 @@ struct BackwardParams {
   const float* grad_logp;     ///< per sequence
   const index_t* num_tokens;  ///< per sequence
   LogitsView<T> grad;
+  const float* cotangent = nullptr;  ///< device scalar scaling the loss; null: 1
 };
 
 using kto::sequence_of_row;
@@ -76,8 +77,9 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   float scale = 0.0f, lse = 0.0f;
   if (scored) {
     const index_t s = sequence_of_row(p.sequences, r);
-    scale = static_cast<float>(
-        token_scale(static_cast<double>(p.grad_logp[s]), p.num_tokens[s], p.average));
+    const double g = static_cast<double>(p.grad_logp[s]) *
+                     (p.cotangent ? static_cast<double>(*p.cotangent) : 1.0);
+    scale = static_cast<float>(token_scale(g, p.num_tokens[s], p.average));
     lse = p.row_lse[r];
   }
   write_row<T, kThreads>(p.logits.row(r), p.grad.row(r), p.logits.vocab, t, lse, scale, lane,
