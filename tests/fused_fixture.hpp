@@ -121,8 +121,9 @@ template <class T>
 kto::cpu::FusedLinearConfig config_rows(const FusedProblem& fp, index_t rows,
                                         FusedStrategy strategy) {
   kto::cpu::FusedLinearConfig cfg;
-  cfg.chunk_bytes = static_cast<size_t>(rows) * sizeof(kto::accumulator_t<T>) *
-                    static_cast<size_t>(fp.vocab + fp.dim);
+  size_t per_row = sizeof(kto::accumulator_t<T>) * static_cast<size_t>(fp.vocab + fp.dim);
+  if (kto::cpu::uses_bf16_gemm<T>(cfg)) per_row += sizeof(T) * static_cast<size_t>(fp.dim);
+  cfg.chunk_bytes = static_cast<size_t>(rows) * per_row;
   cfg.strategy = strategy;
   return cfg;
 }

@@ -179,17 +179,72 @@ TEST_CASE("fused-linear extra memory does not grow with the number of rows", "[f
   const auto b = make_problem<Eigen::bfloat16>(rng, large);
   const Storage<Eigen::bfloat16> sa(a), sb(b);
   REQUIRE(b.rows > 20 * a.rows);
-  kto::cpu::FusedLinearConfig cfg;
-  cfg.chunk_bytes = 8 * sizeof(float) * (37 + 16);  // 8 rows a chunk
-  const size_t bytes_a = kto::cpu::fused_linear_workspace_bytes(sa.head(), cfg);
-  const size_t bytes_b = kto::cpu::fused_linear_workspace_bytes(sb.head(), cfg);
-  CHECK(bytes_a == bytes_b);
-  // The engine holds exactly that: a chunk within the budget, fp32 W and b.
-  kto::cpu::detail::ChunkEngine<Eigen::bfloat16> engine(sb.head(), 8, {}, {});
-  CHECK(engine.allocated_bytes() == bytes_b);
-  CHECK(bytes_b == cfg.chunk_bytes + sizeof(float) * (37 * 16 + 37));
-  // Far below materialising the logits of the large batch.
-  CHECK(bytes_b < sizeof(float) * static_cast<size_t>(b.rows * 37) / 4);
+  for (const bool bf16_gemm : {false, true}) {
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.chunk_bytes = 8 * sizeof(float) * (37 + 16);  // 8 fp32 rows a chunk
+    cfg.bf16_gemm = bf16_gemm;
+    const bool gemm = kto::cpu::uses_bf16_gemm<Eigen::bfloat16>(cfg);
+    INFO("bf16_gemm " << bf16_gemm << " (in use: " << gemm << ")");
+    const size_t bytes_a = kto::cpu::fused_linear_workspace_bytes(sa.head(), cfg);
+    const size_t bytes_b = kto::cpu::fused_linear_workspace_bytes(sb.head(), cfg);
+    CHECK(bytes_a == bytes_b);
+    // The engine holds exactly that: a chunk within the budget, and b in fp32; W in fp32 when
+    // widened, none with gemm_bf16 (W read in place).
+    const auto rows = kto::cpu::detail::chunk_rows_of(sb.head(), cfg, b.rows);
+    kto::cpu::detail::ChunkEngine<Eigen::bfloat16> engine(sb.head(), rows, {}, {}, gemm);
+    CHECK(engine.allocated_bytes() == bytes_b);
+    if (gemm) {
+      CHECK(rows == 6);  // 8·4·53 bytes over 4·53 + 2·16 a row
+      CHECK(bytes_b <= cfg.chunk_bytes + sizeof(float) * 37);
+    } else {
+      CHECK(rows == 8);
+      CHECK(bytes_b == cfg.chunk_bytes + sizeof(float) * (37 * 16 + 37));
+    }
+    // Far below materialising the logits of the large batch.
+    CHECK(bytes_b < sizeof(float) * static_cast<size_t>(b.rows * 37) / 4);
+  }
+}
+
+TEST_CASE("bf16 heads: gemm_bf16 and the fp32 widening both match the reference and each other",
+          "[fused][bf16]") {
+  // Both multiply the same bfloat16 values exactly (their products fit in fp32) and sum in fp32,
+  // in different orders; the gemm's backward also splits fp32 dZ into bf16 hi + lo (|error| <=
+  // 2^-17 of each). So they differ by fp32 rounding over sums of D or rows (<= 2·n·2^-24 of the
+  // sum of magnitudes) plus 2^-17: within 2^-12 of the largest entry for these sizes, and each is
+  // within the bf16 rule of the float64 reference.
+  using BF = Eigen::bfloat16;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  INFO("seed " << seed << " strategy " << int(strategy) << " gemm_bf16 available "
+               << kto::cpu::bf16_gemm_supported());
+  test::FusedSpec spec;
+  spec.sequences = 7;
+  spec.vocab = 301;
+  spec.dim = 40;
+  const auto fp = make_problem<BF>(rng, spec);
+  kto::Options o;
+  auto cfg = config_rows<BF>(fp, 6, strategy);
+  const auto gemm = run_fused<BF>(fp, o, cfg);
+  cfg.bf16_gemm = false;
+  const auto widened = run_fused<BF>(fp, o, cfg);
+  const auto R = test::fused_reference(fp, o);
+  test::compare_fused(fp, R, observe(gemm), o, test::rtol<BF>());
+  test::compare_fused(fp, R, observe(widened), o, test::rtol<BF>());
+  CHECK(std::abs(gemm.result.metrics.loss - widened.result.metrics.loss) <=
+        1e-5 * std::abs(widened.result.metrics.loss));
+  auto close = [](const std::vector<float>& a, const std::vector<float>& b) {
+    float scale = 0.0f, worst = 0.0f;
+    for (size_t i = 0; i < a.size(); ++i) {
+      scale = std::max(scale, std::abs(b[i]));
+      worst = std::max(worst, std::abs(a[i] - b[i]));
+    }
+    INFO("largest difference " << worst << " of largest entry " << scale);
+    CHECK(scale > 0.0f);
+    CHECK(worst <= std::ldexp(scale, -12));
+  };
+  close(gemm.d_hidden, widened.d_hidden);
+  close(gemm.d_weight, widened.d_weight);
 }
 
 TEST_CASE(

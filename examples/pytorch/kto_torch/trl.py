@@ -215,14 +215,18 @@ class HeadRequest:
                                              inputs.get("attention_mask"))
 
     def _head(self, inputs, hidden, weight, bias, transform):
-        # Only the last T positions are read (prompt-learning PEFT prepends virtual tokens);
-        # under autocast the backbone returns bf16/fp16 while the weight stays fp32: cast it
-        # as autocast would for the lm_head's matmul (gradients flow back through the cast).
+        # Only the last T positions are read (prompt-learning PEFT prepends virtual tokens).
+        # The head multiplies in the dtype autocast would give the lm_head's matmul, as TRL's
+        # head does (its compute dtype): the autocast dtype when autocast is on, else the
+        # hidden states' (gradients flow back through the casts). The library accumulates
+        # in fp32 either way and keeps the logits in fp32.
         t = inputs["input_ids"].size(1)
         hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
-        if weight.dtype != hidden.dtype:
-            weight = weight.to(hidden.dtype)
-            bias = bias.to(hidden.dtype) if bias is not None else None
+        device = weight.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else hidden.dtype)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
         labels = _labels(inputs, self.completion_mask).to(weight.device)
         if self.loss is None:
             return kto_torch.fused_linear_logprobs(hidden, weight, labels, bias=bias,

@@ -31,9 +31,11 @@
 
 #include "../finish.hpp"
 #include "../fused_linear.hpp"
+#include "gemm_bf16.hpp"
 #include "kto_step.hpp"
 #include "parallel.hpp"
 #include "row_kernels.hpp"
+#include "scratch.hpp"
 #include "sequence_logprobs.hpp"
 
 namespace kto {
@@ -45,7 +47,16 @@ struct FusedLinearConfig {
   /// Budget for one chunk: its logits and hidden rows in the accumulation type.
   size_t chunk_bytes = kDefaultCpuChunkBytes;
   FusedStrategy strategy = FusedStrategy::keep_chunk;
+  /// bfloat16 heads: multiply in bfloat16 with fp32 accumulation (gemm_bf16.hpp)
+  /// where the CPU has AVX512-BF16; false widens H and W to fp32 first.
+  bool bf16_gemm = true;
 };
+
+/// Whether a step over T multiplies with gemm_bf16 (else: Eigen, in fp32).
+template <class T>
+bool uses_bf16_gemm(const FusedLinearConfig& cfg) {
+  return std::is_same<T, Eigen::bfloat16>::value && cfg.bf16_gemm && bf16_gemm_supported();
+}
 
 template <class Acc>
 struct LinearGradients {
@@ -167,15 +178,20 @@ class ChunkEngine {
   using Acc = accumulator_t<T>;
 
   ChunkEngine(const LinearHead<T>& head, index_t chunk_rows, const ExecutionPolicy& exec,
-              const LogitTransform& transform)
+              const LogitTransform& transform, bool bf16_gemm)
       : head_(head),
         vocab_(head.weight.rows),
         dim_(head.weight.cols),
         chunk_rows_(chunk_rows),
         exec_(exec),
-        transform_(transform) {
-    if (!std::is_same<T, Acc>::value) {
-      weight_copy_.resize(static_cast<size_t>(vocab_ * dim_));
+        transform_(transform),
+        bf16_gemm_(bf16_gemm) {
+    const auto rows_by_dim = static_cast<size_t>(chunk_rows_ * dim_);
+    if (bf16_gemm_) {  // W read in place; the chunk's hidden rows kept in bfloat16
+      hidden_bf16_ = ScratchArray<Eigen::bfloat16>(Slot::hidden_bf16, rows_by_dim);
+      hidden_ = ScratchArray<Acc>(Slot::hidden, rows_by_dim);  // dH of the chunk's rows
+    } else if (!std::is_same<T, Acc>::value) {
+      weight_copy_ = ScratchArray<Acc>(Slot::weight, static_cast<size_t>(vocab_ * dim_));
       parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
         for (index_t v = b; v < e; ++v)
           widen(head.weight.row(v), dim_, weight_copy_.data() + v * dim_);
@@ -185,14 +201,15 @@ class ChunkEngine {
       bias_.resize(static_cast<size_t>(vocab_));
       widen(head.bias.data, vocab_, bias_.data());
     }
-    hidden_.resize(static_cast<size_t>(chunk_rows_ * dim_));
-    logits_.resize(static_cast<size_t>(chunk_rows_ * vocab_));
+    if (!bf16_gemm_) hidden_ = ScratchArray<Acc>(Slot::hidden, rows_by_dim);
+    logits_ = ScratchArray<Acc>(Slot::logits, static_cast<size_t>(chunk_rows_ * vocab_));
     rows_.reserve(static_cast<size_t>(chunk_rows_));
   }
 
   /// Bytes this engine holds: independent of the number of rows.
   size_t allocated_bytes() const {
-    return sizeof(Acc) * (weight_copy_.size() + bias_.size() + hidden_.size() + logits_.size());
+    return sizeof(Acc) * (weight_copy_.size() + bias_.size() + hidden_.size() + logits_.size()) +
+           sizeof(Eigen::bfloat16) * hidden_bf16_.size();
   }
   index_t chunk_rows() const { return chunk_rows_; }
   index_t vocab() const { return vocab_; }
@@ -219,6 +236,23 @@ class ChunkEngine {
     for (index_t r = r0; r < r0 + n; ++r)
       if (scorer.target(r) != scorer.ignore) rows_.push_back(r);
     const auto m = static_cast<index_t>(rows_.size());
+    if constexpr (std::is_same<T, Eigen::bfloat16>::value) {
+      if (bf16_gemm_) {
+        for (index_t k = 0; k < m; ++k)
+          std::copy(hidden.row(rows_[k]), hidden.row(rows_[k]) + dim_,
+                    hidden_bf16_.data() + k * dim_);
+        if (m == 0) return;
+        auto z = logits_chunk(m);
+        const MatrixView<const T>& w = head_.weight;
+        parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
+          // Z[:, b:e) = H · W[b:e)ᵀ: B(k = c, n = v) = W[b + v][c].
+          gemm_bf16(m, e - b, dim_, GemmOperand<T>{hidden_bf16_.data(), dim_, 1},
+                    GemmOperand<T>{w.row(b), 1, w.stride}, logits_.data() + b, vocab_, false);
+          add_bias(z, b, e);
+        });
+        return;
+      }
+    }
     for (index_t k = 0; k < m; ++k) widen(hidden.row(rows_[k]), dim_, hidden_.data() + k * dim_);
     if (m == 0) return;
     auto h = hidden_chunk(m);
@@ -226,11 +260,15 @@ class ChunkEngine {
     const auto w = weight();
     parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
       z.middleCols(b, e - b).noalias() = h * w.middleRows(b, e - b).transpose();
-      if (!bias_.empty()) {
-        const Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>> bias(bias_.data() + b, e - b);
-        z.middleCols(b, e - b).rowwise() += bias;
-      }
+      add_bias(z, b, e);
     });
+  }
+
+  /// Z[:, b:e) += bias[b:e), when the head has a bias.
+  void add_bias(MatrixMap<Acc>& z, index_t b, index_t e) const {
+    if (bias_.empty()) return;
+    const Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>> bias(bias_.data() + b, e - b);
+    z.middleCols(b, e - b).rowwise() += bias;
   }
 
   /// The slice's partial of each row of [r0, r0 + n) (unscored rows: {NaN, 0});
@@ -276,20 +314,48 @@ class ChunkEngine {
     });
     const auto g = logits_chunk(m);
     auto h = hidden_chunk(m);
-    const auto w = weight();
     MatrixMap<Acc> dw(grads.d_weight.data, vocab_, dim_,
                       Eigen::OuterStride<>(grads.d_weight.stride));
-    parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
-      dw.middleRows(b, e - b).noalias() += g.middleCols(b, e - b).transpose() * h;
+    auto add_bias_gradient = [&](index_t b, index_t e) {
       if (grads.d_bias.size > 0) {  // row by row: no reduction whose order alignment could change
         Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> db(grads.d_bias.data + b, e - b);
         for (index_t i = 0; i < m; ++i) db += g.row(i).segment(b, e - b);
       }
+    };
+    if constexpr (std::is_same<T, Eigen::bfloat16>::value) {
+      if (bf16_gemm_) {
+        // G stays fp32, split hi + lo by the GEMM (gemm_bf16.hpp): ~16 mantissa bits.
+        const MatrixView<const T>& w = head_.weight;
+        parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
+          // dW[b:e) += G[:, b:e)ᵀ · H.
+          gemm_bf16(e - b, dim_, m, GemmOperand<float>{logits_.data() + b, 1, vocab_},
+                    GemmOperand<T>{hidden_bf16_.data(), dim_, 1}, grads.d_weight.row(b),
+                    grads.d_weight.stride, true);
+          add_bias_gradient(b, e);
+        });
+        // dH = G · W, rows split over threads: each call packs W once for all its rows.
+        parallel_for(m, exec_, [&](index_t b, index_t e) {
+          gemm_bf16(e - b, dim_, vocab_, GemmOperand<float>{logits_.data() + b * vocab_, vocab_, 1},
+                    GemmOperand<T>{w.data, w.stride, 1}, hidden_.data() + b * dim_, dim_, false);
+        });
+        scatter_hidden_gradient(m, grads);
+        return;
+      }
+    }
+    const auto w = weight();
+    parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
+      dw.middleRows(b, e - b).noalias() += g.middleCols(b, e - b).transpose() * h;
+      add_bias_gradient(b, e);
     });
     // dH of the scored rows, into the hidden buffer (read for the last time above), then out.
     parallel_tiles(m, kRowTile, exec_, [&](index_t b, index_t e) {
       h.middleRows(b, e - b).noalias() = g.middleRows(b, e - b) * w;
     });
+    scatter_hidden_gradient(m, grads);
+  }
+
+  /// dH of the chunk's scored rows (in the hidden buffer) to their rows of d_hidden.
+  void scatter_hidden_gradient(index_t m, const LinearGradients<Acc>& grads) {
     for (index_t k = 0; k < m; ++k)
       std::copy(hidden_.data() + k * dim_, hidden_.data() + (k + 1) * dim_,
                 grads.d_hidden.row(rows_[static_cast<size_t>(k)]));
@@ -300,16 +366,23 @@ class ChunkEngine {
   index_t vocab_, dim_, chunk_rows_;
   ExecutionPolicy exec_;
   LogitTransform transform_;
-  // Aligned storage: the same alignment every run, so the same Eigen code paths and bits.
-  std::vector<Acc, Eigen::aligned_allocator<Acc>> weight_copy_, bias_, hidden_, logits_;
+  bool bf16_gemm_;
+  // The large buffers: this thread's, kept between calls (scratch.hpp); 64-byte aligned, the
+  // same alignment every run, so the same Eigen code paths and bits.
+  ScratchArray<Acc> weight_copy_, hidden_, logits_;
+  ScratchArray<Eigen::bfloat16> hidden_bf16_;  ///< with bf16_gemm_: the chunk's scored rows
+  std::vector<Acc, Eigen::aligned_allocator<Acc>> bias_;
   std::vector<index_t> rows_;  ///< the chunk's scored rows, in order
 };
 
 /// Rows of one chunk: what chunk_bytes holds, at most the larger batch.
 template <class T>
 index_t chunk_rows_of(const LinearHead<T>& head, const FusedLinearConfig& cfg, index_t max_rows) {
-  const size_t per_row =
+  // A row's logits and hidden state in the accumulation type (with gemm_bf16: its dH in
+  // fp32 and its hidden state in bfloat16).
+  size_t per_row =
       sizeof(accumulator_t<T>) * static_cast<size_t>(head.weight.rows + head.weight.cols);
+  if (uses_bf16_gemm<T>(cfg)) per_row += sizeof(Eigen::bfloat16) * head.weight.cols;
   return chunk_rows_for_budget(cfg.chunk_bytes, per_row, max_rows);
 }
 
@@ -477,7 +550,7 @@ ChunkEngine<T> make_engine(const LinearHead<T>& head, const FusedLinearConfig& c
                            const char* fn) {
   const index_t rows = chunk_rows_of(head, cfg, max_rows);
   try {
-    return ChunkEngine<T>(head, rows, exec, logit_transform(o));
+    return ChunkEngine<T>(head, rows, exec, logit_transform(o), uses_bf16_gemm<T>(cfg));
   } catch (const std::bad_alloc&) {
     kto::detail::fail(fn, "config.chunk_bytes",
                       "leave room for the chunk buffers (" + std::to_string(rows) +
@@ -493,7 +566,8 @@ ChunkEngine<T> make_engine(const LinearHead<T>& head, const FusedLinearConfig& c
 
 /// Bytes the step allocates besides O(rows) scalars: the chunk buffers (at
 /// most `max_rows` rows; the default is the budget alone) and, for
-/// half/bfloat16, the fp32 copy of W and b. Independent of the row count.
+/// half/bfloat16 widened to fp32, the fp32 copy of W and b (none with
+/// gemm_bf16: W is read in place). Independent of the row count.
 template <class T>
 size_t fused_linear_workspace_bytes(const LinearHead<T>& head, const FusedLinearConfig& cfg,
                                     index_t max_rows = std::numeric_limits<index_t>::max()) {
@@ -501,7 +575,10 @@ size_t fused_linear_workspace_bytes(const LinearHead<T>& head, const FusedLinear
   const auto rows = static_cast<size_t>(detail::chunk_rows_of(head, cfg, max_rows));
   const auto v = static_cast<size_t>(head.weight.rows), d = static_cast<size_t>(head.weight.cols);
   size_t bytes = sizeof(Acc) * rows * (v + d);
-  if (!std::is_same<T, Acc>::value) bytes += sizeof(Acc) * v * d;
+  if (uses_bf16_gemm<T>(cfg))
+    bytes += sizeof(Eigen::bfloat16) * rows * d;
+  else if (!std::is_same<T, Acc>::value)
+    bytes += sizeof(Acc) * v * d;
   if (head.bias.size > 0) bytes += sizeof(Acc) * v;
   return bytes;
 }
