@@ -609,3 +609,58 @@ TEST_CASE("fused_linear_row_partials: a vocabulary slice's lse and target logit 
     KTO_CHECK_CLOSE(merged[r].target_logit, z[target], 1 + zmax, 1e-5);
   }
 }
+
+TEST_CASE("chunk buffers: kept by the calling thread, reused, never shared by nested users",
+          "[fused][scratch]") {
+  using kto::cpu::detail::ScratchArray;
+  using kto::cpu::detail::Slot;
+  kto::cpu::release_scratch();
+  const float* first = nullptr;
+  {
+    ScratchArray<float> a(Slot::logits, 1000);
+    first = a.data();
+    REQUIRE(first != nullptr);
+    CHECK(reinterpret_cast<std::uintptr_t>(first) % kto::cpu::detail::kScratchAlignment == 0);
+    // A nested user of the same role gets memory of its own.
+    ScratchArray<float> nested(Slot::logits, 10);
+    CHECK(nested.data() != first);
+    nested.data()[9] = 1.0f;
+  }
+  {
+    ScratchArray<float> again(Slot::logits, 500);  // smaller: the same buffer
+    CHECK(again.data() == first);
+    ScratchArray<float> other(Slot::hidden, 500);  // another role: another buffer
+    CHECK(other.data() != first);
+  }
+  // Another thread has buffers of its own.
+  const float* theirs = nullptr;
+  std::thread([&] {
+    ScratchArray<float> t(Slot::logits, 1000);
+    theirs = t.data();
+    CHECK(t.data() != nullptr);
+  }).join();
+  CHECK(theirs != nullptr);
+  kto::cpu::release_scratch();  // returns them; the next use allocates again
+  ScratchArray<float> after(Slot::logits, 1000);
+  CHECK(after.data() != nullptr);
+  CHECK(after.size() == 1000);
+  // A size that cannot be held is refused, not wrapped around.
+  CHECK_THROWS_AS(ScratchArray<double>(Slot::weight, static_cast<size_t>(-1) / 4),
+                  std::length_error);
+}
+
+TEST_CASE("chunk buffers: back-to-back fused steps give the same bits", "[fused][scratch]") {
+  // The second call reuses the first call's (uninitialised, dirty) buffers.
+  std::mt19937_64 rng(test::fresh_seed());
+  test::FusedSpec spec;
+  spec.vocab = 123;
+  const auto fp = make_problem<Eigen::bfloat16>(rng, spec);
+  kto::Options o;
+  const auto cfg = config_rows<Eigen::bfloat16>(fp, 5, FusedStrategy::keep_chunk);
+  kto::cpu::release_scratch();
+  const auto a = run_fused<Eigen::bfloat16>(fp, o, cfg);
+  const auto b = run_fused<Eigen::bfloat16>(fp, o, cfg);
+  CHECK(std::memcmp(a.d_weight.data(), b.d_weight.data(), a.d_weight.size() * 4) == 0);
+  CHECK(std::memcmp(a.d_hidden.data(), b.d_hidden.data(), a.d_hidden.size() * 4) == 0);
+  CHECK(std::memcmp(&a.result.metrics, &b.result.metrics, sizeof(kto::Metrics)) == 0);
+}
