@@ -51,16 +51,11 @@ __global__ void lse_kernel(const float* in, float* out, int64_t n) {
     out[i] = isnan(in[i]) ? 0.0f : in[i];
 }
 
+/// The metrics array of the binding contract (kto::metrics_to_array), in float32.
 __global__ void metrics_kernel(const kto::Metrics* m, float* out) {
-  out[0] = static_cast<float>(m->loss);
-  out[1] = static_cast<float>(m->kl);
-  out[2] = static_cast<float>(m->rewards_chosen);
-  out[3] = static_cast<float>(m->rewards_rejected);
-  out[4] = static_cast<float>(m->rewards_margins);
-  out[5] = static_cast<float>(m->logps_chosen);
-  out[6] = static_cast<float>(m->logps_rejected);
-  out[7] = static_cast<float>(m->count_chosen);
-  out[8] = static_cast<float>(m->count_rejected);
+  double values[kto::kMetricCount];
+  kto::metrics_to_array(*m, values);
+  for (int i = 0; i < kto::kMetricCount; ++i) out[i] = static_cast<float>(values[i]);
 }
 
 __global__ void partial_to_f32(const kto::KlPartial* p, float* out) {
@@ -249,54 +244,54 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
   const kto::Options o = KTO_JAX_OPTIONS;
   Scratch s{alloc};
   const index_t rows = logits.dimensions()[0], B = offsets.element_count() - 1;
-  const index_t K = kl_policy_logp.element_count();
+  const bool global = global_kl.element_count() == 2;
+  const index_t K = global ? 0 : kl_policy_logp.element_count();
   const int64_t* t = widen(s, targets, stream);
   const int64_t* off = widen(s, offsets, stream);
   const int64_t* kl_n = widen(s, kl_num_tokens, stream);
   int64_t* n = s.take<int64_t>(B);
-  auto* partial = s.take<kto::KlPartial>(1);
   auto* m = s.take<kto::Metrics>(1);
-  void* kl_ws = s.take<char>(kSmall);
-  void* fin_ws = s.take<char>(kSmall);
-  size_t bytes = kto::cuda::sequence_logprobs_workspace_bytes(rows);
-  void* ws = s.take<char>(bytes);
   if (!s.ok) return s.error();
   const auto seqs = kto::sequences(off, B);
   float* pe = per_example->typed_data();
   return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) -> ffi::Error {
     using T = decltype(tag);
-    KTO_JAX_TRY(to_error(kto::cuda::sequence_logprobs<T>(
-        ws, bytes, logits_of<T>(logits), kto::targets_vector(t, rows), seqs, o, pe, n, stream)));
-    cudaMemsetAsync(partial, 0, sizeof(kto::KlPartial), stream);
-    bool kl_ran = false;
-    if (global_kl.element_count() == 2) {
-      partial_from_f32<<<1, 1, 0, stream>>>(global_kl.typed_data(), partial);
-    } else if (kto::uses_kl_batch(o) && K > 0) {
-      size_t kb = kSmall;
-      KTO_JAX_TRY(to_error(kto::cuda::kl_partial(
-          kl_ws, kb, kto::policy_logp(kl_policy_logp.typed_data(), K),
-          kto::reference_logp(kl_reference_logp.typed_data(),
-                              static_cast<index_t>(kl_reference_logp.element_count())),
-          kl_n, o, partial, stream)));
-      kl_ran = true;
-    }
-    size_t fb = kSmall;
-    const kto::cuda::ExampleOutputs ex{pe + B, pe + 2 * B, pe + 3 * B, pe + 4 * B};
-    KTO_JAX_TRY(to_error(
-        kto::cuda::finish(fin_ws, fb, partial, kto::policy_logp(static_cast<const float*>(pe), B),
-                          kto::reference_logp(reference_logp.typed_data(),
-                                              static_cast<index_t>(reference_logp.element_count())),
-                          desirable.typed_data(), o, ex, m, stream)));
+    kto::cuda::StepInputs<T> in;
+    in.policy_logits = logits_of<T>(logits);
+    in.targets = kto::targets_vector(t, rows);
+    in.sequences = seqs;
+    in.reference_logp = kto::reference_logp(reference_logp.typed_data(),
+                                            static_cast<index_t>(reference_logp.element_count()));
+    in.desirable = desirable.typed_data();
+    in.kl.policy_logp = kto::policy_logp(kl_policy_logp.typed_data(), K);
+    in.kl.num_tokens = kl_n;
+    in.kl.reference_logp =
+        kto::reference_logp(kl_reference_logp.typed_data(),
+                            global ? 0 : static_cast<index_t>(kl_reference_logp.element_count()));
+    kto::cuda::StepOutputs out;
+    out.metrics = m;
+    out.logp = pe;
+    out.examples = {pe + B, pe + 2 * B, pe + 3 * B, pe + 4 * B};
+    out.num_tokens = n;
+    out.row_lse = row_lse->typed_data();
+    // An all-reduced (S, C) given by the caller stands in for the local KL partial.
+    kto::cuda::KlAllReduce use_global;
+    if (global)
+      use_global = [g = global_kl.typed_data()](kto::KlPartial* p, cudaStream_t st) {
+        partial_from_f32<<<1, 1, 0, st>>>(g, p);
+        return kto::cuda::Status::success();
+      };
+    size_t bytes = kto::cuda::kto_step_workspace_bytes(in);
+    void* ws = s.take<char>(bytes);
+    if (!s.ok) return s.error();
+    KTO_JAX_TRY(to_error(kto::cuda::step_forward<T>(ws, bytes, in, o, out, stream, use_global)));
     metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
     narrow(n, num_tokens->typed_data(), B, stream);
-    if (rows > 0)
-      lse_kernel<<<grid_for(rows), 256, 0, stream>>>(kto::cuda::workspace_row_lse(ws),
-                                                     row_lse->typed_data(), rows);
+    if (rows > 0)  // the library's NaN marker of unscored rows as 0, in place
+      lse_kernel<<<grid_for(rows), 256, 0, stream>>>(row_lse->typed_data(), row_lse->typed_data(),
+                                                     rows);
     KTO_JAX_TRY(launch_error(kStep));
-    // One synchronisation; the later reads find the stream idle.
-    KTO_JAX_TRY(to_error(kto::cuda::read_status(ws, stream, seqs)));
-    if (kl_ran) KTO_JAX_TRY(to_error(kto::cuda::read_status(kl_ws, stream)));
-    return to_error(kto::cuda::read_status(fin_ws, stream));
+    return to_error(kto::cuda::read_status(ws, stream, seqs));
   });
 }
 

@@ -756,32 +756,36 @@ std::vector<torch::Tensor> step_forward(const StepOperands& s, const StepVectors
                                         const kto::Options& o) {
   const auto d = s.logits.device();
   const c10::cuda::CUDAGuard guard(d);
-  auto f = forward(s, o);
-  // A kto::KlPartial: (S, C, failures).
-  auto partial = torch::zeros({3}, torch::dtype(torch::kDouble).device(d));
-  auto small = workspace(1024, d);  // error word + a kto::Metrics
-  if (v.global_kl) {
-    partial.narrow(0, 0, 2).copy_(
-        torch::tensor({v.global_kl->first, v.global_kl->second}, torch::dtype(torch::kDouble)));
-  } else if (kto::uses_kl_batch(o) && v.kl_policy_logp.numel() > 0) {
-    const auto& n = v.kl_num_tokens;
-    check(kto_torch_cuda::kl_partial(
-        v.kl_policy_logp.data_ptr<float>(), v.kl_reference_logp.data_ptr<float>(),
-        n.numel() ? n.data_ptr<int64_t>() : nullptr, v.kl_policy_logp.numel(), o,
-        partial.data_ptr<double>(), small.data_ptr(), 256, stream()));
-    check(kto_torch_cuda::read_status(small.data_ptr(), {}, stream()));
-  }
-  const auto B = s.offsets.count();
-  auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
-  auto per_example =
-      torch::empty({kto::kExampleOutputCount, B}, torch::dtype(torch::kFloat).device(d));
-  check(kto_torch_cuda::finish(partial.data_ptr<double>(), f[0].data_ptr<float>(),
-                               v.reference_logp.data_ptr<float>(), v.desirable.data_ptr<uint8_t>(),
-                               B, o, metrics.data_ptr<double>(), per_example.data_ptr<float>(),
-                               small.data_ptr(), 1024, stream()));
-  check(kto_torch_cuda::read_status(f[3].data_ptr(), s.offsets.view, stream()));
-  check(kto_torch_cuda::read_status(small.data_ptr(), {}, stream()));
-  return {metrics, per_example, f[1], f[2]};
+  const index_t rows = rows_of(s.logits), B = s.offsets.count();
+  const auto f32 = torch::dtype(torch::kFloat).device(d);
+  auto metrics = torch::empty({kto::kMetricCount}, torch::dtype(torch::kDouble).device(d));
+  auto per_example = torch::empty({kto::kExampleOutputCount, B}, f32);
+  auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
+  auto lse = torch::empty({rows}, f32);
+  torch::Tensor global_kl;
+  if (v.global_kl)
+    global_kl =
+        torch::tensor({v.global_kl->first, v.global_kl->second}, torch::dtype(torch::kDouble))
+            .to(d);
+  const bool kl = !v.global_kl && kto::uses_kl_batch(o) && v.kl_policy_logp.numel() > 0;
+  const auto& kn = v.kl_num_tokens;
+  auto call = [&](void* ws, std::size_t* bytes) {
+    return kto_torch_cuda::step_forward(
+        logits_of(s.logits), targets_view(s.targets), s.offsets.view,
+        v.reference_logp.data_ptr<float>(), v.desirable.data_ptr<uint8_t>(),
+        kl ? v.kl_policy_logp.data_ptr<float>() : nullptr,
+        kl ? v.kl_reference_logp.data_ptr<float>() : nullptr,
+        kl && kn.numel() ? kn.data_ptr<int64_t>() : nullptr, kl ? v.kl_policy_logp.numel() : 0,
+        global_kl.defined() ? global_kl.data_ptr<double>() : nullptr, o, metrics.data_ptr<double>(),
+        per_example.data_ptr<float>(), n.data_ptr<int64_t>(), lse.data_ptr<float>(), ws, bytes,
+        stream());
+  };
+  std::size_t bytes = 0;
+  check(call(nullptr, &bytes));
+  auto ws = workspace(bytes, d);
+  check(call(ws.data_ptr(), &bytes));
+  check(kto_torch_cuda::read_status(ws.data_ptr(), s.offsets.view, stream()));
+  return {metrics, per_example, n, lse};
 }
 
 torch::Tensor step_backward(const StepOperands& s, const BackwardVectors& b,

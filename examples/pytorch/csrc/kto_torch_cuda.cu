@@ -43,8 +43,6 @@ __global__ void metrics_to_doubles(const kto::Metrics* m, double* out) {
   kto::metrics_to_array(*m, out);
 }
 
-constexpr std::size_t kMetricsSlot = 256;  // a kto::Metrics after the error word
-
 template <class T>
 kto::MatrixView<const T> matrix(const Matrix& m) {
   return kto::MatrixView<const T>{static_cast<const T*>(m.data), m.rows, m.cols, m.stride};
@@ -83,39 +81,58 @@ std::string forward(const Logits& logits, const kto::TargetsView& targets,
   });
 }
 
-std::string kl_partial(const float* policy_logp, const float* reference_logp,
-                       const kto::index_t* num_tokens, kto::index_t count, const kto::Options& o,
-                       double* partial, void* workspace, std::size_t workspace_bytes,
-                       void* stream) {
+std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
+                         const kto::SequencesView& sequences, const float* reference_logp,
+                         const std::uint8_t* desirable, const float* kl_policy_logp,
+                         const float* kl_reference_logp, const kto::index_t* kl_num_tokens,
+                         kto::index_t kl_count, const double* global_kl, const kto::Options& o,
+                         double* metrics, float* per_example, kto::index_t* num_tokens,
+                         float* row_lse, void* workspace, std::size_t* workspace_bytes,
+                         void* stream) {
   static_assert(sizeof(kto::KlPartial) == 3 * sizeof(double), "KlPartial is three doubles");
-  std::size_t bytes = workspace_bytes;
-  return message(kto::cuda::kl_partial(workspace, bytes, kto::policy_logp(policy_logp, count),
-                                       kto::reference_logp(reference_logp, count), num_tokens, o,
-                                       reinterpret_cast<kto::KlPartial*>(partial),
-                                       as_stream(stream)));
-}
-
-std::string finish(const double* partial, const float* policy_logp, const float* reference_logp,
-                   const std::uint8_t* desirable, kto::index_t count, const kto::Options& o,
-                   double* metrics, float* per_example, void* workspace,
-                   std::size_t workspace_bytes, void* stream) {
-  // The workspace holds the error word, then a kto::Metrics.
-  if (workspace_bytes < kMetricsSlot + sizeof(kto::Metrics))
-    return "kto: argument 'workspace_bytes' is too small for finish";
-  auto* m = reinterpret_cast<kto::Metrics*>(static_cast<char*>(workspace) + kMetricsSlot);
-  kto::cuda::ExampleOutputs out{per_example + count, per_example + 2 * count,
-                                per_example + 3 * count, per_example + 4 * count};
-  cudaMemcpyAsync(per_example, policy_logp, count * sizeof(float), cudaMemcpyDeviceToDevice,
-                  as_stream(stream));
-  std::size_t bytes = workspace_bytes;
-  const auto s = kto::cuda::finish(
-      workspace, bytes, reinterpret_cast<const kto::KlPartial*>(partial),
-      kto::policy_logp(policy_logp, count), kto::reference_logp(reference_logp, count), desirable,
-      o, out, m, as_stream(stream));
-  if (!s.ok()) return message(s);
-  metrics_to_doubles<<<1, 1, 0, as_stream(stream)>>>(m, metrics);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? std::string() : cudaGetErrorString(err);
+  return dispatch(logits.dtype, [&](auto tag) -> std::string {
+    using T = decltype(tag);
+    const kto::index_t B = sequences.count, rows = logits.rows.rows;
+    kto::cuda::StepInputs<T> in;
+    in.policy_logits = view<T>(logits);
+    in.targets = targets;
+    in.sequences = sequences;
+    in.reference_logp = kto::reference_logp(reference_logp, B);
+    in.desirable = desirable;
+    in.kl.policy_logp = kto::policy_logp(kl_policy_logp, kl_count);
+    in.kl.num_tokens = kl_num_tokens;
+    in.kl.reference_logp = kto::reference_logp(kl_reference_logp, kl_count);
+    const std::size_t step_bytes = round_up(kto::cuda::kto_step_workspace_bytes(in));
+    if (workspace == nullptr) {  // the step's layout, then a kto::Metrics
+      *workspace_bytes = step_bytes + sizeof(kto::Metrics);
+      return std::string();
+    }
+    auto* m = reinterpret_cast<kto::Metrics*>(static_cast<char*>(workspace) + step_bytes);
+    kto::cuda::StepOutputs out;
+    out.metrics = m;
+    out.logp = per_example;
+    out.examples = {per_example + B, per_example + 2 * B, per_example + 3 * B, per_example + 4 * B};
+    out.num_tokens = num_tokens;
+    out.row_lse = row_lse;
+    // An all-reduced (S, C) given by the caller stands in for the local KL partial.
+    kto::cuda::KlAllReduce use_global;
+    if (global_kl)
+      use_global = [global_kl](kto::KlPartial* p, cudaStream_t st) {
+        cudaMemcpyAsync(p, global_kl, 2 * sizeof(double), cudaMemcpyDeviceToDevice, st);
+        cudaMemsetAsync(&p->failures, 0, sizeof(double), st);
+        return kto::cuda::Status::success();
+      };
+    std::size_t bytes = step_bytes;
+    const auto s =
+        kto::cuda::step_forward<T>(workspace, bytes, in, o, out, as_stream(stream), use_global);
+    if (!s.ok()) return message(s);
+    if (rows > 0)
+      unscored_lse_to_zero<<<static_cast<unsigned>((rows + 255) / 256), 256, 0,
+                             as_stream(stream)>>>(row_lse, rows);
+    metrics_to_doubles<<<1, 1, 0, as_stream(stream)>>>(m, metrics);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? std::string() : cudaGetErrorString(err);
+  });
 }
 
 std::string backward(const Logits& logits, const kto::TargetsView& targets,

@@ -30,17 +30,19 @@ std::string forward(const Logits& logits, const kto::TargetsView& targets,
                     kto::index_t* num_tokens, float* row_lse, void* workspace,
                     std::size_t workspace_bytes, void* stream);
 
-/// (S, C) of the KL batch into partial[0..1] of a kto::KlPartial (three float64: S, C, failures).
-std::string kl_partial(const float* policy_logp, const float* reference_logp,
-                       const kto::index_t* num_tokens, kto::index_t count, const kto::Options& o,
-                       double* partial, void* workspace, std::size_t workspace_bytes, void* stream);
-
-/// metrics[9] (float64, TRL's order) and per_example[5, B] (logp copied in row 0); `partial`
-/// is a kto::KlPartial (three float64).
-std::string finish(const double* partial, const float* policy_logp, const float* reference_logp,
-                   const std::uint8_t* desirable, kto::index_t count, const kto::Options& o,
-                   double* metrics, float* per_example, void* workspace,
-                   std::size_t workspace_bytes, void* stream);
+/// The logits step's forward (kto::cuda::step_forward). With workspace == nullptr only
+/// *workspace_bytes is set. metrics[9] float64, per_example[5, B] (logp, ρ, βρ, loss, g_s),
+/// num_tokens[B], row_lse[rows] (0 where not scored). The KL batch is given as precomputed
+/// log-probs (kl_count of them), or replaced by global_kl, an all-reduced (S, C) (two
+/// float64) when non-null.
+std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
+                         const kto::SequencesView& sequences, const float* reference_logp,
+                         const std::uint8_t* desirable, const float* kl_policy_logp,
+                         const float* kl_reference_logp, const kto::index_t* kl_num_tokens,
+                         kto::index_t kl_count, const double* global_kl, const kto::Options& o,
+                         double* metrics, float* per_example, kto::index_t* num_tokens,
+                         float* row_lse, void* workspace, std::size_t* workspace_bytes,
+                         void* stream);
 
 /// dlogits (same dtype, `grad` layout) from row_lse and dL/dlogp.
 std::string backward(const Logits& logits, const kto::TargetsView& targets,
