@@ -357,6 +357,8 @@ TEMPLATE_TEST_CASE("gpu step_forward + step_backward are kto_step, split; the co
   const auto doubled = d.grad.download();
   for (size_t i = 0; i < doubled.size(); ++i) {
     if (std::isnan(Type<T>::up(split[i]))) continue;  // padding keeps its poison
+    // Doubling commutes with rounding to T only among T's normal numbers (half's start at 2^-14).
+    if (std::is_same<T, __half>::value && std::abs(Type<T>::up(split[i])) < 0x1p-14) continue;
     if (Type<T>::up(doubled[i]) != 2.0 * Type<T>::up(split[i])) {
       FAIL_CHECK("element " << i << ": " << Type<T>::up(doubled[i]) << " != 2 x "
                             << Type<T>::up(split[i]));

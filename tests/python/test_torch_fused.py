@@ -240,3 +240,23 @@ def test_cuda_fused_op_matches_the_reference(dtype, strategy):
     o = dict(beta=0.3)
     u = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
     assert_matches(p, o, fused(p, o, device="cuda", strategy=strategy), reference(p, o), u)
+
+
+def test_kept_chunk_buffers_released_and_reused_give_the_same_bits():
+    """The CPU fused ops keep their chunk buffers between calls (kto::cpu::release_scratch
+    frees them): a call after a release and a call reusing them give the same bits."""
+    p = make_problem(6)
+    hidden = p["hidden"].to(torch.bfloat16)
+    weight = p["weight"].to(torch.bfloat16)
+
+    def logp():
+        return kto_torch.fused_linear_logprobs(hidden, weight, p["targets"], chunk_bytes=1 << 16)
+
+    kto_torch.release_scratch()
+    first, n = logp()
+    again, _ = logp()
+    kto_torch.release_scratch()
+    fresh, _ = logp()
+    assert torch.equal(first, again) and torch.equal(first, fresh)
+    assert bool((n > 0).all()) and bool(torch.isfinite(first).all())
+    assert isinstance(kto_torch.BF16_GEMM, bool)

@@ -1089,4 +1089,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("option_names", &option_names);
   m.def("example_output_names", &example_output_names);
   m.def("default_chunk_bytes", &default_chunk_bytes);
+  m.def("bf16_gemm_supported", &kto::cpu::bf16_gemm_supported);
+  m.def("release_scratch", &kto::cpu::release_scratch);
 }

@@ -62,6 +62,15 @@ EXAMPLE_OUTPUT_NAMES = tuple(_C.example_output_names())  # rows of the per-examp
 _DEFAULT_CHUNK_BYTES = {False: _C.default_chunk_bytes(False), True: _C.default_chunk_bytes(True)}
 # The options every op takes as one float list, in the library's order (kto/options.hpp).
 OPTION_NAMES = tuple(_C.option_names())
+# Whether this CPU runs the library's bf16 GEMM (AVX512-BF16): bfloat16 fused heads then
+# multiply in bf16 with fp32 accumulation; otherwise they are widened to fp32.
+BF16_GEMM = bool(_C.bf16_gemm_supported())
+
+
+def release_scratch() -> None:
+    """Frees the chunk buffers the CPU fused ops keep in the calling thread between calls
+    (at most the chunk budget per role; kto::cpu::release_scratch)."""
+    _C.release_scratch()
 _ENUMS = {"loss_type": LOSS_TYPES, "link": LINKS, "reference_point": REFERENCE_POINTS,
           "kl_estimator": KL_ESTIMATORS, "reduction": REDUCTIONS}
 _DEFAULT_OPTIONS = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",

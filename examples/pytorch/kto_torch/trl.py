@@ -47,6 +47,7 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from trl import KTOTrainer as _TRLKTOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 import kto_torch
@@ -223,8 +224,13 @@ class HeadRequest:
         t = inputs["input_ids"].size(1)
         hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
         device = weight.device.type
-        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                 else hidden.dtype)
+        dtype = hidden.dtype
+        if torch.is_autocast_enabled(device):
+            autocast_dtype = torch.get_autocast_dtype(device)
+            # On the CPU only where the library multiplies bf16 natively
+            # (kto_torch.BF16_GEMM); otherwise it would widen back to fp32.
+            if device != "cpu" or (autocast_dtype == torch.bfloat16 and kto_torch.BF16_GEMM):
+                dtype = autocast_dtype
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         labels = _labels(inputs, self.completion_mask).to(weight.device)
@@ -397,7 +403,9 @@ class KTOTrainer(_TRLKTOTrainer):
                     ref_logp, ref_kl_logp = batch["ref_logps"], batch.get("ref_KL_logps")
                 else:
                     reference, context = self._reference(model)
-                    with context:
+                    # As TRL: no checkpointing for a forward without gradients.
+                    with context, disable_gradient_checkpointing(
+                            self.model, self.args.gradient_checkpointing_kwargs):
                         ref_logp, _ = logprobs(reference, *target,
                                                "the reference model's forward")
                         if self.calculate_KL:

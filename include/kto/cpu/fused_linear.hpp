@@ -1,7 +1,7 @@
 // cpu/fused_linear.hpp — the KTO step from hidden states and the lm_head, on the CPU.
 //
-// Chunks of rows go through Eigen GEMMs around the row kernels of
-// row_kernels.hpp (see ../fused_linear.hpp for the order of work):
+// Chunks of rows go through GEMMs around the row kernels of row_kernels.hpp
+// (see ../fused_linear.hpp for the order of work):
 //
 //   keep_chunk  Z_c computed once: forward, g_s, dZ_c in place, two GEMMs.
 //               3 GEMMs a row; chunks hold whole sequences.
@@ -11,9 +11,13 @@
 //               vocab-parallel step always runs this way: the all-gather of
 //               the row partials sits between its forward and backward.
 //
-// Memory: one chunk of logits and hidden rows (config.chunk_bytes), plus an
-// fp32 copy of W and b when they are half/bfloat16, plus O(rows) scalars —
-// never N × V. GEMMs run in the accumulation type (fp32, fp64 for double) on
+// Memory: one chunk of logits and hidden rows (config.chunk_bytes; the
+// calling thread keeps it between calls, scratch.hpp), an fp32 copy of b, and
+// of W when it is half (or bfloat16 widened), plus O(rows) scalars — never
+// N × V. GEMMs: bfloat16 heads multiply their bf16 values exactly with fp32
+// accumulation (gemm_bf16.hpp, AVX512-BF16; dZ split into bf16 hi + lo for
+// the gradients), reading W in place; other types, or CPUs without the
+// instruction, run Eigen in the accumulation type (fp32, fp64 for double) on
 // exactly widened inputs. Work is split over threads in fixed tiles of output
 // rows or vocab columns, so the bits do not depend on the thread count.
 // Gradients are written (not accumulated) in the accumulation type: dH for
@@ -191,7 +195,8 @@ class ChunkEngine {
       hidden_bf16_ = ScratchArray<Eigen::bfloat16>(Slot::hidden_bf16, rows_by_dim);
       hidden_ = ScratchArray<Acc>(Slot::hidden, rows_by_dim);  // dH of the chunk's rows
     } else if (!std::is_same<T, Acc>::value) {
-      weight_copy_ = ScratchArray<Acc>(Slot::weight, static_cast<size_t>(vocab_ * dim_));
+      // Not kept between calls: V × D fp32 could be gigabytes held per thread.
+      weight_copy_ = ScratchArray<Acc>(Slot::none, static_cast<size_t>(vocab_ * dim_));
       parallel_for(vocab_, exec_, [&](index_t b, index_t e) {
         for (index_t v = b; v < e; ++v)
           widen(head.weight.row(v), dim_, weight_copy_.data() + v * dim_);

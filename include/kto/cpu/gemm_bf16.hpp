@@ -13,7 +13,8 @@
 // it: a KC-pair slice of B packed at a time, MC rows of A per slice, and the
 // source of the next block prefetched while the kernels run, so packing seldom
 // waits on DRAM. An odd k pads with zeros. Per thread the packed panels take
-// ≤ 1.3 MiB of thread_local scratch, kept between calls.
+// ≤ 1.3 MiB of thread_local scratch, kept for the life of the thread that
+// calls (the fused step's worker threads live for one parallel region).
 //
 // fp32 A (the gradients) would lose 16 mantissa bits if rounded to bfloat16, so
 // each element is split a = hi + lo (hi = bf16(a), lo = bf16(a − hi)); the pair
@@ -496,7 +497,7 @@ KTO_BF16_TARGET void pack_b(const Bf16Operand& b, index_t k, index_t j0, index_t
   }
 }
 
-/// 64-byte aligned scratch of at least n lanes, one per thread, kept between calls.
+/// 64-byte aligned scratch of at least n lanes, one per thread, kept while the thread lives.
 inline std::uint32_t* scratch(std::vector<std::uint32_t>& buffer, index_t n) {
   const auto need = static_cast<size_t>(n) + 16;
   if (buffer.size() < need) buffer.resize(need);

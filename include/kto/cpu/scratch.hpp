@@ -5,7 +5,8 @@
 // on first touch, and unmaps it on free — measured as about a quarter of a
 // 384-row × 32000-vocab bfloat16 forward on the reference machine. So each
 // thread keeps one buffer per role (Slot) and hands it out again when it is
-// big enough; release_scratch() returns this thread's buffers to the system.
+// big enough — at most the chunk budget per role, since the fused step sizes
+// its chunks by it; release_scratch() returns this thread's buffers.
 // A role already in use on this thread (a nested call) gets a buffer of its own.
 // Contents are uninitialised: users write before they read.
 #pragma once
@@ -20,7 +21,8 @@ namespace kto {
 namespace cpu {
 namespace detail {
 
-enum class Slot : int { logits = 0, hidden, hidden_bf16, weight, count };
+/// The kept roles; `none`: a buffer of the array's own, freed with it.
+enum class Slot : int { logits = 0, hidden, hidden_bf16, count, none = count };
 
 struct ScratchBlock {
   struct Free {
@@ -39,6 +41,8 @@ inline ScratchBlock* scratch_blocks() {
 constexpr size_t kScratchAlignment = 64;
 
 inline void* aligned_bytes(size_t bytes) {
+  if (bytes > static_cast<size_t>(-1) - (kScratchAlignment - 1))
+    throw std::length_error("kto: scratch size");
   const size_t rounded = (bytes + kScratchAlignment - 1) / kScratchAlignment * kScratchAlignment;
   void* p = std::aligned_alloc(kScratchAlignment, rounded == 0 ? kScratchAlignment : rounded);
   if (p == nullptr) throw std::bad_alloc();
@@ -54,8 +58,9 @@ class ScratchArray {
     if (n == 0) return;
     if (n > static_cast<size_t>(-1) / sizeof(T)) throw std::length_error("kto: scratch size");
     const size_t bytes = n * sizeof(T);
-    ScratchBlock& block = scratch_blocks()[static_cast<int>(slot)];
-    if (!block.in_use) {
+    ScratchBlock* kept = slot == Slot::none ? nullptr : &scratch_blocks()[static_cast<int>(slot)];
+    if (kept && !kept->in_use) {
+      ScratchBlock& block = *kept;
       if (block.capacity < bytes) {
         block.memory.reset();  // free first: the old and new buffers are never both held
         block.capacity = 0;

@@ -1,4 +1,4 @@
-// cuda/blas_handle.hpp — one cuBLAS handle per device, shared by every caller in the process.
+// cuda/blas_handle.hpp — one cuBLAS handle per device, shared by the callers of a library.
 //
 // The fused-linear step takes a cublasHandle_t and binds it to the call's stream
 // and workspace. Creating a handle costs milliseconds and some device memory, so
@@ -19,7 +19,10 @@
 namespace kto {
 namespace cuda {
 
-/// The current device's shared handle in `*handle`; thread-safe.
+/// The current device's shared handle in `*handle`. Creating it is thread-safe; using
+/// it is not: a call binds it to its stream and workspace, so one thread at a time
+/// per device (as the framework bindings call). One set of handles per shared
+/// object that includes this header (the torch and JAX extensions each have theirs).
 inline Status shared_blas_handle(cublasHandle_t* handle) {
   static std::mutex mutex;
   static std::map<int, cublasHandle_t> handles;

@@ -509,7 +509,8 @@ Status step_forward(void* workspace, size_t& workspace_bytes, const StepInputs<T
 
 /// Backward half, the twin of kto::cpu::step_backward: ∂L/∂logits into `grad`
 /// (which may alias the logits exactly) from step_forward()'s residuals.
-/// `cotangent` (a device scalar, or null for 1) scales the loss.
+/// `cotangent` (a device scalar, or null for 1) scales the loss; it is read on the
+/// device and not checked (a NaN/inf cotangent gives NaN/inf gradients).
 template <class T>
 Status step_backward(const StepInputs<T>& in, const StepOutputs& forward, const Options& o,
                      const LogitsView<T>& grad, cudaStream_t stream,

@@ -77,9 +77,11 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   float scale = 0.0f, lse = 0.0f;
   if (scored) {
     const index_t s = sequence_of_row(p.sequences, r);
-    const double g = static_cast<double>(p.grad_logp[s]) *
-                     (p.cotangent ? static_cast<double>(*p.cotangent) : 1.0);
-    scale = static_cast<float>(token_scale(g, p.num_tokens[s], p.average));
+    // g_s · cotangent rounded to float first, as kto::cpu::step_backward does.
+    const float g = p.cotangent ? static_cast<float>(static_cast<double>(p.grad_logp[s]) *
+                                                     static_cast<double>(*p.cotangent))
+                                : p.grad_logp[s];
+    scale = static_cast<float>(token_scale(static_cast<double>(g), p.num_tokens[s], p.average));
     lse = p.row_lse[r];
   }
   write_row<T, kThreads>(p.logits.row(r), p.grad.row(r), p.logits.vocab, t, lse, scale, lane,
