@@ -167,7 +167,6 @@ constexpr const char* kStep = "kto_jax.kto_loss";
 constexpr const char* kFused = "kto_jax.fused_linear_kto_loss";
 constexpr const char* kFusedLogprobs = "kto_jax.fused_linear_logprobs";
 constexpr const char* kPartials = "kto_jax.fused_linear_row_partials";
-constexpr size_t kSmall = 256;  // an error word (kl_partial, finish)
 
 // ----------------------------------------------------------------- handlers --
 
@@ -209,12 +208,12 @@ ffi::Error KlPartialImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
     const index_t K = policy.element_count();
     const int64_t* n = widen(s, num_tokens, stream);
     auto* p = s.take<kto::KlPartial>(1);
-    void* small = s.take<char>(kSmall);
+    size_t bytes = kto::cuda::errors_workspace_bytes();  // the library's layout: an error word
+    void* small = s.take<char>(bytes);
     if (!s.ok) return s.error();
     kto::Options o;
     o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
     cudaMemsetAsync(p, 0, sizeof(kto::KlPartial), stream);
-    size_t bytes = kSmall;
     if (K > 0)
       KTO_JAX_TRY(to_error(kto::cuda::kl_partial(
           small, bytes, kto::policy_logp(policy.typed_data(), K),
