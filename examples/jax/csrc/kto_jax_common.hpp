@@ -43,20 +43,113 @@ using kto::index_t;
       .Attr<int64_t>("mean_denominator")  \
       .Attr<int64_t>("ignore_index")
 
-/// Metric count and order: kto_jax.METRIC_NAMES.
-constexpr int kNumMetrics = 9;
+/// The argument, attribute and result lists of each op, bound once for both platforms:
+/// `ctx` is ffi::Ffi::Bind() on the CPU, with the stream and scratch allocator on CUDA.
+#define KTO_JAX_BIND_SEQUENCE_LOGPROBS(ctx) \
+  (ctx)                                     \
+      .Arg<ffi::AnyBuffer>()                \
+      .Arg<ffi::Buffer<ffi::S32>>()         \
+      .Arg<ffi::Buffer<ffi::S32>>()         \
+      .Attr<int64_t>("ignore_index")        \
+      .Attr<bool>("average_logprob")        \
+      .Ret<ffi::Buffer<ffi::F32>>()         \
+      .Ret<ffi::Buffer<ffi::S32>>()
+
+#define KTO_JAX_BIND_KL_PARTIAL(ctx) \
+  (ctx)                              \
+      .Arg<ffi::Buffer<ffi::F32>>()  \
+      .Arg<ffi::Buffer<ffi::F32>>()  \
+      .Arg<ffi::Buffer<ffi::S32>>()  \
+      .Attr<int32_t>("kl_estimator") \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+#define KTO_JAX_BIND_STEP_FORWARD(ctx)                                                \
+  (ctx)                                                                               \
+      .Arg<ffi::AnyBuffer>()                                                          \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::U8>>()                                                    \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTION_ATTRS.Ret<ffi::Buffer<ffi::F32>>() \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::S32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+#define KTO_JAX_BIND_STEP_BACKWARD(ctx) \
+  (ctx)                                 \
+      .Arg<ffi::AnyBuffer>()            \
+      .Arg<ffi::Buffer<ffi::S32>>()     \
+      .Arg<ffi::Buffer<ffi::S32>>()     \
+      .Arg<ffi::Buffer<ffi::F32>>()     \
+      .Arg<ffi::Buffer<ffi::F32>>()     \
+      .Arg<ffi::Buffer<ffi::S32>>()     \
+      .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTION_ATTRS.Ret<ffi::AnyBuffer>()
+
+#define KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(ctx) \
+  (ctx)                                         \
+      .Arg<ffi::AnyBuffer>()                    \
+      .Arg<ffi::AnyBuffer>()                    \
+      .Arg<ffi::AnyBuffer>()                    \
+      .Arg<ffi::Buffer<ffi::S32>>()             \
+      .Arg<ffi::Buffer<ffi::S32>>()             \
+      .Attr<bool>("average_logprob")            \
+      .Attr<int64_t>("ignore_index")            \
+      .Attr<int64_t>("chunk_bytes")             \
+      .Ret<ffi::Buffer<ffi::F32>>()             \
+      .Ret<ffi::Buffer<ffi::S32>>()
+
+#define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx) \
+  (ctx)                                             \
+      .Arg<ffi::AnyBuffer>()                        \
+      .Arg<ffi::AnyBuffer>()                        \
+      .Arg<ffi::AnyBuffer>()                        \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Arg<ffi::AnyBuffer>()                        \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Attr<int64_t>("ignore_index")                \
+      .Attr<int64_t>("vocab_total")                 \
+      .Attr<int64_t>("chunk_bytes")                 \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+#define KTO_JAX_BIND_FUSED_LINEAR_STEP(ctx)                                           \
+  (ctx)                                                                               \
+      .Arg<ffi::AnyBuffer>()                                                          \
+      .Arg<ffi::AnyBuffer>()                                                          \
+      .Arg<ffi::AnyBuffer>()                                                          \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::U8>>()                                                    \
+      .Arg<ffi::AnyBuffer>()                                                          \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTION_ATTRS.Attr<int64_t>("vocab_total") \
+      .Attr<int64_t>("chunk_bytes")                                                   \
+      .Attr<int32_t>("strategy")                                                      \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::S32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+/// Metric count and order: the library's (kto::kMetricNames; kto_jax.METRIC_NAMES).
+constexpr int kNumMetrics = kto::kMetricCount;
 
 template <class Out>
 void metrics_values(const kto::Metrics& m, Out* out) {
-  const double v[kNumMetrics] = {m.loss,
-                                 m.kl,
-                                 m.rewards_chosen,
-                                 m.rewards_rejected,
-                                 m.rewards_margins,
-                                 m.logps_chosen,
-                                 m.logps_rejected,
-                                 static_cast<double>(m.count_chosen),
-                                 static_cast<double>(m.count_rejected)};
+  double v[kNumMetrics];
+  kto::metrics_to_array(m, v);
   for (int i = 0; i < kNumMetrics; ++i) out[i] = static_cast<Out>(v[i]);
 }
 

@@ -492,95 +492,21 @@ ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::
 #define KTO_JAX_CTX ffi::Ffi::Bind().Ctx<Stream>().Ctx<ffi::ScratchAllocator>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoSequenceLogprobs, SequenceLogprobsImpl,
-                              KTO_JAX_CTX.Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("ignore_index")
-                                  .Attr<bool>("average_logprob")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                              KTO_JAX_BIND_SEQUENCE_LOGPROBS(KTO_JAX_CTX));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoKlPartial, KlPartialImpl,
-                              KTO_JAX_CTX.Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("kl_estimator")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoKlPartial, KlPartialImpl, KTO_JAX_BIND_KL_PARTIAL(KTO_JAX_CTX));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoStepForward, StepForwardImpl,
-                              KTO_JAX_CTX.Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                      KTO_JAX_OPTION_ATTRS.Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              KTO_JAX_BIND_STEP_FORWARD(KTO_JAX_CTX));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoStepBackward, StepBackwardImpl,
-                              KTO_JAX_CTX.Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                      KTO_JAX_OPTION_ATTRS.Ret<ffi::AnyBuffer>());
+                              KTO_JAX_BIND_STEP_BACKWARD(KTO_JAX_CTX));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearLogprobs, FusedLogprobsImpl,
-                              KTO_JAX_CTX.Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<bool>("average_logprob")
-                                  .Attr<int64_t>("ignore_index")
-                                  .Attr<int64_t>("chunk_bytes")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                              KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(KTO_JAX_CTX));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearRowPartials, RowPartialsImpl,
-                              KTO_JAX_CTX.Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("ignore_index")
-                                  .Attr<int64_t>("vocab_total")
-                                  .Attr<int64_t>("chunk_bytes")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(KTO_JAX_CTX));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoFusedLinearStep, FusedStepImpl,
-                              KTO_JAX_CTX.Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                      KTO_JAX_OPTION_ATTRS.Attr<int64_t>("vocab_total")
-                                  .Attr<int64_t>("chunk_bytes")
-                                  .Attr<int32_t>("strategy")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              KTO_JAX_BIND_FUSED_LINEAR_STEP(KTO_JAX_CTX));
