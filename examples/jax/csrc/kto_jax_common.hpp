@@ -5,6 +5,7 @@
 #pragma once
 
 #include <kto/error.hpp>
+#include <kto/layout.hpp>
 #include <kto/metrics.hpp>
 #include <kto/options.hpp>
 
@@ -164,6 +165,37 @@ ffi::Error guarded(Fn&& fn) {
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("kto_jax: ") + e.what());
   }
+}
+
+/// Calls fn(T{}) with the element type `dtype`: float, or the platform's bfloat16 and
+/// half types (Eigen's on the CPU, CUDA's on the GPU).
+template <class Bf16, class Half, class Fn>
+ffi::Error dispatch_float(ffi::DataType dtype, const char* fn_name, const char* arg, Fn&& fn) {
+  return guarded([&]() -> ffi::Error {
+    switch (dtype) {
+      case ffi::DataType::F32:
+        return fn(float{});
+      case ffi::DataType::BF16:
+        return fn(Bf16{});
+      case ffi::DataType::F16:
+        return fn(Half{});
+      default:
+        return ffi::Error::InvalidArgument(std::string(fn_name) + ": argument '" + arg +
+                                           "' must be float32, bfloat16 or float16");
+    }
+  });
+}
+
+template <class T>
+kto::LogitsView<const T> logits_of(const ffi::AnyBuffer& b) {
+  const auto d = b.dimensions();
+  return kto::logits_matrix<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
+}
+
+template <class T>
+kto::MatrixView<const T> matrix_of(const ffi::AnyBuffer& b) {
+  const auto d = b.dimensions();
+  return kto::matrix_view<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
 }
 
 inline ffi::Error require_rank(const ffi::AnyBuffer& b, size_t rank, const char* fn,

@@ -41,34 +41,9 @@ kto::Span<const T> span_of(const ffi::Buffer<ffi::F32>& b) {
   return kto::make_span(b.typed_data(), static_cast<index_t>(b.element_count()));
 }
 
-/// Calls fn(T{}) with the element type `dtype` (float, bfloat16, half).
 template <class Fn>
 ffi::Error dispatch(ffi::DataType dtype, const char* fn_name, const char* arg, Fn&& fn) {
-  return guarded([&]() -> ffi::Error {
-    switch (dtype) {
-      case ffi::DataType::F32:
-        return fn(float{});
-      case ffi::DataType::BF16:
-        return fn(Eigen::bfloat16{});
-      case ffi::DataType::F16:
-        return fn(Eigen::half{});
-      default:
-        return ffi::Error::InvalidArgument(std::string(fn_name) + ": argument '" + arg +
-                                           "' must be float32, bfloat16 or float16");
-    }
-  });
-}
-
-template <class T>
-kto::LogitsView<const T> logits_of(const ffi::AnyBuffer& b) {
-  const auto d = b.dimensions();
-  return kto::logits_matrix<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
-}
-
-template <class T>
-kto::MatrixView<const T> matrix_of(const ffi::AnyBuffer& b) {
-  const auto d = b.dimensions();
-  return kto::matrix_view<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
+  return dispatch_float<Eigen::bfloat16, Eigen::half>(dtype, fn_name, arg, fn);
 }
 
 /// Writes row_lse with the library's NaN marker of unscored rows as 0 (as kto_torch).

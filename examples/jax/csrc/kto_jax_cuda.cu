@@ -134,31 +134,7 @@ void narrow(const int64_t* in, int32_t* out, int64_t n, cudaStream_t stream) {
 
 template <class Fn>
 ffi::Error dispatch(ffi::DataType dtype, const char* fn_name, const char* arg, Fn&& fn) {
-  return guarded([&]() -> ffi::Error {
-    switch (dtype) {
-      case ffi::DataType::F32:
-        return fn(float{});
-      case ffi::DataType::BF16:
-        return fn(__nv_bfloat16{});
-      case ffi::DataType::F16:
-        return fn(__half{});
-      default:
-        return ffi::Error::InvalidArgument(std::string(fn_name) + ": argument '" + arg +
-                                           "' must be float32, bfloat16 or float16");
-    }
-  });
-}
-
-template <class T>
-kto::LogitsView<const T> logits_of(const ffi::AnyBuffer& b) {
-  const auto d = b.dimensions();
-  return kto::logits_matrix<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
-}
-
-template <class T>
-kto::MatrixView<const T> matrix_of(const ffi::AnyBuffer& b) {
-  const auto d = b.dimensions();
-  return kto::matrix_view<const T>(static_cast<const T*>(b.untyped_data()), d[0], d[1]);
+  return dispatch_float<__nv_bfloat16, __half>(dtype, fn_name, arg, fn);
 }
 
 constexpr const char* kLogprobs = "kto_jax.sequence_logprobs";
