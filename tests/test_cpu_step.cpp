@@ -159,6 +159,11 @@ TEST_CASE("the policy's and the reference's log-probs cannot be swapped silently
   static_assert(!std::is_convertible<Policy, Reference>::value, "no conversion between them");
   static_assert(!std::is_convertible<Plain, Reference>::value, "a span must be named");
   static_assert(std::is_convertible<Reference, Plain>::value, "the readers take spans");
+  // A writable logits view passes where a read-only one is taken (not the reverse).
+  static_assert(std::is_convertible<kto::LogitsView<float>, kto::LogitsView<const float>>::value,
+                "LogitsView<T> converts to LogitsView<const T>");
+  static_assert(!std::is_convertible<kto::LogitsView<const float>, kto::LogitsView<float>>::value,
+                "but not back");
   // Named values reach the step in the right roles: ρ = policy − reference = +0.5 nats.
   std::vector<float> klp = {-3.0f}, klr = {-3.5f};
   const kto::cpu::KlInputs<float> kl{kto::policy_logp(klp), kto::reference_logp(klr), {}};
@@ -166,4 +171,10 @@ TEST_CASE("the policy's and the reference's log-probs cannot be swapped silently
   const kto::KlPartial p = kto::kl_partial<float>(kl.policy_logp, kl.reference_logp, {}, o);
   CHECK(p.sum == 0.5);
   CHECK(p.count == 1.0);
+  std::vector<float> z = {0.0f, 1.0f, 2.0f};
+  std::vector<kto::index_t> t = {2}, off = {0, 1};
+  const kto::LogitsView<float> writable = kto::logits_matrix<float>(z.data(), 1, 3);
+  const auto f = kto::cpu::sequence_logprobs<float>(writable, kto::targets_vector(t.data(), 1),
+                                                    kto::sequences(off.data(), 1), o);
+  CHECK(f.logp[0] == Approx(2.0 - std::log(1.0 + std::exp(1.0) + std::exp(2.0))));
 }

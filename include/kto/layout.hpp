@@ -89,6 +89,12 @@ struct LogitsView {
   T* data = nullptr;
   index_t vocab = 0;
   RowIndex rows;
+  LogitsView() = default;
+  KTO_HOST_DEVICE LogitsView(T* d, index_t v, RowIndex r) : data(d), vocab(v), rows(r) {}
+  /// LogitsView<T> converts to LogitsView<const T>, as Span does.
+  template <class U, class = std::enable_if_t<std::is_convertible<U (*)[], T (*)[]>::value>>
+  KTO_HOST_DEVICE LogitsView(const LogitsView<U>& other)
+      : data(other.data), vocab(other.vocab), rows(other.rows) {}
   KTO_HOST_DEVICE T* row(index_t r) const { return data + rows.offset(r); }
   KTO_HOST_DEVICE index_t num_rows() const { return rows.rows; }
 };
