@@ -362,6 +362,14 @@ StepBuffers carve_step(Carver& c, const StepInputs<T>& in) {
   return b;
 }
 
+/// Bytes of carve_step()'s layout.
+template <class T>
+size_t step_workspace_bytes(const StepInputs<T>& in) {
+  Carver c(nullptr);
+  carve_step(c, in);
+  return c.used();
+}
+
 /// Checks every host-visible argument of a step (with `grad`: kto_step's) under `fn`.
 template <class T>
 void validate_step(const StepInputs<T>& in, const Options& o, const LogitsView<T>* grad,
@@ -394,10 +402,9 @@ template <class T>
 Status run_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& in, const Options& o,
                 const StepOutputs& out, cudaStream_t stream, const KlAllReduce& all_reduce,
                 const LogitsView<T>* grad, const char* fn) {
-  Carver query(nullptr);
-  carve_step(query, in);
   Status status;
-  if (!workspace_ready(workspace, workspace_bytes, query.used(), status, fn)) return status;
+  if (!workspace_ready(workspace, workspace_bytes, step_workspace_bytes(in), status, fn))
+    return status;
   Carver c(workspace);
   const StepBuffers b = carve_step(c, in);
   float* row_lse = out.row_lse ? out.row_lse : b.row_lse;
@@ -477,9 +484,7 @@ Status can_implement(const StepInputs<T>& in, const Options& o, const LogitsView
 /// Workspace of step_forward() and kto_step() (the same layout).
 template <class T>
 size_t kto_step_workspace_bytes(const StepInputs<T>& in) {
-  detail::Carver c(nullptr);
-  detail::carve_step(c, in);
-  return c.used();
+  return detail::step_workspace_bytes(in);
 }
 
 /// Forward half of a step, the twin of kto::cpu::step_forward: loss, metrics
