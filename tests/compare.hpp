@@ -183,4 +183,28 @@ index_t written_padding(const std::vector<T>& storage, const kto::RowIndex& rows
   return written;
 }
 
+/// Token statistics against float64 (problem `p` holds the logits the library saw after
+/// any transform): per sequence, the sums over its scored rows of each row's entropy
+/// and mean logit, at rtol 1e-5 of Σ (1 + max |z|) over those rows.
+inline void compare_token_statistics(const ref::Problem& p, int64_t ignore_index,
+                                     const std::vector<double>& entropy_sum,
+                                     const std::vector<double>& mean_logit_sum) {
+  REQUIRE(static_cast<int64_t>(entropy_sum.size()) == p.num_sequences());
+  REQUIRE(static_cast<int64_t>(mean_logit_sum.size()) == p.num_sequences());
+  for (int64_t s = 0; s < p.num_sequences(); ++s) {
+    double entropy = 0, mean = 0, scale = 0;
+    for (int64_t r = p.offsets[s]; r < p.offsets[s + 1]; ++r) {
+      if (p.targets[r] == ignore_index) continue;
+      const ref::RowStatistics row =
+          ref::row_statistics(&p.logits[static_cast<size_t>(r * p.vocab)], p.vocab);
+      entropy += row.entropy;
+      mean += row.mean_logit;
+      scale += 1 + row.max_abs;
+    }
+    INFO("sequence " << s);
+    KTO_CHECK_CLOSE(entropy_sum[s], entropy, scale, 1e-5);
+    KTO_CHECK_CLOSE(mean_logit_sum[s], mean, scale, 1e-5);
+  }
+}
+
 }  // namespace test

@@ -109,10 +109,13 @@ struct FusedReference {
   double z0_scale = 1.0;
 };
 
+/// With a logit transform in `o`, the step runs on Z' = f(Z) and the gradients
+/// carry ∂z'/∂z (chain rule, in float64).
 inline FusedReference fused_reference(const FusedProblem& fp, const kto::Options& o) {
   FusedReference R;
-  R.problem = fp.target_problem();
-  const ref::Problem kl = fp.kl_problem();
+  const ref::Problem raw = fp.target_problem();
+  R.problem = ref::transformed(raw, o);
+  const ref::Problem kl = ref::transformed(fp.kl_problem(), o);
   const ref::Forward kf = ref::forward(kl, o.ignore_index, o.average_logprob);
   std::vector<double> kl_rho;
   for (size_t j = 0; j < kf.logp.size(); ++j)
@@ -126,7 +129,9 @@ inline FusedReference fused_reference(const FusedProblem& fp, const kto::Options
   R.d_bias.assign(static_cast<size_t>(V), 0.0);
   for (index_t r = 0; r < N; ++r)
     for (index_t v = 0; v < V; ++v) {
-      const double g = R.step.grad[r * V + v];
+      const double g =
+          R.step.grad[r * V + v] * ref::transform_derivative(raw.logits[r * V + v], o.logit_scale,
+                                                             o.logit_softcap, o.temperature);
       if (g == 0.0) continue;
       R.d_bias[v] += g;
       for (index_t k = 0; k < D; ++k) {
@@ -152,7 +157,9 @@ inline void compare_fused(const FusedProblem& fp, const FusedReference& R, const
   const index_t N = fp.rows, D = fp.dim;
   const index_t V = vocab_count < 0 ? fp.vocab : vocab_count;
   std::vector<double> row_scale(static_cast<size_t>(N));
-  for (index_t r = 0; r < N; ++r) row_scale[r] = sc.row(R.problem, R.step, o, r);
+  // ∂L/∂z = ∂L/∂z' · ∂z'/∂z, and |∂z'/∂z| ≤ |a|/τ: an error in ∂L/∂z' grows by at most that.
+  const double slope = std::max(1.0, std::fabs(o.logit_scale) / o.temperature);
+  for (index_t r = 0; r < N; ++r) row_scale[r] = slope * sc.row(R.problem, R.step, o, r);
   index_t bad = 0;
   auto check = [&](const char* what, index_t i, double g, double w, double scale) {
     const bool ok = std::fabs(g - w) <= (rtol + u_grad) * scale && !std::isnan(g);

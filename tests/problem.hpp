@@ -25,6 +25,13 @@ namespace test {
 using kto::index_t;
 
 /// Fresh seed per run (printed on failure); KTO_TEST_SEED=n reproduces a run.
+/// The logit transforms the transform tests run, by number: 0 none, 1 a scale and a
+/// temperature, 2 a Gemma-2-style soft-cap with both (tight enough to saturate tanh).
+inline void set_test_transform(kto::Options& o, int which) {
+  if (which == 1) o.logit_scale = 0.6, o.temperature = 1.3;
+  if (which == 2) o.logit_scale = 1.7, o.logit_softcap = 5.0, o.temperature = 0.8;
+}
+
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("KTO_TEST_SEED")) return std::strtoull(s, nullptr, 10);
   static std::random_device rd;

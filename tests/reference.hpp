@@ -5,6 +5,7 @@
 // It shares no code with the library beyond the Options enums.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -54,6 +55,40 @@ inline Forward forward(const Problem& p, int64_t ignore_index, bool average) {
     if (average && f.num_tokens[s] > 0) f.logp[s] /= static_cast<double>(f.num_tokens[s]);
   }
   return f;
+}
+
+/// z' = (c/τ)·tanh(a z / c), or a z / τ uncapped (docs/math.md's logit transform), and ∂z'/∂z.
+inline double transform(double z, double scale, double softcap, double temperature) {
+  return softcap > 0 ? softcap * std::tanh(scale * z / softcap) / temperature
+                     : scale * z / temperature;
+}
+inline double transform_derivative(double z, double scale, double softcap, double temperature) {
+  if (softcap == 0) return scale / temperature;
+  const double th = std::tanh(scale * z / softcap);
+  return scale / temperature * (1 - th * th);
+}
+
+/// The problem with every logit replaced by its transform under options `o`.
+inline Problem transformed(Problem p, const kto::Options& o) {
+  for (double& z : p.logits) z = transform(z, o.logit_scale, o.logit_softcap, o.temperature);
+  return p;
+}
+
+/// One row's entropy and mean logit (and max |z| for tolerances), two-pass, in float64.
+struct RowStatistics {
+  double entropy, mean_logit, max_abs;
+};
+inline RowStatistics row_statistics(const double* z, int64_t vocab) {
+  double m = -INFINITY, sum = 0, pz = 0, total = 0, max_abs = 0;
+  for (int64_t v = 0; v < vocab; ++v) m = std::max(m, z[v]);
+  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(z[v] - m);
+  const double lse = m + std::log(sum);
+  for (int64_t v = 0; v < vocab; ++v) {
+    pz += std::exp(z[v] - lse) * z[v];
+    total += z[v];
+    max_abs = std::max(max_abs, std::fabs(z[v]));
+  }
+  return {lse - pz, total / static_cast<double>(vocab), max_abs};
 }
 
 inline double sig(double u) {

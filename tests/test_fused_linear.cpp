@@ -36,6 +36,25 @@ TEMPLATE_TEST_CASE("fused-linear step matches the float64 reference", "[fused]",
   test::compare_fused(fp, R, observe(run), o, test::rtol<T>());
 }
 
+TEMPLATE_TEST_CASE("fused-linear step with a logit transform matches the float64 reference",
+                   "[fused][logit_transform]", float, double) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const int transform = GENERATE(1, 2);  // scale and temperature; Gemma-2-style soft-cap
+  INFO("seed " << seed << " dtype " << test::type_name<T>() << " strategy " << int(strategy)
+               << " transform " << transform);
+  test::FusedSpec spec;
+  spec.vocab = 123;
+  spec.dim = 24;
+  auto fp = make_problem<T>(rng, spec);
+  kto::Options o;
+  test::set_test_transform(o, transform);
+  const auto run = run_fused<T>(fp, o, config_rows<T>(fp, 3, strategy));
+  test::compare_fused(fp, test::fused_reference(fp, o), observe(run), o, test::rtol<T>());
+}
+
 TEST_CASE("fused-linear step matches the reference for every option combination",
           "[fused][options]") {
   const uint64_t seed = test::fresh_seed();

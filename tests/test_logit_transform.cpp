@@ -25,13 +25,10 @@ namespace {
 using kto::index_t;
 
 double f(double z, const kto::LogitTransform& t) {
-  return t.softcap > 0 ? t.softcap * std::tanh(t.scale * z / t.softcap) / t.temperature
-                       : t.scale * z / t.temperature;
+  return ref::transform(z, t.scale, t.softcap, t.temperature);
 }
 double df(double z, const kto::LogitTransform& t) {
-  if (t.softcap == 0) return t.scale / t.temperature;
-  const double th = std::tanh(t.scale * z / t.softcap);
-  return t.scale / t.temperature * (1 - th * th);
+  return ref::transform_derivative(z, t.scale, t.softcap, t.temperature);
 }
 
 struct Problem {

@@ -49,6 +49,7 @@ struct DeviceProblem {
   DeviceArray<kto::Metrics> metrics;
   DeviceArray<float> logp, ratio, reward, loss, grad_logp, d_hidden, d_weight, d_bias;
   DeviceArray<index_t> num_tokens;
+  DeviceArray<double> entropy_sum, mean_logit_sum;
 
   explicit DeviceProblem(const test::FusedProblem& p)
       : fp(p),
@@ -74,7 +75,9 @@ struct DeviceProblem {
         d_hidden(p.rows * p.dim),
         d_weight(p.vocab * p.dim),
         d_bias(p.vocab),
-        num_tokens(B) {}
+        num_tokens(B),
+        entropy_sum(B),
+        mean_logit_sum(B) {}
 
   void poison() {
     metrics.poison();
@@ -87,6 +90,8 @@ struct DeviceProblem {
     d_weight.poison();
     d_bias.poison();
     num_tokens.poison();
+    entropy_sum.poison();
+    mean_logit_sum.poison();
   }
   kto::LinearHead<T> head() const {
     kto::LinearHead<T> h;
@@ -117,6 +122,7 @@ struct DeviceProblem {
     out.d_hidden = kto::matrix_view(d_hidden.get(), fp.rows, fp.dim);
     out.d_weight = kto::matrix_view(d_weight.get(), fp.vocab, fp.dim);
     out.d_bias = kto::make_span(d_bias.get(), fp.vocab);
+    out.token_statistics = {entropy_sum.get(), mean_logit_sum.get()};  // with the option only
     return out;
   }
 };
@@ -126,6 +132,7 @@ struct Outcome {
   kto::Metrics metrics;
   std::vector<float> logp, ratio, reward, loss, grad_logp, d_hidden, d_weight, d_bias;
   std::vector<index_t> num_tokens;
+  std::vector<double> entropy_sum, mean_logit_sum;
 };
 
 template <class T>
@@ -171,6 +178,8 @@ Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
   res.d_hidden = d.d_hidden.download();
   res.d_weight = d.d_weight.download();
   res.d_bias = d.d_bias.download();
+  res.entropy_sum = d.entropy_sum.download();
+  res.mean_logit_sum = d.mean_logit_sum.download();
   return res;
 }
 
@@ -245,6 +254,31 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step matches the float64 reference", "[fus
   o.undesirable_weight = 1.33;
   DeviceProblem<T> d(fp);
   check<T>(fp, o, run_step(d, o, config_rows<T>(fp, chunk_rows, strategy), host_offsets));
+}
+
+TEMPLATE_TEST_CASE("CUDA fused-linear step with a logit transform and token statistics",
+                   "[fused][logit_transform]", KTO_CUDA_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const index_t vocab = GENERATE(123, 5001);
+  const int transform = GENERATE(0, 1, 2);  // statistics only; scale and temperature; soft-cap
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " strategy " << int(strategy) << " V "
+               << vocab << " transform " << transform);
+  test::FusedSpec spec;
+  spec.vocab = vocab;
+  spec.dim = 24;
+  auto fp = test::make_fused_problem(rng, spec, round_to<T>);
+  kto::Options o;
+  o.token_statistics = true;
+  test::set_test_transform(o, transform);
+  DeviceProblem<T> d(fp);
+  const Outcome got = run_step(d, o, config_rows<T>(fp, 3, strategy), true);
+  check<T>(fp, o, got);
+  // Token statistics of Z' = f(H Wᵀ + b), in float64.
+  test::compare_token_statistics(ref::transformed(fp.target_problem(), o), o.ignore_index,
+                                 got.entropy_sum, got.mean_logit_sum);
 }
 
 TEMPLATE_TEST_CASE("CUDA fused-linear step at large vocabularies (block-per-row kernels)",

@@ -9,6 +9,7 @@
 #include <kto/cuda.hpp>
 
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "../compare.hpp"
@@ -72,7 +73,8 @@ struct Outcome {
   kto::Metrics metrics;
   std::vector<float> logp, ratio, reward, loss, grad_logp;
   std::vector<index_t> num_tokens;
-  std::vector<T> grad;  ///< storage layout of the logits
+  std::vector<T> grad;                              ///< storage layout of the logits
+  std::vector<double> entropy_sum, mean_logit_sum;  ///< with options.token_statistics
 };
 
 enum class Mode { eager, graph };
@@ -87,6 +89,7 @@ struct DeviceStep {
   DeviceArray<float> ref_logp, kl_ref, kl_pol, logp, ratio, reward, loss, grad_logp;
   DeviceArray<std::uint8_t> desirable;
   DeviceArray<kto::Metrics> metrics;
+  DeviceArray<double> entropy_sum, mean_logit_sum;
   kto::cuda::StepInputs<T> in;
   kto::cuda::StepOutputs out;
   kto::LogitsView<T> grad_view;
@@ -114,7 +117,9 @@ struct DeviceStep {
         loss(B),
         grad_logp(B),
         desirable(c.desirable),
-        metrics(1) {
+        metrics(1),
+        entropy_sum(B),
+        mean_logit_sum(B) {
     CUDA_REQUIRE(cudaStreamCreate(&stream));
     if (in_place)
       grad.upload(c.logits);
@@ -123,6 +128,8 @@ struct DeviceStep {
     for (auto* a : {&logp, &ratio, &reward, &loss, &grad_logp}) a->poison();
     num_tokens.poison();
     metrics.poison();
+    entropy_sum.poison();
+    mean_logit_sum.poison();
     in.policy_logits =
         kto::LogitsView<const T>{in_place ? grad.get() : logits.get(), V, c.plan.logit_rows};
     in.targets = kto::TargetsView{targets.get() + c.plan.target_base, c.plan.target_rows};
@@ -143,6 +150,7 @@ struct DeviceStep {
     out.logp = logp.get();
     out.num_tokens = num_tokens.get();
     out.examples = {ratio.get(), reward.get(), loss.get(), grad_logp.get()};
+    out.token_statistics = {entropy_sum.get(), mean_logit_sum.get()};  // read with the option only
     grad_view = kto::LogitsView<T>{grad.get(), V, c.plan.logit_rows};
   }
   ~DeviceStep() { cudaStreamDestroy(stream); }
@@ -188,6 +196,8 @@ Outcome<T> run_step(const Case<T>& c, const kto::Options& o, bool in_place, bool
   res.grad_logp = d.grad_logp.download();
   res.num_tokens = d.num_tokens.download();
   res.grad = d.grad.download();
+  res.entropy_sum = d.entropy_sum.download();
+  res.mean_logit_sum = d.mean_logit_sum.download();
   return res;
 }
 
@@ -196,9 +206,12 @@ double kl_scale(const Case<T>& c, const kto::Options& o) {
   return test::kl_condition_scale(c.kl_plan.problem, o);
 }
 
+/// `derivative(r, v)`: ∂z'/∂z at a logit when `c` holds transformed logits z' (the
+/// gradient then is the reference's times it); null: no transform.
 template <class T>
 void check_against_reference(const Case<T>& c, const kto::Options& o, const Outcome<T>& got,
-                             bool in_place, bool kl_as_logits) {
+                             bool in_place, bool kl_as_logits,
+                             const std::function<double(index_t, index_t)>& derivative = {}) {
   INFO("status: " << got.status.message);
   REQUIRE(got.status.ok());
   test::Observed obs;
@@ -210,7 +223,8 @@ void check_against_reference(const Case<T>& c, const kto::Options& o, const Outc
   obs.loss.assign(got.loss.begin(), got.loss.end());
   obs.grad_logp.assign(got.grad_logp.begin(), got.grad_logp.end());
   obs.grad = [&](index_t r, index_t v) {
-    return Type<T>::up(got.grad[static_cast<size_t>(c.plan.logit_rows.offset(r) + v)]);
+    const double g = Type<T>::up(got.grad[static_cast<size_t>(c.plan.logit_rows.offset(r) + v)]);
+    return derivative ? g / derivative(r, v) : g;
   };
   test::compare_step(c.plan.problem, std::vector<double>(c.ref_logp.begin(), c.ref_logp.end()),
                      c.reference(o), obs, o, 1e-5, Type<T>::unit_roundoff,
@@ -262,6 +276,39 @@ TEST_CASE("gpu kto_step matches the reference for every option combination", "[g
   spec.vocab = 41;
   const Case<float> c(rng, Layout::packed, spec, o);
   check_against_reference(c, o, run_step(c, o, false, true), false, true);
+}
+
+TEMPLATE_TEST_CASE("gpu kto_step with a logit transform and token statistics matches float64",
+                   "[gpu][small]", KTO_GPU_DTYPES) {
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const Layout layout = GENERATE(Layout::padded, Layout::strided);
+  const kto::index_t vocab = GENERATE(3, 123, 5001, 50257);
+  const int transform = GENERATE(0, 1, 2);  // statistics only; scale and temperature; soft-cap
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " layout " << test::layout_name(layout)
+               << " V " << vocab << " transform " << transform);
+  kto::Options o;
+  o.token_statistics = true;
+  test::set_test_transform(o, transform);
+  test::ShapeSpec spec;
+  spec.vocab = vocab;
+  spec.sequences = 3;
+  const Case<T> c(rng, layout, spec, o);
+  const auto got = run_step(c, o, false, true);
+
+  // The float64 reference: the step on logits z' = f(z), its gradient times ∂z'/∂z.
+  Case<T> zt = c;
+  zt.plan.problem = ref::transformed(c.plan.problem, o);
+  zt.kl_plan.problem = ref::transformed(c.kl_plan.problem, o);
+  const ref::Problem& raw = c.plan.problem;
+  check_against_reference(zt, o, got, false, true, [&](index_t r, index_t v) {
+    return ref::transform_derivative(raw.logits[static_cast<size_t>(r * raw.vocab + v)],
+                                     o.logit_scale, o.logit_softcap, o.temperature);
+  });
+
+  test::compare_token_statistics(zt.plan.problem, o.ignore_index, got.entropy_sum,
+                                 got.mean_logit_sum);
 }
 
 TEMPLATE_TEST_CASE("gpu kto_step at large vocabularies (block per row)", "[gpu][large]",

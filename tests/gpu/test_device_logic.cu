@@ -34,8 +34,9 @@ T cast(double x) {
 
 /// Emulates group_reduce_lse: a butterfly inside each warp, then warp 0 over
 /// the per-warp results (lanes past the warp count hold the identity).
-LseState emulate_group_reduce(const std::vector<LseState>& st) {
-  using Warp = std::array<LseState, 32>;
+template <class State>
+State emulate_group_reduce(const std::vector<State>& st) {
+  using Warp = std::array<State, 32>;
   auto butterfly = [](Warp w) {
     for (int offset = 16; offset > 0; offset >>= 1) {
       Warp next;
@@ -46,7 +47,7 @@ LseState emulate_group_reduce(const std::vector<LseState>& st) {
   };
   const int warps = static_cast<int>(st.size()) / 32;
   Warp lanes;
-  lanes.fill(kto::device::lse_identity());
+  lanes.fill(kto::device::identity_of<State>());
   for (int w = 0; w < warps; ++w) {
     Warp warp;
     std::copy(st.begin() + 32 * w, st.begin() + 32 * (w + 1), warp.begin());
@@ -62,6 +63,85 @@ LseState emulate_row(const T* row, index_t vocab) {
     st[lane] = kto::device::thread_row_lse<T, kThreads>(row, vocab, lane);
   return emulate_group_reduce(st);
 }
+
+/// The extended pass of one row (transform and statistics), all lanes then the reduction.
+template <class T, int kThreads>
+kto::device::StatisticsState emulate_extended_row(const T* row, index_t vocab,
+                                                  const kto::device::RowTransform& t) {
+  std::vector<kto::device::StatisticsState> st(kThreads);
+  for (int lane = 0; lane < kThreads; ++lane)
+    st[lane] = kto::device::thread_row_lse<T, kThreads, true>(row, vocab, lane, t);
+  return emulate_group_reduce(st);
+}
+
+/// z' and ∂z'/∂z of the float64 reference (tests/reference.hpp).
+double reference_transform(double z, const kto::LogitTransform& t) {
+  return ref::transform(z, t.scale, t.softcap, t.temperature);
+}
+
+double reference_derivative(double z, const kto::LogitTransform& t) {
+  return ref::transform_derivative(z, t.scale, t.softcap, t.temperature);
+}
+
+/// The transforms the extended tests run: identity (statistics alone), scale and
+/// temperature, and a Gemma-2-style soft-cap with both.
+std::vector<kto::LogitTransform> test_transforms() {
+  kto::LogitTransform identity, scaled, capped;
+  scaled.scale = 0.6;
+  scaled.temperature = 1.3;
+  capped.scale = 1.7;
+  capped.softcap = 5.0;  // small against the logits' spread, so tanh saturates
+  capped.temperature = 0.8;
+  return {identity, scaled, capped};
+}
+
+/// z' = f(z) of a row in float64, with Σ|z'| and max|z'| for the tolerances.
+struct TransformedRow {
+  std::vector<double> values;
+  double abs_sum = 0, max_abs = 0;
+  TransformedRow(const std::vector<double>& z, const kto::LogitTransform& t) {
+    for (double x : z) {
+      values.push_back(reference_transform(x, t));
+      abs_sum += std::fabs(values.back());
+      max_abs = std::max(max_abs, std::fabs(values.back()));
+    }
+  }
+};
+
+struct ReferenceStatistics {
+  double lse, entropy, mean_logit;
+};
+
+/// lse, entropy and mean of already transformed values, in float64.
+ReferenceStatistics reference_statistics(const std::vector<double>& zt) {
+  double m = -INFINITY, s = 0, pz = 0, sum = 0;
+  for (double x : zt) m = std::max(m, x);
+  for (double x : zt) s += std::exp(x - m);
+  const double lse = m + std::log(s);
+  for (double x : zt) {
+    pz += std::exp(x - lse) * x;
+    sum += x;
+  }
+  return {lse, lse - pz, sum / static_cast<double>(zt.size())};
+}
+
+/// `vocab` random values of type T, `shift` elements past a 16-byte aligned
+/// start (misaligning the row), and their upcast values.
+template <class T>
+struct RandomRow {
+  std::vector<T> storage;
+  std::vector<double> z;
+  int shift;
+  RandomRow(std::mt19937_64& rng, std::normal_distribution<double>& normal, index_t vocab,
+            int shift_)
+      : storage(vocab + 8), z(vocab), shift(shift_) {
+    for (index_t v = 0; v < vocab; ++v) {
+      storage[shift + v] = cast<T>(normal(rng));
+      z[v] = kto::device::to_float(storage[shift + v]);
+    }
+  }
+  const T* row() const { return storage.data() + shift; }
+};
 
 double reference_lse(const std::vector<double>& z) {
   double m = -INFINITY, s = 0;
@@ -103,13 +183,9 @@ TEMPLATE_TEST_CASE("forward row logic of both row paths matches float64", "[devi
   std::normal_distribution<double> normal(0.0, 3.0);
   const index_t vocab = GENERATE(1, 3, 8, 9, 123, 4096, 5001, 50257);
   const int shift = GENERATE(0, 1, 3);  // elements: misaligns the row pointer
-  std::vector<T> storage(vocab + 8);
-  std::vector<double> z(vocab);
-  for (index_t v = 0; v < vocab; ++v) {
-    storage[shift + v] = cast<T>(normal(rng));
-    z[v] = kto::device::to_float(storage[shift + v]);
-  }
-  const T* row = storage.data() + shift;
+  const RandomRow<T> random(rng, normal, vocab, shift);
+  const std::vector<double>& z = random.z;
+  const T* row = random.row();
   const double want = reference_lse(z);
   INFO("V " << vocab << " shift " << shift);
   for (const LseState st : {emulate_row<T, 32>(row, vocab), emulate_row<T, 512>(row, vocab)}) {
@@ -305,6 +381,163 @@ TEMPLATE_TEST_CASE("fused-linear backward lanes write every gradient element onc
     }
     CHECK(bad == 0);
     CHECK(std::isnan(kto::device::to_float(out[vocab])));  // nothing past the row
+  }
+}
+
+// ------------------------------------------- transform and token statistics --
+
+/// Float sums of n terms, each lane serial then a tree: |error| ≤ (n/lanes + log2 lanes +
+/// 1)·u·Σ|x|.
+double sum_bound(index_t n, int lanes, double abs_sum) {
+  return (static_cast<double>(n) / lanes + 11.0) * 0x1p-24 * abs_sum;
+}
+
+/// A reduced row state against the float64 statistics of the transformed row:
+/// lse and entropy at rtol 1e-5 of their scale, the mean under sum_bound().
+void check_row_state(const kto::device::StatisticsState& st, const TransformedRow& want_row,
+                     int lanes) {
+  const ReferenceStatistics want = reference_statistics(want_row.values);
+  const auto vocab = static_cast<index_t>(want_row.values.size());
+  const double lse = st.m + std::log(static_cast<double>(st.s));
+  CHECK(std::fabs(lse - want.lse) <= 1e-5 * (std::fabs(want.lse) + 1.0));
+  const auto ts = kto::token_statistics(st.s, st.w, st.t, vocab);
+  CHECK(std::fabs(ts.entropy - want.entropy) <= 1e-5 * (want_row.max_abs + 1.0));
+  CHECK(std::fabs(ts.mean_logit - want.mean_logit) <=
+        sum_bound(vocab, lanes, want_row.abs_sum) / static_cast<double>(vocab) + 1e-7);
+}
+
+TEMPLATE_TEST_CASE(
+    "extended forward row logic: transformed lse, entropy and mean logit match float64", "[device]",
+    float, __half, __nv_bfloat16) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 3.0);
+  const index_t vocab = GENERATE(1, 3, 9, 123, 5001, 50257);
+  const int shift = GENERATE(0, 1);
+  const RandomRow<T> random(rng, normal, vocab, shift);
+  const std::vector<double>& z = random.z;
+  const T* row = random.row();
+  for (const kto::LogitTransform& t : test_transforms()) {
+    const auto rt = kto::device::RowTransform::of(t);
+    const TransformedRow want(z, t);
+    INFO("V " << vocab << " shift " << shift << " scale " << t.scale << " cap " << t.softcap);
+    check_row_state(emulate_extended_row<T, 32>(row, vocab, rt), want, 32);
+    check_row_state(emulate_extended_row<T, 512>(row, vocab, rt), want, 512);
+  }
+}
+
+TEST_CASE("extended forward row logic: -inf logits add nothing to the entropy", "[device]") {
+  const index_t vocab = 3001;
+  std::vector<float> row(vocab, -INFINITY);
+  std::vector<double> finite;
+  for (index_t v = 0; v < vocab; v += 7) {
+    row[v] = 0.25f * static_cast<float>(v % 11) - 1.0f;
+    finite.push_back(row[v]);
+  }
+  const ReferenceStatistics want = reference_statistics(finite);
+  for (const auto& st : {emulate_extended_row<float, 32>(row.data(), vocab, {}),
+                         emulate_extended_row<float, 512>(row.data(), vocab, {})}) {
+    const auto ts = kto::token_statistics(st.s, st.w, st.t, vocab);
+    CHECK(std::fabs(st.m + std::log(st.s) - want.lse) <= 1e-5 * (std::fabs(want.lse) + 1.0));
+    CHECK(std::fabs(ts.entropy - want.entropy) <= 1e-5 * 2.0);
+    CHECK(ts.mean_logit == -INFINITY);
+  }
+  std::vector<float> nan_row(vocab, 0.5f);
+  nan_row[1234] = NAN;
+  const auto st = emulate_extended_row<float, 512>(nan_row.data(), vocab, {});
+  CHECK_FALSE(std::isfinite(st.m + std::log(st.s)));
+}
+
+TEMPLATE_TEST_CASE("extended backward row logic carries the transform's derivative", "[device]",
+                   float, __half, __nv_bfloat16) {
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 2.0);
+  const index_t vocab = GENERATE(1, 9, 123, 5001);
+  const int shift = GENERATE(0, 1);
+  std::vector<T> in(vocab + 16), out(vocab + 16);
+  std::vector<double> z(vocab);
+  for (index_t v = 0; v < vocab; ++v) {
+    in[shift + v] = cast<T>(normal(rng));
+    z[v] = kto::device::to_float(in[shift + v]);
+  }
+  const double u = std::is_same<T, float>::value    ? 0x1p-24
+                   : std::is_same<T, __half>::value ? 0x1p-11
+                                                    : 0x1p-8;
+  const index_t target = vocab / 3;
+  const float scale = 0.81f;
+  for (const kto::LogitTransform& t : test_transforms()) {
+    const auto rt = kto::device::RowTransform::of(t);
+    const std::vector<double> zt = TransformedRow(z, t).values;
+    const double lse = reference_lse(zt);
+    INFO("V " << vocab << " shift " << shift << " scale " << t.scale << " cap " << t.softcap);
+    auto run = [&](auto threads) {
+      constexpr int K = decltype(threads)::value;
+      std::fill(out.begin(), out.end(), cast<T>(NAN));
+      for (int lane = 0; lane < K; ++lane)
+        kto::device::write_row<T, K, true>(in.data() + shift, out.data() + shift, vocab, target,
+                                           static_cast<float>(lse), scale, lane, false, rt);
+      index_t bad = 0;
+      for (index_t v = 0; v < vocab; ++v) {
+        const double d = reference_derivative(z[v], t);
+        const double want = scale * ((v == target ? 1.0 : 0.0) - std::exp(zt[v] - lse)) * d;
+        const double got = kto::device::to_float(out[shift + v]);
+        if (!(std::fabs(got - want) <=
+              1e-5 * std::fabs(scale) * std::fabs(d) * (1 + std::fabs(lse)) + u * std::fabs(want)))
+          ++bad;
+      }
+      CHECK(bad == 0);
+      CHECK(std::isnan(kto::device::to_float(out[shift + vocab])));
+    };
+    run(std::integral_constant<int, 32>{});
+    run(std::integral_constant<int, 512>{});
+  }
+}
+
+TEST_CASE("extended fused-linear lanes transform Z + b, with statistics and derivative",
+          "[device]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 3.0);
+  const index_t vocab = GENERATE(1, 5, 123, 5001);
+  alignas(16) static float row[5004], bias[5004];
+  alignas(16) static float out[5008];
+  std::vector<double> z(vocab);
+  for (index_t v = 0; v < vocab; ++v) {
+    row[v] = static_cast<float>(normal(rng));
+    bias[v] = static_cast<float>(normal(rng));
+    z[v] = double(row[v] + bias[v]);  // the kernels add in float first
+  }
+  const index_t target = vocab - 1;
+  const float scale = -1.25f;
+  for (const kto::LogitTransform& t : test_transforms()) {
+    const auto rt = kto::device::RowTransform::of(t);
+    const TransformedRow row_t(z, t);
+    const std::vector<double>& zt = row_t.values;
+    const ReferenceStatistics want = reference_statistics(zt);
+    INFO("V " << vocab << " scale " << t.scale << " cap " << t.softcap);
+    auto emulate = [&](auto threads) {
+      constexpr int K = decltype(threads)::value;
+      std::vector<kto::device::StatisticsState> st(K);
+      for (int lane = 0; lane < K; ++lane)
+        st[lane] = kto::device::thread_biased_lse<K, true>(row, bias, vocab, lane, rt);
+      check_row_state(emulate_group_reduce(st), row_t, K);
+      std::fill(std::begin(out), std::end(out), NAN);
+      for (int lane = 0; lane < K; ++lane)
+        kto::device::write_chunk_row<float, K, true>(
+            row, bias, out, vocab, target, static_cast<float>(want.lse), scale, lane, false, rt);
+      index_t bad = 0;
+      for (index_t v = 0; v < vocab; ++v) {
+        const double d = reference_derivative(z[v], t);
+        const double g = scale * ((v == target ? 1.0 : 0.0) - std::exp(zt[v] - want.lse)) * d;
+        if (!(std::fabs(out[v] - g) <=
+              1e-5 * std::fabs(scale) * std::fabs(d) * (1 + std::fabs(want.lse)) +
+                  0x1p-24 * std::fabs(g)))
+          ++bad;
+      }
+      CHECK(bad == 0);
+    };
+    emulate(std::integral_constant<int, 32>{});
+    emulate(std::integral_constant<int, 512>{});
   }
 }
 

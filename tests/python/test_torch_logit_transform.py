@@ -22,6 +22,13 @@ TRANSFORMS = [dict(logit_scale=0.5), dict(logit_softcap=2.0),
               dict(logit_scale=2.0, logit_softcap=5.0, temperature=0.7),
               dict(temperature=2.0), dict(logit_scale=-1.5)]
 IDS = ["scale", "softcap", "all", "temperature", "negative_scale"]
+# The CUDA kernels apply the same transform (skipped without a GPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+def on(device, *tensors):
+    return [x.to(device) if isinstance(x, torch.Tensor) else x for x in tensors]
 
 
 def transformed(z, logit_scale=1.0, logit_softcap=0.0, temperature=1.0):
@@ -34,22 +41,23 @@ def bound(t):
     return abs(t.get("logit_scale", 1.0)) / t.get("temperature", 1.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", TRANSFORMS, ids=IDS)
-def test_kto_loss_with_a_logit_transform(t):
+def test_kto_loss_with_a_logit_transform(t, device):
     batch = make_batch(41)
     args = (batch["targets"], None, torch.full((4,), -20.0), batch["desirable"],
             batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"])
-    z = batch["logits"].detach().clone().requires_grad_(True)
-    out = kto_torch.kto_loss(z, *args, **t)
+    z = batch["logits"].detach().clone().to(device).requires_grad_(True)
+    out = kto_torch.kto_loss(z, *on(device, *args), **t)
     out.loss.backward()
     z64 = batch["logits"].double().requires_grad_(True)
     want = kto_torch.kto_loss(transformed(z64, **t), *args)
     want.loss.backward()
     assert abs(out.loss.item() - want.loss.item()) <= 1e-5
     scale = float(want.logp.abs().sum()) + 1
-    torch.testing.assert_close(out.logp.double(), want.logp, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(out.logp.double().cpu(), want.logp, rtol=0, atol=1e-5 * scale)
     g_scale = float(z64.grad.abs().max()) + 1e-6
-    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=0, atol=1e-5 * g_scale)
+    torch.testing.assert_close(z.grad.double().cpu(), z64.grad, rtol=0, atol=1e-5 * g_scale)
 
 
 @pytest.mark.parametrize("t", TRANSFORMS, ids=IDS)
@@ -69,16 +77,19 @@ def test_sequence_and_fused_logprobs_with_a_logit_transform(t):
     torch.testing.assert_close(fused.double(), want, rtol=0, atol=1e-5 * scale * (1 + bound(t)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", TRANSFORMS, ids=IDS)
-def test_fused_linear_kto_loss_with_a_logit_transform(t):
+def test_fused_linear_kto_loss_with_a_logit_transform(t, device):
     p = make_problem(43)
-    kwargs = dict(bias=None, kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
-                  kl_reference_logp=p["kl_reference_logp"])
-    h = p["hidden"].detach().clone().requires_grad_(True)
-    w = p["weight"].detach().clone().requires_grad_(True)
-    out = kto_torch.fused_linear_kto_loss(h, w, p["targets"], None, p["reference_logp"],
-                                          p["desirable"], chunk_bytes=3 * 4 * (41 + 12),
-                                          **kwargs, **t)
+    kl_hidden, kl_targets, kl_ref, targets, ref, desirable = on(
+        device, p["kl_hidden"], p["kl_targets"], p["kl_reference_logp"], p["targets"],
+        p["reference_logp"], p["desirable"])
+    kwargs = dict(bias=None, kl_hidden=kl_hidden, kl_targets=kl_targets,
+                  kl_reference_logp=kl_ref)
+    h = p["hidden"].detach().clone().to(device).requires_grad_(True)
+    w = p["weight"].detach().clone().to(device).requires_grad_(True)
+    out = kto_torch.fused_linear_kto_loss(h, w, targets, None, ref, desirable,
+                                          chunk_bytes=3 * 4 * (41 + 12), **kwargs, **t)
     out.loss.backward()
     h64 = p["hidden"].double().requires_grad_(True)
     w64 = p["weight"].double().requires_grad_(True)
@@ -91,7 +102,7 @@ def test_fused_linear_kto_loss_with_a_logit_transform(t):
     assert abs(out.loss.item() - want.loss.item()) <= 1e-5
     for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad)):
         g_scale = float(ref.abs().max()) + 1e-6
-        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * g_scale)
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=0, atol=1e-5 * g_scale)
 
 
 def test_transform_options_are_checked():

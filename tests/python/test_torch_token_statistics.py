@@ -16,6 +16,7 @@ kto_torch = pytest.importorskip("kto_torch")
 
 from test_torch import make_batch  # noqa: E402
 from test_torch_fused import logits_of, make_problem  # noqa: E402
+from test_torch_logit_transform import DEVICES, on  # noqa: E402
 
 
 def reference(logits64, targets, product_scale=None):
@@ -34,12 +35,15 @@ def assert_within(got, want, scale, rtol=1e-5):
     assert bool(((got - want).abs() <= bound).all()), (got, want, bound)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_kto_loss_token_statistics(dtype):
+def test_kto_loss_token_statistics(dtype, device):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("the CUDA kernels take float32, float16 and bfloat16 logits")
     batch = make_batch(31, dtype=dtype)
-    args = (batch["logits"], batch["targets"], None, torch.full((4,), -20.0),
-            batch["desirable"], batch["kl_policy"], batch["kl_reference"],
-            batch["kl_num_tokens"])
+    args = on(device, batch["logits"], batch["targets"], None, torch.full((4,), -20.0),
+              batch["desirable"], batch["kl_policy"], batch["kl_reference"],
+              batch["kl_num_tokens"])
     out = kto_torch.kto_loss(*args, token_statistics=True)
     plain = kto_torch.kto_loss(*args)
     assert plain.entropy_sum is None and plain.mean_logit_sum is None
@@ -47,32 +51,34 @@ def test_kto_loss_token_statistics(dtype):
     h, hs, z, zs = reference(batch["logits"].double(), batch["targets"])
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     assert out.entropy_sum.dtype == torch.float64 and out.entropy_sum.shape == (4,)
-    assert_within(out.entropy_sum, h, hs, rtol)
-    assert_within(out.mean_logit_sum, z, zs, rtol)
+    assert out.entropy_sum.device.type == device
+    assert_within(out.entropy_sum.cpu(), h, hs, rtol)
+    assert_within(out.mean_logit_sum.cpu(), z, zs, rtol)
     assert out.entropy_sum[2] == 0 and out.mean_logit_sum[2] == 0  # the all-ignored example
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 3 * 4 * (41 + 12)], ids=["whole", "3_rows"])
-def test_fused_linear_kto_loss_token_statistics(strategy, chunk_bytes):
+def test_fused_linear_kto_loss_token_statistics(strategy, chunk_bytes, device):
     p = make_problem(32)
-    kwargs = dict(bias=p["bias"], kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
-                  kl_reference_logp=p["kl_reference_logp"], chunk_bytes=chunk_bytes,
-                  strategy=strategy)
-    h = p["hidden"].requires_grad_(True)
-    out = kto_torch.fused_linear_kto_loss(h, p["weight"], p["targets"], None,
-                                          p["reference_logp"], p["desirable"],
+    bias, kl_hidden, kl_targets, kl_ref, weight, targets, ref, desirable = on(
+        device, p["bias"], p["kl_hidden"], p["kl_targets"], p["kl_reference_logp"], p["weight"],
+        p["targets"], p["reference_logp"], p["desirable"])
+    kwargs = dict(bias=bias, kl_hidden=kl_hidden, kl_targets=kl_targets,
+                  kl_reference_logp=kl_ref, chunk_bytes=chunk_bytes, strategy=strategy)
+    h = p["hidden"].detach().clone().to(device).requires_grad_(True)
+    out = kto_torch.fused_linear_kto_loss(h, weight, targets, None, ref, desirable,
                                           token_statistics=True, **kwargs)
     out.loss.backward()
     grad = h.grad.clone()
     h.grad = None
-    plain = kto_torch.fused_linear_kto_loss(h, p["weight"], p["targets"], None,
-                                            p["reference_logp"], p["desirable"], **kwargs)
+    plain = kto_torch.fused_linear_kto_loss(h, weight, targets, None, ref, desirable, **kwargs)
     plain.loss.backward()
     assert torch.equal(out.loss, plain.loss) and torch.equal(grad, h.grad)
     z64 = logits_of(p, p["hidden"].double(), p["weight"].double(), p["bias"].double())
     products = ((p["hidden"].double().abs() @ p["weight"].double().abs().T)
                 + p["bias"].double().abs()).amax(-1)
     h_want, hs, z_want, zs = reference(z64, p["targets"], products)
-    assert_within(out.entropy_sum, h_want, hs)
-    assert_within(out.mean_logit_sum, z_want, zs)
+    assert_within(out.entropy_sum.cpu(), h_want, hs)
+    assert_within(out.mean_logit_sum.cpu(), z_want, zs)

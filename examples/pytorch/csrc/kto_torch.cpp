@@ -726,6 +726,12 @@ kto_torch_cuda::Logits logits_of(const torch::Tensor& z) {
   return kto_torch_cuda::Logits{dtype_of(z), z.data_ptr(), v.vocab, v.rows};
 }
 
+/// token_statistics [2, B] float64 on the device (the library writes it), or [2, 0] when
+/// not requested, as the CPU ops return.
+torch::Tensor token_statistics_on(const torch::Device& d, const kto::Options& o, index_t B) {
+  return torch::empty({2, o.token_statistics ? B : 0}, torch::dtype(torch::kDouble).device(d));
+}
+
 torch::Tensor workspace(std::size_t bytes, const torch::Device& d) {
   return torch::empty({static_cast<int64_t>(bytes)}, torch::dtype(torch::kUInt8).device(d));
 }
@@ -762,6 +768,7 @@ std::vector<torch::Tensor> step_forward(const StepOperands& s, const StepVectors
   auto per_example = torch::empty({kto::kExampleOutputCount, B}, f32);
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto lse = torch::empty({rows}, f32);
+  auto statistics = token_statistics_on(d, o, B);
   torch::Tensor global_kl;
   if (v.global_kl)
     global_kl =
@@ -777,15 +784,15 @@ std::vector<torch::Tensor> step_forward(const StepOperands& s, const StepVectors
         kl ? v.kl_reference_logp.data_ptr<float>() : nullptr,
         kl && kn.numel() ? kn.data_ptr<int64_t>() : nullptr, kl ? v.kl_policy_logp.numel() : 0,
         global_kl.defined() ? global_kl.data_ptr<double>() : nullptr, o, metrics.data_ptr<double>(),
-        per_example.data_ptr<float>(), n.data_ptr<int64_t>(), lse.data_ptr<float>(), ws, bytes,
-        stream());
+        per_example.data_ptr<float>(), n.data_ptr<int64_t>(), lse.data_ptr<float>(),
+        o.token_statistics ? statistics.data_ptr<double>() : nullptr, ws, bytes, stream());
   };
   std::size_t bytes = 0;
   check(call(nullptr, &bytes));
   auto ws = workspace(bytes, d);
   check(call(ws.data_ptr(), &bytes));
   check(kto_torch_cuda::read_status(ws.data_ptr(), s.offsets.view, stream()));
-  return {metrics, per_example, n, lse};
+  return {metrics, per_example, n, lse, statistics};
 }
 
 torch::Tensor step_backward(const StepOperands& s, const BackwardVectors& b,
@@ -824,6 +831,7 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto dh = torch::empty({N, D}, f32), dw = torch::empty({V, D}, f32);
   auto db = torch::empty({f.head.bias.defined() ? V : 0}, f32);
+  auto statistics = token_statistics_on(d, o, B);
   const auto kl_matrix = kl ? matrix_cuda(f.kl.hidden)
                             : kto_torch_cuda::Matrix{dtype_of(f.head.hidden), nullptr, 0, D, D};
   const auto kl_tv = kl ? targets_view(f.kl.targets) : targets_view(empty_targets);
@@ -838,15 +846,16 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
         f.reference_logp.data_ptr<float>(), f.desirable.data_ptr<uint8_t>(), kl_matrix, kl_tv,
         kl_seq, kl_ref, o, static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
         metrics.data_ptr<double>(), per_example.data_ptr<float>(), n.data_ptr<int64_t>(),
-        dh.data_ptr<float>(), dw.data_ptr<float>(),
-        f.head.bias.defined() ? db.data_ptr<float>() : nullptr, ws, bytes, stream()));
+        o.token_statistics ? statistics.data_ptr<double>() : nullptr, dh.data_ptr<float>(),
+        dw.data_ptr<float>(), f.head.bias.defined() ? db.data_ptr<float>() : nullptr, ws, bytes,
+        stream()));
   };
   std::size_t bytes = 0;
   call(nullptr, &bytes);
   auto ws = workspace(bytes, d);
   call(ws.data_ptr(), &bytes);
   check(kto_torch_cuda::read_status(ws.data_ptr(), f.offsets.view, stream()));
-  return {metrics, per_example, n, dh, dw, db};
+  return {metrics, per_example, n, dh, dw, db, statistics};
 }
 
 std::vector<torch::Tensor> fused_linear_logprobs(const FusedLogprobOperands& f,
@@ -978,9 +987,7 @@ std::vector<torch::Tensor> step_forward(
   } else {
     require_cuda(fn, "logits", logits);
 #ifdef KTO_TORCH_WITH_CUDA
-    auto out = cuda_path::step_forward(s, v, o);  // the library refused token_statistics
-    out.push_back(token_statistics_tensor({}));
-    return out;
+    return cuda_path::step_forward(s, v, o);
 #else
     return {};
 #endif
@@ -1037,9 +1044,7 @@ std::vector<torch::Tensor> fused_linear_forward(
   } else {
     require_cuda(fn, "hidden", hidden);
 #ifdef KTO_TORCH_WITH_CUDA
-    auto out = cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
-    out.push_back(token_statistics_tensor({}));  // the library refused token_statistics
-    return out;
+    return cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
 #else
     return {};
 #endif

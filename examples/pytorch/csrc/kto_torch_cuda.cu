@@ -52,6 +52,12 @@ std::size_t round_up(std::size_t x) {
   return (x + 255) / 256 * 256;
 }
 
+/// A [2, B] float64 buffer (entropy sums, then mean-logit sums) as the library's outputs.
+kto::cuda::SequenceTokenStatistics statistics_of(double* token_statistics, kto::index_t B) {
+  if (token_statistics == nullptr) return {};
+  return {token_statistics, token_statistics + B};
+}
+
 }  // namespace
 
 std::size_t forward_workspace_bytes(kto::index_t rows) {
@@ -87,8 +93,8 @@ std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
                          const float* kl_reference_logp, const kto::index_t* kl_num_tokens,
                          kto::index_t kl_count, const double* global_kl, const kto::Options& o,
                          double* metrics, float* per_example, kto::index_t* num_tokens,
-                         float* row_lse, void* workspace, std::size_t* workspace_bytes,
-                         void* stream) {
+                         float* row_lse, double* token_statistics, void* workspace,
+                         std::size_t* workspace_bytes, void* stream) {
   static_assert(sizeof(kto::KlPartial) == 3 * sizeof(double), "KlPartial is three doubles");
   return dispatch(logits.dtype, [&](auto tag) -> std::string {
     using T = decltype(tag);
@@ -114,6 +120,7 @@ std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
     out.examples = {per_example + B, per_example + 2 * B, per_example + 3 * B, per_example + 4 * B};
     out.num_tokens = num_tokens;
     out.row_lse = row_lse;
+    out.token_statistics = statistics_of(token_statistics, B);
     // An all-reduced (S, C) given by the caller stands in for the local KL partial.
     kto::cuda::KlAllReduce use_global;
     if (global_kl)
@@ -153,8 +160,9 @@ std::string fused_linear_step(
     const float* reference_logp, const std::uint8_t* desirable, const Matrix& kl_hidden,
     const kto::TargetsView& kl_targets, const kto::SequencesView& kl_sequences,
     const float* kl_reference_logp, const kto::Options& o, std::size_t chunk_bytes, int strategy,
-    double* metrics, float* per_example, kto::index_t* num_tokens, float* d_hidden, float* d_weight,
-    float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream) {
+    double* metrics, float* per_example, kto::index_t* num_tokens, double* token_statistics,
+    float* d_hidden, float* d_weight, float* d_bias, void* workspace, std::size_t* workspace_bytes,
+    void* stream) {
   return dispatch(hidden.dtype, [&](auto tag) -> std::string {
     using T = decltype(tag);
     kto::LinearHead<T> head;
@@ -190,6 +198,7 @@ std::string fused_linear_step(
     out.d_hidden = kto::matrix_view(d_hidden, hidden.rows, hidden.cols);
     out.d_weight = kto::matrix_view(d_weight, weight.rows, weight.cols);
     if (d_bias) out.d_bias = kto::make_span(d_bias, weight.rows);
+    out.token_statistics = statistics_of(token_statistics, B);
     std::size_t bytes = step_bytes;
     cublasHandle_t handle = nullptr;
     const auto hs = kto::cuda::shared_blas_handle(&handle);

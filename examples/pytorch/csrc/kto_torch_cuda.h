@@ -32,8 +32,9 @@ std::string forward(const Logits& logits, const kto::TargetsView& targets,
 
 /// The logits step's forward (kto::cuda::step_forward). With workspace == nullptr only
 /// *workspace_bytes is set. metrics[9] float64, per_example[5, B] (logp, ρ, βρ, loss, g_s),
-/// num_tokens[B], row_lse[rows] (0 where not scored). The KL batch is given as precomputed
-/// log-probs (kl_count of them), or replaced by global_kl, an all-reduced (S, C) (two
+/// num_tokens[B], row_lse[rows] (0 where not scored), token_statistics[2, B] (entropy
+/// sums, then mean-logit sums; with options.token_statistics, else null). The KL batch is given as
+/// precomputed log-probs (kl_count of them), or replaced by global_kl, an all-reduced (S, C) (two
 /// float64) when non-null.
 std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
                          const kto::SequencesView& sequences, const float* reference_logp,
@@ -41,8 +42,8 @@ std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
                          const float* kl_reference_logp, const kto::index_t* kl_num_tokens,
                          kto::index_t kl_count, const double* global_kl, const kto::Options& o,
                          double* metrics, float* per_example, kto::index_t* num_tokens,
-                         float* row_lse, void* workspace, std::size_t* workspace_bytes,
-                         void* stream);
+                         float* row_lse, double* token_statistics, void* workspace,
+                         std::size_t* workspace_bytes, void* stream);
 
 /// dlogits (same dtype, `grad` layout) from row_lse and dL/dlogp.
 std::string backward(const Logits& logits, const kto::TargetsView& targets,
@@ -66,7 +67,8 @@ struct Bias {
 
 /// The fused-linear step (kto::cuda::fused_linear_kto_step). With workspace ==
 /// nullptr only *workspace_bytes is set. metrics[9] float64, per_example[5, B]
-/// (logp, ρ, βρ, loss, g_s); d_bias may be null. `host_offsets` (B + 1, host)
+/// (logp, ρ, βρ, loss, g_s), token_statistics[2, B] as step_forward's; d_bias may be
+/// null. `host_offsets` (B + 1, host)
 /// lets whole sequences share a chunk (keep_chunk).
 std::string fused_linear_step(
     const Matrix& hidden, const Matrix& weight, const Bias& bias, const kto::TargetsView& targets,
@@ -74,8 +76,9 @@ std::string fused_linear_step(
     const float* reference_logp, const std::uint8_t* desirable, const Matrix& kl_hidden,
     const kto::TargetsView& kl_targets, const kto::SequencesView& kl_sequences,
     const float* kl_reference_logp, const kto::Options& o, std::size_t chunk_bytes, int strategy,
-    double* metrics, float* per_example, kto::index_t* num_tokens, float* d_hidden, float* d_weight,
-    float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream);
+    double* metrics, float* per_example, kto::index_t* num_tokens, double* token_statistics,
+    float* d_hidden, float* d_weight, float* d_bias, void* workspace, std::size_t* workspace_bytes,
+    void* stream);
 
 /// Forward only (kto::cuda::fused_linear_logprobs); same workspace protocol.
 std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const Bias& bias,

@@ -179,9 +179,9 @@ _per_device(_step_forward, "step_forward")
 
 def _token_statistics_like(like: Tensor, b: int, options: list) -> Tensor:
     """Each sequence's sums of its scored tokens' entropy (row 0) and mean logit (row 1),
-    float64 on the CPU: [2, B], or [2, 0] when not requested."""
+    float64 on `like`'s device: [2, B], or [2, 0] when not requested."""
     requested = options[OPTION_NAMES.index("token_statistics")] != 0
-    return torch.empty((2, b if requested else 0), dtype=torch.float64, device="cpu")
+    return torch.empty((2, b if requested else 0), dtype=torch.float64, device=like.device)
 
 
 @_step_forward.register_fake
@@ -355,10 +355,10 @@ class KTOOutput(NamedTuple):
     example_loss: Tensor
     grad_logp: Tensor
     num_tokens: Tensor
-    # With token_statistics=True, per example (float64, on the CPU): the sums over its scored
-    # tokens of each token's entropy and of its mean logit (from the pass that computes the
-    # log-softmax); None otherwise. TRL's `entropy` and `logits/*` metrics divide them by
-    # token counts.
+    # With token_statistics=True, per example (float64, on the logits' device): the sums
+    # over its scored tokens of each token's entropy and of its mean logit (from the pass
+    # that computes the log-softmax); None otherwise. TRL's `entropy` and `logits/*`
+    # metrics divide them by token counts.
     entropy_sum: Optional[Tensor] = None
     mean_logit_sum: Optional[Tensor] = None
 
@@ -517,10 +517,10 @@ def kto_loss(
     ``global_kl``: an all-reduced (S, C) from kl_partial (1-D, 2 elements), used instead of
     the local KL batch; any other size raises (None means absent). ``token_statistics``:
     also each example's sums of its scored tokens' entropy and mean logit (KTOOutput's
-    entropy_sum and mean_logit_sum), from the same pass over the logits; CPU only for now.
+    entropy_sum and mean_logit_sum), from the same pass over the logits.
     ``logit_scale`` a, ``logit_softcap`` c (0: off) and ``temperature`` τ: the logits are
     taken as z' = c·tanh(a·z / c) / τ (a·z / τ uncapped) before the log-softmax, as models
-    with a scaled or soft-capped head do; the gradient is to the raw z. CPU only for now."""
+    with a scaled or soft-capped head do; the gradient is to the raw z."""
     fn = "kto_torch.kto_loss"
     options = _loss_options(beta, desirable_weight, undesirable_weight, loss_type, link,
                             reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob,
@@ -583,9 +583,8 @@ def fused_linear_kto_loss(
     reaches the original tensor. ``bias`` must be None or 1-D with V = weight.size(0)
     entries of hidden's dtype on hidden's device (a strided bias is made contiguous).
     Gradients are new contiguous tensors. ``token_statistics``: as in kto_loss, from the
-    pass that computes each row's log-softmax (CPU only for now). ``logit_scale``,
-    ``logit_softcap``, ``temperature``: as in kto_loss, on logits = hidden @ weight.T + bias
-    (CPU only for now)."""
+    pass that computes each row's log-softmax. ``logit_scale``, ``logit_softcap``,
+    ``temperature``: as in kto_loss, on logits = hidden @ weight.T + bias."""
     fn = "kto_torch.fused_linear_kto_loss"
     options = _loss_options(beta, desirable_weight, undesirable_weight, loss_type, link,
                             reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob,

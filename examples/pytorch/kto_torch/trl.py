@@ -140,7 +140,7 @@ def _backbone(model):
     return getattr(base, "base_model", base)
 
 
-def _unfusable_reason(model, name: str, device_type: str) -> Optional[str]:
+def _unfusable_reason(model, name: str) -> Optional[str]:
     """Why the fused head cannot stand in for `model`'s logits, or None when it can."""
     base = model.get_base_model() if is_peft_model(model) else model
     transform = logit_transform(model)
@@ -150,9 +150,6 @@ def _unfusable_reason(model, name: str, device_type: str) -> Optional[str]:
                                     for c in model.peft_config.values()):
         return (f"{name} is a prompt-learning PEFT model (its forward passes inputs_embeds "
                 "with virtual tokens, not input_ids)")
-    if device_type != "cpu" and transform != logit_transform_identity():
-        return (f"{name}'s logits are transformed ({transform}), which the library's CUDA "
-                "kernels do not apply yet")
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         return f"{name} has no output embedding (lm_head) with a weight"
@@ -174,10 +171,6 @@ def _gathered(param):
         return None
     whole = param.redistribute(param.device_mesh, [Replicate()] * param.device_mesh.ndim)
     return whole.to_local(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
-
-
-def logit_transform_identity() -> dict:
-    return dict(logit_scale=1.0, logit_softcap=0.0)
 
 
 class HeadRequest:
@@ -297,10 +290,9 @@ class KTOTrainer(_TRLKTOTrainer):
         if fused_linear is False:
             reason = "fused_linear=False was passed"
         else:
-            device = self.accelerator.device.type
-            reason = _unfusable_reason(self.model, "the policy", device)
+            reason = _unfusable_reason(self.model, "the policy")
             if reason is None and not self.precompute_ref_logps and self.ref_model is not None:
-                reason = _unfusable_reason(self.ref_model, "the reference model", device)
+                reason = _unfusable_reason(self.ref_model, "the reference model")
             if reason is not None and fused_linear:
                 raise ValueError(f"kto_torch.trl.KTOTrainer: fused_linear=True cannot be honoured: "
                                  f"{reason}; pass fused_linear=None (the default) to fall back to "
@@ -316,10 +308,6 @@ class KTOTrainer(_TRLKTOTrainer):
                         else f"{fused_chunk_bytes} bytes")
         elif fused_linear is None:
             logger.warning("kto_torch.trl.KTOTrainer: the logits path, because %s", reason)
-        if self.accelerator.device.type != "cpu":
-            logger.warning("kto_torch.trl.KTOTrainer: TRL's entropy and logits/* metrics are not "
-                           "logged on %s yet (the library computes them on the CPU path only)",
-                           self.accelerator.device.type)
 
     def _kto_supported(self) -> bool:
         return (self.ref_model is not None or self.precompute_ref_logps
@@ -423,10 +411,10 @@ class KTOTrainer(_TRLKTOTrainer):
         global_kl = global_kl.cpu() if self.calculate_KL else None
 
         # TRL's entropy and logits/* metrics, from the pass that computes each token's
-        # log-softmax (the library computes them on the CPU path only, so far).
+        # log-softmax.
         options = dict(beta=self.beta, desirable_weight=self.desirable_weight,
                        undesirable_weight=self.undesirable_weight, loss_type=self.loss_type,
-                       token_statistics=device.type == "cpu")
+                       token_statistics=True)
 
         def policy_step():
             self._stage = "the policy's forward or the loss"
@@ -498,8 +486,10 @@ class KTOTrainer(_TRLKTOTrainer):
         logits/chosen, logits/rejected (mean per-token mean logit over each side's completion
         tokens), gathered sum by sum as TRL gathers them (gather_for_metrics)."""
         n = out.num_tokens.to(torch.float64).cpu()
-        sums = (out.entropy_sum.sum(), n.sum(), out.mean_logit_sum[desirable].sum(),
-                n[desirable].sum(), out.mean_logit_sum[~desirable].sum(), n[~desirable].sum())
+        entropy, mean_logit = out.entropy_sum.cpu(), out.mean_logit_sum.cpu()
+        desirable = desirable.cpu()
+        sums = (entropy.sum(), n.sum(), mean_logit[desirable].sum(), n[desirable].sum(),
+                mean_logit[~desirable].sum(), n[~desirable].sum())
         device = self.accelerator.device
         h, tokens, zc, nc, zr, nr = (
             self.accelerator.gather_for_metrics(x.to(device)).sum().item() for x in sums)

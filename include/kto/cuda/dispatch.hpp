@@ -6,6 +6,8 @@
 // lane: enough loads in flight), or the whole 512-thread block per row for
 // longer rows (a 128K row would leave a warp reading 4K values alone).
 // launch_rows() picks the group and the grid; the caller names the kernel.
+// A third constant says whether the kernel is the extended instantiation
+// (logit transform, token statistics), so the default path stays the plain one.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,22 +35,32 @@ struct RowPolicy {
   }
 };
 
-/// Calls launch(threads_per_row, rows_per_block, grid, block) with the first
-/// two as integral constants, for `rows` rows of `row_length` values (none: no call):
+/// Calls launch(threads_per_row, rows_per_block, extended, grid, block) with the
+/// first three as integral constants, for `rows` rows of `row_length` values
+/// (none: no call):
 ///
-///   launch_rows(V, n, [&](auto threads, auto per_block, dim3 grid, dim3 block) {
-///     kernel<T, decltype(threads)::value, decltype(per_block)::value><<<grid, block, 0, s>>>(p);
+///   launch_rows(V, n, extended, [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block)
+///   {
+///     kernel<T, decltype(threads)::value, decltype(per_block)::value, decltype(ext)::value>
+///         <<<grid, block, 0, s>>>(p);
 ///   });
 template <class Launch>
-void launch_rows(index_t row_length, index_t rows, Launch&& launch) {
+void launch_rows(index_t row_length, index_t rows, bool extended, Launch&& launch) {
   if (rows <= 0) return;
   const RowPolicy policy(row_length);
   const dim3 grid(policy.blocks(rows)), block(policy.threads_per_block());
-  if (policy.warp_per_row) {
-    launch(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{}, grid, block);
+  auto with_groups = [&](auto ext) {
+    if (policy.warp_per_row) {
+      launch(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{}, ext, grid, block);
+    } else {
+      launch(std::integral_constant<int, kBlockPerRowThreads>{}, std::integral_constant<int, 1>{},
+             ext, grid, block);
+    }
+  };
+  if (extended) {
+    with_groups(std::true_type{});
   } else {
-    launch(std::integral_constant<int, kBlockPerRowThreads>{}, std::integral_constant<int, 1>{},
-           grid, block);
+    with_groups(std::false_type{});
   }
 }
 

@@ -103,7 +103,7 @@ struct FusedBuffers {
   KlPartial* partial;
   float *kl_row_lse, *kl_token_logp, *kl_logp;
   index_t* kl_num_tokens;
-  float *row_lse, *token_logp, *row_scale;
+  float *row_lse, *token_logp, *row_scale, *row_entropy, *row_mean_logit;
   float *logp, *ratio, *reward, *loss, *grad_logp;
   index_t* num_tokens;
   float* bias;
@@ -130,6 +130,8 @@ FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const Linear
   b.row_lse = c.take<float>(N);
   b.token_logp = c.take<float>(N);
   b.row_scale = c.take<float>(N);
+  b.row_entropy = c.take<float>(N);  // options.token_statistics only: 8 bytes a row
+  b.row_mean_logit = c.take<float>(N);
   b.logp = c.take<float>(B);
   b.ratio = c.take<float>(B);
   b.reward = c.take<float>(B);
@@ -165,12 +167,16 @@ inline Status bind_cublas(cublasHandle_t handle, cudaStream_t stream, void* work
 template <class T>
 class ChunkRunner {
  public:
+  /// `extras`: the options' transform, applied to every batch, and the target
+  /// batch's statistics buffers (forward_rows() says which batch it runs).
   ChunkRunner(cublasHandle_t handle, const LinearHead<T>& head, const FusedLinearConfig& cfg,
-              index_t max_rows, const FusedBuffers& b, cudaStream_t stream, const char* fn)
+              index_t max_rows, const FusedBuffers& b, const RowExtras& extras, cudaStream_t stream,
+              const char* fn)
       : handle_(handle),
         head_(head),
         shape_(head.weight.rows, cfg.chunk_bytes, max_rows),
         b_(b),
+        extras_(extras),
         stream_(stream),
         fn_(fn) {}
 
@@ -199,13 +205,23 @@ class ChunkRunner {
     return device::ChunkView{b_.logits, shape_.ld_logits, head_.weight.rows, b_.bias, r0, n};
   }
 
+  /// The extras of the batch a tag names: the KL batch has no statistics.
+  RowExtras extras_of(unsigned tag) const {
+    return tag == device::kKlBatchTag ? extras_.without_statistics() : extras_;
+  }
+
   void forward(const device::BatchRows& batch, index_t r0, index_t n, float* row_lse,
                float* token_logp, unsigned tag) {
-    device::ChunkForwardParams p{view(r0, n), batch, row_lse, token_logp, b_.errors, tag};
-    launch_rows(head_.weight.rows, n, [&](auto threads, auto per_block, dim3 grid, dim3 block) {
-      device::chunk_forward_kernel<decltype(threads)::value, decltype(per_block)::value>
-          <<<grid, block, 0, stream_>>>(p);
-    });
+    const RowExtras e = extras_of(tag);
+    device::ChunkForwardParams p{view(r0, n), batch,         row_lse,
+                                 token_logp,  b_.errors,     tag,
+                                 e.transform, e.row_entropy, e.row_mean_logit};
+    launch_rows(head_.weight.rows, n, e.extended(),
+                [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
+                  device::chunk_forward_kernel<decltype(threads)::value, decltype(per_block)::value,
+                                               decltype(ext)::value>
+                      <<<grid, block, 0, stream_>>>(p);
+                });
   }
 
   /// Forward over rows [first, last) of a batch, chunk by chunk.
@@ -221,16 +237,42 @@ class ChunkRunner {
     return last_launch(fn_);
   }
 
+  /// logp_s and n_s of sequences [first_seq, last_seq) from their rows' ℓ (and
+  /// their token statistics, for the target batch when requested).
+  void sequences(const device::BatchRows& batch, index_t first_seq, index_t last_seq, bool average,
+                 const float* token_logp, float* logp, index_t* num_tokens, unsigned tag) const {
+    const index_t count = last_seq - first_seq;
+    if (count <= 0) return;
+    const RowExtras e = extras_of(tag);
+    const bool statistics = e.row_entropy != nullptr;
+    device::SequenceParams sp{batch.targets,
+                              SequencesView{batch.sequences.offsets + first_seq, count},
+                              batch.rows,
+                              batch.ignore_index,
+                              average,
+                              token_logp,
+                              logp + first_seq,
+                              num_tokens + first_seq,
+                              e.row_entropy,
+                              e.row_mean_logit,
+                              statistics ? e.statistics.entropy_sum + first_seq : nullptr,
+                              statistics ? e.statistics.mean_logit_sum + first_seq : nullptr};
+    device::sequence_logp_kernel<<<static_cast<unsigned>((count + 7) / 8), 256, 0, stream_>>>(sp);
+  }
+
   /// dZ_c from the chunk's logits, then dH_c, dW and db (dW from the hidden
   /// rows the last logits() call gathered: the same chunk).
   Status backward(const device::BatchRows& batch, index_t r0, index_t n,
                   const FusedLinearOutputs& out, bool first_chunk) {
     device::ChunkBackwardParams<T> p{
-        view(r0, n), batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), shape_.ld_grad};
-    launch_rows(head_.weight.rows, n, [&](auto threads, auto per_block, dim3 grid, dim3 block) {
-      device::chunk_backward_kernel<T, decltype(threads)::value, decltype(per_block)::value>
-          <<<grid, block, 0, stream_>>>(p);
-    });
+        view(r0, n),      batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), shape_.ld_grad,
+        extras_.transform};
+    launch_rows(head_.weight.rows, n, extras_.transformed,
+                [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
+                  device::chunk_backward_kernel<T, decltype(threads)::value,
+                                                decltype(per_block)::value, decltype(ext)::value>
+                      <<<grid, block, 0, stream_>>>(p);
+                });
     Status s = last_launch(fn_);
     if (!s) return s;
     const float one = 1.0f, zero = 0.0f, beta = first_chunk ? 0.0f : 1.0f;
@@ -262,22 +304,10 @@ class ChunkRunner {
   const LinearHead<T>& head_;
   ChunkShape<T> shape_;
   FusedBuffers b_;
+  RowExtras extras_;
   cudaStream_t stream_;
   const char* fn_;
 };
-
-inline void launch_sequence_logp(const device::BatchRows& batch, index_t first_seq,
-                                 index_t last_seq, bool average, const float* token_logp,
-                                 float* logp, index_t* num_tokens, cudaStream_t stream) {
-  const index_t count = last_seq - first_seq;
-  if (count <= 0) return;
-  device::SequenceParams sp{
-      batch.targets,    SequencesView{batch.sequences.offsets + first_seq, count},
-      batch.rows,       batch.ignore_index,
-      average,          token_logp,
-      logp + first_seq, num_tokens + first_seq};
-  device::sequence_logp_kernel<<<static_cast<unsigned>((count + 7) / 8), 256, 0, stream>>>(sp);
-}
 
 template <class T>
 void validate_hidden(const MatrixView<const T>& hidden, const TargetsView& targets,
@@ -327,7 +357,7 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::fused_linear_kto_step";
   try {
-    detail::validate_cuda_options(o, fn);
+    validate_options(o, fn);
     detail::validate_cuda_head(head, fn);
     detail::validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
     detail::validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
@@ -341,6 +371,8 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
                                    "kl.reference_logp");
     }
     kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
+    detail::validate_statistics(out.token_statistics, o, in.sequences.count, fn,
+                                "out.token_statistics");
     kto::detail::validate_shape(out.d_hidden, in.hidden.rows, in.hidden.cols, fn, "out.d_hidden",
                                 "hidden");
     kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
@@ -413,7 +445,10 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
                       sizeof(float) * out.d_hidden.cols, static_cast<size_t>(N), stream);
   if (head.bias.size)
     device::convert_kernel<T, float><<<256, 256, 0, stream>>>(head.bias.data, b.bias, V);
-  detail::ChunkRunner<T> runner(handle, head, cfg, std::max(N, in.kl.hidden.rows), b, stream, fn);
+  const detail::RowExtras extras =
+      detail::row_extras(o, b.row_entropy, b.row_mean_logit, out.token_statistics);
+  detail::ChunkRunner<T> runner(handle, head, cfg, std::max(N, in.kl.hidden.rows), b, extras,
+                                stream, fn);
   device::convert_kernel<T, T>
       <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), runner.chunk_rows());
   detail::launch_validate_offsets(in.sequences, N, b.errors, 0u, stream);
@@ -426,8 +461,8 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     status = runner.forward_rows(in.kl.hidden, kl_rows, 0, NK, b.kl_row_lse, b.kl_token_logp,
                                  device::kKlBatchTag);
     if (!status) return status;
-    detail::launch_sequence_logp(kl_rows, 0, K, o.average_logprob, b.kl_token_logp, b.kl_logp,
-                                 b.kl_num_tokens, stream);
+    runner.sequences(kl_rows, 0, K, o.average_logprob, b.kl_token_logp, b.kl_logp, b.kl_num_tokens,
+                     device::kKlBatchTag);
     device::KlParams kp{
         b.kl_logp, in.kl.reference_logp.data, b.kl_num_tokens, K, o.kl_estimator, b.partial,
         b.errors};
@@ -470,8 +505,8 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
       status = runner.forward_rows(in.hidden, rows, g.first_row, g.last_row, b.row_lse,
                                    b.token_logp, 0u);
       if (!status) return status;
-      detail::launch_sequence_logp(rows, g.first_seq, g.last_seq, o.average_logprob, b.token_logp,
-                                   logp, num_tokens, stream);
+      runner.sequences(rows, g.first_seq, g.last_seq, o.average_logprob, b.token_logp, logp,
+                       num_tokens, 0u);
       grads_of(g.first_seq, g.last_seq);
       status = backward_rows(g.first_row, g.last_row, g.split);
       if (!status) return status;
@@ -479,8 +514,7 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   } else {
     status = runner.forward_rows(in.hidden, rows, 0, N, b.row_lse, b.token_logp, 0u);
     if (!status) return status;
-    detail::launch_sequence_logp(rows, 0, B, o.average_logprob, b.token_logp, logp, num_tokens,
-                                 stream);
+    runner.sequences(rows, 0, B, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
     grads_of(0, B);
     status = backward_rows(0, N, true);
     if (!status) return status;
@@ -513,17 +547,19 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
                              const MatrixView<const T>& hidden, const TargetsView& targets,
                              const SequencesView& sequences, const LinearHead<T>& head,
                              const Options& o, float* logp, index_t* num_tokens,
-                             cudaStream_t stream, const FusedLinearConfig& cfg = {}) {
+                             cudaStream_t stream, const FusedLinearConfig& cfg = {},
+                             const SequenceTokenStatistics& statistics = {}) {
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::fused_linear_logprobs";
   try {
-    detail::validate_cuda_options(o, fn);
+    validate_options(o, fn);
     detail::validate_cuda_head(head, fn);
     detail::validate_hidden(hidden, targets, sequences, head, fn, "", true);
     kto::detail::require(logp != nullptr || sequences.count == 0, fn, "logp", "be non-null",
                          "nullptr");
     kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
                          "be non-null", "nullptr");
+    detail::validate_statistics(statistics, o, sequences.count, fn, "statistics");
   } catch (const kto::Error& e) {
     return Status::from(e);
   }
@@ -546,12 +582,13 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
     device::convert_kernel<T, float>
         <<<256, 256, 0, stream>>>(head.bias.data, b.bias, head.weight.rows);
   detail::launch_validate_offsets(sequences, hidden.rows, b.errors, 0u, stream);
-  detail::ChunkRunner<T> runner(handle, head, cfg, hidden.rows, b, stream, fn);
+  detail::ChunkRunner<T> runner(handle, head, cfg, hidden.rows, b,
+                                detail::row_extras(o, b.row_entropy, b.row_mean_logit, statistics),
+                                stream, fn);
   const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
   status = runner.forward_rows(hidden, rows, 0, hidden.rows, b.row_lse, b.token_logp, 0u);
   if (!status) return status;
-  detail::launch_sequence_logp(rows, 0, sequences.count, o.average_logprob, b.token_logp, logp,
-                               num_tokens, stream);
+  runner.sequences(rows, 0, sequences.count, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
   return detail::last_launch(fn);
 }
 

@@ -41,19 +41,15 @@
 namespace kto {
 namespace cuda {
 
-namespace detail {
+/// Per-sequence sums of the scored tokens' entropy and mean logit
+/// (token_statistics.hpp), device arrays of one double per sequence: the twin
+/// of kto::SequenceTokenStatistics. Required with Options::token_statistics.
+struct SequenceTokenStatistics {
+  double* entropy_sum = nullptr;
+  double* mean_logit_sum = nullptr;
+};
 
-/// validate_options(), and what the CUDA path does not compute yet.
-inline void validate_cuda_options(const Options& o, const char* fn) {
-  validate_options(o, fn);
-  kto::detail::require(
-      !o.token_statistics, fn, "options.token_statistics",
-      "be false on CUDA (entropy and mean logit are computed on the CPU path only)", "true");
-  kto::detail::require(logit_transform(o).identity(), fn, "options.logit_scale",
-                       "be 1, with logit_softcap 0 and temperature 1, on CUDA (logit transforms "
-                       "are computed on the CPU path only)",
-                       o.logit_scale);
-}
+namespace detail {
 
 /// A device array of `count` log-probs: its size matches, its pointer is set (when count > 0).
 template <class Logp>
@@ -62,6 +58,16 @@ void validate_device_logp(const Logp& logp, index_t count, const char* fn,
   kto::detail::require(logp.size == count, fn, name + ".size",
                        "equal the number of examples (" + std::to_string(count) + ")", logp.size);
   kto::detail::require(logp.data != nullptr || count == 0, fn, name, "be non-null", "nullptr");
+}
+
+/// With options.token_statistics, both per-sequence arrays (when there are sequences).
+inline void validate_statistics(const SequenceTokenStatistics& statistics, const Options& o,
+                                index_t count, const char* fn, const std::string& name) {
+  if (!o.token_statistics || count == 0) return;
+  kto::detail::require(statistics.entropy_sum != nullptr, fn, name + ".entropy_sum",
+                       "be non-null with options.token_statistics", "nullptr");
+  kto::detail::require(statistics.mean_logit_sum != nullptr, fn, name + ".mean_logit_sum",
+                       "be non-null with options.token_statistics", "nullptr");
 }
 
 template <class T>
@@ -88,35 +94,96 @@ inline void launch_validate_offsets(const SequencesView& seqs, index_t rows,
   device::validate_offsets_kernel<<<blocks, 256, 0, stream>>>(seqs, rows, errors, tag);
 }
 
+/// What a row pass computes beyond lse and ℓ: the logit transform (every batch),
+/// and on request the target batch's token statistics (per row, then per sequence).
+struct RowExtras {
+  device::RowTransform transform;
+  bool transformed = false;
+  float* row_entropy = nullptr;  ///< null: no statistics
+  float* row_mean_logit = nullptr;
+  SequenceTokenStatistics statistics;
+
+  bool extended() const { return transformed || row_entropy != nullptr; }
+  /// The KL batch's: the transform only.
+  RowExtras without_statistics() const {
+    RowExtras e;
+    e.transform = transform;
+    e.transformed = transformed;
+    return e;
+  }
+};
+
+/// The extras of options `o`; with o.token_statistics, the statistics go to the
+/// row buffers, then to `statistics` per sequence.
+inline RowExtras row_extras(const Options& o, float* row_entropy, float* row_mean_logit,
+                            const SequenceTokenStatistics& statistics) {
+  RowExtras e;
+  const LogitTransform t = logit_transform(o);
+  e.transform = device::RowTransform::of(t);
+  e.transformed = !t.identity();
+  if (o.token_statistics) {
+    e.row_entropy = row_entropy;
+    e.row_mean_logit = row_mean_logit;
+    e.statistics = statistics;
+  }
+  return e;
+}
+
 template <class T>
 void launch_forward(const LogitsView<const T>& logits, const TargetsView& targets,
                     const SequencesView& seqs, index_t ignore_index, float* row_lse,
                     float* token_logp, float* logp, index_t* num_tokens, bool average,
-                    device::DeviceErrors* errors, unsigned tag, cudaStream_t stream) {
+                    const RowExtras& extras, device::DeviceErrors* errors, unsigned tag,
+                    cudaStream_t stream) {
   const index_t rows = logits.rows.rows;
   launch_validate_offsets(seqs, rows, errors, tag, stream);
   if (rows > 0) {
-    device::ForwardParams<T> p{logits,  targets,    seqs,   ignore_index,
-                               row_lse, token_logp, errors, tag};
-    launch_rows(logits.vocab, rows, [&](auto threads, auto per_block, dim3 grid, dim3 block) {
-      device::row_forward_kernel<T, decltype(threads)::value, decltype(per_block)::value>
-          <<<grid, block, 0, stream>>>(p);
-    });
+    device::ForwardParams<T> p{logits,
+                               targets,
+                               seqs,
+                               ignore_index,
+                               row_lse,
+                               token_logp,
+                               errors,
+                               tag,
+                               extras.transform,
+                               extras.row_entropy,
+                               extras.row_mean_logit};
+    launch_rows(logits.vocab, rows, extras.extended(),
+                [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
+                  device::row_forward_kernel<T, decltype(threads)::value,
+                                             decltype(per_block)::value, decltype(ext)::value>
+                      <<<grid, block, 0, stream>>>(p);
+                });
   }
   if (seqs.count > 0) {
-    device::SequenceParams sp{targets, seqs,       rows, ignore_index,
-                              average, token_logp, logp, num_tokens};
+    device::SequenceParams sp{targets,
+                              seqs,
+                              rows,
+                              ignore_index,
+                              average,
+                              token_logp,
+                              logp,
+                              num_tokens,
+                              extras.row_entropy,
+                              extras.row_mean_logit,
+                              extras.statistics.entropy_sum,
+                              extras.statistics.mean_logit_sum};
     const auto blocks = static_cast<unsigned>((seqs.count + 7) / 8);
     device::sequence_logp_kernel<<<blocks, 256, 0, stream>>>(sp);
   }
 }
 
+/// The backward row kernel over p's rows, with options `o`'s logit transform
+/// (the extended kernel only for a transform: statistics are forward-only).
 template <class T>
-void launch_backward(const device::BackwardParams<T>& p, cudaStream_t stream) {
-  launch_rows(p.logits.vocab, p.logits.rows.rows,
-              [&](auto threads, auto per_block, dim3 grid, dim3 block) {
-                device::row_backward_kernel<T, decltype(threads)::value, decltype(per_block)::value>
-                    <<<grid, block, 0, stream>>>(p);
+void launch_backward(device::BackwardParams<T> p, const Options& o, cudaStream_t stream) {
+  const LogitTransform t = logit_transform(o);
+  p.transform = device::RowTransform::of(t);
+  launch_rows(p.logits.vocab, p.logits.rows.rows, !t.identity(),
+              [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
+                device::row_backward_kernel<T, decltype(threads)::value, decltype(per_block)::value,
+                                            decltype(ext)::value><<<grid, block, 0, stream>>>(p);
               });
 }
 
@@ -134,8 +201,10 @@ constexpr void check_logit_type() {
 inline size_t sequence_logprobs_workspace_bytes(index_t rows) {
   detail::Carver c(nullptr);
   c.take<device::DeviceErrors>(1);
-  c.take<float>(rows);
-  c.take<float>(rows);
+  c.take<float>(rows);  // row_lse, first: workspace_row_lse() finds it there
+  c.take<float>(rows);  // token_logp
+  c.take<float>(rows);  // entropy, with options.token_statistics
+  c.take<float>(rows);  // mean logit
   return c.used();
 }
 
@@ -144,21 +213,25 @@ inline const float* workspace_row_lse(const void* workspace) {
   return reinterpret_cast<const float*>(static_cast<const char*>(workspace) + detail::kAlignment);
 }
 
-/// logp[s] and num_tokens[s] for every sequence (device arrays of count entries).
+/// logp[s] and num_tokens[s] for every sequence (device arrays of count entries),
+/// of the transformed logits (options' logit transform); with
+/// options.token_statistics, `statistics` too (both arrays required).
 template <class T>
 Status sequence_logprobs(void* workspace, size_t& workspace_bytes,
                          const LogitsView<const T>& logits, const TargetsView& targets,
                          const SequencesView& sequences, const Options& o, float* logp,
-                         index_t* num_tokens, cudaStream_t stream) {
+                         index_t* num_tokens, cudaStream_t stream,
+                         const SequenceTokenStatistics& statistics = {}) {
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::sequence_logprobs";
   try {
-    detail::validate_cuda_options(o, fn);
+    validate_options(o, fn);
     detail::validate_forward_views(logits, targets, sequences, fn, "", true);
     kto::detail::require(logp != nullptr || sequences.count == 0, fn, "logp", "be non-null",
                          "nullptr");
     kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
                          "be non-null", "nullptr");
+    detail::validate_statistics(statistics, o, sequences.count, fn, "statistics");
   } catch (const kto::Error& e) {
     return Status::from(e);
   }
@@ -169,9 +242,13 @@ Status sequence_logprobs(void* workspace, size_t& workspace_bytes,
   auto* errors = c.take<device::DeviceErrors>(1);
   float* row_lse = c.take<float>(logits.rows.rows);
   float* token_logp = c.take<float>(logits.rows.rows);
+  float* row_entropy = c.take<float>(logits.rows.rows);
+  float* row_mean_logit = c.take<float>(logits.rows.rows);
   detail::reset_errors(errors, stream);
   detail::launch_forward(logits, targets, sequences, o.ignore_index, row_lse, token_logp, logp,
-                         num_tokens, o.average_logprob, errors, 0u, stream);
+                         num_tokens, o.average_logprob,
+                         detail::row_extras(o, row_entropy, row_mean_logit, statistics), errors, 0u,
+                         stream);
   return detail::last_launch(fn);
 }
 
@@ -185,7 +262,7 @@ inline Status kl_partial(void* workspace, size_t& workspace_bytes, PolicyLogp<fl
   const char* fn = "kto::cuda::kl_partial";
   const index_t count = policy_logp.size;
   try {
-    detail::validate_cuda_options(o, fn);
+    validate_options(o, fn);
     kto::detail::require(count >= 0, fn, "kl_policy_logp.size", "be >= 0", count);
     kto::detail::require(policy_logp.data != nullptr || count == 0, fn, "kl_policy_logp",
                          "be non-null", "nullptr");
@@ -226,7 +303,7 @@ inline Status finish(void* workspace, size_t& workspace_bytes, const KlPartial* 
   const char* fn = "kto::cuda::finish";
   const index_t count = policy_logp.size;
   try {
-    detail::validate_cuda_options(o, fn);
+    validate_options(o, fn);
     kto::detail::require(count >= 1, fn, "policy_logp.size", "be >= 1 (an empty batch has no loss)",
                          count);
     kto::detail::require(partial != nullptr, fn, "partial", "be non-null", "nullptr");
@@ -264,7 +341,7 @@ Status backward(const LogitsView<const T>& logits, const TargetsView& targets,
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::backward";
   try {
-    detail::validate_cuda_options(o, fn);
+    validate_options(o, fn);
     detail::validate_forward_views(logits, targets, sequences, fn, "", true);
     kto::detail::validate_gradient(grad, logits, fn);
     kto::detail::require(row_lse != nullptr || logits.rows.rows == 0, fn, "row_lse", "be non-null",
@@ -279,7 +356,7 @@ Status backward(const LogitsView<const T>& logits, const TargetsView& targets,
   device::BackwardParams<T> p{logits,         targets,           sequences,
                               o.ignore_index, o.average_logprob, row_lse,
                               grad_logp,      num_tokens,        grad};
-  detail::launch_backward(p, stream);
+  detail::launch_backward(p, o, stream);
   return detail::last_launch(fn);
 }
 
@@ -313,6 +390,8 @@ struct StepOutputs {
   index_t* num_tokens = nullptr;
   ExampleOutputs examples;
   float* row_lse = nullptr;  ///< lse_r per row: the backward's residual
+  /// Required with options.token_statistics (target batch only).
+  SequenceTokenStatistics token_statistics;
 };
 
 /// Sums the KlPartial (three doubles, device memory: S, C and the failed
@@ -330,7 +409,7 @@ index_t kl_count(const StepInputs<T>& in) {
 
 struct StepBuffers {
   device::DeviceErrors* errors;
-  float *row_lse, *token_logp, *kl_row_lse, *kl_token_logp;
+  float *row_lse, *token_logp, *row_entropy, *row_mean_logit, *kl_row_lse, *kl_token_logp;
   KlPartial* partial;
   float* logp;
   index_t* num_tokens;
@@ -348,6 +427,8 @@ StepBuffers carve_step(Carver& c, const StepInputs<T>& in) {
   b.errors = c.take<device::DeviceErrors>(1);
   b.row_lse = c.take<float>(rows);
   b.token_logp = c.take<float>(rows);
+  b.row_entropy = c.take<float>(rows);  // options.token_statistics only: 8 bytes a row
+  b.row_mean_logit = c.take<float>(rows);
   b.kl_row_lse = c.take<float>(kl_rows);
   b.kl_token_logp = c.take<float>(kl_rows);
   b.partial = c.take<KlPartial>(1);
@@ -374,12 +455,13 @@ size_t step_workspace_bytes(const StepInputs<T>& in) {
 template <class T>
 void validate_step(const StepInputs<T>& in, const Options& o, const LogitsView<T>* grad,
                    const StepOutputs& out, const char* fn) {
-  validate_cuda_options(o, fn);
+  validate_options(o, fn);
   validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_", false);
   if (grad) kto::detail::validate_gradient(*grad, in.policy_logits, fn);
   validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
   kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
   kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
+  validate_statistics(out.token_statistics, o, in.sequences.count, fn, "out.token_statistics");
   if (uses_kl_batch(o)) {
     if (in.kl.logits.data) {
       validate_forward_views(in.kl.logits, in.kl.targets, in.kl.sequences, fn, "kl.", true);
@@ -415,9 +497,10 @@ Status run_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
                     out.examples.loss ? out.examples.loss : b.loss,
                     out.examples.grad_logp ? out.examples.grad_logp : b.grad_logp};
 
+  const RowExtras extras = row_extras(o, b.row_entropy, b.row_mean_logit, out.token_statistics);
   reset_errors(b.errors, stream);
   launch_forward(in.policy_logits, in.targets, in.sequences, o.ignore_index, row_lse, b.token_logp,
-                 logp, num_tokens, o.average_logprob, b.errors, 0u, stream);
+                 logp, num_tokens, o.average_logprob, extras, b.errors, 0u, stream);
 
   cudaMemsetAsync(b.partial, 0, sizeof(KlPartial), stream);
   const index_t K = kl_count(in);
@@ -426,8 +509,8 @@ Status run_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
     const index_t* kl_tokens = in.kl.num_tokens;
     if (in.kl.logits.data) {
       launch_forward(in.kl.logits, in.kl.targets, in.kl.sequences, o.ignore_index, b.kl_row_lse,
-                     b.kl_token_logp, b.kl_logp, b.kl_num_tokens, o.average_logprob, b.errors,
-                     device::kKlBatchTag, stream);
+                     b.kl_token_logp, b.kl_logp, b.kl_num_tokens, o.average_logprob,
+                     extras.without_statistics(), b.errors, device::kKlBatchTag, stream);
       kl_logp = b.kl_logp;
       kl_tokens = b.kl_num_tokens;
     }
@@ -461,7 +544,7 @@ Status run_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
     device::BackwardParams<T> bp{in.policy_logits, in.targets,        in.sequences,
                                  o.ignore_index,   o.average_logprob, row_lse,
                                  ex.grad_logp,     num_tokens,        *grad};
-    launch_backward(bp, stream);
+    launch_backward(bp, o, stream);
   }
   return last_launch(fn);
 }
@@ -523,7 +606,7 @@ Status step_backward(const StepInputs<T>& in, const StepOutputs& forward, const 
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::step_backward";
   try {
-    detail::validate_cuda_options(o, fn);
+    validate_options(o, fn);
     detail::validate_forward_views(in.policy_logits, in.targets, in.sequences, fn, "policy_",
                                    false);
     kto::detail::validate_gradient(grad, in.policy_logits, fn);
@@ -546,7 +629,7 @@ Status step_backward(const StepInputs<T>& in, const StepOutputs& forward, const 
                               forward.num_tokens,
                               grad,
                               cotangent};
-  detail::launch_backward(p, stream);
+  detail::launch_backward(p, o, stream);
   return detail::last_launch(fn);
 }
 

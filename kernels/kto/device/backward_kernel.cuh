@@ -7,6 +7,9 @@
 // zeros, so every element of the output is written. The output may be the
 // logits themselves (in place): each thread reads its elements before writing
 // them, and the loads are plain (not the read-only path).
+//
+// With kExtended the row is transformed as it is read (z' = transform(z)) and
+// each value is multiplied by ∂z'/∂z: out_v = g_s c_r (1[v = t] − e^(z'_v − lse_r)) ∂z'_v/∂z_v.
 #pragma once
 
 #include <kto/example_loss.hpp>
@@ -30,18 +33,32 @@ struct BackwardParams {
   const index_t* num_tokens;  ///< per sequence
   LogitsView<T> grad;
   const float* cotangent = nullptr;  ///< device scalar scaling the loss; null: 1
+  RowTransform transform{};          ///< read by the kExtended kernel only
 };
 
 using kto::sequence_of_row;
 
-template <class T, int kThreads>
+/// scale (1[v = t] − e^(x' − lse)) ∂x'/∂x at column v (x' = x without kExtended).
+template <bool kExtended>
+KTO_HOST_DEVICE inline float logit_gradient(float x, index_t v, index_t target, float lse,
+                                            float scale, const RowTransform& transform) {
+  const float onehot = v == target ? scale : 0.0f;
+  if constexpr (kExtended) {
+    float derivative;
+    const float xt = transform.apply(x, derivative);
+    return (onehot - scale * expf(xt - lse)) * derivative;
+  } else {
+    return onehot - scale * expf(x - lse);
+  }
+}
+
+template <class T, int kThreads, bool kExtended = false>
 KTO_HOST_DEVICE inline void write_row(const T* in, T* out, index_t vocab, index_t target, float lse,
-                                      float scale, int lane, bool zero) {
+                                      float scale, int lane, bool zero,
+                                      const RowTransform& transform = {}) {
   constexpr int W = Vec<T>::kWidth;
   auto value = [&](float z, index_t v) {
-    if (zero) return 0.0f;
-    const float onehot = v == target ? scale : 0.0f;
-    return onehot - scale * expf(z - lse);
+    return zero ? 0.0f : logit_gradient<kExtended>(z, v, target, lse, scale, transform);
   };
   // Vectors only where input and output share their alignment.
   const bool vectorised =
@@ -65,7 +82,7 @@ KTO_HOST_DEVICE inline void write_row(const T* in, T* out, index_t vocab, index_
     out[i] = from_float<T>(value(zero ? 0.0f : to_float(in[i]), i));
 }
 
-template <class T, int kThreads, int kRowsPerBlock>
+template <class T, int kThreads, int kRowsPerBlock, bool kExtended>
 __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
     row_backward_kernel(BackwardParams<T> p) {
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
@@ -84,8 +101,8 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
     scale = static_cast<float>(token_scale(static_cast<double>(g), p.num_tokens[s], p.average));
     lse = p.row_lse[r];
   }
-  write_row<T, kThreads>(p.logits.row(r), p.grad.row(r), p.logits.vocab, t, lse, scale, lane,
-                         !scored);
+  write_row<T, kThreads, kExtended>(p.logits.row(r), p.grad.row(r), p.logits.vocab, t, lse, scale,
+                                    lane, !scored, p.transform);
 }
 
 }  // namespace device

@@ -12,11 +12,20 @@
 // Rows outside [offsets[0], offsets[count]) and ignored rows cost one target
 // read. Offsets are clamped to [0, rows] before use, so a bad offset array is
 // reported, never followed out of bounds.
+//
+// Instantiated with kExtended, a row's logits pass through the logit transform
+// (logit_transform.cuh) as they are read, and the read also yields the row's
+// entropy and mean logit (StatisticsState); sequence_logp_kernel then sums them
+// per sequence. The plain instantiation is the default path, untouched.
 #pragma once
 
+#include <type_traits>
+
 #include <kto/layout.hpp>
+#include <kto/token_statistics.hpp>
 
 #include "device_errors.cuh"
+#include "logit_transform.cuh"
 #include "lse_state.cuh"
 #include "numeric.cuh"
 
@@ -62,17 +71,35 @@ struct ForwardParams {
   float* row_lse;     ///< rows; NaN where not scored
   float* token_logp;  ///< rows; 0 where not scored
   DeviceErrors* errors;
-  unsigned error_tag;  ///< 0 for the target batch, kKlBatchTag for the KL batch
+  unsigned error_tag;               ///< 0 for the target batch, kKlBatchTag for the KL batch
+  RowTransform transform{};         ///< read by the kExtended kernels only
+  float* row_entropy = nullptr;     ///< rows, kExtended: entropy (0 where not scored); null: skip
+  float* row_mean_logit = nullptr;  ///< rows, with row_entropy: mean logit
 };
 
-/// Folds this thread's slice of a row into an (m, s) state.
-template <class T, int kThreads>
-KTO_HOST_DEVICE inline LseState thread_row_lse(const T* row, index_t vocab, int lane) {
+/// The per-thread state of a row pass: (m, s), or with kExtended the statistics too.
+template <bool kExtended>
+using RowState = std::conditional_t<kExtended, StatisticsState, LseState>;
+
+/// Element value as the pass sees it: widened, and with kExtended transformed.
+template <bool kExtended, class T>
+KTO_HOST_DEVICE inline float row_value(T x, const RowTransform& transform) {
+  if constexpr (kExtended) {
+    return transform.apply(to_float(x));
+  } else {
+    return to_float(x);
+  }
+}
+
+/// Folds this thread's slice of a row into its state.
+template <class T, int kThreads, bool kExtended = false>
+KTO_HOST_DEVICE inline RowState<kExtended> thread_row_lse(const T* row, index_t vocab, int lane,
+                                                          const RowTransform& transform = {}) {
   constexpr int W = Vec<T>::kWidth;
-  LseState st = lse_identity();
+  RowState<kExtended> st = identity_of<RowState<kExtended>>();
   const RowSpan span = row_span<T>(row, vocab);
   for (index_t i = lane; i < span.head; i += kThreads) {
-    const float x[1] = {to_float(row[i])};
+    const float x[1] = {row_value<kExtended>(row[i], transform)};
     lse_update(st, x);
   }
   const Vec<T>* vec = reinterpret_cast<const Vec<T>*>(row + span.head);
@@ -81,17 +108,37 @@ KTO_HOST_DEVICE inline LseState thread_row_lse(const T* row, index_t vocab, int 
     const Vec<T> v = load_vector(vec + i);
     float x[W];
     KTO_UNROLL()
-    for (int k = 0; k < W; ++k) x[k] = to_float(v.v[k]);
+    for (int k = 0; k < W; ++k) x[k] = row_value<kExtended>(v.v[k], transform);
     lse_update(st, x);
   }
   for (index_t i = span.tail + lane; i < vocab; i += kThreads) {
-    const float x[1] = {to_float(row[i])};
+    const float x[1] = {row_value<kExtended>(row[i], transform)};
     lse_update(st, x);
   }
   return st;
 }
 
-template <class T, int kThreads, int kRowsPerBlock>
+/// Lane 0's writes for a scored row: lse, ℓ (target value already transformed),
+/// and with kExtended the statistics; a non-finite lse or ℓ is recorded.
+template <bool kExtended>
+__device__ inline void finish_row(const RowState<kExtended>& st, float target_value, index_t vocab,
+                                  index_t r, float* row_lse, float* token_logp, float* row_entropy,
+                                  float* row_mean_logit, DeviceErrors* errors, unsigned tag) {
+  const float lse = st.m + logf(st.s);
+  const float lp = target_value - lse;
+  if (!(isfinite(lse) && isfinite(lp))) record_error(errors, r, kNonFiniteLogits | tag);
+  row_lse[r] = lse;
+  token_logp[r] = lp;
+  if constexpr (kExtended) {
+    if (row_entropy) {
+      const TokenStatistics<float> ts = token_statistics(st.s, st.w, st.t, vocab);
+      row_entropy[r] = ts.entropy;
+      row_mean_logit[r] = ts.mean_logit;
+    }
+  }
+}
+
+template <class T, int kThreads, int kRowsPerBlock, bool kExtended>
 __global__ void __launch_bounds__(kThreads* kRowsPerBlock) row_forward_kernel(ForwardParams<T> p) {
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
   const index_t r = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
@@ -103,20 +150,20 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock) row_forward_kernel(Fo
     if (lane == 0) {
       p.row_lse[r] = NAN;
       p.token_logp[r] = 0.0f;
+      if constexpr (kExtended) {
+        if (p.row_entropy) p.row_entropy[r] = p.row_mean_logit[r] = 0.0f;
+      }
       if (t != p.ignore_index) record_error(p.errors, r, kTargetOutOfRange | p.error_tag);
     }
     return;
   }
   const T* row = p.logits.row(r);
-  LseState st = thread_row_lse<T, kThreads>(row, p.logits.vocab, lane);
+  auto st = thread_row_lse<T, kThreads, kExtended>(row, p.logits.vocab, lane, p.transform);
   st = group_reduce_lse<kThreads>(st);
-  if (lane == 0) {
-    const float lse = st.m + logf(st.s);
-    const float lp = to_float(row[t]) - lse;
-    if (!(isfinite(lse) && isfinite(lp))) record_error(p.errors, r, kNonFiniteLogits | p.error_tag);
-    p.row_lse[r] = lse;
-    p.token_logp[r] = lp;
-  }
+  if (lane == 0)
+    finish_row<kExtended>(st, row_value<kExtended>(row[t], p.transform), p.logits.vocab, r,
+                          p.row_lse, p.token_logp, p.row_entropy, p.row_mean_logit, p.errors,
+                          p.error_tag);
 }
 
 struct SequenceParams {
@@ -126,8 +173,12 @@ struct SequenceParams {
   index_t ignore_index;
   bool average;
   const float* token_logp;
-  float* logp;          ///< per sequence
-  index_t* num_tokens;  ///< per sequence
+  float* logp;                         ///< per sequence
+  index_t* num_tokens;                 ///< per sequence
+  const float* row_entropy = nullptr;  ///< rows; null: no statistics
+  const float* row_mean_logit = nullptr;
+  double* entropy_sum = nullptr;  ///< per sequence, with row_entropy
+  double* mean_logit_sum = nullptr;
 };
 
 /// One warp per sequence; lanes sum strided rows in double, then a fixed
@@ -139,22 +190,35 @@ __global__ void sequence_logp_kernel(SequenceParams p) {
   const index_t begin = clamp_row(p.sequences.begin(s), p.rows);
   index_t end = clamp_row(p.sequences.end(s), p.rows);
   if (end < begin) end = begin;
-  double sum = 0.0;
+  const bool statistics = p.row_entropy != nullptr;
+  double sum = 0.0, entropy = 0.0, mean_logit = 0.0;
   long long n = 0;
   for (index_t r = begin + lane; r < end; r += 32) {
     if (p.targets.at(r) == p.ignore_index) continue;
     sum += static_cast<double>(p.token_logp[r]);
+    if (statistics) {
+      entropy += static_cast<double>(p.row_entropy[r]);
+      mean_logit += static_cast<double>(p.row_mean_logit[r]);
+    }
     ++n;
   }
   KTO_UNROLL()
   for (int offset = 16; offset > 0; offset >>= 1) {
     sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     n += __shfl_xor_sync(0xffffffffu, n, offset);
+    if (statistics) {
+      entropy += __shfl_xor_sync(0xffffffffu, entropy, offset);
+      mean_logit += __shfl_xor_sync(0xffffffffu, mean_logit, offset);
+    }
   }
   if (lane == 0) {
     if (p.average && n > 0) sum /= static_cast<double>(n);
     p.logp[s] = static_cast<float>(sum);
     p.num_tokens[s] = static_cast<index_t>(n);
+    if (statistics) {
+      p.entropy_sum[s] = entropy;
+      p.mean_logit_sum[s] = mean_logit;
+    }
   }
 }
 

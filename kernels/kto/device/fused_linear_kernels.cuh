@@ -14,7 +14,9 @@
 //
 // Row groups are a warp (short rows) or the whole block (long rows), as in
 // forward_kernels.cuh; states merge in a fixed tree, so results are
-// bit-identical run after run.
+// bit-identical run after run. With kExtended, as there, each Z + b passes
+// through the logit transform, the forward also yields the row's token
+// statistics, and dZ carries the transform's derivative.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,6 +26,7 @@
 #include <kto/options.hpp>
 #include <kto/reference_point.hpp>
 
+#include "backward_kernel.cuh"
 #include "device_errors.cuh"
 #include "forward_kernels.cuh"
 #include "lse_state.cuh"
@@ -53,11 +56,12 @@ struct BatchRows {
   }
 };
 
-/// This thread's (m, s) over its float4 slices of Z[i, :] + b, then the tail.
-template <int kThreads>
-KTO_HOST_DEVICE inline LseState thread_biased_lse(const float* row, const float* bias,
-                                                  index_t vocab, int lane) {
-  LseState st = lse_identity();
+/// This thread's state over its float4 slices of Z[i, :] + b, then the tail.
+template <int kThreads, bool kExtended = false>
+KTO_HOST_DEVICE inline RowState<kExtended> thread_biased_lse(const float* row, const float* bias,
+                                                             index_t vocab, int lane,
+                                                             const RowTransform& transform = {}) {
+  RowState<kExtended> st = identity_of<RowState<kExtended>>();
   const index_t vectors = vocab / 4;
   const float4* z4 = reinterpret_cast<const float4*>(row);
   const float4* b4 = reinterpret_cast<const float4*>(bias);
@@ -68,11 +72,12 @@ KTO_HOST_DEVICE inline LseState thread_biased_lse(const float* row, const float*
       const float4 b = b4[i];
       z.x += b.x, z.y += b.y, z.z += b.z, z.w += b.w;
     }
-    const float x[4] = {z.x, z.y, z.z, z.w};
+    const float x[4] = {row_value<kExtended>(z.x, transform), row_value<kExtended>(z.y, transform),
+                        row_value<kExtended>(z.z, transform), row_value<kExtended>(z.w, transform)};
     lse_update(st, x);
   }
   for (index_t v = vectors * 4 + lane; v < vocab; v += kThreads) {
-    const float x[1] = {row[v] + (bias ? bias[v] : 0.0f)};
+    const float x[1] = {row_value<kExtended>(row[v] + (bias ? bias[v] : 0.0f), transform)};
     lse_update(st, x);
   }
   return st;
@@ -85,9 +90,12 @@ struct ChunkForwardParams {
   float* token_logp;  ///< batch rows; 0 where not scored
   DeviceErrors* errors;
   unsigned error_tag;
+  RowTransform transform{};      ///< kExtended only
+  float* row_entropy = nullptr;  ///< batch rows, kExtended; null: skip
+  float* row_mean_logit = nullptr;
 };
 
-template <int kThreads, int kRowsPerBlock>
+template <int kThreads, int kRowsPerBlock, bool kExtended>
 __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
     chunk_forward_kernel(ChunkForwardParams p) {
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
@@ -99,19 +107,21 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
     if (lane == 0) {
       p.row_lse[r] = NAN;
       p.token_logp[r] = 0.0f;
+      if constexpr (kExtended) {
+        if (p.row_entropy) p.row_entropy[r] = p.row_mean_logit[r] = 0.0f;
+      }
       if (t != p.batch.ignore_index) record_error(p.errors, r, kTargetOutOfRange | p.error_tag);
     }
     return;
   }
   const float* row = p.z.logits + i * p.z.ld;
-  LseState st = thread_biased_lse<kThreads>(row, p.z.bias, p.z.vocab, lane);
+  auto st = thread_biased_lse<kThreads, kExtended>(row, p.z.bias, p.z.vocab, lane, p.transform);
   st = group_reduce_lse<kThreads>(st);
   if (lane == 0) {
-    const float lse = st.m + logf(st.s);
-    const float lp = row[t] + (p.z.bias ? p.z.bias[t] : 0.0f) - lse;
-    if (!(isfinite(lse) && isfinite(lp))) record_error(p.errors, r, kNonFiniteLogits | p.error_tag);
-    p.row_lse[r] = lse;
-    p.token_logp[r] = lp;
+    const float target_value =
+        row_value<kExtended>(row[t] + (p.z.bias ? p.z.bias[t] : 0.0f), p.transform);
+    finish_row<kExtended>(st, target_value, p.z.vocab, r, p.row_lse, p.token_logp, p.row_entropy,
+                          p.row_mean_logit, p.errors, p.error_tag);
   }
 }
 
@@ -157,6 +167,7 @@ struct ChunkBackwardParams {
   const float* row_scale;
   T* grad;  ///< chunk rows × grad_ld; may be z.logits when T is float
   index_t grad_ld;
+  RowTransform transform{};  ///< kExtended only
 };
 
 /// Four gradient values of type T, stored at once (8 bytes for bf16/half).
@@ -165,19 +176,22 @@ struct alignas(4 * sizeof(T)) Quad {
   T v[4];
 };
 
-/// scale (1[v = t] − e^(x − lse)) for the four columns base..base+3.
+/// logit_gradient() for the four columns base..base+3.
+template <bool kExtended>
 KTO_HOST_DEVICE inline void quad_gradient(float4 z, index_t base, index_t target, float lse,
-                                          float scale, float (&out)[4]) {
+                                          float scale, const RowTransform& transform,
+                                          float (&out)[4]) {
   const float x[4] = {z.x, z.y, z.z, z.w};
   KTO_UNROLL()
   for (int k = 0; k < 4; ++k)
-    out[k] = (base + k == target ? scale : 0.0f) - scale * expf(x[k] - lse);
+    out[k] = logit_gradient<kExtended>(x[k], base + k, target, lse, scale, transform);
 }
 
-template <class T, int kThreads>
+template <class T, int kThreads, bool kExtended = false>
 KTO_HOST_DEVICE inline void write_chunk_row(const float* row, const float* bias, T* out,
                                             index_t vocab, index_t target, float lse, float scale,
-                                            int lane, bool zero) {
+                                            int lane, bool zero,
+                                            const RowTransform& transform = {}) {
   const index_t vectors = vocab / 4;
   const float4* z4 = reinterpret_cast<const float4*>(row);
   const float4* b4 = reinterpret_cast<const float4*>(bias);
@@ -191,7 +205,7 @@ KTO_HOST_DEVICE inline void write_chunk_row(const float* row, const float* bias,
         const float4 b = b4[i];
         z.x += b.x, z.y += b.y, z.z += b.z, z.w += b.w;
       }
-      quad_gradient(z, i * 4, target, lse, scale, g);
+      quad_gradient<kExtended>(z, i * 4, target, lse, scale, transform, g);
     }
     Quad<T> q;
     KTO_UNROLL()
@@ -202,13 +216,13 @@ KTO_HOST_DEVICE inline void write_chunk_row(const float* row, const float* bias,
     float g = 0.0f;
     if (!zero) {
       const float x = row[v] + (bias ? bias[v] : 0.0f);
-      g = (v == target ? scale : 0.0f) - scale * expf(x - lse);
+      g = logit_gradient<kExtended>(x, v, target, lse, scale, transform);
     }
     out[v] = from_float<T>(g);
   }
 }
 
-template <class T, int kThreads, int kRowsPerBlock>
+template <class T, int kThreads, int kRowsPerBlock, bool kExtended>
 __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
     chunk_backward_kernel(ChunkBackwardParams<T> p) {
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
@@ -219,8 +233,8 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   const float scale = p.row_scale[r];
   const bool scored = t != p.batch.ignore_index && t >= 0 && t < p.z.vocab && scale != 0.0f;
   const float lse = scored ? p.row_lse[r] : 0.0f;
-  write_chunk_row<T, kThreads>(p.z.logits + i * p.z.ld, p.z.bias, p.grad + i * p.grad_ld, p.z.vocab,
-                               t, lse, scale, lane, !scored);
+  write_chunk_row<T, kThreads, kExtended>(p.z.logits + i * p.z.ld, p.z.bias, p.grad + i * p.grad_ld,
+                                          p.z.vocab, t, lse, scale, lane, !scored, p.transform);
 }
 
 /// Copies elements [first, cols) step `step` of a hidden row, or writes zeros
