@@ -24,7 +24,6 @@ namespace test {
 
 using kto::index_t;
 
-/// Fresh seed per run (printed on failure); KTO_TEST_SEED=n reproduces a run.
 /// The logit transforms the transform tests run, by number: 0 none, 1 a scale and a
 /// temperature, 2 a Gemma-2-style soft-cap with both (tight enough to saturate tanh).
 inline void set_test_transform(kto::Options& o, int which) {
@@ -32,6 +31,7 @@ inline void set_test_transform(kto::Options& o, int which) {
   if (which == 2) o.logit_scale = 1.7, o.logit_softcap = 5.0, o.temperature = 0.8;
 }
 
+/// Fresh seed per run (printed on failure); KTO_TEST_SEED=n reproduces a run.
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("KTO_TEST_SEED")) return std::strtoull(s, nullptr, 10);
   static std::random_device rd;

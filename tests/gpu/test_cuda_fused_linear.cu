@@ -367,9 +367,10 @@ TEST_CASE("CUDA fused-linear step: repeat runs and a graph replay give the same 
   same_bits<__nv_bfloat16>(a, g);
 }
 
-/// lse, ℓ and the row scale: three floats a row.
+/// lse, ℓ, the row scale, and the token statistics' entropy and mean logit (reserved
+/// whether or not they are requested: the workspace query takes no options): five floats.
 size_t per_row_bytes() {
-  return 3 * sizeof(float);
+  return 5 * sizeof(float);
 }
 
 TEST_CASE("CUDA fused-linear workspace grows by O(rows) scalars, not rows x vocab",

@@ -207,7 +207,8 @@ double kl_scale(const Case<T>& c, const kto::Options& o) {
 }
 
 /// `derivative(r, v)`: ∂z'/∂z at a logit when `c` holds transformed logits z' (the
-/// gradient then is the reference's times it); null: no transform.
+/// reference gradient is then multiplied by it, and the tolerance by max(1, |a|/τ), the
+/// largest factor an error in ∂L/∂z' can grow by); null: no transform.
 template <class T>
 void check_against_reference(const Case<T>& c, const kto::Options& o, const Outcome<T>& got,
                              bool in_place, bool kl_as_logits,
@@ -223,11 +224,18 @@ void check_against_reference(const Case<T>& c, const kto::Options& o, const Outc
   obs.loss.assign(got.loss.begin(), got.loss.end());
   obs.grad_logp.assign(got.grad_logp.begin(), got.grad_logp.end());
   obs.grad = [&](index_t r, index_t v) {
-    const double g = Type<T>::up(got.grad[static_cast<size_t>(c.plan.logit_rows.offset(r) + v)]);
-    return derivative ? g / derivative(r, v) : g;
+    return Type<T>::up(got.grad[static_cast<size_t>(c.plan.logit_rows.offset(r) + v)]);
   };
+  ref::Step want = c.reference(o);
+  double slope = 1.0;
+  if (derivative) {
+    const index_t V = c.plan.problem.vocab;
+    for (index_t r = 0; r < c.plan.problem.rows; ++r)
+      for (index_t v = 0; v < V; ++v) want.grad[static_cast<size_t>(r * V + v)] *= derivative(r, v);
+    slope = std::max(1.0, std::fabs(o.logit_scale) / o.temperature);
+  }
   test::compare_step(c.plan.problem, std::vector<double>(c.ref_logp.begin(), c.ref_logp.end()),
-                     c.reference(o), obs, o, 1e-5, Type<T>::unit_roundoff,
+                     want, obs, o, 1e-5 * slope, Type<T>::unit_roundoff,
                      kl_as_logits ? kl_scale(c, o) : 1.0);
   if (!in_place)
     CHECK(test::written_padding(got.grad, c.plan.logit_rows, c.plan.problem.vocab,

@@ -46,11 +46,6 @@ ffi::Error dispatch(ffi::DataType dtype, const char* fn_name, const char* arg, F
   return dispatch_float<Eigen::bfloat16, Eigen::half>(dtype, fn_name, arg, fn);
 }
 
-/// Writes row_lse with the library's NaN marker of unscored rows as 0 (as kto_torch).
-void write_row_lse(const std::vector<float>& lse, float* out) {
-  for (size_t r = 0; r < lse.size(); ++r) out[r] = std::isnan(lse[r]) ? 0.0f : lse[r];
-}
-
 void write_per_example(const std::vector<float>& logp, const kto::ExampleOutputs<float>& ex,
                        index_t B, float* out) {
   const std::vector<float>* rows[5] = {&logp, &ex.ratio, &ex.reward, &ex.loss, &ex.grad_logp};
@@ -153,7 +148,7 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
     write_per_example(r.logp, r.examples, B, per_example->typed_data());
     for (index_t s = 0; s < B; ++s)
       num_tokens->typed_data()[s] = static_cast<int32_t>(r.num_tokens[s]);
-    write_row_lse(r.row_lse, row_lse->typed_data());
+    std::copy(r.row_lse.begin(), r.row_lse.end(), row_lse->typed_data());
     return ffi::Error::Success();
   });
 }
@@ -285,7 +280,7 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
     const auto rows = kto::cpu::fused_linear_row_partials<T>(in, head, o, cfg);
     float* out = partials->typed_data();
     for (size_t r = 0; r < rows.size(); ++r) {
-      out[2 * r] = std::isnan(rows[r].lse) ? 0.0f : rows[r].lse;  // unscored: never read
+      out[2 * r] = rows[r].lse;  // unscored rows: 0, never read
       out[2 * r + 1] = rows[r].target_logit;
     }
     return ffi::Error::Success();
@@ -353,7 +348,7 @@ ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyB
     write_per_example(r.logp, r.examples, B, per_example->typed_data());
     for (index_t s = 0; s < B; ++s)
       num_tokens->typed_data()[s] = static_cast<int32_t>(r.num_tokens[s]);
-    write_row_lse(r.row_lse, row_lse->typed_data());
+    std::copy(r.row_lse.begin(), r.row_lse.end(), row_lse->typed_data());
     return ffi::Error::Success();
   });
 }

@@ -44,13 +44,6 @@ __global__ void narrow_kernel(const int64_t* in, int32_t* out, int64_t n) {
     out[i] = static_cast<int32_t>(in[i]);
 }
 
-/// row_lse with the library's NaN marker of unscored rows as 0 (as kto_torch).
-__global__ void lse_kernel(const float* in, float* out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = isnan(in[i]) ? 0.0f : in[i];
-}
-
 /// The metrics array of the binding contract (kto::metrics_to_array), in float32.
 __global__ void metrics_kernel(const kto::Metrics* m, float* out) {
   double values[kto::kMetricCount];
@@ -262,9 +255,6 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
     KTO_JAX_TRY(to_error(kto::cuda::step_forward<T>(ws, bytes, in, o, out, stream, use_global)));
     metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
     narrow(n, num_tokens->typed_data(), B, stream);
-    if (rows > 0)  // the library's NaN marker of unscored rows as 0, in place
-      lse_kernel<<<grid_for(rows), 256, 0, stream>>>(row_lse->typed_data(), row_lse->typed_data(),
-                                                     rows);
     KTO_JAX_TRY(launch_error(kStep));
     return to_error(kto::cuda::read_status(ws, stream, seqs));
   });

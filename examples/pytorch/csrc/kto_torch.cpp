@@ -471,7 +471,7 @@ std::vector<torch::Tensor> sequence_logprobs_cpu(const StepOperands& s, const kt
     using T = decltype(tag);
     const auto f = kto::cpu::sequence_logprobs<T>(
         logits_view<const T>(s.logits), targets_view(s.targets), s.offsets.view, o, exec());
-    out = {tensor_of(f.logp), tensor_of(f.num_tokens), tensor_of(f.row_lse).nan_to_num_(0.0)};
+    out = {tensor_of(f.logp), tensor_of(f.num_tokens), tensor_of(f.row_lse)};
   });
   return out;
 }
@@ -531,9 +531,8 @@ std::vector<torch::Tensor> step_forward_cpu(const StepOperands& s, const StepVec
     }
     const auto r = kto::cpu::step_forward<T>(in, o, exec(), all_reduce);
     const int64_t B = s.offsets.count();
-    // Unscored rows: the library's NaN marker becomes 0 (never read).
     out = {metrics_tensor(r.metrics), per_example_tensor(r.logp, r.examples, B),
-           tensor_of(r.num_tokens), tensor_of(r.row_lse).nan_to_num_(0.0),
+           tensor_of(r.num_tokens), tensor_of(r.row_lse),
            token_statistics_tensor(r.token_statistics)};
   });
   return out;

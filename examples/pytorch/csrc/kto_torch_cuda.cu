@@ -34,11 +34,6 @@ kto::LogitsView<const T> view(const Logits& z) {
   return kto::LogitsView<const T>{static_cast<const T*>(z.data), z.vocab, z.rows};
 }
 
-__global__ void unscored_lse_to_zero(float* lse, kto::index_t rows) {
-  const kto::index_t r = blockIdx.x * kto::index_t(blockDim.x) + threadIdx.x;
-  if (r < rows && isnan(lse[r])) lse[r] = 0.0f;
-}
-
 __global__ void metrics_to_doubles(const kto::Metrics* m, double* out) {
   kto::metrics_to_array(*m, out);
 }
@@ -76,12 +71,9 @@ std::string forward(const Logits& logits, const kto::TargetsView& targets,
                                         logp, num_tokens, as_stream(stream));
     if (!s.ok()) return message(s);
     const kto::index_t rows = logits.rows.rows;
-    if (rows > 0) {
+    if (rows > 0)
       cudaMemcpyAsync(row_lse, kto::cuda::workspace_row_lse(workspace), rows * sizeof(float),
                       cudaMemcpyDeviceToDevice, as_stream(stream));
-      unscored_lse_to_zero<<<static_cast<unsigned>((rows + 255) / 256), 256, 0,
-                             as_stream(stream)>>>(row_lse, rows);
-    }
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? std::string() : cudaGetErrorString(err);
   });
@@ -98,7 +90,7 @@ std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
   static_assert(sizeof(kto::KlPartial) == 3 * sizeof(double), "KlPartial is three doubles");
   return dispatch(logits.dtype, [&](auto tag) -> std::string {
     using T = decltype(tag);
-    const kto::index_t B = sequences.count, rows = logits.rows.rows;
+    const kto::index_t B = sequences.count;
     kto::cuda::StepInputs<T> in;
     in.policy_logits = view<T>(logits);
     in.targets = targets;
@@ -133,9 +125,6 @@ std::string step_forward(const Logits& logits, const kto::TargetsView& targets,
     const auto s =
         kto::cuda::step_forward<T>(workspace, bytes, in, o, out, as_stream(stream), use_global);
     if (!s.ok()) return message(s);
-    if (rows > 0)
-      unscored_lse_to_zero<<<static_cast<unsigned>((rows + 255) / 256), 256, 0,
-                             as_stream(stream)>>>(row_lse, rows);
     metrics_to_doubles<<<1, 1, 0, as_stream(stream)>>>(m, metrics);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? std::string() : cudaGetErrorString(err);

@@ -276,11 +276,11 @@ class ChunkEngine {
     z.middleCols(b, e - b).rowwise() += bias;
   }
 
-  /// The slice's partial of each row of [r0, r0 + n) (unscored rows: {NaN, 0});
+  /// The slice's partial of each row of [r0, r0 + n) (unscored rows: {0, 0}, never read);
   /// with `statistics`, each scored row's token statistics from the same read.
   void partials(const RowScorer& scorer, index_t r0, index_t n, RowPartial<Acc>* out,
                 TokenStatistics<Acc>* statistics = nullptr) {
-    for (index_t i = 0; i < n; ++i) out[i] = {std::numeric_limits<Acc>::quiet_NaN(), Acc(0)};
+    for (index_t i = 0; i < n; ++i) out[i] = {Acc(0), Acc(0)};
     const index_t begin = head_.vocab_begin;
     parallel_for(static_cast<index_t>(rows_.size()), exec_, [&](index_t b, index_t e) {
       for (index_t k = b; k < e; ++k) {
@@ -434,7 +434,7 @@ SequenceForward<Acc> sequences_from_partials(const std::vector<RowPartial<Acc>>&
                                              const Options& o, const char* fn) {
   SequenceForward<Acc> out;
   const RowScorer scorer(batch.targets, batch.sequences, o.ignore_index);
-  out.row_lse.assign(rows.size(), std::numeric_limits<Acc>::quiet_NaN());
+  out.row_lse.assign(rows.size(), Acc(0));
   out.logp.assign(static_cast<size_t>(batch.sequences.count), Acc(0));
   out.num_tokens.assign(static_cast<size_t>(batch.sequences.count), 0);
   for (index_t s = 0; s < batch.sequences.count; ++s)
@@ -483,9 +483,8 @@ template <class T>
 std::vector<RowPartial<accumulator_t<T>>> batch_partials(
     ChunkEngine<T>& engine, const MatrixView<const T>& hidden, const RowScorer& scorer,
     TokenStatistics<accumulator_t<T>>* statistics = nullptr) {
-  std::vector<RowPartial<accumulator_t<T>>> out(
-      static_cast<size_t>(hidden.rows),
-      {std::numeric_limits<accumulator_t<T>>::quiet_NaN(), accumulator_t<T>(0)});
+  std::vector<RowPartial<accumulator_t<T>>> out(static_cast<size_t>(hidden.rows),
+                                                {accumulator_t<T>(0), accumulator_t<T>(0)});
   for (index_t r0 = scorer.first; r0 < scorer.last; r0 += engine.chunk_rows()) {
     const index_t n = std::min(engine.chunk_rows(), scorer.last - r0);
     engine.compute(hidden, scorer, r0, n);
@@ -647,7 +646,7 @@ std::vector<RowPartial<accumulator_t<T>>> row_partials_impl(
 
 /// Vocab parallel, for a caller that gathers the slices' partials itself (a JAX
 /// all_gather, MPI_Allgather): this slice's RowPartial of every row of the KL
-/// batch, then of the target batch ({NaN, 0} on unscored rows), forward only —
+/// batch, then of the target batch ({0, 0} on unscored rows: never read), forward only —
 /// what fused_linear_kto_step hands its hooks.gather_partials. Absent KL views
 /// mean no KL rows. Only the batches, the head and the options are read.
 template <class T>
@@ -810,8 +809,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   const double scale = reduction_scale(o, B);
 
   StepResult<Acc> out;
-  std::vector<Acc> row_lse(static_cast<size_t>(in.hidden.rows),
-                           std::numeric_limits<Acc>::quiet_NaN());
+  std::vector<Acc> row_lse(static_cast<size_t>(in.hidden.rows), Acc(0));
   out.logp.assign(static_cast<size_t>(B), Acc(0));
   out.num_tokens.assign(static_cast<size_t>(B), 0);
   std::vector<Acc> grad_logp(static_cast<size_t>(B), Acc(0));

@@ -50,7 +50,7 @@ struct StepResult {
   std::vector<Acc> logp;  ///< policy logp_s
   std::vector<index_t> num_tokens;
   ExampleOutputs<Acc> examples;  ///< ρ_s, βρ_s, loss_s, g_s
-  std::vector<Acc> row_lse;      ///< lse_r per row (NaN where not scored): the backward's residual
+  std::vector<Acc> row_lse;      ///< lse_r per row (0 where not scored): the backward's residual
   SequenceTokenStatistics token_statistics;  ///< with Options::token_statistics
 };
 

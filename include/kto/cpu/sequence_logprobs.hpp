@@ -37,7 +37,7 @@ struct SequenceForward {
   std::vector<Acc> logp;                     ///< per sequence
   std::vector<index_t> num_tokens;           ///< non-ignored rows per sequence
   std::vector<Acc> token_logp;               ///< ℓ_r per row (0 where not scored)
-  std::vector<Acc> row_lse;                  ///< lse_r per row (NaN where not scored)
+  std::vector<Acc> row_lse;                  ///< lse_r per row (0 where not scored: never read)
   SequenceTokenStatistics token_statistics;  ///< with Options::token_statistics
 };
 
@@ -95,7 +95,7 @@ SequenceForward<accumulator_t<T>> sequence_logprobs_impl(
   SequenceForward<Acc> out;
   try {  // two scalars a row: rows of a repeated (stride 0) view need not fit
     out.token_logp.assign(static_cast<size_t>(rows), Acc(0));
-    out.row_lse.assign(static_cast<size_t>(rows), std::numeric_limits<Acc>::quiet_NaN());
+    out.row_lse.assign(static_cast<size_t>(rows), Acc(0));
   } catch (const std::bad_alloc&) {
     kto::detail::fail(fn, std::string(name) + ".rows", "leave room in memory for two scalars a row",
                       rows);

@@ -68,7 +68,7 @@ struct ForwardParams {
   TargetsView targets;
   SequencesView sequences;
   index_t ignore_index;
-  float* row_lse;     ///< rows; NaN where not scored
+  float* row_lse;     ///< rows; 0 where not scored (never read)
   float* token_logp;  ///< rows; 0 where not scored
   DeviceErrors* errors;
   unsigned error_tag;               ///< 0 for the target batch, kKlBatchTag for the KL batch
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock) row_forward_kernel(Fo
   const index_t t = row_target(p.sequences, p.targets, rows, r, p.ignore_index);
   if (t == p.ignore_index || t < 0 || t >= p.logits.vocab) {
     if (lane == 0) {
-      p.row_lse[r] = NAN;
+      p.row_lse[r] = 0.0f;
       p.token_logp[r] = 0.0f;
       if constexpr (kExtended) {
         if (p.row_entropy) p.row_entropy[r] = p.row_mean_logit[r] = 0.0f;

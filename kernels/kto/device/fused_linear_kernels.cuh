@@ -86,7 +86,7 @@ KTO_HOST_DEVICE inline RowState<kExtended> thread_biased_lse(const float* row, c
 struct ChunkForwardParams {
   ChunkView z;
   BatchRows batch;
-  float* row_lse;     ///< batch rows; NaN where not scored
+  float* row_lse;     ///< batch rows; 0 where not scored (never read)
   float* token_logp;  ///< batch rows; 0 where not scored
   DeviceErrors* errors;
   unsigned error_tag;
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   const index_t t = p.batch.target(r);
   if (t == p.batch.ignore_index || t < 0 || t >= p.z.vocab) {
     if (lane == 0) {
-      p.row_lse[r] = NAN;
+      p.row_lse[r] = 0.0f;
       p.token_logp[r] = 0.0f;
       if constexpr (kExtended) {
         if (p.row_entropy) p.row_entropy[r] = p.row_mean_logit[r] = 0.0f;

@@ -1,0 +1,240 @@
+// Every host-visible check of the CUDA entry points, run on the CPU (label: cpu).
+//
+// can_implement() of each phase (phases.hpp), of the whole step and of the
+// fused-linear step launches nothing and reads no device memory, so the checks
+// run here on machines without a GPU: a valid problem passes, and each broken
+// argument comes back as StatusCode::invalid_argument naming the public entry
+// point and the argument. step_backward() is checked on the same inputs; its
+// invalid calls return before any launch. Pointers are host addresses standing
+// in for device ones (never dereferenced).
+#include <catch2/catch.hpp>
+
+#include <kto/cuda.hpp>
+#include <kto/cuda/fused_linear.hpp>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+using kto::index_t;
+
+/// `status` failed as invalid_argument with `fn` and `argument` in its message.
+void expect_refused(const kto::cuda::Status& status, const std::string& fn,
+                    const std::string& argument) {
+  INFO("message: " << status.message);
+  CHECK(status.code == kto::cuda::StatusCode::invalid_argument);
+  CHECK(std::string(status.message).find(fn + ": argument '" + argument + "'") !=
+        std::string::npos);
+}
+
+/// `good` with one argument broken by `brk`: can_implement refuses it, naming `argument`.
+template <class Args, class Break>
+void expect_refused_when(const Args& good, const std::string& fn, const std::string& argument,
+                         Break&& brk) {
+  Args bad = good;
+  brk(bad);
+  expect_refused(kto::cuda::can_implement(bad), fn, argument);
+}
+
+/// Host storage the views point into: 3 sequences over 7 rows of 11 logits.
+struct Storage {
+  static constexpr index_t kRows = 7, kVocab = 11, kSequences = 3;
+  std::vector<float> logits = std::vector<float>(kRows * kVocab, 0.0f);
+  std::vector<float> grad = std::vector<float>(kRows * kVocab, 0.0f);
+  std::vector<index_t> targets = std::vector<index_t>(kRows, 1);
+  std::vector<index_t> offsets = {0, 2, 5, 7};
+  std::vector<float> per_sequence = std::vector<float>(8 * kSequences, 0.0f);
+  std::vector<index_t> counts = std::vector<index_t>(kSequences, 1);
+  std::vector<double> statistics = std::vector<double>(2 * kSequences, 0.0);
+  std::vector<std::uint8_t> desirable = std::vector<std::uint8_t>(kSequences, 1);
+  std::vector<float> row_lse = std::vector<float>(kRows, 0.0f);
+  kto::KlPartial partial{};
+  kto::Metrics metrics{};
+
+  kto::LogitsView<const float> logits_view() const {
+    return kto::logits_matrix<const float>(logits.data(), kRows, kVocab);
+  }
+  kto::LogitsView<float> grad_view() {
+    return kto::logits_matrix<float>(grad.data(), kRows, kVocab);
+  }
+  kto::TargetsView targets_view() const { return kto::targets_vector(targets.data(), kRows); }
+  kto::SequencesView sequences() const { return kto::sequences(offsets.data(), kSequences); }
+  float* sequence_array(int k) { return per_sequence.data() + k * kSequences; }
+  /// The target batch of a step (no KL batch).
+  kto::cuda::StepInputs<float> step_inputs() {
+    kto::cuda::StepInputs<float> in;
+    in.policy_logits = logits_view();
+    in.targets = targets_view();
+    in.sequences = sequences();
+    in.reference_logp = kto::reference_logp(sequence_array(1), kSequences);
+    in.desirable = desirable.data();
+    return in;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cuda checks: sequence_logprobs", "[cuda_checks]") {
+  Storage st;
+  kto::cuda::SequenceLogprobsArguments<float> a{st.logits_view(),     st.targets_view(),
+                                                st.sequences(),       kto::Options{},
+                                                st.sequence_array(0), st.counts.data()};
+  const std::string fn = "kto::cuda::sequence_logprobs";
+  CHECK(kto::cuda::can_implement(a).ok());
+  CHECK(kto::cuda::workspace_bytes(a) == kto::cuda::sequence_logprobs_workspace_bytes(7));
+  expect_refused_when(a, fn, "logp", [](auto& x) { x.logp = nullptr; });
+  expect_refused_when(a, fn, "num_tokens", [](auto& x) { x.num_tokens = nullptr; });
+  expect_refused_when(a, fn, "sequences.offsets", [](auto& x) { x.sequences.offsets = nullptr; });
+  expect_refused_when(a, fn, "targets.rows", [](auto& x) { x.targets.rows.rows = 6; });
+  auto bad = a;
+  bad.options.token_statistics = true;  // and no statistics arrays
+  expect_refused(kto::cuda::can_implement(bad), fn, "statistics.entropy_sum");
+  bad.statistics = {st.statistics.data(), nullptr};
+  expect_refused(kto::cuda::can_implement(bad), fn, "statistics.mean_logit_sum");
+  bad.statistics = {st.statistics.data(), st.statistics.data() + 3};
+  CHECK(kto::cuda::can_implement(bad).ok());
+  expect_refused_when(a, fn, "options.logit_softcap",
+                      [](auto& x) { x.options.logit_softcap = -1.0; });
+  // The positional call runs the same checks (its workspace query never launches).
+  size_t bytes = 0;
+  expect_refused(
+      kto::cuda::sequence_logprobs<float>(nullptr, bytes, a.logits, a.targets, a.sequences,
+                                          a.options, nullptr, a.num_tokens, nullptr),
+      fn, "logp");
+  CHECK(kto::cuda::sequence_logprobs<float>(nullptr, bytes, a.logits, a.targets, a.sequences,
+                                            a.options, a.logp, a.num_tokens, nullptr)
+            .ok());
+  CHECK(bytes == kto::cuda::workspace_bytes(a));
+}
+
+TEST_CASE("cuda checks: kl_partial and finish", "[cuda_checks]") {
+  Storage st;
+  const kto::cuda::KlPartialArguments k{kto::policy_logp(st.sequence_array(0), 3),
+                                        kto::reference_logp(st.sequence_array(1), 3),
+                                        st.counts.data(), kto::Options{}, &st.partial};
+  const std::string kfn = "kto::cuda::kl_partial";
+  CHECK(kto::cuda::can_implement(k).ok());
+  CHECK(kto::cuda::workspace_bytes(k) > 0);
+  expect_refused_when(k, kfn, "kl_reference_logp.size", [](auto& x) { x.reference_logp.size = 2; });
+  expect_refused_when(k, kfn, "partial", [](auto& x) { x.partial = nullptr; });
+  auto bad = k;
+  bad.num_tokens = nullptr;
+  CHECK(kto::cuda::can_implement(bad).ok());  // the mean estimator reads no counts
+  bad.options.kl_estimator = kto::KlEstimator::nonempty_mean;
+  expect_refused(kto::cuda::can_implement(bad), kfn, "kl_num_tokens");
+
+  const kto::cuda::FinishArguments f{
+      &st.partial,
+      kto::policy_logp(st.sequence_array(0), 3),
+      kto::reference_logp(st.sequence_array(1), 3),
+      st.desirable.data(),
+      kto::Options{},
+      {st.sequence_array(2), st.sequence_array(3), st.sequence_array(4), st.sequence_array(5)},
+      &st.metrics};
+  const std::string ffn = "kto::cuda::finish";
+  CHECK(kto::cuda::can_implement(f).ok());
+  expect_refused_when(f, ffn, "policy_logp.size", [](auto& x) {
+    x.policy_logp.size = 0;
+    x.reference_logp.size = 0;
+  });
+  expect_refused_when(f, ffn, "desirable", [](auto& x) { x.desirable = nullptr; });
+  expect_refused_when(f, ffn, "out", [](auto& x) { x.out.loss = nullptr; });
+  expect_refused_when(f, ffn, "metrics", [](auto& x) { x.metrics = nullptr; });
+  expect_refused_when(f, ffn, "options.beta", [](auto& x) { x.options.beta = 0.0; });
+}
+
+TEST_CASE("cuda checks: backward and step_backward name their own arguments", "[cuda_checks]") {
+  Storage st;
+  const kto::cuda::BackwardArguments<float> a{
+      st.logits_view(),     st.targets_view(), st.sequences(), st.row_lse.data(),
+      st.sequence_array(0), st.counts.data(),  kto::Options{}, st.grad_view()};
+  const std::string fn = "kto::cuda::backward";
+  CHECK(kto::cuda::can_implement(a).ok());
+  expect_refused_when(a, fn, "row_lse", [](auto& x) { x.row_lse = nullptr; });
+  expect_refused_when(a, fn, "grad_logp", [](auto& x) { x.grad_logp = nullptr; });
+  expect_refused_when(a, fn, "grad.vocab", [](auto& x) { x.grad.vocab = 10; });
+
+  // The same checks from the step's inputs and the forward's outputs, named as
+  // step_backward's caller wrote them.
+  kto::cuda::StepInputs<float> in = st.step_inputs();
+  kto::cuda::StepOutputs fwd;
+  fwd.row_lse = nullptr;
+  fwd.num_tokens = st.counts.data();
+  fwd.examples.grad_logp = st.sequence_array(0);
+  const std::string sfn = "kto::cuda::step_backward";
+  expect_refused(kto::cuda::step_backward<float>(in, fwd, kto::Options{}, st.grad_view(), nullptr),
+                 sfn, "forward.row_lse");
+  fwd.row_lse = st.row_lse.data();
+  fwd.examples.grad_logp = nullptr;
+  expect_refused(kto::cuda::step_backward<float>(in, fwd, kto::Options{}, st.grad_view(), nullptr),
+                 sfn, "forward.examples.grad_logp");
+  fwd.examples.grad_logp = st.sequence_array(0);
+  in.sequences.count = 0;  // a step has at least one example
+  in.sequences.offsets = st.offsets.data();
+  expect_refused(kto::cuda::step_backward<float>(in, fwd, kto::Options{}, st.grad_view(), nullptr),
+                 sfn, "policy_sequences.count");
+}
+
+TEST_CASE("cuda checks: kto_step's can_implement", "[cuda_checks]") {
+  Storage st;
+  kto::cuda::StepInputs<float> in = st.step_inputs();
+  in.kl.policy_logp = kto::policy_logp(st.sequence_array(2), 3);
+  in.kl.reference_logp = kto::reference_logp(st.sequence_array(3), 3);
+  kto::cuda::StepOutputs out;
+  out.metrics = &st.metrics;
+  const std::string fn = "kto::cuda::kto_step";
+  kto::Options o;
+  CHECK(kto::cuda::can_implement<float>(in, o, st.grad_view(), out).ok());
+  auto bad = in;
+  bad.kl.reference_logp.size = 2;
+  expect_refused(kto::cuda::can_implement<float>(bad, o, st.grad_view(), out), fn,
+                 "kl.reference_logp.size");
+  bad = in;
+  bad.desirable = nullptr;
+  expect_refused(kto::cuda::can_implement<float>(bad, o, st.grad_view(), out), fn, "desirable");
+  o.token_statistics = true;
+  expect_refused(kto::cuda::can_implement<float>(in, o, st.grad_view(), out), fn,
+                 "out.token_statistics.entropy_sum");
+  out.token_statistics = {st.statistics.data(), st.statistics.data() + 3};
+  CHECK(kto::cuda::can_implement<float>(in, o, st.grad_view(), out).ok());
+  o.logit_scale = 0.5;  // transforms are computed on CUDA too
+  o.logit_softcap = 30.0;
+  o.temperature = 0.7;
+  CHECK(kto::cuda::can_implement<float>(in, o, st.grad_view(), out).ok());
+  o.temperature = 0.0;
+  expect_refused(kto::cuda::can_implement<float>(in, o, st.grad_view(), out), fn,
+                 "options.temperature");
+}
+
+TEST_CASE("cuda checks: the fused-linear step's can_implement", "[cuda_checks]") {
+  Storage st;
+  constexpr index_t D = 4;
+  std::vector<float> hidden(Storage::kRows * D), weight(Storage::kVocab * D);
+  std::vector<float> d_hidden(hidden.size()), d_weight(weight.size());
+  kto::cuda::FusedLinearInputs<float> in;
+  in.hidden = kto::matrix_view<const float>(hidden.data(), Storage::kRows, D);
+  in.targets = st.targets_view();
+  in.sequences = st.sequences();
+  in.reference_logp = kto::reference_logp(st.sequence_array(1), 3);
+  in.desirable = st.desirable.data();
+  kto::LinearHead<float> head;
+  head.weight = kto::matrix_view<const float>(weight.data(), Storage::kVocab, D);
+  kto::cuda::FusedLinearOutputs out;
+  out.metrics = &st.metrics;
+  out.d_hidden = kto::matrix_view(d_hidden.data(), Storage::kRows, D);
+  out.d_weight = kto::matrix_view(d_weight.data(), Storage::kVocab, D);
+  kto::Options o;
+  o.reference_point = kto::ReferencePoint::zero;  // no KL batch needed
+  const std::string fn = "kto::cuda::fused_linear_kto_step";
+  CHECK(kto::cuda::can_implement<float>(in, head, o, out).ok());
+  o.token_statistics = true;
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, out), fn,
+                 "out.token_statistics.entropy_sum");
+  out.token_statistics = {st.statistics.data(), st.statistics.data() + 3};
+  o.logit_softcap = 30.0;
+  CHECK(kto::cuda::can_implement<float>(in, head, o, out).ok());
+  auto bad = out;
+  bad.d_weight = kto::matrix_view(d_weight.data(), Storage::kVocab - 1, D);
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, bad), fn, "out.d_weight");
+}
