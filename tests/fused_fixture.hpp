@@ -28,40 +28,52 @@ test::FusedProblem make_problem(std::mt19937_64& rng, const test::FusedSpec& spe
   return test::make_fused_problem(rng, spec, round_to<T>);
 }
 
-/// A problem stored in type T (exactly: its values are already rounded to T).
+/// A problem stored in type T (exactly: its values are already rounded to T). With
+/// `pad`, the hidden states' and the weight's rows are dim + pad elements apart, the
+/// padding NaN (the library must never read it).
 template <class T>
 struct Storage {
   using Acc = kto::accumulator_t<T>;
   const FusedProblem& fp;
+  index_t stride;
   std::vector<T> hidden, weight, bias, kl_hidden;
   std::vector<Acc> reference_logp, kl_reference_logp;
-  explicit Storage(const FusedProblem& p) : fp(p) {
-    auto to = [](const std::vector<double>& v) {
-      std::vector<T> out;
-      for (double x : v) out.push_back(test::to_type<T>(x));
+  explicit Storage(const FusedProblem& p, index_t pad = 0) : fp(p), stride(p.dim + pad) {
+    auto to = [&](const std::vector<double>& v, bool rows) {
+      if (!rows) {
+        std::vector<T> out;
+        for (double x : v) out.push_back(test::to_type<T>(x));
+        return out;
+      }
+      const auto n = static_cast<index_t>(v.size()) / p.dim;
+      std::vector<T> out(static_cast<size_t>(n * stride),
+                         test::to_type<T>(std::numeric_limits<double>::quiet_NaN()));
+      for (index_t r = 0; r < n; ++r)
+        for (index_t d = 0; d < p.dim; ++d)
+          out[static_cast<size_t>(r * stride + d)] = test::to_type<T>(v[r * p.dim + d]);
       return out;
     };
-    hidden = to(p.hidden);
-    weight = to(p.weight);
-    bias = to(p.bias);
-    kl_hidden = to(p.kl_hidden);
+    hidden = to(p.hidden, true);
+    weight = to(p.weight, true);
+    bias = to(p.bias, false);
+    kl_hidden = to(p.kl_hidden, true);
     reference_logp.assign(p.reference_logp.begin(), p.reference_logp.end());
     kl_reference_logp.assign(p.kl_reference_logp.begin(), p.kl_reference_logp.end());
   }
   kto::LinearHead<T> head() const {
     kto::LinearHead<T> h;
-    h.weight = kto::matrix_view<const T>(weight.data(), fp.vocab, fp.dim);
+    h.weight = kto::matrix_view<const T>(weight.data(), fp.vocab, fp.dim, stride);
     if (fp.with_bias) h.bias = kto::make_span(bias);
     return h;
   }
   kto::cpu::FusedLinearInputs<T> inputs() const {
     kto::cpu::FusedLinearInputs<T> in;
-    in.hidden = kto::matrix_view<const T>(hidden.data(), fp.rows, fp.dim);
+    in.hidden = kto::matrix_view<const T>(hidden.data(), fp.rows, fp.dim, stride);
     in.targets = kto::targets_vector(fp.targets.data(), fp.rows);
     in.sequences = kto::sequences(fp.offsets.data(), static_cast<index_t>(fp.offsets.size()) - 1);
     in.reference_logp = kto::reference_logp(reference_logp);
     in.desirable = kto::make_span(fp.desirable);
-    in.kl.hidden = kto::matrix_view<const T>(kl_hidden.data(), fp.kl_rows, fp.dim);
+    in.kl.hidden = kto::matrix_view<const T>(kl_hidden.data(), fp.kl_rows, fp.dim, stride);
     in.kl.targets = kto::targets_vector(fp.kl_targets.data(), fp.kl_rows);
     in.kl.sequences =
         kto::sequences(fp.kl_offsets.data(), static_cast<index_t>(fp.kl_offsets.size()) - 1);
@@ -81,9 +93,10 @@ template <class T>
 Run<T> run_fused(const FusedProblem& fp, const kto::Options& o,
                  const kto::cpu::FusedLinearConfig& cfg, const kto::cpu::ExecutionPolicy& exec = {},
                  const kto::LinearHead<T>* head_override = nullptr,
-                 const kto::cpu::FusedLinearHooks<kto::accumulator_t<T>>& hooks = {}) {
+                 const kto::cpu::FusedLinearHooks<kto::accumulator_t<T>>& hooks = {},
+                 index_t pad = 0) {
   using Acc = kto::accumulator_t<T>;
-  const Storage<T> st(fp);
+  const Storage<T> st(fp, pad);
   const kto::LinearHead<T> head = head_override ? *head_override : st.head();
   const index_t V = head.weight.rows, D = fp.dim;
   Run<T> run;

@@ -224,6 +224,35 @@ TEST_CASE("fused-linear extra memory does not grow with the number of rows", "[f
   }
 }
 
+TEMPLATE_TEST_CASE("fused-linear step reads strided hidden states and weights in place",
+                   "[fused][strided]", float, Eigen::bfloat16) {
+  // Rows dim + 5 apart with NaN in the padding: the result must be the contiguous run's, bit
+  // for bit (every path copies or packs the rows it multiplies, so the layout cannot change a
+  // sum), and no NaN may leak in. For bfloat16 both the gemm_bf16 path (W read in place) and
+  // the fp32 widening run.
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const bool bf16_gemm = GENERATE(true, false);
+  INFO("seed " << seed << " strategy " << int(strategy) << " bf16_gemm " << bf16_gemm);
+  test::FusedSpec spec;
+  spec.vocab = 77;
+  spec.dim = 24;
+  const auto fp = make_problem<T>(rng, spec);
+  kto::Options o;
+  auto cfg = config_rows<T>(fp, 5, strategy);
+  cfg.bf16_gemm = bf16_gemm;
+  const auto dense = run_fused<T>(fp, o, cfg);
+  const auto strided = run_fused<T>(fp, o, cfg, {}, nullptr, {}, 5);
+  CHECK(strided.result.metrics.loss == dense.result.metrics.loss);
+  CHECK(strided.result.logp == dense.result.logp);
+  CHECK(strided.d_hidden == dense.d_hidden);
+  CHECK(strided.d_weight == dense.d_weight);
+  CHECK(strided.d_bias == dense.d_bias);
+  test::compare_fused(fp, test::fused_reference(fp, o), observe(strided), o, test::rtol<T>());
+}
+
 TEST_CASE("bf16 heads: gemm_bf16 and the fp32 widening both match the reference and each other",
           "[fused][bf16]") {
   // Both multiply the same bfloat16 values exactly (their products fit in fp32) and sum in fp32,

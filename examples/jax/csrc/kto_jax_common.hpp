@@ -44,16 +44,26 @@ using kto::index_t;
       .Attr<int64_t>("mean_denominator")  \
       .Attr<int64_t>("ignore_index")
 
+/// The batches the ops read, in argument order: logits, targets, offsets; or hidden
+/// states, the head's weight and bias, targets, offsets; a KL batch's hidden states,
+/// targets and offsets.
+#define KTO_JAX_ARGS_LOGITS_BATCH \
+  .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
+#define KTO_JAX_ARGS_HIDDEN_BATCH   \
+  .Arg<ffi::AnyBuffer>()            \
+      .Arg<ffi::AnyBuffer>()        \
+      .Arg<ffi::AnyBuffer>()        \
+      .Arg<ffi::Buffer<ffi::S32>>() \
+      .Arg<ffi::Buffer<ffi::S32>>()
+#define KTO_JAX_ARGS_KL_HIDDEN_BATCH \
+  .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
+
 /// The argument, attribute and result lists of each op, bound once for both platforms:
 /// `ctx` is ffi::Ffi::Bind() on the CPU, with the stream and scratch allocator on CUDA.
-#define KTO_JAX_BIND_SEQUENCE_LOGPROBS(ctx) \
-  (ctx)                                     \
-      .Arg<ffi::AnyBuffer>()                \
-      .Arg<ffi::Buffer<ffi::S32>>()         \
-      .Arg<ffi::Buffer<ffi::S32>>()         \
-      .Attr<int64_t>("ignore_index")        \
-      .Attr<bool>("average_logprob")        \
-      .Ret<ffi::Buffer<ffi::F32>>()         \
+#define KTO_JAX_BIND_SEQUENCE_LOGPROBS(ctx)                     \
+  (ctx) KTO_JAX_ARGS_LOGITS_BATCH.Attr<int64_t>("ignore_index") \
+      .Attr<bool>("average_logprob")                            \
+      .Ret<ffi::Buffer<ffi::F32>>()                             \
       .Ret<ffi::Buffer<ffi::S32>>()
 
 #define KTO_JAX_BIND_KL_PARTIAL(ctx) \
@@ -65,11 +75,7 @@ using kto::index_t;
       .Ret<ffi::Buffer<ffi::F32>>()
 
 #define KTO_JAX_BIND_STEP_FORWARD(ctx)                                                \
-  (ctx)                                                                               \
-      .Arg<ffi::AnyBuffer>()                                                          \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+  (ctx) KTO_JAX_ARGS_LOGITS_BATCH.Arg<ffi::Buffer<ffi::F32>>()                        \
       .Arg<ffi::Buffer<ffi::U8>>()                                                    \
       .Arg<ffi::Buffer<ffi::F32>>()                                                   \
       .Arg<ffi::Buffer<ffi::F32>>()                                                   \
@@ -79,69 +85,40 @@ using kto::index_t;
       .Ret<ffi::Buffer<ffi::S32>>()                                                   \
       .Ret<ffi::Buffer<ffi::F32>>()
 
-#define KTO_JAX_BIND_STEP_BACKWARD(ctx) \
-  (ctx)                                 \
-      .Arg<ffi::AnyBuffer>()            \
-      .Arg<ffi::Buffer<ffi::S32>>()     \
-      .Arg<ffi::Buffer<ffi::S32>>()     \
-      .Arg<ffi::Buffer<ffi::F32>>()     \
-      .Arg<ffi::Buffer<ffi::F32>>()     \
-      .Arg<ffi::Buffer<ffi::S32>>()     \
+#define KTO_JAX_BIND_STEP_BACKWARD(ctx)                        \
+  (ctx) KTO_JAX_ARGS_LOGITS_BATCH.Arg<ffi::Buffer<ffi::F32>>() \
+      .Arg<ffi::Buffer<ffi::F32>>()                            \
+      .Arg<ffi::Buffer<ffi::S32>>()                            \
       .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTION_ATTRS.Ret<ffi::AnyBuffer>()
 
-#define KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(ctx) \
-  (ctx)                                         \
-      .Arg<ffi::AnyBuffer>()                    \
-      .Arg<ffi::AnyBuffer>()                    \
-      .Arg<ffi::AnyBuffer>()                    \
-      .Arg<ffi::Buffer<ffi::S32>>()             \
-      .Arg<ffi::Buffer<ffi::S32>>()             \
-      .Attr<bool>("average_logprob")            \
-      .Attr<int64_t>("ignore_index")            \
-      .Attr<int64_t>("chunk_bytes")             \
-      .Ret<ffi::Buffer<ffi::F32>>()             \
+#define KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(ctx)                 \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Attr<bool>("average_logprob") \
+      .Attr<int64_t>("ignore_index")                            \
+      .Attr<int64_t>("chunk_bytes")                             \
+      .Ret<ffi::Buffer<ffi::F32>>()                             \
       .Ret<ffi::Buffer<ffi::S32>>()
 
-#define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx) \
-  (ctx)                                             \
-      .Arg<ffi::AnyBuffer>()                        \
-      .Arg<ffi::AnyBuffer>()                        \
-      .Arg<ffi::AnyBuffer>()                        \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Arg<ffi::AnyBuffer>()                        \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Attr<int64_t>("ignore_index")                \
-      .Attr<int64_t>("vocab_total")                 \
-      .Attr<int64_t>("chunk_bytes")                 \
+#define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx)                                         \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH KTO_JAX_ARGS_KL_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::S32>>() \
+      .Attr<int64_t>("ignore_index")                                                        \
+      .Attr<int64_t>("vocab_total")                                                         \
+      .Attr<int64_t>("chunk_bytes")                                                         \
       .Ret<ffi::Buffer<ffi::F32>>()
 
-#define KTO_JAX_BIND_FUSED_LINEAR_STEP(ctx)                                           \
-  (ctx)                                                                               \
-      .Arg<ffi::AnyBuffer>()                                                          \
-      .Arg<ffi::AnyBuffer>()                                                          \
-      .Arg<ffi::AnyBuffer>()                                                          \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::U8>>()                                                    \
-      .Arg<ffi::AnyBuffer>()                                                          \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTION_ATTRS.Attr<int64_t>("vocab_total") \
-      .Attr<int64_t>("chunk_bytes")                                                   \
-      .Attr<int32_t>("strategy")                                                      \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                   \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+#define KTO_JAX_BIND_FUSED_LINEAR_STEP(ctx)                                                  \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>()                               \
+      .Arg<ffi::Buffer<ffi::U8>>() KTO_JAX_ARGS_KL_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>() \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                          \
+      .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTION_ATTRS.Attr<int64_t>("vocab_total")        \
+      .Attr<int64_t>("chunk_bytes")                                                          \
+      .Attr<int32_t>("strategy")                                                             \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
+      .Ret<ffi::Buffer<ffi::S32>>()                                                          \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
       .Ret<ffi::Buffer<ffi::F32>>()
 
 /// Metric count and order: the library's (kto::kMetricNames; kto_jax.METRIC_NAMES).

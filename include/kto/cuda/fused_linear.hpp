@@ -98,14 +98,11 @@ struct ChunkShape {
   }
 };
 
-struct FusedBuffers {
-  device::DeviceErrors* errors;
-  KlPartial* partial;
-  float *kl_row_lse, *kl_token_logp, *kl_logp;
-  index_t* kl_num_tokens;
-  float *row_lse, *token_logp, *row_scale, *row_entropy, *row_mean_logit;
-  float *logp, *ratio, *reward, *loss, *grad_logp;
-  index_t* num_tokens;
+/// The batch scratch of a step plus the fused step's own: row scales, the fp32
+/// bias, the ones of the db product, one chunk (logits, their gradient, hidden
+/// rows) and the cuBLAS workspace.
+struct FusedBuffers : BatchBuffers {
+  float* row_scale;
   float* bias;
   void* ones;
   float* logits;
@@ -117,27 +114,12 @@ struct FusedBuffers {
 template <class T>
 FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const LinearHead<T>& head,
                          const FusedLinearConfig& cfg) {
-  const index_t N = in.hidden.rows, B = in.sequences.count;
-  const index_t NK = in.kl.hidden.rows, K = in.kl.sequences.count;
+  const index_t N = in.hidden.rows, NK = in.kl.hidden.rows;
   const ChunkShape<T> shape(head.weight.rows, cfg.chunk_bytes, std::max(N, NK));
   FusedBuffers b;
-  b.errors = c.take<device::DeviceErrors>(1);
-  b.partial = c.take<KlPartial>(1);
-  b.kl_row_lse = c.take<float>(NK);
-  b.kl_token_logp = c.take<float>(NK);
-  b.kl_logp = c.take<float>(K);
-  b.kl_num_tokens = c.take<index_t>(K);
-  b.row_lse = c.take<float>(N);
-  b.token_logp = c.take<float>(N);
+  static_cast<BatchBuffers&>(b) =
+      BatchBuffers::carve(c, N, in.sequences.count, NK, in.kl.sequences.count);
   b.row_scale = c.take<float>(N);
-  b.row_entropy = c.take<float>(N);  // options.token_statistics only: 8 bytes a row
-  b.row_mean_logit = c.take<float>(N);
-  b.logp = c.take<float>(B);
-  b.ratio = c.take<float>(B);
-  b.reward = c.take<float>(B);
-  b.loss = c.take<float>(B);
-  b.grad_logp = c.take<float>(B);
-  b.num_tokens = c.take<index_t>(B);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
   b.ones = c.take<T>(shape.rows);
   b.logits = c.take<float>(shape.rows * shape.ld_logits);

@@ -69,40 +69,45 @@ index_t kl_count(const StepInputs<T>& in) {
   return in.kl.logits.data ? in.kl.sequences.count : in.kl.policy_logp.size;
 }
 
-struct StepBuffers {
+/// The scratch every step carves for a target batch of `rows` rows and B examples
+/// and a KL batch of `kl_rows` rows and K examples; the error word first (read_status
+/// reads it at the workspace's start).
+struct BatchBuffers {
   device::DeviceErrors* errors;
-  float *row_lse, *token_logp, *row_entropy, *row_mean_logit, *kl_row_lse, *kl_token_logp;
   KlPartial* partial;
-  float* logp;
-  index_t* num_tokens;
-  float *ratio, *reward, *loss, *grad_logp, *kl_logp;
-  index_t* kl_num_tokens;
+  float *row_lse, *token_logp, *row_entropy, *row_mean_logit, *kl_row_lse, *kl_token_logp;
+  float *logp, *ratio, *reward, *loss, *grad_logp, *kl_logp;
+  index_t *num_tokens, *kl_num_tokens;
+
+  static BatchBuffers carve(Carver& c, index_t rows, index_t B, index_t kl_rows, index_t K) {
+    BatchBuffers b;
+    b.errors = c.take<device::DeviceErrors>(1);
+    b.partial = c.take<KlPartial>(1);
+    b.row_lse = c.take<float>(rows);
+    b.token_logp = c.take<float>(rows);
+    b.row_entropy = c.take<float>(rows);  // options.token_statistics only: 8 bytes a row
+    b.row_mean_logit = c.take<float>(rows);
+    b.kl_row_lse = c.take<float>(kl_rows);
+    b.kl_token_logp = c.take<float>(kl_rows);
+    b.logp = c.take<float>(B);
+    b.num_tokens = c.take<index_t>(B);
+    b.ratio = c.take<float>(B);
+    b.reward = c.take<float>(B);
+    b.loss = c.take<float>(B);
+    b.grad_logp = c.take<float>(B);
+    b.kl_logp = c.take<float>(K);
+    b.kl_num_tokens = c.take<index_t>(K);
+    return b;
+  }
 };
 
+/// The logits step's scratch: a KL batch given as logits is forwarded in it.
 template <class T>
-StepBuffers carve_step(Carver& c, const StepInputs<T>& in) {
-  const index_t rows = in.policy_logits.rows.rows, B = in.sequences.count;
+BatchBuffers carve_step(Carver& c, const StepInputs<T>& in) {
   const bool kl_forward = in.kl.logits.data != nullptr;
-  const index_t kl_rows = kl_forward ? in.kl.logits.rows.rows : 0;
-  const index_t K = kl_forward ? in.kl.sequences.count : 0;
-  StepBuffers b;
-  b.errors = c.take<device::DeviceErrors>(1);
-  b.row_lse = c.take<float>(rows);
-  b.token_logp = c.take<float>(rows);
-  b.row_entropy = c.take<float>(rows);  // options.token_statistics only: 8 bytes a row
-  b.row_mean_logit = c.take<float>(rows);
-  b.kl_row_lse = c.take<float>(kl_rows);
-  b.kl_token_logp = c.take<float>(kl_rows);
-  b.partial = c.take<KlPartial>(1);
-  b.logp = c.take<float>(B);
-  b.num_tokens = c.take<index_t>(B);
-  b.ratio = c.take<float>(B);
-  b.reward = c.take<float>(B);
-  b.loss = c.take<float>(B);
-  b.grad_logp = c.take<float>(B);
-  b.kl_logp = c.take<float>(K);
-  b.kl_num_tokens = c.take<index_t>(K);
-  return b;
+  return BatchBuffers::carve(c, in.policy_logits.rows.rows, in.sequences.count,
+                             kl_forward ? in.kl.logits.rows.rows : 0,
+                             kl_forward ? in.kl.sequences.count : 0);
 }
 
 /// Bytes of carve_step()'s layout.
@@ -150,7 +155,7 @@ Status run_step(void* workspace, size_t& workspace_bytes, const StepInputs<T>& i
   if (!workspace_ready(workspace, workspace_bytes, step_workspace_bytes(in), status, fn))
     return status;
   Carver c(workspace);
-  const StepBuffers b = carve_step(c, in);
+  const BatchBuffers b = carve_step(c, in);
   float* row_lse = out.row_lse ? out.row_lse : b.row_lse;
   float* logp = out.logp ? out.logp : b.logp;
   index_t* num_tokens = out.num_tokens ? out.num_tokens : b.num_tokens;
