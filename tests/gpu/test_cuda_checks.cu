@@ -237,4 +237,18 @@ TEST_CASE("cuda checks: the fused-linear step's can_implement", "[cuda_checks]")
   auto bad = out;
   bad.d_weight = kto::matrix_view(d_weight.data(), Storage::kVocab - 1, D);
   expect_refused(kto::cuda::can_implement<float>(in, head, o, bad), fn, "out.d_weight");
+  // Compact scoring: host targets need the host offsets too; with both, the plan counts
+  // the scored rows per sequence as the device will.
+  auto compact = in;
+  compact.host_targets = st.targets.data();
+  expect_refused(kto::cuda::can_implement<float>(compact, head, o, out), fn, "host_offsets");
+  compact.host_offsets = st.offsets.data();
+  CHECK(kto::cuda::can_implement<float>(compact, head, o, out).ok());
+  st.targets[1] = -100;  // sequence 0 keeps one scored row
+  st.targets[5] = -100;  // sequence 2's first row
+  const auto plan = kto::cuda::detail::compact_plan(st.targets.data(), in.targets.rows,
+                                                    st.offsets.data(), 3, -100);
+  CHECK(plan.on);
+  CHECK(plan.offsets == std::vector<index_t>{0, 1, 4, 5});
+  CHECK(plan.rows() == 5);
 }

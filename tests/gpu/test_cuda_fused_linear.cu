@@ -99,7 +99,8 @@ struct DeviceProblem {
     if (fp.with_bias) h.bias = kto::make_span(bias.get(), fp.vocab);
     return h;
   }
-  kto::cuda::FusedLinearInputs<T> inputs(bool host_offsets) const {
+  /// `compact`: host copies of both batches' targets and offsets too (compact scoring).
+  kto::cuda::FusedLinearInputs<T> inputs(bool host_offsets, bool compact = false) const {
     kto::cuda::FusedLinearInputs<T> in;
     in.hidden = kto::matrix_view<const T>(hidden.get(), fp.rows, fp.dim);
     in.targets = kto::targets_vector(targets.get(), fp.rows);
@@ -111,6 +112,12 @@ struct DeviceProblem {
     in.kl.targets = kto::targets_vector(kl_targets.get(), fp.kl_rows);
     in.kl.sequences = kto::sequences(kl_offsets.get(), K);
     in.kl.reference_logp = kto::reference_logp(kl_ref.get(), K);
+    if (compact) {
+      in.host_offsets = fp.offsets.data();
+      in.host_targets = fp.targets.data();
+      in.kl.host_offsets = fp.kl_offsets.data();
+      in.kl.host_targets = fp.kl_targets.data();
+    }
     return in;
   }
   kto::cuda::FusedLinearOutputs outputs() {
@@ -138,9 +145,11 @@ struct Outcome {
 template <class T>
 Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
                  const kto::cuda::FusedLinearConfig& cfg, bool host_offsets,
-                 cudaStream_t stream = nullptr, bool capture = false) {
+                 cudaStream_t stream = nullptr, bool capture = false, bool compact = false,
+                 const kto::index_t* host_targets = nullptr) {
   Cublas blas;
-  const auto in = d.inputs(host_offsets);
+  auto in = d.inputs(host_offsets, compact);
+  if (host_targets) in.host_targets = host_targets;
   const auto head = d.head();
   size_t bytes = 0;
   Outcome res;
@@ -279,6 +288,49 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step with a logit transform and token stat
   // Token statistics of Z' = f(H Wᵀ + b), in float64.
   test::compare_token_statistics(ref::transformed(fp.target_problem(), o), o.ignore_index,
                                  got.entropy_sum, got.mean_logit_sum);
+}
+
+TEMPLATE_TEST_CASE("CUDA fused-linear step with compact scoring matches the float64 reference",
+                   "[fused][compact]", KTO_CUDA_DTYPES) {
+  // Host copies of the targets and offsets: the GEMMs multiply the scored rows only, the
+  // result is the reference's under the same rule, and identical in every strategy.
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const index_t chunk_rows = GENERATE(1, 3, 1000);
+  const bool with_bias = GENERATE(true, false);
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " strategy " << int(strategy)
+               << " chunk rows " << chunk_rows << " bias " << with_bias);
+  test::FusedSpec spec;
+  spec.vocab = 123;
+  spec.dim = 24;
+  spec.ignore_fraction = 0.5;  // half the rows are prompt or padding
+  auto fp = test::make_fused_problem(rng, spec, round_to<T>);
+  fp.with_bias = with_bias;
+  kto::Options o;
+  o.token_statistics = true;
+  DeviceProblem<T> d(fp);
+  const auto cfg = config_rows<T>(fp, chunk_rows, strategy);
+  const Outcome got = run_step(d, o, cfg, true, nullptr, false, true);
+  check<T>(fp, o, got);
+  test::compare_token_statistics(fp.target_problem(), o.ignore_index, got.entropy_sum,
+                                 got.mean_logit_sum);
+}
+
+TEST_CASE("CUDA fused-linear step: host targets that differ from the targets are reported",
+          "[fused][compact][errors]") {
+  std::mt19937_64 rng(test::fresh_seed());
+  auto fp = test::make_fused_problem(rng, test::FusedSpec{}, round_to<float>);
+  DeviceProblem<float> d(fp);
+  std::vector<index_t> host = fp.targets;
+  for (auto& t : host)
+    if (t == -100) t = 0;  // more scored rows on the host than on the device
+  kto::Options o;
+  const Outcome got = run_step(d, o, config_rows<float>(fp, 4, FusedStrategy::keep_chunk), true,
+                               nullptr, false, true, host.data());
+  CHECK(got.status.code == kto::cuda::StatusCode::invalid_argument);
+  CHECK(std::string(got.status.message).find("'host_targets'") != std::string::npos);
 }
 
 TEMPLATE_TEST_CASE("CUDA fused-linear step at large vocabularies (block-per-row kernels)",

@@ -544,6 +544,54 @@ TEST_CASE("extended fused-linear lanes transform Z + b, with statistics and deri
   }
 }
 
+TEST_CASE("compact rows: every lane's segment, the scan and the writes list the scored rows",
+          "[device][compact]") {
+  // compact_rows_kernel emulated: all kCompactThreads lanes count their segment, lane 0's
+  // exclusive scan, then each lane writes its rows; against a plain scan of the rows.
+  using namespace kto::device;
+  std::mt19937_64 rng(test::fresh_seed());
+  for (index_t rows : {0, 1, 7, 1023, 1024, 1025, 5000, 70001}) {
+    std::vector<index_t> targets(static_cast<size_t>(rows));
+    std::bernoulli_distribution ignored(0.45);
+    for (auto& t : targets) t = ignored(rng) ? -100 : 3;
+    const std::vector<index_t> offsets = {0, rows / 3, rows - rows / 5};  // rows past: unscored
+    const BatchRows batch{kto::targets_vector(targets.data(), rows),
+                          kto::sequences(offsets.data(), 2), rows, -100};
+    std::vector<index_t> want;
+    for (index_t r = 0; r < rows; ++r)
+      if (r < offsets[2] && targets[r] != -100) want.push_back(r);
+    std::vector<index_t> first(kCompactThreads);
+    std::vector<std::pair<index_t, index_t>> segments(kCompactThreads);
+    for (int t = 0; t < kCompactThreads; ++t) {
+      compact_segment(rows, t, segments[t].first, segments[t].second);
+      first[t] = count_scored(batch, segments[t].first, segments[t].second);
+    }
+    index_t run = 0;
+    for (auto& f : first) {
+      const index_t n = f;
+      f = run;
+      run += n;
+    }
+    INFO("rows " << rows);
+    REQUIRE(run == static_cast<index_t>(want.size()));
+    std::vector<index_t> row_of(want.size(), -1);
+    for (int t = 0; t < kCompactThreads; ++t)
+      write_scored(batch, segments[t].first, segments[t].second, first[t], row_of.data(), run);
+    CHECK(row_of == want);
+    // Segments tile [0, rows) in order, each lane's at most ceil(rows / lanes) long.
+    for (int t = 1; t < kCompactThreads; ++t) CHECK(segments[t].first == segments[t - 1].second);
+    CHECK(segments.back().second == rows);
+    // A host count one short: the writes stop at the map's end.
+    if (run > 0) {
+      std::vector<index_t> short_map(want.size() + 1, -7);
+      for (int t = 0; t < kCompactThreads; ++t)
+        write_scored(batch, segments[t].first, segments[t].second, first[t], short_map.data(),
+                     run - 1);
+      CHECK(short_map[static_cast<size_t>(run - 1)] == -7);
+    }
+  }
+}
+
 TEST_CASE("device error keys rank a forward cause before the finish's consequence", "[device]") {
   using namespace kto::device;
   // A NaN logit in row 5000 makes sequence 2's log-prob NaN: the row must win.
@@ -551,16 +599,19 @@ TEST_CASE("device error keys rank a forward cause before the finish's consequenc
   const auto consequence = error_key(2, kNonFiniteInput);
   CHECK(cause < consequence);
   CHECK(error_key(7, kTargetOutOfRange | kKlBatchTag) < error_key(1, kInvalidLabel));
+  // host_targets that disagree with targets explain the rows nobody scored.
+  CHECK(error_key(100000, kHostTargetsMismatch) < error_key(0, kNonFiniteInput));
   // Within a stage the lowest index wins, and the index reads back.
   CHECK(error_key(3, kNonFiniteLogits) < error_key(4, kTargetOutOfRange));
   // Another rank's failure ranks after any error of this rank's own.
   CHECK(error_key(123456, kInvalidLabel) < error_key(1, kPeerFailure));
   CHECK(error_key(123456, kNonFiniteInput | kKlBatchTag) < error_key(1, kPeerFailure));
   for (long long index : {0LL, 1LL, 123456789LL, (1LL << 40) + 5})
-    for (unsigned kind : {1u, 2u, 3u, 4u, 5u, 6u, 2u | kKlBatchTag}) {
+    for (unsigned kind : {1u, 2u, 3u, 4u, 5u, 6u, 7u, 8u, 2u | kKlBatchTag, 8u | kKlBatchTag}) {
       const auto key = error_key(index, kind);
       CHECK(error_index(key) == index);
-      CHECK((key & 7u) == (kind & 7u));
+      CHECK((key & kKindMask) == (kind & kKindMask));
+      CHECK(((key & kKlBatchTag) != 0) == ((kind & kKlBatchTag) != 0));
       CHECK(key != kNoError);
     }
 }

@@ -821,7 +821,15 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   const auto d = f.head.hidden.device();
   const c10::cuda::CUDAGuard guard(d);
   const bool kl = kto::uses_kl_batch(o) && f.kl.given;
+  // Host copies of targets and offsets: whole sequences share a chunk, and the GEMMs multiply
+  // the scored rows only (compact scoring). Contiguous on both sides: one layout for both.
   const auto host_offsets = f.offsets.tensor.to(torch::kCPU).contiguous();
+  const auto targets = f.targets.contiguous();
+  const auto host_targets = targets.to(torch::kCPU);
+  const auto kl_targets = kl ? f.kl.targets.contiguous() : torch::Tensor();
+  const auto kl_host_targets = kl ? kl_targets.to(torch::kCPU) : torch::Tensor();
+  const auto kl_host_offsets =
+      kl ? f.kl.offsets.tensor.to(torch::kCPU).contiguous() : torch::Tensor();
   const auto empty_targets = torch::empty({0}, torch::dtype(torch::kLong).device(d));
   const index_t N = f.head.N, D = f.head.D, V = f.head.V, B = f.offsets.count();
   const auto f32 = torch::dtype(torch::kFloat).device(d);
@@ -833,7 +841,7 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   auto statistics = token_statistics_on(d, o, B);
   const auto kl_matrix = kl ? matrix_cuda(f.kl.hidden)
                             : kto_torch_cuda::Matrix{dtype_of(f.head.hidden), nullptr, 0, D, D};
-  const auto kl_tv = kl ? targets_view(f.kl.targets) : targets_view(empty_targets);
+  const auto kl_tv = kl ? targets_view(kl_targets) : targets_view(empty_targets);
   // An absent KL batch: no rows, B_kl = 0 (the CUDA step wants its offsets non-null).
   const auto no_kl_offsets = torch::zeros({1}, torch::dtype(torch::kLong).device(d));
   const auto kl_seq = kl ? f.kl.offsets.view : kto::sequences(no_kl_offsets.data_ptr<int64_t>(), 0);
@@ -841,9 +849,12 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   auto call = [&](void* ws, std::size_t* bytes) {
     check(kto_torch_cuda::fused_linear_step(
         matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
-        targets_view(f.targets), f.offsets.view, host_offsets.data_ptr<int64_t>(),
-        f.reference_logp.data_ptr<float>(), f.desirable.data_ptr<uint8_t>(), kl_matrix, kl_tv,
-        kl_seq, kl_ref, o, static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
+        targets_view(targets), f.offsets.view, host_offsets.data_ptr<int64_t>(),
+        host_targets.data_ptr<int64_t>(), f.reference_logp.data_ptr<float>(),
+        f.desirable.data_ptr<uint8_t>(), kl_matrix, kl_tv, kl_seq,
+        kl ? kl_host_offsets.data_ptr<int64_t>() : nullptr,
+        kl ? kl_host_targets.data_ptr<int64_t>() : nullptr, kl_ref, o,
+        static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
         metrics.data_ptr<double>(), per_example.data_ptr<float>(), n.data_ptr<int64_t>(),
         o.token_statistics ? statistics.data_ptr<double>() : nullptr, dh.data_ptr<float>(),
         dw.data_ptr<float>(), f.head.bias.defined() ? db.data_ptr<float>() : nullptr, ws, bytes,

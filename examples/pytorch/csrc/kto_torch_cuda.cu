@@ -146,12 +146,13 @@ std::string backward(const Logits& logits, const kto::TargetsView& targets,
 std::string fused_linear_step(
     const Matrix& hidden, const Matrix& weight, const Bias& bias, const kto::TargetsView& targets,
     const kto::SequencesView& sequences, const kto::index_t* host_offsets,
-    const float* reference_logp, const std::uint8_t* desirable, const Matrix& kl_hidden,
-    const kto::TargetsView& kl_targets, const kto::SequencesView& kl_sequences,
-    const float* kl_reference_logp, const kto::Options& o, std::size_t chunk_bytes, int strategy,
-    double* metrics, float* per_example, kto::index_t* num_tokens, double* token_statistics,
-    float* d_hidden, float* d_weight, float* d_bias, void* workspace, std::size_t* workspace_bytes,
-    void* stream) {
+    const kto::index_t* host_targets, const float* reference_logp, const std::uint8_t* desirable,
+    const Matrix& kl_hidden, const kto::TargetsView& kl_targets,
+    const kto::SequencesView& kl_sequences, const kto::index_t* kl_host_offsets,
+    const kto::index_t* kl_host_targets, const float* kl_reference_logp, const kto::Options& o,
+    std::size_t chunk_bytes, int strategy, double* metrics, float* per_example,
+    kto::index_t* num_tokens, double* token_statistics, float* d_hidden, float* d_weight,
+    float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream) {
   return dispatch(hidden.dtype, [&](auto tag) -> std::string {
     using T = decltype(tag);
     kto::LinearHead<T> head;
@@ -163,12 +164,15 @@ std::string fused_linear_step(
     in.targets = targets;
     in.sequences = sequences;
     in.host_offsets = host_offsets;
+    in.host_targets = host_targets;
     in.reference_logp = kto::reference_logp(reference_logp, sequences.count);
     in.desirable = desirable;
     in.kl.hidden = matrix<T>(kl_hidden);
     in.kl.targets = kl_targets;
     in.kl.sequences = kl_sequences;
     in.kl.reference_logp = kto::reference_logp(kl_reference_logp, kl_sequences.count);
+    in.kl.host_offsets = kl_host_offsets;
+    in.kl.host_targets = kl_host_targets;
     kto::cuda::FusedLinearConfig cfg;
     cfg.chunk_bytes = chunk_bytes;
     cfg.strategy = static_cast<kto::cuda::FusedStrategy>(strategy);

@@ -51,13 +51,20 @@ struct FusedLinearInputs {
   TargetsView targets;
   SequencesView sequences;                ///< device offsets
   const index_t* host_offsets = nullptr;  ///< the same offsets in host memory (keep_chunk)
-  ReferenceLogp<float> reference_logp;    ///< B, kto::reference_logp(device pointer, B)
+  /// targets.data's values in host memory, the same layout; with host_offsets the
+  /// GEMMs multiply only the scored rows (compact scoring: prompt and padding rows
+  /// cost nothing). Checked on the device against targets (read_status reports a
+  /// different count of scored rows).
+  const index_t* host_targets = nullptr;
+  ReferenceLogp<float> reference_logp;  ///< B, kto::reference_logp(device pointer, B)
   const std::uint8_t* desirable = nullptr;
   struct Kl {
     MatrixView<const T> hidden;  ///< forward only
     TargetsView targets;
     SequencesView sequences;
     ReferenceLogp<float> reference_logp;
+    const index_t* host_offsets = nullptr;  ///< with host_targets: compact scoring, as above
+    const index_t* host_targets = nullptr;
   } kl;
 };
 
@@ -98,18 +105,60 @@ struct ChunkShape {
   }
 };
 
+/// Compact scoring's host plan of one batch: its sequences' offsets among the
+/// scored rows (B + 1 entries, last = the scored row count). Off (`on` false)
+/// without host targets and offsets.
+struct CompactPlan {
+  bool on = false;
+  std::vector<index_t> offsets;
+  index_t rows() const { return on ? offsets.back() : 0; }
+  SequencesView sequences() const {
+    return SequencesView{offsets.data(), static_cast<index_t>(offsets.size()) - 1};
+  }
+};
+
+/// From host copies of a batch's targets (`layout` as its device targets) and offsets
+/// (already validated against the rows): row r is scored when it lies in a sequence and
+/// its target is not ignore_index, as on the device.
+inline CompactPlan compact_plan(const index_t* host_targets, const RowIndex& layout,
+                                const index_t* host_offsets, index_t count, index_t ignore) {
+  CompactPlan plan;
+  if (host_targets == nullptr || host_offsets == nullptr) return plan;
+  plan.on = true;
+  plan.offsets.assign(static_cast<size_t>(count + 1), 0);
+  const TargetsView targets{host_targets, layout};
+  index_t n = 0;
+  for (index_t s = 0; s < count; ++s) {
+    for (index_t r = host_offsets[s]; r < host_offsets[s + 1]; ++r) n += targets.at(r) != ignore;
+    plan.offsets[static_cast<size_t>(s + 1)] = n;
+  }
+  return plan;
+}
+
 /// The batch scratch of a step plus the fused step's own: row scales, the fp32
 /// bias, the ones of the db product, one chunk (logits, their gradient, hidden
-/// rows) and the cuBLAS workspace.
+/// rows, and with compact scoring its dH rows) and the cuBLAS workspace; with
+/// compact scoring, each batch's map from compact to batch rows.
 struct FusedBuffers : BatchBuffers {
   float* row_scale;
   float* bias;
   void* ones;
   float* logits;
   void* grad;
-  void* hidden;  ///< the chunk's hidden rows, ignored rows zeroed (T, cols apart)
+  void* hidden;                 ///< the chunk's hidden rows, ignored rows zeroed (T, cols apart)
+  float* d_hidden;              ///< compact scoring: the chunk's dH rows before their scatter
+  index_t *row_of, *kl_row_of;  ///< compact scoring: the scored rows of each batch
   void* cublas;
 };
+
+template <class T>
+bool compact_target(const FusedLinearInputs<T>& in) {
+  return in.host_targets != nullptr && in.host_offsets != nullptr;
+}
+template <class T>
+bool compact_kl(const FusedLinearInputs<T>& in) {
+  return in.kl.host_targets != nullptr && in.kl.host_offsets != nullptr;
+}
 
 template <class T>
 FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const LinearHead<T>& head,
@@ -119,6 +168,9 @@ FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const Linear
   FusedBuffers b;
   static_cast<BatchBuffers&>(b) =
       BatchBuffers::carve(c, N, in.sequences.count, NK, in.kl.sequences.count);
+  b.row_of = compact_target(in) ? c.take<index_t>(N) : nullptr;
+  b.kl_row_of = compact_kl(in) ? c.take<index_t>(NK) : nullptr;
+  b.d_hidden = compact_target(in) ? c.take<float>(shape.rows * head.weight.cols) : nullptr;
   b.row_scale = c.take<float>(N);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
   b.ones = c.take<T>(shape.rows);
@@ -164,14 +216,16 @@ class ChunkRunner {
 
   index_t chunk_rows() const { return shape_.rows; }
 
-  /// Z_c = H[r0, r0 + n) Wᵀ in fp32, from the chunk's hidden rows with the
-  /// ignored ones zeroed (kept for the dW product of backward()).
+  /// Z_c = H_c Wᵀ in fp32 for chunk rows [r0, r0 + n): batch rows, or with a
+  /// compact map (`row_of`) the r0-th to (r0 + n)-th scored rows; from the
+  /// chunk's hidden rows with any ignored ones zeroed (kept for the dW product
+  /// of backward()).
   Status logits(const MatrixView<const T>& hidden, const device::BatchRows& batch, index_t r0,
-                index_t n) {
+                index_t n, const index_t* row_of) {
     const index_t D = head_.weight.cols;
     device::gather_scored_rows_kernel<T>
         <<<static_cast<unsigned>(std::min<index_t>(n, 65535)), 128, 0, stream_>>>(
-            hidden.data, hidden.stride, D, batch, r0, n, static_cast<T*>(b_.hidden));
+            hidden.data, hidden.stride, D, batch, view(r0, n, row_of), static_cast<T*>(b_.hidden));
     const float one = 1.0f, zero = 0.0f;
     const cudaDataType_t t = cuda_data_type<T>();
     return cublas_check(
@@ -183,8 +237,9 @@ class ChunkRunner {
         fn_, "logits GEMM");
   }
 
-  device::ChunkView view(index_t r0, index_t n) const {
-    return device::ChunkView{b_.logits, shape_.ld_logits, head_.weight.rows, b_.bias, r0, n};
+  device::ChunkView view(index_t r0, index_t n, const index_t* row_of) const {
+    return device::ChunkView{b_.logits, shape_.ld_logits, head_.weight.rows, b_.bias, r0, n,
+                             row_of};
   }
 
   /// The extras of the batch a tag names: the KL batch has no statistics.
@@ -192,12 +247,12 @@ class ChunkRunner {
     return tag == device::kKlBatchTag ? extras_.without_statistics() : extras_;
   }
 
-  void forward(const device::BatchRows& batch, index_t r0, index_t n, float* row_lse,
-               float* token_logp, unsigned tag) {
+  void forward(const device::BatchRows& batch, index_t r0, index_t n, const index_t* row_of,
+               float* row_lse, float* token_logp, unsigned tag) {
     const RowExtras e = extras_of(tag);
-    device::ChunkForwardParams p{view(r0, n), batch,         row_lse,
-                                 token_logp,  b_.errors,     tag,
-                                 e.transform, e.row_entropy, e.row_mean_logit};
+    device::ChunkForwardParams p{view(r0, n, row_of), batch,         row_lse,
+                                 token_logp,          b_.errors,     tag,
+                                 e.transform,         e.row_entropy, e.row_mean_logit};
     launch_rows(head_.weight.rows, n, e.extended(),
                 [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
                   device::chunk_forward_kernel<decltype(threads)::value, decltype(per_block)::value,
@@ -206,15 +261,16 @@ class ChunkRunner {
                 });
   }
 
-  /// Forward over rows [first, last) of a batch, chunk by chunk.
+  /// Forward over chunk rows [first, last) of a batch (batch rows, or scored rows
+  /// through `row_of`), chunk by chunk.
   Status forward_rows(const MatrixView<const T>& hidden, const device::BatchRows& batch,
-                      index_t first, index_t last, float* row_lse, float* token_logp,
-                      unsigned tag) {
+                      index_t first, index_t last, const index_t* row_of, float* row_lse,
+                      float* token_logp, unsigned tag) {
     for (index_t r0 = first; r0 < last; r0 += shape_.rows) {
       const index_t n = std::min(shape_.rows, last - r0);
-      Status s = logits(hidden, batch, r0, n);
+      Status s = logits(hidden, batch, r0, n, row_of);
       if (!s) return s;
-      forward(batch, r0, n, row_lse, token_logp, tag);
+      forward(batch, r0, n, row_of, row_lse, token_logp, tag);
     }
     return last_launch(fn_);
   }
@@ -243,12 +299,18 @@ class ChunkRunner {
   }
 
   /// dZ_c from the chunk's logits, then dH_c, dW and db (dW from the hidden
-  /// rows the last logits() call gathered: the same chunk).
-  Status backward(const device::BatchRows& batch, index_t r0, index_t n,
+  /// rows the last logits() call gathered: the same chunk). With a compact map,
+  /// dH_c goes to the workspace first, then to its batch rows of out.d_hidden.
+  Status backward(const device::BatchRows& batch, index_t r0, index_t n, const index_t* row_of,
                   const FusedLinearOutputs& out, bool first_chunk) {
-    device::ChunkBackwardParams<T> p{
-        view(r0, n),      batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), shape_.ld_grad,
-        extras_.transform};
+    const device::ChunkView chunk = view(r0, n, row_of);
+    device::ChunkBackwardParams<T> p{chunk,
+                                     batch,
+                                     b_.row_lse,
+                                     b_.row_scale,
+                                     static_cast<T*>(b_.grad),
+                                     shape_.ld_grad,
+                                     extras_.transform};
     launch_rows(head_.weight.rows, n, extras_.transformed,
                 [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
                   device::chunk_backward_kernel<T, decltype(threads)::value,
@@ -261,13 +323,17 @@ class ChunkRunner {
     const cudaDataType_t t = cuda_data_type<T>();
     const int V = static_cast<int>(head_.weight.rows), D = static_cast<int>(head_.weight.cols);
     const int ldw = static_cast<int>(head_.weight.stride), ldg = static_cast<int>(shape_.ld_grad);
-    s = cublas_check(
-        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(n), V, &one,
-                     head_.weight.data, t, ldw, b_.grad, t, ldg, &zero, out.d_hidden.row(r0),
-                     CUDA_R_32F, static_cast<int>(out.d_hidden.stride), CUBLAS_COMPUTE_32F,
-                     CUBLAS_GEMM_DEFAULT),
-        fn_, "dH GEMM");
+    float* dh = row_of ? b_.d_hidden : out.d_hidden.row(r0);
+    const int lddh = row_of ? D : static_cast<int>(out.d_hidden.stride);
+    s = cublas_check(cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(n), V,
+                                  &one, head_.weight.data, t, ldw, b_.grad, t, ldg, &zero, dh,
+                                  CUDA_R_32F, lddh, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     fn_, "dH GEMM");
     if (!s) return s;
+    if (row_of)
+      device::scatter_rows_kernel<<<static_cast<unsigned>(std::min<index_t>(n, 65535)), 128, 0,
+                                    stream_>>>(b_.d_hidden, D, chunk, out.d_hidden.data,
+                                               out.d_hidden.stride);
     s = cublas_check(cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, D, V, static_cast<int>(n),
                                   &one, b_.hidden, t, D, b_.grad, t, ldg, &beta, out.d_weight.data,
                                   CUDA_R_32F, static_cast<int>(out.d_weight.stride),
@@ -290,6 +356,27 @@ class ChunkRunner {
   cudaStream_t stream_;
   const char* fn_;
 };
+
+/// Compact scoring plans its chunks from the host targets and the host offsets together.
+inline void validate_compact(const index_t* host_targets, const index_t* host_offsets,
+                             const char* fn, const std::string& prefix) {
+  kto::detail::require(host_targets == nullptr || host_offsets != nullptr, fn,
+                       prefix + "host_offsets",
+                       "be given with " + prefix +
+                           "host_targets (compact scoring plans its "
+                           "chunks from both)",
+                       "nullptr");
+}
+
+/// With compact scoring on, row_of = the batch's scored rows (compact_rows_kernel),
+/// checked against the host plan's count.
+inline void launch_compact_rows(const CompactPlan& plan, const device::BatchRows& batch,
+                                index_t* row_of, device::DeviceErrors* errors, unsigned tag,
+                                cudaStream_t stream) {
+  if (!plan.on) return;
+  device::compact_rows_kernel<<<1, device::kCompactThreads, 0, stream>>>(batch, row_of, plan.rows(),
+                                                                         errors, tag);
+}
 
 template <class T>
 void validate_hidden(const MatrixView<const T>& hidden, const TargetsView& targets,
@@ -347,10 +434,15 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
     if (in.host_offsets)
       kto::detail::validate_sequences(SequencesView{in.host_offsets, in.sequences.count},
                                       in.hidden.rows, fn, "host_offsets", false);
+    detail::validate_compact(in.host_targets, in.host_offsets, fn, "");
     if (uses_kl_batch(o)) {
       detail::validate_hidden(in.kl.hidden, in.kl.targets, in.kl.sequences, head, fn, "kl.", true);
       detail::validate_device_logp(in.kl.reference_logp, in.kl.sequences.count, fn,
                                    "kl.reference_logp");
+      if (in.kl.host_offsets)
+        kto::detail::validate_sequences(SequencesView{in.kl.host_offsets, in.kl.sequences.count},
+                                        in.kl.hidden.rows, fn, "kl.host_offsets", true);
+      detail::validate_compact(in.kl.host_targets, in.kl.host_offsets, fn, "kl.");
     }
     kto::detail::require(out.metrics != nullptr, fn, "out.metrics", "be non-null", "nullptr");
     detail::validate_statistics(out.token_statistics, o, in.sequences.count, fn,
@@ -434,14 +526,22 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   device::convert_kernel<T, T>
       <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), runner.chunk_rows());
   detail::launch_validate_offsets(in.sequences, N, b.errors, 0u, stream);
+  const device::BatchRows rows{in.targets, in.sequences, N, o.ignore_index};
+  const detail::CompactPlan compact =
+      detail::compact_plan(in.host_targets, in.targets.rows, in.host_offsets, B, o.ignore_index);
+  detail::launch_compact_rows(compact, rows, b.row_of, b.errors, 0u, stream);
 
   // KL batch, forward only → (S, C).
   if (uses_kl_batch(o) && in.kl.sequences.count > 0) {
     const index_t NK = in.kl.hidden.rows, K = in.kl.sequences.count;
     const device::BatchRows kl_rows{in.kl.targets, in.kl.sequences, NK, o.ignore_index};
     detail::launch_validate_offsets(in.kl.sequences, NK, b.errors, device::kKlBatchTag, stream);
-    status = runner.forward_rows(in.kl.hidden, kl_rows, 0, NK, b.kl_row_lse, b.kl_token_logp,
-                                 device::kKlBatchTag);
+    const detail::CompactPlan kl_compact = detail::compact_plan(
+        in.kl.host_targets, in.kl.targets.rows, in.kl.host_offsets, K, o.ignore_index);
+    detail::launch_compact_rows(kl_compact, kl_rows, b.kl_row_of, b.errors, device::kKlBatchTag,
+                                stream);
+    status = runner.forward_rows(in.kl.hidden, kl_rows, 0, kl_compact.on ? kl_compact.rows() : NK,
+                                 b.kl_row_of, b.kl_row_lse, b.kl_token_logp, device::kKlBatchTag);
     if (!status) return status;
     runner.sequences(kl_rows, 0, K, o.average_logprob, b.kl_token_logp, b.kl_logp, b.kl_num_tokens,
                      device::kKlBatchTag);
@@ -459,7 +559,6 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     if (!status) return status;
   }
 
-  const device::BatchRows rows{in.targets, in.sequences, N, o.ignore_index};
   auto grads_of = [&](index_t s0, index_t s1) {
     device::SequenceGradParams gp{
         b.partial, logp, in.reference_logp.data, in.desirable, num_tokens, rows, s0, s1,
@@ -471,20 +570,22 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     for (index_t r0 = first; r0 < last; r0 += runner.chunk_rows()) {
       const index_t n = std::min(runner.chunk_rows(), last - r0);
       if (recompute) {
-        Status s = runner.logits(in.hidden, rows, r0, n);
+        Status s = runner.logits(in.hidden, rows, r0, n, b.row_of);
         if (!s) return s;
       }
-      Status s = runner.backward(rows, r0, n, out, first_chunk);
+      Status s = runner.backward(rows, r0, n, b.row_of, out, first_chunk);
       if (!s) return s;
       first_chunk = false;
     }
     return Status::success();
   };
 
+  // Chunk rows: batch rows, or with compact scoring the scored rows (b.row_of).
+  const index_t chunked_rows = compact.on ? compact.rows() : N;
   if (in.host_offsets && cfg.strategy == FusedStrategy::keep_chunk) {
-    const SequencesView host{in.host_offsets, B};
+    const SequencesView host = compact.on ? compact.sequences() : SequencesView{in.host_offsets, B};
     for (const ChunkGroup& g : plan_chunks(host, runner.chunk_rows())) {
-      status = runner.forward_rows(in.hidden, rows, g.first_row, g.last_row, b.row_lse,
+      status = runner.forward_rows(in.hidden, rows, g.first_row, g.last_row, b.row_of, b.row_lse,
                                    b.token_logp, 0u);
       if (!status) return status;
       runner.sequences(rows, g.first_seq, g.last_seq, o.average_logprob, b.token_logp, logp,
@@ -494,11 +595,12 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
       if (!status) return status;
     }
   } else {
-    status = runner.forward_rows(in.hidden, rows, 0, N, b.row_lse, b.token_logp, 0u);
+    status = runner.forward_rows(in.hidden, rows, 0, chunked_rows, b.row_of, b.row_lse,
+                                 b.token_logp, 0u);
     if (!status) return status;
     runner.sequences(rows, 0, B, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
     grads_of(0, B);
-    status = backward_rows(0, N, true);
+    status = backward_rows(0, chunked_rows, true);
     if (!status) return status;
   }
   if (first_chunk) {  // no rows: the weight gradients are zero
@@ -568,7 +670,7 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
                                 detail::row_extras(o, b.row_entropy, b.row_mean_logit, statistics),
                                 stream, fn);
   const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
-  status = runner.forward_rows(hidden, rows, 0, hidden.rows, b.row_lse, b.token_logp, 0u);
+  status = runner.forward_rows(hidden, rows, 0, hidden.rows, nullptr, b.row_lse, b.token_logp, 0u);
   if (!status) return status;
   runner.sequences(rows, 0, sequences.count, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
   return detail::last_launch(fn);

@@ -77,7 +77,7 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
   if (err != cudaSuccess) return Status::from(err, fn);
   if (key == device::kNoError) return Status::success();
   const long long index = device::error_index(key);
-  const unsigned kind = static_cast<unsigned>(key & 7u);
+  const unsigned kind = static_cast<unsigned>(key & device::kKindMask);
   const char* batch = (key & device::kKlBatchTag) ? "KL batch" : "target batch";
   const bool kl_batch = (key & device::kKlBatchTag) != 0;
   long long sequence = -1;  // mapped only for the batch `sequences` describes
@@ -132,6 +132,12 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
           "kto::cuda: argument 'kl.count' must be >= 1 with options.reference_point "
           "kl_batch: give a KL batch with at least one example (on some rank), or "
           "choose reference_point zero or fixed; got 0");
+    case device::kHostTargetsMismatch:
+      return Status::make(StatusCode::invalid_argument,
+                          "kto::cuda: %s: argument 'host_targets' must hold the values of "
+                          "'targets' (host memory, the same layout); the device counts %lld "
+                          "scored rows, the host another number",
+                          batch, index);
     default:
       return Status::make(StatusCode::cuda_error, "kto::cuda: unknown device error key %llx", key);
   }

@@ -35,7 +35,8 @@
 namespace kto {
 namespace device {
 
-/// One chunk of fp32 logits and the fp32 bias (null: none).
+/// One chunk of fp32 logits and the fp32 bias (null: none). Chunk row i is batch row
+/// row_begin + i, or with compact scoring row_of[row_begin + i] (the scored rows only).
 struct ChunkView {
   const float* logits;
   index_t ld;
@@ -43,6 +44,10 @@ struct ChunkView {
   const float* bias;
   index_t row_begin;
   index_t rows;
+  const index_t* row_of = nullptr;
+  KTO_HOST_DEVICE index_t batch_row(index_t i) const {
+    return row_of ? row_of[row_begin + i] : row_begin + i;
+  }
 };
 
 /// The batch the chunk belongs to: which rows are scored, and their targets.
@@ -101,7 +106,7 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
   const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
   if (i >= p.z.rows) return;  // uniform per row group
-  const index_t r = p.z.row_begin + i;
+  const index_t r = p.z.batch_row(i);
   const index_t t = p.batch.target(r);
   if (t == p.batch.ignore_index || t < 0 || t >= p.z.vocab) {
     if (lane == 0) {
@@ -228,7 +233,7 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
   const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
   if (i >= p.z.rows) return;
-  const index_t r = p.z.row_begin + i;
+  const index_t r = p.z.batch_row(i);
   const index_t t = p.batch.target(r);
   const float scale = p.row_scale[r];
   const bool scored = t != p.batch.ignore_index && t >= 0 && t < p.z.vocab && scale != 0.0f;
@@ -246,16 +251,84 @@ KTO_HOST_DEVICE inline void masked_row_copy(const T* in, T* out, index_t cols, i
   for (index_t k = first; k < cols; k += step) out[k] = scored ? in[k] : from_float<T>(0.0f);
 }
 
-/// Chunk row i (`cols` apart in `out`) = hidden row row_begin + i if scored, else zeros.
+/// Chunk row i (`cols` apart in `out`) = hidden row `view.batch_row(i)` if scored, else zeros
+/// (with compact scoring every chunk row is scored).
 template <class T>
 __global__ void gather_scored_rows_kernel(const T* hidden, index_t ld, index_t cols,
-                                          BatchRows batch, index_t row_begin, index_t rows,
-                                          T* out) {
-  for (index_t i = blockIdx.x; i < rows; i += gridDim.x) {
-    const index_t r = row_begin + i;
+                                          BatchRows batch, ChunkView view, T* out) {
+  for (index_t i = blockIdx.x; i < view.rows; i += gridDim.x) {
+    const index_t r = view.batch_row(i);
     masked_row_copy(hidden + r * ld, out + i * cols, cols, threadIdx.x, blockDim.x,
                     batch.target(r) != batch.ignore_index);
   }
+}
+
+/// d_hidden row view.batch_row(i) = chunk row i of `in` (`cols` apart): the compact
+/// chunk's dH back in the batch's rows (each batch row belongs to one chunk row).
+__global__ void scatter_rows_kernel(const float* in, index_t cols, ChunkView view, float* out,
+                                    index_t ld) {
+  for (index_t i = blockIdx.x; i < view.rows; i += gridDim.x) {
+    const float* src = in + i * cols;
+    float* dst = out + view.batch_row(i) * ld;
+    for (index_t k = threadIdx.x; k < cols; k += blockDim.x) dst[k] = src[k];
+  }
+}
+
+/// Threads of compact_rows_kernel (one block).
+constexpr int kCompactThreads = 1024;
+
+/// The rows thread `t` of kCompactThreads owns: a contiguous segment [begin, end).
+KTO_HOST_DEVICE inline void compact_segment(index_t rows, int t, index_t& begin, index_t& end) {
+  const index_t per = (rows + kCompactThreads - 1) / kCompactThreads;
+  begin = per * t < rows ? per * t : rows;
+  end = begin + per < rows ? begin + per : rows;
+}
+
+/// Scored rows of thread t's segment.
+KTO_HOST_DEVICE inline index_t count_scored(const BatchRows& batch, index_t begin, index_t end) {
+  index_t n = 0;
+  for (index_t r = begin; r < end; ++r) n += batch.target(r) != batch.ignore_index;
+  return n;
+}
+
+/// Writes the scored rows of [begin, end), in order, from position `first` of row_of
+/// (`capacity` entries: none past it).
+KTO_HOST_DEVICE inline void write_scored(const BatchRows& batch, index_t begin, index_t end,
+                                         index_t first, index_t* row_of, index_t capacity) {
+  for (index_t r = begin; r < end; ++r) {
+    if (batch.target(r) == batch.ignore_index) continue;
+    if (first < capacity) row_of[first] = r;
+    ++first;
+  }
+}
+
+/// row_of[i] = the batch's i-th scored row, in row order (compact scoring); one block of
+/// kCompactThreads, each a contiguous segment, an exclusive scan of their counts in between
+/// (a fixed order: the same map every run). `expected`: the count the host planned with
+/// from host_targets (row_of's size). A different count is reported, and the map stays
+/// memory-safe: nothing past `expected`, and entries the device has no row for are row 0
+/// (the host counted M <= rows scored rows, so rows >= 1 when M >= 1).
+__global__ void __launch_bounds__(kCompactThreads)
+    compact_rows_kernel(BatchRows batch, index_t* row_of, index_t expected, DeviceErrors* errors,
+                        unsigned error_tag) {
+  __shared__ index_t first[kCompactThreads];
+  const int t = static_cast<int>(threadIdx.x);
+  index_t begin, end;
+  compact_segment(batch.rows, t, begin, end);
+  first[t] = count_scored(batch, begin, end);
+  __syncthreads();
+  if (t == 0) {
+    index_t run = 0;
+    for (int k = 0; k < kCompactThreads; ++k) {
+      const index_t n = first[k];
+      first[k] = run;
+      run += n;
+    }
+    if (run != expected) record_error(errors, run, kHostTargetsMismatch | error_tag);
+    for (index_t i = run; i < expected; ++i) row_of[i] = 0;
+  }
+  __syncthreads();
+  write_scored(batch, begin, end, first[t], row_of, expected);
 }
 
 /// out[i] = float(in[i]) (the bias), or 1 when in is null (the ones of the db product).
