@@ -9,16 +9,22 @@
 // step with its KL batch, and "reference forward + policy step" — the work
 // Liger's LigerFusedLinearKTOLoss does with use_ref_model=True — and prints
 // ms, TFLOP/s, the fraction of the measured peak and the device memory this
-// program holds (inputs, outputs, workspace), with a table last.
+// program holds (inputs, outputs, workspace), with a table last. With
+// --prompt-fraction P the first P·T tokens of each sequence are prompt (ignored),
+// and the policy step also runs with compact scoring (host copies of the targets:
+// the GEMMs multiply the scored rows only), beside the same step multiplying
+// every row.
 //
 //   usage: bench_fused_cuda [--batch B] [--len T] [--dim D[,D...]] [--vocab V]
-//                           [--chunk-mb M[,M...]] [--reps R]
+//                           [--chunk-mb M[,M...]] [--reps R] [--prompt-fraction P]
 #include <cublas_v2.h>
 
 #include <kto/cuda.hpp>
 #include <kto/cuda/fused_linear.hpp>
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "cuda_bench_support.cuh"
 
@@ -74,6 +80,7 @@ int main(int argc, char** argv) {
   index_t batch = 32, len = 512, vocab = 128256;
   std::vector<index_t> dims = {1024, 4096}, chunk_mb = {1024};
   int reps = 10;
+  double prompt_fraction = 0.0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--batch")
@@ -88,10 +95,12 @@ int main(int argc, char** argv) {
       chunk_mb = parse_list(argv[i + 1]);
     else if (a == "--reps")
       reps = std::atoi(argv[i + 1]);
+    else if (a == "--prompt-fraction")
+      prompt_fraction = std::atof(argv[i + 1]);
     else {
       std::fprintf(stderr,
                    "usage: %s [--batch B] [--len T] [--dim D[,D]] [--vocab V] [--chunk-mb M[,M]] "
-                   "[--reps R]\n",
+                   "[--reps R] [--prompt-fraction P]\n",
                    argv[0]);
       return 2;
     }
@@ -130,6 +139,18 @@ int main(int argc, char** argv) {
     fill_uniform<<<4096, 256, 0, stream>>>(weight, size_t(vocab) * D, wscale, 6);
     fill_uniform<<<4096, 256, 0, stream>>>(ref_weight, size_t(vocab) * D, wscale, 7);
     fill_targets<<<1024, 256, 0, stream>>>(targets, N, vocab, 8);
+    // The prompt: the first prompt_fraction·len tokens of each sequence are ignored.
+    std::vector<index_t> host_targets(static_cast<size_t>(N));
+    CHECK_CUDA(
+        cudaMemcpy(host_targets.data(), targets, sizeof(index_t) * N, cudaMemcpyDeviceToHost));
+    const auto prompt = static_cast<index_t>(prompt_fraction * double(len));
+    index_t scored = 0;
+    for (index_t r = 0; r < N; ++r) {
+      if (r % len < prompt) host_targets[static_cast<size_t>(r)] = -100;
+      scored += host_targets[static_cast<size_t>(r)] != -100;
+    }
+    CHECK_CUDA(
+        cudaMemcpy(targets, host_targets.data(), sizeof(index_t) * N, cudaMemcpyHostToDevice));
     const std::vector<index_t> host_offsets = kto::padded_offsets(batch, len);
     std::vector<std::uint8_t> labels(batch);
     for (index_t s = 0; s < batch; ++s) labels[s] = s % 2;
@@ -173,7 +194,12 @@ int main(int argc, char** argv) {
       kto::cuda::fused_linear_logprobs<bf16>(blas, nullptr, ref_bytes, ref_in, in.targets,
                                              in.sequences, ref_head, fixed, ref_logp, ref_tokens,
                                              stream, keep);
-      const size_t ws_bytes = std::max(bytes, ref_bytes);
+      size_t compact_bytes = 0;  // compact scoring carves its row map and dH rows too
+      in.host_targets = host_targets.data();
+      kto::cuda::fused_linear_kto_step<bf16>(blas, nullptr, compact_bytes, in, head, kl, out,
+                                             stream, keep);
+      in.host_targets = nullptr;
+      const size_t ws_bytes = std::max({bytes, ref_bytes, compact_bytes});
       void* ws = device_alloc<char>(ws_bytes);
       const double held_mb = double(held_base + ws_bytes) / (1 << 20);
       const double ws_mb = double(ws_bytes) / (1 << 20);
@@ -205,6 +231,13 @@ int main(int argc, char** argv) {
       CHECK_STATUS(kto::cuda::read_status(ws, stream));
       add("policy step, recompute", 3 * pass,
           median_ms(reps, stream, flush, flush_bytes, step(fixed, recompute)));
+      if (prompt > 0) {  // the same step, its GEMMs over the scored rows only
+        in.host_targets = host_targets.data();
+        add("policy step, keep, compact scoring", 3 * pass * double(scored) / double(N),
+            median_ms(reps, stream, flush, flush_bytes, step(fixed, keep)));
+        CHECK_STATUS(kto::cuda::read_status(ws, stream));
+        in.host_targets = nullptr;
+      }
       add("full step (KL + policy), keep", 4 * pass,
           median_ms(reps, stream, flush, flush_bytes, step(kl, keep)));
       CHECK_STATUS(kto::cuda::read_status(ws, stream));

@@ -121,6 +121,10 @@ if want bench; then
   timeout 150 build-gpu/bench_fused_cuda --dim 1024,4096 --chunk-mb "${GPU_CHECK_CHUNKS:-512,1024,4096}" --reps 10 \
     >"$logs/bench_fused_cuda.txt" 2>&1
   note "bench_fused_cuda: rc=$?, $(grep -c 'finite: yes' "$logs/bench_fused_cuda.txt") finite losses"
+  # Compact scoring on a batch whose rows are half prompt (issue 12, target 3).
+  timeout 90 build-gpu/bench_fused_cuda --dim 1024,4096 --chunk-mb 1024 --reps 5 \
+    --prompt-fraction 0.5 >"$logs/bench_fused_compact.txt" 2>&1
+  note "bench_fused_cuda half prompt: rc=$?"
 fi
 
 if [ -f build-gpu/torch_build.rc ] && [ "$(cat build-gpu/torch_build.rc)" = 0 ]; then
@@ -167,6 +171,7 @@ fi
   printf '%s\n' "${summary[@]}"
   [ -f "$logs/bench_cuda.txt" ] && sed -n '/KTO step/,$p' "$logs/bench_cuda.txt"
   [ -f "$logs/bench_fused_cuda.txt" ] && sed -n '/^device:/p;/^fused-linear KTO step/,$p' "$logs/bench_fused_cuda.txt"
+  [ -f "$logs/bench_fused_compact.txt" ] && grep -E 'policy step, keep' "$logs/bench_fused_compact.txt"
   [ -f "$logs/compare_fused.txt" ] && sed -n '/^peer comparison/,$p' "$logs/compare_fused.txt"
   [ -f "$logs/compare_trl.txt" ] && grep -E '^machine:|^\|' "$logs/compare_trl.txt"
 } | tee "$logs/summary.txt"
