@@ -875,10 +875,15 @@ std::vector<torch::Tensor> fused_linear_logprobs(const FusedLogprobOperands& f,
   const index_t B = f.offsets.count();
   auto logp = torch::empty({B}, torch::dtype(torch::kFloat).device(d));
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
+  // Compact scoring from host copies, as in fused_linear_forward.
+  const auto targets = f.targets.contiguous();
+  const auto host_targets = targets.to(torch::kCPU);
+  const auto host_offsets = f.offsets.tensor.to(torch::kCPU).contiguous();
   auto call = [&](void* ws, std::size_t* bytes) {
     check(kto_torch_cuda::fused_linear_logprobs(
         matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
-        targets_view(f.targets), f.offsets.view, o, static_cast<std::size_t>(chunk_bytes),
+        targets_view(targets), f.offsets.view, host_offsets.data_ptr<int64_t>(),
+        host_targets.data_ptr<int64_t>(), o, static_cast<std::size_t>(chunk_bytes),
         logp.data_ptr<float>(), n.data_ptr<int64_t>(), ws, bytes, stream()));
   };
   std::size_t bytes = 0;

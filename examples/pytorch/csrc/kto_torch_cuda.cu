@@ -207,7 +207,9 @@ std::string fused_linear_step(
 
 std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const Bias& bias,
                                   const kto::TargetsView& targets,
-                                  const kto::SequencesView& sequences, const kto::Options& o,
+                                  const kto::SequencesView& sequences,
+                                  const kto::index_t* host_offsets,
+                                  const kto::index_t* host_targets, const kto::Options& o,
                                   std::size_t chunk_bytes, float* logp, kto::index_t* num_tokens,
                                   void* workspace, std::size_t* workspace_bytes, void* stream) {
   return dispatch(hidden.dtype, [&](auto tag) -> std::string {
@@ -219,7 +221,8 @@ std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, co
     kto::cuda::FusedLinearConfig cfg;
     cfg.chunk_bytes = chunk_bytes;
     if (workspace == nullptr) {
-      *workspace_bytes = kto::cuda::fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg);
+      *workspace_bytes = kto::cuda::fused_linear_logprobs_workspace_bytes(
+          hidden.rows, head, cfg, host_offsets != nullptr && host_targets != nullptr);
       return std::string();
     }
     cublasHandle_t handle = nullptr;
@@ -227,7 +230,7 @@ std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, co
     if (!hs.ok()) return message(hs);
     return message(kto::cuda::fused_linear_logprobs<T>(
         handle, workspace, *workspace_bytes, matrix<T>(hidden), targets, sequences, head, o, logp,
-        num_tokens, as_stream(stream), cfg));
+        num_tokens, as_stream(stream), cfg, {}, host_offsets, host_targets));
   });
 }
 

@@ -82,10 +82,13 @@ std::string fused_linear_step(
     kto::index_t* num_tokens, double* token_statistics, float* d_hidden, float* d_weight,
     float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream);
 
-/// Forward only (kto::cuda::fused_linear_logprobs); same workspace protocol.
+/// Forward only (kto::cuda::fused_linear_logprobs); same workspace protocol; host copies
+/// of the targets and offsets: compact scoring, as in fused_linear_step.
 std::string fused_linear_logprobs(const Matrix& hidden, const Matrix& weight, const Bias& bias,
                                   const kto::TargetsView& targets,
-                                  const kto::SequencesView& sequences, const kto::Options& o,
+                                  const kto::SequencesView& sequences,
+                                  const kto::index_t* host_offsets,
+                                  const kto::index_t* host_targets, const kto::Options& o,
                                   std::size_t chunk_bytes, float* logp, kto::index_t* num_tokens,
                                   void* workspace, std::size_t* workspace_bytes, void* stream);
 

@@ -53,8 +53,9 @@ struct FusedLinearInputs {
   const index_t* host_offsets = nullptr;  ///< the same offsets in host memory (keep_chunk)
   /// targets.data's values in host memory, the same layout; with host_offsets the
   /// GEMMs multiply only the scored rows (compact scoring: prompt and padding rows
-  /// cost nothing). Checked on the device against targets (read_status reports a
-  /// different count of scored rows).
+  /// cost nothing). Checked on the device against targets: read_status reports a
+  /// chunk plan the device's scored rows do not fit (their count, or with keep_chunk
+  /// a row outside its chunk's sequences); a plan they fit gives the right result.
   const index_t* host_targets = nullptr;
   ReferenceLogp<float> reference_logp;  ///< B, kto::reference_logp(device pointer, B)
   const std::uint8_t* desirable = nullptr;
@@ -103,6 +104,12 @@ struct ChunkShape {
                            (std::is_same<T, float>::value ? 0 : sizeof(T) * ld_grad);
     rows = chunk_rows_for_budget(budget, per_row, max_rows);
   }
+};
+
+/// Batch rows [first, last): by default every row.
+struct RowRange {
+  index_t first = 0;
+  index_t last = device::ChunkView::kAnyRow;
 };
 
 /// Compact scoring's host plan of one batch: its sequences' offsets among the
@@ -160,9 +167,10 @@ bool compact_kl(const FusedLinearInputs<T>& in) {
   return in.kl.host_targets != nullptr && in.kl.host_offsets != nullptr;
 }
 
+/// `backward` false: the forward-only layout (no dH rows for compact scoring).
 template <class T>
 FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const LinearHead<T>& head,
-                         const FusedLinearConfig& cfg) {
+                         const FusedLinearConfig& cfg, bool backward = true) {
   const index_t N = in.hidden.rows, NK = in.kl.hidden.rows;
   const ChunkShape<T> shape(head.weight.rows, cfg.chunk_bytes, std::max(N, NK));
   FusedBuffers b;
@@ -170,7 +178,8 @@ FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const Linear
       BatchBuffers::carve(c, N, in.sequences.count, NK, in.kl.sequences.count);
   b.row_of = compact_target(in) ? c.take<index_t>(N) : nullptr;
   b.kl_row_of = compact_kl(in) ? c.take<index_t>(NK) : nullptr;
-  b.d_hidden = compact_target(in) ? c.take<float>(shape.rows * head.weight.cols) : nullptr;
+  b.d_hidden =
+      compact_target(in) && backward ? c.take<float>(shape.rows * head.weight.cols) : nullptr;
   b.row_scale = c.take<float>(N);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
   b.ones = c.take<T>(shape.rows);
@@ -248,11 +257,13 @@ class ChunkRunner {
   }
 
   void forward(const device::BatchRows& batch, index_t r0, index_t n, const index_t* row_of,
-               float* row_lse, float* token_logp, unsigned tag) {
+               float* row_lse, float* token_logp, unsigned tag, const RowRange& group) {
     const RowExtras e = extras_of(tag);
-    device::ChunkForwardParams p{view(r0, n, row_of), batch,         row_lse,
-                                 token_logp,          b_.errors,     tag,
-                                 e.transform,         e.row_entropy, e.row_mean_logit};
+    device::ChunkView chunk = view(r0, n, row_of);
+    chunk.group_first = group.first;
+    chunk.group_last = group.last;
+    device::ChunkForwardParams p{chunk, batch,       row_lse,       token_logp,      b_.errors,
+                                 tag,   e.transform, e.row_entropy, e.row_mean_logit};
     launch_rows(head_.weight.rows, n, e.extended(),
                 [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
                   device::chunk_forward_kernel<decltype(threads)::value, decltype(per_block)::value,
@@ -262,15 +273,16 @@ class ChunkRunner {
   }
 
   /// Forward over chunk rows [first, last) of a batch (batch rows, or scored rows
-  /// through `row_of`), chunk by chunk.
+  /// through `row_of`), chunk by chunk. `group`: the batch rows the host planned
+  /// them over (compact scoring checks each mapped row falls inside).
   Status forward_rows(const MatrixView<const T>& hidden, const device::BatchRows& batch,
                       index_t first, index_t last, const index_t* row_of, float* row_lse,
-                      float* token_logp, unsigned tag) {
+                      float* token_logp, unsigned tag, const RowRange& group = {}) {
     for (index_t r0 = first; r0 < last; r0 += shape_.rows) {
       const index_t n = std::min(shape_.rows, last - r0);
       Status s = logits(hidden, batch, r0, n, row_of);
       if (!s) return s;
-      forward(batch, r0, n, row_of, row_lse, token_logp, tag);
+      forward(batch, r0, n, row_of, row_lse, token_logp, tag, group);
     }
     return last_launch(fn_);
   }
@@ -585,8 +597,9 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   if (in.host_offsets && cfg.strategy == FusedStrategy::keep_chunk) {
     const SequencesView host = compact.on ? compact.sequences() : SequencesView{in.host_offsets, B};
     for (const ChunkGroup& g : plan_chunks(host, runner.chunk_rows())) {
+      const detail::RowRange group{in.host_offsets[g.first_seq], in.host_offsets[g.last_seq]};
       status = runner.forward_rows(in.hidden, rows, g.first_row, g.last_row, b.row_of, b.row_lse,
-                                   b.token_logp, 0u);
+                                   b.token_logp, 0u, group);
       if (!status) return status;
       runner.sequences(rows, g.first_seq, g.last_seq, o.average_logprob, b.token_logp, logp,
                        num_tokens, 0u);
@@ -616,23 +629,44 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   return detail::last_launch(fn);
 }
 
-/// Forward only: logp_s and n_s of a batch from its hidden states (the
-/// reference model's log-probs, or a KL batch's), never holding N × V.
+namespace detail {
+
+/// The forward-only layout of `rows` rows; with compact scoring, its row map.
 template <class T>
-size_t fused_linear_logprobs_workspace_bytes(index_t rows, const LinearHead<T>& head,
-                                             const FusedLinearConfig& cfg = {}) {
-  FusedLinearInputs<T> in;
-  in.hidden.rows = rows;
-  return fused_linear_workspace_bytes(in, head, cfg);
+FusedBuffers carve_logprobs(Carver& c, index_t rows, const LinearHead<T>& head,
+                            const FusedLinearConfig& cfg, bool compact) {
+  FusedLinearInputs<T> shape;
+  shape.hidden.rows = rows;
+  static const index_t marker = 0;  // non-null: the layout of compact scoring
+  if (compact) shape.host_offsets = shape.host_targets = &marker;
+  return carve_fused(c, shape, head, cfg, false);
 }
 
+}  // namespace detail
+
+/// Forward only: logp_s and n_s of a batch from its hidden states (the
+/// reference model's log-probs, or a KL batch's), never holding N × V.
+/// `compact`: the layout for host targets and offsets (compact scoring).
+template <class T>
+size_t fused_linear_logprobs_workspace_bytes(index_t rows, const LinearHead<T>& head,
+                                             const FusedLinearConfig& cfg = {},
+                                             bool compact = false) {
+  detail::Carver c(nullptr);
+  detail::carve_logprobs(c, rows, head, cfg, compact);
+  return c.used();
+}
+
+/// With host copies of the targets and offsets (`host_offsets`, `host_targets`, the
+/// targets' layout), the GEMMs multiply the scored rows only, as in the step.
 template <class T>
 Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& workspace_bytes,
                              const MatrixView<const T>& hidden, const TargetsView& targets,
                              const SequencesView& sequences, const LinearHead<T>& head,
                              const Options& o, float* logp, index_t* num_tokens,
                              cudaStream_t stream, const FusedLinearConfig& cfg = {},
-                             const SequenceTokenStatistics& statistics = {}) {
+                             const SequenceTokenStatistics& statistics = {},
+                             const index_t* host_offsets = nullptr,
+                             const index_t* host_targets = nullptr) {
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::fused_linear_logprobs";
   try {
@@ -644,6 +678,10 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
     kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
                          "be non-null", "nullptr");
     detail::validate_statistics(statistics, o, sequences.count, fn, "statistics");
+    if (host_offsets)
+      kto::detail::validate_sequences(SequencesView{host_offsets, sequences.count}, hidden.rows, fn,
+                                      "host_offsets", true);
+    detail::validate_compact(host_targets, host_offsets, fn, "");
   } catch (const kto::Error& e) {
     return Status::from(e);
   }
@@ -651,14 +689,14 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
     return Status::make(StatusCode::invalid_argument,
                         "%s: argument 'handle' must be a cuBLAS handle; got nullptr", fn);
   Status status;
-  if (!detail::workspace_ready(workspace, workspace_bytes,
-                               fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg),
-                               status, fn))
+  const detail::CompactPlan compact = detail::compact_plan(host_targets, targets.rows, host_offsets,
+                                                           sequences.count, o.ignore_index);
+  if (!detail::workspace_ready(
+          workspace, workspace_bytes,
+          fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg, compact.on), status, fn))
     return status;
-  FusedLinearInputs<T> shape;
-  shape.hidden.rows = hidden.rows;
   detail::Carver c(workspace);
-  const detail::FusedBuffers b = detail::carve_fused(c, shape, head, cfg);
+  const detail::FusedBuffers b = detail::carve_logprobs(c, hidden.rows, head, cfg, compact.on);
   status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
   if (!status) return status;
   detail::reset_errors(b.errors, stream);
@@ -670,7 +708,9 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
                                 detail::row_extras(o, b.row_entropy, b.row_mean_logit, statistics),
                                 stream, fn);
   const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
-  status = runner.forward_rows(hidden, rows, 0, hidden.rows, nullptr, b.row_lse, b.token_logp, 0u);
+  detail::launch_compact_rows(compact, rows, b.row_of, b.errors, 0u, stream);
+  status = runner.forward_rows(hidden, rows, 0, compact.on ? compact.rows() : hidden.rows, b.row_of,
+                               b.row_lse, b.token_logp, 0u);
   if (!status) return status;
   runner.sequences(rows, 0, sequences.count, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
   return detail::last_launch(fn);

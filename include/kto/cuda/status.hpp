@@ -134,10 +134,12 @@ inline Status read_status(const void* workspace, cudaStream_t stream,
           "choose reference_point zero or fixed; got 0");
     case device::kHostTargetsMismatch:
       return Status::make(StatusCode::invalid_argument,
-                          "kto::cuda: %s: argument 'host_targets' must hold the values of "
-                          "'targets' (host memory, the same layout); the device counts %lld "
-                          "scored rows, the host another number",
-                          batch, index);
+                          "kto::cuda: %s: argument '%s' must hold the values of '%s' (and the "
+                          "host offsets those of the offsets; host memory, the same layout); "
+                          "the scored rows the host planned with differ from the device's (at "
+                          "%lld: a scored row count, or a row outside its planned sequences)",
+                          batch, kl_batch ? "kl.host_targets" : "host_targets",
+                          kl_batch ? "kl.targets" : "targets", index);
     default:
       return Status::make(StatusCode::cuda_error, "kto::cuda: unknown device error key %llx", key);
   }

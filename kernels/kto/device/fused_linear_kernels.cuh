@@ -45,6 +45,10 @@ struct ChunkView {
   index_t row_begin;
   index_t rows;
   const index_t* row_of = nullptr;
+  /// With row_of: the batch rows the host planned this chunk's group over (its
+  /// sequences' rows); a mapped row outside means the host targets differ.
+  index_t group_first = 0, group_last = kAnyRow;
+  static constexpr index_t kAnyRow = index_t{1} << 62;
   KTO_HOST_DEVICE index_t batch_row(index_t i) const {
     return row_of ? row_of[row_begin + i] : row_begin + i;
   }
@@ -107,6 +111,8 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
   if (i >= p.z.rows) return;  // uniform per row group
   const index_t r = p.z.batch_row(i);
+  if (p.z.row_of && lane == 0 && (r < p.z.group_first || r >= p.z.group_last))
+    record_error(p.errors, r, kHostTargetsMismatch | p.error_tag);
   const index_t t = p.batch.target(r);
   if (t == p.batch.ignore_index || t < 0 || t >= p.z.vocab) {
     if (lane == 0) {
