@@ -816,20 +816,32 @@ kto_torch_cuda::Bias bias_cuda(const Head& h) {
   return kto_torch_cuda::Bias{h.bias.data_ptr(), h.bias.numel()};
 }
 
+/// A batch's targets and offsets for compact scoring: the targets contiguous on the
+/// device and a host copy of each (one layout on both sides). Empty when absent.
+struct CompactBatch {
+  torch::Tensor targets, host_targets, host_offsets;
+  CompactBatch() = default;
+  CompactBatch(const torch::Tensor& t, const Offsets& offsets)
+      : targets(t.contiguous()),
+        host_targets(targets.to(torch::kCPU)),
+        host_offsets(offsets.tensor.to(torch::kCPU).contiguous()) {}
+  const int64_t* host_targets_data() const {
+    return host_targets.defined() ? host_targets.data_ptr<int64_t>() : nullptr;
+  }
+  const int64_t* host_offsets_data() const {
+    return host_offsets.defined() ? host_offsets.data_ptr<int64_t>() : nullptr;
+  }
+};
+
 std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kto::Options& o,
                                                 int64_t chunk_bytes, int64_t strategy) {
   const auto d = f.head.hidden.device();
   const c10::cuda::CUDAGuard guard(d);
   const bool kl = kto::uses_kl_batch(o) && f.kl.given;
   // Host copies of targets and offsets: whole sequences share a chunk, and the GEMMs multiply
-  // the scored rows only (compact scoring). Contiguous on both sides: one layout for both.
-  const auto host_offsets = f.offsets.tensor.to(torch::kCPU).contiguous();
-  const auto targets = f.targets.contiguous();
-  const auto host_targets = targets.to(torch::kCPU);
-  const auto kl_targets = kl ? f.kl.targets.contiguous() : torch::Tensor();
-  const auto kl_host_targets = kl ? kl_targets.to(torch::kCPU) : torch::Tensor();
-  const auto kl_host_offsets =
-      kl ? f.kl.offsets.tensor.to(torch::kCPU).contiguous() : torch::Tensor();
+  // the scored rows only (compact scoring).
+  const CompactBatch target(f.targets, f.offsets);
+  const CompactBatch kl_batch = kl ? CompactBatch(f.kl.targets, f.kl.offsets) : CompactBatch();
   const auto empty_targets = torch::empty({0}, torch::dtype(torch::kLong).device(d));
   const index_t N = f.head.N, D = f.head.D, V = f.head.V, B = f.offsets.count();
   const auto f32 = torch::dtype(torch::kFloat).device(d);
@@ -841,7 +853,7 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   auto statistics = token_statistics_on(d, o, B);
   const auto kl_matrix = kl ? matrix_cuda(f.kl.hidden)
                             : kto_torch_cuda::Matrix{dtype_of(f.head.hidden), nullptr, 0, D, D};
-  const auto kl_tv = kl ? targets_view(kl_targets) : targets_view(empty_targets);
+  const auto kl_tv = kl ? targets_view(kl_batch.targets) : targets_view(empty_targets);
   // An absent KL batch: no rows, B_kl = 0 (the CUDA step wants its offsets non-null).
   const auto no_kl_offsets = torch::zeros({1}, torch::dtype(torch::kLong).device(d));
   const auto kl_seq = kl ? f.kl.offsets.view : kto::sequences(no_kl_offsets.data_ptr<int64_t>(), 0);
@@ -849,16 +861,14 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   auto call = [&](void* ws, std::size_t* bytes) {
     check(kto_torch_cuda::fused_linear_step(
         matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
-        targets_view(targets), f.offsets.view, host_offsets.data_ptr<int64_t>(),
-        host_targets.data_ptr<int64_t>(), f.reference_logp.data_ptr<float>(),
-        f.desirable.data_ptr<uint8_t>(), kl_matrix, kl_tv, kl_seq,
-        kl ? kl_host_offsets.data_ptr<int64_t>() : nullptr,
-        kl ? kl_host_targets.data_ptr<int64_t>() : nullptr, kl_ref, o,
-        static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
-        metrics.data_ptr<double>(), per_example.data_ptr<float>(), n.data_ptr<int64_t>(),
-        o.token_statistics ? statistics.data_ptr<double>() : nullptr, dh.data_ptr<float>(),
-        dw.data_ptr<float>(), f.head.bias.defined() ? db.data_ptr<float>() : nullptr, ws, bytes,
-        stream()));
+        targets_view(target.targets), f.offsets.view, target.host_offsets_data(),
+        target.host_targets_data(), f.reference_logp.data_ptr<float>(),
+        f.desirable.data_ptr<uint8_t>(), kl_matrix, kl_tv, kl_seq, kl_batch.host_offsets_data(),
+        kl_batch.host_targets_data(), kl_ref, o, static_cast<std::size_t>(chunk_bytes),
+        static_cast<int>(strategy), metrics.data_ptr<double>(), per_example.data_ptr<float>(),
+        n.data_ptr<int64_t>(), o.token_statistics ? statistics.data_ptr<double>() : nullptr,
+        dh.data_ptr<float>(), dw.data_ptr<float>(),
+        f.head.bias.defined() ? db.data_ptr<float>() : nullptr, ws, bytes, stream()));
   };
   std::size_t bytes = 0;
   call(nullptr, &bytes);
@@ -875,15 +885,12 @@ std::vector<torch::Tensor> fused_linear_logprobs(const FusedLogprobOperands& f,
   const index_t B = f.offsets.count();
   auto logp = torch::empty({B}, torch::dtype(torch::kFloat).device(d));
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
-  // Compact scoring from host copies, as in fused_linear_forward.
-  const auto targets = f.targets.contiguous();
-  const auto host_targets = targets.to(torch::kCPU);
-  const auto host_offsets = f.offsets.tensor.to(torch::kCPU).contiguous();
+  const CompactBatch target(f.targets, f.offsets);  // compact scoring, as in the step
   auto call = [&](void* ws, std::size_t* bytes) {
     check(kto_torch_cuda::fused_linear_logprobs(
         matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
-        targets_view(targets), f.offsets.view, host_offsets.data_ptr<int64_t>(),
-        host_targets.data_ptr<int64_t>(), o, static_cast<std::size_t>(chunk_bytes),
+        targets_view(target.targets), f.offsets.view, target.host_offsets_data(),
+        target.host_targets_data(), o, static_cast<std::size_t>(chunk_bytes),
         logp.data_ptr<float>(), n.data_ptr<int64_t>(), ws, bytes, stream()));
   };
   std::size_t bytes = 0;

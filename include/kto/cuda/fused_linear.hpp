@@ -158,28 +158,44 @@ struct FusedBuffers : BatchBuffers {
   void* cublas;
 };
 
-template <class T>
-bool compact_target(const FusedLinearInputs<T>& in) {
-  return in.host_targets != nullptr && in.host_offsets != nullptr;
-}
-template <class T>
-bool compact_kl(const FusedLinearInputs<T>& in) {
-  return in.kl.host_targets != nullptr && in.kl.host_offsets != nullptr;
-}
+/// What the fused scratch is carved for: the batches' rows and examples, which batch
+/// scores compact rows, and whether the backward runs (its dH rows for compact scoring).
+struct FusedLayout {
+  index_t rows = 0, sequences = 0, kl_rows = 0, kl_sequences = 0;
+  bool compact = false, kl_compact = false, backward = true;
 
-/// `backward` false: the forward-only layout (no dH rows for compact scoring).
+  /// A step's: compact scoring where host targets and offsets are given.
+  template <class T>
+  static FusedLayout of(const FusedLinearInputs<T>& in) {
+    FusedLayout l;
+    l.rows = in.hidden.rows;
+    l.sequences = in.sequences.count;
+    l.kl_rows = in.kl.hidden.rows;
+    l.kl_sequences = in.kl.sequences.count;
+    l.compact = in.host_targets != nullptr && in.host_offsets != nullptr;
+    l.kl_compact = in.kl.host_targets != nullptr && in.kl.host_offsets != nullptr;
+    return l;
+  }
+  /// fused_linear_logprobs': one batch, forward only.
+  static FusedLayout forward_only(index_t rows, bool compact) {
+    FusedLayout l;
+    l.rows = rows;
+    l.compact = compact;
+    l.backward = false;
+    return l;
+  }
+};
+
 template <class T>
-FusedBuffers carve_fused(Carver& c, const FusedLinearInputs<T>& in, const LinearHead<T>& head,
-                         const FusedLinearConfig& cfg, bool backward = true) {
-  const index_t N = in.hidden.rows, NK = in.kl.hidden.rows;
+FusedBuffers carve_fused(Carver& c, const FusedLayout& l, const LinearHead<T>& head,
+                         const FusedLinearConfig& cfg) {
+  const index_t N = l.rows, NK = l.kl_rows;
   const ChunkShape<T> shape(head.weight.rows, cfg.chunk_bytes, std::max(N, NK));
   FusedBuffers b;
-  static_cast<BatchBuffers&>(b) =
-      BatchBuffers::carve(c, N, in.sequences.count, NK, in.kl.sequences.count);
-  b.row_of = compact_target(in) ? c.take<index_t>(N) : nullptr;
-  b.kl_row_of = compact_kl(in) ? c.take<index_t>(NK) : nullptr;
-  b.d_hidden =
-      compact_target(in) && backward ? c.take<float>(shape.rows * head.weight.cols) : nullptr;
+  static_cast<BatchBuffers&>(b) = BatchBuffers::carve(c, N, l.sequences, NK, l.kl_sequences);
+  b.row_of = l.compact ? c.take<index_t>(N) : nullptr;
+  b.kl_row_of = l.kl_compact ? c.take<index_t>(NK) : nullptr;
+  b.d_hidden = l.compact && l.backward ? c.take<float>(shape.rows * head.weight.cols) : nullptr;
   b.row_scale = c.take<float>(N);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
   b.ones = c.take<T>(shape.rows);
@@ -490,7 +506,7 @@ template <class T>
 size_t fused_linear_workspace_bytes(const FusedLinearInputs<T>& in, const LinearHead<T>& head,
                                     const FusedLinearConfig& cfg = {}) {
   detail::Carver c(nullptr);
-  detail::carve_fused(c, in, head, cfg);
+  detail::carve_fused(c, detail::FusedLayout::of(in), head, cfg);
   return c.used();
 }
 
@@ -512,7 +528,7 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
                                fused_linear_workspace_bytes(in, head, cfg), status, fn))
     return status;
   detail::Carver c(workspace);
-  const detail::FusedBuffers b = detail::carve_fused(c, in, head, cfg);
+  const detail::FusedBuffers b = detail::carve_fused(c, detail::FusedLayout::of(in), head, cfg);
   status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
   if (!status) return status;
   const index_t N = in.hidden.rows, B = in.sequences.count, V = head.weight.rows;
@@ -629,21 +645,6 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   return detail::last_launch(fn);
 }
 
-namespace detail {
-
-/// The forward-only layout of `rows` rows; with compact scoring, its row map.
-template <class T>
-FusedBuffers carve_logprobs(Carver& c, index_t rows, const LinearHead<T>& head,
-                            const FusedLinearConfig& cfg, bool compact) {
-  FusedLinearInputs<T> shape;
-  shape.hidden.rows = rows;
-  static const index_t marker = 0;  // non-null: the layout of compact scoring
-  if (compact) shape.host_offsets = shape.host_targets = &marker;
-  return carve_fused(c, shape, head, cfg, false);
-}
-
-}  // namespace detail
-
 /// Forward only: logp_s and n_s of a batch from its hidden states (the
 /// reference model's log-probs, or a KL batch's), never holding N × V.
 /// `compact`: the layout for host targets and offsets (compact scoring).
@@ -652,7 +653,7 @@ size_t fused_linear_logprobs_workspace_bytes(index_t rows, const LinearHead<T>& 
                                              const FusedLinearConfig& cfg = {},
                                              bool compact = false) {
   detail::Carver c(nullptr);
-  detail::carve_logprobs(c, rows, head, cfg, compact);
+  detail::carve_fused(c, detail::FusedLayout::forward_only(rows, compact), head, cfg);
   return c.used();
 }
 
@@ -696,7 +697,8 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
           fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg, compact.on), status, fn))
     return status;
   detail::Carver c(workspace);
-  const detail::FusedBuffers b = detail::carve_logprobs(c, hidden.rows, head, cfg, compact.on);
+  const detail::FusedBuffers b =
+      detail::carve_fused(c, detail::FusedLayout::forward_only(hidden.rows, compact.on), head, cfg);
   status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
   if (!status) return status;
   detail::reset_errors(b.errors, stream);

@@ -174,19 +174,6 @@ void launch_forward(const LogitsView<const T>& logits, const TargetsView& target
   }
 }
 
-/// The backward row kernel over p's rows, with options `o`'s logit transform
-/// (the extended kernel only for a transform: statistics are forward-only).
-template <class T>
-void launch_backward(device::BackwardParams<T> p, const Options& o, cudaStream_t stream) {
-  const LogitTransform t = logit_transform(o);
-  p.transform = device::RowTransform::of(t);
-  launch_rows(p.logits.vocab, p.logits.rows.rows, !t.identity(),
-              [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
-                device::row_backward_kernel<T, decltype(threads)::value, decltype(per_block)::value,
-                                            decltype(ext)::value><<<grid, block, 0, stream>>>(p);
-              });
-}
-
 template <class T>
 constexpr void check_logit_type() {
   static_assert(device::is_logit_type<T>::value,
@@ -357,20 +344,27 @@ Status checked(const Args& a, const char* fn, const Extra&... extra) {
   return Status::success();
 }
 
-/// The backward kernel over checked arguments.
+/// The backward row kernel over checked arguments, with the options' logit transform
+/// (the extended kernel only for a transform: statistics are forward-only).
 template <class T>
 Status run_backward(const BackwardArguments<T>& a, cudaStream_t stream, const char* fn) {
-  device::BackwardParams<T> p{a.logits,
-                              a.targets,
-                              a.sequences,
-                              a.options.ignore_index,
-                              a.options.average_logprob,
-                              a.row_lse,
-                              a.grad_logp,
-                              a.num_tokens,
-                              a.grad,
-                              a.cotangent};
-  launch_backward(p, a.options, stream);
+  const LogitTransform t = logit_transform(a.options);
+  const device::BackwardParams<T> p{a.logits,
+                                    a.targets,
+                                    a.sequences,
+                                    a.options.ignore_index,
+                                    a.options.average_logprob,
+                                    a.row_lse,
+                                    a.grad_logp,
+                                    a.num_tokens,
+                                    a.grad,
+                                    a.cotangent,
+                                    device::RowTransform::of(t)};
+  launch_rows(p.logits.vocab, p.logits.rows.rows, !t.identity(),
+              [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
+                device::row_backward_kernel<T, decltype(threads)::value, decltype(per_block)::value,
+                                            decltype(ext)::value><<<grid, block, 0, stream>>>(p);
+              });
   return last_launch(fn);
 }
 
