@@ -113,6 +113,27 @@ def test_fused_linear_under_bf16_autocast(tmp_path):
         assert abs(metrics_o[key] - metrics_t[key]) <= u * L, key
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
+@pytest.mark.parametrize("key,bad", [("input_ids", len(example.WORDS)), ("input_ids", -1),
+                                     ("KL_input_ids", len(example.WORDS) + 5)])
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(tmp_path, fused, key,
+                                                                        bad):
+    _, ours = make_trainers(tmp_path, fused=fused)
+    batch = next(iter(ours.get_train_dataloader()))
+    batch[key] = batch[key].clone()
+    batch[key][2, -1] = bad
+    calls = []
+    ours.model.register_forward_pre_hook(lambda module, args: calls.append(module))
+    with pytest.raises(IndexError) as raised:
+        ours.compute_loss(ours.model, batch)
+    assert str(raised.value) == (
+        f"kto_torch.trl.KTOTrainer: batch['{key}'] holds token id {bad}, outside the model's "
+        f"vocabulary [0, {len(example.WORDS)}) (its input embedding rows): the tokenizer and "
+        "the model disagree")
+    assert "(in the batch check)" in raised.value.__notes__
+    assert calls == []  # refused before the policy (or the reference model) ran
+
+
 def test_one_import_trains(tmp_path):
     _, ours = make_trainers(tmp_path)
     ours.args.max_steps = 3

@@ -1,8 +1,10 @@
-"""kto_torch.trl.KTOTrainer over two processes (torchrun, gloo, DistributedDataParallel as
-accelerate sets it up on the CPU) against one process over the same global batch and against
-TRL 1.16's own KTOTrainer over the same two processes (tests/python/trl_ddp_worker.py says
-how the data make those the same step). The fused head runs inside the DDP wrapper's forward
-(model(..., kto_head=...)), so DDP's gradient all-reduce sees it.
+"""kto_torch.trl.KTOTrainer over two processes (torchrun, gloo; DistributedDataParallel as
+accelerate sets it up on the CPU, and DeepSpeed ZeRO-3) against one process over the same
+global batch and against TRL 1.16's own KTOTrainer over the same two processes
+(tests/python/trl_ddp_worker.py says how the data make those the same step). The fused head
+runs inside the wrapper's forward (model(..., kto_head=...)), so DDP's gradient all-reduce
+sees it; under ZeRO-3 every parameter is partitioned and the head gathers the lm_head for its
+call, as TRL's own head does.
 
 Tolerance rule: every path computes in fp32 from the same weights and tokens; they differ in
 the order of fp32 sums only (two half-batch gradients averaged by DDP against one gradient
@@ -10,8 +12,10 @@ over the batch; z0's sum over the KL batch split across ranks; TRL's log-prob he
 kto's lse kernel). Loss and metrics within 1e-6 relative (test_trl.py's rule for fp32); every
 parameter gradient within 1e-4 of the largest gradient entry of the model (the same rule:
 an fp32 change Δρ of a log-ratio moves the per-sequence gradient scale by about β Δρ
-relative). Faults: one rank's bad input raises on both ranks, naming the rank and the cause,
-within the launcher's timeout (no rank waits in a collective).
+relative). Under ZeRO-3 the gradient is read as the parameters' change under SGD at learning
+rate 1 (the worker says why), which adds one fp32 rounding of each parameter (|p| 2^-24, under
+1e-6 of the largest gradient here). Faults: one rank's bad input raises on both ranks, naming
+the rank and the cause, within the launcher's timeout (no rank waits in a collective).
 """
 
 import os
@@ -39,12 +43,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path_factory, impl: str, processes: int, fault: str = "none") -> list:
-    out = tmp_path_factory.mktemp(f"{impl}_{processes}_{fault}")
+def launch(tmp_path_factory, impl: str, processes: int, fault: str = "none",
+           strategy: str = "ddp") -> list:
+    out = tmp_path_factory.mktemp(f"{impl}_{processes}_{fault}_{strategy}")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
            f"--master_port={_free_port()}", str(WORKER), "--impl", impl, "--out", str(out),
-           "--fault", fault]
+           "--fault", fault, "--strategy", strategy]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     records = []
     for rank in range(processes):
@@ -57,8 +62,24 @@ def launch(tmp_path_factory, impl: str, processes: int, fault: str = "none") -> 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return {(impl, n): launch(tmp_path_factory, impl, n)
+    runs = {(impl, n): launch(tmp_path_factory, impl, n)
             for impl, n in (("default", 2), ("default", 1), ("logits", 2), ("trl", 2))}
+    if deepspeed_available():
+        for impl in ("default", "trl"):
+            runs[(impl, 2, "zero3")] = launch(tmp_path_factory, impl, 2, strategy="zero3")
+    return runs
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_deepspeed = pytest.mark.skipif(not deepspeed_available(),
+                                     reason="DeepSpeed is not installed (requirements.txt has it)")
 
 
 def _ok(records):
@@ -100,11 +121,34 @@ def test_two_processes_equal(runs, other):
     assert_same_step(ours, _ok(runs[other])[0])
 
 
-@pytest.mark.parametrize("fault,cause,stage", [
-    ("nan_kl", "NonFiniteModelOutputError", "the policy's forward on the KL batch"),
-    ("bad_target", "IndexError", "the reference model's forward")])
-def test_one_rank_fails_every_rank_raises(tmp_path_factory, fault, cause, stage):
-    records = launch(tmp_path_factory, "default", 2, fault)
+@needs_deepspeed
+def test_two_processes_run_the_fused_head_under_zero3(runs):
+    for rank, record in enumerate(_ok(runs[("default", 2, "zero3")])):
+        assert record["fused_linear"] is True
+        assert record["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert record["wrapped"] == "DeepSpeedEngine"
+        assert record["partitioned"] is True  # the lm_head really is sharded over the ranks
+        assert record["rank"] == rank and record["world"] == 2
+    r0, r1 = runs[("default", 2, "zero3")]
+    assert r0["log"] == r1["log"]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("other", [("default", 1), ("default", 2), ("trl", 2, "zero3")],
+                         ids=["one_process", "ddp_two_processes", "trl_zero3"])
+def test_zero3_equals(runs, other):
+    ours = _ok(runs[("default", 2, "zero3")])[0]
+    assert_same_step(ours, _ok(runs[other])[0])
+
+
+FAULTS = [("nan_kl", "NonFiniteModelOutputError", "the policy's forward on the KL batch"),
+          ("bad_target", "IndexError", "the batch check")]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero3", marks=needs_deepspeed)])
+@pytest.mark.parametrize("fault,cause,stage", FAULTS)
+def test_one_rank_fails_every_rank_raises(tmp_path_factory, fault, cause, stage, strategy):
+    records = launch(tmp_path_factory, "default", 2, fault, strategy)
     for record in records:
         assert record.get("error_type") == "PeerError", record.get("traceback")
         message = record["error"]

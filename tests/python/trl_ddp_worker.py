@@ -1,14 +1,25 @@
 """One rank of a data-parallel KTO training step, launched by tests/python/test_trl_ddp.py:
 
     python -m torch.distributed.run --nproc_per_node N tests/python/trl_ddp_worker.py \
-        --impl {trl,default,logits} --out DIR [--fault {none,nan_kl,bad_target}]
+        --impl {trl,default,logits} --out DIR [--fault {none,nan_kl,bad_target}] \
+        [--strategy {ddp,zero3}]
 
 The trainer (TRL 1.16's own KTOTrainer, or kto_torch.trl.KTOTrainer with the fused head by
-default or the logits path) runs one optimizer step on CPU over gloo, as accelerate sets it
-up under torchrun (MULTI_CPU, DistributedDataParallel). The global batch is 8 sequences, read
-in order (rank r gets sequences 4r..4r+3 of 2 ranks); every rank writes DIR/rank<r>.pt with
-the logged loss and metrics and every parameter's gradient as the optimizer sees it (after
-DDP's all-reduce; clipping off), or the exception it raised.
+default or the logits path) runs one optimizer step on CPU over gloo. The global batch is 8
+sequences, read in order (rank r gets sequences 4r..4r+3 of 2 ranks); every rank writes
+DIR/rank<r>.pt with the logged loss and metrics and every parameter's gradient as the
+optimizer sees it (clipping off), or the exception it raised.
+
+Strategies:
+- ddp: as accelerate sets it up under torchrun (MULTI_CPU, DistributedDataParallel); the
+  gradients are read before the optimizer step, after DDP's all-reduce.
+- zero3: DeepSpeed ZeRO stage 3 (parameters, gradients and optimizer states partitioned over
+  the ranks) on DeepSpeed's CPU accelerator over gloo. The DeepSpeed engine steps inside the
+  backward, where no callback reaches the partitioned gradients, so the optimizer is plain SGD
+  at learning rate 1 and constant schedule: the gradient is the parameters' change, read
+  gathered after the step. accelerate enables DeepSpeed without an accelerator only when its
+  state is made beforehand with an explicit backend (TrainingArguments passes none), so the
+  worker makes that state and the trainer uses it (use_configured_state).
 
 The data are made so that one process over 8 sequences and two over 4 see the same step:
 every prompt and completion has the same length (no padding differs), and completion 7
@@ -92,17 +103,49 @@ def inject_fault(trainer, fault: str, rank: int) -> None:
         def corrupt(model, inputs, return_outputs):
             inputs = dict(inputs)
             ids = inputs["input_ids"].clone()
-            ids[1, -1] = model.config.vocab_size if hasattr(model, "config") else 10**6
+            ids[1, -1] = len(example.WORDS)  # the vocabulary size: one past the last id
             inputs["input_ids"] = ids
             return original(model, inputs, return_outputs)
 
         trainer._compute_loss = corrupt
 
 
+# Persistence threshold 0: every parameter is partitioned, however small (by default ZeRO-3
+# keeps parameters under 1e5 elements whole on every rank, this model's lm_head among them).
+ZERO3_CONFIG = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "zero_allow_untested_optimizer": True,
+                "train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": 1,
+                "gradient_clipping": 0.0, "bf16": {"enabled": False},
+                "fp16": {"enabled": False}}
+
+
+def zero3_arguments(world: int) -> dict:
+    """KTOConfig arguments for ZeRO-3 on the CPU; makes accelerate's state first (above)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo", timeout=timedelta(seconds=120))
+    config = dict(ZERO3_CONFIG, train_micro_batch_size_per_gpu=GLOBAL_BATCH // world)
+    return {"deepspeed": config, "accelerator_config": {"use_configured_state": True},
+            "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant"}
+
+
+def gathered_parameters(model) -> dict:
+    """Every parameter of a ZeRO-3 model, whole (gathered from the ranks' partitions)."""
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--impl", choices=["trl", "default", "logits"], required=True)
     parser.add_argument("--fault", choices=["none", "nan_kl", "bad_target"], default="none")
+    parser.add_argument("--strategy", choices=["ddp", "zero3"], default="ddp")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
@@ -115,15 +158,17 @@ def main() -> None:
     else:
         from kto_torch.trl import KTOTrainer as cls
         extra = {"fused_linear": False} if args.impl == "logits" else {}
+    strategy = zero3_arguments(world) if args.strategy == "zero3" else {"use_cpu": True}
     policy, reference = make_models()
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     probe = GradientProbe()
     record = {"rank": rank, "world": world}
     with tempfile.TemporaryDirectory() as out:
         config = trl.KTOConfig(output_dir=out, per_device_train_batch_size=GLOBAL_BATCH // world,
-                               max_steps=1, logging_steps=1, report_to="none", use_cpu=True,
+                               max_steps=1, logging_steps=1, report_to="none",
                                save_strategy="no", disable_tqdm=True, beta=0.3, bf16=False,
                                max_grad_norm=0.0, train_sampling_strategy="sequential",
-                               ddp_timeout=120)
+                               ddp_timeout=120, **strategy)
         trainer = cls(model=policy, ref_model=reference, args=config,
                       train_dataset=make_dataset(), processing_class=example.make_tokenizer(),
                       callbacks=[probe], **extra)
@@ -132,7 +177,14 @@ def main() -> None:
         try:
             trainer.train()
             record["log"] = next(h for h in trainer.state.log_history if "kl" in h)
-            record["grads"] = probe.grads
+            if args.strategy == "zero3":  # SGD at learning rate 1: the change is the gradient
+                weight = trainer.model.lm_head.weight
+                # Partitioned: this rank holds a slice; the head must gather it for the call.
+                record["partitioned"] = weight.numel() == 0 and weight.ds_numel > 0
+                after = gathered_parameters(trainer.model)
+                record["grads"] = {name: before[name] - after[name] for name in after}
+            else:
+                record["grads"] = probe.grads
             record["distributed_type"] = str(trainer.accelerator.distributed_type)
             record["wrapped"] = type(trainer.model_wrapped).__name__
         except Exception as error:  # noqa: BLE001 — reported to the test

@@ -77,6 +77,27 @@ def model_inputs(batch: dict, kl: bool = False) -> dict:
     return inputs
 
 
+def check_token_ids(model, batch: dict) -> None:
+    """Every token id of input_ids and KL_input_ids lies in [0, the model's input embedding
+    rows). Checked before any forward: there an id out of range is an IndexError on the CPU,
+    a device-side assert that ends the CUDA context on a GPU, and under ZeRO-3 or FSDP a
+    failure in the middle of a forward's collectives."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:  # not an nn.Embedding: the model's own check applies
+        return
+    for key in ("input_ids", "KL_input_ids"):
+        ids = batch.get(key)
+        if not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= rows:
+            raise IndexError(f"{_TRAINER}: batch['{key}'] holds token id "
+                             f"{low if low < 0 else high}, outside the model's vocabulary "
+                             f"[0, {rows}) (its input embedding rows): the tokenizer and the "
+                             "model disagree")
+
+
 def _labels(inputs: dict, completion_mask):
     """Next-token targets: completion tokens only, labels[:, 1:] (a view)."""
     return inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
@@ -374,41 +395,43 @@ class KTOTrainer(_TRLKTOTrainer):
         # reference) their log-probs agree bit for bit.
         autocast = self.accelerator.autocast
 
-        def logprobs(m, inputs, completion_mask, stage):
-            self._stage = stage
+        def logprobs(m, inputs, completion_mask):
             if fused:
                 return m(**inputs, kto_head=HeadRequest(completion_mask, autocast,
                                                         self.fused_chunk_bytes))
             return kto_torch.sequence_logprobs(*_shifted(m, inputs, completion_mask))
 
-        def before_kl_all_reduce():
-            """The reference log-probs and the local (S, C) of the KL batch."""
-            with torch.no_grad():
-                if self.calculate_KL:
-                    kl_logp, kl_tokens = logprobs(model, *kl_batch,
-                                                  "the policy's forward on the KL batch")
-                if self.precompute_ref_logps:
-                    ref_logp, ref_kl_logp = batch["ref_logps"], batch.get("ref_KL_logps")
-                else:
-                    reference, context = self._reference(model)
-                    # As TRL: no checkpointing for a forward without gradients.
-                    with context, disable_gradient_checkpointing(
-                            self.model, self.args.gradient_checkpointing_kwargs):
-                        ref_logp, _ = logprobs(reference, *target,
-                                               "the reference model's forward")
-                        if self.calculate_KL:
-                            ref_kl_logp, _ = logprobs(
-                                reference, *kl_batch,
-                                "the reference model's forward on the KL batch")
-            partial = torch.zeros(2, dtype=torch.float64)
-            if self.calculate_KL:
-                partial = kto_torch.kl_partial(kl_logp, ref_kl_logp, kl_tokens)
-            return ref_logp, partial
+        def stage(name, step):
+            """One stage before the KL all-reduce. With several processes every rank learns
+            after each stage whether any failed: under ZeRO-3 or FSDP the next forward
+            all-gathers parameters, a collective that a failed rank would never join."""
+            self._stage = name
+            done, error = self._attempt(model, step)
+            self._sum_or_fail(None, error, "before the KL all-reduce", size=0)
+            return done
 
-        done, error = self._attempt(model, before_kl_all_reduce)
-        ref_logp, partial = done if done is not None else (None, None)
-        global_kl = self._sum_or_fail(partial, error, "before the KL all-reduce", size=2)
-        global_kl = global_kl.cpu() if self.calculate_KL else None
+        stage("the batch check", lambda: check_token_ids(self.accelerator.unwrap_model(model),
+                                                         batch))
+        with torch.no_grad():
+            if self.calculate_KL:
+                kl_logp, kl_tokens = stage("the policy's forward on the KL batch",
+                                           lambda: logprobs(model, *kl_batch))
+            if self.precompute_ref_logps:
+                ref_logp, ref_kl_logp = batch["ref_logps"], batch.get("ref_KL_logps")
+            else:
+                reference, context = self._reference(model)
+                # As TRL: no checkpointing for a forward without gradients.
+                with context, disable_gradient_checkpointing(
+                        self.model, self.args.gradient_checkpointing_kwargs):
+                    ref_logp, _ = stage("the reference model's forward",
+                                        lambda: logprobs(reference, *target))
+                    if self.calculate_KL:
+                        ref_kl_logp, _ = stage("the reference model's forward on the KL batch",
+                                               lambda: logprobs(reference, *kl_batch))
+        global_kl = None
+        if self.calculate_KL:  # the local (S, C) of the KL batch, summed over the ranks
+            local = kto_torch.kl_partial(kl_logp, ref_kl_logp, kl_tokens)
+            global_kl = self._sum_or_fail(local, None, "before the KL all-reduce", size=2).cpu()
 
         # TRL's entropy and logits/* metrics, from the pass that computes each token's
         # log-softmax.
