@@ -3,12 +3,13 @@
 # tests (logits step and fused linear), compute-sanitizer (memcheck, racecheck,
 # initcheck, synccheck) on the [sanitize] cases, the benchmarks (logits step vs
 # the bandwidth floor, fused linear vs the bf16 GEMM peak), the PyTorch CUDA op
-# tests and the peer comparison with Liger and PyTorch; prints a short table
-# last. Needs nvcc and an NVIDIA GPU, no network, no CMake: Catch2's single
-# header and Eigen's headers come from /usr/include, $KTO_CATCH2_DIR /
-# $KTO_EIGEN_DIR or .deps (carry .deps: catch2/catch.hpp, eigen3/); Liger from
-# wheels in .whl (optional). Logs go to build-gpu/logs, and as one
-# logs.tar.gz with summary.txt to $OUT when it is set.
+# tests and the peer comparison (TRL 1.16's chunked head, Liger, Cut
+# Cross-Entropy, eager and compiled PyTorch); prints a short table last.
+# Needs nvcc and an NVIDIA GPU, no network, no CMake: Catch2's single header
+# and Eigen's headers come from /usr/include, $KTO_CATCH2_DIR /
+# $KTO_EIGEN_DIR or .deps (carry .deps: catch2/catch.hpp, eigen3/); the peers
+# and TRL from wheels in .whl (bench/fetch_gpu_wheels.sh; carry .whl). Logs go
+# to build-gpu/logs, and as one logs.tar.gz with summary.txt to $OUT when set.
 # Budget: about 3 minutes on an H200 (plus about 2 for trl). GPU_CHECK_PARTS
 # (default all) picks parts: tests, sanitize, bench, torch, jax (needs a CUDA
 # jaxlib), compare, trl (TRL 1.16's trainer step against the drop-in,
@@ -148,7 +149,7 @@ if want jax; then
   fi
 fi
 if want compare; then
-  PYTHONUNBUFFERED=1 timeout 240 python3 bench/compare_fused_torch.py \
+  PYTHONUNBUFFERED=1 timeout 300 python3 bench/compare_fused_torch.py \
     --dims "${GPU_CHECK_DIMS:-1024,4096}" --reps 8 --json "$logs/compare_fused.json" \
     >"$logs/compare_fused.txt" 2>&1
   note "compare_fused_torch: rc=$?"
