@@ -49,13 +49,13 @@ struct Options {
   index_t ignore_index = -100;
   /// Also return, per sequence, the sums of its scored tokens' entropy and mean
   /// logit (token_statistics.hpp), from the pass that computes lse: TRL's
-  /// `entropy` and `logits/*` metrics. Not on CUDA yet (its entry points raise).
+  /// `entropy` and `logits/*` metrics (CPU and CUDA paths).
   bool token_statistics = false;
   /// The transform the model applies to its logits before the softmax
   /// (logit_transform.hpp): z' = c·tanh(a·z / c) / τ, or a·z / τ when c = 0,
   /// applied to the logits every path reads (the fused step's raw hidden·Wᵀ + b,
   /// or the logits a caller passes untransformed); gradients are to the raw
-  /// logits. The identity (the default) costs nothing. Not on CUDA yet.
+  /// logits. The identity (the default) costs nothing (CPU and CUDA paths).
   double logit_scale = 1.0;    ///< a
   double logit_softcap = 0.0;  ///< c (0: no soft-cap)
   double temperature = 1.0;    ///< τ

@@ -49,11 +49,18 @@ def make_batch(seed, vocab=23, dtype=jnp.float32, num_sequences=5):
     )
 
 
+def transformed(logits64, options):
+    """The model's logit transform (DESIGN §1): z' = c·tanh(a·z/c)/τ, or a·z/τ when c = 0."""
+    a, c, tau = options.logit_scale, options.logit_softcap, options.temperature
+    z = a * logits64
+    return (c * jnp.tanh(z / c) if c > 0 else z) / tau
+
+
 def reference_logp(logits64, batch, options):
     b = len(batch["offsets"]) - 1
     targets = jnp.asarray(batch["targets"])
     mask = targets != options.ignore_index
-    lsm = jax.nn.log_softmax(logits64, axis=-1)
+    lsm = jax.nn.log_softmax(transformed(logits64, options), axis=-1)
     picked = jnp.take_along_axis(lsm, jnp.where(mask, targets, 0)[:, None], axis=1)[:, 0]
     token = jnp.where(mask, picked, 0.0)
     seg = jnp.asarray(batch["seq_of_row"])
@@ -123,7 +130,7 @@ def check(batch, options, unit_roundoff):
     want_grad = jax.grad(lambda z: reference_loss(z, batch, ref, options)[0])(logits64)
     loss, metrics, grad_jit, grad = run(batch, ref, options)
 
-    scale = 1.0 + float(jnp.abs(logits64).max()) * batch["logits"].shape[0]
+    scale = 1.0 + float(jnp.abs(transformed(logits64, options)).max()) * batch["logits"].shape[0]
     rtol = 1e-5
     assert abs(float(loss) - float(want_loss)) <= rtol * scale * options.beta
     assert abs(float(metrics["kl"]) - z0) <= rtol * max(1.0, abs(z0))
@@ -154,7 +161,8 @@ def check(batch, options, unit_roundoff):
     assert np.all(g[unscored] == 0)
     assert np.all(np.asarray(metrics["per_row/lse"])[unscored] == 0)
     scored = np.asarray(metrics["per_row/lse"])[~unscored]
-    want_lse = np.asarray(jax.scipy.special.logsumexp(logits64, axis=-1))[~unscored]
+    want_lse = np.asarray(jax.scipy.special.logsumexp(transformed(logits64, options),
+                                                      axis=-1))[~unscored]
     assert np.all(np.abs(scored - want_lse) <= rtol * (1 + np.abs(want_lse)))
 
 
@@ -187,6 +195,57 @@ def test_every_option_matches_reference(loss_type, link, kl_estimator, average, 
         reduction=reduction,
     )
     check(make_batch(11), options, 2.0**-24)
+
+
+# (logit_scale, logit_softcap, temperature): Cohere-style scale, Gemma-2-style soft-cap
+# (saturating: |a·z| reaches 3c), sampling temperature, and all three together.
+TRANSFORMS = [(0.0625, 0.0, 1.0), (1.0, 2.5, 1.0), (1.0, 0.0, 0.7), (1.5, 4.0, 1.3)]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=["scale", "softcap", "temperature", "all"])
+@pytest.mark.parametrize("dtype,unit_roundoff", [(jnp.float32, 2.0**-24), (jnp.bfloat16, 2.0**-8)])
+def test_logit_transform_matches_reference(transform, dtype, unit_roundoff):
+    a, c, tau = transform
+    options = kto_jax.KTOOptions(beta=0.4, logit_scale=a, logit_softcap=c, temperature=tau)
+    check(make_batch(13, vocab=41, dtype=dtype), options, unit_roundoff)
+
+
+def test_logit_transform_gradient_matches_finite_differences():
+    """Central differences of the op's own fp32 loss, step h, on a saturating soft-cap:
+    truncation O(h^2) times the third derivative, plus fp32 noise O(2^-24 |L| / h);
+    compared at 2e-3 of the largest gradient entry."""
+    batch = make_batch(17, vocab=29)
+    options = kto_jax.KTOOptions(beta=0.8, logit_scale=1.2, logit_softcap=2.0, temperature=0.9)
+    logp64, _ = reference_logp(jnp.asarray(batch["logits"], jnp.float64), batch, options)
+    ref = np.asarray(logp64 + batch["rng"].normal(0, 0.5, size=logp64.shape), np.float32)
+    _, _, _, grad = run(batch, ref, options)
+    grad = np.asarray(grad, np.float64)
+    args = (batch["targets"], batch["offsets"], ref, batch["desirable"], batch["kl_policy_logp"],
+            batch["kl_reference_logp"], batch["kl_num_tokens"])
+    logits = np.asarray(batch["logits"], np.float64)
+    scored = np.flatnonzero((batch["seq_of_row"] < len(batch["desirable"]))
+                            & (batch["targets"] != -100))
+    h = 1e-2
+    checked = 0
+    for r in scored[:4]:
+        for v in (int(batch["targets"][r]), (int(batch["targets"][r]) + 5) % 29):
+            plus, minus = logits.copy(), logits.copy()
+            plus[r, v] += h
+            minus[r, v] -= h
+            loss_plus = float(kto_jax.kto_loss(jnp.asarray(plus, jnp.float32), *args, options)[0])
+            loss_minus = float(kto_jax.kto_loss(jnp.asarray(minus, jnp.float32), *args,
+                                                options)[0])
+            fd = (loss_plus - loss_minus) / (2 * h)
+            assert abs(fd - grad[r, v]) <= 2e-3 * np.abs(grad).max(), (r, v, fd, grad[r, v])
+            checked += 1
+    assert checked == 8
+
+
+def test_bad_logit_transform_raises_the_library_message():
+    batch = make_batch(3)
+    with pytest.raises(Exception, match="options.logit_softcap"):
+        run(batch, np.zeros(len(batch["desirable"]), np.float32),
+            kto_jax.KTOOptions(logit_softcap=-1.0))
 
 
 def test_sequence_logprobs_matches_reference():

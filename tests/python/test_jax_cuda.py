@@ -45,17 +45,20 @@ def _problem(dtype):
     )
 
 
+@pytest.mark.parametrize("transform", [(1.0, 0.0, 1.0), (1.2, 2.0, 0.9)], ids=["plain", "softcap"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cuda_fused_and_logits_ops_match_the_cpu(dtype):
+def test_cuda_fused_and_logits_ops_match_the_cpu(dtype, transform):
     p = _problem(dtype)
-    opts = kto_jax.KTOOptions(beta=0.3)
+    a, c, tau = transform
+    opts = kto_jax.KTOOptions(beta=0.3, logit_scale=a, logit_softcap=c, temperature=tau)
 
     def fused(h, w, b, klh):
         return kto_jax.fused_linear_kto_loss(h, w, p["labels"], None, p["ref"], p["des"], b,
                                              klh, p["labels"], None, p["kl_ref"], opts)
 
     def logits(z, klz):
-        lp, n = kto_jax.sequence_logprobs(klz, p["labels"])
+        lp, n = kto_jax.sequence_logprobs(klz, p["labels"], logit_scale=a, logit_softcap=c,
+                                          temperature=tau)
         return kto_jax.kto_loss(z, p["labels"], None, p["ref"], p["des"], lp, p["kl_ref"], n, opts)
 
     results = {}

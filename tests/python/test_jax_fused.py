@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import kto_jax
-from test_jax import reference_logp, reference_loss
+from test_jax import TRANSFORMS, reference_logp, reference_loss, transformed
 
 jax.config.update("jax_enable_x64", True)
 
@@ -106,7 +106,7 @@ def run(batch, ref, kl_ref, options, jit=True, **kwargs):
 def check(batch, options, unit_roundoff=0.0, **kwargs):
     ref, kl_ref, want_loss, (z0, rho, logp, losses), want, dz = reference(batch, options)
     loss, metrics, grads = run(batch, ref, kl_ref, options, **kwargs)
-    z = logits64(batch, batch["hidden"], batch["weight"], batch["bias"])
+    z = transformed(logits64(batch, batch["hidden"], batch["weight"], batch["bias"]), options)
     scale = 1.0 + float(jnp.abs(z).max()) * batch["hidden"].shape[0]
     assert abs(float(loss) - float(want_loss)) <= RTOL * scale * options.beta
     assert abs(float(metrics["kl"]) - z0) <= RTOL * scale
@@ -219,6 +219,28 @@ def test_cotangent_scales_the_gradients():
     g1 = jax.grad(f)(batch["hidden"], 1.0)
     g3 = jax.grad(f)(batch["hidden"], -3.0)
     np.testing.assert_allclose(np.asarray(g3), -3.0 * np.asarray(g1), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=["scale", "softcap", "temperature", "all"])
+@pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
+@pytest.mark.parametrize("dtype,unit_roundoff", [(jnp.float32, 0.0), (jnp.bfloat16, 2.0**-8)])
+def test_logit_transform_matches_reference(transform, strategy, dtype, unit_roundoff):
+    a, c, tau = transform
+    options = kto_jax.KTOOptions(beta=0.4, logit_scale=a, logit_softcap=c, temperature=tau)
+    check(make_fused_batch(21, dim=9, vocab=37, dtype=dtype), options, unit_roundoff,
+          strategy=strategy, chunk_bytes=4 * 37 * 3)  # three rows a chunk: sequences split
+
+
+def test_fused_logprobs_with_a_transform_match_reference():
+    batch = make_fused_batch(8)
+    options = kto_jax.KTOOptions(logit_scale=1.3, logit_softcap=1.5, temperature=0.8)
+    logp, n = kto_jax.fused_linear_logprobs(batch["hidden"], batch["weight"], batch["targets"],
+                                            batch["offsets"], batch["bias"], logit_scale=1.3,
+                                            logit_softcap=1.5, temperature=0.8)
+    want, want_n = reference_logp(
+        logits64(batch, batch["hidden"], batch["weight"], batch["bias"]), batch, options)
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(n, want_n)
 
 
 def test_fused_logprobs_match_reference():

@@ -121,11 +121,15 @@ def test_data_parallel_fused_equals_the_unsharded_step(dtype):
     close(g2, g1, 1e-6 if dtype == jnp.float32 else 2.0**-7)
 
 
+@pytest.mark.parametrize("transform", [(1.0, 0.0, 1.0), (1.2, 2.0, 0.9)], ids=["plain", "softcap"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_vocab_parallel_fused_equals_the_unsharded_step(dtype, bias):
+def test_vocab_parallel_fused_equals_the_unsharded_step(dtype, bias, transform):
+    """With a logit transform too: each slice's partials are of the transformed logits."""
     p = problem(3, V=20, dtype=dtype)
-    opts = kto_jax.KTOOptions(beta=0.5, undesirable_weight=1.33)
+    a, c, tau = transform
+    opts = kto_jax.KTOOptions(beta=0.5, undesirable_weight=1.33, logit_scale=a, logit_softcap=c,
+                              temperature=tau)
     rest = (p["labels"], None, p["reference_logp"], p["desirable"])
     kl = dict(kl_hidden=p["kl_hidden"], kl_targets=p["kl_labels"],
               kl_reference_logp=p["kl_reference_logp"])

@@ -20,15 +20,31 @@ namespace kto_jax {
 namespace ffi = xla::ffi;
 using kto::index_t;
 
-/// The option attributes, in the order of kto::options_from_codes().
+/// The logit transform's attributes (kto::Options::logit_scale, logit_softcap,
+/// temperature): every op that reads logits takes them.
+#define KTO_JAX_TRANSFORM_PARAMS double logit_scale, double logit_softcap, double temperature
+#define KTO_JAX_TRANSFORM_ATTRS \
+  .Attr<double>("logit_scale").Attr<double>("logit_softcap").Attr<double>("temperature")
+
+inline kto::Options with_transform(kto::Options o, double logit_scale, double logit_softcap,
+                                   double temperature) {
+  o.logit_scale = logit_scale;
+  o.logit_softcap = logit_softcap;
+  o.temperature = temperature;
+  return o;
+}
+#define KTO_JAX_TRANSFORM(o) kto_jax::with_transform((o), logit_scale, logit_softcap, temperature)
+
+/// The option attributes, in the order of kto::options_from_codes(), then the transform's.
 #define KTO_JAX_OPTION_PARAMS                                                                      \
   double beta, double desirable_weight, double undesirable_weight, int32_t loss_type,              \
       int32_t link, int32_t reference_point, int32_t kl_estimator, bool clamp_kl, double fixed_z0, \
-      bool average_logprob, int32_t reduction, int64_t mean_denominator, int64_t ignore_index
-#define KTO_JAX_OPTIONS                                                                       \
-  kto::options_from_codes(beta, desirable_weight, undesirable_weight, loss_type, link,        \
-                          reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob, \
-                          reduction, mean_denominator, ignore_index)
+      bool average_logprob, int32_t reduction, int64_t mean_denominator, int64_t ignore_index,     \
+      KTO_JAX_TRANSFORM_PARAMS
+#define KTO_JAX_OPTIONS                                                                           \
+  KTO_JAX_TRANSFORM(kto::options_from_codes(                                                      \
+      beta, desirable_weight, undesirable_weight, loss_type, link, reference_point, kl_estimator, \
+      clamp_kl, fixed_z0, average_logprob, reduction, mean_denominator, ignore_index))
 #define KTO_JAX_OPTION_ATTRS              \
   .Attr<double>("beta")                   \
       .Attr<double>("desirable_weight")   \
@@ -42,7 +58,7 @@ using kto::index_t;
       .Attr<bool>("average_logprob")      \
       .Attr<int32_t>("reduction")         \
       .Attr<int64_t>("mean_denominator")  \
-      .Attr<int64_t>("ignore_index")
+      .Attr<int64_t>("ignore_index") KTO_JAX_TRANSFORM_ATTRS
 
 /// The batches the ops read, in argument order: logits, targets, offsets; or hidden
 /// states, the head's weight and bias, targets, offsets; a KL batch's hidden states,
@@ -60,10 +76,9 @@ using kto::index_t;
 
 /// The argument, attribute and result lists of each op, bound once for both platforms:
 /// `ctx` is ffi::Ffi::Bind() on the CPU, with the stream and scratch allocator on CUDA.
-#define KTO_JAX_BIND_SEQUENCE_LOGPROBS(ctx)                     \
-  (ctx) KTO_JAX_ARGS_LOGITS_BATCH.Attr<int64_t>("ignore_index") \
-      .Attr<bool>("average_logprob")                            \
-      .Ret<ffi::Buffer<ffi::F32>>()                             \
+#define KTO_JAX_BIND_SEQUENCE_LOGPROBS(ctx)                                               \
+  (ctx) KTO_JAX_ARGS_LOGITS_BATCH.Attr<int64_t>("ignore_index")                           \
+      .Attr<bool>("average_logprob") KTO_JAX_TRANSFORM_ATTRS.Ret<ffi::Buffer<ffi::F32>>() \
       .Ret<ffi::Buffer<ffi::S32>>()
 
 #define KTO_JAX_BIND_KL_PARTIAL(ctx) \
@@ -91,19 +106,17 @@ using kto::index_t;
       .Arg<ffi::Buffer<ffi::S32>>()                            \
       .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTION_ATTRS.Ret<ffi::AnyBuffer>()
 
-#define KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(ctx)                 \
-  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Attr<bool>("average_logprob") \
-      .Attr<int64_t>("ignore_index")                            \
-      .Attr<int64_t>("chunk_bytes")                             \
-      .Ret<ffi::Buffer<ffi::F32>>()                             \
+#define KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(ctx)                                          \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Attr<bool>("average_logprob")                          \
+      .Attr<int64_t>("ignore_index")                                                     \
+      .Attr<int64_t>("chunk_bytes") KTO_JAX_TRANSFORM_ATTRS.Ret<ffi::Buffer<ffi::F32>>() \
       .Ret<ffi::Buffer<ffi::S32>>()
 
 #define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx)                                         \
   (ctx) KTO_JAX_ARGS_HIDDEN_BATCH KTO_JAX_ARGS_KL_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::S32>>() \
       .Attr<int64_t>("ignore_index")                                                        \
       .Attr<int64_t>("vocab_total")                                                         \
-      .Attr<int64_t>("chunk_bytes")                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("chunk_bytes") KTO_JAX_TRANSFORM_ATTRS.Ret<ffi::Buffer<ffi::F32>>()
 
 #define KTO_JAX_BIND_FUSED_LINEAR_STEP(ctx)                                                  \
   (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>()                               \

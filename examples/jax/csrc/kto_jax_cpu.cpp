@@ -75,13 +75,14 @@ constexpr const char* kPartials = "kto_jax.fused_linear_row_partials";
 
 ffi::Error SequenceLogprobsImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
                                 ffi::Buffer<ffi::S32> offsets, int64_t ignore_index,
-                                bool average_logprob, ffi::ResultBuffer<ffi::F32> logp,
+                                bool average_logprob, KTO_JAX_TRANSFORM_PARAMS,
+                                ffi::ResultBuffer<ffi::F32> logp,
                                 ffi::ResultBuffer<ffi::S32> num_tokens) {
   if (auto e = require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"); !e.success())
     return e;
   const auto t = widen(targets);
   const auto off = widen(offsets);
-  kto::Options o;
+  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
   o.ignore_index = ignore_index;
   o.average_logprob = average_logprob;
   return dispatch(logits.element_type(), kLogprobs, "logits", [&](auto tag) {
@@ -215,12 +216,12 @@ ffi::Error check_fused_operands(const char* fn, const ffi::AnyBuffer& hidden,
 ffi::Error FusedLogprobsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                              ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
                              bool average_logprob, int64_t ignore_index, int64_t chunk_bytes,
-                             ffi::ResultBuffer<ffi::F32> logp,
+                             KTO_JAX_TRANSFORM_PARAMS, ffi::ResultBuffer<ffi::F32> logp,
                              ffi::ResultBuffer<ffi::S32> num_tokens) {
   if (auto e = check_fused_operands(kFusedLogprobs, hidden, weight, bias); !e.success()) return e;
   const auto t = widen(targets);
   const auto off = widen(offsets);
-  kto::Options o;
+  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
   o.ignore_index = ignore_index;
   o.average_logprob = average_logprob;
   return dispatch(hidden.element_type(), kFusedLogprobs, "hidden", [&](auto tag) {
@@ -257,11 +258,11 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
                            ffi::AnyBuffer kl_hidden, ffi::Buffer<ffi::S32> kl_targets,
                            ffi::Buffer<ffi::S32> kl_offsets, ffi::Buffer<ffi::S32> vocab_begin,
                            int64_t ignore_index, int64_t vocab_total, int64_t chunk_bytes,
-                           ffi::ResultBuffer<ffi::F32> partials) {
+                           KTO_JAX_TRANSFORM_PARAMS, ffi::ResultBuffer<ffi::F32> partials) {
   if (auto e = check_fused_operands(kPartials, hidden, weight, bias); !e.success()) return e;
   const Batch target{widen(targets), widen(offsets)};
   const Batch kl{widen(kl_targets), widen(kl_offsets)};
-  kto::Options o;
+  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
   o.ignore_index = ignore_index;
   return dispatch(hidden.element_type(), kPartials, "hidden", [&](auto tag) {
     using T = decltype(tag);

@@ -142,7 +142,8 @@ constexpr const char* kPartials = "kto_jax.fused_linear_row_partials";
 ffi::Error SequenceLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
                                 ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
                                 ffi::Buffer<ffi::S32> offsets, int64_t ignore_index,
-                                bool average_logprob, ffi::ResultBuffer<ffi::F32> logp,
+                                bool average_logprob, KTO_JAX_TRANSFORM_PARAMS,
+                                ffi::ResultBuffer<ffi::F32> logp,
                                 ffi::ResultBuffer<ffi::S32> num_tokens) {
   KTO_JAX_TRY(require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"));
   Scratch s{alloc};
@@ -153,7 +154,7 @@ ffi::Error SequenceLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc
   size_t bytes = kto::cuda::sequence_logprobs_workspace_bytes(rows);
   void* ws = s.take<char>(bytes);
   if (!s.ok) return s.error();
-  kto::Options o;
+  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
   o.ignore_index = ignore_index;
   o.average_logprob = average_logprob;
   const auto seqs = kto::sequences(off, B);
@@ -316,7 +317,7 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
                              ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                              ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
                              bool average_logprob, int64_t ignore_index, int64_t chunk_bytes,
-                             ffi::ResultBuffer<ffi::F32> logp,
+                             KTO_JAX_TRANSFORM_PARAMS, ffi::ResultBuffer<ffi::F32> logp,
                              ffi::ResultBuffer<ffi::S32> num_tokens) {
   KTO_JAX_TRY(check_fused(kFusedLogprobs, hidden, weight, bias));
   Scratch s{alloc};
@@ -325,7 +326,7 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
   const int64_t* off = widen(s, offsets, stream);
   int64_t* n = s.take<int64_t>(B);
   if (!s.ok) return s.error();
-  kto::Options o;
+  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
   o.ignore_index = ignore_index;
   o.average_logprob = average_logprob;
   const auto seqs = kto::sequences(off, B);
@@ -351,7 +352,7 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
 ffi::Error RowPartialsImpl(cudaStream_t, ffi::ScratchAllocator, ffi::AnyBuffer, ffi::AnyBuffer,
                            ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
                            ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
-                           ffi::Buffer<ffi::S32>, int64_t, int64_t, int64_t,
+                           ffi::Buffer<ffi::S32>, int64_t, int64_t, int64_t, double, double, double,
                            ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
                     std::string(kPartials) +

@@ -87,6 +87,11 @@ class KTOOptions:
     reduction: str = "mean"
     mean_denominator: int = 0
     ignore_index: int = -100
+    # The model's logit transform, applied to the logits (or hidden @ W.T + b) before the
+    # softmax: z' = c·tanh(a·z / c) / τ (a·z / τ when c = 0); gradients are to the raw logits.
+    logit_scale: float = 1.0    # a (Cohere's logit_scale)
+    logit_softcap: float = 0.0  # c (Gemma-2's final_logit_softcapping; 0: none)
+    temperature: float = 1.0    # τ
 
     @property
     def uses_kl_batch(self) -> bool:
@@ -120,7 +125,17 @@ class KTOOptions:
             reduction=np.int32(REDUCTIONS[self.reduction]),
             mean_denominator=np.int64(self.mean_denominator),
             ignore_index=np.int64(self.ignore_index),
+            **self.transform_attributes(),
         )
+
+    def transform_attributes(self) -> dict:
+        """The logit transform's attributes, which every op that reads logits takes."""
+        return transform_attributes(self.logit_scale, self.logit_softcap, self.temperature)
+
+
+def transform_attributes(logit_scale=1.0, logit_softcap=0.0, temperature=1.0) -> dict:
+    return dict(logit_scale=np.float64(logit_scale), logit_softcap=np.float64(logit_softcap),
+                temperature=np.float64(temperature))
 
 
 # --------------------------------------------------------------------------- libraries
@@ -295,13 +310,16 @@ def _step_results(rows: int, b: int):
 # --------------------------------------------------------------------------- logits level
 
 
-def sequence_logprobs(logits, targets, offsets=None, *, average_logprob=False, ignore_index=-100):
-    """Per-sequence log-probs and token counts (forward only, no gradient)."""
+def sequence_logprobs(logits, targets, offsets=None, *, average_logprob=False, ignore_index=-100,
+                      logit_scale=1.0, logit_softcap=0.0, temperature=1.0):
+    """Per-sequence log-probs and token counts (forward only, no gradient), of the logits
+    after the model's transform (KTOOptions says how)."""
     logits, targets, offsets = _rows(logits, targets, offsets, "logits")
     b = offsets.shape[0] - 1
     call = _call("kto_sequence_logprobs",
                  (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
-                 ignore_index=np.int64(ignore_index), average_logprob=bool(average_logprob))
+                 ignore_index=np.int64(ignore_index), average_logprob=bool(average_logprob),
+                 **transform_attributes(logit_scale, logit_softcap, temperature))
     return call(lax.stop_gradient(logits), targets, offsets)
 
 
@@ -396,9 +414,10 @@ def _head(hidden, weight, bias):
 
 def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
                           average_logprob=False, ignore_index=-100,
-                          chunk_bytes=None):
+                          chunk_bytes=None, logit_scale=1.0, logit_softcap=0.0, temperature=1.0):
     """Per-sequence log-probs and token counts from hidden states and the lm_head
-    (forward only: the reference model, the KL batch)."""
+    (forward only: the reference model, the KL batch), of the logits after the model's
+    transform (KTOOptions says how)."""
     hidden, targets, offsets = _rows(hidden, targets, offsets, "hidden")
     hidden, weight, bias = _head(hidden, weight, bias)
     chunk_bytes = _chunk_bytes(chunk_bytes)
@@ -406,7 +425,8 @@ def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
     call = _call("kto_fused_linear_logprobs",
                  (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
                  average_logprob=bool(average_logprob), ignore_index=np.int64(ignore_index),
-                 chunk_bytes=np.int64(chunk_bytes))
+                 chunk_bytes=np.int64(chunk_bytes),
+                 **transform_attributes(logit_scale, logit_softcap, temperature))
     return call(*map(lax.stop_gradient, (hidden, weight, bias)), targets, offsets)
 
 
@@ -415,16 +435,19 @@ def fused_linear_kl_partial(kl_hidden, weight, kl_targets, kl_offsets, kl_refere
     """This device's (S, C) of a KL batch given as hidden states, float32 [2]."""
     logp, n = fused_linear_logprobs(kl_hidden, weight, kl_targets, kl_offsets, bias,
                                     average_logprob=options.average_logprob,
-                                    ignore_index=options.ignore_index, chunk_bytes=chunk_bytes)
+                                    ignore_index=options.ignore_index, chunk_bytes=chunk_bytes,
+                                    logit_scale=options.logit_scale,
+                                    logit_softcap=options.logit_softcap,
+                                    temperature=options.temperature)
     return kl_partial(logp, kl_reference_logp, n, kl_estimator=options.kl_estimator)
 
 
 def _row_partials(hidden, weight, bias, targets, offsets, kl_hidden, kl_targets, kl_offsets,
-                  vocab_begin, vocab_total, ignore_index, chunk_bytes):
+                  vocab_begin, vocab_total, options, chunk_bytes):
     rows = hidden.shape[0] + (kl_hidden.shape[0] if kl_offsets.shape[0] > 0 else 0)
     call = _call("kto_fused_linear_row_partials", jax.ShapeDtypeStruct((rows, 2), jnp.float32),
-                 ignore_index=np.int64(ignore_index), vocab_total=np.int64(vocab_total),
-                 chunk_bytes=np.int64(chunk_bytes))
+                 ignore_index=np.int64(options.ignore_index), vocab_total=np.int64(vocab_total),
+                 chunk_bytes=np.int64(chunk_bytes), **options.transform_attributes())
     return call(*map(lax.stop_gradient, (hidden, weight, bias)), targets, offsets,
                 lax.stop_gradient(kl_hidden), kl_targets, kl_offsets, vocab_begin)
 
@@ -533,8 +556,7 @@ def fused_linear_kto_loss(hidden, weight, targets, offsets, reference_logp, desi
         vocab_begin = (lax.axis_index(vocab_axis_name) * weight.shape[0]).astype(
             jnp.int32).reshape(1)
         partials = _row_partials(hidden, weight, bias, targets, offsets, kl_hidden, kl_targets,
-                                 kl_offsets, vocab_begin, vocab_total, options.ignore_index,
-                                 chunk_bytes)
+                                 kl_offsets, vocab_begin, vocab_total, options, chunk_bytes)
         axes = _union_varying(hidden, weight, bias, targets, offsets, kl_hidden) | {
             vocab_axis_name}
         # [slices, rows, 2], in axis order: slice k holds vocabulary rows from k·V_local.
