@@ -100,17 +100,20 @@ def assert_matches(p, o, got, want, u_grad):
     H = h64.reshape(-1, h64.shape[-1])
     bh = tol * rowscale * w64.abs().sum(0)[None, :]
     bw = tol * (rowscale * H.abs()).sum(0)[None, :].expand_as(w64)
-    u_store = UNIT_ROUNDOFF[p["hidden"].dtype]
+    # Each gradient is stored in its parameter's dtype (an fp32 head under mixed precision
+    # gets the fp32 sums: no store roundoff).
+    u_hidden, u_head = UNIT_ROUNDOFF[p["hidden"].dtype], UNIT_ROUNDOFF[p["weight"].dtype]
     assert dh.dtype == p["hidden"].dtype and dw.dtype == p["weight"].dtype
     gh, gw, rh = dh.double().cpu().reshape(H.shape), dw.double().cpu(), rh.reshape(H.shape)
-    assert bool(((gh - rh).abs() <= bh + u_store * rh.abs() + 1e-12).all()), \
+    assert bool(((gh - rh).abs() <= bh + u_hidden * rh.abs() + 1e-12).all()), \
         float((gh - rh).abs().max())
-    assert bool(((gw - rw).abs() <= bw + u_store * rw.abs() + 1e-12).all()), \
+    assert bool(((gw - rw).abs() <= bw + u_head * rw.abs() + 1e-12).all()), \
         float((gw - rw).abs().max())
     if rb is not None:
         bb = tol * float(rowscale.sum())
         gb = db.double().cpu()
-        assert bool(((gb - rb).abs() <= bb + u_store * rb.abs() + 1e-12).all())
+        assert db.dtype == p["bias"].dtype
+        assert bool(((gb - rb).abs() <= bb + u_head * rb.abs() + 1e-12).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -227,6 +230,57 @@ def test_fused_errors_name_the_argument():
     with pytest.raises((ValueError, RuntimeError), match=r"targets\[3\]' must be in \[0, 41\)"):
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], bad, None, p["reference_logp"],
                                         p["desirable"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the CUDA fused op is untested here"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_precision_fp32_head_gets_unrounded_fp32_gradients(device, dtype, bias):
+    """Half-precision hidden states with an fp32 lm_head (autocast over fp32 parameters,
+    TRL's default): the GEMMs read the head in hidden's dtype, and dW, db are the library's
+    fp32 sums, never rounded on their way to the fp32 parameters. The head's values are
+    representable in hidden's dtype, so the float64 reference of the same values applies:
+    dW and db meet the fp32 rule without a store roundoff, the loss equals the all-half
+    call's bit for bit, and dW rounded to hidden's dtype is what the all-half call returns."""
+    p = make_problem(3, dtype=dtype, bias=bias)
+    mixed = dict(p, weight=p["weight"].float(), bias=p["bias"].float() if bias else None)
+    o = dict(beta=0.3, undesirable_weight=1.3)
+    got = fused(mixed, o, device=device, chunk_bytes=1024)
+    half = fused(p, o, device=device, chunk_bytes=1024)
+    assert got[2].dtype == torch.float32 and got[1].dtype == dtype
+    assert torch.equal(got[0].loss, half[0].loss)
+    assert torch.equal(got[1], half[1])
+    assert torch.equal(got[2].to(dtype), half[2])
+    assert not torch.equal(got[2], half[2].float())  # the fp32 sums carry more bits
+    if bias:
+        assert got[3].dtype == torch.float32 and torch.equal(got[3].to(dtype), half[3])
+    u_grad = UNIT_ROUNDOFF[dtype] if device == "cuda" else 0.0  # dZ rounded on CUDA
+    assert_matches(mixed, o, got, reference(mixed, o), u_grad)
+
+
+def test_mixed_precision_logprobs_equal_the_all_half_call():
+    p = make_problem(4, dtype=torch.bfloat16)
+    args = (p["hidden"], p["weight"], p["targets"])
+    half = kto_torch.fused_linear_logprobs(*args, bias=p["bias"])
+    mixed = kto_torch.fused_linear_logprobs(p["hidden"], p["weight"].float(), p["targets"],
+                                            bias=p["bias"].float())
+    assert torch.equal(half[0], mixed[0]) and torch.equal(half[1], mixed[1])
+
+
+def test_mixed_precision_is_half_hidden_with_an_fp32_head_only():
+    p = make_problem(5, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"kto_torch.fused_linear_kto_loss: argument 'weight' "
+                                         r"must have the dtype of 'hidden' \(BFloat16\) or be "
+                                         r"Float; got Double"):
+        fused(dict(p, weight=p["weight"].double(), bias=None), {})
+    with pytest.raises(ValueError, match=r"argument 'bias' must have the dtype of 'weight' "
+                                         r"\(Float\); got BFloat16"):
+        fused(dict(p, weight=p["weight"].float()), {})
+    f32 = make_problem(5)
+    with pytest.raises(ValueError, match=r"argument 'weight' must have the dtype of 'hidden' "
+                                         r"\(Float\); got BFloat16"):
+        fused(dict(f32, weight=f32["weight"].bfloat16(), bias=None), {})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

@@ -174,7 +174,7 @@ def test_d4_bias_of_the_wrong_length_raises_naming_it(fn):
 
 def test_d4_bias_dtype_and_stride():
     p = make_problem(6, V=41)
-    with pytest.raises(ValueError, match=r"'bias' must have the dtype of 'hidden' \(Float\); got "
+    with pytest.raises(ValueError, match=r"'bias' must have the dtype of 'weight' \(Float\); got "
                                          r"Double"):
         fused_with_bias(p, p["bias"].double())
     strided = torch.stack([p["bias"], -p["bias"]], 1).reshape(-1)[::2]  # stride 2

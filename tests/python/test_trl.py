@@ -134,6 +134,24 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(tmp_pat
     assert calls == []  # refused before the policy (or the reference model) ran
 
 
+def test_fp32_lm_head_under_bf16_autocast_gets_an_unrounded_gradient(tmp_path):
+    """TRL's default: bf16 autocast over fp32 parameters. The fused head multiplies in bf16
+    (where the library has a bf16 GEMM) but the fp32 lm_head's gradient is the fp32 sum,
+    as TRL's own head gives it, not a bf16-rounded value widened back to fp32."""
+    _, ours = make_trainers(tmp_path, fused=True)
+    assert ours.args.bf16 and ours.fused_linear
+    head = ours.model.lm_head.weight
+    assert head.dtype == torch.float32
+    batch = next(iter(ours.get_train_dataloader()))
+    ours.compute_loss(ours.model, batch).backward()
+    grad = head.grad
+    assert grad.dtype == torch.float32 and bool(grad.abs().max() > 0)
+    nonzero = grad != 0
+    widened = grad.bfloat16().float()
+    # A bf16-rounded gradient would equal its own rounding everywhere.
+    assert float((widened != grad)[nonzero].float().mean()) > 0.9
+
+
 def test_one_import_trains(tmp_path):
     _, ours = make_trainers(tmp_path)
     ours.args.max_steps = 3

@@ -302,20 +302,30 @@ Head head_operands(const char* fn, const torch::Tensor& hidden, const torch::Ten
   h.N = hidden.size(0);
   h.D = hidden.size(1);
   h.V = weight.size(0);
-  require(weight.scalar_type() == hidden.scalar_type(), fn, "weight",
-          text("have the dtype of 'hidden' (", hidden.scalar_type(), ")"),
+  // Mixed precision (an fp32 lm_head under bf16/fp16 autocast, TRL's default): the GEMMs
+  // read a copy of the weight and bias in hidden's dtype, and their gradients stay the
+  // library's fp32 sums, never rounded to hidden's dtype on the way to an fp32 parameter.
+  const bool half =
+      hidden.scalar_type() == torch::kBFloat16 || hidden.scalar_type() == torch::kHalf;
+  const bool mixed = half && weight.scalar_type() == torch::kFloat;
+  const std::string head_dtype =
+      half ? text("have the dtype of 'hidden' (", hidden.scalar_type(), ") or be Float")
+           : text("have the dtype of 'hidden' (", hidden.scalar_type(), ")");
+  require(weight.scalar_type() == hidden.scalar_type() || mixed, fn, "weight", head_dtype,
           text(weight.scalar_type()));
+  if (mixed) h.weight = h.weight.to(hidden.scalar_type());
   // D against hidden.size(1): the library's check (head.weight.cols).
   require(h.V >= 1, fn, "weight", "be [V, D] with V >= 1", shape_of(weight));
   if (bias.numel() > 0 || bias.dim() != 1) {  // an empty 1-D tensor: no bias
     check_device(fn, "bias", bias, hidden, "hidden", Where::anchor);
-    require(bias.scalar_type() == hidden.scalar_type(), fn, "bias",
-            text("have the dtype of 'hidden' (", hidden.scalar_type(), ")"),
+    require(bias.scalar_type() == weight.scalar_type(), fn, "bias",
+            text("have the dtype of 'weight' (", weight.scalar_type(), ")"),
             text(bias.scalar_type()));
     require(bias.dim() == 1 && bias.size(0) == h.V, fn, "bias",
             text("be 1-D with V = weight.size(0) = ", h.V, " entries"),
             text("shape ", shape_of(bias)));
-    h.bias = h.V > 1 && bias.stride(0) != 1 ? bias.contiguous() : bias;
+    h.bias = mixed ? bias.to(hidden.scalar_type()).contiguous()
+                   : (h.V > 1 && bias.stride(0) != 1 ? bias.contiguous() : bias);
   }
   return h;
 }

@@ -581,7 +581,10 @@ def fused_linear_kto_loss(
     transpose, or stride 0 from ``expand`` over more than one row, which the library's
     matrices cannot take) is copied to a contiguous tensor first, and the gradient still
     reaches the original tensor. ``bias`` must be None or 1-D with V = weight.size(0)
-    entries of hidden's dtype on hidden's device (a strided bias is made contiguous).
+    entries of weight's dtype on hidden's device (a strided bias is made contiguous).
+    Dtypes: weight and bias have hidden's dtype, or (mixed precision: bfloat16/float16
+    hidden states under autocast over an fp32 lm_head) float32: the GEMMs then read a copy
+    in hidden's dtype and the head's gradients are the fp32 sums, unrounded.
     Gradients are new contiguous tensors. ``token_statistics``: as in kto_loss, from the
     pass that computes each row's log-softmax. ``logit_scale``, ``logit_softcap``,
     ``temperature``: as in kto_loss, on logits = hidden @ weight.T + bias."""

@@ -234,7 +234,9 @@ class HeadRequest:
         # The head multiplies in the dtype autocast would give the lm_head's matmul, as TRL's
         # head does (its compute dtype): the autocast dtype when autocast is on, else the
         # hidden states' (gradients flow back through the casts). The library accumulates
-        # in fp32 either way and keeps the logits in fp32.
+        # in fp32 either way and keeps the logits in fp32. An fp32 head under half-precision
+        # autocast goes to the op as it is: the op multiplies a half copy and returns the fp32
+        # sums as its gradients, where a cast here would round them to half on the way back.
         t = inputs["input_ids"].size(1)
         hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
         device = weight.device.type
@@ -245,8 +247,12 @@ class HeadRequest:
             # (kto_torch.BF16_GEMM); otherwise it would widen back to fp32.
             if device != "cpu" or (autocast_dtype == torch.bfloat16 and kto_torch.BF16_GEMM):
                 dtype = autocast_dtype
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        hidden = hidden.to(dtype)
+        if not (weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)):
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        elif bias is not None:
+            bias = bias.float()
         labels = _labels(inputs, self.completion_mask).to(weight.device)
         if self.loss is None:
             return kto_torch.fused_linear_logprobs(hidden, weight, labels, bias=bias,
