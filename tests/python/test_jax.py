@@ -6,6 +6,8 @@ quantity is computed from; a gradient stored as bfloat16/float16 adds that
 type's unit roundoff (2^-8 / 2^-11) relative to the value.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -322,3 +324,53 @@ def test_package_version_is_the_library_version():
     want = ".".join(re.search(rf"#define KTO_VERSION_{k} (\d+)", text).group(1)
                     for k in ("MAJOR", "MINOR", "PATCH"))
     assert kto_jax.__version__ == want
+
+
+def reference_token_statistics(logits64, batch, options):
+    """Per sequence: the sums over its scored tokens of the entropy (−Σ p log p) and mean
+    logit (Σ z' / V) of the transformed logits z', and the magnitudes each sum comes from
+    (1 + the row's range; mean |z'|), for the tolerance rule of test_torch_token_statistics:
+    1e-5 relative to that magnitude, plus float32's unit roundoff of the result."""
+    z = transformed(logits64, options)
+    b = len(batch["offsets"]) - 1
+    lsm = jax.nn.log_softmax(z, axis=-1)
+    entropy = -(jnp.exp(lsm) * lsm).sum(-1)
+    scored = (jnp.asarray(batch["seq_of_row"]) < b) & (jnp.asarray(batch["targets"]) != -100)
+    seg = jnp.asarray(batch["seq_of_row"])
+
+    def per_sequence(x):
+        return jax.ops.segment_sum(jnp.where(scored, x, 0.0), seg, num_segments=b + 1)[:b]
+
+    return (per_sequence(entropy), per_sequence(1 + z.max(-1) - z.min(-1)),
+            per_sequence(z.mean(-1)), per_sequence(jnp.abs(z).mean(-1)))
+
+
+def assert_statistic(got, want, scale):
+    got, want, scale = (np.asarray(x, np.float64) for x in (got, want, scale))
+    bound = 1e-5 * np.maximum(np.abs(want), scale) + 2.0**-24 * np.abs(want)
+    assert np.all(np.abs(got - want) <= bound), (got, want, bound)
+
+
+@pytest.mark.parametrize("transform", [(1.0, 0.0, 1.0), (1.5, 4.0, 1.3)], ids=["plain", "all"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_statistics_match_reference(transform, dtype):
+    a, c, tau = transform
+    batch = make_batch(19, vocab=37, dtype=dtype)
+    plain = kto_jax.KTOOptions(beta=0.4, logit_scale=a, logit_softcap=c, temperature=tau)
+    options = dataclasses.replace(plain, token_statistics=True)
+    ref = np.zeros(len(batch["desirable"]), np.float32) - 20
+    loss, metrics, grad_jit, grad = run(batch, ref, options)
+    loss0, metrics0, _, grad0 = run(batch, ref, plain)
+    assert "per_example/entropy_sum" not in metrics0
+    # The statistics leave the loss, the metrics and the gradient bit for bit as they are.
+    assert float(loss) == float(loss0)
+    assert np.array_equal(np.asarray(grad), np.asarray(grad0))
+    for key, value in metrics0.items():
+        assert np.array_equal(np.asarray(metrics[key]), np.asarray(value)), key
+    h, hs, m, ms = reference_token_statistics(jnp.asarray(batch["logits"], jnp.float64), batch,
+                                              options)
+    assert metrics["per_example/entropy_sum"].shape == (len(batch["desirable"]),)
+    assert_statistic(metrics["per_example/entropy_sum"], h, hs)
+    assert_statistic(metrics["per_example/mean_logit_sum"], m, ms)
+    # The all-ignored sequence (make_batch's third) sums nothing.
+    assert float(metrics["per_example/entropy_sum"][2]) == 0.0

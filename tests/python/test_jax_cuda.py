@@ -50,7 +50,8 @@ def _problem(dtype):
 def test_cuda_fused_and_logits_ops_match_the_cpu(dtype, transform):
     p = _problem(dtype)
     a, c, tau = transform
-    opts = kto_jax.KTOOptions(beta=0.3, logit_scale=a, logit_softcap=c, temperature=tau)
+    opts = kto_jax.KTOOptions(beta=0.3, logit_scale=a, logit_softcap=c, temperature=tau,
+                              token_statistics=True)
 
     def fused(h, w, b, klh):
         return kto_jax.fused_linear_kto_loss(h, w, p["labels"], None, p["ref"], p["des"], b,
@@ -68,11 +69,15 @@ def test_cuda_fused_and_logits_ops_match_the_cpu(dtype, transform):
         z = jnp.einsum("btd,vd->btv", args[0], args[1]) + args[2]
         klz = jnp.einsum("btd,vd->btv", args[3], args[1]) + args[2]
         (l2, m2), g2 = jax.jit(jax.value_and_grad(logits, has_aux=True))(z, klz)
-        results[name] = (l1, m1["kl"], g1, l2, m2["kl"], g2)
+        results[name] = (l1, m1["kl"], g1, l2, m2["kl"], g2,
+                         [m[k] for m in (m1, m2) for k in ("per_example/entropy_sum",
+                                                            "per_example/mean_logit_sum")])
     cpu, gpu = results["cpu"], results["cuda"]
     tol = 1e-5 if dtype == jnp.float32 else 2.0**-7
     for a, b in ((cpu[0], gpu[0]), (cpu[1], gpu[1]), (cpu[3], gpu[3]), (cpu[4], gpu[4])):
         np.testing.assert_allclose(float(b), float(a), rtol=tol, atol=1e-6)
+    for a, b in zip(cpu[6], gpu[6], strict=True):  # token statistics, fused then logits
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=tol, atol=1e-5)
     for a, b in zip(list(cpu[2]) + [cpu[5]], list(gpu[2]) + [gpu[5]], strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= tol * np.abs(a).max() + 1e-7

@@ -9,13 +9,22 @@ in bfloat16/float16 adds that type's unit roundoff relative to the value. bf16 i
 upcast exactly, so the reference takes the upcast values.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kto_jax
-from test_jax import TRANSFORMS, reference_logp, reference_loss, transformed
+from test_jax import (
+    TRANSFORMS,
+    assert_statistic,
+    reference_logp,
+    reference_loss,
+    reference_token_statistics,
+    transformed,
+)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -274,3 +283,31 @@ def test_bad_strategy_raises_before_calling_the_library():
     with pytest.raises(ValueError, match="strategy"):
         run(batch, np.zeros(5, np.float32), np.zeros(4, np.float32), kto_jax.KTOOptions(),
             strategy="fast")
+
+
+@pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_statistics_match_reference(strategy, dtype):
+    """test_jax.py's rule, with each row's magnitude of the products (max over v of
+    Σ_d |h_d W_vd| + |b_v|) added to both scales, as test_torch_token_statistics does."""
+    batch = make_fused_batch(23, dim=9, vocab=37, dtype=dtype)
+    plain = kto_jax.KTOOptions(beta=0.4, logit_scale=1.2, logit_softcap=3.0, temperature=0.9)
+    options = dataclasses.replace(plain, token_statistics=True)
+    ref, kl_ref = np.full(5, -20, np.float32), np.full(4, -21, np.float32)
+    kw = dict(strategy=strategy, chunk_bytes=4 * 37 * 3)
+    loss, metrics, grads = run(batch, ref, kl_ref, options, **kw)
+    loss0, metrics0, grads0 = run(batch, ref, kl_ref, plain, **kw)
+    assert float(loss) == float(loss0) and "per_example/entropy_sum" not in metrics0
+    for g, g0 in zip(grads, grads0, strict=True):
+        assert np.array_equal(np.asarray(g), np.asarray(g0))
+    h, w, b = (np.asarray(x, np.float64) for x in (batch["hidden"], batch["weight"],
+                                                   batch["bias"]))
+    products = (np.abs(h)[:, None, :] * np.abs(w)[None, :, :]).sum(-1) + np.abs(b)[None, :]
+    extra = products.max(-1)
+    z = logits64(batch, batch["hidden"], batch["weight"], batch["bias"])
+    ent, ent_scale, mean, mean_scale = reference_token_statistics(z, batch, options)
+    scored = (batch["seq_of_row"] < 5) & (batch["targets"] != -100)
+    extra_sum = jax.ops.segment_sum(jnp.where(scored, extra, 0.0), batch["seq_of_row"],
+                                    num_segments=6)[:5]
+    assert_statistic(metrics["per_example/entropy_sum"], ent, ent_scale + extra_sum)
+    assert_statistic(metrics["per_example/mean_logit_sum"], mean, mean_scale + extra_sum)

@@ -40,11 +40,12 @@ inline kto::Options with_transform(kto::Options o, double logit_scale, double lo
   double beta, double desirable_weight, double undesirable_weight, int32_t loss_type,              \
       int32_t link, int32_t reference_point, int32_t kl_estimator, bool clamp_kl, double fixed_z0, \
       bool average_logprob, int32_t reduction, int64_t mean_denominator, int64_t ignore_index,     \
-      KTO_JAX_TRANSFORM_PARAMS
-#define KTO_JAX_OPTIONS                                                                           \
-  KTO_JAX_TRANSFORM(kto::options_from_codes(                                                      \
-      beta, desirable_weight, undesirable_weight, loss_type, link, reference_point, kl_estimator, \
-      clamp_kl, fixed_z0, average_logprob, reduction, mean_denominator, ignore_index))
+      bool token_statistics, KTO_JAX_TRANSFORM_PARAMS
+#define KTO_JAX_OPTIONS                                                                            \
+  KTO_JAX_TRANSFORM(kto::options_from_codes(beta, desirable_weight, undesirable_weight, loss_type, \
+                                            link, reference_point, kl_estimator, clamp_kl,         \
+                                            fixed_z0, average_logprob, reduction,                  \
+                                            mean_denominator, ignore_index, token_statistics))
 #define KTO_JAX_OPTION_ATTRS              \
   .Attr<double>("beta")                   \
       .Attr<double>("desirable_weight")   \
@@ -58,7 +59,8 @@ inline kto::Options with_transform(kto::Options o, double logit_scale, double lo
       .Attr<bool>("average_logprob")      \
       .Attr<int32_t>("reduction")         \
       .Attr<int64_t>("mean_denominator")  \
-      .Attr<int64_t>("ignore_index") KTO_JAX_TRANSFORM_ATTRS
+      .Attr<int64_t>("ignore_index")      \
+      .Attr<bool>("token_statistics") KTO_JAX_TRANSFORM_ATTRS
 
 /// The batches the ops read, in argument order: logits, targets, offsets; or hidden
 /// states, the head's weight and bias, targets, offsets; a KL batch's hidden states,
@@ -98,6 +100,7 @@ inline kto::Options with_transform(kto::Options o, double logit_scale, double lo
       .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTION_ATTRS.Ret<ffi::Buffer<ffi::F32>>() \
       .Ret<ffi::Buffer<ffi::F32>>()                                                   \
       .Ret<ffi::Buffer<ffi::S32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
       .Ret<ffi::Buffer<ffi::F32>>()
 
 #define KTO_JAX_BIND_STEP_BACKWARD(ctx)                        \
@@ -129,6 +132,7 @@ inline kto::Options with_transform(kto::Options o, double logit_scale, double lo
       .Ret<ffi::Buffer<ffi::F32>>()                                                          \
       .Ret<ffi::Buffer<ffi::F32>>()                                                          \
       .Ret<ffi::Buffer<ffi::S32>>()                                                          \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
       .Ret<ffi::Buffer<ffi::F32>>()                                                          \
       .Ret<ffi::Buffer<ffi::F32>>()                                                          \
       .Ret<ffi::Buffer<ffi::F32>>()                                                          \

@@ -5,8 +5,10 @@
 //   kto_sequence_logprobs      logits [N, V], targets [N], offsets [B+1] → logp [B], n [B]
 //   kto_kl_partial             KL log-probs and counts → (S, C) [2]
 //   kto_step_forward           kto::cpu::step_forward: metrics [9], per-example [5, B]
-//                              (logp, ρ, βρ, loss, g_s), n [B], row_lse [N] (0 where unscored);
-//                              global_kl [2] (an all-reduced (S, C)) replaces the KL batch
+//                              (logp, ρ, βρ, loss, g_s), n [B], row_lse [N] (0 where unscored),
+//                              token statistics [2, B] (entropy and mean-logit sums; [2, 0]
+//                              unless requested); global_kl [2] (an all-reduced (S, C))
+//                              replaces the KL batch
 //   kto_step_backward          kto::cpu::step_backward: residuals, cotangent → dlogits
 //   kto_fused_linear_logprobs  hidden [N, D], weight [V, D], bias [V] or [0] → logp, n
 //   kto_fused_linear_row_partials  per-row (lse over this vocab slice, target logit) of the
@@ -50,6 +52,18 @@ void write_per_example(const std::vector<float>& logp, const kto::ExampleOutputs
                        index_t B, float* out) {
   const std::vector<float>* rows[5] = {&logp, &ex.ratio, &ex.reward, &ex.loss, &ex.grad_logp};
   for (int k = 0; k < 5; ++k) std::memcpy(out + k * B, rows[k]->data(), B * sizeof(float));
+}
+
+/// Each sequence's entropy and mean-logit sums as rows of [2, B] (an empty result when the
+/// options did not ask for them).
+void write_token_statistics(const kto::SequenceTokenStatistics& st, index_t B,
+                            ffi::ResultBuffer<ffi::F32>& out) {
+  if (out->element_count() == 0) return;
+  float* p = out->typed_data();
+  for (index_t b = 0; b < B; ++b) {
+    p[b] = static_cast<float>(st.entropy_sum[b]);
+    p[B + b] = static_cast<float>(st.mean_logit_sum[b]);
+  }
 }
 
 /// An all-reduce hook that hands the step the caller's global (S, C), or none.
@@ -121,7 +135,8 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
                            KTO_JAX_OPTION_PARAMS, ffi::ResultBuffer<ffi::F32> metrics,
                            ffi::ResultBuffer<ffi::F32> per_example,
                            ffi::ResultBuffer<ffi::S32> num_tokens,
-                           ffi::ResultBuffer<ffi::F32> row_lse) {
+                           ffi::ResultBuffer<ffi::F32> row_lse,
+                           ffi::ResultBuffer<ffi::F32> statistics) {
   if (auto e = require_rank(logits, 2, kStep, "logits", "2-D [rows, vocab]"); !e.success())
     return e;
   kto::KlAllReduce hook;
@@ -150,6 +165,7 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
     for (index_t s = 0; s < B; ++s)
       num_tokens->typed_data()[s] = static_cast<int32_t>(r.num_tokens[s]);
     std::copy(r.row_lse.begin(), r.row_lse.end(), row_lse->typed_data());
+    write_token_statistics(r.token_statistics, B, statistics);
     return ffi::Error::Success();
   });
 }
@@ -288,19 +304,18 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
   });
 }
 
-ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
-                         ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-                         ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable,
-                         ffi::AnyBuffer kl_hidden, ffi::Buffer<ffi::S32> kl_targets,
-                         ffi::Buffer<ffi::S32> kl_offsets, ffi::Buffer<ffi::F32> kl_reference_logp,
-                         ffi::Buffer<ffi::F32> global_kl, ffi::Buffer<ffi::F32> gathered,
-                         ffi::Buffer<ffi::S32> vocab_begin, KTO_JAX_OPTION_PARAMS,
-                         int64_t vocab_total, int64_t chunk_bytes, int32_t strategy,
-                         ffi::ResultBuffer<ffi::F32> metrics,
-                         ffi::ResultBuffer<ffi::F32> per_example,
-                         ffi::ResultBuffer<ffi::S32> num_tokens,
-                         ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> d_hidden,
-                         ffi::ResultBuffer<ffi::F32> d_weight, ffi::ResultBuffer<ffi::F32> d_bias) {
+ffi::Error FusedStepImpl(
+    ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+    ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
+    ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable, ffi::AnyBuffer kl_hidden,
+    ffi::Buffer<ffi::S32> kl_targets, ffi::Buffer<ffi::S32> kl_offsets,
+    ffi::Buffer<ffi::F32> kl_reference_logp, ffi::Buffer<ffi::F32> global_kl,
+    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32> vocab_begin, KTO_JAX_OPTION_PARAMS,
+    int64_t vocab_total, int64_t chunk_bytes, int32_t strategy, ffi::ResultBuffer<ffi::F32> metrics,
+    ffi::ResultBuffer<ffi::F32> per_example, ffi::ResultBuffer<ffi::S32> num_tokens,
+    ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> statistics,
+    ffi::ResultBuffer<ffi::F32> d_hidden, ffi::ResultBuffer<ffi::F32> d_weight,
+    ffi::ResultBuffer<ffi::F32> d_bias) {
   if (auto e = check_fused_operands(kFused, hidden, weight, bias); !e.success()) return e;
   kto::KlAllReduce hook;
   if (auto e = global_kl_hook(global_kl, kFused, hook); !e.success()) return e;
@@ -350,6 +365,7 @@ ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyB
     for (index_t s = 0; s < B; ++s)
       num_tokens->typed_data()[s] = static_cast<int32_t>(r.num_tokens[s]);
     std::copy(r.row_lse.begin(), r.row_lse.end(), row_lse->typed_data());
+    write_token_statistics(r.token_statistics, B, statistics);
     return ffi::Error::Success();
   });
 }

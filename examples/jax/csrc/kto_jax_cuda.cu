@@ -62,6 +62,16 @@ __global__ void partial_from_f32(const float* g, kto::KlPartial* p) {
   p->failures = 0.0;
 }
 
+/// The library's per-sequence statistics (doubles) as rows of [2, B] in float32.
+__global__ void statistics_kernel(const double* entropy_sum, const double* mean_logit_sum,
+                                  float* out, int64_t B) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = static_cast<float>(entropy_sum[i]);
+    out[B + i] = static_cast<float>(mean_logit_sum[i]);
+  }
+}
+
 __global__ void scale_kernel(const float* in, const float* factor, float* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
@@ -123,6 +133,21 @@ const int64_t* widen(Scratch& s, const ffi::Buffer<ffi::S32>& b, cudaStream_t st
 
 void narrow(const int64_t* in, int32_t* out, int64_t n, cudaStream_t stream) {
   if (n > 0) narrow_kernel<<<grid_for(n), 256, 0, stream>>>(in, out, n);
+}
+
+/// Device doubles for the library's statistics when the result asks for them ([2, B]).
+kto::cuda::SequenceTokenStatistics statistics_scratch(Scratch& s, index_t B,
+                                                      ffi::ResultBuffer<ffi::F32>& out) {
+  if (out->element_count() == 0) return {};
+  double* p = s.take<double>(2 * B);
+  return {p, p ? p + B : nullptr};
+}
+
+void write_statistics(const kto::cuda::SequenceTokenStatistics& st, index_t B,
+                      ffi::ResultBuffer<ffi::F32>& out, cudaStream_t stream) {
+  if (st.entropy_sum != nullptr && B > 0)
+    statistics_kernel<<<grid_for(B), 256, 0, stream>>>(st.entropy_sum, st.mean_logit_sum,
+                                                       out->typed_data(), B);
 }
 
 template <class Fn>
@@ -205,7 +230,8 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
                            KTO_JAX_OPTION_PARAMS, ffi::ResultBuffer<ffi::F32> metrics,
                            ffi::ResultBuffer<ffi::F32> per_example,
                            ffi::ResultBuffer<ffi::S32> num_tokens,
-                           ffi::ResultBuffer<ffi::F32> row_lse) {
+                           ffi::ResultBuffer<ffi::F32> row_lse,
+                           ffi::ResultBuffer<ffi::F32> statistics) {
   KTO_JAX_TRY(require_rank(logits, 2, kStep, "logits", "2-D [rows, vocab]"));
   if (global_kl.element_count() != 0 && global_kl.element_count() != 2)
     return ffi::Error::InvalidArgument(std::string(kStep) +
@@ -220,6 +246,7 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
   const int64_t* kl_n = widen(s, kl_num_tokens, stream);
   int64_t* n = s.take<int64_t>(B);
   auto* m = s.take<kto::Metrics>(1);
+  const auto sums = statistics_scratch(s, B, statistics);
   if (!s.ok) return s.error();
   const auto seqs = kto::sequences(off, B);
   float* pe = per_example->typed_data();
@@ -243,6 +270,7 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
     out.examples = {pe + B, pe + 2 * B, pe + 3 * B, pe + 4 * B};
     out.num_tokens = n;
     out.row_lse = row_lse->typed_data();
+    out.token_statistics = sums;
     // An all-reduced (S, C) given by the caller stands in for the local KL partial.
     kto::cuda::KlAllReduce use_global;
     if (global)
@@ -256,6 +284,7 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
     KTO_JAX_TRY(to_error(kto::cuda::step_forward<T>(ws, bytes, in, o, out, stream, use_global)));
     metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
     narrow(n, num_tokens->typed_data(), B, stream);
+    write_statistics(sums, B, statistics, stream);
     KTO_JAX_TRY(launch_error(kStep));
     return to_error(kto::cuda::read_status(ws, stream, seqs));
   });
@@ -360,19 +389,18 @@ ffi::Error RowPartialsImpl(cudaStream_t, ffi::ScratchAllocator, ffi::AnyBuffer, 
                         "has no per-slice partials yet)");
 }
 
-ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::AnyBuffer hidden,
-                         ffi::AnyBuffer weight, ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> targets,
-                         ffi::Buffer<ffi::S32> offsets, ffi::Buffer<ffi::F32> reference_logp,
-                         ffi::Buffer<ffi::U8> desirable, ffi::AnyBuffer kl_hidden,
-                         ffi::Buffer<ffi::S32> kl_targets, ffi::Buffer<ffi::S32> kl_offsets,
-                         ffi::Buffer<ffi::F32> kl_reference_logp, ffi::Buffer<ffi::F32> global_kl,
-                         ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32>,
-                         KTO_JAX_OPTION_PARAMS, int64_t vocab_total, int64_t chunk_bytes,
-                         int32_t strategy, ffi::ResultBuffer<ffi::F32> metrics,
-                         ffi::ResultBuffer<ffi::F32> per_example,
-                         ffi::ResultBuffer<ffi::S32> num_tokens,
-                         ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> d_hidden,
-                         ffi::ResultBuffer<ffi::F32> d_weight, ffi::ResultBuffer<ffi::F32> d_bias) {
+ffi::Error FusedStepImpl(
+    cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::AnyBuffer hidden, ffi::AnyBuffer weight,
+    ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
+    ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable, ffi::AnyBuffer kl_hidden,
+    ffi::Buffer<ffi::S32> kl_targets, ffi::Buffer<ffi::S32> kl_offsets,
+    ffi::Buffer<ffi::F32> kl_reference_logp, ffi::Buffer<ffi::F32> global_kl,
+    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32>, KTO_JAX_OPTION_PARAMS,
+    int64_t vocab_total, int64_t chunk_bytes, int32_t strategy, ffi::ResultBuffer<ffi::F32> metrics,
+    ffi::ResultBuffer<ffi::F32> per_example, ffi::ResultBuffer<ffi::S32> num_tokens,
+    ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> statistics,
+    ffi::ResultBuffer<ffi::F32> d_hidden, ffi::ResultBuffer<ffi::F32> d_weight,
+    ffi::ResultBuffer<ffi::F32> d_bias) {
   KTO_JAX_TRY(check_fused(kFused, hidden, weight, bias));
   if (gathered.element_count() > 0 || vocab_total != 0)
     return ffi::Error(ffi::ErrorCode::kUnimplemented,
@@ -389,6 +417,7 @@ ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::
   const int64_t* kl_off = kl ? widen(s, kl_offsets, stream) : nullptr;
   int64_t* n = s.take<int64_t>(B);
   auto* m = s.take<kto::Metrics>(1);
+  const auto sums = statistics_scratch(s, B, statistics);
   if (!s.ok) return s.error();
   // keep_chunk plans its chunks over host offsets: one copy of B + 1 integers.
   std::vector<int64_t> host_offsets;
@@ -429,6 +458,7 @@ ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::
     out.d_hidden = kto::matrix_view(d_hidden->typed_data(), N, D);
     out.d_weight = kto::matrix_view(d_weight->typed_data(), V, D);
     if (d_bias->element_count() > 0) out.d_bias = kto::make_span(d_bias->typed_data(), V);
+    out.token_statistics = sums;
     kto::cuda::KlAllReduce all_reduce;
     if (global) {
       const float* g = global_kl.typed_data();
@@ -446,6 +476,7 @@ ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::
                                                              stream, cfg, all_reduce)));
     metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
     narrow(n, num_tokens->typed_data(), B, stream);
+    write_statistics(sums, B, statistics, stream);
     // The CUDA step keeps lse_r in its workspace; report 0 for every row until the
     // library exposes it (the JAX backward does not need it: the gradients are outputs).
     cudaMemsetAsync(row_lse->typed_data(), 0, N * sizeof(float), stream);

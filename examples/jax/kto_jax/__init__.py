@@ -87,6 +87,10 @@ class KTOOptions:
     reduction: str = "mean"
     mean_denominator: int = 0
     ignore_index: int = -100
+    # Also each example's sums over its scored tokens of the token's entropy and of its mean
+    # logit (metrics "per_example/entropy_sum", "per_example/mean_logit_sum"), from the pass
+    # that computes the log-softmax: TRL's `entropy` and `logits/*` metrics.
+    token_statistics: bool = False
     # The model's logit transform, applied to the logits (or hidden @ W.T + b) before the
     # softmax: z' = c·tanh(a·z / c) / τ (a·z / τ when c = 0); gradients are to the raw logits.
     logit_scale: float = 1.0    # a (Cohere's logit_scale)
@@ -125,6 +129,7 @@ class KTOOptions:
             reduction=np.int32(REDUCTIONS[self.reduction]),
             mean_denominator=np.int64(self.mean_denominator),
             ignore_index=np.int64(self.ignore_index),
+            token_statistics=bool(self.token_statistics),
             **self.transform_attributes(),
         )
 
@@ -287,7 +292,8 @@ def _cotangent(grad, operand_axes, all_axes):
     return lax.psum(grad, summed) if summed else grad
 
 
-def _outputs(metrics, per_example, num_tokens, row_lse, axes=frozenset()):
+def _outputs(metrics, per_example, num_tokens, row_lse, statistics=None, axes=frozenset()):
+    """The metrics dict; ``statistics`` ([2, B]) only when the options asked for them."""
     metrics, per_example, num_tokens, row_lse = (
         _vary(x, axes) for x in (metrics, per_example, num_tokens, row_lse))
     out = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
@@ -295,15 +301,26 @@ def _outputs(metrics, per_example, num_tokens, row_lse, axes=frozenset()):
         out[f"per_example/{name}"] = per_example[k]
     out["per_example/num_tokens"] = num_tokens
     out["per_row/lse"] = row_lse  # 0 on unscored rows
+    if statistics is not None:
+        statistics = _vary(statistics, axes)
+        out["per_example/entropy_sum"] = statistics[0]
+        out["per_example/mean_logit_sum"] = statistics[1]
     return out
 
 
-def _step_results(rows: int, b: int):
+def _requested(options, statistics):
+    return statistics if options.token_statistics else None
+
+
+def _step_results(rows: int, b: int, options):
+    """metrics, per-example rows, token counts, per-row lse, and the token statistics
+    [2, B] (entropy and mean-logit sums; [2, 0] unless the options ask for them)."""
     return (
         jax.ShapeDtypeStruct((len(METRIC_NAMES),), jnp.float32),
         jax.ShapeDtypeStruct((len(PER_EXAMPLE_NAMES), b), jnp.float32),
         jax.ShapeDtypeStruct((b,), jnp.int32),
         jax.ShapeDtypeStruct((rows,), jnp.float32),
+        jax.ShapeDtypeStruct((2, b if options.token_statistics else 0), jnp.float32),
     )
 
 
@@ -337,7 +354,7 @@ def kl_partial(kl_policy_logp, kl_reference_logp, kl_num_tokens, *, kl_estimator
 
 def _step_forward(options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
                   kl_reference_logp, kl_num_tokens, global_kl):
-    call = _call("kto_step_forward", _step_results(logits.shape[0], offsets.shape[0] - 1),
+    call = _call("kto_step_forward", _step_results(logits.shape[0], offsets.shape[0] - 1, options),
                  **options.attributes())
     return call(logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
                 kl_reference_logp, kl_num_tokens, global_kl)
@@ -348,18 +365,19 @@ def _step_forward(options, logits, targets, offsets, reference_logp, desirable, 
 def _kto_core(static, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
               kl_reference_logp, kl_num_tokens, global_kl):
     options, axes, _ = static
-    metrics, per_example, n, row_lse = _step_forward(
+    metrics, per_example, n, row_lse, statistics = _step_forward(
         options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
         kl_reference_logp, kl_num_tokens, global_kl)
-    out = _outputs(metrics, per_example, n, row_lse, axes)
+    out = _outputs(metrics, per_example, n, row_lse, _requested(options, statistics), axes)
     return out["loss"], out
 
 
 def _kto_core_fwd(static, logits, targets, offsets, *rest):
     options, axes, _ = static
-    metrics, per_example, n, row_lse = _step_forward(options, logits, targets, offsets, *rest)
+    metrics, per_example, n, row_lse, statistics = _step_forward(options, logits, targets,
+                                                                 offsets, *rest)
     residuals = (logits, targets, offsets, row_lse, per_example[4], n)
-    out = _outputs(metrics, per_example, n, row_lse, axes)
+    out = _outputs(metrics, per_example, n, row_lse, _requested(options, statistics), axes)
     return (out["loss"], out), residuals
 
 
@@ -459,7 +477,7 @@ def _fused_step(static, hidden, weight, bias, targets, offsets, reference_logp, 
     n, d = hidden.shape
     v = weight.shape[0]
     b = offsets.shape[0] - 1
-    results = _step_results(n, b) + (
+    results = _step_results(n, b, options) + (
         jax.ShapeDtypeStruct((n, d), jnp.float32),
         jax.ShapeDtypeStruct((v, d), jnp.float32),
         jax.ShapeDtypeStruct(bias.shape, jnp.float32),
@@ -476,14 +494,14 @@ def _fused_step(static, hidden, weight, bias, targets, offsets, reference_logp, 
 # loss), axes of hidden, weight and bias)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_core(static, *args):
-    metrics, per_example, n, row_lse, *_ = _fused_step(static, *args)
-    out = _outputs(metrics, per_example, n, row_lse, static[6])
+    metrics, per_example, n, row_lse, statistics, *_ = _fused_step(static, *args)
+    out = _outputs(metrics, per_example, n, row_lse, _requested(static[0], statistics), static[6])
     return out["loss"], out
 
 
 def _fused_core_fwd(static, *args):
-    metrics, per_example, n, row_lse, dh, dw, db = _fused_step(static, *args)
-    out = _outputs(metrics, per_example, n, row_lse, static[6])
+    metrics, per_example, n, row_lse, statistics, dh, dw, db = _fused_step(static, *args)
+    out = _outputs(metrics, per_example, n, row_lse, _requested(static[0], statistics), static[6])
     return (out["loss"], out), (dh, dw, db)
 
 
