@@ -166,12 +166,12 @@ def kto_step(x, beta=0.1, **kw):
     return out.loss
 
 
-def liger_step_factory():
+def liger_step_factory(beta=0.1):
     from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
 
-    fn = LigerFusedLinearKTOLoss(beta=0.1, use_ref_model=True)
+    fn = LigerFusedLinearKTOLoss(beta=beta, use_ref_model=True)  # β is the module's
 
-    def step(x, beta=0.1):
+    def step(x):
         h = x["h"].detach().requires_grad_(True)
         out = fn(h, x["w"], x["targets"], None, x["labels"], x["ref_h"], x["ref_w"], None, None)
         loss = out[0] if isinstance(out, tuple) else out

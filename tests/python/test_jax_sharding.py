@@ -166,3 +166,13 @@ def test_vocab_and_data_parallel_together_is_reported_as_not_implemented():
                                       kl_hidden=p["kl_hidden"], kl_targets=p["kl_labels"],
                                       kl_reference_logp=p["kl_reference_logp"],
                                       kl_axis_name="dp", vocab_axis_name="tp")
+
+
+def test_token_statistics_with_vocab_parallel_is_refused():
+    p = problem(4)
+    opts = kto_jax.KTOOptions(token_statistics=True)
+    with pytest.raises(NotImplementedError, match="'options.token_statistics' must be False "
+                                                  "with vocab_axis_name"):
+        kto_jax.fused_linear_kto_loss(p["hidden"], p["weight"], p["labels"], None,
+                                      p["reference_logp"], p["desirable"], options=opts,
+                                      vocab_axis_name="tp")

@@ -21,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
 kto_trl = pytest.importorskip("kto_torch.trl")
+kto_torch = pytest.importorskip("kto_torch")
 
 import train_trl_kto as example  # noqa: E402  (examples/trl: tiny model, tokenizer, data)
 
@@ -131,9 +132,11 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(tmp_pat
         f"vocabulary [0, {len(example.WORDS)}) (its input embedding rows): the tokenizer and "
         "the model disagree")
     assert "(in the batch check)" in raised.value.__notes__
-    assert calls == []  # refused before the policy (or the reference model) ran
+    assert calls == []  # refused before the policy ran (the reference model runs after it)
 
 
+@pytest.mark.skipif(not kto_torch.BF16_GEMM, reason="without the library's bf16 GEMM the fused "
+                    "head multiplies in fp32 on the CPU: no cast to test")
 def test_fp32_lm_head_under_bf16_autocast_gets_an_unrounded_gradient(tmp_path):
     """TRL's default: bf16 autocast over fp32 parameters. The fused head multiplies in bf16
     (where the library has a bf16 GEMM) but the fp32 lm_head's gradient is the fp32 sum,
@@ -150,6 +153,22 @@ def test_fp32_lm_head_under_bf16_autocast_gets_an_unrounded_gradient(tmp_path):
     widened = grad.bfloat16().float()
     # A bf16-rounded gradient would equal its own rounding everywhere.
     assert float((widened != grad)[nonzero].float().mean()) > 0.9
+
+
+def test_non_finite_precomputed_kl_reference_names_the_kl_estimate(tmp_path):
+    """With precomputed reference log-probs, a NaN in ref_KL_logps fails in the KL estimate,
+    after every forward: raised with that stage (over several ranks, carried to all of them
+    by the all-reduce that follows, as each stage's failure is)."""
+    _, ours = make_trainers(tmp_path, fused=True, bf16=False)
+    batch = next(iter(ours.get_train_dataloader()))
+    b = len(batch["label"])
+    ours.precompute_ref_logps = True
+    batch = dict(batch, ref_logps=torch.full((b,), -20.0), ref_KL_logps=torch.full((b,), -21.0))
+    batch["ref_KL_logps"][1] = float("nan")
+    with pytest.raises(ValueError) as raised:
+        ours.compute_loss(ours.model, batch)
+    assert "(in the KL estimate)" in raised.value.__notes__
+    assert "kl_reference_logp" in str(raised.value), str(raised.value)
 
 
 def test_one_import_trains(tmp_path):

@@ -13,9 +13,10 @@ kto's lse kernel). Loss and metrics within 1e-6 relative (test_trl.py's rule for
 parameter gradient within 1e-4 of the largest gradient entry of the model (the same rule:
 an fp32 change Δρ of a log-ratio moves the per-sequence gradient scale by about β Δρ
 relative). Under ZeRO-3 the gradient is read as the parameters' change under SGD at learning
-rate 1 (the worker says why), which adds one fp32 rounding of each parameter (|p| 2^-24, under
-1e-6 of the largest gradient here). Faults: one rank's bad input raises on both ranks, naming
-the rank and the cause, within the launcher's timeout (no rank waits in a collective).
+rate 1 (the worker says why), which adds the fp32 roundings of the update and of the
+difference, about (|p| + 2|g|) 2^-24, under 1e-6 of the largest gradient here. Faults: one
+rank's bad input raises on both ranks, naming the rank and the cause, within the launcher's
+timeout (no rank waits in a collective).
 """
 
 import os

@@ -148,6 +148,17 @@ void metrics_values(const kto::Metrics& m, Out* out) {
   for (int i = 0; i < kNumMetrics; ++i) out[i] = static_cast<Out>(v[i]);
 }
 
+/// The token-statistics result holds [2, B] floats when the options ask for them, else none
+/// (kto_jax's wrappers size it so; a direct ffi_call might not).
+inline ffi::Error check_statistics_result(const char* fn, size_t count, bool requested,
+                                          int64_t sequences) {
+  const size_t want = requested ? 2 * static_cast<size_t>(sequences) : 0;
+  if (count == want) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(
+      std::string(fn) + ": the token statistics result must hold " + std::to_string(want) +
+      " elements ([2, B] with options.token_statistics, else none); got " + std::to_string(count));
+}
+
 /// Runs fn(); kto::Error (a bad argument, non-finite logits) becomes
 /// InvalidArgument with the library's message, anything else Internal.
 template <class Fn>

@@ -146,6 +146,9 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
   const auto kl_n = widen(kl_num_tokens);
   const auto B = static_cast<index_t>(off.size()) - 1;
   const kto::Options o = KTO_JAX_OPTIONS;
+  if (auto e = check_statistics_result(kStep, statistics->element_count(), token_statistics, B);
+      !e.success())
+    return e;
   return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) {
     using T = decltype(tag);
     kto::cpu::StepInputs<T> in{
@@ -322,6 +325,10 @@ ffi::Error FusedStepImpl(
   const Batch target{widen(targets), widen(offsets)};
   const Batch kl{widen(kl_targets), widen(kl_offsets)};
   const kto::Options o = KTO_JAX_OPTIONS;
+  if (auto e = check_statistics_result(kFused, statistics->element_count(), token_statistics,
+                                       target.sequences().count);
+      !e.success())
+    return e;
   return dispatch(hidden.element_type(), kFused, "hidden", [&](auto tag) {
     using T = decltype(tag);
     const auto head = head_of<T>(weight, bias, vocab_begin.typed_data()[0], vocab_total);

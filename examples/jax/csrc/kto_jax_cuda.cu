@@ -239,6 +239,7 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
   const kto::Options o = KTO_JAX_OPTIONS;
   Scratch s{alloc};
   const index_t rows = logits.dimensions()[0], B = offsets.element_count() - 1;
+  KTO_JAX_TRY(check_statistics_result(kStep, statistics->element_count(), token_statistics, B));
   const bool global = global_kl.element_count() == 2;
   const index_t K = global ? 0 : kl_policy_logp.element_count();
   const int64_t* t = widen(s, targets, stream);
@@ -409,6 +410,7 @@ ffi::Error FusedStepImpl(
   Scratch s{alloc};
   const index_t N = hidden.dimensions()[0], D = hidden.dimensions()[1];
   const index_t V = weight.dimensions()[0], B = offsets.element_count() - 1;
+  KTO_JAX_TRY(check_statistics_result(kFused, statistics->element_count(), token_statistics, B));
   const bool global = global_kl.element_count() == 2;
   const bool kl = !global && kl_offsets.element_count() > 0;
   const int64_t* t = widen(s, targets, stream);

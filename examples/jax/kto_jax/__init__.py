@@ -540,6 +540,10 @@ def fused_linear_kto_loss(hidden, weight, targets, offsets, reference_logp, desi
     same on every device, dW and db are this device's slice and dH this device's partial
     sum (shard_map's transpose sums it over the axis for a replicated ``hidden``)."""
     fn = "kto_jax.fused_linear_kto_loss"
+    if vocab_axis_name is not None and options.token_statistics:
+        raise NotImplementedError(f"{fn}: argument 'options.token_statistics' must be False "
+                                  "with vocab_axis_name (the statistics need every slice's "
+                                  "logits of a row); got True")
     if strategy not in STRATEGIES:
         raise ValueError(f"{fn}: argument 'strategy' must be one of {sorted(STRATEGIES)}; "
                          f"got {strategy!r}")

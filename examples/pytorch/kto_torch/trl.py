@@ -416,8 +416,7 @@ class KTOTrainer(_TRLKTOTrainer):
             self._sum_or_fail(None, error, "before the KL all-reduce", size=0)
             return done
 
-        stage("the batch check", lambda: check_token_ids(self.accelerator.unwrap_model(model),
-                                                         batch))
+        stage("the batch check", lambda: self._check_token_ids(model, batch))
         with torch.no_grad():
             if self.calculate_KL:
                 kl_logp, kl_tokens = stage("the policy's forward on the KL batch",
@@ -436,8 +435,15 @@ class KTOTrainer(_TRLKTOTrainer):
                                                lambda: logprobs(reference, *kl_batch))
         global_kl = None
         if self.calculate_KL:  # the local (S, C) of the KL batch, summed over the ranks
-            local = kto_torch.kl_partial(kl_logp, ref_kl_logp, kl_tokens)
-            global_kl = self._sum_or_fail(local, None, "before the KL all-reduce", size=2).cpu()
+            # It can fail on one rank alone (a non-finite precomputed ref_KL_logps): that rank
+            # still joins the all-reduce, with its error.
+            local, error = None, None
+            try:
+                local = kto_torch.kl_partial(kl_logp, ref_kl_logp, kl_tokens)
+            except Exception as failure:  # noqa: BLE001 — carried to every rank
+                failure.add_note("(in the KL estimate)")
+                error = failure
+            global_kl = self._sum_or_fail(local, error, "before the KL all-reduce", size=2).cpu()
 
         # TRL's entropy and logits/* metrics, from the pass that computes each token's
         # log-softmax.
@@ -475,6 +481,13 @@ class KTOTrainer(_TRLKTOTrainer):
         self._metrics[mode]["aux_loss"].append(
             self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         return out.loss + self.router_aux_loss_coef * aux_loss
+
+    def _check_token_ids(self, model, batch) -> None:
+        """check_token_ids against the policy and, where it is a model of its own, the
+        reference model."""
+        check_token_ids(self.accelerator.unwrap_model(model), batch)
+        if self.ref_model is not None and not self.precompute_ref_logps:
+            check_token_ids(self.accelerator.unwrap_model(self.ref_model), batch)
 
     def _non_finite_message(self, model, error) -> str:
         args = self.args
