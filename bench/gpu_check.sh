@@ -7,8 +7,8 @@
 # Cross-Entropy, eager and compiled PyTorch); prints a short table last.
 # Needs nvcc and an NVIDIA GPU, no network, no CMake: Catch2's single header
 # and Eigen's headers come from /usr/include, $KTO_CATCH2_DIR /
-# $KTO_EIGEN_DIR or .deps (carry .deps: catch2/catch.hpp, eigen3/); the peers
-# and TRL from wheels in .whl (bench/fetch_gpu_wheels.sh; carry .whl). Logs go
+# $KTO_EIGEN_DIR or .deps (catch2/catch.hpp, eigen3/); the peers and TRL from
+# wheels in .whl (bench/prepare_gpu_run.sh fills both; carry them). Logs go
 # to build-gpu/logs, and as one logs.tar.gz with summary.txt to $OUT when set.
 # Budget: about 3 minutes on an H200 (plus about 2 for trl). GPU_CHECK_PARTS
 # (default all) picks parts: tests, sanitize, bench, torch, jax (needs a CUDA
