@@ -77,20 +77,28 @@ def model_inputs(batch: dict, kl: bool = False) -> dict:
     return inputs
 
 
-def check_token_ids(model, batch: dict) -> None:
-    """Every token id of input_ids and KL_input_ids lies in [0, the model's input embedding
-    rows). Checked before any forward: there an id out of range is an IndexError on the CPU,
-    a device-side assert that ends the CUDA context on a GPU, and under ZeRO-3 or FSDP a
-    failure in the middle of a forward's collectives."""
+def _embedding_rows(model) -> Optional[int]:
+    """The rows of the model's input embeddings, or None when it has no nn.Embedding."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
-    if rows is None:  # not an nn.Embedding: the model's own check applies
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def check_token_ids(models, batch: dict) -> None:
+    """Every token id of input_ids and KL_input_ids lies in [0, the input embedding rows) of
+    each of ``models`` (one model or several). Checked before any forward: there an id out
+    of range is an IndexError on the CPU, a device-side assert that ends the CUDA context on
+    a GPU, and under ZeRO-3 or FSDP a failure in the middle of a forward's collectives. One
+    pass over each key's ids (min and max, one device sync) whatever the number of models."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+    known = [r for r in map(_embedding_rows, models) if r is not None]
+    if not known:  # no nn.Embedding: the models' own checks apply
         return
+    rows = min(known)
     for key in ("input_ids", "KL_input_ids"):
         ids = batch.get(key)
         if not isinstance(ids, torch.Tensor) or ids.numel() == 0:
             continue
-        low, high = int(ids.min()), int(ids.max())
+        low, high = torch.stack([ids.min(), ids.max()]).tolist()
         if low < 0 or high >= rows:
             raise IndexError(f"{_TRAINER}: batch['{key}'] holds token id "
                              f"{low if low < 0 else high}, outside the model's vocabulary "
@@ -485,9 +493,10 @@ class KTOTrainer(_TRLKTOTrainer):
     def _check_token_ids(self, model, batch) -> None:
         """check_token_ids against the policy and, where it is a model of its own, the
         reference model."""
-        check_token_ids(self.accelerator.unwrap_model(model), batch)
+        models = [self.accelerator.unwrap_model(model)]
         if self.ref_model is not None and not self.precompute_ref_logps:
-            check_token_ids(self.accelerator.unwrap_model(self.ref_model), batch)
+            models.append(self.accelerator.unwrap_model(self.ref_model))
+        check_token_ids(models, batch)
 
     def _non_finite_message(self, model, error) -> str:
         args = self.args
