@@ -151,7 +151,9 @@ TEST_CASE("D2: fused outputs that alias an input or each other are rejected", "[
                  "an overlap");
   }
   SECTION("d_hidden over the KL batch") {
-    f.grads.d_hidden.data = const_cast<float*>(f.in.kl.hidden.data);
+    // The KL batch moved into d_hidden's storage (not d_hidden onto the KL batch: its
+    // N x D floats could run on into whichever buffer the heap put after it).
+    f.in.kl.hidden.data = f.grads.d_hidden.data;
     expect_error([&] { f.run(); }, "grads.d_hidden", "share no memory with kl.hidden",
                  "an overlap");
   }
@@ -368,6 +370,13 @@ TEST_CASE("D17: small validation gaps", "[robustness]") {
     cfg.strategy = static_cast<kto::FusedStrategy>(7);
     expect_error([&] { kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, cfg); },
                  "config.strategy", "be keep_chunk (0) or recompute (1)", "7");
+  }
+  SECTION("vocab_blocks is refused on the CPU, naming the device it runs on") {
+    FusedFixture f;
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.strategy = kto::FusedStrategy::vocab_blocks;
+    expect_error([&] { kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, cfg); },
+                 "config.strategy", "(vocab_blocks is CUDA only)", "2");
   }
   SECTION("chunk_bytes = SIZE_MAX is capped at the batch, same result") {
     FusedFixture f;

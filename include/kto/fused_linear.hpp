@@ -48,7 +48,12 @@ constexpr size_t kDefaultCudaChunkBytes = size_t{1} << 30;
 
 /// keep_chunk: Z_c computed once per chunk of whole sequences (3 GEMMs a row);
 /// recompute: forward over every chunk, then Z_c recomputed for the backward (4).
-enum class FusedStrategy : int { keep_chunk = 0, recompute = 1 };
+/// Both accumulate dW across row chunks, so it is held in fp32 (V × D).
+/// vocab_blocks (CUDA only): forward over row chunks, then the backward by blocks
+/// of vocabulary columns over all rows at once (4 GEMMs a row): each block of dW
+/// is one GEMM, fp32 inside, written once in the output's type (the weight's,
+/// with FusedLinearOutputs::d_weight_in_input_type), so no V × D fp32 accumulator.
+enum class FusedStrategy : int { keep_chunk = 0, recompute = 1, vocab_blocks = 2 };
 
 /// A row-major matrix: `rows` rows of `cols` elements, `stride` elements apart.
 template <class T>
@@ -217,9 +222,19 @@ void validate_head(const LinearHead<T>& h, const char* fn) {
           "be non-null when size > 0", "nullptr");
 }
 
-inline void validate_strategy(FusedStrategy s, const char* fn) {
-  require(s == FusedStrategy::keep_chunk || s == FusedStrategy::recompute, fn, "config.strategy",
-          "be keep_chunk (0) or recompute (1)", static_cast<int>(s));
+/// `vocab_blocks`: whether the caller implements FusedStrategy::vocab_blocks.
+inline void validate_strategy(FusedStrategy s, const char* fn, bool vocab_blocks) {
+  if (vocab_blocks)
+    require(s == FusedStrategy::keep_chunk || s == FusedStrategy::recompute ||
+                s == FusedStrategy::vocab_blocks,
+            fn, "config.strategy", "be keep_chunk (0), recompute (1) or vocab_blocks (2)",
+            static_cast<int>(s));
+  else
+    require(s == FusedStrategy::keep_chunk || s == FusedStrategy::recompute, fn, "config.strategy",
+            s == FusedStrategy::vocab_blocks
+                ? "be keep_chunk (0) or recompute (1) (vocab_blocks is CUDA only)"
+                : "be keep_chunk (0) or recompute (1)",
+            static_cast<int>(s));
 }
 
 /// The bytes a buffer spans, for overlap checks (validated views only).

@@ -13,6 +13,7 @@
 #include <kto/cuda/fused_linear.hpp>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -207,25 +208,38 @@ TEST_CASE("cuda checks: kto_step's can_implement", "[cuda_checks]") {
                  "options.temperature");
 }
 
-TEST_CASE("cuda checks: the fused-linear step's can_implement", "[cuda_checks]") {
+/// A valid fused-linear step over Storage's batch: D = 4, fp32 outputs, no KL batch.
+struct FusedStep {
+  static constexpr index_t D = 4;
   Storage st;
-  constexpr index_t D = 4;
-  std::vector<float> hidden(Storage::kRows * D), weight(Storage::kVocab * D);
-  std::vector<float> d_hidden(hidden.size()), d_weight(weight.size());
+  std::vector<float> hidden = std::vector<float>(Storage::kRows * D);
+  std::vector<float> weight = std::vector<float>(Storage::kVocab * D);
+  std::vector<float> d_hidden = hidden, d_weight = weight;
   kto::cuda::FusedLinearInputs<float> in;
-  in.hidden = kto::matrix_view<const float>(hidden.data(), Storage::kRows, D);
-  in.targets = st.targets_view();
-  in.sequences = st.sequences();
-  in.reference_logp = kto::reference_logp(st.sequence_array(1), 3);
-  in.desirable = st.desirable.data();
   kto::LinearHead<float> head;
-  head.weight = kto::matrix_view<const float>(weight.data(), Storage::kVocab, D);
   kto::cuda::FusedLinearOutputs out;
-  out.metrics = &st.metrics;
-  out.d_hidden = kto::matrix_view(d_hidden.data(), Storage::kRows, D);
-  out.d_weight = kto::matrix_view(d_weight.data(), Storage::kVocab, D);
   kto::Options o;
-  o.reference_point = kto::ReferencePoint::zero;  // no KL batch needed
+  FusedStep() {
+    in.hidden = kto::matrix_view<const float>(hidden.data(), Storage::kRows, D);
+    in.targets = st.targets_view();
+    in.sequences = st.sequences();
+    in.reference_logp = kto::reference_logp(st.sequence_array(1), 3);
+    in.desirable = st.desirable.data();
+    head.weight = kto::matrix_view<const float>(weight.data(), Storage::kVocab, D);
+    out.metrics = &st.metrics;
+    out.d_hidden = kto::matrix_view(d_hidden.data(), Storage::kRows, D);
+    out.d_weight = kto::matrix_view(d_weight.data(), Storage::kVocab, D);
+    o.reference_point = kto::ReferencePoint::zero;  // no KL batch needed
+  }
+  FusedStep(const FusedStep&) = delete;
+};
+
+TEST_CASE("cuda checks: the fused-linear step's can_implement", "[cuda_checks]") {
+  FusedStep f;
+  Storage& st = f.st;
+  auto [in, head, out, o] = std::tie(f.in, f.head, f.out, f.o);
+  constexpr index_t D = FusedStep::D;
+  std::vector<float>& d_weight = f.d_weight;
   const std::string fn = "kto::cuda::fused_linear_kto_step";
   CHECK(kto::cuda::can_implement<float>(in, head, o, out).ok());
   o.token_statistics = true;
@@ -251,4 +265,63 @@ TEST_CASE("cuda checks: the fused-linear step's can_implement", "[cuda_checks]")
   CHECK(plan.on);
   CHECK(plan.offsets == std::vector<index_t>{0, 1, 4, 5});
   CHECK(plan.rows() == 5);
+}
+
+TEST_CASE("cuda checks: vocab_blocks and dW in the input type", "[cuda_checks]") {
+  FusedStep f;
+  constexpr index_t D = FusedStep::D;
+  const auto& [in, head, o, fp32] = std::tie(f.in, f.head, f.o, f.out);
+  auto typed = fp32;
+  typed.d_weight = {};
+  typed.d_weight_in_input_type = kto::MatrixView<void>{f.d_weight.data(), Storage::kVocab, D, D};
+  kto::cuda::FusedLinearConfig cfg;
+  cfg.strategy = kto::FusedStrategy::vocab_blocks;
+  const std::string fn = "kto::cuda::fused_linear_kto_step";
+  CHECK(kto::cuda::can_implement<float>(in, head, o, fp32, cfg).ok());
+  CHECK(kto::cuda::can_implement<float>(in, head, o, typed, cfg).ok());
+  auto both = typed;
+  both.d_weight = fp32.d_weight;
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, both, cfg), fn, "out.d_weight");
+  auto wrong_shape = typed;
+  wrong_shape.d_weight_in_input_type.cols = D - 1;
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, wrong_shape, cfg), fn,
+                 "out.d_weight_in_input_type");
+  auto over_weight = typed;  // dW written over the weight it is read from
+  over_weight.d_weight_in_input_type.data = f.weight.data();
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, over_weight, cfg), fn,
+                 "out.d_weight_in_input_type");
+  for (const auto other : {kto::FusedStrategy::keep_chunk, kto::FusedStrategy::recompute}) {
+    auto row_chunks = cfg;
+    row_chunks.strategy = other;
+    expect_refused(kto::cuda::can_implement<float>(in, head, o, typed, row_chunks), fn,
+                   "out.d_weight_in_input_type");
+  }
+  auto unknown = cfg;
+  unknown.strategy = static_cast<kto::FusedStrategy>(3);
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, fp32, unknown), fn,
+                 "config.strategy");
+}
+
+TEST_CASE("cuda checks: vocab block geometry", "[cuda_checks]") {
+  using Shape = kto::cuda::detail::VocabBlockShape;
+  constexpr index_t kMin = Shape::kMinCols;
+  // Wide enough budgets: the most whole multiples of kMinCols the chunk holds over the rows.
+  CHECK(Shape(128256, size_t{16384} * 1000, 16384).cols == 960);
+  CHECK(Shape(128256, size_t{100} * 1000, 100).cols == 960);
+  // One block when the chunk holds every column; its width rounded up to kMinCols.
+  CHECK(Shape(123, size_t{1} << 30, 7).cols == 128);
+  CHECK(Shape(37, size_t{1} << 30, 7).cols == kMin);
+  // A budget under kMinCols columns still gets kMinCols (the carve reserves rows x kMinCols).
+  CHECK(Shape(128256, 10, 7).cols == kMin);
+  CHECK(Shape(128256, 1000, 0).cols == kMin);
+  for (const index_t rows : {1, 3, 1000, 16384})
+    for (const size_t elements : {size_t{64}, size_t{5000}, size_t{1} << 20, size_t{1} << 28}) {
+      const Shape s(50257, elements, rows);
+      INFO("rows " << rows << " elements " << elements << " cols " << s.cols);
+      CHECK(s.cols % kMin == 0);
+      CHECK(s.cols >= kMin);
+      CHECK(s.cols <= 50304);  // 50257 rounded up to kMinCols
+      if (elements >= static_cast<size_t>(rows * kMin))
+        CHECK(static_cast<size_t>(rows * s.cols) <= elements);
+    }
 }

@@ -48,6 +48,9 @@ struct DeviceProblem {
   DeviceArray<std::uint8_t> desirable;
   DeviceArray<kto::Metrics> metrics;
   DeviceArray<float> logp, ratio, reward, loss, grad_logp, d_hidden, d_weight, d_bias;
+  /// outputs() asks for dW in T (strategy vocab_blocks) instead of fp32 when set.
+  bool dw_in_input_type = false;
+  DeviceArray<T> d_weight_in_input_type;
   DeviceArray<index_t> num_tokens;
   DeviceArray<double> entropy_sum, mean_logit_sum;
 
@@ -75,6 +78,7 @@ struct DeviceProblem {
         d_hidden(p.rows * p.dim),
         d_weight(p.vocab * p.dim),
         d_bias(p.vocab),
+        d_weight_in_input_type(p.vocab * p.dim),
         num_tokens(B),
         entropy_sum(B),
         mean_logit_sum(B) {}
@@ -89,6 +93,7 @@ struct DeviceProblem {
     d_hidden.poison();
     d_weight.poison();
     d_bias.poison();
+    d_weight_in_input_type.poison();
     num_tokens.poison();
     entropy_sum.poison();
     mean_logit_sum.poison();
@@ -127,7 +132,11 @@ struct DeviceProblem {
     out.num_tokens = num_tokens.get();
     out.examples = {ratio.get(), reward.get(), loss.get(), grad_logp.get()};
     out.d_hidden = kto::matrix_view(d_hidden.get(), fp.rows, fp.dim);
-    out.d_weight = kto::matrix_view(d_weight.get(), fp.vocab, fp.dim);
+    if (dw_in_input_type)
+      out.d_weight_in_input_type =
+          kto::MatrixView<void>{d_weight_in_input_type.get(), fp.vocab, fp.dim, fp.dim};
+    else
+      out.d_weight = kto::matrix_view(d_weight.get(), fp.vocab, fp.dim);
     out.d_bias = kto::make_span(d_bias.get(), fp.vocab);
     out.token_statistics = {entropy_sum.get(), mean_logit_sum.get()};  // with the option only
     return out;
@@ -185,15 +194,22 @@ Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
   res.grad_logp = d.grad_logp.download();
   res.num_tokens = d.num_tokens.download();
   res.d_hidden = d.d_hidden.download();
-  res.d_weight = d.d_weight.download();
+  if (d.dw_in_input_type) {  // T → float is exact
+    for (const T x : d.d_weight_in_input_type.download())
+      res.d_weight.push_back(static_cast<float>(Type<T>::up(x)));
+  } else {
+    res.d_weight = d.d_weight.download();
+  }
   res.d_bias = d.d_bias.download();
   res.entropy_sum = d.entropy_sum.download();
   res.mean_logit_sum = d.mean_logit_sum.download();
   return res;
 }
 
+/// `u_extra`: a further rounding of dW, dH and db relative to themselves (dW stored in T).
 template <class T>
-void check(const test::FusedProblem& fp, const kto::Options& o, const Outcome& got) {
+void check(const test::FusedProblem& fp, const kto::Options& o, const Outcome& got,
+           double u_extra = 0.0) {
   INFO("status: " << got.status.message);
   REQUIRE(got.status.ok());
   const test::FusedReference R = test::fused_reference(fp, o);
@@ -209,7 +225,7 @@ void check(const test::FusedProblem& fp, const kto::Options& o, const Outcome& g
   obs.d_weight.assign(got.d_weight.begin(), got.d_weight.end());
   obs.d_bias.assign(got.d_bias.begin(), got.d_bias.end());
   const double u = std::is_same<T, float>::value ? 0.0 : Type<T>::unit_roundoff;
-  test::compare_fused(fp, R, obs, o, 1e-5, 0, -1, u);
+  test::compare_fused(fp, R, obs, o, 1e-5, 0, -1, u + u_extra);
 }
 
 template <class T>
@@ -246,7 +262,8 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step matches the float64 reference", "[fus
   using T = TestType;
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
-  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const auto strategy =
+      GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks);
   const bool host_offsets = GENERATE(true, false);
   const index_t chunk_rows = GENERATE(3, 1000);
   const bool with_bias = GENERATE(true, false);
@@ -270,7 +287,8 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step with a logit transform and token stat
   using T = TestType;
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
-  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const auto strategy =
+      GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks);
   const index_t vocab = GENERATE(123, 5001);
   const int transform = GENERATE(0, 1, 2);  // statistics only; scale and temperature; soft-cap
   INFO("seed " << seed << " dtype " << Type<T>::name() << " strategy " << int(strategy) << " V "
@@ -297,7 +315,8 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step with compact scoring matches the floa
   using T = TestType;
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
-  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const auto strategy =
+      GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks);
   const index_t chunk_rows = GENERATE(1, 3, 1000);
   const bool with_bias = GENERATE(true, false);
   INFO("seed " << seed << " dtype " << Type<T>::name() << " strategy " << int(strategy)
@@ -330,7 +349,8 @@ TEST_CASE("CUDA fused-linear step: host targets that differ from the targets are
   fp.targets[last] = 1;
   DeviceProblem<float> d(fp);
   kto::Options o;
-  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute);
+  const auto strategy =
+      GENERATE(FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks);
   const int change = GENERATE(0, 1, 2);  // the host scores more rows, fewer, or other ones
   INFO("strategy " << int(strategy) << " change " << change);
   std::vector<index_t> host = fp.targets;
@@ -364,6 +384,44 @@ TEST_CASE("CUDA fused-linear step: host targets that differ from the targets are
   INFO(got.status.message);
   CHECK(got.status.code == kto::cuda::StatusCode::invalid_argument);
   CHECK(std::string(got.status.message).find("'host_targets'") != std::string::npos);
+}
+
+TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab_blocks, dW in the input type",
+                   "[fused][vocab_blocks]", KTO_CUDA_DTYPES) {
+  // Each dW entry is one GEMM's fp32 sum over every row, rounded once to T: the fp32
+  // rule of check() plus T's unit roundoff of |dW| (<= its scale there). Budgets of 1
+  // and 3 rows give 64-column blocks (V = 200: four, the last of 8 columns); 1000 rows,
+  // one block. The sequence rows, compact or not, all enter each block's GEMM.
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const index_t chunk_rows = GENERATE(1, 3, 1000);
+  const index_t vocab = GENERATE(37, 200);
+  const bool with_bias = GENERATE(true, false);
+  const bool compact = GENERATE(false, true);
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " chunk rows " << chunk_rows << " V "
+               << vocab << " bias " << with_bias << " compact " << compact);
+  test::FusedSpec spec;
+  spec.vocab = vocab;
+  spec.dim = 24;
+  spec.ignore_fraction = 0.3;
+  auto fp = test::make_fused_problem(rng, spec, round_to<T>);
+  fp.with_bias = with_bias;
+  kto::Options o;
+  o.logit_softcap = 20.0;  // the transform's derivative in every block
+  DeviceProblem<T> d(fp);
+  d.dw_in_input_type = true;
+  const auto cfg = config_rows<T>(fp, chunk_rows, FusedStrategy::vocab_blocks);
+  const Outcome got = run_step(d, o, cfg, true, nullptr, false, compact);
+  check<T>(fp, o, got, std::is_same<T, float>::value ? 0.0 : Type<T>::unit_roundoff);
+  // The same step with fp32 dW: dH, db and the loss bit for bit (the same GEMMs and
+  // kernels; only the dW GEMM's output type differs).
+  DeviceProblem<T> f(fp);
+  const Outcome wide = run_step(f, o, cfg, true, nullptr, false, compact);
+  check<T>(fp, o, wide);
+  CHECK(got.d_hidden == wide.d_hidden);
+  CHECK(got.d_bias == wide.d_bias);
+  CHECK(got.metrics.loss == wide.metrics.loss);
 }
 
 TEMPLATE_TEST_CASE("CUDA fused-linear step at large vocabularies (block-per-row kernels)",
@@ -404,7 +462,8 @@ TEST_CASE("CUDA fused-linear step under the sanitizers: both strategies, split s
   const auto fp = test::make_fused_problem(rng, spec, round_to<__nv_bfloat16>);
   kto::Options o;
   DeviceProblem<__nv_bfloat16> d(fp);
-  for (auto strategy : {FusedStrategy::keep_chunk, FusedStrategy::recompute})
+  for (auto strategy :
+       {FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks})
     check<__nv_bfloat16>(fp, o, run_step(d, o, config_rows<__nv_bfloat16>(fp, 3, strategy), true));
 }
 
@@ -415,7 +474,8 @@ TEST_CASE("CUDA fused-linear step: a NaN hidden state on an ignored row reaches 
   index_t r = 0;
   while (fp.targets[static_cast<size_t>(r)] != -100) ++r;  // an ignored row
   kto::Options o;
-  for (auto strategy : {FusedStrategy::keep_chunk, FusedStrategy::recompute}) {
+  for (auto strategy :
+       {FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks}) {
     const auto cfg = config_rows<__nv_bfloat16>(fp, 4, strategy);
     auto clean = fp;
     DeviceProblem<__nv_bfloat16> a(clean);
@@ -438,7 +498,9 @@ TEST_CASE("CUDA fused-linear step: repeat runs and a graph replay give the same 
   const auto fp = test::make_fused_problem(rng, spec, round_to<__nv_bfloat16>);
   kto::Options o;
   DeviceProblem<__nv_bfloat16> d(fp);
-  const auto cfg = config_rows<__nv_bfloat16>(fp, 5, FusedStrategy::keep_chunk);
+  const auto strategy = GENERATE(FusedStrategy::keep_chunk, FusedStrategy::vocab_blocks);
+  d.dw_in_input_type = strategy == FusedStrategy::vocab_blocks;
+  const auto cfg = config_rows<__nv_bfloat16>(fp, 5, strategy);
   const Outcome a = run_step(d, o, cfg, true);
   const Outcome b = run_step(d, o, cfg, true);
   REQUIRE(a.status.ok());

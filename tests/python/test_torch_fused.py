@@ -222,6 +222,12 @@ def test_fused_errors_name_the_argument():
     with pytest.raises(ValueError, match="strategy"):
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], p["targets"], None,
                                         p["reference_logp"], p["desirable"], strategy="tiles")
+    with pytest.raises(ValueError, match=r"kto_torch.fused_linear_kto_loss: argument 'strategy' "
+                                         r"must be 'keep_chunk' or 'recompute' on cpu "
+                                         r"\('vocab_blocks' runs on CUDA only\)"):
+        kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], p["targets"], None,
+                                        p["reference_logp"], p["desirable"],
+                                        strategy="vocab_blocks")
     with pytest.raises(ValueError, match="'hidden' must be"):
         kto_torch.fused_linear_kto_loss(p["hidden"][None], p["weight"], p["targets"], None,
                                         p["reference_logp"], p["desirable"])
@@ -259,6 +265,26 @@ def test_mixed_precision_fp32_head_gets_unrounded_fp32_gradients(device, dtype, 
     assert_matches(mixed, o, got, reference(mixed, o), u_grad)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the CUDA fused op is untested here")
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_vocab_blocks_returns_dw_in_the_weight_dtype(bias):
+    """vocab_blocks on a GPU: a bf16 weight's dW comes back in bf16 from the library (one
+    rounding of each block's fp32 sum), an fp32 weight under mixed precision gets the
+    fp32 sums, and the loss is the same (the same forward). Several blocks: a 64 KiB chunk."""
+    assert kto_torch._C.has_cuda(), "kto_torch was built without its CUDA kernels"
+    p = make_problem(8, dtype=torch.bfloat16, V=5003, bias=bias)
+    o = dict(beta=0.2)
+    blocks = fused(p, o, device="cuda", strategy="vocab_blocks", chunk_bytes=1 << 16)
+    assert blocks[2].dtype == torch.bfloat16
+    assert_matches(p, o, blocks, reference(p, o), UNIT_ROUNDOFF[torch.bfloat16])
+    mixed = dict(p, weight=p["weight"].float(), bias=p["bias"].float() if bias else None)
+    got = fused(mixed, o, device="cuda", strategy="vocab_blocks", chunk_bytes=1 << 16)
+    assert got[2].dtype == torch.float32
+    assert_matches(mixed, o, got, reference(mixed, o), UNIT_ROUNDOFF[torch.bfloat16])
+    assert torch.equal(got[0].loss, blocks[0].loss)
+
+
 def test_mixed_precision_logprobs_equal_the_all_half_call():
     p = make_problem(4, dtype=torch.bfloat16)
     args = (p["hidden"], p["weight"], p["targets"])
@@ -286,9 +312,10 @@ def test_mixed_precision_is_half_hidden_with_an_fp32_head_only():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA device: the CUDA fused op is untested here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
+@pytest.mark.parametrize("strategy", ["keep_chunk", "recompute", "vocab_blocks"])
 def test_cuda_fused_op_matches_the_reference(dtype, strategy):
-    """On a GPU: cuBLAS GEMMs and kto's kernels through the same op."""
+    """On a GPU: cuBLAS GEMMs and kto's kernels through the same op (vocab_blocks: dW
+    comes back in the weight's dtype, rounded once; assert_matches' store rule)."""
     assert kto_torch._C.has_cuda(), "kto_torch was built without its CUDA kernels"
     p = make_problem(7, dtype=dtype, V=5003)
     o = dict(beta=0.3)

@@ -290,6 +290,7 @@ kto::MatrixView<const T> matrix_of(const torch::Tensor& x) {
 struct Head {
   torch::Tensor hidden, weight, bias;  // bias undefined: none
   int64_t N = 0, D = 0, V = 0;
+  bool mixed = false;  // an fp32 weight read through a copy in hidden's dtype
 };
 
 Head head_operands(const char* fn, const torch::Tensor& hidden, const torch::Tensor& weight,
@@ -308,6 +309,7 @@ Head head_operands(const char* fn, const torch::Tensor& hidden, const torch::Ten
   const bool half =
       hidden.scalar_type() == torch::kBFloat16 || hidden.scalar_type() == torch::kHalf;
   const bool mixed = half && weight.scalar_type() == torch::kFloat;
+  h.mixed = mixed;
   const std::string head_dtype =
       half ? text("have the dtype of 'hidden' (", hidden.scalar_type(), ") or be Float")
            : text("have the dtype of 'hidden' (", hidden.scalar_type(), ")");
@@ -858,7 +860,12 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   auto metrics = torch::empty({9}, torch::dtype(torch::kDouble).device(d));
   auto per_example = torch::empty({kto::kExampleOutputCount, B}, f32);
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
-  auto dh = torch::empty({N, D}, f32), dw = torch::empty({V, D}, f32);
+  // vocab_blocks writes dW once per block: in the weight's own dtype (half of fp32's
+  // bytes) unless the parameter is fp32 (mixed precision keeps the fp32 sums).
+  const bool dw_in_input_type =
+      strategy == static_cast<int64_t>(kto::FusedStrategy::vocab_blocks) && !f.head.mixed;
+  auto dh = torch::empty({N, D}, f32);
+  auto dw = torch::empty({V, D}, dw_in_input_type ? f.head.weight.options() : f32);
   auto db = torch::empty({f.head.bias.defined() ? V : 0}, f32);
   auto statistics = token_statistics_on(d, o, B);
   const auto kl_matrix = kl ? matrix_cuda(f.kl.hidden)
@@ -877,7 +884,7 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
         kl_batch.host_targets_data(), kl_ref, o, static_cast<std::size_t>(chunk_bytes),
         static_cast<int>(strategy), metrics.data_ptr<double>(), per_example.data_ptr<float>(),
         n.data_ptr<int64_t>(), o.token_statistics ? statistics.data_ptr<double>() : nullptr,
-        dh.data_ptr<float>(), dw.data_ptr<float>(),
+        dh.data_ptr<float>(), dw.data_ptr(), dw_in_input_type,
         f.head.bias.defined() ? db.data_ptr<float>() : nullptr, ws, bytes, stream()));
   };
   std::size_t bytes = 0;

@@ -143,16 +143,19 @@ std::string backward(const Logits& logits, const kto::TargetsView& targets,
   });
 }
 
-std::string fused_linear_step(
-    const Matrix& hidden, const Matrix& weight, const Bias& bias, const kto::TargetsView& targets,
-    const kto::SequencesView& sequences, const kto::index_t* host_offsets,
-    const kto::index_t* host_targets, const float* reference_logp, const std::uint8_t* desirable,
-    const Matrix& kl_hidden, const kto::TargetsView& kl_targets,
-    const kto::SequencesView& kl_sequences, const kto::index_t* kl_host_offsets,
-    const kto::index_t* kl_host_targets, const float* kl_reference_logp, const kto::Options& o,
-    std::size_t chunk_bytes, int strategy, double* metrics, float* per_example,
-    kto::index_t* num_tokens, double* token_statistics, float* d_hidden, float* d_weight,
-    float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream) {
+std::string fused_linear_step(const Matrix& hidden, const Matrix& weight, const Bias& bias,
+                              const kto::TargetsView& targets, const kto::SequencesView& sequences,
+                              const kto::index_t* host_offsets, const kto::index_t* host_targets,
+                              const float* reference_logp, const std::uint8_t* desirable,
+                              const Matrix& kl_hidden, const kto::TargetsView& kl_targets,
+                              const kto::SequencesView& kl_sequences,
+                              const kto::index_t* kl_host_offsets,
+                              const kto::index_t* kl_host_targets, const float* kl_reference_logp,
+                              const kto::Options& o, std::size_t chunk_bytes, int strategy,
+                              double* metrics, float* per_example, kto::index_t* num_tokens,
+                              double* token_statistics, float* d_hidden, void* d_weight,
+                              bool d_weight_in_input_type, float* d_bias, void* workspace,
+                              std::size_t* workspace_bytes, void* stream) {
   return dispatch(hidden.dtype, [&](auto tag) -> std::string {
     using T = decltype(tag);
     kto::LinearHead<T> head;
@@ -189,7 +192,11 @@ std::string fused_linear_step(
     out.num_tokens = num_tokens;
     out.examples = {per_example + B, per_example + 2 * B, per_example + 3 * B, per_example + 4 * B};
     out.d_hidden = kto::matrix_view(d_hidden, hidden.rows, hidden.cols);
-    out.d_weight = kto::matrix_view(d_weight, weight.rows, weight.cols);
+    if (d_weight_in_input_type)
+      out.d_weight_in_input_type =
+          kto::MatrixView<void>{d_weight, weight.rows, weight.cols, weight.cols};
+    else
+      out.d_weight = kto::matrix_view(static_cast<float*>(d_weight), weight.rows, weight.cols);
     if (d_bias) out.d_bias = kto::make_span(d_bias, weight.rows);
     out.token_statistics = statistics_of(token_statistics, B);
     std::size_t bytes = step_bytes;

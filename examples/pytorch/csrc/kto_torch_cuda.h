@@ -68,19 +68,23 @@ struct Bias {
 /// The fused-linear step (kto::cuda::fused_linear_kto_step). With workspace ==
 /// nullptr only *workspace_bytes is set. metrics[9] float64, per_example[5, B]
 /// (logp, ρ, βρ, loss, g_s), token_statistics[2, B] as step_forward's; d_bias may be
-/// null. Host copies of each batch's targets and offsets turn on compact scoring (the
+/// null. d_weight is fp32, or with d_weight_in_input_type hidden's dtype (strategy
+/// vocab_blocks only). Host copies of each batch's targets and offsets turn on compact scoring (the
 /// GEMMs multiply the scored rows only); `host_offsets` (B + 1, host)
 /// lets whole sequences share a chunk (keep_chunk).
-std::string fused_linear_step(
-    const Matrix& hidden, const Matrix& weight, const Bias& bias, const kto::TargetsView& targets,
-    const kto::SequencesView& sequences, const kto::index_t* host_offsets,
-    const kto::index_t* host_targets, const float* reference_logp, const std::uint8_t* desirable,
-    const Matrix& kl_hidden, const kto::TargetsView& kl_targets,
-    const kto::SequencesView& kl_sequences, const kto::index_t* kl_host_offsets,
-    const kto::index_t* kl_host_targets, const float* kl_reference_logp, const kto::Options& o,
-    std::size_t chunk_bytes, int strategy, double* metrics, float* per_example,
-    kto::index_t* num_tokens, double* token_statistics, float* d_hidden, float* d_weight,
-    float* d_bias, void* workspace, std::size_t* workspace_bytes, void* stream);
+std::string fused_linear_step(const Matrix& hidden, const Matrix& weight, const Bias& bias,
+                              const kto::TargetsView& targets, const kto::SequencesView& sequences,
+                              const kto::index_t* host_offsets, const kto::index_t* host_targets,
+                              const float* reference_logp, const std::uint8_t* desirable,
+                              const Matrix& kl_hidden, const kto::TargetsView& kl_targets,
+                              const kto::SequencesView& kl_sequences,
+                              const kto::index_t* kl_host_offsets,
+                              const kto::index_t* kl_host_targets, const float* kl_reference_logp,
+                              const kto::Options& o, std::size_t chunk_bytes, int strategy,
+                              double* metrics, float* per_example, kto::index_t* num_tokens,
+                              double* token_statistics, float* d_hidden, void* d_weight,
+                              bool d_weight_in_input_type, float* d_bias, void* workspace,
+                              std::size_t* workspace_bytes, void* stream);
 
 /// Forward only (kto::cuda::fused_linear_logprobs); same workspace protocol; host copies
 /// of the targets and offsets: compact scoring, as in fused_linear_step.

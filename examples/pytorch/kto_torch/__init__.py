@@ -246,7 +246,7 @@ def _backward(ctx, g_metrics, g_per_example, g_num_tokens, g_lse, g_token_statis
 torch.library.register_autograd("kto::step_forward", _backward, setup_context=_setup_context)
 
 
-STRATEGIES = {"keep_chunk": 0, "recompute": 1}
+STRATEGIES = {"keep_chunk": 0, "recompute": 1, "vocab_blocks": 2}
 
 
 @torch.library.custom_op("kto::fused_linear_forward", mutates_args=(), device_types="cpu")
@@ -285,12 +285,16 @@ def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidd
                                 kl_reference_logp=kl_reference_logp))
     b = offsets.shape[0] - 1
     acc = _accumulation(hidden)
+    # vocab_blocks writes dW in the weight's dtype when it is hidden's (the op's rule).
+    strategy = args[2]
+    dw_dtype = (weight.dtype if strategy == STRATEGIES["vocab_blocks"]
+                and weight.dtype == hidden.dtype else acc)
     return (
         hidden.new_empty((len(METRIC_NAMES),), dtype=torch.float64),
         hidden.new_empty((len(EXAMPLE_OUTPUT_NAMES), b), dtype=acc),
         hidden.new_empty((b,), dtype=torch.int64),
         hidden.new_empty(hidden.shape, dtype=acc),
-        hidden.new_empty(weight.shape, dtype=acc),
+        hidden.new_empty(weight.shape, dtype=dw_dtype),
         hidden.new_empty(bias.shape if bias is not None else (0,), dtype=acc),
         _token_statistics_like(hidden, b, args[0]),
     )
@@ -574,7 +578,12 @@ def fused_linear_kto_loss(
     (and bias [V]): logits = hidden @ weight.T + bias, never materialised. The KL batch
     (kl_hidden, kl_targets, kl_offsets, kl_reference_logp) is forward only. Extra memory:
     one chunk of logits of at most ``chunk_bytes`` plus the fp32 gradients; ``strategy``
-    "keep_chunk" (3 GEMMs a row) or "recompute" (4, the logits recomputed for the backward).
+    "keep_chunk" (3 GEMMs a row) or "recompute" (4, the logits recomputed for the backward),
+    both summing dW over row chunks in an fp32 [V, D] array, or on CUDA "vocab_blocks" (4):
+    the backward by blocks of vocabulary columns over all rows at once, each block of dW
+    one GEMM's fp32 sum written once in the weight's dtype, so no fp32 [V, D] array (an
+    fp32 weight under mixed precision gets the fp32 sums). Its extra memory is a copy of
+    the scored rows' hidden states and an fp32 [scored rows, D] array for their gradient.
 
     Layouts: hidden states, weight and KL hidden states are read with their strides when
     their rows are at least D elements apart with unit stride along D; any other layout (a
@@ -605,6 +614,11 @@ def fused_linear_kto_loss(
         if kl_offsets is None or kl_targets is None or kl_reference_logp is None:
             raise ValueError("kto: the KL batch needs kl_targets, kl_offsets (for [N, D]) and "
                              "kl_reference_logp with kl_hidden")
+    code = _lookup(STRATEGIES, "strategy", strategy)
+    if code == STRATEGIES["vocab_blocks"] and hidden.device.type != "cuda":
+        raise ValueError(f"{fn}: argument 'strategy' must be 'keep_chunk' or 'recompute' on "
+                         f"{hidden.device.type} ('vocab_blocks' runs on CUDA only); got "
+                         "'vocab_blocks'")
     metrics, per_example, n, _, _, _, statistics = torch.ops.kto.fused_linear_forward(
         hidden,
         weight,
@@ -619,6 +633,6 @@ def fused_linear_kto_loss(
         kl_reference_logp,
         options,
         _chunk_bytes(hidden, chunk_bytes),
-        _lookup(STRATEGIES, "strategy", strategy),
+        code,
     )
     return _kto_output(metrics, per_example, n, statistics if token_statistics else None)

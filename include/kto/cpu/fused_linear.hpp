@@ -683,7 +683,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   auto validate = [&] {
     validate_options(o, fn);
     kto::detail::validate_head(head, fn);
-    kto::detail::validate_strategy(cfg.strategy, fn);
+    kto::detail::validate_strategy(cfg.strategy, fn, false);
     kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
                          static_cast<index_t>(cfg.chunk_bytes));
     detail::validate_hidden_batch(target_batch, head, o, fn, "", false);

@@ -71,11 +71,15 @@ struct FusedLinearInputs {
 
 /// Device outputs: the logits step's (metrics required, a null per-example
 /// array stays in the workspace) plus the gradients, written (not accumulated)
-/// in fp32. d_hidden and d_weight are required; d_bias is empty (skipped) or
-/// head.weight.rows entries.
+/// in fp32. d_hidden is required, and one of d_weight and d_weight_in_input_type;
+/// d_bias is empty (skipped) or head.weight.rows entries.
 struct FusedLinearOutputs : StepOutputs {
   MatrixView<float> d_hidden;
   MatrixView<float> d_weight;
+  /// dW in the step's input type T instead of fp32 (d_weight then empty), with
+  /// strategy vocab_blocks only: each block is summed over every row in fp32 inside
+  /// one GEMM and rounded once, so no V × D fp32 array exists (half of fp32's bytes).
+  MatrixView<void> d_weight_in_input_type;
   Span<float> d_bias;
 };
 
@@ -92,6 +96,11 @@ inline index_t round_up(index_t x, index_t m) {
   return (x + m - 1) / m * m;
 }
 
+template <class T>
+MatrixView<T> typed(const MatrixView<void>& m) {
+  return MatrixView<T>{static_cast<T*>(m.data), m.rows, m.cols, m.stride};
+}
+
 /// Chunk geometry: fp32 logits rows `ld_logits` apart, their gradient (T) `ld_grad` apart.
 template <class T>
 struct ChunkShape {
@@ -103,6 +112,20 @@ struct ChunkShape {
     const size_t per_row = sizeof(float) * static_cast<size_t>(ld_logits) +
                            (std::is_same<T, float>::value ? 0 : sizeof(T) * ld_grad);
     rows = chunk_rows_for_budget(budget, per_row, max_rows);
+  }
+};
+
+/// Strategy vocab_blocks' backward: every chunked row at once, `cols` vocabulary
+/// columns a block (a multiple of kMinCols, also the leading dimension of the
+/// block's logits and gradient), as many as `elements` of the chunk hold.
+struct VocabBlockShape {
+  static constexpr index_t kMinCols = 64;
+  index_t cols;
+  VocabBlockShape(index_t vocab, size_t elements, index_t rows) {
+    const index_t fit =
+        rows > 0 ? static_cast<index_t>(elements / static_cast<size_t>(rows)) / kMinCols * kMinCols
+                 : kMinCols;
+    cols = std::min(std::max(fit, kMinCols), round_up(vocab, kMinCols));
   }
 };
 
@@ -150,8 +173,10 @@ struct FusedBuffers : BatchBuffers {
   float* row_scale;
   float* bias;
   void* ones;
+  index_t ones_count;  ///< the most rows one db product sums
   float* logits;
   void* grad;
+  size_t chunk_elements;        ///< logits (fp32) and gradient (T) elements the chunk holds
   void* hidden;                 ///< the chunk's hidden rows, ignored rows zeroed (T, cols apart)
   float* d_hidden;              ///< compact scoring: the chunk's dH rows before their scatter
   index_t *row_of, *kl_row_of;  ///< compact scoring: the scored rows of each batch
@@ -163,11 +188,15 @@ struct FusedBuffers : BatchBuffers {
 struct FusedLayout {
   index_t rows = 0, sequences = 0, kl_rows = 0, kl_sequences = 0;
   bool compact = false, kl_compact = false, backward = true;
+  /// Strategy vocab_blocks: the backward holds every row's hidden states (and with
+  /// compact scoring, their dH), a block of logits at least kMinCols wide over them.
+  bool vocab_blocks = false;
 
   /// A step's: compact scoring where host targets and offsets are given.
   template <class T>
-  static FusedLayout of(const FusedLinearInputs<T>& in) {
+  static FusedLayout of(const FusedLinearInputs<T>& in, const FusedLinearConfig& cfg) {
     FusedLayout l;
+    l.vocab_blocks = cfg.strategy == FusedStrategy::vocab_blocks;
     l.rows = in.hidden.rows;
     l.sequences = in.sequences.count;
     l.kl_rows = in.kl.hidden.rows;
@@ -189,21 +218,29 @@ struct FusedLayout {
 template <class T>
 FusedBuffers carve_fused(Carver& c, const FusedLayout& l, const LinearHead<T>& head,
                          const FusedLinearConfig& cfg) {
-  const index_t N = l.rows, NK = l.kl_rows;
+  const index_t N = l.rows, NK = l.kl_rows, D = head.weight.cols;
   const ChunkShape<T> shape(head.weight.rows, cfg.chunk_bytes, std::max(N, NK));
+  const bool blocks = l.vocab_blocks && l.backward;
+  const index_t rows = blocks ? std::max(shape.rows, N) : shape.rows;  // hidden rows at once
+  const size_t elements = std::max(static_cast<size_t>(shape.rows * shape.ld_logits),
+                                   blocks ? static_cast<size_t>(N * VocabBlockShape::kMinCols) : 0);
   FusedBuffers b;
   static_cast<BatchBuffers&>(b) = BatchBuffers::carve(c, N, l.sequences, NK, l.kl_sequences);
   b.row_of = l.compact ? c.take<index_t>(N) : nullptr;
   b.kl_row_of = l.kl_compact ? c.take<index_t>(NK) : nullptr;
-  b.d_hidden = l.compact && l.backward ? c.take<float>(shape.rows * head.weight.cols) : nullptr;
+  b.d_hidden = l.compact && l.backward ? c.take<float>(rows * D) : nullptr;
   b.row_scale = c.take<float>(N);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
-  b.ones = c.take<T>(shape.rows);
-  b.logits = c.take<float>(shape.rows * shape.ld_logits);
+  b.ones_count = rows;
+  b.ones = c.take<T>(rows);
+  b.chunk_elements = elements;
+  b.logits = c.take<float>(static_cast<index_t>(elements));
+  // The gradient's rows are ld_grad >= ld_logits apart: as many rows as the logits.
+  const size_t grad_elements = std::max(static_cast<size_t>(shape.rows * shape.ld_grad), elements);
   b.grad = std::is_same<T, float>::value
                ? static_cast<void*>(b.logits)
-               : static_cast<void*>(c.take<T>(shape.rows * shape.ld_grad));
-  b.hidden = c.take<T>(shape.rows * head.weight.cols);
+               : static_cast<void*>(c.take<T>(static_cast<index_t>(grad_elements)));
+  b.hidden = c.take<T>(rows * D);
   b.cublas = c.take<char>(static_cast<index_t>(cfg.cublas_workspace_bytes));
   return b;
 }
@@ -247,19 +284,8 @@ class ChunkRunner {
   /// of backward()).
   Status logits(const MatrixView<const T>& hidden, const device::BatchRows& batch, index_t r0,
                 index_t n, const index_t* row_of) {
-    const index_t D = head_.weight.cols;
-    device::gather_scored_rows_kernel<T>
-        <<<static_cast<unsigned>(std::min<index_t>(n, 65535)), 128, 0, stream_>>>(
-            hidden.data, hidden.stride, D, batch, view(r0, n, row_of), static_cast<T*>(b_.hidden));
-    const float one = 1.0f, zero = 0.0f;
-    const cudaDataType_t t = cuda_data_type<T>();
-    return cublas_check(
-        cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(head_.weight.rows),
-                     static_cast<int>(n), static_cast<int>(D), &one, head_.weight.data, t,
-                     static_cast<int>(head_.weight.stride), b_.hidden, t, static_cast<int>(D),
-                     &zero, b_.logits, CUDA_R_32F, static_cast<int>(shape_.ld_logits),
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-        fn_, "logits GEMM");
+    gather(hidden, batch, view(r0, n, row_of));
+    return logits_gemm(0, head_.weight.rows, n, shape_.ld_logits);
   }
 
   device::ChunkView view(index_t r0, index_t n, const index_t* row_of) const {
@@ -332,50 +358,138 @@ class ChunkRunner {
   Status backward(const device::BatchRows& batch, index_t r0, index_t n, const index_t* row_of,
                   const FusedLinearOutputs& out, bool first_chunk) {
     const device::ChunkView chunk = view(r0, n, row_of);
-    device::ChunkBackwardParams<T> p{chunk,
-                                     batch,
-                                     b_.row_lse,
-                                     b_.row_scale,
-                                     static_cast<T*>(b_.grad),
-                                     shape_.ld_grad,
-                                     extras_.transform};
-    launch_rows(head_.weight.rows, n, extras_.transformed,
+    Status s = logit_gradients(chunk, batch, shape_.ld_grad, 0, head_.weight.rows);
+    if (!s) return s;
+    const index_t D = head_.weight.cols;
+    Products p;
+    p.dh = row_of ? b_.d_hidden : out.d_hidden.row(r0);
+    p.lddh = row_of ? D : out.d_hidden.stride;
+    p.dw = out.d_weight.data;
+    p.lddw = out.d_weight.stride;
+    p.db = out.d_bias.size ? out.d_bias.data : nullptr;
+    p.beta_w = first_chunk ? 0.0f : 1.0f;  // dW and db sum over the chunks
+    s = products(0, head_.weight.rows, n, shape_.ld_grad, p);
+    if (s && row_of) s = scatter_d_hidden(chunk, out);
+    return s;
+  }
+
+  /// Strategy vocab_blocks: the backward over chunk rows [0, rows) at once (batch rows,
+  /// or scored rows through `row_of`), block by block of vocabulary columns:
+  /// Z_b = H W_bᵀ, dZ_b, dH (+)= dZ_b W_b, dW_b = dZ_bᵀ H in the output's type, db_b.
+  /// Each dW and db entry is one GEMM's fp32 sum over every row, stored once.
+  Status backward_blocks(const MatrixView<const T>& hidden, const device::BatchRows& batch,
+                         index_t rows, const index_t* row_of, const FusedLinearOutputs& out) {
+    const index_t V = head_.weight.rows, D = head_.weight.cols;
+    const VocabBlockShape blocks(V, b_.chunk_elements, rows);
+    const device::ChunkView all = view(0, rows, row_of);
+    gather(hidden, batch, all);
+    const bool typed_dw = out.d_weight_in_input_type.data != nullptr;
+    Products p;
+    p.dh = row_of ? b_.d_hidden : out.d_hidden.data;
+    p.lddh = row_of ? D : out.d_hidden.stride;
+    p.dw_type = typed_dw ? cuda_data_type<T>() : CUDA_R_32F;
+    p.lddw = typed_dw ? out.d_weight_in_input_type.stride : out.d_weight.stride;
+    for (index_t v0 = 0; v0 < V; v0 += blocks.cols) {
+      const index_t w = std::min(blocks.cols, V - v0);
+      Status s = logits_gemm(v0, w, rows, blocks.cols);
+      if (!s) return s;
+      device::ChunkView z = all;
+      z.ld = blocks.cols;
+      s = logit_gradients(z, batch, blocks.cols, v0, w);
+      if (!s) return s;
+      p.dw = typed_dw ? static_cast<void*>(typed<T>(out.d_weight_in_input_type).row(v0))
+                      : static_cast<void*>(out.d_weight.row(v0));
+      p.db = out.d_bias.size ? out.d_bias.data + v0 : nullptr;
+      p.beta_h = v0 == 0 ? 0.0f : 1.0f;  // dH sums over the blocks
+      s = products(v0, w, rows, blocks.cols, p);
+      if (!s) return s;
+    }
+    return row_of ? scatter_d_hidden(all, out) : Status::success();
+  }
+
+ private:
+  /// Where the gradient products go: dH (fp32, beta_h), dW (dw_type, beta_w), db (fp32,
+  /// beta_w; null: none), leading dimensions in elements.
+  struct Products {
+    float* dh = nullptr;
+    index_t lddh = 0;
+    float beta_h = 0.0f;
+    void* dw = nullptr;
+    cudaDataType_t dw_type = CUDA_R_32F;
+    index_t lddw = 0;
+    float beta_w = 0.0f;
+    float* db = nullptr;
+  };
+
+  /// The chunk's hidden rows into b_.hidden: view.rows rows, D apart, unscored ones zero.
+  void gather(const MatrixView<const T>& hidden, const device::BatchRows& batch,
+              const device::ChunkView& view) {
+    device::gather_scored_rows_kernel<T>
+        <<<static_cast<unsigned>(std::min<index_t>(view.rows, 65535)), 128, 0, stream_>>>(
+            hidden.data, hidden.stride, head_.weight.cols, batch, view, static_cast<T*>(b_.hidden));
+  }
+
+  /// b_.logits = the gathered rows' logits of vocabulary columns [v0, v0 + w), `ld` apart.
+  Status logits_gemm(index_t v0, index_t w, index_t n, index_t ld) {
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = cuda_data_type<T>();
+    const int d = static_cast<int>(head_.weight.cols);
+    return cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w), static_cast<int>(n), d,
+                     &one, head_.weight.row(v0), t, static_cast<int>(head_.weight.stride),
+                     b_.hidden, t, d, &zero, b_.logits, CUDA_R_32F, static_cast<int>(ld),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        fn_, "logits GEMM");
+  }
+
+  /// dZ into b_.grad (`ld_grad` apart) from the logits of `z`: columns [v0, v0 + w).
+  Status logit_gradients(const device::ChunkView& z, const device::BatchRows& batch,
+                         index_t ld_grad, index_t v0, index_t w) {
+    device::ChunkBackwardParams<T> p{
+        z,  batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), ld_grad, extras_.transform,
+        v0, w};
+    launch_rows(w, z.rows, extras_.transformed,
                 [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
                   device::chunk_backward_kernel<T, decltype(threads)::value,
                                                 decltype(per_block)::value, decltype(ext)::value>
                       <<<grid, block, 0, stream_>>>(p);
                 });
-    Status s = last_launch(fn_);
-    if (!s) return s;
-    const float one = 1.0f, zero = 0.0f, beta = first_chunk ? 0.0f : 1.0f;
+    return last_launch(fn_);
+  }
+
+  /// dH, dW and db from dZ (b_.grad, `n` rows of `w` columns from column v0, `ldg` apart)
+  /// and the gathered hidden rows; fp32 sums inside each GEMM.
+  Status products(index_t v0, index_t w, index_t n, index_t ldg, const Products& p) {
+    const float one = 1.0f;
     const cudaDataType_t t = cuda_data_type<T>();
-    const int V = static_cast<int>(head_.weight.rows), D = static_cast<int>(head_.weight.cols);
-    const int ldw = static_cast<int>(head_.weight.stride), ldg = static_cast<int>(shape_.ld_grad);
-    float* dh = row_of ? b_.d_hidden : out.d_hidden.row(r0);
-    const int lddh = row_of ? D : static_cast<int>(out.d_hidden.stride);
-    s = cublas_check(cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(n), V,
-                                  &one, head_.weight.data, t, ldw, b_.grad, t, ldg, &zero, dh,
-                                  CUDA_R_32F, lddh, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     fn_, "dH GEMM");
+    const int d = static_cast<int>(head_.weight.cols), wi = static_cast<int>(w);
+    const int ni = static_cast<int>(n), lg = static_cast<int>(ldg);
+    Status s = cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, d, ni, wi, &one, head_.weight.row(v0), t,
+                     static_cast<int>(head_.weight.stride), b_.grad, t, lg, &p.beta_h, p.dh,
+                     CUDA_R_32F, static_cast<int>(p.lddh), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        fn_, "dH GEMM");
     if (!s) return s;
-    if (row_of)
-      device::scatter_rows_kernel<<<static_cast<unsigned>(std::min<index_t>(n, 65535)), 128, 0,
-                                    stream_>>>(b_.d_hidden, D, chunk, out.d_hidden.data,
-                                               out.d_hidden.stride);
-    s = cublas_check(cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, D, V, static_cast<int>(n),
-                                  &one, b_.hidden, t, D, b_.grad, t, ldg, &beta, out.d_weight.data,
-                                  CUDA_R_32F, static_cast<int>(out.d_weight.stride),
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     fn_, "dW GEMM");
-    if (!s || out.d_bias.size == 0) return s;
-    return cublas_check(
-        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, V, 1, static_cast<int>(n), &one, b_.grad, t,
-                     ldg, b_.ones, t, static_cast<int>(n), &beta, out.d_bias.data, CUDA_R_32F, V,
+    s = cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, d, wi, ni, &one, b_.hidden, t, d, b_.grad,
+                     t, lg, &p.beta_w, p.dw, p.dw_type, static_cast<int>(p.lddw),
                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        fn_, "dW GEMM");
+    if (!s || p.db == nullptr) return s;
+    return cublas_check(
+        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, wi, 1, ni, &one, b_.grad, t, lg, b_.ones, t,
+                     ni, &p.beta_w, p.db, CUDA_R_32F, wi, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         fn_, "db GEMM");
   }
 
- private:
+  /// Compact scoring: the dH rows in b_.d_hidden to their batch rows of out.d_hidden.
+  Status scatter_d_hidden(const device::ChunkView& chunk, const FusedLinearOutputs& out) {
+    device::scatter_rows_kernel<<<static_cast<unsigned>(std::min<index_t>(chunk.rows, 65535)), 128,
+                                  0, stream_>>>(b_.d_hidden, head_.weight.cols, chunk,
+                                                out.d_hidden.data, out.d_hidden.stride);
+    return last_launch(fn_);
+  }
+
   cublasHandle_t handle_;
   const LinearHead<T>& head_;
   ChunkShape<T> shape_;
@@ -477,21 +591,36 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
                                 "out.token_statistics");
     kto::detail::validate_shape(out.d_hidden, in.hidden.rows, in.hidden.cols, fn, "out.d_hidden",
                                 "hidden");
-    kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
-                                "out.d_weight", "head.weight");
+    const MatrixView<T> typed_dw = detail::typed<T>(out.d_weight_in_input_type);
+    if (typed_dw.data == nullptr) {
+      kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
+                                  "out.d_weight", "head.weight");
+      detail::validate_cublas_operand(out.d_weight, fn, "out.d_weight");
+    } else {
+      kto::detail::require(out.d_weight.data == nullptr, fn, "out.d_weight",
+                           "be empty when out.d_weight_in_input_type is given (one dW output)",
+                           "a pointer");
+      kto::detail::require(cfg.strategy == FusedStrategy::vocab_blocks, fn,
+                           "out.d_weight_in_input_type",
+                           "be given with config.strategy vocab_blocks only (the others sum dW "
+                           "over row chunks, in fp32 d_weight)",
+                           "config.strategy " + std::to_string(static_cast<int>(cfg.strategy)));
+      kto::detail::validate_shape(typed_dw, head.weight.rows, head.weight.cols, fn,
+                                  "out.d_weight_in_input_type", "head.weight");
+      detail::validate_cublas_operand(typed_dw, fn, "out.d_weight_in_input_type");
+    }
     detail::validate_cublas_operand(out.d_hidden, fn, "out.d_hidden");
-    detail::validate_cublas_operand(out.d_weight, fn, "out.d_weight");
     kto::detail::require(
         out.d_bias.size == 0 || out.d_bias.size == head.weight.rows, fn, "out.d_bias.size",
         "be 0 (skipped) or head.weight.rows (" + std::to_string(head.weight.rows) + ")",
         out.d_bias.size);
     kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
                          static_cast<index_t>(cfg.chunk_bytes));
-    kto::detail::validate_strategy(cfg.strategy, fn);
+    kto::detail::validate_strategy(cfg.strategy, fn, true);
     using kto::detail::byte_range;
     kto::detail::validate_disjoint(
         {byte_range(out.d_hidden, "out.d_hidden"), byte_range(out.d_weight, "out.d_weight"),
-         byte_range(out.d_bias, "out.d_bias")},
+         byte_range(typed_dw, "out.d_weight_in_input_type"), byte_range(out.d_bias, "out.d_bias")},
         {byte_range(in.hidden, "hidden"), byte_range(head.weight, "head.weight"),
          byte_range(head.bias, "head.bias"),
          byte_range(uses_kl_batch(o) ? in.kl.hidden : MatrixView<const T>{}, "kl.hidden")},
@@ -506,7 +635,7 @@ template <class T>
 size_t fused_linear_workspace_bytes(const FusedLinearInputs<T>& in, const LinearHead<T>& head,
                                     const FusedLinearConfig& cfg = {}) {
   detail::Carver c(nullptr);
-  detail::carve_fused(c, detail::FusedLayout::of(in), head, cfg);
+  detail::carve_fused(c, detail::FusedLayout::of(in, cfg), head, cfg);
   return c.used();
 }
 
@@ -528,7 +657,8 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
                                fused_linear_workspace_bytes(in, head, cfg), status, fn))
     return status;
   detail::Carver c(workspace);
-  const detail::FusedBuffers b = detail::carve_fused(c, detail::FusedLayout::of(in), head, cfg);
+  const detail::FusedBuffers b =
+      detail::carve_fused(c, detail::FusedLayout::of(in, cfg), head, cfg);
   status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
   if (!status) return status;
   const index_t N = in.hidden.rows, B = in.sequences.count, V = head.weight.rows;
@@ -552,7 +682,7 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   detail::ChunkRunner<T> runner(handle, head, cfg, std::max(N, in.kl.hidden.rows), b, extras,
                                 stream, fn);
   device::convert_kernel<T, T>
-      <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), runner.chunk_rows());
+      <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), b.ones_count);
   detail::launch_validate_offsets(in.sequences, N, b.errors, 0u, stream);
   const device::BatchRows rows{in.targets, in.sequences, N, o.ignore_index};
   const detail::CompactPlan compact =
@@ -610,7 +740,18 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
 
   // Chunk rows: batch rows, or with compact scoring the scored rows (b.row_of).
   const index_t chunked_rows = compact.on ? compact.rows() : N;
-  if (in.host_offsets && cfg.strategy == FusedStrategy::keep_chunk) {
+  if (cfg.strategy == FusedStrategy::vocab_blocks) {
+    status = runner.forward_rows(in.hidden, rows, 0, chunked_rows, b.row_of, b.row_lse,
+                                 b.token_logp, 0u);
+    if (!status) return status;
+    runner.sequences(rows, 0, B, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
+    grads_of(0, B);
+    if (chunked_rows > 0) {
+      status = runner.backward_blocks(in.hidden, rows, chunked_rows, b.row_of, out);
+      if (!status) return status;
+      first_chunk = false;
+    }
+  } else if (in.host_offsets && cfg.strategy == FusedStrategy::keep_chunk) {
     const SequencesView host = compact.on ? compact.sequences() : SequencesView{in.host_offsets, B};
     for (const ChunkGroup& g : plan_chunks(host, runner.chunk_rows())) {
       const detail::RowRange group{in.host_offsets[g.first_seq], in.host_offsets[g.last_seq]};
@@ -633,8 +774,13 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     if (!status) return status;
   }
   if (first_chunk) {  // no rows: the weight gradients are zero
-    cudaMemset2DAsync(out.d_weight.data, sizeof(float) * out.d_weight.stride, 0,
-                      sizeof(float) * out.d_weight.cols, static_cast<size_t>(V), stream);
+    if (out.d_weight_in_input_type.data)
+      cudaMemset2DAsync(
+          out.d_weight_in_input_type.data, sizeof(T) * out.d_weight_in_input_type.stride, 0,
+          sizeof(T) * out.d_weight_in_input_type.cols, static_cast<size_t>(V), stream);
+    else
+      cudaMemset2DAsync(out.d_weight.data, sizeof(float) * out.d_weight.stride, 0,
+                        sizeof(float) * out.d_weight.cols, static_cast<size_t>(V), stream);
     if (out.d_bias.size)
       cudaMemsetAsync(out.d_bias.data, 0, sizeof(float) * static_cast<size_t>(V), stream);
   }

@@ -10,7 +10,8 @@
 //                          and the row scales g_s c_r of the sequence's scored rows
 //   chunk_backward_kernel  dZ[i,v] = scale_r (1[v = t] − e^(Z[i,v] + b_v − lse_r)),
 //                          written in the GEMM input type (bf16/half) for the
-//                          dH and dW products, or in place for float
+//                          dH and dW products, or in place for float; over a
+//                          row's whole vocabulary or one block of its columns
 //
 // Row groups are a warp (short rows) or the whole block (long rows), as in
 // forward_kernels.cuh; states merge in a fixed tree, so results are
@@ -179,6 +180,10 @@ struct ChunkBackwardParams {
   T* grad;  ///< chunk rows × grad_ld; may be z.logits when T is float
   index_t grad_ld;
   RowTransform transform{};  ///< kExtended only
+  /// A block of vocabulary columns [col_begin, col_begin + cols) (strategy vocab_blocks):
+  /// z.logits and grad hold only those columns; cols 0 means all z.vocab of them.
+  index_t col_begin = 0;
+  index_t cols = 0;
 };
 
 /// Four gradient values of type T, stored at once (8 bytes for bf16/half).
@@ -244,8 +249,10 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   const float scale = p.row_scale[r];
   const bool scored = t != p.batch.ignore_index && t >= 0 && t < p.z.vocab && scale != 0.0f;
   const float lse = scored ? p.row_lse[r] : 0.0f;
-  write_chunk_row<T, kThreads, kExtended>(p.z.logits + i * p.z.ld, p.z.bias, p.grad + i * p.grad_ld,
-                                          p.z.vocab, t, lse, scale, lane, !scored, p.transform);
+  // In a block, the target's column relative to it (outside [0, cols): no one-hot here).
+  write_chunk_row<T, kThreads, kExtended>(
+      p.z.logits + i * p.z.ld, p.z.bias ? p.z.bias + p.col_begin : nullptr, p.grad + i * p.grad_ld,
+      p.cols ? p.cols : p.z.vocab, t - p.col_begin, lse, scale, lane, !scored, p.transform);
 }
 
 /// Copies elements [first, cols) step `step` of a hidden row, or writes zeros
