@@ -544,6 +544,101 @@ TEST_CASE("extended fused-linear lanes transform Z + b, with statistics and deri
   }
 }
 
+/// Every lane of every row of a chunk through chunk_backward_row (the kernel's body).
+template <class T, int kThreads, bool kExtended>
+void emulate_chunk_backward(const kto::device::ChunkBackwardParams<T>& p) {
+  for (index_t i = 0; i < p.z.rows; ++i)
+    for (int lane = 0; lane < kThreads; ++lane)
+      kto::device::chunk_backward_row<T, kThreads, kExtended>(p, i, lane);
+}
+
+TEMPLATE_TEST_CASE("vocab blocks: each block's lanes write the whole row's dZ of its columns",
+                   "[device][vocab_blocks]", float, __half, __nv_bfloat16) {
+  // Strategy vocab_blocks' dZ kernel over a block of columns [v0, v0 + w) (its logits
+  // alone, `cols` apart) writes what the whole-row kernel writes there, bit for bit, and
+  // nothing in the block's padding: the relative target, the bias offset and the width.
+  // Rows: unscored (ignore_index), a zero row scale, targets in the first and last block.
+  using T = TestType;
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 2.0);
+  const index_t vocab = GENERATE(37, 200, 5001);
+  const index_t cols = GENERATE(64, 128);
+  const bool with_bias = GENERATE(true, false);
+  const int transform = GENERATE(0, 1);  // none; a soft-cap (the extended kernels)
+  INFO("V " << vocab << " block " << cols << " bias " << with_bias << " transform " << transform);
+  // operator new's alignment covers the kernels' float4 and 4-element stores: every row
+  // below starts a multiple of 4 elements in.
+  static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16, "vectors must be 16-byte aligned");
+  constexpr index_t rows = 6;
+  const index_t ld = (vocab + 3) / 4 * 4;
+  std::vector<float> z(rows * ld), bias(ld);
+  for (auto& x : z) x = static_cast<float>(normal(rng));
+  for (auto& x : bias) x = static_cast<float>(normal(rng));
+  std::vector<index_t> targets = {-100, 0, vocab - 1, vocab / 2, 1, vocab - 2};
+  const std::vector<index_t> offsets = {0, rows};
+  std::vector<float> scale = {0.5f, -0.7f, 1.1f, 0.0f, -0.3f, 0.9f};
+  std::vector<float> lse(rows);
+  for (index_t r = 0; r < rows; ++r) {
+    std::vector<double> row(static_cast<size_t>(vocab));
+    for (index_t v = 0; v < vocab; ++v) row[v] = double(z[r * ld + v]) + (with_bias ? bias[v] : 0);
+    lse[r] = static_cast<float>(reference_lse(row));  // any value: both runs read the same
+  }
+  kto::LogitTransform capped;
+  capped.softcap = 4.0;
+  const auto rt = kto::device::RowTransform::of(transform ? capped : kto::LogitTransform{});
+  const kto::device::BatchRows batch{kto::targets_vector(targets.data(), rows),
+                                     kto::sequences(offsets.data(), 1), rows, -100};
+  auto params = [&](const float* logits, index_t z_ld, T* grad, index_t v0, index_t w) {
+    const kto::device::ChunkView view{logits, z_ld, vocab, with_bias ? bias.data() : nullptr,
+                                      0,      rows};
+    return kto::device::ChunkBackwardParams<T>{view, batch, lse.data(), scale.data(), grad, z_ld,
+                                               rt,   v0,    w};
+  };
+  const T poison = cast<T>(NAN);
+  auto same_bits = [](T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; };
+  auto emulate = [&](auto threads) {
+    constexpr int K = decltype(threads)::value;
+    auto run = [&](const kto::device::ChunkBackwardParams<T>& p) {
+      if (transform)
+        emulate_chunk_backward<T, K, true>(p);
+      else
+        emulate_chunk_backward<T, K, false>(p);
+    };
+    std::vector<T> whole(rows * ld, poison);
+    run(params(z.data(), ld, whole.data(), 0, 0));
+    index_t blocks = 0, differ = 0, past = 0;
+    for (index_t v0 = 0; v0 < vocab; v0 += cols, ++blocks) {
+      const index_t w = std::min(cols, vocab - v0);
+      std::vector<float> block(rows * cols, NAN);
+      for (index_t r = 0; r < rows; ++r)
+        std::copy(z.begin() + r * ld + v0, z.begin() + r * ld + v0 + w, block.begin() + r * cols);
+      std::vector<T> grad(rows * cols, poison);
+      run(params(block.data(), cols, grad.data(), v0, w));
+      for (index_t r = 0; r < rows; ++r) {
+        for (index_t k = 0; k < w; ++k)
+          differ += !same_bits(grad[r * cols + k], whole[r * ld + v0 + k]);
+        for (index_t k = w; k < cols; ++k) past += !same_bits(grad[r * cols + k], poison);
+      }
+    }
+    INFO("lanes " << K << " blocks " << blocks);
+    CHECK(blocks == (vocab + cols - 1) / cols);
+    CHECK(differ == 0);
+    CHECK(past == 0);
+    // The whole row's dZ is right (so agreeing with it means something): the one-hot at
+    // each scored row's target, zeros on the unscored row and the zero-scale row.
+    index_t nonzero = 0;
+    for (index_t v = 0; v < vocab; ++v)  // row 0: ignore_index; row 3: scale 0
+      nonzero += !same_bits(whole[v], cast<T>(0.0)) + !same_bits(whole[3 * ld + v], cast<T>(0.0));
+    CHECK(nonzero == 0);
+    const double g = kto::device::to_float(whole[1 * ld + 0]);  // row 1's target column
+    const double x = double(z[1 * ld]) + (with_bias ? bias[0] : 0);
+    if (!transform)
+      CHECK(std::fabs(g - scale[1] * (1.0 - std::exp(x - lse[1]))) <= 1e-5 + 0x1p-7 * std::fabs(g));
+  };
+  emulate(std::integral_constant<int, 32>{});
+  emulate(std::integral_constant<int, 512>{});
+}
+
 TEST_CASE("compact rows: every lane's segment, the scan and the writes list the scored rows",
           "[device][compact]") {
   // compact_rows_kernel emulated: all kCompactThreads lanes count their segment, lane 0's

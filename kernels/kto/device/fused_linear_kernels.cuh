@@ -238,12 +238,10 @@ KTO_HOST_DEVICE inline void write_chunk_row(const float* row, const float* bias,
   }
 }
 
-template <class T, int kThreads, int kRowsPerBlock, bool kExtended>
-__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
-    chunk_backward_kernel(ChunkBackwardParams<T> p) {
-  const int lane = static_cast<int>(threadIdx.x) % kThreads;
-  const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
-  if (i >= p.z.rows) return;
+/// What lane `lane` of chunk row i's group writes: dZ over the row's columns (or its block's).
+template <class T, int kThreads, bool kExtended>
+KTO_HOST_DEVICE inline void chunk_backward_row(const ChunkBackwardParams<T>& p, index_t i,
+                                               int lane) {
   const index_t r = p.z.batch_row(i);
   const index_t t = p.batch.target(r);
   const float scale = p.row_scale[r];
@@ -253,6 +251,15 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
   write_chunk_row<T, kThreads, kExtended>(
       p.z.logits + i * p.z.ld, p.z.bias ? p.z.bias + p.col_begin : nullptr, p.grad + i * p.grad_ld,
       p.cols ? p.cols : p.z.vocab, t - p.col_begin, lse, scale, lane, !scored, p.transform);
+}
+
+template <class T, int kThreads, int kRowsPerBlock, bool kExtended>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
+    chunk_backward_kernel(ChunkBackwardParams<T> p) {
+  const int lane = static_cast<int>(threadIdx.x) % kThreads;
+  const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  if (i >= p.z.rows) return;
+  chunk_backward_row<T, kThreads, kExtended>(p, i, lane);
 }
 
 /// Copies elements [first, cols) step `step` of a hidden row, or writes zeros
