@@ -5,9 +5,10 @@
 // 6·N·V·D FLOPs; the KL batch adds a forward pass, the reference model's
 // log-probs another. This program measures a large bf16 GEMM on the same card
 // (cuBLAS, fp32 accumulate) as the peak, then times (median of --reps, CUDA
-// events) the reference forward, the policy step kept and recomputed, the full
-// step with its KL batch, and "reference forward + policy step" — the work
-// Liger's LigerFusedLinearKTOLoss does with use_ref_model=True — and prints
+// events) the reference forward, the policy step kept, recomputed and by vocabulary
+// blocks (dW written once in bf16; one more logits pass), the full step with its KL
+// batch, and "reference forward + policy step" — the work Liger's
+// LigerFusedLinearKTOLoss does with use_ref_model=True, kept and by blocks — and prints
 // ms, TFLOP/s, the fraction of the measured peak and the device memory this
 // program holds (inputs, outputs, workspace), with a table last. With
 // --prompt-fraction P the first P·T tokens of each sequence are prompt (ignored),
@@ -160,6 +161,7 @@ int main(int argc, char** argv) {
     kto::Metrics* metrics = hold<kto::Metrics>(1);
     float* d_hidden = hold<float>(size_t(N) * D);
     float* d_weight = hold<float>(size_t(vocab) * D);
+    bf16* d_weight_bf16 = hold<bf16>(size_t(vocab) * D);  // vocab_blocks' dW
     const size_t held_base = g_held;
 
     kto::LinearHead<bf16> head, ref_head;
@@ -180,12 +182,16 @@ int main(int argc, char** argv) {
     out.metrics = metrics;
     out.d_hidden = kto::matrix_view(d_hidden, N, D);
     out.d_weight = kto::matrix_view(d_weight, vocab, D);
+    kto::cuda::FusedLinearOutputs out_bf16 = out;
+    out_bf16.d_weight = {};
+    out_bf16.d_weight_in_input_type = kto::MatrixView<void>{d_weight_bf16, vocab, D, D};
 
     const double pass = 2.0 * double(N) * double(vocab) * double(D) / 1e12;  // TFLOP
     for (const index_t mb : chunk_mb) {
-      kto::cuda::FusedLinearConfig keep, recompute;
-      keep.chunk_bytes = recompute.chunk_bytes = size_t(mb) << 20;
+      kto::cuda::FusedLinearConfig keep, recompute, blocks;
+      keep.chunk_bytes = recompute.chunk_bytes = blocks.chunk_bytes = size_t(mb) << 20;
       recompute.strategy = kto::cuda::FusedStrategy::recompute;
+      blocks.strategy = kto::cuda::FusedStrategy::vocab_blocks;
       kto::Options fixed, kl;
       fixed.reference_point = kto::ReferencePoint::fixed;
       size_t bytes = 0, ref_bytes = 0;
@@ -199,7 +205,10 @@ int main(int argc, char** argv) {
       kto::cuda::fused_linear_kto_step<bf16>(blas, nullptr, compact_bytes, in, head, kl, out,
                                              stream, keep);
       in.host_targets = nullptr;
-      const size_t ws_bytes = std::max({bytes, ref_bytes, compact_bytes});
+      size_t blocks_bytes = 0;  // every row's hidden states at once
+      kto::cuda::fused_linear_kto_step<bf16>(blas, nullptr, blocks_bytes, in, head, kl, out_bf16,
+                                             stream, blocks);
+      const size_t ws_bytes = std::max({bytes, ref_bytes, compact_bytes, blocks_bytes});
       void* ws = device_alloc<char>(ws_bytes);
       const double held_mb = double(held_base + ws_bytes) / (1 << 20);
       const double ws_mb = double(ws_bytes) / (1 << 20);
@@ -212,8 +221,9 @@ int main(int argc, char** argv) {
       auto step = [&](const kto::Options& o, const kto::cuda::FusedLinearConfig& cfg) {
         return [&, o, cfg](cudaStream_t s) {
           size_t b = ws_bytes;
+          const auto& outputs = cfg.strategy == blocks.strategy ? out_bf16 : out;
           CHECK_STATUS(
-              kto::cuda::fused_linear_kto_step<bf16>(blas, ws, b, in, head, o, out, s, cfg));
+              kto::cuda::fused_linear_kto_step<bf16>(blas, ws, b, in, head, o, outputs, s, cfg));
         };
       };
       reference(stream);
@@ -231,6 +241,9 @@ int main(int argc, char** argv) {
       CHECK_STATUS(kto::cuda::read_status(ws, stream));
       add("policy step, recompute", 3 * pass,
           median_ms(reps, stream, flush, flush_bytes, step(fixed, recompute)));
+      add("policy step, vocab_blocks (bf16 dW)", 3 * pass,
+          median_ms(reps, stream, flush, flush_bytes, step(fixed, blocks)));
+      CHECK_STATUS(kto::cuda::read_status(ws, stream));
       if (prompt > 0) {  // the same step, its GEMMs over the scored rows only
         in.host_targets = host_targets.data();
         add("policy step, keep, compact scoring", 3 * pass * double(scored) / double(N),
@@ -246,6 +259,12 @@ int main(int argc, char** argv) {
           median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t s) {
             reference(s);
             both(s);
+          }));
+      auto both_blocks = step(fixed, blocks);
+      add("ref forward + policy step, vocab_blocks (Liger's work)", 4 * pass,
+          median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t s) {
+            reference(s);
+            both_blocks(s);
           }));
       {
         // The three GEMM passes alone, on the step's chunks: the step minus this is
@@ -287,7 +306,7 @@ int main(int argc, char** argv) {
     for (void* p :
          {(void*)hidden, (void*)kl_hidden, (void*)ref_hidden, (void*)weight, (void*)ref_weight,
           (void*)targets, (void*)offsets, (void*)ref_logp, (void*)ref_tokens, (void*)desirable,
-          (void*)metrics, (void*)d_hidden, (void*)d_weight})
+          (void*)metrics, (void*)d_hidden, (void*)d_weight, (void*)d_weight_bf16})
       CHECK_CUDA(cudaFree(p));
   }
 

@@ -238,6 +238,9 @@ def peer_steps(device, cases):
             raise RuntimeError("kto_torch was built without its CUDA kernels")
         return {"kto (keep_chunk, 1 GiB)": kto_step,
                 "kto (recompute, 1 GiB)": lambda x: kto_step(x, strategy="recompute"),
+                "kto (vocab_blocks, 1 GiB)": lambda x: kto_step(x, strategy="vocab_blocks"),
+                "kto (vocab_blocks, 256 MiB)":
+                    lambda x: kto_step(x, strategy="vocab_blocks", chunk_bytes=256 << 20),
                 "kto (keep_chunk, 4 GiB)": lambda x: kto_step(x, chunk_bytes=4 << 30),
                 "kto (keep_chunk, 256 MiB)": lambda x: kto_step(x, chunk_bytes=256 << 20)}
 
