@@ -589,8 +589,8 @@ TEMPLATE_TEST_CASE("vocab blocks: each block's lanes write the whole row's dZ of
   const kto::device::BatchRows batch{kto::targets_vector(targets.data(), rows),
                                      kto::sequences(offsets.data(), 1), rows, -100};
   auto params = [&](const float* logits, index_t z_ld, T* grad, index_t v0, index_t w) {
-    const kto::device::ChunkView view{logits, z_ld, vocab, with_bias ? bias.data() : nullptr,
-                                      0,      rows};
+    const float* b = with_bias ? bias.data() + v0 : nullptr;  // the block's columns' bias
+    const kto::device::ChunkView view{logits, z_ld, vocab, b, 0, rows};
     return kto::device::ChunkBackwardParams<T>{view, batch, lse.data(), scale.data(), grad, z_ld,
                                                rt,   v0,    w};
   };

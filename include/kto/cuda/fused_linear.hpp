@@ -395,6 +395,7 @@ class ChunkRunner {
       if (!s) return s;
       device::ChunkView z = all;
       z.ld = blocks.cols;
+      z.bias = b_.bias ? b_.bias + v0 : nullptr;
       s = logit_gradients(z, batch, blocks.cols, v0, w);
       if (!s) return s;
       p.dw = typed_dw ? static_cast<void*>(typed<T>(out.d_weight_in_input_type).row(v0))

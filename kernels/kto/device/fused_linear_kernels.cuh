@@ -180,8 +180,11 @@ struct ChunkBackwardParams {
   T* grad;  ///< chunk rows × grad_ld; may be z.logits when T is float
   index_t grad_ld;
   RowTransform transform{};  ///< kExtended only
-  /// A block of vocabulary columns [col_begin, col_begin + cols) (strategy vocab_blocks):
-  /// z.logits and grad hold only those columns; cols 0 means all z.vocab of them.
+  /// The chunk holds vocabulary columns [col_begin, col_begin + cols) only (a block of
+  /// strategy vocab_blocks, or a rank's vocabulary slice): z.logits and grad hold those
+  /// columns, z.bias (when given) their bias, and a target t is column t − col_begin;
+  /// z.vocab stays the whole vocabulary (targets past it are out of range). cols 0 means
+  /// every column of z.vocab.
   index_t col_begin = 0;
   index_t cols = 0;
 };
@@ -248,9 +251,9 @@ KTO_HOST_DEVICE inline void chunk_backward_row(const ChunkBackwardParams<T>& p, 
   const bool scored = t != p.batch.ignore_index && t >= 0 && t < p.z.vocab && scale != 0.0f;
   const float lse = scored ? p.row_lse[r] : 0.0f;
   // In a block, the target's column relative to it (outside [0, cols): no one-hot here).
-  write_chunk_row<T, kThreads, kExtended>(
-      p.z.logits + i * p.z.ld, p.z.bias ? p.z.bias + p.col_begin : nullptr, p.grad + i * p.grad_ld,
-      p.cols ? p.cols : p.z.vocab, t - p.col_begin, lse, scale, lane, !scored, p.transform);
+  write_chunk_row<T, kThreads, kExtended>(p.z.logits + i * p.z.ld, p.z.bias, p.grad + i * p.grad_ld,
+                                          p.cols ? p.cols : p.z.vocab, t - p.col_begin, lse, scale,
+                                          lane, !scored, p.transform);
 }
 
 template <class T, int kThreads, int kRowsPerBlock, bool kExtended>
