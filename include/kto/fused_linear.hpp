@@ -105,8 +105,8 @@ KTO_HOST_DEVICE inline RowPartial<Acc> merge_row_partial(RowPartial<Acc> a, RowP
   const Acc m = a.lse > b.lse ? a.lse : b.lse;
   RowPartial<Acc> out;
   out.target_logit = a.target_logit + b.target_logit;
-  if (m == -std::numeric_limits<Acc>::infinity() || !(m == m)) {
-    out.lse = a.lse + b.lse;  // −inf stays −inf, NaN stays NaN
+  if (m == -static_cast<Acc>(INFINITY) || !(m == m)) {  // INFINITY: usable in device code
+    out.lse = a.lse + b.lse;                            // −inf stays −inf, NaN stays NaN
   } else {
     out.lse = m + std::log(std::exp(a.lse - m) + std::exp(b.lse - m));
   }

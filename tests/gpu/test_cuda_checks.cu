@@ -325,3 +325,51 @@ TEST_CASE("cuda checks: vocab block geometry", "[cuda_checks]") {
         CHECK(static_cast<size_t>(rows * s.cols) <= elements);
     }
 }
+
+TEST_CASE("cuda checks: vocab-parallel slices need the gather and refuse what it cannot carry",
+          "[cuda_checks]") {
+  FusedStep f;
+  auto [in, head, o, out] = std::tie(f.in, f.head, f.o, f.out);
+  head.vocab_begin = 5;  // this rank: rows [5, 5 + kVocab) of a vocabulary of kVocab + 9
+  head.vocab_total = Storage::kVocab + 9;
+  const std::string fn = "kto::cuda::fused_linear_kto_step";
+  kto::cuda::RowPartialsAllGather gather;
+  gather.ranks = 2;
+  gather.gather = [](const kto::RowPartial<float>*, kto::RowPartial<float>*, index_t,
+                     cudaStream_t) { return kto::cuda::Status::success(); };
+  const kto::cuda::FusedLinearConfig cfg;
+  CHECK(kto::cuda::can_implement<float>(in, head, o, out, cfg, gather).ok());
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg), fn, "gather_partials");
+  auto no_ranks = gather;
+  no_ranks.ranks = 0;
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg, no_ranks), fn,
+                 "gather_partials.ranks");
+  auto blocks = cfg;
+  blocks.strategy = kto::FusedStrategy::vocab_blocks;
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, out, blocks, gather), fn,
+                 "config.strategy");
+  auto statistics = o;
+  statistics.token_statistics = true;
+  out.token_statistics = {f.st.statistics.data(), f.st.statistics.data() + 3};
+  expect_refused(kto::cuda::can_implement<float>(in, head, statistics, out, cfg, gather), fn,
+                 "options.token_statistics");
+  auto past = head;  // the slice runs past the vocabulary
+  past.vocab_begin = 10;
+  expect_refused(kto::cuda::can_implement<float>(in, past, o, out, cfg, gather), fn,
+                 "head.vocab_begin");
+  // The workspace holds ranks x (KL rows + rows) gathered partials besides the local ones.
+  auto eight = gather;
+  eight.ranks = 8;
+  CHECK(kto::cuda::fused_linear_workspace_bytes(in, head, cfg, eight) >
+        kto::cuda::fused_linear_workspace_bytes(in, head, cfg, gather));
+  CHECK(kto::cuda::fused_linear_workspace_bytes(in, head, cfg, gather) >
+        kto::cuda::fused_linear_workspace_bytes(in, head, cfg));
+  // The forward-only entry takes whole heads only (slices merge in the step).
+  float logp[3];
+  index_t num_tokens[3];
+  size_t bytes = 0;
+  expect_refused(
+      kto::cuda::fused_linear_logprobs<float>(nullptr, nullptr, bytes, in.hidden, in.targets,
+                                              in.sequences, head, o, logp, num_tokens, nullptr),
+      "kto::cuda::fused_linear_logprobs", "head.vocab_total");
+}

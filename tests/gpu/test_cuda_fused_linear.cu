@@ -9,7 +9,11 @@
 #include <kto/cuda.hpp>
 #include <kto/cuda/fused_linear.hpp>
 
+#include <condition_variable>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "../fused_problem.hpp"
@@ -151,6 +155,28 @@ struct Outcome {
   std::vector<double> entropy_sum, mean_logit_sum;
 };
 
+/// Every output of a finished step into `res` (its status aside).
+template <class T>
+void download_into(DeviceProblem<T>& d, Outcome& res) {
+  res.metrics = d.metrics.download()[0];
+  res.logp = d.logp.download();
+  res.ratio = d.ratio.download();
+  res.reward = d.reward.download();
+  res.loss = d.loss.download();
+  res.grad_logp = d.grad_logp.download();
+  res.num_tokens = d.num_tokens.download();
+  res.d_hidden = d.d_hidden.download();
+  if (d.dw_in_input_type) {  // T → float is exact
+    for (const T x : d.d_weight_in_input_type.download())
+      res.d_weight.push_back(static_cast<float>(Type<T>::up(x)));
+  } else {
+    res.d_weight = d.d_weight.download();
+  }
+  res.d_bias = d.d_bias.download();
+  res.entropy_sum = d.entropy_sum.download();
+  res.mean_logit_sum = d.mean_logit_sum.download();
+}
+
 template <class T>
 Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
                  const kto::cuda::FusedLinearConfig& cfg, bool host_offsets,
@@ -186,23 +212,7 @@ Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
     if (!res.status.ok()) return res;
   }
   res.status = kto::cuda::read_status(workspace.get(), stream, in.sequences);
-  res.metrics = d.metrics.download()[0];
-  res.logp = d.logp.download();
-  res.ratio = d.ratio.download();
-  res.reward = d.reward.download();
-  res.loss = d.loss.download();
-  res.grad_logp = d.grad_logp.download();
-  res.num_tokens = d.num_tokens.download();
-  res.d_hidden = d.d_hidden.download();
-  if (d.dw_in_input_type) {  // T → float is exact
-    for (const T x : d.d_weight_in_input_type.download())
-      res.d_weight.push_back(static_cast<float>(Type<T>::up(x)));
-  } else {
-    res.d_weight = d.d_weight.download();
-  }
-  res.d_bias = d.d_bias.download();
-  res.entropy_sum = d.entropy_sum.download();
-  res.mean_logit_sum = d.mean_logit_sum.download();
+  download_into(d, res);
   return res;
 }
 
@@ -422,6 +432,177 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab_blocks, dW in the input type",
   CHECK(got.d_hidden == wide.d_hidden);
   CHECK(got.d_bias == wide.d_bias);
   CHECK(got.metrics.loss == wide.metrics.loss);
+}
+
+/// Vocab parallel in one process: `ranks` threads, each a rank with its own stream and
+/// cuBLAS handle over a vocabulary slice; the gather hook copies each rank's partials into
+/// one device array, waits for every rank, then hands each the whole array.
+class SliceGather {
+ public:
+  SliceGather(index_t ranks, index_t rows) : ranks_(ranks), rows_(rows), all_(ranks * rows) {}
+  kto::cuda::RowPartialsAllGather hook(index_t rank) {
+    kto::cuda::RowPartialsAllGather g;
+    g.ranks = ranks_;
+    g.gather = [this, rank](const kto::RowPartial<float>* local, kto::RowPartial<float>* gathered,
+                            index_t rows, cudaStream_t stream) {
+      if (rows != rows_)
+        return kto::cuda::Status::make(kto::cuda::StatusCode::invalid_argument,
+                                       "rank %lld gathers %lld rows, not %lld",
+                                       static_cast<long long>(rank), static_cast<long long>(rows),
+                                       static_cast<long long>(rows_));
+      const size_t bytes = sizeof(kto::RowPartial<float>) * static_cast<size_t>(rows);
+      cudaMemcpyAsync(all_.get() + rank * rows, local, bytes, cudaMemcpyDeviceToDevice, stream);
+      cudaStreamSynchronize(stream);
+      arrive();
+      cudaMemcpyAsync(gathered, all_.get(), bytes * static_cast<size_t>(ranks_),
+                      cudaMemcpyDeviceToDevice, stream);
+      cudaStreamSynchronize(stream);
+      arrive();  // nobody refills all_ before every rank has its copy
+      const cudaError_t e = cudaGetLastError();
+      return e == cudaSuccess ? kto::cuda::Status::success()
+                              : kto::cuda::Status::make(kto::cuda::StatusCode::cuda_error, "%s",
+                                                        cudaGetErrorString(e));
+    };
+    return g;
+  }
+
+ private:
+  void arrive() {  // a reusable barrier over the ranks
+    std::unique_lock<std::mutex> lock(mutex_);
+    const index_t generation = generation_;
+    if (++arrived_ == ranks_) {
+      arrived_ = 0;
+      ++generation_;
+      ready_.notify_all();
+    } else {
+      ready_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+  index_t ranks_, rows_;
+  DeviceArray<kto::RowPartial<float>> all_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  index_t arrived_ = 0, generation_ = 0;
+};
+
+TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one process",
+                   "[fused][vocab_parallel]", KTO_CUDA_DTYPES) {
+  // Rank k holds W rows [v_k, v_k+1) (uneven slices) and runs the step with the gather
+  // hook. Every rank gets the same loss, metrics and log-probs (the merged partials, in
+  // rank order); its dW and db are the reference's rows of its slice; dH summed over the
+  // ranks (the caller's all-reduce, in float64 here) is the reference's, under check()'s
+  // rule. With a logit transform (per element, so slices compose) and compact scoring.
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const index_t ranks = GENERATE(2, 3);
+  const index_t vocab = GENERATE(123, 5001);
+  const bool compact = GENERATE(false, true);
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " ranks " << ranks << " V " << vocab
+               << " compact " << compact);
+  test::FusedSpec spec;
+  spec.vocab = vocab;
+  spec.dim = 24;
+  spec.ignore_fraction = 0.3;
+  auto fp = test::make_fused_problem(rng, spec, round_to<T>);
+  fp.with_bias = true;
+  kto::Options o;
+  o.logit_softcap = 15.0;
+  std::vector<index_t> begin(static_cast<size_t>(ranks + 1), 0);
+  for (index_t k = 1; k < ranks; ++k) begin[k] = vocab * k / ranks + (k % 2 ? 3 : -2);
+  begin[ranks] = vocab;
+  std::vector<std::unique_ptr<DeviceProblem<T>>> d;
+  for (index_t k = 0; k < ranks; ++k) d.push_back(std::make_unique<DeviceProblem<T>>(fp));
+  SliceGather gather(ranks, fp.kl_rows + fp.rows);
+  // Set up every rank here; the threads only run the steps (no Catch2 assertion in them).
+  struct Rank {
+    kto::LinearHead<T> head;
+    kto::cuda::FusedLinearInputs<T> in;
+    kto::cuda::FusedLinearOutputs out;
+    kto::cuda::RowPartialsAllGather hook;
+    std::unique_ptr<Cublas> blas;
+    cudaStream_t stream = nullptr;
+    std::unique_ptr<DeviceArray<char>> workspace;
+    size_t bytes = 0;
+    kto::cuda::Status status;
+  };
+  const auto cfg = config_rows<T>(fp, 3, FusedStrategy::keep_chunk);  // runs as recompute
+  std::vector<Rank> rank(static_cast<size_t>(ranks));
+  for (index_t k = 0; k < ranks; ++k) {
+    DeviceProblem<T>& p = *d[k];
+    Rank& r = rank[static_cast<size_t>(k)];
+    const index_t v0 = begin[k], n = begin[k + 1] - v0, D = fp.dim;
+    r.head.weight = kto::matrix_view<const T>(p.weight.get() + v0 * D, n, D);
+    r.head.bias = kto::make_span(static_cast<const T*>(p.bias.get() + v0), n);
+    r.head.vocab_begin = v0;
+    r.head.vocab_total = vocab;
+    r.in = p.inputs(true, compact);
+    r.out = p.outputs();
+    r.out.d_weight = kto::matrix_view(p.d_weight.get() + v0 * D, n, D);
+    r.out.d_bias = kto::make_span(p.d_bias.get() + v0, n);
+    r.hook = gather.hook(k);
+    r.blas = std::make_unique<Cublas>();
+    CUDA_REQUIRE(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
+    const auto query = kto::cuda::fused_linear_kto_step<T>(
+        r.blas->handle, nullptr, r.bytes, r.in, r.head, o, r.out, r.stream, cfg, {}, r.hook);
+    INFO(query.message);
+    REQUIRE(r.bytes > 0);
+    r.workspace = std::make_unique<DeviceArray<char>>(r.bytes);
+    p.poison();
+  }
+  std::vector<std::thread> threads;
+  for (Rank& r : rank)
+    threads.emplace_back([&, rp = &r] {
+      rp->status = kto::cuda::fused_linear_kto_step<T>(rp->blas->handle, rp->workspace->get(),
+                                                       rp->bytes, rp->in, rp->head, o, rp->out,
+                                                       rp->stream, cfg, {}, rp->hook);
+      if (rp->status.ok())
+        rp->status = kto::cuda::read_status(rp->workspace->get(), rp->stream, rp->in.sequences);
+    });
+  for (auto& t : threads) t.join();
+  std::vector<Outcome> got(static_cast<size_t>(ranks));
+  for (index_t k = 0; k < ranks; ++k) {
+    DeviceProblem<T>& p = *d[k];
+    Outcome& res = got[static_cast<size_t>(k)];
+    Rank& r = rank[static_cast<size_t>(k)];
+    CUDA_REQUIRE(cudaStreamSynchronize(r.stream));
+    cudaStreamDestroy(r.stream);
+    res.status = r.status;
+    download_into(p, res);
+    const index_t v0 = begin[k], n = begin[k + 1] - v0, D = fp.dim;  // the slice's rows
+    res.d_weight.erase(res.d_weight.begin() + (v0 + n) * D, res.d_weight.end());
+    res.d_weight.erase(res.d_weight.begin(), res.d_weight.begin() + v0 * D);
+    res.d_bias.erase(res.d_bias.begin() + v0 + n, res.d_bias.end());
+    res.d_bias.erase(res.d_bias.begin(), res.d_bias.begin() + v0);
+  }
+  for (index_t k = 0; k < ranks; ++k) {
+    INFO("rank " << k << ": " << got[k].status.message);
+    REQUIRE(got[k].status.ok());
+  }
+  const test::FusedReference R = test::fused_reference(fp, o);
+  const double u = std::is_same<T, float>::value ? 0.0 : Type<T>::unit_roundoff;
+  std::vector<double> d_hidden(got[0].d_hidden.size(), 0.0);
+  for (const Outcome& g : got)
+    for (size_t i = 0; i < d_hidden.size(); ++i) d_hidden[i] += g.d_hidden[i];
+  for (index_t k = 0; k < ranks; ++k) {
+    INFO("rank " << k);
+    const Outcome& g = got[static_cast<size_t>(k)];
+    CHECK(std::memcmp(&g.metrics, &got[0].metrics, sizeof(kto::Metrics)) == 0);
+    CHECK(g.logp == got[0].logp);
+    CHECK(g.grad_logp == got[0].grad_logp);
+    test::FusedObserved obs;
+    obs.examples.metrics = g.metrics;
+    obs.examples.num_tokens = g.num_tokens;
+    obs.examples.logp.assign(g.logp.begin(), g.logp.end());
+    obs.examples.ratio.assign(g.ratio.begin(), g.ratio.end());
+    obs.examples.reward.assign(g.reward.begin(), g.reward.end());
+    obs.examples.loss.assign(g.loss.begin(), g.loss.end());
+    obs.examples.grad_logp.assign(g.grad_logp.begin(), g.grad_logp.end());
+    obs.d_hidden = d_hidden;
+    obs.d_weight.assign(g.d_weight.begin(), g.d_weight.end());
+    obs.d_bias.assign(g.d_bias.begin(), g.d_bias.end());
+    test::compare_fused(fp, R, obs, o, 1e-5, begin[k], begin[k + 1] - begin[k], u);
+  }
 }
 
 TEMPLATE_TEST_CASE("CUDA fused-linear step at large vocabularies (block-per-row kernels)",

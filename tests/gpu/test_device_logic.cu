@@ -639,6 +639,57 @@ TEMPLATE_TEST_CASE("vocab blocks: each block's lanes write the whole row's dZ of
   emulate(std::integral_constant<int, 512>{});
 }
 
+TEST_CASE("vocab parallel: slice partials merged in rank order give the row's lse and target",
+          "[device][vocab_parallel]") {
+  // Each slice's lanes fold their columns (thread_biased_lse, then the group reduction),
+  // slice_partial() takes the target logit when the slice holds it, and merge_gathered()
+  // folds the ranks as kto::merge_row_partials does on the host, bit for bit; the merged
+  // lse is the row's float64 lse at 1e-5 of its scale, the target logit exact.
+  std::mt19937_64 rng(test::fresh_seed());
+  std::normal_distribution<double> normal(0.0, 3.0);
+  const index_t vocab = GENERATE(7, 123, 5001);
+  const index_t ranks = GENERATE(1, 2, 3);
+  const bool with_bias = GENERATE(true, false);
+  INFO("V " << vocab << " ranks " << ranks << " bias " << with_bias);
+  std::vector<float> z(static_cast<size_t>(vocab)), bias(static_cast<size_t>(vocab));
+  std::vector<double> x(static_cast<size_t>(vocab));
+  for (index_t v = 0; v < vocab; ++v) {
+    z[v] = static_cast<float>(normal(rng));
+    bias[v] = with_bias ? static_cast<float>(normal(rng)) : 0.0f;
+    x[v] = double(z[v] + bias[v]);  // the kernels add in float first
+  }
+  const double lse = reference_lse(x);
+  for (const index_t target : {index_t{0}, vocab / 2, vocab - 1}) {
+    INFO("target " << target);
+    // Slices start at multiples of 4 (the float4 loads), uneven in length.
+    std::vector<index_t> begin(static_cast<size_t>(ranks + 1), 0);
+    for (index_t k = 1; k < ranks; ++k)
+      begin[k] = std::max(begin[k - 1], vocab * k / ranks / 4 * 4);
+    begin[ranks] = vocab;
+    std::vector<kto::RowPartial<float>> gathered;
+    auto slice = [&](auto threads, index_t k) {
+      constexpr int K = decltype(threads)::value;
+      const index_t v0 = begin[k], cols = begin[k + 1] - v0;
+      std::vector<kto::device::RowState<false>> st(K);
+      for (int lane = 0; lane < K; ++lane)
+        st[lane] = kto::device::thread_biased_lse<K>(z.data() + v0, bias.data() + v0, cols, lane);
+      return kto::device::slice_partial<false>(emulate_group_reduce(st), z.data() + v0,
+                                               bias.data() + v0, target, v0, cols, {});
+    };
+    for (const int lanes : {32, 512}) {
+      gathered.clear();
+      for (index_t k = 0; k < ranks; ++k)
+        gathered.push_back(lanes == 32 ? slice(std::integral_constant<int, 32>{}, k)
+                                       : slice(std::integral_constant<int, 512>{}, k));
+      const auto merged = kto::device::merge_gathered(gathered.data(), ranks, 1, 0);
+      const auto host = kto::merge_row_partials(gathered, ranks)[0];
+      CHECK(std::memcmp(&merged, &host, sizeof(merged)) == 0);
+      CHECK(merged.target_logit == z[target] + bias[target]);
+      CHECK(std::fabs(merged.lse - lse) <= 1e-5 * (1.0 + std::fabs(lse)));
+    }
+  }
+}
+
 TEST_CASE("compact rows: every lane's segment, the scan and the writes list the scored rows",
           "[device][compact]") {
   // compact_rows_kernel emulated: all kCompactThreads lanes count their segment, lane 0's

@@ -174,14 +174,21 @@ def test_fused_logprobs_equal_sequence_logprobs():
     assert torch.equal(n, wn)
 
 
-def test_fused_opcheck_and_compile():
-    p = make_problem(5)
+def op_args(p, device="cpu"):
+    """The inputs of torch.ops.kto.fused_linear_forward for a make_problem() problem."""
     B, T, D = p["hidden"].shape
     offsets = torch.arange(B + 1, dtype=torch.int64) * T
-    args = (p["hidden"].reshape(-1, D).requires_grad_(True), p["weight"].requires_grad_(True),
-            p["bias"].requires_grad_(True), p["targets"].reshape(-1), offsets, p["reference_logp"],
-            p["desirable"], p["kl_hidden"].reshape(-1, D), p["kl_targets"].reshape(-1), offsets,
-            p["kl_reference_logp"])
+    args = (p["hidden"].reshape(-1, D), p["weight"], p["bias"], p["targets"].reshape(-1), offsets,
+            p["reference_logp"], p["desirable"], p["kl_hidden"].reshape(-1, D),
+            p["kl_targets"].reshape(-1), offsets, p["kl_reference_logp"])
+    # The differentiable inputs (hidden, weight, bias) require grad, as in a training step.
+    return tuple(None if a is None else a.detach().to(device).requires_grad_(i < 3)
+                 for i, a in enumerate(args))
+
+
+def test_fused_opcheck_and_compile():
+    p = make_problem(5)
+    args = op_args(p)
     for token_statistics in (False, True):
         options = kto_torch._options(token_statistics=token_statistics)
         torch.library.opcheck(torch.ops.kto.fused_linear_forward.default,
@@ -228,6 +235,11 @@ def test_fused_errors_name_the_argument():
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], p["targets"], None,
                                         p["reference_logp"], p["desirable"],
                                         strategy="vocab_blocks")
+    # The op itself (below the wrapper's check) names the strategy too.
+    with pytest.raises((ValueError, RuntimeError), match=r"argument 'strategy' must be keep_chunk "
+                                                         r"\(0\) or recompute \(1\) on the CPU "
+                                                         r"\(vocab_blocks \(2\) is CUDA only\)"):
+        torch.ops.kto.fused_linear_forward(*op_args(p), kto_torch._options(), 1 << 20, 2)
     with pytest.raises(ValueError, match="'hidden' must be"):
         kto_torch.fused_linear_kto_loss(p["hidden"][None], p["weight"], p["targets"], None,
                                         p["reference_logp"], p["desirable"])
@@ -276,13 +288,18 @@ def test_cuda_vocab_blocks_returns_dw_in_the_weight_dtype(bias):
     p = make_problem(8, dtype=torch.bfloat16, V=5003, bias=bias)
     o = dict(beta=0.2)
     blocks = fused(p, o, device="cuda", strategy="vocab_blocks", chunk_bytes=1 << 16)
-    assert blocks[2].dtype == torch.bfloat16
     assert_matches(p, o, blocks, reference(p, o), UNIT_ROUNDOFF[torch.bfloat16])
     mixed = dict(p, weight=p["weight"].float(), bias=p["bias"].float() if bias else None)
     got = fused(mixed, o, device="cuda", strategy="vocab_blocks", chunk_bytes=1 << 16)
-    assert got[2].dtype == torch.float32
     assert_matches(mixed, o, got, reference(mixed, o), UNIT_ROUNDOFF[torch.bfloat16])
     assert torch.equal(got[0].loss, blocks[0].loss)
+    # The op's own dW output (autograd would cast any dtype to the parameter's): bf16 from
+    # the library for the bf16 weight, fp32 for the fp32 one; the fake agrees (opcheck).
+    for problem, dtype in ((p, torch.bfloat16), (mixed, torch.float32)):
+        call = op_args(problem, "cuda") + (kto_torch._options(), 1 << 16,
+                                           kto_torch.STRATEGIES["vocab_blocks"])
+        assert torch.ops.kto.fused_linear_forward(*call)[4].dtype == dtype
+        torch.library.opcheck(torch.ops.kto.fused_linear_forward.default, call)
 
 
 def test_mixed_precision_logprobs_equal_the_all_half_call():

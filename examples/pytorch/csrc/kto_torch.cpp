@@ -1076,12 +1076,15 @@ std::vector<torch::Tensor> fused_linear_forward(
       or_empty(kl_reference_logp, hidden, torch::kFloat));
   const kto::Options o = options_of(fn, options);
   check_chunk_bytes(fn, chunk_bytes);
-  require(strategy == 0 || strategy == 1, fn, "strategy", "be keep_chunk (0) or recompute (1)",
-          text(strategy));
   if constexpr (B == Backend::cpu) {
+    require(strategy == 0 || strategy == 1, fn, "strategy",
+            "be keep_chunk (0) or recompute (1) on the CPU (vocab_blocks (2) is CUDA only)",
+            text(strategy));
     return fused_linear_forward_cpu(f, o, chunk_bytes, strategy);
   } else {
     require_cuda(fn, "hidden", hidden);
+    require(strategy >= 0 && strategy <= 2, fn, "strategy",
+            "be keep_chunk (0), recompute (1) or vocab_blocks (2)", text(strategy));
 #ifdef KTO_TORCH_WITH_CUDA
     return cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
 #else

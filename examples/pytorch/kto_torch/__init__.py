@@ -582,8 +582,8 @@ def fused_linear_kto_loss(
     both summing dW over row chunks in an fp32 [V, D] array, or on CUDA "vocab_blocks" (4):
     the backward by blocks of vocabulary columns over all rows at once, each block of dW
     one GEMM's fp32 sum written once in the weight's dtype, so no fp32 [V, D] array (an
-    fp32 weight under mixed precision gets the fp32 sums). Its extra memory is a copy of
-    the scored rows' hidden states and an fp32 [scored rows, D] array for their gradient.
+    fp32 weight under mixed precision gets the fp32 sums). Its extra memory is room for a
+    copy of the hidden states [N, D] and an fp32 [N, D] array for their gradient.
 
     Layouts: hidden states, weight and KL hidden states are read with their strides when
     their rows are at least D elements apart with unit stride along D; any other layout (a

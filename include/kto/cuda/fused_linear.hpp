@@ -22,10 +22,15 @@
 // workspace. Extra memory: one chunk (config.chunk_bytes), its hidden rows
 // (chunk rows × D in the input type) + O(rows) floats. Ignored rows enter the
 // GEMMs as zeros, so a NaN there never reaches a gradient.
-// Vocab-parallel is CPU-only for now (cpu/fused_linear.hpp).
+// Vocab-parallel (head.weight a vocabulary slice, RowPartialsAllGather set): as on
+// the CPU, each rank's row partials of both batches go out in one all-gather, the
+// ranks are merged in rank order (the same lse on every rank), the backward needs
+// no more communication; dH is a partial sum for the caller to all-reduce.
 #pragma once
 
 #include <cublas_v2.h>
+
+#include <functional>
 
 #include <kto/device/fused_linear_kernels.cuh>
 
@@ -81,6 +86,18 @@ struct FusedLinearOutputs : StepOutputs {
   /// one GEMM and rounded once, so no V × D fp32 array exists (half of fp32's bytes).
   MatrixView<void> d_weight_in_input_type;
   Span<float> d_bias;
+};
+
+/// Vocab parallel: all-gathers this rank's row partials (`local`, device, `rows` of them)
+/// into `gathered` (device, ranks × rows, rank-major: rank k's row r at k·rows + r) on
+/// `stream`, e.g. ncclAllGather. Called once a step, for the KL batch's rows and then the
+/// target batch's together; `ranks` is the number of vocabulary slices.
+struct RowPartialsAllGather {
+  index_t ranks = 0;
+  std::function<Status(const RowPartial<float>* local, RowPartial<float>* gathered, index_t rows,
+                       cudaStream_t stream)>
+      gather;
+  explicit operator bool() const { return static_cast<bool>(gather); }
 };
 
 namespace detail {
@@ -180,6 +197,8 @@ struct FusedBuffers : BatchBuffers {
   void* hidden;                 ///< the chunk's hidden rows, ignored rows zeroed (T, cols apart)
   float* d_hidden;              ///< compact scoring: the chunk's dH rows before their scatter
   index_t *row_of, *kl_row_of;  ///< compact scoring: the scored rows of each batch
+  /// Vocab parallel: this rank's row partials (KL rows, then target rows) and all ranks'.
+  RowPartial<float>*partials, *gathered;
   void* cublas;
 };
 
@@ -191,12 +210,16 @@ struct FusedLayout {
   /// Strategy vocab_blocks: the backward holds every row's hidden states (and with
   /// compact scoring, their dH), a block of logits at least kMinCols wide over them.
   bool vocab_blocks = false;
+  /// Vocab parallel: the slices whose row partials are gathered (0: not sharded).
+  index_t ranks = 0;
 
   /// A step's: compact scoring where host targets and offsets are given.
   template <class T>
-  static FusedLayout of(const FusedLinearInputs<T>& in, const FusedLinearConfig& cfg) {
+  static FusedLayout of(const FusedLinearInputs<T>& in, const FusedLinearConfig& cfg,
+                        const RowPartialsAllGather& gather) {
     FusedLayout l;
     l.vocab_blocks = cfg.strategy == FusedStrategy::vocab_blocks;
+    l.ranks = gather ? std::max<index_t>(gather.ranks, 1) : 0;
     l.rows = in.hidden.rows;
     l.sequences = in.sequences.count;
     l.kl_rows = in.kl.hidden.rows;
@@ -228,6 +251,8 @@ FusedBuffers carve_fused(Carver& c, const FusedLayout& l, const LinearHead<T>& h
   static_cast<BatchBuffers&>(b) = BatchBuffers::carve(c, N, l.sequences, NK, l.kl_sequences);
   b.row_of = l.compact ? c.take<index_t>(N) : nullptr;
   b.kl_row_of = l.kl_compact ? c.take<index_t>(NK) : nullptr;
+  b.partials = l.ranks ? c.take<RowPartial<float>>(NK + N) : nullptr;
+  b.gathered = l.ranks ? c.take<RowPartial<float>>(l.ranks * (NK + N)) : nullptr;
   b.d_hidden = l.compact && l.backward ? c.take<float>(rows * D) : nullptr;
   b.row_scale = c.take<float>(N);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
@@ -288,8 +313,10 @@ class ChunkRunner {
     return logits_gemm(0, head_.weight.rows, n, shape_.ld_logits);
   }
 
+  /// Chunk rows [r0, r0 + n) of the logits buffer: the head's columns of the whole
+  /// vocabulary (all of it, or a rank's slice).
   device::ChunkView view(index_t r0, index_t n, const index_t* row_of) const {
-    return device::ChunkView{b_.logits, shape_.ld_logits, head_.weight.rows, b_.bias, r0, n,
+    return device::ChunkView{b_.logits, shape_.ld_logits, head_.total_vocab(), b_.bias, r0, n,
                              row_of};
   }
 
@@ -325,6 +352,33 @@ class ChunkRunner {
       Status s = logits(hidden, batch, r0, n, row_of);
       if (!s) return s;
       forward(batch, r0, n, row_of, row_lse, token_logp, tag, group);
+    }
+    return last_launch(fn_);
+  }
+
+  /// Vocab parallel: this rank's row partials of chunk rows [first, last) of a batch
+  /// (batch rows, or scored rows through `row_of`) into `partials` (batch rows).
+  Status partials_rows(const MatrixView<const T>& hidden, const device::BatchRows& batch,
+                       index_t first, index_t last, const index_t* row_of,
+                       RowPartial<float>* partials, unsigned tag) {
+    for (index_t r0 = first; r0 < last; r0 += shape_.rows) {
+      const index_t n = std::min(shape_.rows, last - r0);
+      Status s = logits(hidden, batch, r0, n, row_of);
+      if (!s) return s;
+      device::ChunkPartialsParams p{view(r0, n, row_of),
+                                    head_.vocab_begin,
+                                    head_.weight.rows,
+                                    batch,
+                                    partials,
+                                    b_.errors,
+                                    tag,
+                                    extras_.transform};
+      launch_rows(head_.weight.rows, n, extras_.transformed,
+                  [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
+                    device::chunk_partials_kernel<decltype(threads)::value,
+                                                  decltype(per_block)::value, decltype(ext)::value>
+                        <<<grid, block, 0, stream_>>>(p);
+                  });
     }
     return last_launch(fn_);
   }
@@ -446,9 +500,16 @@ class ChunkRunner {
   /// dZ into b_.grad (`ld_grad` apart) from the logits of `z`: columns [v0, v0 + w).
   Status logit_gradients(const device::ChunkView& z, const device::BatchRows& batch,
                          index_t ld_grad, index_t v0, index_t w) {
-    device::ChunkBackwardParams<T> p{
-        z,  batch, b_.row_lse, b_.row_scale, static_cast<T*>(b_.grad), ld_grad, extras_.transform,
-        v0, w};
+    // The one-hot's column: the head's first row is global column vocab_begin.
+    device::ChunkBackwardParams<T> p{z,
+                                     batch,
+                                     b_.row_lse,
+                                     b_.row_scale,
+                                     static_cast<T*>(b_.grad),
+                                     ld_grad,
+                                     extras_.transform,
+                                     head_.vocab_begin + v0,
+                                     w};
     launch_rows(w, z.rows, extras_.transformed,
                 [&](auto threads, auto per_block, auto ext, dim3 grid, dim3 block) {
                   device::chunk_backward_kernel<T, decltype(threads)::value,
@@ -550,11 +611,11 @@ void validate_cublas_operand(const MatrixView<T>& m, const char* fn, const std::
 }
 
 template <class T>
-void validate_cuda_head(const LinearHead<T>& head, const char* fn) {
+void validate_cuda_head(const LinearHead<T>& head, const char* fn, bool slices) {
   kto::detail::validate_head(head, fn);
   validate_cublas_operand(head.weight, fn, "head.weight");
-  kto::detail::require(!head.sharded(), fn, "head.vocab_total",
-                       "equal head.weight.rows: vocab-parallel runs on the CPU path only",
+  kto::detail::require(slices || !head.sharded(), fn, "head.vocab_total",
+                       "equal head.weight.rows (merge slices with fused_linear_kto_step)",
                        head.vocab_total);
   kto::detail::require(head.weight.rows < (index_t{1} << 31), fn, "head.weight.rows",
                        "be < 2^31 (cuBLAS int sizes)", head.weight.rows);
@@ -565,12 +626,30 @@ void validate_cuda_head(const LinearHead<T>& head, const char* fn) {
 /// Checks every host-visible argument of fused_linear_kto_step(); launches nothing.
 template <class T>
 Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, const Options& o,
-                     const FusedLinearOutputs& out, const FusedLinearConfig& cfg = {}) {
+                     const FusedLinearOutputs& out, const FusedLinearConfig& cfg = {},
+                     const RowPartialsAllGather& gather_partials = {}) {
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::fused_linear_kto_step";
   try {
     validate_options(o, fn);
-    detail::validate_cuda_head(head, fn);
+    detail::validate_cuda_head(head, fn, true);
+    if (head.sharded()) {
+      kto::detail::require(static_cast<bool>(gather_partials), fn, "gather_partials",
+                           "be set when head.weight holds a vocabulary slice (" +
+                               std::to_string(head.weight.rows) + " of " +
+                               std::to_string(head.total_vocab()) + " rows)",
+                           "an empty function");
+      kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
+                           "be false with a vocabulary slice (the row partials carry no entropy)",
+                           "true");
+      kto::detail::require(cfg.strategy != FusedStrategy::vocab_blocks, fn, "config.strategy",
+                           "be keep_chunk or recompute with a vocabulary slice (the slice's "
+                           "backward runs as recompute's)",
+                           "vocab_blocks (2)");
+    }
+    if (gather_partials)
+      kto::detail::require(gather_partials.ranks >= 1, fn, "gather_partials.ranks",
+                           "be >= 1 (the vocabulary slices gathered)", gather_partials.ranks);
     detail::validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
     detail::validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
     kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
@@ -632,11 +711,13 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
   return Status::success();
 }
 
+/// `gather_partials`: vocab parallel, its ranks × (KL rows + rows) gathered partials.
 template <class T>
 size_t fused_linear_workspace_bytes(const FusedLinearInputs<T>& in, const LinearHead<T>& head,
-                                    const FusedLinearConfig& cfg = {}) {
+                                    const FusedLinearConfig& cfg = {},
+                                    const RowPartialsAllGather& gather_partials = {}) {
   detail::Carver c(nullptr);
-  detail::carve_fused(c, detail::FusedLayout::of(in, cfg), head, cfg);
+  detail::carve_fused(c, detail::FusedLayout::of(in, cfg, gather_partials), head, cfg);
   return c.used();
 }
 
@@ -646,20 +727,21 @@ template <class T>
 Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& workspace_bytes,
                              const FusedLinearInputs<T>& in, const LinearHead<T>& head,
                              const Options& o, const FusedLinearOutputs& out, cudaStream_t stream,
-                             const FusedLinearConfig& cfg = {},
-                             const KlAllReduce& all_reduce = {}) {
+                             const FusedLinearConfig& cfg = {}, const KlAllReduce& all_reduce = {},
+                             const RowPartialsAllGather& gather_partials = {}) {
   const char* fn = "kto::cuda::fused_linear_kto_step";
-  Status status = can_implement(in, head, o, out, cfg);
+  Status status = can_implement(in, head, o, out, cfg, gather_partials);
   if (!status) return status;
   if (handle == nullptr)
     return Status::make(StatusCode::invalid_argument,
                         "%s: argument 'handle' must be a cuBLAS handle; got nullptr", fn);
   if (!detail::workspace_ready(workspace, workspace_bytes,
-                               fused_linear_workspace_bytes(in, head, cfg), status, fn))
+                               fused_linear_workspace_bytes(in, head, cfg, gather_partials), status,
+                               fn))
     return status;
   detail::Carver c(workspace);
   const detail::FusedBuffers b =
-      detail::carve_fused(c, detail::FusedLayout::of(in, cfg), head, cfg);
+      detail::carve_fused(c, detail::FusedLayout::of(in, cfg, gather_partials), head, cfg);
   status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
   if (!status) return status;
   const index_t N = in.hidden.rows, B = in.sequences.count, V = head.weight.rows;
@@ -689,19 +771,58 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   const detail::CompactPlan compact =
       detail::compact_plan(in.host_targets, in.targets.rows, in.host_offsets, B, o.ignore_index);
   detail::launch_compact_rows(compact, rows, b.row_of, b.errors, 0u, stream);
+  // Chunk rows: batch rows, or with compact scoring the scored rows (b.row_of).
+  const index_t chunked_rows = compact.on ? compact.rows() : N;
 
-  // KL batch, forward only → (S, C).
-  if (uses_kl_batch(o) && in.kl.sequences.count > 0) {
-    const index_t NK = in.kl.hidden.rows, K = in.kl.sequences.count;
-    const device::BatchRows kl_rows{in.kl.targets, in.kl.sequences, NK, o.ignore_index};
+  const bool kl_used = uses_kl_batch(o) && in.kl.sequences.count > 0;
+  const index_t NK = in.kl.hidden.rows, K = in.kl.sequences.count;
+  const device::BatchRows kl_rows{in.kl.targets, in.kl.sequences, NK, o.ignore_index};
+  detail::CompactPlan kl_compact;
+  if (kl_used) {
     detail::launch_validate_offsets(in.kl.sequences, NK, b.errors, device::kKlBatchTag, stream);
-    const detail::CompactPlan kl_compact = detail::compact_plan(
-        in.kl.host_targets, in.kl.targets.rows, in.kl.host_offsets, K, o.ignore_index);
+    kl_compact = detail::compact_plan(in.kl.host_targets, in.kl.targets.rows, in.kl.host_offsets, K,
+                                      o.ignore_index);
     detail::launch_compact_rows(kl_compact, kl_rows, b.kl_row_of, b.errors, device::kKlBatchTag,
                                 stream);
-    status = runner.forward_rows(in.kl.hidden, kl_rows, 0, kl_compact.on ? kl_compact.rows() : NK,
-                                 b.kl_row_of, b.kl_row_lse, b.kl_token_logp, device::kKlBatchTag);
+  }
+  const index_t kl_chunked_rows = kl_compact.on ? kl_compact.rows() : NK;
+  const bool sharded = head.sharded();
+  if (sharded) {
+    // Vocab parallel: both batches' row partials in one all-gather (NK + N of them on
+    // every rank), merged in rank order into each row's lse and ℓ.
+    const index_t gathered_rows = NK + N;
+    cudaMemsetAsync(b.partials, 0, sizeof(RowPartial<float>) * static_cast<size_t>(gathered_rows),
+                    stream);  // rows no chunk visits: defined bytes for the collective
+    if (kl_used) {
+      status = runner.partials_rows(in.kl.hidden, kl_rows, 0, kl_chunked_rows, b.kl_row_of,
+                                    b.partials, device::kKlBatchTag);
+      if (!status) return status;
+    }
+    status = runner.partials_rows(in.hidden, rows, 0, chunked_rows, b.row_of, b.partials + NK, 0u);
     if (!status) return status;
+    status = gather_partials.gather(b.partials, b.gathered, gathered_rows, stream);
+    if (!status) return status;
+    const index_t ranks = std::max<index_t>(gather_partials.ranks, 1);
+    if (kl_used) {
+      device::MergePartialsParams mk{
+          b.gathered,      ranks,    gathered_rows,      0, kl_rows, b.kl_row_lse,
+          b.kl_token_logp, b.errors, device::kKlBatchTag};
+      device::merge_partials_kernel<<<256, 256, 0, stream>>>(mk);
+    }
+    device::MergePartialsParams mt{b.gathered, ranks,        gathered_rows, NK, rows,
+                                   b.row_lse,  b.token_logp, b.errors,      0u};
+    device::merge_partials_kernel<<<256, 256, 0, stream>>>(mt);
+    status = detail::last_launch(fn);
+    if (!status) return status;
+  }
+
+  // KL batch, forward only → (S, C).
+  if (kl_used) {
+    if (!sharded) {
+      status = runner.forward_rows(in.kl.hidden, kl_rows, 0, kl_chunked_rows, b.kl_row_of,
+                                   b.kl_row_lse, b.kl_token_logp, device::kKlBatchTag);
+      if (!status) return status;
+    }
     runner.sequences(kl_rows, 0, K, o.average_logprob, b.kl_token_logp, b.kl_logp, b.kl_num_tokens,
                      device::kKlBatchTag);
     device::KlParams kp{
@@ -739,9 +860,12 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
     return Status::success();
   };
 
-  // Chunk rows: batch rows, or with compact scoring the scored rows (b.row_of).
-  const index_t chunked_rows = compact.on ? compact.rows() : N;
-  if (cfg.strategy == FusedStrategy::vocab_blocks) {
+  if (sharded) {  // the rows' lse and ℓ are merged: sequences, then the slice's backward
+    runner.sequences(rows, 0, B, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
+    grads_of(0, B);
+    status = backward_rows(0, chunked_rows, true);
+    if (!status) return status;
+  } else if (cfg.strategy == FusedStrategy::vocab_blocks) {
     status = runner.forward_rows(in.hidden, rows, 0, chunked_rows, b.row_of, b.row_lse,
                                  b.token_logp, 0u);
     if (!status) return status;
@@ -819,7 +943,7 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
   const char* fn = "kto::cuda::fused_linear_logprobs";
   try {
     validate_options(o, fn);
-    detail::validate_cuda_head(head, fn);
+    detail::validate_cuda_head(head, fn, false);
     detail::validate_hidden(hidden, targets, sequences, head, fn, "", true);
     kto::detail::require(logp != nullptr || sequences.count == 0, fn, "logp", "be non-null",
                          "nullptr");

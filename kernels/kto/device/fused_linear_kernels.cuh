@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <kto/example_loss.hpp>
+#include <kto/fused_linear.hpp>
 #include <kto/layout.hpp>
 #include <kto/options.hpp>
 #include <kto/reference_point.hpp>
@@ -105,24 +106,41 @@ struct ChunkForwardParams {
   float* row_mean_logit = nullptr;
 };
 
+/// Chunk row i's batch row and target; lane 0 records a row outside the host's plan
+/// (compact scoring) and a target outside the vocabulary. Not scored: ignore_index or
+/// out of range (the forward writes zeros for it).
+struct ChunkRowTarget {
+  index_t r, t;
+  bool scored;
+};
+__device__ inline ChunkRowTarget chunk_row_target(const ChunkView& z, const BatchRows& batch,
+                                                  index_t i, int lane, DeviceErrors* errors,
+                                                  unsigned tag) {
+  ChunkRowTarget c;
+  c.r = z.batch_row(i);
+  if (z.row_of && lane == 0 && (c.r < z.group_first || c.r >= z.group_last))
+    record_error(errors, c.r, kHostTargetsMismatch | tag);
+  c.t = batch.target(c.r);
+  c.scored = c.t != batch.ignore_index && c.t >= 0 && c.t < z.vocab;
+  if (!c.scored && lane == 0 && c.t != batch.ignore_index)
+    record_error(errors, c.r, kTargetOutOfRange | tag);
+  return c;
+}
+
 template <int kThreads, int kRowsPerBlock, bool kExtended>
 __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
     chunk_forward_kernel(ChunkForwardParams p) {
   const int lane = static_cast<int>(threadIdx.x) % kThreads;
   const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
   if (i >= p.z.rows) return;  // uniform per row group
-  const index_t r = p.z.batch_row(i);
-  if (p.z.row_of && lane == 0 && (r < p.z.group_first || r >= p.z.group_last))
-    record_error(p.errors, r, kHostTargetsMismatch | p.error_tag);
-  const index_t t = p.batch.target(r);
-  if (t == p.batch.ignore_index || t < 0 || t >= p.z.vocab) {
+  const auto [r, t, scored] = chunk_row_target(p.z, p.batch, i, lane, p.errors, p.error_tag);
+  if (!scored) {
     if (lane == 0) {
       p.row_lse[r] = 0.0f;
       p.token_logp[r] = 0.0f;
       if constexpr (kExtended) {
         if (p.row_entropy) p.row_entropy[r] = p.row_mean_logit[r] = 0.0f;
       }
-      if (t != p.batch.ignore_index) record_error(p.errors, r, kTargetOutOfRange | p.error_tag);
     }
     return;
   }
@@ -134,6 +152,94 @@ __global__ void __launch_bounds__(kThreads* kRowsPerBlock)
         row_value<kExtended>(row[t] + (p.z.bias ? p.z.bias[t] : 0.0f), p.transform);
     finish_row<kExtended>(st, target_value, p.z.vocab, r, p.row_lse, p.token_logp, p.row_entropy,
                           p.row_mean_logit, p.errors, p.error_tag);
+  }
+}
+
+// ------------------------------------------------------------ vocab parallel --
+// A rank holding vocabulary columns [col_begin, col_begin + cols) writes each row's
+// RowPartial (the log-sum-exp over its columns, the target logit if it holds the
+// target, else 0); the caller all-gathers them, and merge_partials_kernel folds the
+// ranks in rank order into lse_r and ℓ_r, the same bits on every rank.
+
+struct ChunkPartialsParams {
+  ChunkView z;  ///< the rank's columns: z.vocab the whole vocabulary, z.bias the slice's
+  index_t col_begin, cols;
+  BatchRows batch;
+  RowPartial<float>* partials;  ///< batch rows; {0, 0} where not scored
+  DeviceErrors* errors;
+  unsigned error_tag;
+  RowTransform transform{};  ///< kExtended only
+};
+
+/// What lane 0 of chunk row i's group writes, from the group's reduced state.
+template <bool kExtended>
+KTO_HOST_DEVICE inline RowPartial<float> slice_partial(const RowState<kExtended>& st,
+                                                       const float* row, const float* bias,
+                                                       index_t target, index_t col_begin,
+                                                       index_t cols,
+                                                       const RowTransform& transform) {
+  const index_t k = target - col_begin;  // the target's column in the slice, if held
+  const bool held = k >= 0 && k < cols;
+  return RowPartial<float>{
+      st.m + logf(st.s),
+      held ? row_value<kExtended>(row[k] + (bias ? bias[k] : 0.0f), transform) : 0.0f};
+}
+
+template <int kThreads, int kRowsPerBlock, bool kExtended>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock)
+    chunk_partials_kernel(ChunkPartialsParams p) {
+  const int lane = static_cast<int>(threadIdx.x) % kThreads;
+  const index_t i = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  if (i >= p.z.rows) return;  // uniform per row group
+  const auto [r, t, scored] = chunk_row_target(p.z, p.batch, i, lane, p.errors, p.error_tag);
+  if (!scored) {
+    if (lane == 0) p.partials[r] = RowPartial<float>{0.0f, 0.0f};
+    return;
+  }
+  const float* row = p.z.logits + i * p.z.ld;
+  auto st = thread_biased_lse<kThreads, kExtended>(row, p.z.bias, p.cols, lane, p.transform);
+  st = group_reduce_lse<kThreads>(st);
+  if (lane == 0)
+    p.partials[r] =
+        slice_partial<kExtended>(st, row, p.z.bias, t, p.col_begin, p.cols, p.transform);
+}
+
+/// Row r's partials of `ranks` slices (rank-major, `rows` apart) folded in rank order
+/// with kto::merge_row_partial, as kto::merge_row_partials does on the host.
+KTO_HOST_DEVICE inline RowPartial<float> merge_gathered(const RowPartial<float>* gathered,
+                                                        index_t ranks, index_t rows, index_t r) {
+  RowPartial<float> out = gathered[r];
+  for (index_t k = 1; k < ranks; ++k) out = merge_row_partial(out, gathered[k * rows + r]);
+  return out;
+}
+
+struct MergePartialsParams {
+  const RowPartial<float>* gathered;  ///< ranks × `stride` partials, rank-major
+  index_t ranks, stride;
+  index_t first;      ///< this batch's first row among each rank's `stride`
+  BatchRows batch;    ///< batch.rows rows
+  float* row_lse;     ///< batch rows; 0 where not scored
+  float* token_logp;  ///< batch rows; 0 where not scored
+  DeviceErrors* errors;
+  unsigned error_tag;
+};
+
+/// lse_r and ℓ_r = target logit − lse_r of every scored row from the gathered partials;
+/// a non-finite one is reported as the whole-vocabulary forward reports it.
+__global__ void merge_partials_kernel(MergePartialsParams p) {
+  for (index_t r = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; r < p.batch.rows;
+       r += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t t = p.batch.target(r);
+    if (t == p.batch.ignore_index) {
+      p.row_lse[r] = p.token_logp[r] = 0.0f;
+      continue;
+    }
+    const RowPartial<float> m = merge_gathered(p.gathered + p.first, p.ranks, p.stride, r);
+    const float lp = m.target_logit - m.lse;
+    if (!(isfinite(m.lse) && isfinite(lp)))
+      record_error(p.errors, r, kNonFiniteLogits | p.error_tag);
+    p.row_lse[r] = m.lse;
+    p.token_logp[r] = lp;
   }
 }
 
