@@ -27,7 +27,7 @@ import train_trl_kto as example  # noqa: E402  (examples/trl: tiny model, tokeni
 
 
 def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
-                  label=lambda i, c: i % 3 == 0, fused=False, bf16=None):
+                  label=lambda i, c: i % 3 == 0, fused=False, bf16=None, **ours_kwargs):
     policy = example.make_model(seed=0)
     reference = copy.deepcopy(policy)
     with torch.no_grad():
@@ -46,7 +46,7 @@ def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_w
     theirs = trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
                             **common)
     ours = kto_trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
-                              fused_linear=fused, fused_chunk_bytes=4096, **common)
+                              fused_linear=fused, fused_chunk_bytes=4096, **common, **ours_kwargs)
     return theirs, ours
 
 
@@ -238,3 +238,32 @@ def assert_matches_trl(theirs, ours):
     for name, g in grads_t.items():
         assert torch.allclose(grads_o[name], g, rtol=0, atol=1e-4 * scale), name
     return ours
+
+
+def test_fused_strategy_reaches_the_op_and_is_checked(tmp_path, monkeypatch):
+    """fused_strategy is the policy step's strategy (recompute: the same loss and gradients
+    as keep_chunk under the fp32 rule); an unknown one, or vocab_blocks off CUDA, is refused
+    when the trainer is made."""
+    seen = []
+    op = kto_torch.fused_linear_kto_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("strategy"))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(kto_torch, "fused_linear_kto_loss", spy)
+    _, keep = make_trainers(tmp_path, fused=True)
+    _, recompute = make_trainers(tmp_path, fused=True, fused_strategy="recompute")
+    batch = next(iter(keep.get_train_dataloader()))
+    want, want_grads, _ = loss_and_grads(keep, batch)
+    got, got_grads, _ = loss_and_grads(recompute, batch)
+    assert seen == ["keep_chunk", "recompute"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-5,
+                                   atol=1e-5 * float(want_grads[name].abs().max()))
+    with pytest.raises(ValueError, match=r"argument 'fused_strategy' must be one of"):
+        make_trainers(tmp_path, fused=True, fused_strategy="tiles")
+    with pytest.raises(ValueError, match=r"argument 'fused_strategy' must be 'keep_chunk' or "
+                                         r"'recompute' on cpu \('vocab_blocks' runs on CUDA"):
+        make_trainers(tmp_path, fused=True, fused_strategy="vocab_blocks")

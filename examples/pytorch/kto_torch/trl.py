@@ -314,12 +314,25 @@ class KTOTrainer(_TRLKTOTrainer):
     why; True insists on the fused head (a ValueError names what prevents it); False always
     forms the logits. ``fused_chunk_bytes`` bounds the fused head's chunk of logits; None
     (the default) is the library's default for the device (64 MiB on the CPU, 1 GiB on CUDA,
-    each measured: kto::kDefaultCpuChunkBytes, kDefaultCudaChunkBytes)."""
+    each measured: kto::kDefaultCpuChunkBytes, kDefaultCudaChunkBytes). ``fused_strategy``:
+    the policy step's (kto_torch.fused_linear_kto_loss's ``strategy``): "keep_chunk" (the
+    default), "recompute", or on CUDA "vocab_blocks" (a bf16/fp16 lm_head's gradient
+    written once in its dtype, no fp32 [V, D] array)."""
 
     def __init__(self, *args, fused_linear: Optional[bool] = None,
-                 fused_chunk_bytes: Optional[int] = None, **kwargs):
+                 fused_chunk_bytes: Optional[int] = None, fused_strategy: str = "keep_chunk",
+                 **kwargs):
+        if fused_strategy not in kto_torch.STRATEGIES:
+            raise ValueError(f"kto_torch.trl.KTOTrainer: argument 'fused_strategy' must be one of "
+                             f"{sorted(kto_torch.STRATEGIES)}; got {fused_strategy!r}")
         super().__init__(*args, **kwargs)
+        if fused_strategy == "vocab_blocks" and self.accelerator.device.type != "cuda":
+            raise ValueError("kto_torch.trl.KTOTrainer: argument 'fused_strategy' must be "
+                             "'keep_chunk' or 'recompute' on "
+                             f"{self.accelerator.device.type} ('vocab_blocks' runs on CUDA "
+                             "only); got 'vocab_blocks'")
         self.fused_chunk_bytes = fused_chunk_bytes
+        self.fused_strategy = fused_strategy
         self._stage = "the KTO step"
         reason = None
         if fused_linear is False:
@@ -466,7 +479,7 @@ class KTOTrainer(_TRLKTOTrainer):
                 z0 = kto_torch.reference_point(global_kl) if global_kl is not None else 0.0
                 loss = dict(reference_logp=ref_logp, desirable=desirable,
                             reference_point="fixed" if self.calculate_KL else "zero",
-                            fixed_z0=z0, **options)
+                            fixed_z0=z0, strategy=self.fused_strategy, **options)
                 request = HeadRequest(target[1], autocast, self.fused_chunk_bytes, loss,
                                       aux_loss=self.aux_loss_enabled)
                 out = model(**target[0], kto_head=request)
