@@ -340,10 +340,17 @@ TEST_CASE("cuda checks: vocab-parallel slices need the gather and refuse what it
   const kto::cuda::FusedLinearConfig cfg;
   CHECK(kto::cuda::can_implement<float>(in, head, o, out, cfg, gather).ok());
   expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg), fn, "gather_partials");
-  auto no_ranks = gather;
-  no_ranks.ranks = 0;
-  expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg, no_ranks), fn,
-                 "gather_partials.ranks");
+  for (const index_t bad : {index_t{0}, index_t{1}, Storage::kVocab + 10, index_t{1} << 61}) {
+    auto wrong = gather;  // fewer than two slices, more than the vocabulary's columns
+    wrong.ranks = bad;
+    expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg, wrong), fn,
+                   "gather_partials.ranks");
+  }
+  auto whole = head;  // a gather the step would never call: the other ranks would wait
+  whole.vocab_begin = 0;
+  whole.vocab_total = 0;
+  expect_refused(kto::cuda::can_implement<float>(in, whole, o, out, cfg, gather), fn,
+                 "gather_partials");
   auto blocks = cfg;
   blocks.strategy = kto::FusedStrategy::vocab_blocks;
   expect_refused(kto::cuda::can_implement<float>(in, head, o, out, blocks, gather), fn,

@@ -193,6 +193,8 @@ Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
   if (!res.status.ok() && bytes == 0) return res;
   DeviceArray<char> workspace(bytes);
   d.poison();
+  // The uploads and the poison ran on the legacy stream; a non-blocking `stream` does not wait.
+  CUDA_REQUIRE(cudaDeviceSynchronize());
   if (capture) {
     cudaGraph_t graph;
     cudaGraphExec_t exec;
@@ -436,7 +438,9 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab_blocks, dW in the input type",
 
 /// Vocab parallel in one process: `ranks` threads, each a rank with its own stream and
 /// cuBLAS handle over a vocabulary slice; the gather hook copies each rank's partials into
-/// one device array, waits for every rank, then hands each the whole array.
+/// one device array, waits for every rank, then hands each the whole array. A rank that
+/// fails before its gather abandons it, and the waiting ranks return an error instead of
+/// waiting for ever.
 class SliceGather {
  public:
   SliceGather(index_t ranks, index_t rows) : ranks_(ranks), rows_(rows), all_(ranks * rows) {}
@@ -445,19 +449,21 @@ class SliceGather {
     g.ranks = ranks_;
     g.gather = [this, rank](const kto::RowPartial<float>* local, kto::RowPartial<float>* gathered,
                             index_t rows, cudaStream_t stream) {
-      if (rows != rows_)
+      if (rows != rows_) {
+        abandon();
         return kto::cuda::Status::make(kto::cuda::StatusCode::invalid_argument,
                                        "rank %lld gathers %lld rows, not %lld",
                                        static_cast<long long>(rank), static_cast<long long>(rows),
                                        static_cast<long long>(rows_));
+      }
       const size_t bytes = sizeof(kto::RowPartial<float>) * static_cast<size_t>(rows);
       cudaMemcpyAsync(all_.get() + rank * rows, local, bytes, cudaMemcpyDeviceToDevice, stream);
       cudaStreamSynchronize(stream);
-      arrive();
+      if (!arrive()) return abandoned_status();
       cudaMemcpyAsync(gathered, all_.get(), bytes * static_cast<size_t>(ranks_),
                       cudaMemcpyDeviceToDevice, stream);
       cudaStreamSynchronize(stream);
-      arrive();  // nobody refills all_ before every rank has its copy
+      if (!arrive()) return abandoned_status();  // all_ is read by every rank before reuse
       const cudaError_t e = cudaGetLastError();
       return e == cudaSuccess ? kto::cuda::Status::success()
                               : kto::cuda::Status::make(kto::cuda::StatusCode::cuda_error, "%s",
@@ -465,9 +471,15 @@ class SliceGather {
     };
     return g;
   }
+  /// A rank that will not gather (it failed first) releases the others.
+  void abandon() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    abandoned_ = true;
+    ready_.notify_all();
+  }
 
  private:
-  void arrive() {  // a reusable barrier over the ranks
+  bool arrive() {  // a reusable barrier over the ranks; false once abandoned
     std::unique_lock<std::mutex> lock(mutex_);
     const index_t generation = generation_;
     if (++arrived_ == ranks_) {
@@ -475,14 +487,20 @@ class SliceGather {
       ++generation_;
       ready_.notify_all();
     } else {
-      ready_.wait(lock, [&] { return generation_ != generation; });
+      ready_.wait(lock, [&] { return generation_ != generation || abandoned_; });
     }
+    return !abandoned_ || generation_ != generation;
+  }
+  static kto::cuda::Status abandoned_status() {
+    return kto::cuda::Status::make(kto::cuda::StatusCode::invalid_argument,
+                                   "another rank failed before the gather");
   }
   index_t ranks_, rows_;
   DeviceArray<kto::RowPartial<float>> all_;
   std::mutex mutex_;
   std::condition_variable ready_;
   index_t arrived_ = 0, generation_ = 0;
+  bool abandoned_ = false;
 };
 
 TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one process",
@@ -498,8 +516,9 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
   const index_t ranks = GENERATE(2, 3);
   const index_t vocab = GENERATE(123, 5001);
   const bool compact = GENERATE(false, true);
+  const bool kl = GENERATE(true, false);  // z0 from the KL batch, or 0 (its rows not gathered)
   INFO("seed " << seed << " dtype " << Type<T>::name() << " ranks " << ranks << " V " << vocab
-               << " compact " << compact);
+               << " compact " << compact << " kl " << kl);
   test::FusedSpec spec;
   spec.vocab = vocab;
   spec.dim = 24;
@@ -508,12 +527,13 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
   fp.with_bias = true;
   kto::Options o;
   o.logit_softcap = 15.0;
+  if (!kl) o.reference_point = kto::ReferencePoint::zero;
   std::vector<index_t> begin(static_cast<size_t>(ranks + 1), 0);
   for (index_t k = 1; k < ranks; ++k) begin[k] = vocab * k / ranks + (k % 2 ? 3 : -2);
   begin[ranks] = vocab;
   std::vector<std::unique_ptr<DeviceProblem<T>>> d;
   for (index_t k = 0; k < ranks; ++k) d.push_back(std::make_unique<DeviceProblem<T>>(fp));
-  SliceGather gather(ranks, fp.kl_rows + fp.rows);
+  SliceGather gather(ranks, (kl ? fp.kl_rows : 0) + fp.rows);
   // Set up every rank here; the threads only run the steps (no Catch2 assertion in them).
   struct Rank {
     kto::LinearHead<T> head;
@@ -550,12 +570,15 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
     r.workspace = std::make_unique<DeviceArray<char>>(r.bytes);
     p.poison();
   }
+  // The uploads and the poison ran on the legacy stream; the ranks' streams do not wait.
+  CUDA_REQUIRE(cudaDeviceSynchronize());
   std::vector<std::thread> threads;
   for (Rank& r : rank)
     threads.emplace_back([&, rp = &r] {
       rp->status = kto::cuda::fused_linear_kto_step<T>(rp->blas->handle, rp->workspace->get(),
                                                        rp->bytes, rp->in, rp->head, o, rp->out,
                                                        rp->stream, cfg, {}, rp->hook);
+      if (!rp->status.ok()) gather.abandon();  // harmless after the gather
       if (rp->status.ok())
         rp->status = kto::cuda::read_status(rp->workspace->get(), rp->stream, rp->in.sequences);
     });

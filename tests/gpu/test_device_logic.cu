@@ -684,6 +684,14 @@ TEST_CASE("vocab parallel: slice partials merged in rank order give the row's ls
       const auto merged = kto::device::merge_gathered(gathered.data(), ranks, 1, 0);
       const auto host = kto::merge_row_partials(gathered, ranks)[0];
       CHECK(std::memcmp(&merged, &host, sizeof(merged)) == 0);
+      // The step's layout: each rank sends `stride` rows (KL rows first), this batch's from
+      // `first`; this is row 1 of it. Every other entry is NaN and must not be read.
+      constexpr index_t stride = 5, first = 2, row = 1;
+      std::vector<kto::RowPartial<float>> wide(static_cast<size_t>(ranks * stride),
+                                               kto::RowPartial<float>{NAN, NAN});
+      for (index_t k = 0; k < ranks; ++k) wide[k * stride + first + row] = gathered[k];
+      const auto strided = kto::device::merge_gathered(wide.data() + first, ranks, stride, row);
+      CHECK(std::memcmp(&strided, &host, sizeof(strided)) == 0);
       CHECK(merged.target_logit == z[target] + bias[target]);
       CHECK(std::fabs(merged.lse - lse) <= 1e-5 * (1.0 + std::fabs(lse)));
     }

@@ -88,12 +88,15 @@ struct FusedLinearOutputs : StepOutputs {
   Span<float> d_bias;
 };
 
+/// The most vocabulary slices a step gathers (the workspace holds ranks × rows partials).
+constexpr index_t kMaxVocabRanks = index_t{1} << 16;
+
 /// Vocab parallel: all-gathers this rank's row partials (`local`, device, `rows` of them)
 /// into `gathered` (device, ranks × rows, rank-major: rank k's row r at k·rows + r) on
 /// `stream`, e.g. ncclAllGather. Called once a step, for the KL batch's rows and then the
 /// target batch's together; `ranks` is the number of vocabulary slices.
 struct RowPartialsAllGather {
-  index_t ranks = 0;
+  index_t ranks = 0;  ///< in [2, min(head.vocab_total, kMaxVocabRanks)]
   std::function<Status(const RowPartial<float>* local, RowPartial<float>* gathered, index_t rows,
                        cudaStream_t stream)>
       gather;
@@ -219,7 +222,8 @@ struct FusedLayout {
                         const RowPartialsAllGather& gather) {
     FusedLayout l;
     l.vocab_blocks = cfg.strategy == FusedStrategy::vocab_blocks;
-    l.ranks = gather ? std::max<index_t>(gather.ranks, 1) : 0;
+    // can_implement checks the range; clamped here for a query made before it.
+    l.ranks = gather ? std::min(std::max<index_t>(gather.ranks, 1), kMaxVocabRanks) : 0;
     l.rows = in.hidden.rows;
     l.sequences = in.sequences.count;
     l.kl_rows = in.kl.hidden.rows;
@@ -251,8 +255,9 @@ FusedBuffers carve_fused(Carver& c, const FusedLayout& l, const LinearHead<T>& h
   static_cast<BatchBuffers&>(b) = BatchBuffers::carve(c, N, l.sequences, NK, l.kl_sequences);
   b.row_of = l.compact ? c.take<index_t>(N) : nullptr;
   b.kl_row_of = l.kl_compact ? c.take<index_t>(NK) : nullptr;
-  b.partials = l.ranks ? c.take<RowPartial<float>>(NK + N) : nullptr;
-  b.gathered = l.ranks ? c.take<RowPartial<float>>(l.ranks * (NK + N)) : nullptr;
+  const index_t partial_rows = std::max<index_t>(NK, 0) + N;  // the most a gather sends
+  b.partials = l.ranks ? c.take<RowPartial<float>>(partial_rows) : nullptr;
+  b.gathered = l.ranks ? c.take<RowPartial<float>>(l.ranks * partial_rows) : nullptr;
   b.d_hidden = l.compact && l.backward ? c.take<float>(rows * D) : nullptr;
   b.row_scale = c.take<float>(N);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
@@ -314,7 +319,8 @@ class ChunkRunner {
   }
 
   /// Chunk rows [r0, r0 + n) of the logits buffer: the head's columns of the whole
-  /// vocabulary (all of it, or a rank's slice).
+  /// vocabulary (all of it, or a rank's slice). chunk_forward_kernel reads z.vocab
+  /// columns: whole heads only (a slice's forward is partials_rows()).
   device::ChunkView view(index_t r0, index_t n, const index_t* row_of) const {
     return device::ChunkView{b_.logits, shape_.ld_logits, head_.total_vocab(), b_.bias, r0, n,
                              row_of};
@@ -647,9 +653,18 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
                            "backward runs as recompute's)",
                            "vocab_blocks (2)");
     }
-    if (gather_partials)
-      kto::detail::require(gather_partials.ranks >= 1, fn, "gather_partials.ranks",
-                           "be >= 1 (the vocabulary slices gathered)", gather_partials.ranks);
+    if (head.sharded())
+      kto::detail::require(gather_partials.ranks >= 2 &&
+                               gather_partials.ranks <= std::min(head.total_vocab(), kMaxVocabRanks),
+                           fn, "gather_partials.ranks",
+                           "be in [2, min(head.vocab_total, 65536)] (the vocabulary slices "
+                           "gathered, this one among them)",
+                           gather_partials.ranks);
+    else
+      kto::detail::require(!gather_partials, fn, "gather_partials",
+                           "be empty when head.weight holds the whole vocabulary (a gather "
+                           "the step never calls would leave the other ranks waiting)",
+                           "a function");
     detail::validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
     detail::validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
     kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
@@ -788,9 +803,10 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
   const index_t kl_chunked_rows = kl_compact.on ? kl_compact.rows() : NK;
   const bool sharded = head.sharded();
   if (sharded) {
-    // Vocab parallel: both batches' row partials in one all-gather (NK + N of them on
-    // every rank), merged in rank order into each row's lse and ℓ.
-    const index_t gathered_rows = NK + N;
+    // Vocab parallel: both batches' row partials in one all-gather (the KL batch's rows,
+    // when it is used, then the target batch's), merged in rank order into each row's
+    // lse and ℓ.
+    const index_t kl_gathered = kl_used ? NK : 0, gathered_rows = kl_gathered + N;
     cudaMemsetAsync(b.partials, 0, sizeof(RowPartial<float>) * static_cast<size_t>(gathered_rows),
                     stream);  // rows no chunk visits: defined bytes for the collective
     if (kl_used) {
@@ -798,19 +814,20 @@ Status fused_linear_kto_step(cublasHandle_t handle, void* workspace, size_t& wor
                                     b.partials, device::kKlBatchTag);
       if (!status) return status;
     }
-    status = runner.partials_rows(in.hidden, rows, 0, chunked_rows, b.row_of, b.partials + NK, 0u);
+    status = runner.partials_rows(in.hidden, rows, 0, chunked_rows, b.row_of,
+                                  b.partials + kl_gathered, 0u);
     if (!status) return status;
     status = gather_partials.gather(b.partials, b.gathered, gathered_rows, stream);
     if (!status) return status;
-    const index_t ranks = std::max<index_t>(gather_partials.ranks, 1);
+    const index_t ranks = gather_partials.ranks, V_all = head.total_vocab();
     if (kl_used) {
       device::MergePartialsParams mk{
-          b.gathered,      ranks,    gathered_rows,      0, kl_rows, b.kl_row_lse,
-          b.kl_token_logp, b.errors, device::kKlBatchTag};
+          b.gathered, ranks,        gathered_rows,   0,        kl_rows,
+          V_all,      b.kl_row_lse, b.kl_token_logp, b.errors, device::kKlBatchTag};
       device::merge_partials_kernel<<<256, 256, 0, stream>>>(mk);
     }
-    device::MergePartialsParams mt{b.gathered, ranks,        gathered_rows, NK, rows,
-                                   b.row_lse,  b.token_logp, b.errors,      0u};
+    device::MergePartialsParams mt{b.gathered, ranks,     gathered_rows, kl_gathered, rows,
+                                   V_all,      b.row_lse, b.token_logp,  b.errors,    0u};
     device::merge_partials_kernel<<<256, 256, 0, stream>>>(mt);
     status = detail::last_launch(fn);
     if (!status) return status;

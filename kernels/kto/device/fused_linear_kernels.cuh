@@ -218,6 +218,7 @@ struct MergePartialsParams {
   index_t ranks, stride;
   index_t first;      ///< this batch's first row among each rank's `stride`
   BatchRows batch;    ///< batch.rows rows
+  index_t vocab;      ///< the whole vocabulary: targets past it are not scored
   float* row_lse;     ///< batch rows; 0 where not scored
   float* token_logp;  ///< batch rows; 0 where not scored
   DeviceErrors* errors;
@@ -230,7 +231,7 @@ __global__ void merge_partials_kernel(MergePartialsParams p) {
   for (index_t r = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; r < p.batch.rows;
        r += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t t = p.batch.target(r);
-    if (t == p.batch.ignore_index) {
+    if (t == p.batch.ignore_index || t < 0 || t >= p.vocab) {  // as the whole-vocabulary forward
       p.row_lse[r] = p.token_logp[r] = 0.0f;
       continue;
     }
