@@ -654,12 +654,13 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
                            "vocab_blocks (2)");
     }
     if (head.sharded())
-      kto::detail::require(gather_partials.ranks >= 2 &&
-                               gather_partials.ranks <= std::min(head.total_vocab(), kMaxVocabRanks),
-                           fn, "gather_partials.ranks",
-                           "be in [2, min(head.vocab_total, 65536)] (the vocabulary slices "
-                           "gathered, this one among them)",
-                           gather_partials.ranks);
+      kto::detail::require(
+          gather_partials.ranks >= 2 &&
+              gather_partials.ranks <= std::min(head.total_vocab(), kMaxVocabRanks),
+          fn, "gather_partials.ranks",
+          "be in [2, min(head.vocab_total, 65536)] (the vocabulary slices "
+          "gathered, this one among them)",
+          gather_partials.ranks);
     else
       kto::detail::require(!gather_partials, fn, "gather_partials",
                            "be empty when head.weight holds the whole vocabulary (a gather "
