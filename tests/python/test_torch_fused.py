@@ -358,3 +358,31 @@ def test_kept_chunk_buffers_released_and_reused_give_the_same_bits():
     assert torch.equal(first, again) and torch.equal(first, fresh)
     assert bool((n > 0).all()) and bool(torch.isfinite(first).all())
     assert isinstance(kto_torch.BF16_GEMM, bool)
+
+
+def test_fused_backward_hands_over_the_ops_gradients_without_a_copy():
+    """loss.backward() (incoming gradient 1): the op's gradients become the parameters'
+    .grad themselves when their dtypes match, no second V x D array at the backward's peak;
+    a second backward through the graph accumulates (2x). Any other incoming gradient
+    scales a copy and leaves the op's outputs as they were."""
+    p = make_problem(9)
+    args = op_args(p)
+    out = torch.ops.kto.fused_linear_forward(*args, kto_torch._options(), 1 << 20, 0)
+    dh, dw, db = out[3], out[4], out[5]
+    want = (dh.clone(), dw.clone(), db.clone())
+    out[0][0].backward(retain_graph=True)
+    hidden, weight, bias = args[0], args[1], args[2]
+    for grad, op_grad, expected in zip((hidden.grad, weight.grad, bias.grad), (dh, dw, db), want,
+                                       strict=True):
+        assert grad.data_ptr() == op_grad.data_ptr() and torch.equal(grad, expected)
+    out[0][0].backward()  # accumulates into the same tensors
+    for grad, expected in zip((hidden.grad, weight.grad, bias.grad), want, strict=True):
+        assert torch.equal(grad, 2 * expected)
+
+    args = op_args(p)
+    out = torch.ops.kto.fused_linear_forward(*args, kto_torch._options(), 1 << 20, 0)
+    want = tuple(t.clone() for t in out[3:6])
+    (3 * out[0][0]).backward()
+    for arg, op_grad, expected in zip(args[:3], out[3:6], want, strict=True):
+        assert arg.grad.data_ptr() != op_grad.data_ptr()
+        assert torch.equal(arg.grad, 3 * expected) and torch.equal(op_grad, expected)

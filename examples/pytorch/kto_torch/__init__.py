@@ -309,10 +309,19 @@ def _fused_setup_context(ctx, inputs, output):
 
 
 def _scaled(grad: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
-    # Cast first, then scale in the parameter's dtype: no second fp32 copy of dW (V x D)
-    # at the peak. g is 1 for loss.backward(), so the cast is the only rounding then.
-    # (Out of place: torch.compile's partitioner rejects an in-place op here.)
-    return grad.to(dtype) * g.to(dtype)
+    # The op's gradient in the parameter's dtype, times the incoming gradient g. When g is
+    # 1 (loss.backward()) and the dtype is already the parameter's, the op's own tensor is
+    # handed over: no second V x D array at the backward's peak (one host read of g: a
+    # device sync on CUDA, where the forward has synced already). Otherwise the cast is
+    # scaled in place, never the op's outputs. Traced (torch.compile, opcheck: tensors are
+    # subclasses such as FunctionalTensor, and g has no value), out of place.
+    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
+    out = grad.to(dtype)
+    if traced:
+        return out * g.to(dtype)
+    if out is grad:
+        return grad if bool(g == 1) else grad * g.to(dtype)
+    return out.mul_(g.to(dtype))
 
 
 def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db, g_token_statistics):
