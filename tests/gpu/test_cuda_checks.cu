@@ -12,6 +12,7 @@
 #include <kto/cuda.hpp>
 #include <kto/cuda/fused_linear.hpp>
 
+#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -379,4 +380,99 @@ TEST_CASE("cuda checks: vocab-parallel slices need the gather and refuse what it
       kto::cuda::fused_linear_logprobs<float>(nullptr, nullptr, bytes, in.hidden, in.targets,
                                               in.sequences, head, o, logp, num_tokens, nullptr),
       "kto::cuda::fused_linear_logprobs", "head.vocab_total");
+}
+
+TEST_CASE("cuda checks: random fused-step arguments are refused by name or carve sanely",
+          "[cuda_checks]") {
+  // A checker for the checks one forgot: mutate a valid fused step at random (sizes,
+  // strides, slices, outputs, strategy, budget, gather) and require can_implement either
+  // to refuse with invalid_argument naming the entry point and an argument, or to accept
+  // a problem whose workspace query does not wrap around (it holds at least the row
+  // scalars and one hidden row per scored row).
+  const uint64_t seed = std::random_device{}();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  auto pick = [&](std::initializer_list<index_t> values) {
+    return values.begin()[rng() % values.size()];
+  };
+  const std::string fn = "kto::cuda::fused_linear_kto_step";
+  index_t accepted = 0, refused = 0;
+  for (int it = 0; it < 4000; ++it) {
+    FusedStep f;
+    auto [in, head, o, out] = std::tie(f.in, f.head, f.o, f.out);
+    kto::cuda::FusedLinearConfig cfg;
+    kto::cuda::RowPartialsAllGather gather;
+    const int mutations = 1 + static_cast<int>(rng() % 3);
+    for (int m = 0; m < mutations; ++m) switch (rng() % 12) {
+        case 0:
+          in.hidden.rows = pick({-1, 0, 3, Storage::kRows, index_t{1} << 31, index_t{1} << 40});
+          break;
+        case 1:
+          in.hidden.stride = pick({-4, 0, 2, FusedStep::D, FusedStep::D + 3, index_t{1} << 31});
+          break;
+        case 2:
+          head.weight.rows = pick({-1, 0, 1, Storage::kVocab, index_t{1} << 31});
+          break;
+        case 3:
+          head.vocab_begin = pick({-1, 0, 2, 5, Storage::kVocab});
+          head.vocab_total = pick(
+              {0, Storage::kVocab - 1, Storage::kVocab, Storage::kVocab + 7, index_t{1} << 40});
+          break;
+        case 4:
+          gather.ranks = pick({-1, 0, 1, 2, 3, 1 << 16, index_t{1} << 20, index_t{1} << 62});
+          gather.gather = [](const kto::RowPartial<float>*, kto::RowPartial<float>*, index_t,
+                             cudaStream_t) { return kto::cuda::Status::success(); };
+          break;
+        case 5:
+          cfg.strategy = static_cast<kto::FusedStrategy>(pick({-1, 0, 1, 2, 3}));
+          break;
+        case 6:
+          cfg.chunk_bytes = static_cast<size_t>(pick({0, 1, 4096, index_t{1} << 40}));
+          break;
+        case 7:  // dW in the input type instead of fp32, or both, or over an input
+          out.d_weight_in_input_type =
+              kto::MatrixView<void>{rng() % 2 ? f.d_weight.data() : f.weight.data(),
+                                    Storage::kVocab, FusedStep::D, FusedStep::D};
+          if (rng() % 2) out.d_weight = {};
+          break;
+        case 8:
+          out.d_hidden.stride = pick({0, FusedStep::D - 1, FusedStep::D, FusedStep::D * 2});
+          break;
+        case 9:
+          o.reference_point = kto::ReferencePoint::kl_batch;
+          in.kl.hidden =
+              kto::matrix_view<const float>(f.hidden.data(), pick({-3, 0, 4}), FusedStep::D);
+          in.kl.targets = kto::targets_vector(f.st.targets.data(), in.kl.hidden.rows);
+          in.kl.sequences = kto::sequences(f.st.offsets.data(), pick({0, 1, 3}));
+          in.kl.reference_logp = kto::reference_logp(f.st.sequence_array(2), 3);
+          break;
+        case 10:
+          o.token_statistics = rng() % 2;
+          if (rng() % 2)
+            out.token_statistics = {f.st.statistics.data(), f.st.statistics.data() + 3};
+          break;
+        default:
+          in.host_targets = rng() % 2 ? f.st.targets.data() : nullptr;
+          in.host_offsets = rng() % 2 ? f.st.offsets.data() : nullptr;
+          break;
+      }
+    const kto::cuda::Status s = kto::cuda::can_implement<float>(in, head, o, out, cfg, gather);
+    if (!s.ok()) {
+      ++refused;
+      INFO("iteration " << it << ": " << s.message);
+      CHECK(s.code == kto::cuda::StatusCode::invalid_argument);
+      CHECK(std::string(s.message).rfind(fn + ": argument '", 0) == 0);
+      continue;
+    }
+    ++accepted;
+    const size_t bytes = kto::cuda::fused_linear_workspace_bytes<float>(in, head, cfg, gather);
+    const size_t floor =
+        sizeof(float) * static_cast<size_t>(in.hidden.rows) *
+        (1 + (cfg.strategy == kto::FusedStrategy::vocab_blocks ? static_cast<size_t>(FusedStep::D)
+                                                               : 0));
+    INFO("iteration " << it << ": rows " << in.hidden.rows << " bytes " << bytes);
+    CHECK(bytes >= floor);
+  }
+  CHECK(accepted > 100);  // both sides of the checks were reached
+  CHECK(refused > 100);
 }
