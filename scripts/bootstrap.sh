@@ -4,7 +4,8 @@
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev openmpi-bin libopenmpi-dev
           clang libclang-rt-14-dev  # clang + libFuzzer's runtime: scripts/fuzz.sh
-          clang-format)             # scripts/lint.sh
+          clang-format              # scripts/lint.sh
+          g++-aarch64-linux-gnu qemu-user-static)  # scripts/isa_matrix.sh: the aarch64 stage
 missing=()
 # The Python tests need a python3 that can make virtual environments.
 python3 -m venv --help >/dev/null 2>&1 || packages+=(python3 python3-venv python3-pip)

@@ -2,8 +2,11 @@
 # The test command: install what is missing, check the format (scripts/lint.sh),
 # build everything with warnings as errors, run every test, then rebuild the
 # CPU tests under AddressSanitizer + UBSan and run them again, under
-# ThreadSanitizer, and fuzz the CPU entry points (scripts/fuzz.sh). The build
-# trees and their flags are the presets of CMakePresets.json.
+# ThreadSanitizer, for aarch64 under qemu (scripts/isa_matrix.sh), and fuzz the
+# CPU entry points (scripts/fuzz.sh). Each build targets its own ISA: release
+# -march=native, ASan + UBSan x86-64-v3 (AVX2), TSan x86-64 (SSE2), aarch64, and
+# AVX-512 where native lacks it. The build trees and their flags are the presets
+# of CMakePresets.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -12,7 +15,7 @@ jobs=$(nproc)
 echo "== lint (clang-format, ruff)"
 scripts/lint.sh
 
-echo "== build (Release, warnings as errors)"
+echo "== build (Release, warnings as errors, -march=native: $(c++ -march=native -Q --help=target 2>/dev/null | awk '$1 == "-march=" {print $2}'))"
 cmake --preset release >/dev/null
 # The CUDA targets first where nvcc was found (compiled, not run: no GPU here).
 cache=build/CMakeCache.txt
@@ -28,13 +31,15 @@ echo "== Python tests (JAX and PyTorch ops against float64 references, gloo data
 scripts/python_env.sh
 .venv/bin/python -m pytest -q tests/python
 
-echo "== tests under ASan + UBSan"
+echo "== tests under ASan + UBSan (-march=x86-64-v3: AVX2 + FMA)"
 cmake --preset asan-ubsan >/dev/null
 cmake --build --preset asan-ubsan -j"$jobs"
 ctest --preset asan-ubsan -j"$jobs"
 
-echo "== CPU tests under ThreadSanitizer"
+echo "== CPU tests under ThreadSanitizer (-march=x86-64: SSE2)"
 KTO_TSAN_JOBS="$jobs" scripts/tsan.sh
+
+KTO_ISA_JOBS="$jobs" scripts/isa_matrix.sh
 
 echo "== fuzzing (libFuzzer + ASan + UBSan: saved reproducers, then ${KTO_FUZZ_RUNS:-40000} inputs per target from a fixed seed)"
 KTO_FUZZ_JOBS="$jobs" scripts/fuzz.sh

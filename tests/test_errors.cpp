@@ -185,19 +185,19 @@ TEST_CASE("error: label other than 0 or 1", "[errors]") {
 TEST_CASE("error: KL reference log-probs of another size than the policy's", "[errors]") {
   Fixture f;
   f.klr.push_back(0.f);
-  expect_error([&] { f.run(); }, "kl_reference_logp.size", "be 2", "3");
+  expect_error([&] { f.run(); }, "kl.reference_logp.size", "be 2", "3");
 }
 TEST_CASE("error: nonempty_mean without KL token counts", "[errors]") {
   Fixture f;
   f.o.kl_estimator = kto::KlEstimator::nonempty_mean;
   auto in = f.inputs();
   in.kl.num_tokens = {};
-  expect_error([&] { f.run(in); }, "kl_num_tokens.size", "be 2", "0");
+  expect_error([&] { f.run(in); }, "kl.num_tokens.size", "be 2", "0");
 }
 TEST_CASE("error: non-finite KL log-prob", "[errors]") {
   Fixture f;
   f.klp[0] = NAN;
-  expect_error([&] { f.run(); }, "kl_policy_logp[0]", "be finite", "nan");
+  expect_error([&] { f.run(); }, "kl.policy_logp[0]", "be finite", "nan");
 }
 TEST_CASE("error: gradient with another vocabulary", "[errors]") {
   Fixture f;

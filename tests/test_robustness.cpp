@@ -362,7 +362,7 @@ TEST_CASE("D17: small validation gaps", "[robustness]") {
   SECTION("negative KL token counts") {
     Fixture f;
     f.kln = {2, -1};
-    expect_error([&] { f.run(); }, "kl_num_tokens[1]", "be >= 0", "-1");
+    expect_error([&] { f.run(); }, "kl.num_tokens[1]", "be >= 0", "-1");
   }
   SECTION("an unknown fused strategy") {
     FusedFixture f;
@@ -515,7 +515,7 @@ TEST_CASE("D19: errors name the public entry point and the caller's argument", "
   }
   SECTION("a KL-batch error raised inside the step") {
     f.klp[1] = NAN;
-    expect_named<kto::Error>([&] { f.run(); }, "kto::cpu::kto_step", "kl_policy_logp[1]");
+    expect_named<kto::Error>([&] { f.run(); }, "kto::cpu::kto_step", "kl.policy_logp[1]");
   }
   SECTION("a bad total vocabulary") {
     FusedFixture g;
@@ -595,4 +595,210 @@ TEST_CASE("data parallel: healthy ranks agree with one process", "[robustness]")
   const auto single = kto::cpu::kto_step<float>(one.inputs(), one.o, one.grad()).metrics;
   CHECK(metrics[0].kl == single.kl);
   CHECK(metrics[1].loss == single.loss);
+}
+
+namespace {
+
+/// Issue 27's logits-path rank: B one-row sequences of half logits [0, 0], target 0, a
+/// reference log-prob of -log 2 (ρ = 0, where σ' is largest), reference_point zero.
+struct HalfRank {
+  std::vector<Eigen::half> Z, G;
+  std::vector<index_t> targets, offsets;
+  std::vector<float> ref;
+  std::vector<std::uint8_t> desirable;
+  kto::Options o;
+  explicit HalfRank(index_t B)
+      : Z(static_cast<size_t>(2 * B), Eigen::half(0.0f)),
+        G(static_cast<size_t>(2 * B), Eigen::half(42.0f)),
+        targets(static_cast<size_t>(B), 0),
+        ref(static_cast<size_t>(B), static_cast<float>(-std::log(2.0))),
+        desirable(static_cast<size_t>(B), 1) {
+    for (index_t s = 0; s <= B; ++s) offsets.push_back(s);
+    o.beta = 1e6;  // inside the documented bound: λβ/B·σ'(0) = 250000 / B
+    o.reference_point = kto::ReferencePoint::zero;
+  }
+  index_t rows() const { return static_cast<index_t>(targets.size()); }
+  kto::cpu::StepInputs<Eigen::half> inputs() const {
+    kto::cpu::StepInputs<Eigen::half> in;
+    in.policy_logits = kto::logits_matrix<const Eigen::half>(Z.data(), rows(), 2);
+    in.targets = kto::targets_vector(targets.data(), rows());
+    in.sequences = kto::sequences(offsets.data(), rows());
+    in.reference_logp = kto::reference_logp(ref);
+    in.desirable = kto::make_span(desirable);
+    return in;
+  }
+  kto::LogitsView<Eigen::half> grad() {
+    return kto::logits_matrix<Eigen::half>(G.data(), rows(), 2);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("issue 27: a half gradient scale that cannot fit raises before the collective",
+          "[robustness]") {
+  // Rank 0 (B = 1) has a gradient scale of 250000 > 65504; rank 1 (B = 4) of 62500.
+  const bool split = GENERATE(false, true);  // kto_step, or step_forward (then the backward)
+  INFO((split ? "step_forward" : "kto_step"));
+  ThreadAllReduce all_reduce(2);
+  const auto errors = run_ranks(2, [&](int rank) {
+    kto::KlAllReduce hook = [&](kto::KlPartial& p) { all_reduce(p); };
+    HalfRank h(rank == 0 ? 1 : 4);
+    if (split) {
+      const auto fwd = kto::cpu::step_forward<Eigen::half>(h.inputs(), h.o, {}, hook);
+      kto::cpu::step_backward<Eigen::half>(h.inputs(), fwd, h.o, h.grad());
+    } else {
+      kto::cpu::kto_step<Eigen::half>(h.inputs(), h.o, h.grad(), {}, hook);
+    }
+  });
+  INFO("rank 0: " << error_of<kto::Error>(errors[0]));
+  INFO("rank 1: " << error_of<kto::Error>(errors[1]));
+  const std::string own = error_of<kto::Error>(errors[0]);
+  CHECK(own.find("'options.beta'") != std::string::npos);
+  CHECK(own.find("half") != std::string::npos);
+  CHECK(own.find("65504") != std::string::npos);
+  CHECK(own.find("grad_logp") == std::string::npos);
+  CHECK(error_of<kto::PeerError>(errors[1]).find("1 data-parallel rank(s) failed") !=
+        std::string::npos);
+}
+
+TEST_CASE("issue 27: the half gradient-scale refusal names options.beta and writes nothing",
+          "[robustness]") {
+  HalfRank h(1);
+  std::vector<Eigen::half> before = h.G;
+  SECTION("kto_step") {
+    expect_named<kto::Error>([&] { kto::cpu::kto_step<Eigen::half>(h.inputs(), h.o, h.grad()); },
+                             "kto::cpu::kto_step", "options.beta");
+  }
+  SECTION("step_forward") {
+    expect_named<kto::Error>([&] { kto::cpu::step_forward<Eigen::half>(h.inputs(), h.o); },
+                             "kto::cpu::step_forward", "options.beta");
+  }
+  CHECK(std::equal(before.begin(), before.end(), h.G.begin(),
+                   [](Eigen::half a, Eigen::half b) { return float(a) == float(b); }));
+  SECTION("a scale that fits passes") {
+    HalfRank ok(4);
+    const auto r = kto::cpu::kto_step<Eigen::half>(ok.inputs(), ok.o, ok.grad());
+    CHECK(std::isfinite(r.metrics.loss));
+    CHECK(std::all_of(ok.G.begin(), ok.G.end(),
+                      [](Eigen::half g) { return std::isfinite(static_cast<float>(g)); }));
+  }
+}
+
+TEST_CASE("issue 27: a fused gradient that overflows raises before the collective",
+          "[robustness]") {
+  const auto strategy =
+      GENERATE(kto::cpu::FusedStrategy::keep_chunk, kto::cpu::FusedStrategy::recompute);
+  ThreadAllReduce all_reduce(2);
+  const auto errors = run_ranks(2, [&](int rank) {
+    FusedFixture f;
+    f.o.desirable_weight = f.o.undesirable_weight = 1e6;  // g_s of about 1e3 to 1e4
+    f.o.reduction = kto::Reduction::sum;
+    if (rank == 1) {  // the same logits, finite inputs, but dW = Σ dZ·h overflows fp32
+      for (double& x : f.fp.hidden) x *= 1e36;
+      for (double& x : f.fp.weight) x *= 1e-36;
+      f.restore();
+    }
+    f.hooks.kl_all_reduce = [&](kto::KlPartial& p) { all_reduce(p); };
+    kto::cpu::FusedLinearConfig cfg;
+    cfg.strategy = strategy;
+    kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, cfg, {}, f.hooks);
+  });
+  INFO("rank 0: " << error_of<kto::Error>(errors[0]));
+  INFO("rank 1: " << error_of<kto::Error>(errors[1]));
+  CHECK(error_of<kto::PeerError>(errors[0]).find("1 data-parallel rank(s) failed") !=
+        std::string::npos);
+  CHECK(error_of<kto::Error>(errors[1]).find("'hidden'") != std::string::npos);
+}
+
+TEST_CASE("issue 27: step_backward names the cotangent", "[robustness]") {
+  Fixture f;
+  const auto fwd = kto::cpu::step_forward<float>(f.inputs(), f.o);
+  std::fill(f.G.begin(), f.G.end(), 42.0f);
+  SECTION("a product g_s x cotangent past the accumulation type") {
+    expect_named<kto::Error>(
+        [&] { kto::cpu::step_backward<float>(f.inputs(), fwd, f.o, f.grad(), {}, 1e300); },
+        "kto::cpu::step_backward", "cotangent");
+  }
+  SECTION("a non-finite cotangent") {
+    expect_named<kto::Error>(
+        [&] { kto::cpu::step_backward<float>(f.inputs(), fwd, f.o, f.grad(), {}, INFINITY); },
+        "kto::cpu::step_backward", "cotangent");
+  }
+  SECTION("a half gradient scale past 65504") {
+    HalfRank h(4);
+    const auto hf = kto::cpu::step_forward<Eigen::half>(h.inputs(), h.o);
+    expect_named<kto::Error>(
+        [&] { kto::cpu::step_backward<Eigen::half>(h.inputs(), hf, h.o, h.grad(), {}, 2.0); },
+        "kto::cpu::step_backward", "cotangent");
+  }
+  CHECK(std::all_of(f.G.begin(), f.G.end(), [](float x) { return x == 42.0f; }));
+}
+
+TEST_CASE("issue 27: one spelling for the KL batch on both paths", "[robustness]") {
+  SECTION("logits path: the KL policy log-probs") {
+    Fixture f;
+    f.klp[1] = NAN;
+    expect_named<kto::Error>([&] { f.run(); }, "kto::cpu::kto_step", "kl.policy_logp[1]");
+  }
+  SECTION("logits path: the KL reference log-probs") {
+    Fixture f;
+    f.klr[1] = NAN;
+    expect_named<kto::Error>([&] { f.run(); }, "kto::cpu::kto_step", "kl.reference_logp[1]");
+  }
+  SECTION("logits path: the KL token counts") {
+    Fixture f;
+    f.kln[1] = -1;
+    expect_named<kto::Error>([&] { f.run(); }, "kto::cpu::kto_step", "kl.num_tokens[1]");
+  }
+  SECTION("fused path: the KL reference log-probs") {
+    FusedFixture g;
+    g.fp.kl_reference_logp[1] = NAN;
+    g.restore();
+    expect_named<kto::Error>([&] { g.run(); }, "kto::cpu::fused_linear_kto_step",
+                             "kl.reference_logp[1]");
+  }
+  SECTION("kl_partial") {
+    const std::vector<float> p = {-1.f, NAN}, r = {-1.f, -2.f};
+    expect_named<kto::Error>(
+        [&] { kto::kl_partial<float>(kto::policy_logp(p), kto::reference_logp(r), {}, {}); },
+        "kto::kl_partial", "kl.policy_logp[1]");
+  }
+}
+
+TEST_CASE("issue 27: with a soft-cap, a raw +-inf logit is capped, not refused", "[robustness]") {
+  // The non-finite check applies to the logits the loss sees, z' = c tanh(a z / c) / tau:
+  // a raw +-inf becomes +-c/tau, exactly what a huge finite logit gives, with a zero
+  // gradient (dz'/dz = 0 there). NaN still raises, and so does +inf without a cap.
+  auto run = [](float poison, index_t column, double softcap, std::vector<float>& G) {
+    std::vector<float> Z = {0.5f, 1.0f, -0.25f, 2.0f};
+    Z[static_cast<size_t>(column)] = poison;
+    const std::vector<index_t> targets = {1}, offsets = {0, 1};
+    const std::vector<float> ref = {-1.0f};
+    const std::vector<std::uint8_t> desirable = {1};
+    kto::Options o;
+    o.reference_point = kto::ReferencePoint::zero;
+    o.logit_softcap = softcap;
+    kto::cpu::StepInputs<float> in;
+    in.policy_logits = kto::logits_matrix<const float>(Z.data(), 1, 4);
+    in.targets = kto::targets_vector(targets.data(), 1);
+    in.sequences = kto::sequences(offsets.data(), 1);
+    in.reference_logp = kto::reference_logp(ref);
+    in.desirable = kto::make_span(desirable);
+    G.assign(4, 42.0f);
+    return kto::cpu::kto_step<float>(in, o, kto::logits_matrix<float>(G.data(), 1, 4));
+  };
+  const index_t column = GENERATE(1, 3);  // the target, another logit
+  const float sign = GENERATE(1.0f, -1.0f);
+  INFO("column " << column << ", sign " << sign);
+  std::vector<float> g_inf, g_big;
+  const auto capped = run(sign * INFINITY, column, 5.0, g_inf);
+  const auto big = run(sign * 1e30f, column, 5.0, g_big);  // tanh(1e30 / 5) is exactly +-1
+  CHECK(capped.metrics.loss == big.metrics.loss);
+  CHECK(capped.logp[0] == big.logp[0]);
+  CHECK(g_inf == g_big);
+  CHECK(g_inf[static_cast<size_t>(column)] == 0.0f);
+  CHECK(all_finite(g_inf));
+  std::vector<float> g;
+  CHECK_THROWS_AS(run(NAN, column, 5.0, g), kto::NonFiniteLogitsError);
+  if (sign > 0) CHECK_THROWS_AS(run(INFINITY, column, 0.0, g), kto::NonFiniteLogitsError);
 }

@@ -45,6 +45,15 @@ KTO_HOST_DEVICE inline ExampleTerms example_terms(double rho, bool desirable, do
   return t;
 }
 
+/// The largest |g| example_terms() returns for an example, whatever ρ and z0:
+/// scale · λ · β · max|f'|, with max|f'| = 1/4 (σ', at u = 0) for 1 − σ and 1
+/// (σ(−u) < 1) for −log σ. What a step can bound before z0 is known.
+KTO_HOST_DEVICE inline double grad_logp_bound(bool desirable, const Options& o, double scale) {
+  const double weight = desirable ? o.desirable_weight : o.undesirable_weight;
+  const double slope = o.link == Link::neg_log_sigmoid ? 1.0 : 0.25;
+  return scale * weight * o.beta * slope;
+}
+
 /// g_s c_r, the scale of every scored row's gradient in sequence s: c_r = 1
 /// (summed log-probs) or 1/n_s (average_logprob). One home for the CPU paths
 /// and the kernels.

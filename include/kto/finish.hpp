@@ -32,19 +32,19 @@ KlPartial kl_partial_impl(Span<const Acc> policy_logp, Span<const Acc> reference
                           Span<const index_t> num_tokens, const Options& o, const char* fn) {
   validate_options(o, fn);
   const index_t n = policy_logp.size;
-  require(n >= 0, fn, "kl_policy_logp.size", "be >= 0", n);
-  detail::validate_span(policy_logp, n, fn, "kl_policy_logp");
-  detail::validate_span(reference_logp, n, fn, "kl_reference_logp");
+  require(n >= 0, fn, "kl.policy_logp.size", "be >= 0", n);
+  detail::validate_span(policy_logp, n, fn, "kl.policy_logp");
+  detail::validate_span(reference_logp, n, fn, "kl.reference_logp");
   if (o.kl_estimator == KlEstimator::nonempty_mean) {
-    detail::validate_span(num_tokens, n, fn, "kl_num_tokens");
+    detail::validate_span(num_tokens, n, fn, "kl.num_tokens");
   } else if (num_tokens.size != 0) {
-    detail::validate_span(num_tokens, n, fn, "kl_num_tokens");
+    detail::validate_span(num_tokens, n, fn, "kl.num_tokens");
   }
-  detail::validate_logprobs(policy_logp, fn, "kl_policy_logp");
-  detail::validate_logprobs(reference_logp, fn, "kl_reference_logp");
+  detail::validate_logprobs(policy_logp, fn, "kl.policy_logp");
+  detail::validate_logprobs(reference_logp, fn, "kl.reference_logp");
   for (index_t j = 0; j < num_tokens.size; ++j)
     if (num_tokens[j] < 0)
-      fail(fn, "kl_num_tokens[" + std::to_string(j) + "]", "be >= 0", num_tokens[j]);
+      fail(fn, "kl.num_tokens[" + std::to_string(j) + "]", "be >= 0", num_tokens[j]);
   KlPartial p;
   for (index_t j = 0; j < n; ++j) {
     const index_t tokens = num_tokens.size ? num_tokens[j] : 1;

@@ -5,10 +5,11 @@
 //   mean   = Σ_v z_v / V
 //
 // Both come from the one read of a row that gives its lse: beside the running max m and
-// s = Σ e^(z−m), keep w = Σ e^(z−m)·(z − m) and t = Σ z. When a chunk raises the max to m',
+// s = Σ e^(z−m), keep w = Σ e^(z−m)·(z − m) and t = Σ z / V. When a chunk raises the max to m',
 // s ← e^(m−m') s and w ← e^(m−m') (w + (m − m') s). Then H = log s − w / s, which avoids the
-// cancellation of lse − Σ p z when the logits are large. A −inf logit adds nothing to s or
-// w (its p is 0) and makes the mean −inf.
+// cancellation of lse − Σ p z when the logits are large. A masked logit (−inf, or a finite
+// one whose p is below the smallest normal float, as finfo.min) adds exactly 0 to s and w
+// on every backend and ISA; a −inf logit makes the mean −inf, finfo.min masks keep it finite.
 //
 // TRL 1.16 logs `entropy` (the mean over the completion tokens of the batch) and
 // `logits/chosen`, `logits/rejected` (the mean per-token mean logit over the completion
@@ -31,10 +32,12 @@ struct TokenStatistics {
   Acc mean_logit;
 };
 
-/// From one row's running sums (s, w as above; t = Σ z) over its V logits.
+/// From one row's running sums: s, w as above and the mean logit, accumulated as
+/// Σ (z / V) term by term so that it stays finite where Σ z would overflow (every
+/// masked logit at finfo.min). The cast: log may resolve to the double overload.
 template <class Acc>
-KTO_HOST_DEVICE inline TokenStatistics<Acc> token_statistics(Acc s, Acc w, Acc t, index_t vocab) {
-  return {log(s) - w / s, t / static_cast<Acc>(vocab)};
+KTO_HOST_DEVICE inline TokenStatistics<Acc> token_statistics(Acc s, Acc w, Acc mean_logit) {
+  return {static_cast<Acc>(log(s) - w / s), mean_logit};
 }
 
 /// Per-sequence sums over the scored tokens, in double; empty when not requested.

@@ -488,17 +488,17 @@ void op_finish(Reader& in, bool dbl) {
     if (!direct) {
       Verdict kv;
       const index_t m = in.range(0, 6);
-      auto kp = read_span<Acc>(in, m, kv, "kl_policy_logp", true);
+      auto kp = read_span<Acc>(in, m, kv, "kl.policy_logp", true);
       fill_span(in, kp, 8.0);
-      auto kr = read_span<Acc>(in, m, kv, "kl_reference_logp", true);
+      auto kr = read_span<Acc>(in, m, kv, "kl.reference_logp", true);
       fill_span(in, kr, 8.0);
-      auto kt = read_span<index_t>(in, in.flag() ? 0 : m, kv, "kl_num_tokens", true);
+      auto kt = read_span<index_t>(in, in.flag() ? 0 : m, kv, "kl.num_tokens", true);
       for (auto& t : kt.buf) t = in.usually(224) ? in.range(0, 4) : in.extreme();
       if (kt.span.data != nullptr && kt.span.size > 0 &&
           o.kl_estimator == kto::KlEstimator::nonempty_mean)
         for (index_t j = 0; j < kt.span.size; ++j)
           if (kt.buf[static_cast<size_t>(j)] < 0)
-            kv.must_reject("kl_num_tokens holds a negative count");
+            kv.must_reject("kl.num_tokens holds a negative count");
       context() = format("kl_partial: policy size %lld%s ", (long long)kp.span.size,
                          kp.span.data ? "" : " (null)") +
                   list(kp.buf) + format(", reference size %lld ", (long long)kr.span.size) +

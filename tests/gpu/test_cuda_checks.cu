@@ -118,13 +118,13 @@ TEST_CASE("cuda checks: kl_partial and finish", "[cuda_checks]") {
   const std::string kfn = "kto::cuda::kl_partial";
   CHECK(kto::cuda::can_implement(k).ok());
   CHECK(kto::cuda::workspace_bytes(k) > 0);
-  expect_refused_when(k, kfn, "kl_reference_logp.size", [](auto& x) { x.reference_logp.size = 2; });
+  expect_refused_when(k, kfn, "kl.reference_logp.size", [](auto& x) { x.reference_logp.size = 2; });
   expect_refused_when(k, kfn, "partial", [](auto& x) { x.partial = nullptr; });
   auto bad = k;
   bad.num_tokens = nullptr;
   CHECK(kto::cuda::can_implement(bad).ok());  // the mean estimator reads no counts
   bad.options.kl_estimator = kto::KlEstimator::nonempty_mean;
-  expect_refused(kto::cuda::can_implement(bad), kfn, "kl_num_tokens");
+  expect_refused(kto::cuda::can_implement(bad), kfn, "kl.num_tokens");
 
   const kto::cuda::FinishArguments f{
       &st.partial,

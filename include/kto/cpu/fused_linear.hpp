@@ -25,6 +25,8 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -547,6 +549,108 @@ void require_finite_gradients(const LinearGradients<Acc>& g, index_t rows, index
     kto::detail::fail(fn, "grads.d_bias", "come out finite", static_cast<double>(g.d_bias.data[b]));
 }
 
+/// The largest |x| over the finite values of n elements (a non-finite one is the
+/// forward's to report, with its row), 0 for none.
+template <class T>
+double finite_abs_max(const T* x, index_t n) {
+  double m = 0.0;
+  for (index_t i = 0; i < n; ++i) {
+    const double a = std::fabs(static_cast<double>(x[i]));
+    if (a > m && std::isfinite(a)) m = a;
+  }
+  return m;
+}
+
+/// Refuses, before the collective, a step whose gradients could overflow the
+/// accumulation type for some z0 (they are computed after it, once z0 is known).
+/// With G_r = max|g_s| c_r |a| / τ on the scored rows of sequence s
+/// (grad_logp_bound(): any z0), every element of dZ is at most G_r and a row of dZ
+/// sums to at most 2 G_r in magnitude, so
+///   |dW[v, k]| <= Σ_r G_r |H[r, k]|,  |dH[r, k]| <= 2 G_r max_v |W[v, k]|,
+///   |db[v]| <= Σ_r G_r.
+/// Each bound must stay under a quarter of the type's largest value (room for the
+/// rounding of fp32 sums). W is read only when its type's range could break the
+/// bound (never for half; for fp32 and bfloat16 only with a large G_r).
+template <class T>
+void check_gradient_bounds(const HiddenBatch<T>& batch, const LinearHead<T>& head,
+                           Span<const std::uint8_t> desirable, const Options& o,
+                           const ExecutionPolicy& exec, const char* fn) {
+  using Acc = accumulator_t<T>;
+  const double limit = static_cast<double>(std::numeric_limits<Acc>::max()) / 4;
+  const index_t B = batch.sequences.count;
+  const RowScorer scorer(batch.targets, batch.sequences, o.ignore_index);
+  const double reduction = reduction_scale(o, B);
+  const double derivative = logit_transform(o).max_derivative();
+  std::vector<double> row_bound(static_cast<size_t>(batch.hidden.rows), 0.0);  // G_r
+  double largest = 0.0, bias_sum = 0.0;
+  for (index_t s = 0; s < B; ++s) {
+    index_t n = 0;
+    for (index_t r = batch.sequences.begin(s); r < batch.sequences.end(s); ++r)
+      n += scorer.target(r) != o.ignore_index;
+    if (n == 0) continue;
+    const double g =
+        token_scale(grad_logp_bound(desirable[s] != 0, o, reduction), n, o.average_logprob) *
+        derivative;
+    for (index_t r = batch.sequences.begin(s); r < batch.sequences.end(s); ++r)
+      if (scorer.target(r) != o.ignore_index) row_bound[static_cast<size_t>(r)] = g;
+    largest = std::max(largest, g);
+    bias_sum += g * static_cast<double>(n);
+  }
+  // |g_s c_r| |a| / τ is at most G_r = λβ max|f'| c_r |a| / (τ B) for any z0.
+  auto refuse = [&](const char* argument, const char* gradient, const char* bound_text,
+                    double bound, const std::string& got, const char* lower) {
+    std::ostringstream expectation;
+    expectation << "keep " << gradient << " within " << logit_type_name<Acc>()
+                << " whatever z0: its bound, " << bound_text
+                << " with G_r = lambda*beta*max|f'|*c_r*|a|/tau/B, is " << bound << ", past "
+                << limit << " (lower options.beta or the weights, or " << lower << ")";
+    kto::detail::fail(fn, argument, expectation.str(), got);
+  };
+  if (bias_sum > limit) {
+    std::ostringstream got;
+    got << o.beta;
+    refuse("options.beta", "grads.d_bias", "the sum over scored rows of G_r", bias_sum, got.str(),
+           "give fewer rows");
+  }
+  // dW: Σ_r G_r max_k |H[r, k]| (the scored rows are finite: validate_hidden_batch).
+  if (bias_sum * static_cast<double>(std::numeric_limits<T>::max()) > limit) {
+    std::vector<double> row_max(static_cast<size_t>(batch.hidden.rows), 0.0);
+    parallel_for(scorer.last - scorer.first, exec, [&](index_t b, index_t e) {
+      for (index_t r = scorer.first + b; r < scorer.first + e; ++r)
+        if (row_bound[static_cast<size_t>(r)] > 0.0)
+          row_max[static_cast<size_t>(r)] = finite_abs_max(batch.hidden.row(r), batch.hidden.cols);
+    });
+    double sum = 0.0, hidden_max = 0.0;
+    for (index_t r = scorer.first; r < scorer.last; ++r) {
+      sum += row_bound[static_cast<size_t>(r)] * row_max[static_cast<size_t>(r)];
+      hidden_max = std::max(hidden_max, row_max[static_cast<size_t>(r)]);
+    }
+    if (sum > limit) {
+      std::ostringstream got;
+      got << "scored hidden states up to " << hidden_max << " in magnitude";
+      refuse(batch.name, "grads.d_weight", "the sum over scored rows r of G_r max|hidden[r, :]|",
+             sum, got.str(), "the scale of the hidden states");
+    }
+  }
+  // dH: 2 max_r G_r max |W|.
+  if (2.0 * largest * static_cast<double>(std::numeric_limits<T>::max()) > limit) {
+    const index_t V = head.weight.rows;
+    std::vector<double> row_max(static_cast<size_t>(V), 0.0);
+    parallel_for(V, exec, [&](index_t b, index_t e) {
+      for (index_t v = b; v < e; ++v)
+        row_max[static_cast<size_t>(v)] = finite_abs_max(head.weight.row(v), head.weight.cols);
+    });
+    const double weight_max =
+        row_max.empty() ? 0.0 : *std::max_element(row_max.begin(), row_max.end());
+    if (2.0 * largest * weight_max > limit) {
+      std::ostringstream got;
+      got << "weights up to " << weight_max << " in magnitude";
+      refuse("head.weight", "grads.d_hidden", "2 max_r G_r max|head.weight|",
+             2.0 * largest * weight_max, got.str(), "the scale of the weight");
+    }
+  }
+}
+
 /// The engine of a call, or kto::Error when its buffers do not fit in memory.
 template <class T>
 ChunkEngine<T> make_engine(const LinearHead<T>& head, const FusedLinearConfig& cfg,
@@ -779,6 +883,14 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
                                              make_span(kl_fwd.num_tokens), o, fn);
   };
 
+  // The gradients are computed after the collective (they need z0): whether they can
+  // overflow is decided before it, for any z0, after the forward has had its say on
+  // non-finite inputs.
+  auto checked_kl_sum = [&] {
+    const KlPartial local = kl_sum_of_partials();
+    detail::check_gradient_bounds(target_batch, head, in.desirable, o, exec, fn);
+    return local;
+  };
   KlPartial kl_sum;
   if (sharded) {
     // The gather is a collective of its own: checks and the local forward run
@@ -786,12 +898,12 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     validate();
     local_partials();
     merge_gathered();
-    kl_sum = kto::detail::reduce_kl_or_fail(hooks.kl_all_reduce, fn, kl_sum_of_partials);
+    kl_sum = kto::detail::reduce_kl_or_fail(hooks.kl_all_reduce, fn, checked_kl_sum);
   } else {
     kl_sum = kto::detail::reduce_kl_or_fail(hooks.kl_all_reduce, fn, [&] {
       validate();
       local_partials();
-      return kl_sum_of_partials();
+      return checked_kl_sum();
     });
   }
   kto::detail::validate_kl_partial(kl_sum, fn, &o);

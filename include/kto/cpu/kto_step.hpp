@@ -11,8 +11,10 @@
 // finish() and backward() directly.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
+#include <sstream>
 #include <vector>
 
 #include "../finish.hpp"
@@ -81,6 +83,8 @@ StepResult<accumulator_t<T>> step_forward_impl(const StepInputs<T>& in, const Op
                                                 in.kl.num_tokens, o, fn);
     fwd = sequence_logprobs_impl<T>(in.policy_logits, in.targets, in.sequences, o, exec, fn,
                                     "policy_logits");
+    // The backward's one refusal that z0 does not decide, made here for any z0.
+    check_gradient_scale_bound<T>(in.desirable, make_span(fwd.num_tokens), o, fn);
     return local;
   });
   FinishResult<Acc> fin = kto::detail::finish_impl<Acc>(kl, make_span(fwd.logp), in.reference_logp,
@@ -99,7 +103,9 @@ StepResult<accumulator_t<T>> step_forward_impl(const StepInputs<T>& in, const Op
 
 /// Forward half of a step: loss, metrics, per-example outputs and the residual
 /// row_lse, no gradient. With `all_reduce`, every check and the forward run
-/// before the collective, and a failure on any rank raises on every rank.
+/// before the collective, and a failure on any rank raises on every rank. That
+/// includes the backward's check that the gradient fits the logit type (half:
+/// 65504) for a cotangent of 1, whatever z0 (check_gradient_scale_bound()).
 template <class T>
 StepResult<accumulator_t<T>> step_forward(const StepInputs<T>& in, const Options& o,
                                           const ExecutionPolicy& exec = {},
@@ -108,7 +114,9 @@ StepResult<accumulator_t<T>> step_forward(const StepInputs<T>& in, const Options
 }
 
 /// Backward half: ∂L/∂logits from step_forward()'s result, into `grad` (which
-/// may be the logits themselves). `cotangent` scales the loss (1 for L itself).
+/// may be the logits themselves). `cotangent` scales the loss (1 for L itself);
+/// a cotangent that takes some g_s past the accumulation type, or the gradient
+/// past the logit type, is refused by name.
 template <class T>
 void step_backward(const StepInputs<T>& in, const StepResult<accumulator_t<T>>& fwd,
                    const Options& o, const LogitsView<T>& grad, const ExecutionPolicy& exec = {},
@@ -116,10 +124,21 @@ void step_backward(const StepInputs<T>& in, const StepResult<accumulator_t<T>>& 
   using Acc = accumulator_t<T>;
   const char* fn = "kto::cpu::step_backward";
   kto::detail::require(std::isfinite(cotangent), fn, "cotangent", "be finite", cotangent);
+  kto::detail::validate_finite(make_span(fwd.examples.grad_logp), fn, "fwd.examples.grad_logp");
   std::vector<Acc> grad_logp(fwd.examples.grad_logp);
-  for (Acc& g : grad_logp) g = static_cast<Acc>(static_cast<double>(g) * cotangent);
+  for (size_t s = 0; s < grad_logp.size(); ++s) {
+    const double g = static_cast<double>(grad_logp[s]);
+    grad_logp[s] = static_cast<Acc>(g * cotangent);
+    if (!std::isfinite(static_cast<double>(grad_logp[s]))) {
+      std::ostringstream expectation;
+      expectation << "keep cotangent * g_s finite in the accumulation type (g_" << s << " = " << g
+                  << ")";
+      kto::detail::fail(fn, "cotangent", expectation.str(), cotangent);
+    }
+  }
   detail::backward_impl<T>(in.policy_logits, in.targets, in.sequences, make_span(fwd.row_lse),
-                           make_span(grad_logp), make_span(fwd.num_tokens), o, grad, exec, fn);
+                           make_span(grad_logp), make_span(fwd.num_tokens), o, grad, exec, fn,
+                           detail::ScaleCheck::cotangent, cotangent);
 }
 
 /// The whole step: step_forward, then the gradient into `grad`. Arguments are
@@ -130,9 +149,11 @@ StepResult<accumulator_t<T>> kto_step(const StepInputs<T>& in, const Options& o,
                                       const KlAllReduce& all_reduce = {}) {
   const char* fn = "kto::cpu::kto_step";
   auto out = detail::step_forward_impl(in, o, exec, all_reduce, fn, &grad);
+  // Nothing in the backward can refuse now: its gradient-scale check ran before the
+  // collective (step_forward_impl), for any z0.
   detail::backward_impl<T>(in.policy_logits, in.targets, in.sequences, make_span(out.row_lse),
                            make_span(out.examples.grad_logp), make_span(out.num_tokens), o, grad,
-                           exec, fn);
+                           exec, fn, detail::ScaleCheck::done);
   return out;
 }
 

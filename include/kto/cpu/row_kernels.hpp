@@ -7,6 +7,8 @@
 // Token statistics (entropy, mean logit; token_statistics.hpp) from the same read, on request.
 // Backward, one read and one write:  out_v = scale · (1[v = t] − exp(z_v − lse)).
 //   The chunk is converted before it is written, so out may alias the row (in place).
+// Every exp is exp_or_zero (exp_or_zero.hpp): a masked logit's p is exactly 0 on
+// every ISA, in lse, the statistics and the gradient.
 //
 // Chunks are copied to an aligned buffer first: Eigen's reductions then see the
 // same alignment whatever the caller's pointer, so the summation order, and the
@@ -22,6 +24,7 @@
 #include "../logit_transform.hpp"
 #include "../token_statistics.hpp"
 #include "convert.hpp"
+#include "exp_or_zero.hpp"
 
 namespace kto {
 namespace cpu {
@@ -66,27 +69,35 @@ namespace detail {
 
 /// One read of a row: lse and the target logit, and with kStatistics the
 /// token statistics' sums (token_statistics.hpp).
+///
+/// Non-finite logits, the same on every ISA: a −inf (or any logit whose exp is
+/// below the smallest normal) adds exactly 0 to s and w (exp_or_zero.hpp); a NaN
+/// is found by a NaN-propagating max and makes lse NaN; +inf makes lse NaN too.
 template <bool kStatistics, class T, class Acc>
 inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
                               TokenStatistics<Acc>* statistics, const LogitTransform& transform) {
   const bool transformed = !transform.identity();
   alignas(64) Acc buf[kRowChunk];
+  alignas(64) Acc exp_buf[kStatistics ? kRowChunk : 1];
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  const Acc inv_vocab = Acc(1) / static_cast<Acc>(vocab);
   Acc m = neg_inf;
   Acc s = Acc(0);
   Acc w = Acc(0);  // Σ e^(z−m) (z − m)
-  Acc t = Acc(0);  // Σ z
+  Acc t = Acc(0);  // Σ z / V, term by term so that finfo.min masks cannot overflow it
   for (index_t begin = 0; begin < vocab; begin += kRowChunk) {
     const index_t n = std::min(kRowChunk, vocab - begin);
     load_chunk(row + begin, n, buf);
     AlignedChunk<Acc> chunk(buf, n);
     if (transformed) transform_chunk(chunk, transform);
-    const Acc chunk_max = chunk.maxCoeff();
-    if constexpr (kStatistics) t += chunk.sum();
-    if (chunk_max == neg_inf) {  // every term is exp(−inf) = 0, unless a NaN hid from the max
-      if (chunk.isNaN().any()) s = std::numeric_limits<Acc>::quiet_NaN();
-      continue;
+    const Acc chunk_max = chunk.template maxCoeff<Eigen::PropagateNaN>();
+    if constexpr (kStatistics) t += (chunk * inv_vocab).sum();
+    if (!(chunk_max < std::numeric_limits<Acc>::infinity())) {  // NaN or +inf: lse is NaN
+      m = chunk_max;
+      s = std::numeric_limits<Acc>::quiet_NaN();
+      break;
     }
+    if (chunk_max == neg_inf) continue;  // every term is exactly 0
     if (chunk_max > m) {
       const Acc rescale = std::exp(m - chunk_max);
       if constexpr (kStatistics) w = s > Acc(0) ? rescale * (w + (m - chunk_max) * s) : Acc(0);
@@ -94,17 +105,17 @@ inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
       m = chunk_max;
     }
     if constexpr (kStatistics) {
-      const auto d = chunk - m;
-      const auto e = d.exp();
+      AlignedChunk<Acc> e(exp_buf, n);
+      e = exp_or_zero(chunk - m);
       s += e.sum();
-      // A −inf logit has p = 0: its d is clamped to the lowest finite value so that
-      // the term is 0, not 0·(−inf) = NaN.
-      w += (e * d.max(std::numeric_limits<Acc>::lowest())).sum();
+      // A masked logit has e = 0 exactly; its z − m (−inf, or huge) is clamped to the
+      // lowest finite value so that the term is 0, not 0·(−inf) = NaN.
+      w += (e * (chunk - m).max(std::numeric_limits<Acc>::lowest())).sum();
     } else {
-      s += (chunk - m).exp().sum();
+      s += exp_or_zero(chunk - m).sum();
     }
   }
-  if constexpr (kStatistics) *statistics = token_statistics(s, w, t, vocab);
+  if constexpr (kStatistics) *statistics = token_statistics(s, w, t);
   const Acc target_logit = static_cast<Acc>(row[target]);
   return RowStats<Acc>{m + std::log(s),
                        transformed ? transform_logit(target_logit, transform) : target_logit};
@@ -142,16 +153,16 @@ inline void row_gradient(const T* row, index_t vocab, index_t target, Acc lse, A
     detail::load_chunk(row + begin, n, buf);
     detail::AlignedChunk<Acc> chunk(buf, n);
     if (transform.identity()) {
-      chunk = (chunk - lse).exp() * (-scale);
+      chunk = exp_or_zero(chunk - lse) * (-scale);
       if (target >= begin && target < begin + n) buf[target - begin] += scale;
     } else if (!transform.capped()) {  // z' = k z, ∂z'/∂z = k
-      chunk = (chunk * k - lse).exp() * (-scale * k);
+      chunk = exp_or_zero(chunk * k - lse) * (-scale * k);
       if (target >= begin && target < begin + n) buf[target - begin] += scale * k;
     } else {  // z' = (c/τ) tanh(a z / c), ∂z'/∂z = k (1 − tanh²)
       detail::AlignedChunk<Acc> th(tanh_buf, n);
       th = (chunk * static_cast<Acc>(transform.scale / transform.softcap)).tanh();
       const Acc cap = static_cast<Acc>(transform.softcap / transform.temperature);
-      chunk = (th * cap - lse).exp() * (-scale);
+      chunk = exp_or_zero(th * cap - lse) * (-scale);
       if (target >= begin && target < begin + n) buf[target - begin] += scale;
       chunk *= (Acc(1) - th.square()) * k;
     }

@@ -275,17 +275,17 @@ void validate(const SequenceLogprobsArguments<T>& a, const char* fn) {
 inline void validate(const KlPartialArguments& a, const char* fn) {
   validate_options(a.options, fn);
   const index_t count = a.policy_logp.size;
-  kto::detail::require(count >= 0, fn, "kl_policy_logp.size", "be >= 0", count);
-  kto::detail::require(a.policy_logp.data != nullptr || count == 0, fn, "kl_policy_logp",
+  kto::detail::require(count >= 0, fn, "kl.policy_logp.size", "be >= 0", count);
+  kto::detail::require(a.policy_logp.data != nullptr || count == 0, fn, "kl.policy_logp",
                        "be non-null", "nullptr");
-  kto::detail::require(a.reference_logp.size == count, fn, "kl_reference_logp.size",
-                       "equal kl_policy_logp.size (" + std::to_string(count) + ")",
+  kto::detail::require(a.reference_logp.size == count, fn, "kl.reference_logp.size",
+                       "equal kl.policy_logp.size (" + std::to_string(count) + ")",
                        a.reference_logp.size);
-  kto::detail::require(a.reference_logp.data != nullptr || count == 0, fn, "kl_reference_logp",
+  kto::detail::require(a.reference_logp.data != nullptr || count == 0, fn, "kl.reference_logp",
                        "be non-null", "nullptr");
   kto::detail::require(
       a.num_tokens != nullptr || count == 0 || a.options.kl_estimator != KlEstimator::nonempty_mean,
-      fn, "kl_num_tokens", "be non-null for the nonempty_mean estimator", "nullptr");
+      fn, "kl.num_tokens", "be non-null for the nonempty_mean estimator", "nullptr");
   kto::detail::require(a.partial != nullptr, fn, "partial", "be non-null", "nullptr");
 }
 

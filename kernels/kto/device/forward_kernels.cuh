@@ -97,10 +97,11 @@ KTO_HOST_DEVICE inline RowState<kExtended> thread_row_lse(const T* row, index_t 
                                                           const RowTransform& transform = {}) {
   constexpr int W = Vec<T>::kWidth;
   RowState<kExtended> st = identity_of<RowState<kExtended>>();
+  const float inv_vocab = 1.0f / static_cast<float>(vocab);  // the mean logit's weight
   const RowSpan span = row_span<T>(row, vocab);
   for (index_t i = lane; i < span.head; i += kThreads) {
     const float x[1] = {row_value<kExtended>(row[i], transform)};
-    lse_update(st, x);
+    lse_update(st, x, inv_vocab);
   }
   const Vec<T>* vec = reinterpret_cast<const Vec<T>*>(row + span.head);
   KTO_UNROLL(4)
@@ -109,11 +110,11 @@ KTO_HOST_DEVICE inline RowState<kExtended> thread_row_lse(const T* row, index_t 
     float x[W];
     KTO_UNROLL()
     for (int k = 0; k < W; ++k) x[k] = row_value<kExtended>(v.v[k], transform);
-    lse_update(st, x);
+    lse_update(st, x, inv_vocab);
   }
   for (index_t i = span.tail + lane; i < vocab; i += kThreads) {
     const float x[1] = {row_value<kExtended>(row[i], transform)};
-    lse_update(st, x);
+    lse_update(st, x, inv_vocab);
   }
   return st;
 }
@@ -131,7 +132,7 @@ __device__ inline void finish_row(const RowState<kExtended>& st, float target_va
   token_logp[r] = lp;
   if constexpr (kExtended) {
     if (row_entropy) {
-      const TokenStatistics<float> ts = token_statistics(st.s, st.w, st.t, vocab);
+      const TokenStatistics<float> ts = token_statistics(st.s, st.w, st.t);
       row_entropy[r] = ts.entropy;
       row_mean_logit[r] = ts.mean_logit;
     }

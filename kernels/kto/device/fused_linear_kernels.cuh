@@ -73,6 +73,7 @@ KTO_HOST_DEVICE inline RowState<kExtended> thread_biased_lse(const float* row, c
                                                              index_t vocab, int lane,
                                                              const RowTransform& transform = {}) {
   RowState<kExtended> st = identity_of<RowState<kExtended>>();
+  const float inv_vocab = 1.0f / static_cast<float>(vocab);  // the mean logit's weight
   const index_t vectors = vocab / 4;
   const float4* z4 = reinterpret_cast<const float4*>(row);
   const float4* b4 = reinterpret_cast<const float4*>(bias);
@@ -85,11 +86,11 @@ KTO_HOST_DEVICE inline RowState<kExtended> thread_biased_lse(const float* row, c
     }
     const float x[4] = {row_value<kExtended>(z.x, transform), row_value<kExtended>(z.y, transform),
                         row_value<kExtended>(z.z, transform), row_value<kExtended>(z.w, transform)};
-    lse_update(st, x);
+    lse_update(st, x, inv_vocab);
   }
   for (index_t v = vectors * 4 + lane; v < vocab; v += kThreads) {
     const float x[1] = {row_value<kExtended>(row[v] + (bias ? bias[v] : 0.0f), transform)};
-    lse_update(st, x);
+    lse_update(st, x, inv_vocab);
   }
   return st;
 }

@@ -12,7 +12,8 @@
 // max, hence the explicit NaN check when the max is still −inf.
 //
 // StatisticsState adds the token statistics' sums (../token_statistics.hpp):
-// w = Σ e^(x−m)·(x − m) and t = Σ x, rescaled with s when the max rises, so a
+// w = Σ e^(x−m)·(x − m) and t = Σ x / V (each term scaled, so that finfo.min masks
+// cannot overflow it), w rescaled with s when the max rises, so a
 // row's entropy and mean logit come from the same read as its lse. The
 // kernels use it only when the caller asked for statistics or a transform.
 #pragma once
@@ -40,7 +41,7 @@ KTO_HOST_DEVICE inline bool is_nan(float x) {
 }
 
 template <int N>
-KTO_HOST_DEVICE inline void lse_update(LseState& st, const float (&x)[N]) {
+KTO_HOST_DEVICE inline void lse_update(LseState& st, const float (&x)[N], float /*inv_vocab*/) {
   float chunk_max = x[0];
   KTO_UNROLL()
   for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, x[k]);
@@ -69,7 +70,7 @@ struct StatisticsState {
   float m;
   float s;
   float w;  ///< Σ e^(x−m)·(x − m)
-  float t;  ///< Σ x
+  float t;  ///< Σ x / V
 };
 
 KTO_HOST_DEVICE inline StatisticsState statistics_identity() {
@@ -82,13 +83,14 @@ KTO_HOST_DEVICE inline float rescaled_w(const StatisticsState& st, float m_new, 
   return st.s > 0.0f ? factor * (st.w + (st.m - m_new) * st.s) : 0.0f;
 }
 
+/// `inv_vocab` = 1 / V of the row (t's weight); LseState's overload ignores it.
 template <int N>
-KTO_HOST_DEVICE inline void lse_update(StatisticsState& st, const float (&x)[N]) {
+KTO_HOST_DEVICE inline void lse_update(StatisticsState& st, const float (&x)[N], float inv_vocab) {
   float chunk_max = x[0];
   KTO_UNROLL()
   for (int k = 0; k < N; ++k) {
     if (k > 0) chunk_max = fmaxf(chunk_max, x[k]);
-    st.t += x[k];
+    st.t += x[k] * inv_vocab;
   }
   const float m = fmaxf(st.m, chunk_max);
   if (m == -INFINITY) {
@@ -105,7 +107,9 @@ KTO_HOST_DEVICE inline void lse_update(StatisticsState& st, const float (&x)[N])
     const float d = x[k] - m;
     const float e = expf(d);
     s += e;
-    w += e * fmaxf(d, -FLT_MAX);  // a −inf logit has p = 0: its term is 0, not 0·(−inf)
+    // IEEE expf is exactly 0 for a masked logit (−inf or finfo.min: d < −104); its
+    // d is clamped so that the term is 0, not 0·(−inf).
+    w += e * fmaxf(d, -FLT_MAX);
   }
   st.m = m;
   st.s = s;
