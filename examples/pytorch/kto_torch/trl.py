@@ -122,6 +122,32 @@ def _shifted(model, inputs, completion_mask, aux_loss=False):
     return shifted + (outputs.aux_loss,) if aux_loss else shifted
 
 
+@contextlib.contextmanager
+def _lm_head_in_fp32(model):
+    """The model's lm_head multiplies in fp32, outside autocast, for the calls inside.
+
+    On a CPU without bf16 GEMM units (no AVX512-BF16 or AMX: kto_torch.BF16_GEMM is False),
+    torch's bf16 GEMM runs at a fraction of fp32's speed (14.8 against 80 GFLOP/s on an AVX2
+    EPYC), and the logits path forms all [B, T, V] logits with it. The logits then come out
+    in fp32, the exact product rather than its bf16 rounding."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:  # a wrapped or custom head: left as it is
+        yield
+        return
+
+    def forward(hidden):
+        with torch.autocast("cpu", enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def _load_balancing_loss(model, router_logits, attention_mask):
     """The MoE auxiliary loss as TRL 1.16's fused head computes it (Mixtral's
     load-balancing loss, which every MoE family in transformers shares)."""
@@ -317,11 +343,15 @@ class KTOTrainer(_TRLKTOTrainer):
     each measured: kto::kDefaultCpuChunkBytes, kDefaultCudaChunkBytes). ``fused_strategy``:
     the policy step's (kto_torch.fused_linear_kto_loss's ``strategy``): "keep_chunk" (the
     default), "recompute", or on CUDA "vocab_blocks" (a bf16/fp16 lm_head's gradient
-    written once in its dtype, no fp32 [V, D] array)."""
+    written once in its dtype, no fp32 [V, D] array). ``autocast_lm_head`` (logits path):
+    None (default) multiplies the lm_head in fp32 under bf16 autocast on a CPU without bf16
+    GEMM units (kto_torch.BF16_GEMM False; there torch's bf16 GEMM is several times slower
+    than fp32), logging it, and in the autocast dtype elsewhere; True always in the autocast
+    dtype (TRL's logits bit for bit); False always in fp32."""
 
     def __init__(self, *args, fused_linear: Optional[bool] = None,
                  fused_chunk_bytes: Optional[int] = None, fused_strategy: str = "keep_chunk",
-                 **kwargs):
+                 autocast_lm_head: Optional[bool] = None, **kwargs):
         if fused_strategy not in kto_torch.STRATEGIES:
             raise ValueError(f"kto_torch.trl.KTOTrainer: argument 'fused_strategy' must be one of "
                              f"{sorted(kto_torch.STRATEGIES)}; got {fused_strategy!r}")
@@ -356,6 +386,22 @@ class KTOTrainer(_TRLKTOTrainer):
                         else f"{fused_chunk_bytes} bytes")
         elif fused_linear is None:
             logger.warning("kto_torch.trl.KTOTrainer: the logits path, because %s", reason)
+        slow_bf16 = (self.accelerator.device.type == "cpu" and self.args.bf16
+                     and not kto_torch.BF16_GEMM)
+        self.lm_head_in_fp32 = (not self.fused_linear and autocast_lm_head is not True
+                                and (autocast_lm_head is False or slow_bf16))
+        if self.lm_head_in_fp32 and autocast_lm_head is None:
+            logger.info("kto_torch.trl.KTOTrainer: the lm_head multiplies in fp32, not under bf16 "
+                        "autocast: this CPU has no bf16 GEMM units (AVX512-BF16/AMX), where "
+                        "torch's bf16 GEMM is several times slower (autocast_lm_head=True "
+                        "keeps TRL's bf16 logits)")
+
+    def _shifted(self, model, inputs, completion_mask, aux_loss=False):
+        """The logits path's shifted logits and labels (_shifted), the lm_head in fp32 where
+        self.lm_head_in_fp32 says so."""
+        with (_lm_head_in_fp32(self.accelerator.unwrap_model(model)) if self.lm_head_in_fp32
+              else contextlib.nullcontext()):
+            return _shifted(model, inputs, completion_mask, aux_loss)
 
     def _kto_supported(self) -> bool:
         return (self.ref_model is not None or self.precompute_ref_logps
@@ -426,7 +472,7 @@ class KTOTrainer(_TRLKTOTrainer):
             if fused:
                 return m(**inputs, kto_head=HeadRequest(completion_mask, autocast,
                                                         self.fused_chunk_bytes))
-            return kto_torch.sequence_logprobs(*_shifted(m, inputs, completion_mask))
+            return kto_torch.sequence_logprobs(*self._shifted(m, inputs, completion_mask))
 
         def stage(name, step):
             """One stage before the KL all-reduce. With several processes every rank learns
@@ -484,7 +530,7 @@ class KTOTrainer(_TRLKTOTrainer):
                                       aux_loss=self.aux_loss_enabled)
                 out = model(**target[0], kto_head=request)
                 return out if self.aux_loss_enabled else (out, None)
-            logits, labels, *aux = _shifted(model, *target, aux_loss=self.aux_loss_enabled)
+            logits, labels, *aux = self._shifted(model, *target, aux_loss=self.aux_loss_enabled)
             out = kto_torch.kto_loss(
                 logits, labels, None, ref_logp, desirable,
                 reference_point="kl_batch" if self.calculate_KL else "zero",
