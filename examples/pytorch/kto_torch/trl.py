@@ -38,6 +38,7 @@ and what to try, where TRL's own trainer would go on with NaN parameters.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import types
@@ -332,6 +333,25 @@ def _non_finite(error: ValueError) -> bool:
     return text.startswith("kto") and "finite" in text and "options." not in text
 
 
+def _without_liger(args: tuple, kwargs: dict) -> tuple:
+    """The trainer's arguments with ``use_liger_kernel`` off (a copy; the caller's config is
+    left as it is), logging why. The drop-in's own head (fused, or kto's lse kernel on the
+    logits) computes what Liger's fused linear KTO loss would; TRL 1.16 would still patch
+    the model's layers with Liger's Triton kernels under that head, a combination neither
+    project tests, and one that needs a GPU."""
+    positional = len(args) > 2
+    config = args[2] if positional else kwargs.get("args")
+    if config is None or not getattr(config, "use_liger_kernel", False):
+        return args, kwargs
+    config = copy.copy(config)
+    config.use_liger_kernel = False
+    logger.warning("kto_torch.trl.KTOTrainer: use_liger_kernel=True is ignored: Liger's kernels "
+                   "are not used; kto's own head computes the log-probs and the loss")
+    if positional:
+        return args[:2] + (config,) + args[3:], kwargs
+    return args, {**kwargs, "args": config}
+
+
 class KTOTrainer(_TRLKTOTrainer):
     """TRL 1.16's KTOTrainer with its log-prob and loss path on kto ops.
 
@@ -355,6 +375,7 @@ class KTOTrainer(_TRLKTOTrainer):
         if fused_strategy not in kto_torch.STRATEGIES:
             raise ValueError(f"kto_torch.trl.KTOTrainer: argument 'fused_strategy' must be one of "
                              f"{sorted(kto_torch.STRATEGIES)}; got {fused_strategy!r}")
+        args, kwargs = _without_liger(args, kwargs)
         super().__init__(*args, **kwargs)
         if fused_strategy == "vocab_blocks" and self.accelerator.device.type != "cuda":
             raise ValueError("kto_torch.trl.KTOTrainer: argument 'fused_strategy' must be "
