@@ -1,5 +1,5 @@
 // compare.hpp — one KTO step's outputs against the float64 reference, under
-// the tolerance rule of problem.hpp. Used by the CPU and the GPU tests alike.
+// the tolerance rule of support.hpp. Used by the CPU and the GPU tests alike.
 #pragma once
 
 #include <functional>

@@ -10,10 +10,10 @@
 // JAX's int32 ids and offsets are widened to the library's int64 on the
 // device; num_tokens is narrowed back.
 //
-// Not implemented on CUDA (an error says so): the vocab-parallel row partials
-// and a sharded head (the library's CUDA step has no gather hook yet).
-//
-// STATUS: compiled (nvcc 13, sm_80/sm_90) but not yet run on a GPU.
+// Not implemented in these handlers (an error says so): the vocab-parallel row
+// partials and a sharded head. The library's CUDA step has the gather hook
+// (RowPartialsAllGather); these handlers do not wire it to XLA yet (issue 24).
+// What has run on a GPU, and when: docs/status.md.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
