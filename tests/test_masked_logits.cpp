@@ -1,6 +1,6 @@
 // Masked and extreme logits on every ISA: the results may not depend on how a packet
 // exp treats −inf or −FLT_MAX (Eigen's clamps its argument: exp(−inf) is 0 at one
-// packet width and ~3e-39 at another; cpu/exp_or_zero.hpp).
+// packet width and ~3e-39 at another; cpu/packet_math.hpp).
 //
 // Each row mixes, inside the first packets and across a chunk boundary: −inf (a masked
 // vocabulary), the type's lowest finite value (Hugging Face masks with finfo.min), a huge

@@ -7,8 +7,8 @@
 // Token statistics (entropy, mean logit; token_statistics.hpp) from the same read, on request.
 // Backward, one read and one write:  out_v = scale · (1[v = t] − exp(z_v − lse)).
 //   The chunk is converted before it is written, so out may alias the row (in place).
-// Every exp is exp_or_zero (exp_or_zero.hpp): a masked logit's p is exactly 0 on
-// every ISA, in lse, the statistics and the gradient.
+// Every exp is exp_or_zero and every tanh saturating_tanh (packet_math.hpp): a masked
+// logit's p, and a saturated soft-cap's derivative, are exactly 0 on every ISA.
 //
 // Chunks are copied to an aligned buffer first: Eigen's reductions then see the
 // same alignment whatever the caller's pointer, so the summation order, and the
@@ -24,7 +24,7 @@
 #include "../logit_transform.hpp"
 #include "../token_statistics.hpp"
 #include "convert.hpp"
-#include "exp_or_zero.hpp"
+#include "packet_math.hpp"
 
 namespace kto {
 namespace cpu {
@@ -58,7 +58,7 @@ inline void transform_chunk(AlignedChunk<Acc>& chunk, const LogitTransform& t) {
   if (!t.capped()) {
     chunk *= static_cast<Acc>(t.scale / t.temperature);
   } else {
-    chunk = (chunk * static_cast<Acc>(t.scale / t.softcap)).tanh() *
+    chunk = saturating_tanh(chunk * static_cast<Acc>(t.scale / t.softcap)) *
             static_cast<Acc>(t.softcap / t.temperature);
   }
 }
@@ -71,7 +71,7 @@ namespace detail {
 /// token statistics' sums (token_statistics.hpp).
 ///
 /// Non-finite logits, the same on every ISA: a −inf (or any logit whose exp is
-/// below the smallest normal) adds exactly 0 to s and w (exp_or_zero.hpp); a NaN
+/// below the smallest normal) adds exactly 0 to s and w (packet_math.hpp); a NaN
 /// is found by a NaN-propagating max and makes lse NaN; +inf makes lse NaN too.
 template <bool kStatistics, class T, class Acc>
 inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
@@ -160,7 +160,7 @@ inline void row_gradient(const T* row, index_t vocab, index_t target, Acc lse, A
       if (target >= begin && target < begin + n) buf[target - begin] += scale * k;
     } else {  // z' = (c/τ) tanh(a z / c), ∂z'/∂z = k (1 − tanh²)
       detail::AlignedChunk<Acc> th(tanh_buf, n);
-      th = (chunk * static_cast<Acc>(transform.scale / transform.softcap)).tanh();
+      th = saturating_tanh(chunk * static_cast<Acc>(transform.scale / transform.softcap));
       const Acc cap = static_cast<Acc>(transform.softcap / transform.temperature);
       chunk = exp_or_zero(th * cap - lse) * (-scale);
       if (target >= begin && target < begin + n) buf[target - begin] += scale;
