@@ -31,6 +31,9 @@ echo "== Python tests (JAX and PyTorch ops against float64 references, gloo data
 scripts/python_env.sh
 .venv/bin/python -m pytest -q tests/python
 
+echo "== the install path: sdists and wheels of kto_torch and kto_jax (portable, with their per-ISA CPU copies) in a fresh venv, tested; and against the newest torch on PyPI (scripts/wheel_test.sh)"
+KTO_WHEEL_TEST_NEWEST_TORCH=${KTO_WHEEL_TEST_NEWEST_TORCH:-1} scripts/wheel_test.sh
+
 echo "== tests under ASan + UBSan (-march=x86-64-v3: AVX2 + FMA)"
 cmake --preset asan-ubsan >/dev/null
 cmake --build --preset asan-ubsan -j"$jobs"

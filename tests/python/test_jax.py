@@ -52,7 +52,7 @@ def make_batch(seed, vocab=23, dtype=jnp.float32, num_sequences=5):
 
 
 def transformed(logits64, options):
-    """The model's logit transform (docs/math.md, logit transforms): z' = c·tanh(a·z/c)/τ, or a·z/τ when c = 0."""
+    """The model's logit transform (docs/math.md): z' = c·tanh(a·z/c)/τ, or a·z/τ when c = 0."""
     a, c, tau = options.logit_scale, options.logit_softcap, options.temperature
     z = a * logits64
     return (c * jnp.tanh(z / c) if c > 0 else z) / tau

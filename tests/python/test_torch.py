@@ -14,8 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 kto_torch = pytest.importorskip("kto_torch")
 
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11,
-                 torch.float64: 2.0**-53}
+import kto_reference as kr  # noqa: E402  (the float64 reference of the Python tests)
+
+UNIT_ROUNDOFF = {d: kr.unit_roundoff(d)
+                 for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
 def make_batch(seed, B=4, T=6, V=29, dtype=torch.float32, shifted=False):
@@ -42,37 +44,13 @@ def make_batch(seed, B=4, T=6, V=29, dtype=torch.float32, shifted=False):
                 kl_reference=kl_reference, kl_num_tokens=kl_num_tokens, generator=g)
 
 
-def reference_logp(logits64, targets, average, ignore_index=-100):
-    mask = targets != ignore_index
-    lsm = torch.log_softmax(logits64, dim=-1)
-    tok = torch.gather(lsm, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    logp = tok.sum(-1)
-    n = mask.sum(-1)
-    if average:
-        logp = torch.where(n > 0, logp / n.clamp(min=1), torch.zeros_like(logp))
-    return logp, n
-
-
 def reference_loss(logits64, batch, ref_logp, o):
-    logp, _ = reference_logp(logits64, batch["targets"], o.get("average_logprob", False))
-    rho = logp - ref_logp.double()
-    beta = o.get("beta", 0.1)
-    if o.get("loss_type", "kto") == "apo_zero_unpaired":
-        z0 = 0.0
-    else:
-        kl = (batch["kl_policy"] - batch["kl_reference"]).double()
-        keep = batch["kl_num_tokens"] > 0 if o.get("kl_estimator") == "nonempty_mean" else \
-            torch.ones_like(kl, dtype=torch.bool)
-        z0 = max(0.0, float(kl[keep].sum() / keep.sum())) if keep.any() else 0.0
-    d = batch["desirable"]
-    u = torch.where(d, beta * (rho - z0), beta * (z0 - rho))
-    f = 1 - torch.sigmoid(u) if o.get("link", "one_minus_sigmoid") == "one_minus_sigmoid" else \
-        -torch.nn.functional.logsigmoid(u)
-    w = torch.where(d, torch.tensor(o.get("desirable_weight", 1.0), dtype=torch.float64),
-                    torch.tensor(o.get("undesirable_weight", 1.0), dtype=torch.float64))
-    losses = w * f
-    loss = losses.sum() if o.get("reduction") == "sum" else losses.mean()
-    return loss, z0, rho, logp
+    """(loss, z0, ρ, logp) of kto_reference's float64 KTO step (autograd flows to logits64)."""
+    logp, _ = kr.sequence_logprobs(logits64, batch["targets"],
+                                   average=o.get("average_logprob", False))
+    z0 = kr.reference_z0(batch["kl_policy"], batch["kl_reference"], batch["kl_num_tokens"], o)
+    step = kr.kto_loss(logp, ref_logp, batch["desirable"], z0, o)
+    return step.loss, z0, step.rho, logp
 
 
 def run_ours(batch, ref_logp, o, logits=None):
@@ -88,7 +66,7 @@ def check(batch, o):
     logits = batch["logits"]
     logits64 = logits.double().requires_grad_(True)
     average = o.get("average_logprob", False)
-    ref_logp = (reference_logp(logits64.detach(), batch["targets"], average)[0]
+    ref_logp = (kr.sequence_logprobs(logits64.detach(), batch["targets"], average=average)[0]
                 + 0.5 * torch.randn(logits.shape[0], generator=batch["generator"],
                                     dtype=torch.float64)).float()
     want, z0, rho, logp = reference_loss(logits64, batch, ref_logp, o)
@@ -135,7 +113,7 @@ def test_shifted_view_needs_no_copy():
 def test_sequence_logprobs_matches_reference():
     batch = make_batch(4, dtype=torch.bfloat16)
     logp, n = kto_torch.sequence_logprobs(batch["logits"], batch["targets"])
-    want, want_n = reference_logp(batch["logits"].double(), batch["targets"], False)
+    want, want_n = kr.sequence_logprobs(batch["logits"].double(), batch["targets"])
     torch.testing.assert_close(logp.double(), want, rtol=1e-5, atol=1e-4)
     assert torch.equal(n, want_n)
 
@@ -240,7 +218,7 @@ def test_cuda_op_matches_the_reference(dtype, shifted):
     cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     cuda["generator"] = batch["generator"]
     logits64 = batch["logits"].double().requires_grad_(True)
-    ref_logp = reference_logp(logits64.detach(), batch["targets"], False)[0].float() - 0.3
+    ref_logp = kr.sequence_logprobs(logits64.detach(), batch["targets"])[0].float() - 0.3
     want, z0, rho, logp = reference_loss(logits64, batch, ref_logp, {"beta": 0.2})
     want.backward()
     z = cuda["logits"].detach().clone().requires_grad_(True)

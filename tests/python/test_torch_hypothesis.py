@@ -3,7 +3,8 @@
 Random small problems — B 1–4 sequences, T 1–6 rows each, V 1–40, D 1–8 — in random layouts
 (the shifted view logits[:, :-1], a transposed [T, B, V], an expand with stride 0, strided
 slices, packed CSR rows), dtypes (float32, float64, bfloat16), options and ignore_index
-patterns (all-ignored sequences included) against a float64 reference written here.
+patterns (all-ignored sequences included) against the float64 reference of the Python tests
+(kto_reference.py).
 Tolerance rule (docs/math.md §7, as in test_torch.py): bfloat16 inputs are upcast exactly, so the
 reference is that of the upcast values; fp32 accumulation at 1e-5 relative to the magnitude
 the quantity comes from; a gradient stored in bfloat16 adds its unit roundoff.
@@ -22,6 +23,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import kto_reference as kr  # noqa: E402
 from test_torch import UNIT_ROUNDOFF  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -30,43 +32,14 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 LAYOUTS = ["contiguous", "shifted", "transposed", "expanded", "strided", "packed"]
 
 
-# ---- the float64 reference ----
+# ---- the float64 reference (kto_reference.py) ----
 
 def reference_step(z64, targets, offsets, ref_logp, desirable, kl, o):
     """loss, z0, logp [B], n [B] from float64 logits [rows, V] (autograd flows to z64)."""
-    ignore = o.get("ignore_index", -100)
-    scored = targets != ignore
-    lsm = torch.log_softmax(z64, -1)
-    tok = torch.gather(lsm, -1, torch.where(scored, targets, 0).unsqueeze(-1)).squeeze(-1)
-    tok = torch.where(scored, tok, torch.zeros_like(tok))
-    B = offsets.numel() - 1
-    logps, counts = [], []
-    for s in range(B):
-        a, b = int(offsets[s]), int(offsets[s + 1])
-        lp, n = tok[a:b].sum(), int(scored[a:b].sum())
-        if o.get("average_logprob", False) and n > 0:
-            lp = lp / n
-        logps.append(lp)
-        counts.append(n)
-    logp = torch.stack(logps)
-    z0 = reference_z0(kl, o)
-    return loss_from_logp(logp, ref_logp, desirable, z0, o), z0, logp, torch.tensor(counts)
-
-
-def loss_from_logp(logp, ref_logp, desirable, z0, o):
-    B = logp.shape[0]
-    rho = logp - ref_logp.double()
-    beta = o.get("beta", 0.1)
-    d = desirable.bool()
-    u = torch.where(d, beta * (rho - z0), beta * (z0 - rho))
-    if o.get("link", "one_minus_sigmoid") == "one_minus_sigmoid":
-        f = torch.sigmoid(-u)
-    else:
-        f = -torch.nn.functional.logsigmoid(u)
-    w = torch.where(d, torch.tensor(o.get("desirable_weight", 1.0), dtype=torch.float64),
-                    torch.tensor(o.get("undesirable_weight", 1.0), dtype=torch.float64))
-    losses = w * f
-    return losses.sum() if o.get("reduction", "mean") == "sum" else losses.sum() / B
+    logp, counts = kr.sequence_logprobs(z64, targets, offsets, o.get("average_logprob", False),
+                                        o.get("ignore_index", -100))
+    z0 = kr.reference_z0(*(kl if kl is not None else (None, None)), o=o)
+    return kr.kto_loss(logp, ref_logp, desirable, z0, o).loss, z0, logp, counts
 
 
 def kl_batch_is_empty(tokens, o) -> bool:
@@ -80,19 +53,6 @@ def kl_batch_is_empty(tokens, o) -> bool:
 
 
 EMPTY_KL = r"argument 'kl.count' must be >= 1 with options.reference_point kl_batch"
-
-
-def reference_z0(kl, o):
-    if o.get("loss_type", "kto") == "apo_zero_unpaired" or o.get("reference_point") == "zero":
-        return 0.0
-    if o.get("reference_point") == "fixed":
-        return o["fixed_z0"]
-    policy, reference, tokens = kl
-    r = (policy.double() - reference.double())
-    keep = tokens > 0 if o.get("kl_estimator", "mean") == "nonempty_mean" else \
-        torch.ones_like(r, dtype=torch.bool)
-    z = float(r[keep].sum() / keep.sum()) if bool(keep.any()) else 0.0
-    return max(0.0, z) if o.get("clamp_kl", True) else z
 
 
 # ---- strategies ----
@@ -336,8 +296,9 @@ def test_fused_linear_kto_loss_matches_the_float64_reference(p, D, dtype, h_layo
     # bounds the fp32 rounding of dL/dZ[r, :]; carried through one product over V (dH) or the
     # rows (dW, db); a bf16 result adds its unit roundoff.
     logp_leaf = logp.detach().requires_grad_(True)
-    g_s = torch.autograd.grad(loss_from_logp(logp_leaf, inputs["reference_logp"],
-                                             inputs["desirable"], z0, o_ref), logp_leaf)[0].abs()
+    g_s = torch.autograd.grad(kr.kto_loss(logp_leaf, inputs["reference_logp"],
+                                          inputs["desirable"], z0, o_ref).loss,
+                              logp_leaf)[0].abs()
     c = 1.0 / counts.clamp(min=1).double() if o["average_logprob"] else \
         torch.ones(B, dtype=torch.float64)
     seq_of_row = torch.arange(N) // T

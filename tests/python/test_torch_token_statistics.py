@@ -1,6 +1,7 @@
 """Token statistics through kto_torch (token_statistics=True): each example's sums of its scored
-tokens' entropy and mean logit, from the pass that computes the log-softmax, against a float64
-torch reference written from the definitions (H = −Σ p log p; mean = Σ z / V).
+tokens' entropy and mean logit, from the pass that computes the log-softmax, against the
+float64 torch reference of the Python tests (kto_reference.token_statistics: H = lse − Σ p z,
+which is −Σ p log p; mean = Σ z / V).
 
 Tolerance rule (docs/math.md §7): fp32 accumulation at 1e-5 relative to the magnitude the sum
 comes from: per token, 1 + the row's range (max z − min z) for the entropy, which the library
@@ -14,15 +15,14 @@ import pytest
 torch = pytest.importorskip("torch")
 kto_torch = pytest.importorskip("kto_torch")
 
+import kto_reference as kr  # noqa: E402
 from test_torch import make_batch  # noqa: E402
 from test_torch_fused import logits_of, make_problem  # noqa: E402
 from test_torch_logit_transform import DEVICES, on  # noqa: E402
 
 
 def reference(logits64, targets, product_scale=None):
-    p = torch.softmax(logits64, dim=-1)
-    entropy = -(p * torch.log_softmax(logits64, dim=-1)).sum(-1)
-    mean = logits64.mean(-1)
+    entropy, mean = kr.token_statistics(logits64)
     mask = (targets != -100).double()
     rng = logits64.amax(-1) - logits64.amin(-1)
     extra = product_scale if product_scale is not None else 0.0

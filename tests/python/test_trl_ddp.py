@@ -6,17 +6,18 @@ runs inside the wrapper's forward (model(..., kto_head=...)), so DDP's gradient 
 sees it; under ZeRO-3 every parameter is partitioned and the head gathers the lm_head for its
 call, as TRL's own head does.
 
-Tolerance rule: every path computes in fp32 from the same weights and tokens; they differ in
-the order of fp32 sums only (two half-batch gradients averaged by DDP against one gradient
-over the batch; z0's sum over the KL batch split across ranks; TRL's log-prob head against
-kto's lse kernel). Loss and metrics within 1e-6 relative (test_trl.py's rule for fp32); every
-parameter gradient within 1e-4 of the largest gradient entry of the model (the same rule:
-an fp32 change Δρ of a log-ratio moves the per-sequence gradient scale by about β Δρ
-relative). Under ZeRO-3 the gradient is read as the parameters' change under SGD at learning
-rate 1 (the worker says why), which adds the fp32 roundings of the update and of the
-difference, about (|p| + 2|g|) 2^-24, under 1e-6 of the largest gradient here. Faults: one
-rank's bad input raises on both ranks, naming the rank and the cause, within the launcher's
-timeout (no rank waits in a collective).
+Tolerance rule (kto_reference's, as test_trl.py): every path computes in fp32 from the same
+weights and tokens; they differ in the order of fp32 sums only (two half-batch gradients
+averaged by DDP against one gradient over the batch; z0's sum over the KL batch split across
+ranks; TRL's log-prob head against kto's lse kernel). The loss and each metric every run logs
+are within 1e-5 of the float64 reference of the global batch (kto_reference.trl_reference of
+one process's batch, which the worker's data make the same step) times its condition scale;
+num_tokens is equal; every parameter gradient of two runs agrees within twice 1e-5 times A_i
+(the gradient's scale, from the sequences' per-sequence gradients). Under ZeRO-3 the gradient
+is read as the parameters' change under SGD at learning rate 1 (the worker says why), which
+adds the fp32 roundings of the update and of the difference, (|p| + 2|g|) 2^-24, for each
+side read so. Faults: one rank's bad input raises on both ranks, naming the rank and the
+cause, within the launcher's timeout (no rank waits in a collective).
 """
 
 import os
@@ -31,11 +32,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 pytest.importorskip("kto_torch.trl")
 
+import kto_reference as kr  # noqa: E402
+
 WORKER = Path(__file__).with_name("trl_ddp_worker.py")
 TIMEOUT_S = 240
-METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
-           "logps/chosen", "logps/rejected", "entropy", "logits/chosen", "logits/rejected",
-           "num_tokens")
 
 
 def _free_port() -> int:
@@ -89,14 +89,45 @@ def _ok(records):
     return records
 
 
-def assert_same_step(a, b):
-    for key in METRICS:
-        assert a["log"][key] == pytest.approx(b["log"][key], rel=1e-6, abs=1e-9), key
-    assert a["grads"].keys() == b["grads"].keys()
-    scale = max(g.abs().max().item() for g in b["grads"].values())
-    assert scale > 0
-    for name, g in b["grads"].items():
-        assert torch.allclose(a["grads"][name], g, rtol=0, atol=1e-4 * scale), name
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The float64 reference of the step every run takes (TRL's trainer in this process over
+    the worker's models and global batch, in order), with its scales; and the policy's
+    parameters, for ZeRO-3's reading of the gradient."""
+    import trl
+
+    import trl_ddp_worker as worker
+
+    policy, ref_model = worker.make_models()
+    config = trl.KTOConfig(output_dir=str(tmp_path_factory.mktemp("reference")),
+                           per_device_train_batch_size=worker.GLOBAL_BATCH, max_steps=1,
+                           report_to="none", save_strategy="no", disable_tqdm=True, beta=0.3,
+                           bf16=False, train_sampling_strategy="sequential", use_cpu=True)
+    trainer = trl.KTOTrainer(model=policy, ref_model=ref_model, args=config,
+                             train_dataset=worker.make_dataset(),
+                             processing_class=worker.example.make_tokenizer())
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["label"]) == worker.GLOBAL_BATCH
+    out = kr.trl_reference(trainer, batch)
+    out.params = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    return out
+
+
+def zero3_rounding(record, reference):
+    """SGD at learning rate 1 read back as p − (p − g): (|p| + 2|g|) u per entry."""
+    u = kr.unit_roundoff(torch.float32)
+    return {n: u * (reference.params[n].abs() + 2 * g.abs()) for n, g in record["grads"].items()}
+
+
+def assert_same_step(a, b, reference):
+    for record in (a, b):
+        kr.assert_metrics_by_rule(record["log"], reference, who=record.get("impl", ""))
+    assert a["log"]["num_tokens"] == b["log"]["num_tokens"]
+    extra = {n: 0.0 for n in b["grads"]}
+    for record in (a, b):
+        if record.get("strategy") == "zero3":
+            extra = {n: extra[n] + e for n, e in zero3_rounding(record, reference).items()}
+    kr.assert_gradients_by_rule(a["grads"], b["grads"], reference.grad_scale, extra=extra)
 
 
 def test_two_processes_run_the_fused_head_under_ddp(runs):
@@ -117,9 +148,9 @@ def test_ranks_agree(runs):
 
 @pytest.mark.parametrize("other", [("default", 1), ("trl", 2), ("logits", 2)],
                          ids=["one_process", "trl_two_processes", "logits_two_processes"])
-def test_two_processes_equal(runs, other):
+def test_two_processes_equal(runs, other, reference):
     ours = _ok(runs[("default", 2)])[0]
-    assert_same_step(ours, _ok(runs[other])[0])
+    assert_same_step(ours, _ok(runs[other])[0], reference)
 
 
 @needs_deepspeed
@@ -137,9 +168,9 @@ def test_two_processes_run_the_fused_head_under_zero3(runs):
 @needs_deepspeed
 @pytest.mark.parametrize("other", [("default", 1), ("default", 2), ("trl", 2, "zero3")],
                          ids=["one_process", "ddp_two_processes", "trl_zero3"])
-def test_zero3_equals(runs, other):
+def test_zero3_equals(runs, other, reference):
     ours = _ok(runs[("default", 2, "zero3")])[0]
-    assert_same_step(ours, _ok(runs[other])[0])
+    assert_same_step(ours, _ok(runs[other])[0], reference)
 
 
 FAULTS = [("nan_kl", "NonFiniteModelOutputError", "the policy's forward on the KL batch"),

@@ -8,8 +8,10 @@ left). Checked, in the logits and the fused-linear mode:
 (a) the vision parameters get non-zero gradients and change after a training step (they never
     did when the drop-in called the model with input_ids and attention_mask only);
 (b) loss, metrics and every parameter gradient equal stock TRL's on the same model and batch,
-    under test_trl.py's tolerance rule (fp32 throughout: loss and metrics within 1e-6
-    relative, every gradient within 1e-4 of the largest gradient entry).
+    under test_trl.py's tolerance rule, kto_reference's (fp32 throughout: the loss and each
+    metric of either trainer within 1e-5 of the float64 reference times its condition scale,
+    every gradient entry within twice 1e-5 times its scale A_i). Its former bound, 1e-6
+    relative, failed on an AVX2 CPU (issue 23: rewards/margins off by 1.9e-6 of 1.52).
 
 The processors are stand-ins. transformers' image processors cannot be built in this
 environment: neither Pillow nor torchvision is installed (requirements.txt pins neither), so
@@ -45,6 +47,9 @@ from transformers import (  # noqa: E402
     Qwen2VLForConditionalGeneration,
 )
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
+
+import kto_reference as kr  # noqa: E402
+from test_trl import assert_matches_trl  # noqa: E402
 
 WORDS = 24
 SPECIAL = ["<pad>", "<unk>", "<eos>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -251,16 +256,9 @@ def test_vision_inputs_reach_the_model_and_match_trl(tmp_path, vlm, fused):
         assert name in grads_o and float(grads_o[name].abs().max()) > 0.0, name
     # (b) parity with stock TRL (test_trl.py's rule)
     assert metrics_t["kl"] > 0.0
-    assert abs(loss_o.item() - loss_t.item()) <= 1e-6 * max(1.0, abs(loss_t.item()))
-    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                "logps/rejected"):
-        assert (key in metrics_t) == (key in metrics_o), key
-        if key in metrics_t:
-            assert abs(metrics_o[key] - metrics_t[key]) <= 1e-6 * max(1.0, abs(metrics_t[key])), key
     assert set(grads_o) == set(grads_t)
-    scale = max(float(g.abs().max()) for g in grads_t.values())
-    for name, g in grads_t.items():
-        assert torch.allclose(grads_o[name], g, rtol=0, atol=1e-4 * scale), name
+    assert_matches_trl(kr.trl_reference(theirs, batch), (loss_t, grads_t, metrics_t),
+                       (loss_o, grads_o, metrics_o))
 
     # (a) and a training step updates the vision parameters (those with a gradient: Llava
     # reads CLIP's last layer before post_layernorm, which stays unused)

@@ -162,7 +162,7 @@ def main() -> None:
     policy, reference = make_models()
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     probe = GradientProbe()
-    record = {"rank": rank, "world": world}
+    record = {"rank": rank, "world": world, "impl": args.impl, "strategy": args.strategy}
     with tempfile.TemporaryDirectory() as out:
         config = trl.KTOConfig(output_dir=out, per_device_train_batch_size=GLOBAL_BATCH // world,
                                max_steps=1, logging_steps=1, report_to="none",

@@ -14,7 +14,9 @@ computation of the same loss over the whole batch on an unsharded copy.
 Layouts: root_head shards the decoder layers and the root (the lm_head is the root's, so its
 weight is unsharded inside the forward); sharded_head also shards the lm_head on its own, so
 that inside the forward its weight is a DTensor the head gathers itself, its gradient
-averaged over the ranks on the way back (kto_torch.trl's _gathered).
+averaged over the ranks on the way back (kto_torch.trl's _gathered). Each rank also saves the
+float64 reference of the whole batch's step and its condition scales (kto_reference's rule),
+from the unsharded copy before anything runs on it.
 """
 
 import argparse
@@ -31,9 +33,11 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "trl"))
 import train_trl_kto as example  # noqa: E402
 
+import kto_reference as kr  # noqa: E402  (this file's directory, tests/python)
 from kto_torch.trl import HeadRequest, install_kto_head  # noqa: E402
 
 B, T, COMPLETION = 8, 10, 5
+BETA, Z0 = 0.3, 0.7
 
 
 def batch():
@@ -49,10 +53,20 @@ def batch():
 
 def loss_of(model, data, rows):
     loss = dict(reference_logp=data["reference_logp"][rows], desirable=data["desirable"][rows],
-                reference_point="fixed", fixed_z0=0.7, beta=0.3)
+                reference_point="fixed", fixed_z0=Z0, beta=BETA)
     request = HeadRequest(data["completion_mask"][rows], contextlib.nullcontext, 4096, loss)
     return model(input_ids=data["ids"][rows], attention_mask=data["mask"][rows],
                  kto_head=request)
+
+
+def step_reference(model, data):
+    """kto_reference's float64 step of the whole batch (z0 fixed, reference log-probs given:
+    both exact) with the scales of its loss and of every parameter's gradient."""
+    inputs = dict(input_ids=data["ids"], attention_mask=data["mask"], use_cache=False)
+    head = kr.head_forward(model, inputs, data["completion_mask"], grad=True)
+    reference_logp = data["reference_logp"].double()
+    return kr.step_reference(head, reference_logp, reference_logp.abs(), data["desirable"],
+                             dict(beta=BETA), z0=Z0, params=dict(model.named_parameters()))
 
 
 def main():
@@ -71,6 +85,7 @@ def main():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     whole = copy.deepcopy(model)
     data = batch()
+    reference = step_reference(whole, data)
 
     install_kto_head(model)
     for layer in model.model.layers:
@@ -90,7 +105,9 @@ def main():
     out_whole.loss.backward()
     torch.save({"rank": rank, "world": world, "losses": losses, "loss": out_whole.loss.item(),
                 "weight_type": type(model.lm_head.weight).__name__, "grads": grads,
-                "grads_whole": {name: p.grad for name, p in whole.named_parameters()}},
+                "grads_whole": {name: p.grad for name, p in whole.named_parameters()},
+                "reference_loss": reference.metrics["loss"],
+                "loss_scale": reference.scales["loss"], "grad_scale": reference.grad_scale},
                Path(args.out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

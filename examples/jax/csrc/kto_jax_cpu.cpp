@@ -20,6 +20,7 @@
 // Dtype dispatch (f32 / bf16 / f16) happens here, at the edge. JAX's int32 ids
 // and offsets are widened to the library's int64 (O(rows)). kto::Error becomes
 // an FFI InvalidArgument error carrying the library's message.
+#include <kto/cpu/isa.hpp>
 #include <kto/kto.hpp>
 
 #include <cmath>
@@ -395,6 +396,21 @@ extern "C" const char* KtoExampleOutputName(int i) {
 }
 extern "C" int64_t KtoDefaultChunkBytes(int cuda) {
   return static_cast<int64_t>(cuda ? kto::kDefaultCudaChunkBytes : kto::kDefaultCpuChunkBytes);
+}
+
+// Runtime ISA dispatch (kto_jax/__init__.py): the level this copy was compiled for, the
+// level the CPU runs (compiled for the baseline), and what Eigen vectorises with.
+extern "C" const char* KtoCompiledIsa() {
+  return kto::cpu::compiled_isa();
+}
+KTO_ISA_BASELINE extern "C" const char* KtoCpuIsa() {
+  return kto::cpu::cpu_isa();
+}
+extern "C" const char* KtoEigenSimd() {
+  return Eigen::SimdInstructionSetsInUse();
+}
+extern "C" int KtoEigenVersion() {
+  return EIGEN_WORLD_VERSION * 10000 + EIGEN_MAJOR_VERSION * 100 + EIGEN_MINOR_VERSION;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtoSequenceLogprobs, SequenceLogprobsImpl,

@@ -151,17 +151,82 @@ def _installed(stem: str) -> Path | None:
     return found[0] if found else None
 
 
+_ISA_LEVELS = ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")
+
+
+def _isa_rank(level: str) -> int:
+    return _ISA_LEVELS.index(level) if level in _ISA_LEVELS else -1
+
+
+def _cpu_isa(baseline: Path) -> str:
+    """The level this CPU runs, asked of the baseline library (compiled for any x86-64)."""
+    lib = ctypes.cdll.LoadLibrary(str(baseline))
+    lib.KtoCpuIsa.restype = lib.KtoCompiledIsa.restype = ctypes.c_char_p
+    return lib.KtoCpuIsa().decode()
+
+
+def _cpu_variants() -> dict:
+    """{level: path} of the CPU library's installed copies (runtime ISA dispatch): the
+    baseline _kto_jax_cpu (level asked of it) and, where built, _kto_jax_cpu_x86_64_v3 / _v4,
+    found by name: loading a copy runs its code, which must not happen on a CPU that
+    lacks its instructions."""
+    here = Path(__file__).resolve().parent
+    found = {}
+    for path in sorted(here.glob("_kto_jax_cpu.*so")):
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        lib.KtoCompiledIsa.restype = ctypes.c_char_p
+        found.setdefault(lib.KtoCompiledIsa().decode(), path)
+    for level in ("x86-64-v3", "x86-64-v4"):
+        for path in sorted(here.glob(f"_kto_jax_cpu_{level.replace('-', '_')}.*so")):
+            found.setdefault(level, path)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_library() -> Path:
-    """The CPU handlers' library: the installed one, else (source tree only) compiled
-    once into $KTO_JAX_BUILD or build/jax."""
-    lib = _installed("_kto_jax_cpu")
-    if lib is not None:
-        return lib
-    if not _build.CPU_SOURCE.exists():
-        raise ImportError("kto_jax: the FFI library is missing; reinstall with "
-                          "`pip install --no-build-isolation ./examples/jax`")
-    build_dir = Path(os.environ.get("KTO_JAX_BUILD", _build.ROOT / "build" / "jax"))
-    return _build.build_in_source_tree(build_dir)
+    """The CPU handlers' library: of the installed copies, the one for the highest x86-64
+    level this CPU runs (KTO_CPU_ISA picks one by hand); in the source tree only,
+    compiled once into $KTO_JAX_BUILD or build/jax."""
+    variants = _cpu_variants()
+    if not variants:
+        if not _build.CPU_SOURCE.exists():
+            raise ImportError("kto_jax: the FFI library is missing; reinstall with "
+                              "`pip install --no-build-isolation ./examples/jax`")
+        build_dir = Path(os.environ.get("KTO_JAX_BUILD", _build.ROOT / "build" / "jax"))
+        return _build.build_in_source_tree(build_dir)
+    cpu = _cpu_isa(next(iter(variants.values())))  # the first found is the baseline
+    forced = os.environ.get("KTO_CPU_ISA", "")
+    if forced:
+        if forced not in variants:
+            raise ImportError(f"kto_jax: KTO_CPU_ISA={forced!r} was not built; built: "
+                              f"{sorted(variants)}")
+        if _isa_rank(forced) > _isa_rank(cpu):
+            raise ImportError(f"kto_jax: KTO_CPU_ISA={forced!r} needs a CPU this one is not "
+                              f"(it runs {cpu})")
+        return variants[forced]
+    runnable = [level for level in variants if _isa_rank(level) <= _isa_rank(cpu)]
+    if not runnable:
+        raise ImportError(f"kto_jax: the CPU library was built for {sorted(variants)}, and "
+                          f"this CPU runs {cpu}: reinstall without KTO_JAX_NATIVE=1")
+    return variants[max(runnable, key=_isa_rank)]
+
+
+def build_info() -> dict:
+    """How this installation was built and what it runs: the x86-64 level of the CPU
+    handlers this CPU dispatched to (``dispatched_isa``, of ``built_isas``), the CPU's own
+    level, Eigen's version and SIMD sets, and whether CUDA handlers were built."""
+    lib = ctypes.cdll.LoadLibrary(str(cpu_library()))
+    lib.KtoCompiledIsa.restype = lib.KtoCpuIsa.restype = lib.KtoEigenSimd.restype = \
+        ctypes.c_char_p
+    version = lib.KtoEigenVersion()
+    return {"dispatched_isa": lib.KtoCompiledIsa().decode(),
+            "built_isas": sorted(_cpu_variants(), key=_isa_rank),
+            "cpu_isa": lib.KtoCpuIsa().decode(),
+            "eigen_version": f"{version // 10000}.{version // 100 % 100}.{version % 100}",
+            "eigen_simd": lib.KtoEigenSimd().decode(),
+            "threads": os.cpu_count(),
+            "cuda_handlers": cuda_library() is not None,
+            "jax": jax.__version__}
 
 
 def cuda_library() -> Path | None:

@@ -21,6 +21,7 @@
 // forward (one stream synchronisation) so they raise like the CPU ones.
 #include <torch/extension.h>
 
+#include <kto/cpu/isa.hpp>
 #include <kto/kto.hpp>
 
 #ifdef KTO_TORCH_WITH_CUDA
@@ -634,9 +635,12 @@ FusedOperands fused_operands(const char* fn, const torch::Tensor& hidden,
 }
 
 /// metrics [9], per_example [5, B], num_tokens [B], d_hidden [N, D], d_weight [V, D], d_bias [V]
-/// (empty without bias): gradients of the loss, in the accumulation type.
+/// (empty without bias): gradients of the loss, in the accumulation type. A frozen head
+/// (!weight_grad, !bias_grad): d_weight [0, D] and d_bias [0], and the library computes
+/// neither (no dW GEMM, no [V, D] buffer).
 std::vector<torch::Tensor> fused_linear_forward_cpu(const FusedOperands& f, const kto::Options& o,
-                                                    int64_t chunk_bytes, int64_t strategy) {
+                                                    int64_t chunk_bytes, int64_t strategy,
+                                                    bool weight_grad, bool bias_grad) {
   const bool kl = kto::uses_kl_batch(o) && f.kl.given;
   std::vector<torch::Tensor> out;
   dispatch(f.head.hidden, [&](auto tag) {
@@ -656,12 +660,13 @@ std::vector<torch::Tensor> fused_linear_forward_cpu(const FusedOperands& f, cons
       in.kl.reference_logp = kto::reference_logp(span_of<A>(f.kl.reference_logp));
     }
     const int64_t N = f.head.N, D = f.head.D, V = f.head.V;
-    auto dh = acc_tensor<A>({N, D}), dw = acc_tensor<A>({V, D});
-    auto db = acc_tensor<A>({head.bias.size ? V : 0});
-    kto::cpu::LinearGradients<A> g;
+    const bool db_wanted = bias_grad && head.bias.size > 0;
+    auto dh = acc_tensor<A>({N, D}), dw = acc_tensor<A>({weight_grad ? V : 0, D});
+    auto db = acc_tensor<A>({db_wanted ? V : 0});
+    kto::cpu::LinearGradients<A> g;  // d_weight, d_bias: empty views unless asked for
     g.d_hidden = kto::matrix_view(dh.template data_ptr<A>(), N, D);
-    g.d_weight = kto::matrix_view(dw.template data_ptr<A>(), V, D);
-    if (head.bias.size) g.d_bias = kto::make_span(db.template data_ptr<A>(), V);
+    if (weight_grad) g.d_weight = kto::matrix_view(dw.template data_ptr<A>(), V, D);
+    if (db_wanted) g.d_bias = kto::make_span(db.template data_ptr<A>(), V);
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
     cfg.strategy = static_cast<kto::cpu::FusedStrategy>(strategy);
@@ -1066,7 +1071,7 @@ std::vector<torch::Tensor> fused_linear_forward(
     const torch::Tensor& desirable, const OptionalTensor& kl_hidden,
     const OptionalTensor& kl_targets, const OptionalTensor& kl_offsets,
     const OptionalTensor& kl_reference_logp, const std::vector<double>& options,
-    int64_t chunk_bytes, int64_t strategy) {
+    int64_t chunk_bytes, int64_t strategy, bool weight_grad, bool bias_grad) {
   const char* fn = kFusedLoss;
   const auto h = hidden.scalar_type();
   const FusedOperands f = fused_operands(
@@ -1080,13 +1085,18 @@ std::vector<torch::Tensor> fused_linear_forward(
     require(strategy == 0 || strategy == 1, fn, "strategy",
             "be keep_chunk (0) or recompute (1) on the CPU (vocab_blocks (2) is CUDA only)",
             text(strategy));
-    return fused_linear_forward_cpu(f, o, chunk_bytes, strategy);
+    return fused_linear_forward_cpu(f, o, chunk_bytes, strategy, weight_grad, bias_grad);
   } else {
     require_cuda(fn, "hidden", hidden);
     require(strategy >= 0 && strategy <= 2, fn, "strategy",
             "be keep_chunk (0), recompute (1) or vocab_blocks (2)", text(strategy));
 #ifdef KTO_TORCH_WITH_CUDA
-    return cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
+    auto out = cuda_path::fused_linear_forward(f, o, chunk_bytes, strategy);
+    // The CUDA step computes dW and db whatever is asked (no frozen-head path there yet):
+    // the op's outputs are the same as on the CPU, empty when not asked for.
+    if (!weight_grad) out[4] = out[4].new_empty({0, f.head.D});
+    if (!bias_grad) out[5] = out[5].new_empty({0});
+    return out;
 #else
     return {};
 #endif
@@ -1115,6 +1125,25 @@ std::vector<torch::Tensor> fused_linear_logprobs(
   }
 }
 
+/// What this copy of the extension was built with (kto_torch.build_info()).
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["compiled_isa"] = kto::cpu::compiled_isa();
+  d["eigen_version"] = std::to_string(EIGEN_WORLD_VERSION) + "." +
+                       std::to_string(EIGEN_MAJOR_VERSION) + "." +
+                       std::to_string(EIGEN_MINOR_VERSION);
+  d["eigen_simd"] = Eigen::SimdInstructionSetsInUse();
+  d["compiler"] = __VERSION__;
+  d["cplusplus"] = static_cast<long>(__cplusplus);
+#ifdef KTO_TORCH_WITH_CUDA
+  d["cuda_runtime"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                      std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+  d["cuda_runtime"] = pybind11::none();
+#endif
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1138,4 +1167,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("default_chunk_bytes", &default_chunk_bytes);
   m.def("bf16_gemm_supported", &kto::cpu::bf16_gemm_supported);
   m.def("release_scratch", &kto::cpu::release_scratch);
+  m.def("compiled_isa", &kto::cpu::compiled_isa);
+  m.def("cpu_isa", &kto::cpu::cpu_isa);
+  m.def("build_info", &build_info);
+  m.def("version", [] {
+    return std::to_string(KTO_VERSION_MAJOR) + "." + std::to_string(KTO_VERSION_MINOR) + "." +
+           std::to_string(KTO_VERSION_PATCH);
+  });
 }

@@ -49,7 +49,14 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _C
+from . import _C, _isa
+
+__all__ = ["BF16_GEMM", "EXAMPLE_OUTPUT_NAMES", "KL_ESTIMATORS", "KTOOutput", "LINKS",
+           "LOSS_TYPES", "METRIC_NAMES", "OPTION_NAMES", "REDUCTIONS", "REFERENCE_POINTS",
+           "STRATEGIES", "__version__", "build_info", "fused_linear_kto_loss",
+           "fused_linear_logprobs", "kl_partial", "kto_loss", "reference_point",
+           "release_scratch", "sequence_logprobs"]
+__version__ = _C.version()  # the library's (KTO_VERSION_* in include/kto/config.hpp)
 
 LOSS_TYPES = {"kto": 0, "apo_zero_unpaired": 1}
 LINKS = {"one_minus_sigmoid": 0, "neg_log_sigmoid": 1}
@@ -64,13 +71,29 @@ _DEFAULT_CHUNK_BYTES = {False: _C.default_chunk_bytes(False), True: _C.default_c
 OPTION_NAMES = tuple(_C.option_names())
 # Whether this CPU runs the library's bf16 GEMM (AVX512-BF16): bfloat16 fused heads then
 # multiply in bf16 with fp32 accumulation; otherwise they are widened to fp32.
-BF16_GEMM = bool(_C.bf16_gemm_supported())
+BF16_GEMM = bool(_isa.CPU.bf16_gemm_supported())
+
+
+def build_info() -> dict:
+    """How this installation was built and what it runs: the x86-64 level the CPU ops
+    were compiled for (``compiled_isa``) and the copy this CPU dispatched to
+    (``dispatched_isa``, of ``built_isas``; kto_torch/_isa.py), the CPU's own level
+    (``cpu_isa``), Eigen's version and SIMD sets, the CPU threads the ops use, and the
+    CUDA runtime the CUDA ops were built against (None without them)."""
+    info = dict(_C.build_info())
+    info["dispatched_isa"] = _isa.CPU.compiled_isa()
+    info["eigen_simd"] = _isa.CPU.build_info()["eigen_simd"]
+    info["built_isas"] = list(_isa.BUILT)
+    info["cpu_isa"] = _C.cpu_isa()
+    info["threads"] = torch.get_num_threads()
+    info["torch"] = torch.__version__
+    return info
 
 
 def release_scratch() -> None:
     """Frees the chunk buffers the CPU fused ops keep in the calling thread between calls
     (at most the chunk budget per role; kto::cpu::release_scratch)."""
-    _C.release_scratch()
+    _isa.CPU.release_scratch()
 _ENUMS = {"loss_type": LOSS_TYPES, "link": LINKS, "reference_point": REFERENCE_POINTS,
           "kl_estimator": KL_ESTIMATORS, "reduction": REDUCTIONS}
 _DEFAULT_OPTIONS = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
@@ -137,7 +160,7 @@ def _tuple(out):
 def _sequence_logprobs(
     logits: Tensor, targets: Tensor, offsets: Tensor, options: list[float]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(_C.sequence_logprobs_cpu(logits, targets, offsets, options))
+    return tuple(_isa.CPU.sequence_logprobs_cpu(logits, targets, offsets, options))
 
 
 _per_device(_sequence_logprobs, "sequence_logprobs")
@@ -169,7 +192,7 @@ def _step_forward(
     global_kl: Optional[Tensor],
     options: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_C.step_forward_cpu(
+    return tuple(_isa.CPU.step_forward_cpu(
         logits, targets, offsets, reference_logp, desirable, kl_policy_logp, kl_reference_logp,
         kl_num_tokens, global_kl, options))
 
@@ -213,7 +236,8 @@ def _step_backward(
     num_tokens: Tensor,
     options: list[float],
 ) -> Tensor:
-    return _C.step_backward_cpu(logits, targets, offsets, row_lse, grad_logp, num_tokens, options)
+    return _isa.CPU.step_backward_cpu(logits, targets, offsets, row_lse, grad_logp, num_tokens,
+                                      options)
 
 
 _per_device(_step_backward, "step_backward")
@@ -265,13 +289,21 @@ def _fused_linear_forward(
     options: list[float],
     chunk_bytes: int,
     strategy: int,
+    weight_grad: bool = True,
+    bias_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_C.fused_linear_forward_cpu(
+    # weight_grad / bias_grad False (a frozen head, e.g. LoRA's lm_head): dW / db are not
+    # computed and come back empty ([0, D] / [0]); dH and the loss are bit for bit the same.
+    return tuple(_isa.CPU.fused_linear_forward_cpu(
         hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden, kl_targets,
-        kl_offsets, kl_reference_logp, options, chunk_bytes, strategy))
+        kl_offsets, kl_reference_logp, options, chunk_bytes, strategy, weight_grad, bias_grad))
 
 
-_per_device(_fused_linear_forward, "fused_linear_forward")
+@_fused_linear_forward.register_kernel("cuda")
+def _(*args):
+    # The dispatcher drops trailing arguments equal to their defaults (weight_grad,
+    # bias_grad = True): the extension's entry point takes them all.
+    return _tuple(_C.fused_linear_forward_cuda(*args, *(True, True)[len(args) - 14:]))
 
 
 @_fused_linear_forward.register_fake
@@ -287,6 +319,8 @@ def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidd
     acc = _accumulation(hidden)
     # vocab_blocks writes dW in the weight's dtype when it is hidden's (the op's rule).
     strategy = args[2]
+    weight_grad = args[3] if len(args) > 3 else True
+    bias_grad = args[4] if len(args) > 4 else True
     dw_dtype = (weight.dtype if strategy == STRATEGIES["vocab_blocks"]
                 and weight.dtype == hidden.dtype else acc)
     return (
@@ -294,8 +328,8 @@ def _(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidd
         hidden.new_empty((len(EXAMPLE_OUTPUT_NAMES), b), dtype=acc),
         hidden.new_empty((b,), dtype=torch.int64),
         hidden.new_empty(hidden.shape, dtype=acc),
-        hidden.new_empty(weight.shape, dtype=dw_dtype),
-        hidden.new_empty(bias.shape if bias is not None else (0,), dtype=acc),
+        hidden.new_empty(weight.shape if weight_grad else (0, weight.shape[1]), dtype=dw_dtype),
+        hidden.new_empty(bias.shape if bias is not None and bias_grad else (0,), dtype=acc),
         _token_statistics_like(hidden, b, args[0]),
     )
 
@@ -306,6 +340,9 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.save_for_backward(dh, dw, db)
     ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
     ctx.has_bias = bias is not None and bias.numel() > 0
+    # A frozen head: the op computed no dW (db) and the parameter gets no gradient.
+    ctx.weight_grad = inputs[14] if len(inputs) > 14 else True
+    ctx.has_bias = ctx.has_bias and (inputs[15] if len(inputs) > 15 else True)
 
 
 def _scaled(grad: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
@@ -329,10 +366,10 @@ def _fused_backward(ctx, g_metrics, g_per_example, g_n, g_dh, g_dw, g_db, g_toke
     g = g_metrics[0]
     grads = (
         _scaled(dh, g, ctx.dtypes[0]),
-        _scaled(dw, g, ctx.dtypes[1]),
+        _scaled(dw, g, ctx.dtypes[1]) if ctx.weight_grad else None,
         _scaled(db, g, ctx.dtypes[2]) if ctx.has_bias else None,
     )
-    return grads + (None,) * 11
+    return grads + (None,) * 13
 
 
 torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
@@ -343,7 +380,7 @@ torch.library.register_autograd("kto::fused_linear_forward", _fused_backward,
 def _fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                            offsets: Tensor, options: list[float],
                            chunk_bytes: int) -> tuple[Tensor, Tensor]:
-    return tuple(_C.fused_linear_logprobs_cpu(hidden, weight, bias, targets, offsets, options,
+    return tuple(_isa.CPU.fused_linear_logprobs_cpu(hidden, weight, bias, targets, offsets, options,
                                               chunk_bytes))
 
 
@@ -628,6 +665,10 @@ def fused_linear_kto_loss(
         raise ValueError(f"{fn}: argument 'strategy' must be 'keep_chunk' or 'recompute' on "
                          f"{hidden.device.type} ('vocab_blocks' runs on CUDA only); got "
                          "'vocab_blocks'")
+    # A frozen head (LoRA's lm_head; weight and bias needing no gradient): no dW / db.
+    grad = torch.is_grad_enabled()
+    weight_grad = grad and weight.requires_grad
+    bias_grad = grad and bias is not None and bias.requires_grad
     metrics, per_example, n, _, _, _, statistics = torch.ops.kto.fused_linear_forward(
         hidden,
         weight,
@@ -643,5 +684,7 @@ def fused_linear_kto_loss(
         options,
         _chunk_bytes(hidden, chunk_bytes),
         code,
+        weight_grad,
+        bias_grad,
     )
     return _kto_output(metrics, per_example, n, statistics if token_statistics else None)

@@ -1,0 +1,1 @@
+../pytorch/_kto_build_backend.py

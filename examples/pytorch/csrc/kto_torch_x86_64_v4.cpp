@@ -1,0 +1,4 @@
+// The CPU ops compiled for x86-64-v4 (runtime ISA dispatch): setup.py builds this file
+// as kto_torch._C_x86_64_v4 with -march=x86-64-v4; a source of its own gives the copy its
+// own object file.
+#include "kto_torch.cpp"

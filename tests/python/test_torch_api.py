@@ -1,0 +1,33 @@
+"""kto_torch as a Python package (issue 24, item 5): its version is the library's, its
+public names are exactly __all__ (no torch, Optional or Tensor leaking from a star
+import), and it ships py.typed (PEP 561)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+kto_torch = pytest.importorskip("kto_torch")
+
+CONFIG = Path(__file__).resolve().parents[2] / "include" / "kto" / "config.hpp"
+
+
+def test_version_is_the_librarys():
+    text = CONFIG.read_text()
+    want = ".".join(re.search(rf"#define KTO_VERSION_{k} (\d+)", text).group(1)
+                    for k in ("MAJOR", "MINOR", "PATCH"))
+    assert kto_torch.__version__ == want
+
+
+def test_all_names_exist_and_star_import_is_clean():
+    for name in kto_torch.__all__:
+        assert hasattr(kto_torch, name), name
+    namespace = {}
+    exec("from kto_torch import *", namespace)  # noqa: S102 — the star import under test
+    public = {k for k in namespace if not k.startswith("__")} | {"__version__"}
+    assert public == set(kto_torch.__all__)
+    assert not {"torch", "Optional", "Tensor", "NamedTuple"} & public
+
+
+def test_ships_py_typed():
+    assert (Path(kto_torch.__file__).parent / "py.typed").is_file()
