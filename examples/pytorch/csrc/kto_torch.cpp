@@ -1136,8 +1136,8 @@ pybind11::dict build_info() {
   d["compiler"] = __VERSION__;
   d["cplusplus"] = static_cast<long>(__cplusplus);
 #ifdef KTO_TORCH_WITH_CUDA
-  d["cuda_runtime"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                      std::to_string(CUDART_VERSION % 1000 / 10);
+  d["cuda_runtime"] =
+      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #else
   d["cuda_runtime"] = pybind11::none();
 #endif
