@@ -642,7 +642,10 @@ def fused_linear_kto_loss(
     in hidden's dtype and the head's gradients are the fp32 sums, unrounded.
     Gradients are new contiguous tensors. ``token_statistics``: as in kto_loss, from the
     pass that computes each row's log-softmax. ``logit_scale``, ``logit_softcap``,
-    ``temperature``: as in kto_loss, on logits = hidden @ weight.T + bias."""
+    ``temperature``: as in kto_loss, on logits = hidden @ weight.T + bias.
+    A frozen head (weight, and bias, with requires_grad=False, as under LoRA; or grad mode
+    off): no dW (db) is computed, on the CPU no fp32 [V, D] array either, and the op returns
+    an empty [0, D] tensor in its place; dH and the loss are bit for bit the same."""
     fn = "kto_torch.fused_linear_kto_loss"
     options = _loss_options(beta, desirable_weight, undesirable_weight, loss_type, link,
                             reference_point, kl_estimator, clamp_kl, fixed_z0, average_logprob,

@@ -22,6 +22,12 @@
 // rows or vocab columns, so the bits do not depend on the thread count.
 // Gradients are written (not accumulated) in the accumulation type: dH for
 // every row (zero on unscored ones), dW and db for this rank's vocab slice.
+//
+// Frozen head (LoRA): an empty grads.d_weight (data == nullptr, zero rows) and
+// an empty grads.d_bias skip dW and db: no GEMM for them, no V × D buffer for
+// the caller to hold, and dH, the loss, the metrics and the per-example
+// outputs bit for bit those of the run that asks for dW (the dH product never
+// reads dW's). The step is then 2 GEMMs a row (keep_chunk) or 3 (recompute).
 #pragma once
 
 #include <Eigen/Core>
@@ -67,8 +73,11 @@ bool uses_bf16_gemm(const FusedLinearConfig& cfg) {
 template <class Acc>
 struct LinearGradients {
   MatrixView<Acc> d_hidden;  ///< rows × D (a partial sum over slices when sharded)
-  MatrixView<Acc> d_weight;  ///< V_local × D
-  Span<Acc> d_bias;          ///< V_local entries, or empty to skip
+  /// V_local × D, or empty (data == nullptr, 0 rows: a frozen head) to skip dW.
+  MatrixView<Acc> d_weight;
+  Span<Acc> d_bias;  ///< V_local entries, or empty to skip
+  bool wants_weight() const { return d_weight.rows > 0; }
+  bool wants_bias() const { return d_bias.size > 0; }
 };
 
 template <class T>
@@ -321,10 +330,12 @@ class ChunkEngine {
     });
     const auto g = logits_chunk(m);
     auto h = hidden_chunk(m);
-    MatrixMap<Acc> dw(grads.d_weight.data, vocab_, dim_,
-                      Eigen::OuterStride<>(grads.d_weight.stride));
+    // A frozen head (empty d_weight, d_bias): no dW GEMM, no db sum; dH alone.
+    const bool weight_grad = grads.wants_weight(), head_grad = weight_grad || grads.wants_bias();
+    MatrixMap<Acc> dw(grads.d_weight.data, weight_grad ? vocab_ : 0, dim_,
+                      Eigen::OuterStride<>(std::max<index_t>(grads.d_weight.stride, 1)));
     auto add_bias_gradient = [&](index_t b, index_t e) {
-      if (grads.d_bias.size > 0) {  // row by row: no reduction whose order alignment could change
+      if (grads.wants_bias()) {  // row by row: no reduction whose order alignment could change
         Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> db(grads.d_bias.data + b, e - b);
         for (index_t i = 0; i < m; ++i) db += g.row(i).segment(b, e - b);
       }
@@ -333,13 +344,15 @@ class ChunkEngine {
       if (bf16_gemm_) {
         // G stays fp32, split hi + lo by the GEMM (gemm_bf16.hpp): ~16 mantissa bits.
         const MatrixView<const T>& w = head_.weight;
-        parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
-          // dW[b:e) += G[:, b:e)ᵀ · H.
-          gemm_bf16(e - b, dim_, m, GemmOperand<float>{logits_.data() + b, 1, vocab_},
-                    GemmOperand<T>{hidden_bf16_.data(), dim_, 1}, grads.d_weight.row(b),
-                    grads.d_weight.stride, true);
-          add_bias_gradient(b, e);
-        });
+        if (head_grad)
+          parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
+            // dW[b:e) += G[:, b:e)ᵀ · H.
+            if (weight_grad)
+              gemm_bf16(e - b, dim_, m, GemmOperand<float>{logits_.data() + b, 1, vocab_},
+                        GemmOperand<T>{hidden_bf16_.data(), dim_, 1}, grads.d_weight.row(b),
+                        grads.d_weight.stride, true);
+            add_bias_gradient(b, e);
+          });
         // dH = G · W, rows split over threads: each call packs W once for all its rows.
         parallel_for(m, exec_, [&](index_t b, index_t e) {
           gemm_bf16(e - b, dim_, vocab_, GemmOperand<float>{logits_.data() + b * vocab_, vocab_, 1},
@@ -350,10 +363,12 @@ class ChunkEngine {
       }
     }
     const auto w = weight();
-    parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
-      dw.middleRows(b, e - b).noalias() += g.middleCols(b, e - b).transpose() * h;
-      add_bias_gradient(b, e);
-    });
+    if (head_grad)
+      parallel_tiles(vocab_, kVocabTile, exec_, [&](index_t b, index_t e) {
+        if (weight_grad)
+          dw.middleRows(b, e - b).noalias() += g.middleCols(b, e - b).transpose() * h;
+        add_bias_gradient(b, e);
+      });
     // dH of the scored rows, into the hidden buffer (read for the last time above), then out.
     parallel_tiles(m, kRowTile, exec_, [&](index_t b, index_t e) {
       h.middleRows(b, e - b).noalias() = g.middleRows(b, e - b) * w;
@@ -529,8 +544,7 @@ SequenceTokenStatistics sequence_statistics_of(const std::vector<TokenStatistics
 /// Finite inputs can still overflow a gradient product (hidden states or
 /// weights near the accumulation type's largest value): raised, never returned.
 template <class Acc>
-void require_finite_gradients(const LinearGradients<Acc>& g, index_t rows, index_t vocab,
-                              const char* fn) {
+void require_finite_gradients(const LinearGradients<Acc>& g, index_t rows, const char* fn) {
   auto check = [&](const MatrixView<Acc>& m, index_t n, const char* name) {
     for (index_t r = 0; r < n; ++r) {
       const index_t c = first_non_finite(m.row(r), m.cols);
@@ -542,7 +556,7 @@ void require_finite_gradients(const LinearGradients<Acc>& g, index_t rows, index
                               std::to_string(r) + ", " + std::to_string(c) + "]");
     }
   };
-  check(g.d_weight, vocab, "grads.d_weight");
+  check(g.d_weight, g.d_weight.rows, "grads.d_weight");  // none for a frozen head
   check(g.d_hidden, rows, "grads.d_hidden");
   const index_t b = first_non_finite(g.d_bias.data, g.d_bias.size);
   if (b >= 0)
@@ -570,11 +584,14 @@ double finite_abs_max(const T* x, index_t n) {
 ///   |db[v]| <= Σ_r G_r.
 /// Each bound must stay under a quarter of the type's largest value (room for the
 /// rounding of fp32 sums). W is read only when its type's range could break the
-/// bound (never for half; for fp32 and bfloat16 only with a large G_r).
+/// bound (never for half; for fp32 and bfloat16 only with a large G_r). Only the
+/// gradients the caller asks for are bounded (a frozen head: dH alone, and every
+/// G_r, an element of dZ, under the limit).
 template <class T>
 void check_gradient_bounds(const HiddenBatch<T>& batch, const LinearHead<T>& head,
                            Span<const std::uint8_t> desirable, const Options& o,
-                           const ExecutionPolicy& exec, const char* fn) {
+                           const ExecutionPolicy& exec, const char* fn, bool weight_grad = true,
+                           bool bias_grad = true) {
   using Acc = accumulator_t<T>;
   const double limit = static_cast<double>(std::numeric_limits<Acc>::max()) / 4;
   const index_t B = batch.sequences.count;
@@ -606,14 +623,19 @@ void check_gradient_bounds(const HiddenBatch<T>& batch, const LinearHead<T>& hea
                 << limit << " (lower options.beta or the weights, or " << lower << ")";
     kto::detail::fail(fn, argument, expectation.str(), got);
   };
-  if (bias_sum > limit) {
+  if (bias_grad && bias_sum > limit) {
     std::ostringstream got;
     got << o.beta;
     refuse("options.beta", "grads.d_bias", "the sum over scored rows of G_r", bias_sum, got.str(),
            "give fewer rows");
   }
+  if (!bias_grad && largest > limit) {  // with db, implied by the bound above
+    std::ostringstream got;
+    got << o.beta;
+    refuse("options.beta", "dL/dlogits", "max_r G_r", largest, got.str(), "the logit scale");
+  }
   // dW: Σ_r G_r max_k |H[r, k]| (the scored rows are finite: validate_hidden_batch).
-  if (bias_sum * static_cast<double>(std::numeric_limits<T>::max()) > limit) {
+  if (weight_grad && bias_sum * static_cast<double>(std::numeric_limits<T>::max()) > limit) {
     std::vector<double> row_max(static_cast<size_t>(batch.hidden.rows), 0.0);
     parallel_for(scorer.last - scorer.first, exec, [&](index_t b, index_t e) {
       for (index_t r = scorer.first + b; r < scorer.first + e; ++r)
@@ -801,8 +823,10 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     }
     kto::detail::validate_shape(grads.d_hidden, in.hidden.rows, in.hidden.cols, fn,
                                 "grads.d_hidden", "hidden");
-    kto::detail::validate_shape(grads.d_weight, head.weight.rows, head.weight.cols, fn,
-                                "grads.d_weight", "head.weight");
+    // Empty (data == nullptr, 0 rows): a frozen head, no dW. Any other shape but W's is refused.
+    if (grads.d_weight.data != nullptr || grads.d_weight.rows != 0)
+      kto::detail::validate_shape(grads.d_weight, head.weight.rows, head.weight.cols, fn,
+                                  "grads.d_weight", "head.weight");
     kto::detail::require(
         grads.d_bias.size == 0 || grads.d_bias.size == head.weight.rows, fn, "grads.d_bias.size",
         "be 0 (skipped) or head.weight.rows (" + std::to_string(head.weight.rows) + ")",
@@ -888,7 +912,8 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   // non-finite inputs.
   auto checked_kl_sum = [&] {
     const KlPartial local = kl_sum_of_partials();
-    detail::check_gradient_bounds(target_batch, head, in.desirable, o, exec, fn);
+    detail::check_gradient_bounds(target_batch, head, in.desirable, o, exec, fn,
+                                  grads.wants_weight(), grads.wants_bias());
     return local;
   };
   KlPartial kl_sum;
@@ -913,7 +938,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   const index_t D = head.weight.cols;
   for (index_t r = 0; r < in.hidden.rows; ++r)
     std::fill(grads.d_hidden.row(r), grads.d_hidden.row(r) + D, Acc(0));
-  for (index_t v = 0; v < head.weight.rows; ++v)
+  for (index_t v = 0; v < grads.d_weight.rows; ++v)  // none when empty (a frozen head)
     std::fill(grads.d_weight.row(v), grads.d_weight.row(v) + D, Acc(0));
   std::fill(grads.d_bias.data, grads.d_bias.data + grads.d_bias.size, Acc(0));
 
@@ -973,7 +998,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
 
   FinishResult<Acc> fin = kto::detail::finish_impl<Acc>(
       kl_sum, make_span(out.logp), in.reference_logp, in.desirable, o, fn, "sequences.count");
-  detail::require_finite_gradients(grads, in.hidden.rows, head.weight.rows, fn);
+  detail::require_finite_gradients(grads, in.hidden.rows, fn);
   out.metrics = fin.metrics;
   out.examples = std::move(fin.examples);
   out.row_lse = std::move(row_lse);
