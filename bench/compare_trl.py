@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compare_trl.py [--vocab 32000,128256] [--impls trl,default,logits,fused]
                                           [--steps 8] [--warmup 2] [--precision bf16|fp32]
-                                          [--device cpu|cuda] [--json out.json]
+                                          [--device cpu|cuda] [--lora] [--json out.json]
 
 Every implementation trains the same model on the same data with the same
 seed, through the whole trainer step (forward of the policy, the KL batch and
@@ -17,6 +17,11 @@ is EOS):
 * logits:     `kto_torch.trl.KTOTrainer(..., fused_linear=False)`;
 * fused:      `kto_torch.trl.KTOTrainer(..., fused_linear=True)` with its default chunk;
 * fused:<MB>: the same with `fused_chunk_bytes = MB MiB` (for choosing that default).
+
+With --lora every implementation trains a PEFT LoRA adapter (r = 16, alpha 32, on the
+attention projections; the lm_head frozen, as in most KTO runs), passed as TRL's
+``peft_config`` with no ref_model: the reference is the policy with its adapter
+disabled, in TRL and in the drop-in alike (kto's fused head then computes no dW).
 
 The model is a randomly initialised 2-layer Llama (hidden 256, MLP 1024,
 4 heads, untied embeddings) whose lm_head dominates: at V = 32000 the head
@@ -103,7 +108,7 @@ def _status_kb(field: str) -> int:
 
 
 def worker(impl: str, vocab: int, steps: int, warmup: int, precision: str = "bf16",
-           device: str = "cpu") -> dict:
+           device: str = "cpu", lora: bool = False) -> dict:
     import copy
     import gc
 
@@ -116,6 +121,13 @@ def worker(impl: str, vocab: int, steps: int, warmup: int, precision: str = "bf1
     reference = copy.deepcopy(policy)
     data = make_dataset(vocab, SEQUENCES * total)
     kwargs = {}
+    if lora:
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           task_type="CAUSAL_LM")
+        reference = None  # the policy with its adapter disabled
     if impl == "trl":
         cls = trl.KTOTrainer
     else:
@@ -220,20 +232,22 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (peak RSS growth) or cuda (peak torch.cuda.max_memory_allocated "
                              "growth during train(); TRL's Triton head is the peer there)")
+    parser.add_argument("--lora", action="store_true",
+                        help="train a PEFT LoRA adapter (frozen lm_head), reference = adapter off")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         result = worker(args.worker[0], int(args.worker[1]), args.steps, args.warmup,
-                        args.precision, args.device)
+                        args.precision, args.device, args.lora)
         print("RESULT " + json.dumps(result))
         return
 
     print(f"machine: {machine()}")
     print(f"{SEQUENCES} sequences x ({PROMPT_TOKENS} prompt + {COMPLETION_TOKENS} completion) "
           f"tokens, median of {args.steps} steps after {args.warmup} warm-up, {args.precision}, "
-          "each in a fresh process\n")
+          f"{'LoRA (r = 16, frozen lm_head), ' if args.lora else ''}each in a fresh process\n")
     results = []
     import resource
 
@@ -247,7 +261,8 @@ def main() -> None:
         for impl in args.impls.split(","):
             run = subprocess.run([sys.executable, __file__, "--worker", impl, str(vocab),
                                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                  "--precision", args.precision, "--device", args.device],
+                                  "--precision", args.precision, "--device", args.device,
+                                  *(["--lora"] if args.lora else [])],
                                  capture_output=True, text=True)
             lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
             if run.returncode != 0 or not lines:
