@@ -32,7 +32,9 @@ for stage in $stages; do
         echo "== ISA x86-64-v4: not an x86-64 build machine, skipped"
         continue
       fi
-      if echo | c++ -march=native -dM -E - | grep -q '__AVX512F__'; then
+      # The macros first, then grep: grep -q exiting early would fail the pipe (pipefail).
+      native_macros=$(c++ -march=native -dM -E -x c++ /dev/null)
+      if grep -q '__AVX512F__' <<<"$native_macros"; then
         echo "== ISA x86-64-v4: -march=native here includes AVX-512 (the release build ran it)"
         continue
       fi
