@@ -7,27 +7,17 @@ float64 reference under the fp32 rule (kto_reference.py); an unbuilt copy is ref
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("jax")
 kto_jax = pytest.importorskip("kto_jax")
 
+from isa_support import LEVELS, rank, run_probe, runnable  # noqa: E402
 from kto_reference import RTOL_FP32  # noqa: E402
 
-LEVELS = ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 INFO = kto_jax.build_info()
-
-
-def rank(level):
-    return LEVELS.index(level) if level in LEVELS else -1
-
-
-RUNNABLE = [level for level in INFO["built_isas"] if rank(level) <= rank(INFO["cpu_isa"])]
+RUNNABLE = runnable(INFO)
 
 _PROBE = r"""
 import json
@@ -52,12 +42,7 @@ print(json.dumps({"isa": kto_jax.build_info()["dispatched_isa"],
 
 
 def probe(level):
-    env = dict(os.environ)
-    env.pop("KTO_CPU_ISA", None)
-    if level is not None:
-        env["KTO_CPU_ISA"] = level
-    return subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=Path("/"),
-                          capture_output=True, text=True)
+    return run_probe(_PROBE, level)
 
 
 def test_build_info_reports_the_choice():

@@ -10,27 +10,17 @@ CPU cannot run, is refused by name.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 kto_torch = pytest.importorskip("kto_torch")
 
+from isa_support import LEVELS, rank, run_probe, runnable  # noqa: E402
 from kto_reference import RTOL_FP32  # noqa: E402
 
-LEVELS = ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 INFO = kto_torch.build_info()
-
-
-def rank(level):
-    return LEVELS.index(level) if level in LEVELS else -1
-
-
-RUNNABLE = [level for level in INFO["built_isas"] if rank(level) <= rank(INFO["cpu_isa"])]
+RUNNABLE = runnable(INFO)
 
 # One process per copy: the loss and the logits' gradient of a fixed problem, and the
 # float64 reference of the same problem (-log softmax summed over the scored tokens).
@@ -69,13 +59,7 @@ print(json.dumps({"isa": kto_torch.build_info()["dispatched_isa"],
 
 
 def probe(level):
-    env = dict(os.environ)
-    env.pop("KTO_CPU_ISA", None)
-    if level is not None:
-        env["KTO_CPU_ISA"] = level
-    # Run away from the source tree, so that the installed package is the one imported.
-    return subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=Path("/"),
-                          capture_output=True, text=True)
+    return run_probe(_PROBE, level)
 
 
 def test_build_info_reports_the_choice():
