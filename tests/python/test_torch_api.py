@@ -31,3 +31,27 @@ def test_all_names_exist_and_star_import_is_clean():
 
 def test_ships_py_typed():
     assert (Path(kto_torch.__file__).parent / "py.typed").is_file()
+
+
+def test_errors_are_kto_torch_classes_and_value_errors():
+    import torch
+
+    logits = torch.zeros(2, 3, 5)
+    logits[1, 2, 4] = float("nan")
+    targets = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(kto_torch.NonFiniteLogitsError) as caught:
+        kto_torch.sequence_logprobs(logits, targets)
+    error = caught.value
+    assert isinstance(error, kto_torch.KTOError) and isinstance(error, ValueError)
+    assert (error.sequence, error.row) == (1, 5)  # row 5 of the flattened [2, 3] rows
+    assert error.function and "sequence_logprobs" in str(error)
+
+    with pytest.raises(kto_torch.KTOError) as caught:  # the binding's own argument check
+        kto_torch.sequence_logprobs(logits[:, :, :0], targets)
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.argument and f"'{caught.value.argument}'" in str(caught.value)
+
+    assert issubclass(kto_torch.PeerError, kto_torch.KTOError)
+    import kto_torch.distributed as kto_dist
+
+    assert kto_dist.PeerError is kto_torch.PeerError

@@ -64,10 +64,38 @@ std::string shape_of(const torch::Tensor& t) {
   return text(t.sizes());
 }
 
-/// ValueError "<fn>: argument '<name>' must <expectation>; got <got>".
+/// kto_torch.KTOError (a ValueError) "<fn>: argument '<name>' must <expectation>; got <got>".
 void require(bool ok, const char* fn, const std::string& name, const std::string& expectation,
              const std::string& got) {
-  TORCH_CHECK_VALUE(ok, fn, ": argument '", name, "' must ", expectation, "; got ", got);
+  if (!ok)
+    throw kto::Error(fn, name,
+                     text(fn, ": argument '", name, "' must ", expectation, "; got ", got));
+}
+
+/// Raises kto_torch._errors.<name>(message) with the error's attributes set.
+void raise_python(const char* name, const kto::Error& e,
+                  const std::vector<std::pair<const char*, pybind11::object>>& extra = {}) {
+  pybind11::object cls = pybind11::module_::import("kto_torch._errors").attr(name);
+  pybind11::object error = cls(e.what());
+  error.attr("function") = e.function();
+  error.attr("argument") = e.argument();
+  for (const auto& [key, value] : extra) error.attr(key) = value;
+  PyErr_SetObject(cls.ptr(), error.ptr());
+}
+
+/// The library's errors as kto_torch's exception classes (kto_torch/_errors.py).
+void translate_kto_errors(std::exception_ptr p) {
+  if (!p) return;
+  try {
+    std::rethrow_exception(p);
+  } catch (const kto::NonFiniteLogitsError& e) {
+    raise_python("NonFiniteLogitsError", e,
+                 {{"sequence", pybind11::int_(e.sequence())}, {"row", pybind11::int_(e.row())}});
+  } catch (const kto::PeerError& e) {
+    raise_python("PeerError", e);
+  } catch (const kto::Error& e) {
+    raise_python("KTOError", e);
+  }
 }
 
 /// Where a tensor may live relative to the anchor (logits or hidden).
@@ -1148,6 +1176,7 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kto kernels (CPU, and CUDA where built) for the torch.library ops in kto_torch";
+  pybind11::register_exception_translator(&translate_kto_errors);
   m.def("sequence_logprobs_cpu", &sequence_logprobs<Backend::cpu>);
   m.def("sequence_logprobs_cuda", &sequence_logprobs<Backend::cuda>);
   m.def("kl_partial", &kl_partial);

@@ -50,9 +50,11 @@ import torch
 from torch import Tensor
 
 from . import _C, _isa
+from ._errors import KTOError, NonFiniteLogitsError, PeerError
 
-__all__ = ["BF16_GEMM", "EXAMPLE_OUTPUT_NAMES", "KL_ESTIMATORS", "KTOOutput", "LINKS",
-           "LOSS_TYPES", "METRIC_NAMES", "OPTION_NAMES", "REDUCTIONS", "REFERENCE_POINTS",
+__all__ = ["BF16_GEMM", "EXAMPLE_OUTPUT_NAMES", "KL_ESTIMATORS", "KTOError", "KTOOutput", "LINKS",
+           "LOSS_TYPES", "METRIC_NAMES", "NonFiniteLogitsError", "OPTION_NAMES", "PeerError",
+           "REDUCTIONS", "REFERENCE_POINTS",
            "STRATEGIES", "__version__", "build_info", "fused_linear_kto_loss",
            "fused_linear_logprobs", "kl_partial", "kto_loss", "reference_point",
            "release_scratch", "sequence_logprobs"]

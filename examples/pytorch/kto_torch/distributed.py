@@ -48,29 +48,18 @@ is computed here and may not be passed.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 import kto_torch
+from kto_torch._errors import PeerError
 
 __all__ = ["PeerError", "kto_loss", "sum_or_fail"]
 
 _FN = "kto_torch.distributed.kto_loss"
-
-
-class PeerError(ValueError):
-    """A data-parallel step failed on one or more ranks; raised on every rank.
-
-    ``failures`` maps each failing rank (global rank) to its error message;
-    ``phase`` says where: "before the KL all-reduce" or "in the target batch's step"."""
-
-    def __init__(self, message: str, failures: Dict[int, str], phase: str):
-        super().__init__(message)
-        self.failures = failures
-        self.phase = phase
 
 
 def _collective_device(logits: Tensor) -> torch.device:
