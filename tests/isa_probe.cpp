@@ -2,10 +2,10 @@
 // the tests' -march, else prints the missing feature and exits 1.
 #include <cstdio>
 
-#include "isa_check.hpp"
+#include <kto/cpu/isa.hpp>
 
-KTO_TEST_BASELINE int main() {
-  const char* missing = test::missing_isa_feature();
+KTO_ISA_BASELINE int main() {
+  const char* missing = kto::cpu::missing_isa_feature();
   if (missing) std::printf("%s", missing);
   return missing ? 1 : 0;
 }

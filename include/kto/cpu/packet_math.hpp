@@ -27,21 +27,21 @@
 namespace kto {
 namespace cpu {
 
-/// log of the smallest normal Acc: exp below it is flushed to 0.
+/// log of the smallest normal Acc, 2^(min_exponent − 1): exp below it is flushed to 0.
 template <class Acc>
-inline Acc exp_flush_threshold() {
-  static const Acc threshold = std::log(std::numeric_limits<Acc>::min());
-  return threshold;
+constexpr Acc exp_flush_threshold() {
+  return static_cast<Acc>((std::numeric_limits<Acc>::min_exponent - 1) * 0.69314718055994531);
 }
 
 template <class Acc>
 struct ExpOrZeroOp {
-  Acc threshold = exp_flush_threshold<Acc>();
-  Acc operator()(const Acc& x) const { return x < threshold ? Acc(0) : std::exp(x); }
+  Acc operator()(const Acc& x) const {
+    return x < exp_flush_threshold<Acc>() ? Acc(0) : std::exp(x);
+  }
   template <class Packet>
   Packet packetOp(const Packet& x) const {
     namespace in = Eigen::internal;
-    return in::pandnot(in::pexp(x), in::pcmp_lt(x, in::pset1<Packet>(threshold)));
+    return in::pandnot(in::pexp(x), in::pcmp_lt(x, in::pset1<Packet>(exp_flush_threshold<Acc>())));
   }
 };
 

@@ -105,12 +105,13 @@ inline RowStats<Acc> row_pass(const T* row, index_t vocab, index_t target,
       m = chunk_max;
     }
     if constexpr (kStatistics) {
+      chunk -= m;  // d = z − m, once for both sums (t has read z above)
       AlignedChunk<Acc> e(exp_buf, n);
-      e = exp_or_zero(chunk - m);
+      e = exp_or_zero(chunk);
       s += e.sum();
-      // A masked logit has e = 0 exactly; its z − m (−inf, or huge) is clamped to the
+      // A masked logit has e = 0 exactly; its d (−inf, or huge) is clamped to the
       // lowest finite value so that the term is 0, not 0·(−inf) = NaN.
-      w += (e * (chunk - m).max(std::numeric_limits<Acc>::lowest())).sum();
+      w += (e * chunk.max(std::numeric_limits<Acc>::lowest())).sum();
     } else {
       s += exp_or_zero(chunk - m).sum();
     }
