@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _build
+from . import _build, _isa_levels
 
 try:
     from importlib.metadata import PackageNotFoundError
@@ -151,13 +151,6 @@ def _installed(stem: str) -> Path | None:
     return found[0] if found else None
 
 
-_ISA_LEVELS = ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")
-
-
-def _isa_rank(level: str) -> int:
-    return _ISA_LEVELS.index(level) if level in _ISA_LEVELS else -1
-
-
 def _cpu_isa(baseline: Path) -> str:
     """The level this CPU runs, asked of the baseline library (compiled for any x86-64)."""
     lib = ctypes.cdll.LoadLibrary(str(baseline))
@@ -176,7 +169,7 @@ def _cpu_variants() -> dict:
         lib = ctypes.cdll.LoadLibrary(str(path))
         lib.KtoCompiledIsa.restype = ctypes.c_char_p
         found.setdefault(lib.KtoCompiledIsa().decode(), path)
-    for level in ("x86-64-v3", "x86-64-v4"):
+    for level in _isa_levels.EXTRA_LEVELS:
         for path in sorted(here.glob(f"_kto_jax_cpu_{level.replace('-', '_')}.*so")):
             found.setdefault(level, path)
     return found
@@ -195,20 +188,7 @@ def cpu_library() -> Path:
         build_dir = Path(os.environ.get("KTO_JAX_BUILD", _build.ROOT / "build" / "jax"))
         return _build.build_in_source_tree(build_dir)
     cpu = _cpu_isa(next(iter(variants.values())))  # the first found is the baseline
-    forced = os.environ.get("KTO_CPU_ISA", "")
-    if forced:
-        if forced not in variants:
-            raise ImportError(f"kto_jax: KTO_CPU_ISA={forced!r} was not built; built: "
-                              f"{sorted(variants)}")
-        if _isa_rank(forced) > _isa_rank(cpu):
-            raise ImportError(f"kto_jax: KTO_CPU_ISA={forced!r} needs a CPU this one is not "
-                              f"(it runs {cpu})")
-        return variants[forced]
-    runnable = [level for level in variants if _isa_rank(level) <= _isa_rank(cpu)]
-    if not runnable:
-        raise ImportError(f"kto_jax: the CPU library was built for {sorted(variants)}, and "
-                          f"this CPU runs {cpu}: reinstall without KTO_JAX_NATIVE=1")
-    return variants[max(runnable, key=_isa_rank)]
+    return variants[_isa_levels.choose(variants, cpu, "kto_jax", "KTO_JAX_NATIVE")]
 
 
 def build_info() -> dict:
@@ -220,7 +200,7 @@ def build_info() -> dict:
         ctypes.c_char_p
     version = lib.KtoEigenVersion()
     return {"dispatched_isa": lib.KtoCompiledIsa().decode(),
-            "built_isas": sorted(_cpu_variants(), key=_isa_rank),
+            "built_isas": sorted(_cpu_variants(), key=_isa_levels.rank),
             "cpu_isa": lib.KtoCpuIsa().decode(),
             "eigen_version": f"{version // 10000}.{version // 100 % 100}.{version % 100}",
             "eigen_simd": lib.KtoEigenSimd().decode(),

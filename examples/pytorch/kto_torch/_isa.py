@@ -15,15 +15,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 from . import _C
-
-_LEVELS = ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")
-
-
-def _rank(level: str) -> int:
-    return _LEVELS.index(level) if level in _LEVELS else -1
+from ._isa_levels import EXTRA_LEVELS, choose, rank
 
 
 def _module_name(level: str) -> str:
@@ -35,7 +29,7 @@ def _variants() -> dict:
     found by name, not imported: importing one runs its code, which must not happen on a
     CPU that lacks its instructions."""
     found = {_C.compiled_isa(): "_C"}
-    for level in ("x86-64-v3", "x86-64-v4"):
+    for level in EXTRA_LEVELS:
         if importlib.util.find_spec(f"{__package__}.{_module_name(level)}") is not None:
             found.setdefault(level, _module_name(level))
     return found
@@ -43,25 +37,12 @@ def _variants() -> dict:
 
 def _select():
     variants = _variants()
-    cpu = _C.cpu_isa()
-    forced = os.environ.get("KTO_CPU_ISA", "")
-    if forced:
-        if forced not in variants:
-            raise ImportError(f"kto_torch: KTO_CPU_ISA={forced!r} was not built; built: "
-                              f"{sorted(variants)}")
-        if _rank(forced) > _rank(cpu):
-            raise ImportError(f"kto_torch: KTO_CPU_ISA={forced!r} needs a CPU this one is not "
-                              f"(it runs {cpu})")
-        return importlib.import_module(f".{variants[forced]}", __package__)
-    runnable = [level for level in variants if _rank(level) <= _rank(cpu)]
-    if not runnable:  # a KTO_NATIVE=1 build made on another machine
-        raise ImportError(f"kto_torch: this build's CPU ops need {sorted(variants)}, and this "
-                          f"CPU runs {cpu}: reinstall without KTO_NATIVE=1 (or on this machine)")
-    return importlib.import_module(f".{variants[max(runnable, key=_rank)]}", __package__)
+    level = choose(variants, _C.cpu_isa(), "kto_torch", "KTO_NATIVE")
+    return importlib.import_module(f".{variants[level]}", __package__)
 
 
 CPU = _select()
 """The extension module whose CPU ops this process runs."""
 
-BUILT = tuple(sorted(_variants(), key=_rank))
+BUILT = tuple(sorted(_variants(), key=rank))
 """The x86-64 levels this installation carries CPU ops for."""

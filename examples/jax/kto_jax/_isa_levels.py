@@ -1,0 +1,1 @@
+../../pytorch/kto_torch/_isa_levels.py
