@@ -45,7 +45,7 @@ note() { summary+=("$1"); echo "== $1"; }
 torch_site=/tmp/kto_site
 if want torch && [ -n "$eigen" ] && python3 -c "import torch" 2>/dev/null; then
   (KTO_EIGEN_DIR=$eigen KTO_CUDA_ARCHS=$arch MAX_JOBS=6 timeout 400 python3 -m pip install -q \
-    --no-build-isolation --no-deps --no-index --target $torch_site ./examples/pytorch \
+    --no-build-isolation --no-deps --no-index --target $torch_site ./python/kto_torch \
     >"$logs/torch_build.txt" 2>&1; echo $? >build-gpu/torch_build.rc) &
   torch_build=$!
 else
@@ -139,7 +139,7 @@ if want jax; then
   # Needs a CUDA build of jaxlib on this machine (carry its wheels: the device
   # README says how); without one this part only notes the skip.
   if python3 -c "import jax, sys; sys.exit(0 if jax.devices('cuda') else 1)" >/dev/null 2>&1; then
-    python3 -m pip install -q --no-build-isolation --target build-gpu/jax_site ./examples/jax \
+    python3 -m pip install -q --no-build-isolation --target build-gpu/jax_site ./python/kto_jax \
       >"$logs/jax_build.txt" 2>&1
     PYTHONPATH=build-gpu/jax_site:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider \
       tests/python/test_jax_cuda.py >"$logs/pytest_jax_cuda.txt" 2>&1

@@ -5,7 +5,7 @@
 Each row runs in a fresh process. ``dispatch`` is the installed (portable) package on its
 own choice of CPU copy; ``x86-64`` / ``x86-64-v3`` / ``x86-64-v4`` force a copy with
 KTO_CPU_ISA (those this CPU runs); ``native`` imports the package installed into DIR with
-KTO_NATIVE=1 (``pip install --no-build-isolation --target DIR ./examples/pytorch``), built
+KTO_NATIVE=1 (``pip install --no-build-isolation --target DIR ./python/kto_torch``), built
 for this very machine. Time: the median of --reps steps after two warm-ups, in one thread
 and in all of the machine's threads. Ratios: native's time over each row's (1.0 = as fast
 as native), per dtype (float32 and bfloat16 logits).

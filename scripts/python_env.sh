@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the project-local virtual environment .venv with requirements.txt and
-# builds the PyTorch and JAX packages (examples/pytorch, examples/jax) into it.
+# builds the PyTorch and JAX packages (python/kto_torch, python/kto_jax) into it.
 # Reuses what is up to date: the packages while requirements.txt is unchanged,
 # the two built packages while their sources and the library headers are.
 # Also installs the linters of requirements-lint.txt (ruff).
@@ -36,15 +36,15 @@ fi
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 ext_stamp=.venv/.kto_torch.sha256
-ext_want=$(cat $(find examples/pytorch examples/jax include kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.toml' \
+ext_want=$(cat $(find python/kto_torch python/kto_jax include kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.toml' \
   -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) -not -path '*/build/*' | sort) |
   sha256sum | cut -d' ' -f1)
 build_extension() {
   if [ ! -f "$ext_stamp" ] || [ "$(cat "$ext_stamp")" != "$ext_want" ]; then
     echo "python_env: building the kto_torch and kto_jax packages"
     # For this machine: -march=native (a wheel for others leaves it out; setup.py).
-    KTO_NATIVE=1 .venv/bin/python -m pip install -q --no-build-isolation ./examples/pytorch
-    KTO_JAX_NATIVE=1 .venv/bin/python -m pip install -q --no-build-isolation ./examples/jax
+    KTO_NATIVE=1 .venv/bin/python -m pip install -q --no-build-isolation ./python/kto_torch
+    KTO_JAX_NATIVE=1 .venv/bin/python -m pip install -q --no-build-isolation ./python/kto_jax
     echo "$ext_want" >"$ext_stamp"
   fi
 }

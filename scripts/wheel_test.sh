@@ -42,11 +42,11 @@ stamp() { echo "wheel_test: [$((SECONDS - start)) s] $*"; }
 # The requirement lines of requirements.txt for these packages (pins and constraints).
 pinned() { for p in "$@"; do grep -i -E "^${p}==" requirements.txt || { echo "wheel_test: $p is not pinned in requirements.txt" >&2; exit 1; }; done; }
 size() { du -h --apparent-size "$1" | cut -f1; }
-# The files under examples/ that git does not track (untracked or ignored): what a
+# The files under python/ that git does not track (untracked or ignored): what a
 # build that writes into the source tree leaves (build/, *.egg-info, dist/, kto_src/).
 tree_state() {
   if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    git status --porcelain --ignored --untracked-files=all examples/ | grep -E '^(\?\?|!!)' || true
+    git status --porcelain --ignored --untracked-files=all python/ | grep -E '^(\?\?|!!)' || true
   fi
 }
 # Runs "$@" with its output in $log; on failure prints the log's tail and stops.
@@ -70,15 +70,15 @@ stamp "$("$py" -c 'import torch, jax; print("torch", torch.__version__, "jax", j
 stamp "python -m build --no-isolation (sdist, then the wheel from the sdist): kto_torch and kto_jax"
 before=$(tree_state)
 pids=()
-for pkg in pytorch jax; do
-  (cd "examples/$pkg" && begin=$SECONDS && logged "$work/build-$pkg.log" "$py" -m build --no-isolation \
+for pkg in kto_torch kto_jax; do
+  (cd "python/$pkg" && begin=$SECONDS && logged "$work/build-$pkg.log" "$py" -m build --no-isolation \
      --outdir "$work/dist-$pkg" . && echo "$((SECONDS - begin))" >"$work/build-$pkg.seconds") &
   pids+=($!)
 done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 [ "$failed" = 0 ] || exit 1
-for pkg in pytorch jax; do
+for pkg in kto_torch kto_jax; do
   grep -h -E '^kto_(torch|jax) [0-9.]+: ' "$work/build-$pkg.log" | sort -u | sed 's/^/  /' || true
   for f in "$work/dist-$pkg"/*; do echo "  $(basename "$f")  $(size "$f")"; done
   echo "  built in $(cat "$work/build-$pkg.seconds") s"
@@ -90,7 +90,7 @@ if [ "$before" != "$after" ]; then
   exit 1
 fi
 stamp "the source tree is unchanged"
-for pkg in pytorch jax; do
+for pkg in kto_torch kto_jax; do
   tar -tzf "$work/dist-$pkg"/*.tar.gz >"$work/sdist-$pkg.txt"
   grep -q '/kto_src/include/kto/config.hpp$' "$work/sdist-$pkg.txt" ||
     { echo "wheel_test: the $pkg sdist lacks kto_src/include" >&2; exit 1; }
@@ -98,7 +98,7 @@ done
 
 stamp "a missing Eigen is an error that says how to get it"
 if KTO_EIGEN_DIR="$work/no-eigen" "$py" -m pip wheel -q --no-cache-dir --no-deps --no-build-isolation \
-     -w "$work/no-eigen-wheel" "$work/dist-pytorch"/*.tar.gz >"$work/no-eigen.log" 2>&1; then
+     -w "$work/no-eigen-wheel" "$work/dist-kto_torch"/*.tar.gz >"$work/no-eigen.log" 2>&1; then
   echo "wheel_test: built without Eigen" >&2; exit 1
 fi
 grep -q 'apt-get install libeigen3-dev' "$work/no-eigen.log" ||
@@ -106,7 +106,7 @@ grep -q 'apt-get install libeigen3-dev' "$work/no-eigen.log" ||
 
 stamp "installing the wheels (not editable)"
 SECONDS_INSTALL=$SECONDS
-logged "$work/install.log" "$py" -m pip install "$work/dist-pytorch"/*.whl "$work/dist-jax"/*.whl
+logged "$work/install.log" "$py" -m pip install "$work/dist-kto_torch"/*.whl "$work/dist-kto_jax"/*.whl
 echo "  installed in $((SECONDS - SECONDS_INSTALL)) s"
 
 # From a directory outside the repository: the installed packages are what is imported.
@@ -140,7 +140,7 @@ if [ "${KTO_WHEEL_TEST_NEWEST_TORCH:-0}" = 1 ]; then
   stamp "$("$npy" -c 'import torch; print("torch", torch.__version__)')"
   SECONDS_NEWEST=$SECONDS
   KTO_TORCH_CUDA=0 logged "$work/newest-build.log" "$npy" -m pip wheel --no-cache-dir --no-deps \
-    --no-build-isolation -v -w "$work/dist-newest" "$work/dist-pytorch"/*.tar.gz
+    --no-build-isolation -v -w "$work/dist-newest" "$work/dist-kto_torch"/*.tar.gz
   grep -h -o -E 'kto_torch [0-9.]+: .*' "$work/newest-build.log" | sort -u | sed 's/^/  /' || true
   echo "  built from the sdist in $((SECONDS - SECONDS_NEWEST)) s"
   logged "$work/newest-install.log" "$npy" -m pip install --no-deps "$work/dist-newest"/*.whl

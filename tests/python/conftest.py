@@ -9,9 +9,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 # The TRL example lives with the examples; make it importable in the tests
 # (kto_torch itself is the installed extension). kto_jax is the installed package
-# (pip install --no-build-isolation ./examples/jax); where it is not installed, the
+# (pip install --no-build-isolation ./python/kto_jax); where it is not installed, the
 # source tree's package is used and compiles its CPU library on first use.
-_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+_REPOSITORY = Path(__file__).resolve().parents[2]
 if importlib.util.find_spec("kto_jax") is None:
-    sys.path.insert(0, str(_EXAMPLES / "jax"))
-sys.path.insert(0, str(_EXAMPLES / "trl"))
+    sys.path.insert(0, str(_REPOSITORY / "python" / "kto_jax"))
+sys.path.insert(0, str(_REPOSITORY / "examples" / "trl"))

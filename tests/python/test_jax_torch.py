@@ -1,5 +1,5 @@
 """Parity: on the same inputs kto_jax's ops equal kto_torch's (the PyTorch extension,
-examples/pytorch) and both equal the float64 reference of test_jax.py / test_jax_fused.py.
+python/kto_torch) and both equal the float64 reference of test_jax.py / test_jax_fused.py.
 
 Tolerance rule (tests/support.hpp): fp32 accumulation ≈ 1e-5 relative to the quantity's
 condition scale; bf16 inputs are upcast exactly, so the two bindings of one library agree
@@ -17,7 +17,7 @@ from test_jax_fused import make_fused_batch, reference
 
 torch = pytest.importorskip("torch")
 kto_torch = pytest.importorskip(
-    "kto_torch", reason="kto_torch (pip install --no-build-isolation ./examples/pytorch) is not "
+    "kto_torch", reason="kto_torch (pip install --no-build-isolation ./python/kto_torch) is not "
     "built in this environment")
 
 jax.config.update("jax_enable_x64", True)

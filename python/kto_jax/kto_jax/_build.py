@@ -34,7 +34,7 @@ import subprocess
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-SOURCE = PACKAGE.parent  # examples/jax (or an unpacked sdist, or the build's copy of it)
+SOURCE = PACKAGE.parent  # python/kto_jax (or an unpacked sdist, or the build's copy of it)
 ROOT = SOURCE.parent.parent  # the repository
 BUNDLE = SOURCE / "kto_src"  # the library's headers in an sdist
 CPU_SOURCE = SOURCE / "csrc" / "kto_jax_cpu.cpp"

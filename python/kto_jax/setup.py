@@ -1,7 +1,7 @@
 """Builds kto_jax's XLA FFI libraries at install time (never at import; README.md,
 "Install"):
 
-    pip install --no-build-isolation ./examples/jax      # or: python -m build --no-isolation
+    pip install --no-build-isolation ./python/kto_jax      # or: python -m build --no-isolation
 
 setuptools, with a build_ext that runs g++ (and nvcc where present) directly:
 the libraries are plain shared objects loaded through ctypes, not Python

@@ -1,5 +1,5 @@
 """Which built copy of the CPU code to load (runtime ISA dispatch), for kto_torch and kto_jax
-alike: examples/jax/kto_jax/_isa_levels.py is a symlink to this file (each wheel and sdist
+alike: python/kto_jax/kto_jax/_isa_levels.py is a symlink to this file (each wheel and sdist
 holds a copy). Pure Python: the packages find their copies and ask the CPU's level; this
 decides, honouring KTO_CPU_ISA, and says why when no copy can run."""
 

@@ -7,7 +7,7 @@ repository the copy also gets the kto library's headers (include/ and kernels/ o
 repository root) and LICENSE under kto_src/, which is what the sdist carries: a wheel
 builds from the sdist alone. Editable installs build in place (setuptools' own hooks).
 
-examples/jax/_kto_build_backend.py is a symlink to examples/pytorch/_kto_build_backend.py
+python/kto_jax/_kto_build_backend.py is a symlink to python/kto_torch/_kto_build_backend.py
 in the repository; each sdist holds a copy.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from setuptools import build_meta as _setuptools
 
-# abspath, not resolve(): examples/jax's backend is a symlink to this file, and HERE must
+# abspath, not resolve(): python/kto_jax's backend is a symlink to this file, and HERE must
 # be the package that is being built.
 HERE = Path(os.path.abspath(__file__)).parent
 REPOSITORY = HERE.parent.parent

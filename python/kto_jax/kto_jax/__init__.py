@@ -19,7 +19,7 @@ between the two phases (data parallel) and, for the fused op, ``vocab_axis_name`
 the lm_head sharded over the vocabulary (the per-row partials all-gathered and merged by
 the library). See docs/jax.md.
 
-The shared libraries are built by ``pip install --no-build-isolation ./examples/jax``;
+The shared libraries are built by ``pip install --no-build-isolation ./python/kto_jax``;
 importing only loads them. Run from the source tree without installing, the CPU library
 is compiled on first use into $KTO_JAX_BUILD (default build/jax of the repository).
 """
@@ -184,7 +184,7 @@ def cpu_library() -> Path:
     if not variants:
         if not _build.CPU_SOURCE.exists():
             raise ImportError("kto_jax: the FFI library is missing; reinstall with "
-                              "`pip install --no-build-isolation ./examples/jax`")
+                              "`pip install --no-build-isolation ./python/kto_jax`")
         build_dir = Path(os.environ.get("KTO_JAX_BUILD", _build.ROOT / "build" / "jax"))
         return _build.build_in_source_tree(build_dir)
     cpu = _cpu_isa(next(iter(variants.values())))  # the first found is the baseline

@@ -40,9 +40,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import logging
+import re
 import types
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from accelerate.utils import is_peft_model
@@ -113,14 +115,137 @@ def _labels(inputs: dict, completion_mask):
 
 
 def _shifted(model, inputs, completion_mask, aux_loss=False):
-    """logits[:, :-1] and labels[:, 1:] as views: no copy of the logits. Only the last T
-    positions are read (prompt-learning PEFT prepends virtual tokens to the outputs). With
-    ``aux_loss``, also the MoE load-balancing loss the model's forward computes."""
+    """(logits, targets, offsets) for the library's ops: of a padded batch logits[:, :-1]
+    and labels[:, 1:] as views (no copy of the logits) and offsets None; of a packed one
+    (``completion_mask`` a PackedSequences) the row's [N, V] logits, its targets and
+    offsets. Only the last T positions are read (prompt-learning PEFT prepends virtual
+    tokens to the outputs). With ``aux_loss``, also the MoE load-balancing loss the model's
+    forward computes."""
     outputs = model(**inputs, output_router_logits=True) if aux_loss else model(**inputs)
     logits = outputs.logits
     t = inputs["input_ids"].size(1)
-    shifted = (logits[:, logits.size(1) - t:-1], _labels(inputs, completion_mask))
+    if isinstance(completion_mask, PackedSequences):
+        shifted = (logits[0, logits.size(1) - t:], completion_mask.targets,
+                   completion_mask.offsets)
+    else:
+        shifted = (logits[:, logits.size(1) - t:-1], _labels(inputs, completion_mask), None)
     return shifted + (outputs.aux_loss,) if aux_loss else shifted
+
+
+class PackedSequences(NamedTuple):
+    """A padded batch's sequences packed into one row, as transformers' packed-sequence
+    attention takes them (pack_sequences): ``inputs`` are the model's keyword arguments
+    (input_ids and position_ids [1, N], no attention_mask, use_cache=False), ``targets`` [N]
+    the next-token target of each row (completion tokens only; -100 at each sequence's last
+    row, whose next token belongs to the next sequence), ``offsets`` [B + 1] (int64) the CSR
+    rows of the sequences, as the library's ops take them."""
+
+    inputs: dict
+    targets: torch.Tensor
+    offsets: torch.Tensor
+
+
+# The model inputs a packed row is built from; any other key of a batch (pixel_values,
+# token_type_ids, a custom collator's) is per padded sequence, so such a batch stays padded.
+_PACKABLE_INPUTS = frozenset({"input_ids", "attention_mask", "use_cache"})
+
+
+def unpackable_batch_reason(inputs: dict) -> Optional[str]:
+    """Why the model inputs of a padded batch (model_inputs) cannot be packed into one row,
+    or None when they can: inputs other than input_ids and attention_mask, or an attention
+    mask that is not right padding (each sequence's tokens first, at positions 0, 1, ...,
+    as TRL 1.16's text collator pads), where the padded model's positions would differ."""
+    extra = sorted(set(inputs) - _PACKABLE_INPUTS)
+    if extra:
+        return f"the batch holds model inputs other than input_ids and attention_mask ({extra})"
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        lengths = mask.sum(1, keepdim=True)
+        prefix = torch.arange(mask.size(1), device=mask.device) < lengths
+        if not bool(torch.equal(mask.bool(), prefix)):
+            return "its attention mask is not right padding (each sequence's tokens first)"
+    return None
+
+
+def pack_sequences(inputs: dict, completion_mask: torch.Tensor) -> PackedSequences:
+    """The right-padded batch ``inputs`` (input_ids, attention_mask [B, T]) packed into one
+    row of its N real tokens, sequence after sequence, with position_ids restarting at 0 for
+    each: from these transformers builds the block-diagonal causal mask (SDPA, eager, flex)
+    or the varlen call (flash-attention), so each sequence attends to itself only and sees
+    the positions it has in the padded batch. Targets: row r of sequence s predicts token
+    r + 1 where that token is a completion token of s, so the pairs (context, target) scored
+    are exactly those of the padded batch's logits[:, :-1] against labels[:, 1:]."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    lengths = mask.sum(1)
+    offsets = torch.zeros(ids.size(0) + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = lengths.cumsum(0)
+    flat = ids[mask]
+    positions = (mask.cumsum(1) - 1)[mask]
+    scored = completion_mask.bool()[mask]
+    targets = torch.full_like(flat, -100)
+    targets[:-1] = flat[1:].masked_fill(~scored[1:], -100)
+    if offsets.numel() > 2:  # a sequence's last row must not predict the next one's first token
+        ends = offsets[1:-1] - 1
+        targets[ends[ends >= 0]] = -100
+    return PackedSequences(dict(input_ids=flat[None], position_ids=positions[None],
+                                use_cache=False), targets, offsets)
+
+
+# Attention implementations that read packed sequences from position_ids in transformers
+# 5.x: the causal-mask builders (masking_utils: find_packed_sequence_indices, a
+# block-diagonal mask) and flash-attention's varlen path (_is_packed_sequence, batch 1).
+_PACKED_ATTENTION = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2",
+                               "flash_attention_3", "flash_attention_4"})
+_ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# Token mixers with state along the sequence (SSM, linear attention, recurrences, short
+# convolutions): across a packed row that state would flow from one sequence into the next.
+_RECURRENT_MIXER = re.compile(r"Mamba|Mixer|DeltaNet|ShortConv|Recurrent|Rglru|Rwkv|"
+                              r"LinearAttention|LightningAttention|SSM|Ssm")
+
+
+def _takes_position_ids(module) -> bool:
+    try:
+        parameters = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in parameters
+
+
+def unpackable_model_reason(model, name: str) -> Optional[str]:
+    """Why ``model`` cannot take packed sequences (padding_free), or None when it can: a
+    prompt-learning PEFT model, an encoder-decoder, an attention implementation that does
+    not read packed sequences from position_ids, layers other than (full, sliding, chunked)
+    attention, a token mixer with state along the sequence, or a forward without
+    position_ids (positions taken from the attention mask, as ALiBi models do)."""
+    if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False)
+                                    for c in model.peft_config.values()):
+        return (f"{name} is a prompt-learning PEFT model (its virtual tokens would be prepended "
+                "to the packed row once, not to each sequence)")
+    base = model.get_base_model() if is_peft_model(model) else model
+    config = _text_config(model)
+    if config is None:
+        return f"{name} has no transformers config"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model"
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in _PACKED_ATTENTION:
+        return (f"{name}'s attention implementation {attention!r} does not read packed "
+                f"sequences from position_ids (transformers does for {sorted(_PACKED_ATTENTION)})")
+    kinds = sorted(set(getattr(config, "layer_types", None) or ()) - _ATTENTION_LAYERS)
+    if kinds:
+        return (f"{name} has {kinds} layers, which carry state along the whole packed row "
+                "from one sequence into the next")
+    for module in base.modules():
+        if _RECURRENT_MIXER.search(type(module).__name__):
+            return (f"{name} has {type(module).__name__} layers (a token mixer with state along "
+                    "the sequence, which would carry from one packed sequence into the next)")
+    for module in dict.fromkeys((base, _backbone(model))):
+        if not _takes_position_ids(module):
+            return (f"{name}'s forward ({type(module).__name__}) takes no position_ids: its "
+                    "positions come from the attention mask")
+    return None
 
 
 @contextlib.contextmanager
@@ -232,6 +357,8 @@ def _gathered(param):
 class HeadRequest:
     """What the patched forward computes from the last hidden states instead of the logits:
     ``model(**inputs, kto_head=HeadRequest(completion_mask, context, chunk_bytes[, loss]))``.
+    ``completion_mask``: the padded batch's [B, T], or for a packed row (padding_free) its
+    PackedSequences, called as ``model(**packed.inputs, kto_head=HeadRequest(packed, ...))``.
 
     Without ``loss``: (logp [B], num_tokens [B]) of the completion tokens
     (kto_torch.fused_linear_logprobs). With ``loss`` (the keyword arguments of
@@ -273,7 +400,12 @@ class HeadRequest:
         # autocast goes to the op as it is: the op multiplies a half copy and returns the fp32
         # sums as its gradients, where a cast here would round them to half on the way back.
         t = inputs["input_ids"].size(1)
-        hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
+        packed = self.completion_mask if isinstance(self.completion_mask, PackedSequences) \
+            else None
+        if packed is not None:  # one row: every position, the targets say which are scored
+            hidden = hidden[0, hidden.size(1) - t:].to(weight.device)
+        else:
+            hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
         device = weight.device.type
         dtype = hidden.dtype
         if torch.is_autocast_enabled(device):
@@ -288,11 +420,14 @@ class HeadRequest:
             bias = bias.to(dtype) if bias is not None else None
         elif bias is not None:
             bias = bias.float()
-        labels = _labels(inputs, self.completion_mask).to(weight.device)
+        if packed is not None:
+            labels, offsets = packed.targets.to(weight.device), packed.offsets
+        else:
+            labels, offsets = _labels(inputs, self.completion_mask).to(weight.device), None
         if self.loss is None:
-            return kto_torch.fused_linear_logprobs(hidden, weight, labels, bias=bias,
+            return kto_torch.fused_linear_logprobs(hidden, weight, labels, offsets, bias=bias,
                                                    chunk_bytes=self.chunk_bytes, **transform)
-        return kto_torch.fused_linear_kto_loss(hidden, weight, labels, None, bias=bias,
+        return kto_torch.fused_linear_kto_loss(hidden, weight, labels, offsets, bias=bias,
                                                chunk_bytes=self.chunk_bytes, **transform,
                                                **self.loss)
 
@@ -367,11 +502,17 @@ class KTOTrainer(_TRLKTOTrainer):
     None (default) multiplies the lm_head in fp32 under bf16 autocast on a CPU without bf16
     GEMM units (kto_torch.BF16_GEMM False; there torch's bf16 GEMM is several times slower
     than fp32), logging it, and in the autocast dtype elsewhere; True always in the autocast
-    dtype (TRL's logits bit for bit); False always in fp32."""
+    dtype (TRL's logits bit for bit); False always in fp32. ``padding_free``: None packs
+    each batch's sequences (and the KL batch's) into one row with position_ids, the library's
+    ops taking the CSR offsets, wherever the policy and the reference model can take packed
+    input (unpackable_model_reason) and the batch is TRL's right-padded text batch
+    (unpackable_batch_reason), padding elsewhere with the reason logged; True insists (a
+    ValueError names what prevents it); False (the default) keeps TRL's padded batches."""
 
     def __init__(self, *args, fused_linear: Optional[bool] = None,
                  fused_chunk_bytes: Optional[int] = None, fused_strategy: str = "keep_chunk",
-                 autocast_lm_head: Optional[bool] = None, **kwargs):
+                 autocast_lm_head: Optional[bool] = None, padding_free: Optional[bool] = False,
+                 **kwargs):
         if fused_strategy not in kto_torch.STRATEGIES:
             raise ValueError(f"kto_torch.trl.KTOTrainer: argument 'fused_strategy' must be one of "
                              f"{sorted(kto_torch.STRATEGIES)}; got {fused_strategy!r}")
@@ -407,6 +548,7 @@ class KTOTrainer(_TRLKTOTrainer):
                         else f"{fused_chunk_bytes} bytes")
         elif fused_linear is None:
             logger.warning("kto_torch.trl.KTOTrainer: the logits path, because %s", reason)
+        self._init_padding_free(padding_free)
         slow_bf16 = (self.accelerator.device.type == "cpu" and self.args.bf16
                      and not kto_torch.BF16_GEMM)
         self.lm_head_in_fp32 = (not self.fused_linear and autocast_lm_head is not True
@@ -416,6 +558,49 @@ class KTOTrainer(_TRLKTOTrainer):
                         "autocast: this CPU has no bf16 GEMM units (AVX512-BF16/AMX), where "
                         "torch's bf16 GEMM is several times slower (autocast_lm_head=True "
                         "keeps TRL's bf16 logits)")
+
+    def _init_padding_free(self, padding_free: Optional[bool]) -> None:
+        """Whether batches are packed (self.padding_free), and if not, why
+        (self.padding_free_reason)."""
+        reason = None
+        if padding_free is False:
+            reason = "padding_free=False was passed"
+        elif self._is_vision_dataset or self._is_vlm:
+            reason = ("a vision-language model or dataset (TRL's vision collator left-pads the "
+                      "prompts, and images are per sequence)")
+        else:
+            reason = unpackable_model_reason(self.model, "the policy")
+            if reason is None and not self.precompute_ref_logps and self.ref_model is not None:
+                reason = unpackable_model_reason(self.ref_model, "the reference model")
+        if reason is not None and padding_free:
+            raise ValueError(f"{_TRAINER}: padding_free=True cannot be honoured: {reason}; pass "
+                             "padding_free=None to fall back to padded batches, or False")
+        self.padding_free = reason is None
+        self.padding_free_reason = reason
+        self._padding_free_required = bool(padding_free)
+        self._padding_free_fallbacks = set()
+        if self.padding_free:
+            logger.info("%s: padding-free (each batch packed into one row)", _TRAINER)
+        elif padding_free is None:
+            logger.warning("%s: padded batches, not padding-free, because %s", _TRAINER, reason)
+
+    def _rows(self, inputs: dict, completion_mask):
+        """(model inputs, completion mask) of one batch as the step runs it: packed into one
+        row (PackedSequences in place of the mask) where self.padding_free and the batch
+        allows it; otherwise as given. A batch that cannot be packed raises with
+        padding_free=True and is padded, logged once per reason, with None."""
+        if not self.padding_free:
+            return inputs, completion_mask
+        reason = unpackable_batch_reason(inputs)
+        if reason is None:
+            packed = pack_sequences(inputs, completion_mask)
+            return packed.inputs, packed
+        if self._padding_free_required:
+            raise ValueError(f"{_TRAINER}: padding_free=True cannot pack this batch: {reason}")
+        if reason not in self._padding_free_fallbacks:
+            self._padding_free_fallbacks.add(reason)
+            logger.warning("%s: a padded batch, not padding-free, because %s", _TRAINER, reason)
+        return inputs, completion_mask
 
     def _shifted(self, model, inputs, completion_mask, aux_loss=False):
         """The logits path's shifted logits and labels (_shifted), the lm_head in fp32 where
@@ -480,8 +665,9 @@ class KTOTrainer(_TRLKTOTrainer):
         device = self.accelerator.device
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         desirable = torch.as_tensor(batch["label"], dtype=torch.bool)
-        target = (model_inputs(batch), batch["completion_mask"])
-        kl_batch = (model_inputs(batch, kl=True), batch.get("KL_completion_mask"))
+        target = self._rows(model_inputs(batch), batch["completion_mask"])
+        kl_batch = (self._rows(model_inputs(batch, kl=True), batch.get("KL_completion_mask"))
+                    if self.calculate_KL else None)
         fused = self.fused_linear
         # The fused head runs inside each model's own forward (model(..., kto_head=request)):
         # through the DDP/FSDP wrapper accelerate put around the policy, under the same
@@ -551,9 +737,10 @@ class KTOTrainer(_TRLKTOTrainer):
                                       aux_loss=self.aux_loss_enabled)
                 out = model(**target[0], kto_head=request)
                 return out if self.aux_loss_enabled else (out, None)
-            logits, labels, *aux = self._shifted(model, *target, aux_loss=self.aux_loss_enabled)
+            logits, labels, offsets, *aux = self._shifted(model, *target,
+                                                          aux_loss=self.aux_loss_enabled)
             out = kto_torch.kto_loss(
-                logits, labels, None, ref_logp, desirable,
+                logits, labels, offsets, ref_logp, desirable,
                 reference_point="kl_batch" if self.calculate_KL else "zero",
                 global_kl=global_kl, **options)
             return out, (aux[0] if aux else None)

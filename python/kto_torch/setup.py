@@ -1,6 +1,6 @@
 """Builds kto_torch against the torch already installed (README.md, "Install"):
 
-    pip install --no-build-isolation ./examples/pytorch      # or: python -m build --no-isolation
+    pip install --no-build-isolation ./python/kto_torch      # or: python -m build --no-isolation
 
 The build runs in a temporary copy of this directory (_kto_build_backend.py): nothing is
 written into the source tree, and the sdist carries the library's headers (kto_src/).

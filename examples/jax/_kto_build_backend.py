@@ -1,1 +1,0 @@
-../pytorch/_kto_build_backend.py

@@ -1,1 +1,0 @@
-../../pytorch/kto_torch/_isa_levels.py

@@ -1,0 +1,1 @@
+../../kto_torch/kto_torch/_isa_levels.py
