@@ -327,6 +327,49 @@ TEST_CASE("options array: round trip and named checks", "[errors][options]") {
                     Catch::Contains("argument 'options.beta' must be finite, > 0"));
 }
 
+TEST_CASE("options contract: the enum options' value names, one table", "[errors]") {
+  // Each name sits at its enum value's code, and options_from_array accepts exactly
+  // the codes that have a name.
+  auto name_of = [](int option, int code) {
+    const kto::OptionChoices c = kto::option_choices(option);
+    REQUIRE(code < c.count);
+    return std::string(c.names[code]);
+  };
+  CHECK(name_of(kto::kOptionLossType, static_cast<int>(kto::LossType::kto)) == "kto");
+  CHECK(name_of(kto::kOptionLossType, static_cast<int>(kto::LossType::apo_zero_unpaired)) ==
+        "apo_zero_unpaired");
+  CHECK(name_of(kto::kOptionLink, static_cast<int>(kto::Link::one_minus_sigmoid)) ==
+        "one_minus_sigmoid");
+  CHECK(name_of(kto::kOptionLink, static_cast<int>(kto::Link::neg_log_sigmoid)) ==
+        "neg_log_sigmoid");
+  CHECK(name_of(kto::kOptionReferencePoint, static_cast<int>(kto::ReferencePoint::kl_batch)) ==
+        "kl_batch");
+  CHECK(name_of(kto::kOptionReferencePoint, static_cast<int>(kto::ReferencePoint::fixed)) ==
+        "fixed");
+  CHECK(name_of(kto::kOptionReferencePoint, static_cast<int>(kto::ReferencePoint::zero)) == "zero");
+  CHECK(name_of(kto::kOptionKlEstimator, static_cast<int>(kto::KlEstimator::mean)) == "mean");
+  CHECK(name_of(kto::kOptionKlEstimator, static_cast<int>(kto::KlEstimator::nonempty_mean)) ==
+        "nonempty_mean");
+  CHECK(name_of(kto::kOptionReduction, static_cast<int>(kto::Reduction::mean)) == "mean");
+  CHECK(name_of(kto::kOptionReduction, static_cast<int>(kto::Reduction::sum)) == "sum");
+  int enums = 0;
+  for (int k = 0; k < kto::kOptionCount; ++k) {
+    const kto::OptionChoices c = kto::option_choices(k);
+    if (c.count == 0) continue;
+    ++enums;
+    INFO(kto::kOptionNames[k]);
+    double values[kto::kOptionCount];
+    kto::options_to_array(kto::Options{}, values);
+    values[k] = c.count - 1;
+    CHECK_NOTHROW(kto::options_from_array(values, kto::kOptionCount, "f"));
+    values[k] = c.count;
+    CHECK_THROWS_WITH(
+        kto::options_from_array(values, kto::kOptionCount, "f"),
+        Catch::Contains("must be a whole number in [0, " + std::to_string(c.count - 1) + "]"));
+  }
+  CHECK(enums == 5);
+}
+
 TEST_CASE("error: a kto step estimating z0 from an empty KL batch", "[errors]") {
   // z0 from no KL example would silently be 0; the caller must choose that.
   Fixture f;

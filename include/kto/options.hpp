@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <string>
 
 #include "config.hpp"
@@ -63,31 +64,6 @@ struct Options {
 
 inline LogitTransform logit_transform(const Options& o) {
   return LogitTransform{o.logit_scale, o.logit_softcap, o.temperature};
-}
-
-/// Options from plain numbers, the enums as their integer values: what
-/// language bindings receive. Invalid codes are caught by validate_options().
-inline Options options_from_codes(double beta, double desirable_weight, double undesirable_weight,
-                                  int loss_type, int link, int reference_point, int kl_estimator,
-                                  bool clamp_kl, double fixed_z0, bool average_logprob,
-                                  int reduction, index_t mean_denominator, index_t ignore_index,
-                                  bool token_statistics = false) {
-  Options o;
-  o.beta = beta;
-  o.desirable_weight = desirable_weight;
-  o.undesirable_weight = undesirable_weight;
-  o.loss_type = static_cast<LossType>(loss_type);
-  o.link = static_cast<Link>(link);
-  o.reference_point = static_cast<ReferencePoint>(reference_point);
-  o.kl_estimator = static_cast<KlEstimator>(kl_estimator);
-  o.clamp_kl = clamp_kl;
-  o.fixed_z0 = fixed_z0;
-  o.average_logprob = average_logprob;
-  o.reduction = static_cast<Reduction>(reduction);
-  o.mean_denominator = mean_denominator;
-  o.ignore_index = ignore_index;
-  o.token_statistics = token_statistics;
-  return o;
 }
 
 /// True when z0 is estimated from a KL batch (and so a KL batch is needed).
@@ -176,6 +152,43 @@ constexpr const char* kOptionNames[kOptionCount] = {
     "ignore_index", "token_statistics", "logit_scale",        "logit_softcap",
     "temperature"};
 
+/// The names of an enum option's values, indexed by their codes: the strings the
+/// bindings accept (`loss_type="kto"`), spelled here once. Empty (count 0) for the
+/// options that are numbers or flags.
+struct OptionChoices {
+  const char* const* names;
+  int count;
+};
+inline constexpr const char* kLossTypeNames[] = {"kto", "apo_zero_unpaired"};
+inline constexpr const char* kLinkNames[] = {"one_minus_sigmoid", "neg_log_sigmoid"};
+inline constexpr const char* kReferencePointNames[] = {"kl_batch", "fixed", "zero"};
+inline constexpr const char* kKlEstimatorNames[] = {"mean", "nonempty_mean"};
+inline constexpr const char* kReductionNames[] = {"mean", "sum"};
+
+namespace detail {
+template <std::size_t N>
+constexpr OptionChoices choices(const char* const (&names)[N]) {
+  return {names, static_cast<int>(N)};
+}
+}  // namespace detail
+
+constexpr OptionChoices option_choices(int option) {
+  switch (option) {
+    case kOptionLossType:
+      return detail::choices(kLossTypeNames);
+    case kOptionLink:
+      return detail::choices(kLinkNames);
+    case kOptionReferencePoint:
+      return detail::choices(kReferencePointNames);
+    case kOptionKlEstimator:
+      return detail::choices(kKlEstimatorNames);
+    case kOptionReduction:
+      return detail::choices(kReductionNames);
+    default:
+      return {nullptr, 0};
+  }
+}
+
 inline void options_to_array(const Options& o, double* out) {
   out[kOptionBeta] = o.beta;
   out[kOptionDesirableWeight] = o.desirable_weight;
@@ -212,19 +225,20 @@ inline Options options_from_array(const double* values, index_t count, const cha
     return v;
   };
   auto flag = [&](int k) { return integer(k, 0, 1) != 0.0; };
+  auto code = [&](int k) { return static_cast<int>(integer(k, 0, option_choices(k).count - 1)); };
   constexpr double kLargestExact = 9007199254740992.0;  // 2^53: integers a double holds exactly
   Options o;
   o.beta = values[kOptionBeta];
   o.desirable_weight = values[kOptionDesirableWeight];
   o.undesirable_weight = values[kOptionUndesirableWeight];
-  o.loss_type = static_cast<LossType>(integer(kOptionLossType, 0, 1));
-  o.link = static_cast<Link>(integer(kOptionLink, 0, 1));
-  o.reference_point = static_cast<ReferencePoint>(integer(kOptionReferencePoint, 0, 2));
-  o.kl_estimator = static_cast<KlEstimator>(integer(kOptionKlEstimator, 0, 1));
+  o.loss_type = static_cast<LossType>(code(kOptionLossType));
+  o.link = static_cast<Link>(code(kOptionLink));
+  o.reference_point = static_cast<ReferencePoint>(code(kOptionReferencePoint));
+  o.kl_estimator = static_cast<KlEstimator>(code(kOptionKlEstimator));
   o.clamp_kl = flag(kOptionClampKl);
   o.fixed_z0 = values[kOptionFixedZ0];
   o.average_logprob = flag(kOptionAverageLogprob);
-  o.reduction = static_cast<Reduction>(integer(kOptionReduction, 0, 1));
+  o.reduction = static_cast<Reduction>(code(kOptionReduction));
   o.mean_denominator =
       static_cast<index_t>(integer(kOptionMeanDenominator, -kLargestExact, kLargestExact));
   o.ignore_index = static_cast<index_t>(integer(kOptionIgnoreIndex, -kLargestExact, kLargestExact));

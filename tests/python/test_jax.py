@@ -268,7 +268,50 @@ def test_bad_target_id_raises_the_library_message():
 
 def test_bad_option_raises_before_calling_the_library():
     with pytest.raises(ValueError, match="options.loss_type"):
-        kto_jax.KTOOptions(loss_type="dpo").attributes()
+        kto_jax.KTOOptions(loss_type="dpo").values()
+
+
+def test_options_are_the_library_contract():
+    """KTOOptions covers every option of the library's one options array (kto/options.hpp),
+    and the named values are the library's table, not a copy."""
+    assert {f.name for f in dataclasses.fields(kto_jax.KTOOptions)} == set(kto_jax.OPTION_NAMES)
+    assert kto_jax.LOSS_TYPES == {"kto": 0, "apo_zero_unpaired": 1}
+    assert kto_jax.LINKS == {"one_minus_sigmoid": 0, "neg_log_sigmoid": 1}
+    assert kto_jax.REFERENCE_POINTS == {"kl_batch": 0, "fixed": 1, "zero": 2}
+    assert kto_jax.KL_ESTIMATORS == {"mean": 0, "nonempty_mean": 1}
+    assert kto_jax.REDUCTIONS == {"mean": 0, "sum": 1}
+    values = kto_jax.KTOOptions(link="neg_log_sigmoid", beta=0.25, ignore_index=-1).values()
+    assert values.dtype == np.float64 and values.shape == (len(kto_jax.OPTION_NAMES),)
+    assert values[kto_jax.OPTION_NAMES.index("link")] == 1
+    assert values[kto_jax.OPTION_NAMES.index("beta")] == 0.25
+    assert values[kto_jax.OPTION_NAMES.index("ignore_index")] == -1
+
+
+def test_malformed_options_array_is_refused_by_the_library():
+    """A direct ffi_call's "options" attribute is checked by kto::options_from_array: its
+    length and each named value's code, the error naming the public function."""
+    batch = make_batch(3)
+    b = len(batch["desirable"])
+    results = (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32))
+
+    def call(values):
+        return kto_jax._call("kto_sequence_logprobs", results, options=values)(
+            batch["logits"], jnp.asarray(batch["targets"], jnp.int32),
+            jnp.asarray(batch["offsets"], jnp.int32))
+
+    good = kto_jax.KTOOptions().values()
+    count = len(good)
+    with pytest.raises(Exception, match=rf"kto_jax.sequence_logprobs: argument 'options' must "
+                                        rf"hold kOptionCount = {count} values; got {count - 1}"):
+        call(good[:-1])
+    bad = good.copy()
+    bad[kto_jax.OPTION_NAMES.index("link")] = 2
+    with pytest.raises(Exception, match=r"kto_jax.sequence_logprobs: argument 'options.link' "
+                                        r"must be a whole number in \[0, 1\]; got 2"):
+        call(bad)
+    np.testing.assert_array_equal(np.asarray(call(good)[1]),
+                                  np.asarray(kto_jax.sequence_logprobs(
+                                      batch["logits"], batch["targets"], batch["offsets"])[1]))
 
 
 def test_mean_denominator_divides_loss_and_gradient():
@@ -386,7 +429,7 @@ def test_statistics_result_must_match_the_option(asked):
     wrong = dataclasses.replace(options, token_statistics=not asked)
     call = kto_jax._call("kto_step_forward",
                          kto_jax._step_results(batch["logits"].shape[0], b, wrong),
-                         **options.attributes())
+                         options=options.values())
     want = 2 * b if asked else 0
     with pytest.raises(Exception, match=f"kto_jax.kto_loss: the token statistics result must "
                                         f"hold {want} elements"):

@@ -20,47 +20,10 @@ namespace kto_jax {
 namespace ffi = xla::ffi;
 using kto::index_t;
 
-/// The logit transform's attributes (kto::Options::logit_scale, logit_softcap,
-/// temperature): every op that reads logits takes them.
-#define KTO_JAX_TRANSFORM_PARAMS double logit_scale, double logit_softcap, double temperature
-#define KTO_JAX_TRANSFORM_ATTRS \
-  .Attr<double>("logit_scale").Attr<double>("logit_softcap").Attr<double>("temperature")
-
-inline kto::Options with_transform(kto::Options o, double logit_scale, double logit_softcap,
-                                   double temperature) {
-  o.logit_scale = logit_scale;
-  o.logit_softcap = logit_softcap;
-  o.temperature = temperature;
-  return o;
-}
-#define KTO_JAX_TRANSFORM(o) kto_jax::with_transform((o), logit_scale, logit_softcap, temperature)
-
-/// The option attributes, in the order of kto::options_from_codes(), then the transform's.
-#define KTO_JAX_OPTION_PARAMS                                                                      \
-  double beta, double desirable_weight, double undesirable_weight, int32_t loss_type,              \
-      int32_t link, int32_t reference_point, int32_t kl_estimator, bool clamp_kl, double fixed_z0, \
-      bool average_logprob, int32_t reduction, int64_t mean_denominator, int64_t ignore_index,     \
-      bool token_statistics, KTO_JAX_TRANSFORM_PARAMS
-#define KTO_JAX_OPTIONS                                                                            \
-  KTO_JAX_TRANSFORM(kto::options_from_codes(beta, desirable_weight, undesirable_weight, loss_type, \
-                                            link, reference_point, kl_estimator, clamp_kl,         \
-                                            fixed_z0, average_logprob, reduction,                  \
-                                            mean_denominator, ignore_index, token_statistics))
-#define KTO_JAX_OPTION_ATTRS              \
-  .Attr<double>("beta")                   \
-      .Attr<double>("desirable_weight")   \
-      .Attr<double>("undesirable_weight") \
-      .Attr<int32_t>("loss_type")         \
-      .Attr<int32_t>("link")              \
-      .Attr<int32_t>("reference_point")   \
-      .Attr<int32_t>("kl_estimator")      \
-      .Attr<bool>("clamp_kl")             \
-      .Attr<double>("fixed_z0")           \
-      .Attr<bool>("average_logprob")      \
-      .Attr<int32_t>("reduction")         \
-      .Attr<int64_t>("mean_denominator")  \
-      .Attr<int64_t>("ignore_index")      \
-      .Attr<bool>("token_statistics") KTO_JAX_TRANSFORM_ATTRS
+/// Every op takes its options as one attribute, "options": the binding contract's
+/// array of kto::kOptionCount doubles (kto/options.hpp, kto_jax.KTOOptions.values()),
+/// decoded and checked by kto::options_from_array, as kto_torch's ops take theirs.
+#define KTO_JAX_OPTIONS_ATTR .Attr<ffi::Span<const double>>("options")
 
 /// The batches the ops read, in argument order: logits, targets, offsets; or hidden
 /// states, the head's weight and bias, targets, offsets; a KL batch's hidden states,
@@ -78,9 +41,8 @@ inline kto::Options with_transform(kto::Options o, double logit_scale, double lo
 
 /// The argument, attribute and result lists of each op, bound once for both platforms:
 /// `ctx` is ffi::Ffi::Bind() on the CPU, with the stream and scratch allocator on CUDA.
-#define KTO_JAX_BIND_SEQUENCE_LOGPROBS(ctx)                                               \
-  (ctx) KTO_JAX_ARGS_LOGITS_BATCH.Attr<int64_t>("ignore_index")                           \
-      .Attr<bool>("average_logprob") KTO_JAX_TRANSFORM_ATTRS.Ret<ffi::Buffer<ffi::F32>>() \
+#define KTO_JAX_BIND_SEQUENCE_LOGPROBS(ctx)                                         \
+  (ctx) KTO_JAX_ARGS_LOGITS_BATCH KTO_JAX_OPTIONS_ATTR.Ret<ffi::Buffer<ffi::F32>>() \
       .Ret<ffi::Buffer<ffi::S32>>()
 
 #define KTO_JAX_BIND_KL_PARTIAL(ctx) \
@@ -97,7 +59,7 @@ inline kto::Options with_transform(kto::Options o, double logit_scale, double lo
       .Arg<ffi::Buffer<ffi::F32>>()                                                   \
       .Arg<ffi::Buffer<ffi::F32>>()                                                   \
       .Arg<ffi::Buffer<ffi::S32>>()                                                   \
-      .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTION_ATTRS.Ret<ffi::Buffer<ffi::F32>>() \
+      .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTIONS_ATTR.Ret<ffi::Buffer<ffi::F32>>() \
       .Ret<ffi::Buffer<ffi::F32>>()                                                   \
       .Ret<ffi::Buffer<ffi::S32>>()                                                   \
       .Ret<ffi::Buffer<ffi::F32>>()                                                   \
@@ -107,26 +69,25 @@ inline kto::Options with_transform(kto::Options o, double logit_scale, double lo
   (ctx) KTO_JAX_ARGS_LOGITS_BATCH.Arg<ffi::Buffer<ffi::F32>>() \
       .Arg<ffi::Buffer<ffi::F32>>()                            \
       .Arg<ffi::Buffer<ffi::S32>>()                            \
-      .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTION_ATTRS.Ret<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>() KTO_JAX_OPTIONS_ATTR.Ret<ffi::AnyBuffer>()
 
-#define KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(ctx)                                          \
-  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Attr<bool>("average_logprob")                          \
-      .Attr<int64_t>("ignore_index")                                                     \
-      .Attr<int64_t>("chunk_bytes") KTO_JAX_TRANSFORM_ATTRS.Ret<ffi::Buffer<ffi::F32>>() \
+#define KTO_JAX_BIND_FUSED_LINEAR_LOGPROBS(ctx)                                     \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH KTO_JAX_OPTIONS_ATTR.Attr<int64_t>("chunk_bytes") \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                 \
       .Ret<ffi::Buffer<ffi::S32>>()
 
-#define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx)                                         \
-  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH KTO_JAX_ARGS_KL_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::S32>>() \
-      .Attr<int64_t>("ignore_index")                                                        \
-      .Attr<int64_t>("vocab_total")                                                         \
-      .Attr<int64_t>("chunk_bytes") KTO_JAX_TRANSFORM_ATTRS.Ret<ffi::Buffer<ffi::F32>>()
+#define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx)                                   \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH KTO_JAX_ARGS_KL_HIDDEN_BATCH                        \
+      .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTIONS_ATTR.Attr<int64_t>("vocab_total") \
+      .Attr<int64_t>("chunk_bytes")                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
 #define KTO_JAX_BIND_FUSED_LINEAR_STEP(ctx)                                                  \
   (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>()                               \
       .Arg<ffi::Buffer<ffi::U8>>() KTO_JAX_ARGS_KL_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>() \
       .Arg<ffi::Buffer<ffi::F32>>()                                                          \
       .Arg<ffi::Buffer<ffi::F32>>()                                                          \
-      .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTION_ATTRS.Attr<int64_t>("vocab_total")        \
+      .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTIONS_ATTR.Attr<int64_t>("vocab_total")        \
       .Attr<int64_t>("chunk_bytes")                                                          \
       .Attr<int32_t>("strategy")                                                             \
       .Ret<ffi::Buffer<ffi::F32>>()                                                          \
@@ -170,6 +131,23 @@ ffi::Error guarded(Fn&& fn) {
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("kto_jax: ") + e.what());
   }
+}
+
+/// Returns the error of an ffi::Error-valued expression from the calling handler.
+#define KTO_JAX_TRY(expr)         \
+  do {                            \
+    ffi::Error e_ = (expr);       \
+    if (!e_.success()) return e_; \
+  } while (0)
+
+/// The call's options, decoded from the "options" attribute; a malformed array (its
+/// count, a code, a value) is InvalidArgument naming `fn` and "options.<name>".
+inline ffi::Error decode_options(ffi::Span<const double> values, const char* fn,
+                                 kto::Options& out) {
+  return guarded([&] {
+    out = kto::options_from_array(values.begin(), static_cast<index_t>(values.size()), fn);
+    return ffi::Error::Success();
+  });
 }
 
 /// Calls fn(T{}) with the element type `dtype`: float, or the platform's bfloat16 and

@@ -89,17 +89,15 @@ constexpr const char* kFusedLogprobs = "kto_jax.fused_linear_logprobs";
 constexpr const char* kPartials = "kto_jax.fused_linear_row_partials";
 
 ffi::Error SequenceLogprobsImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
-                                ffi::Buffer<ffi::S32> offsets, int64_t ignore_index,
-                                bool average_logprob, KTO_JAX_TRANSFORM_PARAMS,
+                                ffi::Buffer<ffi::S32> offsets, ffi::Span<const double> options,
                                 ffi::ResultBuffer<ffi::F32> logp,
                                 ffi::ResultBuffer<ffi::S32> num_tokens) {
   if (auto e = require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"); !e.success())
     return e;
   const auto t = widen(targets);
   const auto off = widen(offsets);
-  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
-  o.ignore_index = ignore_index;
-  o.average_logprob = average_logprob;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kLogprobs, o));
   return dispatch(logits.element_type(), kLogprobs, "logits", [&](auto tag) {
     using T = decltype(tag);
     const auto f = kto::cpu::sequence_logprobs<T>(
@@ -133,7 +131,7 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
                            ffi::Buffer<ffi::U8> desirable, ffi::Buffer<ffi::F32> kl_policy_logp,
                            ffi::Buffer<ffi::F32> kl_reference_logp,
                            ffi::Buffer<ffi::S32> kl_num_tokens, ffi::Buffer<ffi::F32> global_kl,
-                           KTO_JAX_OPTION_PARAMS, ffi::ResultBuffer<ffi::F32> metrics,
+                           ffi::Span<const double> options, ffi::ResultBuffer<ffi::F32> metrics,
                            ffi::ResultBuffer<ffi::F32> per_example,
                            ffi::ResultBuffer<ffi::S32> num_tokens,
                            ffi::ResultBuffer<ffi::F32> row_lse,
@@ -146,8 +144,9 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
   const auto off = widen(offsets);
   const auto kl_n = widen(kl_num_tokens);
   const auto B = static_cast<index_t>(off.size()) - 1;
-  const kto::Options o = KTO_JAX_OPTIONS;
-  if (auto e = check_statistics_result(kStep, statistics->element_count(), token_statistics, B);
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kStep, o));
+  if (auto e = check_statistics_result(kStep, statistics->element_count(), o.token_statistics, B);
       !e.success())
     return e;
   return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) {
@@ -177,7 +176,7 @@ ffi::Error StepForwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
 ffi::Error StepBackwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
                             ffi::Buffer<ffi::S32> offsets, ffi::Buffer<ffi::F32> row_lse,
                             ffi::Buffer<ffi::F32> grad_logp, ffi::Buffer<ffi::S32> num_tokens,
-                            ffi::Buffer<ffi::F32> loss_cotangent, KTO_JAX_OPTION_PARAMS,
+                            ffi::Buffer<ffi::F32> loss_cotangent, ffi::Span<const double> options,
                             ffi::Result<ffi::AnyBuffer> dlogits) {
   if (auto e = require_rank(logits, 2, kStep, "logits", "2-D [rows, vocab]"); !e.success())
     return e;
@@ -186,7 +185,8 @@ ffi::Error StepBackwardImpl(ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets
   const auto t = widen(targets);
   const auto off = widen(offsets);
   const auto B = static_cast<index_t>(off.size()) - 1;
-  const kto::Options o = KTO_JAX_OPTIONS;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kStep, o));
   return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) {
     using T = decltype(tag);
     const kto::cpu::StepInputs<T> in{logits_of<T>(logits),
@@ -235,15 +235,14 @@ ffi::Error check_fused_operands(const char* fn, const ffi::AnyBuffer& hidden,
 
 ffi::Error FusedLogprobsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                              ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-                             bool average_logprob, int64_t ignore_index, int64_t chunk_bytes,
-                             KTO_JAX_TRANSFORM_PARAMS, ffi::ResultBuffer<ffi::F32> logp,
+                             ffi::Span<const double> options, int64_t chunk_bytes,
+                             ffi::ResultBuffer<ffi::F32> logp,
                              ffi::ResultBuffer<ffi::S32> num_tokens) {
   if (auto e = check_fused_operands(kFusedLogprobs, hidden, weight, bias); !e.success()) return e;
   const auto t = widen(targets);
   const auto off = widen(offsets);
-  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
-  o.ignore_index = ignore_index;
-  o.average_logprob = average_logprob;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kFusedLogprobs, o));
   return dispatch(hidden.element_type(), kFusedLogprobs, "hidden", [&](auto tag) {
     using T = decltype(tag);
     kto::cpu::FusedLinearConfig cfg;
@@ -277,13 +276,13 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
                            ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
                            ffi::AnyBuffer kl_hidden, ffi::Buffer<ffi::S32> kl_targets,
                            ffi::Buffer<ffi::S32> kl_offsets, ffi::Buffer<ffi::S32> vocab_begin,
-                           int64_t ignore_index, int64_t vocab_total, int64_t chunk_bytes,
-                           KTO_JAX_TRANSFORM_PARAMS, ffi::ResultBuffer<ffi::F32> partials) {
+                           ffi::Span<const double> options, int64_t vocab_total,
+                           int64_t chunk_bytes, ffi::ResultBuffer<ffi::F32> partials) {
   if (auto e = check_fused_operands(kPartials, hidden, weight, bias); !e.success()) return e;
   const Batch target{widen(targets), widen(offsets)};
   const Batch kl{widen(kl_targets), widen(kl_offsets)};
-  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
-  o.ignore_index = ignore_index;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kPartials, o));
   return dispatch(hidden.element_type(), kPartials, "hidden", [&](auto tag) {
     using T = decltype(tag);
     const auto head = head_of<T>(weight, bias, vocab_begin.typed_data()[0], vocab_total);
@@ -314,19 +313,20 @@ ffi::Error FusedStepImpl(
     ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable, ffi::AnyBuffer kl_hidden,
     ffi::Buffer<ffi::S32> kl_targets, ffi::Buffer<ffi::S32> kl_offsets,
     ffi::Buffer<ffi::F32> kl_reference_logp, ffi::Buffer<ffi::F32> global_kl,
-    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32> vocab_begin, KTO_JAX_OPTION_PARAMS,
-    int64_t vocab_total, int64_t chunk_bytes, int32_t strategy, ffi::ResultBuffer<ffi::F32> metrics,
-    ffi::ResultBuffer<ffi::F32> per_example, ffi::ResultBuffer<ffi::S32> num_tokens,
-    ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> statistics,
-    ffi::ResultBuffer<ffi::F32> d_hidden, ffi::ResultBuffer<ffi::F32> d_weight,
-    ffi::ResultBuffer<ffi::F32> d_bias) {
+    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32> vocab_begin,
+    ffi::Span<const double> options, int64_t vocab_total, int64_t chunk_bytes, int32_t strategy,
+    ffi::ResultBuffer<ffi::F32> metrics, ffi::ResultBuffer<ffi::F32> per_example,
+    ffi::ResultBuffer<ffi::S32> num_tokens, ffi::ResultBuffer<ffi::F32> row_lse,
+    ffi::ResultBuffer<ffi::F32> statistics, ffi::ResultBuffer<ffi::F32> d_hidden,
+    ffi::ResultBuffer<ffi::F32> d_weight, ffi::ResultBuffer<ffi::F32> d_bias) {
   if (auto e = check_fused_operands(kFused, hidden, weight, bias); !e.success()) return e;
   kto::KlAllReduce hook;
   if (auto e = global_kl_hook(global_kl, kFused, hook); !e.success()) return e;
   const Batch target{widen(targets), widen(offsets)};
   const Batch kl{widen(kl_targets), widen(kl_offsets)};
-  const kto::Options o = KTO_JAX_OPTIONS;
-  if (auto e = check_statistics_result(kFused, statistics->element_count(), token_statistics,
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kFused, o));
+  if (auto e = check_statistics_result(kFused, statistics->element_count(), o.token_statistics,
                                        target.sequences().count);
       !e.success())
     return e;
@@ -381,7 +381,21 @@ ffi::Error FusedStepImpl(
 }  // namespace
 
 // The library's binding-contract constants, read by kto_jax at import through
-// ctypes, so that their one home stays kto/metrics.hpp and kto/fused_linear.hpp.
+// ctypes, so that their one home stays kto/metrics.hpp, kto/options.hpp and
+// kto/fused_linear.hpp.
+extern "C" int KtoOptionCount() {
+  return kto::kOptionCount;
+}
+extern "C" const char* KtoOptionName(int i) {
+  return kto::kOptionNames[i];
+}
+/// The number of named values of option i (0 for numbers and flags), and their names.
+extern "C" int KtoOptionChoiceCount(int i) {
+  return kto::option_choices(i).count;
+}
+extern "C" const char* KtoOptionChoiceName(int i, int code) {
+  return kto::option_choices(i).names[code];
+}
 extern "C" int KtoMetricCount() {
   return kto::kMetricCount;
 }
@@ -403,7 +417,7 @@ extern "C" int64_t KtoDefaultChunkBytes(int cuda) {
 extern "C" const char* KtoCompiledIsa() {
   return kto::cpu::compiled_isa();
 }
-KTO_ISA_BASELINE extern "C" const char* KtoCpuIsa() {
+extern "C" KTO_ISA_BASELINE const char* KtoCpuIsa() {
   return kto::cpu::cpu_isa();
 }
 extern "C" const char* KtoEigenSimd() {

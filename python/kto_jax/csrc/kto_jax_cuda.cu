@@ -118,12 +118,6 @@ ffi::Error launch_error(const char* fn) {
   return ffi::Error::Internal(std::string(fn) + ": " + cudaGetErrorString(e));
 }
 
-#define KTO_JAX_TRY(expr)         \
-  do {                            \
-    ffi::Error e_ = (expr);       \
-    if (!e_.success()) return e_; \
-  } while (0)
-
 const int64_t* widen(Scratch& s, const ffi::Buffer<ffi::S32>& b, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(b.element_count());
   int64_t* out = s.take<int64_t>(n);
@@ -166,8 +160,7 @@ constexpr const char* kPartials = "kto_jax.fused_linear_row_partials";
 
 ffi::Error SequenceLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
                                 ffi::AnyBuffer logits, ffi::Buffer<ffi::S32> targets,
-                                ffi::Buffer<ffi::S32> offsets, int64_t ignore_index,
-                                bool average_logprob, KTO_JAX_TRANSFORM_PARAMS,
+                                ffi::Buffer<ffi::S32> offsets, ffi::Span<const double> options,
                                 ffi::ResultBuffer<ffi::F32> logp,
                                 ffi::ResultBuffer<ffi::S32> num_tokens) {
   KTO_JAX_TRY(require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"));
@@ -179,9 +172,8 @@ ffi::Error SequenceLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc
   size_t bytes = kto::cuda::sequence_logprobs_workspace_bytes(rows);
   void* ws = s.take<char>(bytes);
   if (!s.ok) return s.error();
-  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
-  o.ignore_index = ignore_index;
-  o.average_logprob = average_logprob;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kLogprobs, o));
   const auto seqs = kto::sequences(off, B);
   return dispatch(logits.element_type(), kLogprobs, "logits", [&](auto tag) -> ffi::Error {
     using T = decltype(tag);
@@ -227,7 +219,7 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
                            ffi::Buffer<ffi::F32> kl_policy_logp,
                            ffi::Buffer<ffi::F32> kl_reference_logp,
                            ffi::Buffer<ffi::S32> kl_num_tokens, ffi::Buffer<ffi::F32> global_kl,
-                           KTO_JAX_OPTION_PARAMS, ffi::ResultBuffer<ffi::F32> metrics,
+                           ffi::Span<const double> options, ffi::ResultBuffer<ffi::F32> metrics,
                            ffi::ResultBuffer<ffi::F32> per_example,
                            ffi::ResultBuffer<ffi::S32> num_tokens,
                            ffi::ResultBuffer<ffi::F32> row_lse,
@@ -236,10 +228,11 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
   if (global_kl.element_count() != 0 && global_kl.element_count() != 2)
     return ffi::Error::InvalidArgument(std::string(kStep) +
                                        ": argument 'global_kl' must hold (S, C): 2 elements");
-  const kto::Options o = KTO_JAX_OPTIONS;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kStep, o));
   Scratch s{alloc};
   const index_t rows = logits.dimensions()[0], B = offsets.element_count() - 1;
-  KTO_JAX_TRY(check_statistics_result(kStep, statistics->element_count(), token_statistics, B));
+  KTO_JAX_TRY(check_statistics_result(kStep, statistics->element_count(), o.token_statistics, B));
   const bool global = global_kl.element_count() == 2;
   const index_t K = global ? 0 : kl_policy_logp.element_count();
   const int64_t* t = widen(s, targets, stream);
@@ -295,11 +288,12 @@ ffi::Error StepBackwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ff
                             ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
                             ffi::Buffer<ffi::F32> row_lse, ffi::Buffer<ffi::F32> grad_logp,
                             ffi::Buffer<ffi::S32> num_tokens, ffi::Buffer<ffi::F32> loss_cotangent,
-                            KTO_JAX_OPTION_PARAMS, ffi::Result<ffi::AnyBuffer> dlogits) {
+                            ffi::Span<const double> options, ffi::Result<ffi::AnyBuffer> dlogits) {
   KTO_JAX_TRY(require_rank(logits, 2, kStep, "logits", "2-D [rows, vocab]"));
   if (dlogits->element_type() != logits.element_type())
     return ffi::Error::InvalidArgument("kto_jax.kto_loss: dlogits must have the logits' dtype");
-  const kto::Options o = KTO_JAX_OPTIONS;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kStep, o));
   Scratch s{alloc};
   const index_t rows = logits.dimensions()[0], V = logits.dimensions()[1];
   const index_t B = offsets.element_count() - 1;
@@ -346,8 +340,8 @@ kto::LinearHead<T> head_of(const ffi::AnyBuffer& weight, const ffi::AnyBuffer& b
 ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
                              ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                              ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-                             bool average_logprob, int64_t ignore_index, int64_t chunk_bytes,
-                             KTO_JAX_TRANSFORM_PARAMS, ffi::ResultBuffer<ffi::F32> logp,
+                             ffi::Span<const double> options, int64_t chunk_bytes,
+                             ffi::ResultBuffer<ffi::F32> logp,
                              ffi::ResultBuffer<ffi::S32> num_tokens) {
   KTO_JAX_TRY(check_fused(kFusedLogprobs, hidden, weight, bias));
   Scratch s{alloc};
@@ -356,9 +350,8 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
   const int64_t* off = widen(s, offsets, stream);
   int64_t* n = s.take<int64_t>(B);
   if (!s.ok) return s.error();
-  kto::Options o = KTO_JAX_TRANSFORM(kto::Options{});
-  o.ignore_index = ignore_index;
-  o.average_logprob = average_logprob;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kFusedLogprobs, o));
   const auto seqs = kto::sequences(off, B);
   return dispatch(hidden.element_type(), kFusedLogprobs, "hidden", [&](auto tag) -> ffi::Error {
     using T = decltype(tag);
@@ -382,7 +375,7 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
 ffi::Error RowPartialsImpl(cudaStream_t, ffi::ScratchAllocator, ffi::AnyBuffer, ffi::AnyBuffer,
                            ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
                            ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
-                           ffi::Buffer<ffi::S32>, int64_t, int64_t, int64_t, double, double, double,
+                           ffi::Buffer<ffi::S32>, ffi::Span<const double>, int64_t, int64_t,
                            ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
                     std::string(kPartials) +
@@ -396,7 +389,7 @@ ffi::Error FusedStepImpl(
     ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable, ffi::AnyBuffer kl_hidden,
     ffi::Buffer<ffi::S32> kl_targets, ffi::Buffer<ffi::S32> kl_offsets,
     ffi::Buffer<ffi::F32> kl_reference_logp, ffi::Buffer<ffi::F32> global_kl,
-    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32>, KTO_JAX_OPTION_PARAMS,
+    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32>, ffi::Span<const double> options,
     int64_t vocab_total, int64_t chunk_bytes, int32_t strategy, ffi::ResultBuffer<ffi::F32> metrics,
     ffi::ResultBuffer<ffi::F32> per_example, ffi::ResultBuffer<ffi::S32> num_tokens,
     ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> statistics,
@@ -406,11 +399,12 @@ ffi::Error FusedStepImpl(
   if (gathered.element_count() > 0 || vocab_total != 0)
     return ffi::Error(ffi::ErrorCode::kUnimplemented,
                       std::string(kFused) + ": vocab parallel runs on the CPU only");
-  const kto::Options o = KTO_JAX_OPTIONS;
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kFused, o));
   Scratch s{alloc};
   const index_t N = hidden.dimensions()[0], D = hidden.dimensions()[1];
   const index_t V = weight.dimensions()[0], B = offsets.element_count() - 1;
-  KTO_JAX_TRY(check_statistics_result(kFused, statistics->element_count(), token_statistics, B));
+  KTO_JAX_TRY(check_statistics_result(kFused, statistics->element_count(), o.token_statistics, B));
   const bool global = global_kl.element_count() == 2;
   const bool kl = !global && kl_offsets.element_count() > 0;
   const int64_t* t = widen(s, targets, stream);

@@ -47,11 +47,6 @@ try:
 except PackageNotFoundError:  # the source tree
     __version__ = _build.library_version()
 
-LOSS_TYPES = {"kto": 0, "apo_zero_unpaired": 1}
-LINKS = {"one_minus_sigmoid": 0, "neg_log_sigmoid": 1}
-REFERENCE_POINTS = {"kl_batch": 0, "fixed": 1, "zero": 2}
-KL_ESTIMATORS = {"mean": 0, "nonempty_mean": 1}
-REDUCTIONS = {"mean": 0, "sum": 1}
 STRATEGIES = {"keep_chunk": 0, "recompute": 1}
 
 # FFI target name → symbol in the libraries (the same names on CPU and CUDA).
@@ -102,45 +97,21 @@ class KTOOptions:
         """True when z0 is estimated from a KL batch (kto::uses_kl_batch)."""
         return self.loss_type == "kto" and self.reference_point == "kl_batch"
 
-    def attributes(self) -> dict:
-        for name, table in (
-            ("loss_type", LOSS_TYPES),
-            ("link", LINKS),
-            ("reference_point", REFERENCE_POINTS),
-            ("kl_estimator", KL_ESTIMATORS),
-            ("reduction", REDUCTIONS),
-        ):
-            if getattr(self, name) not in table:
-                raise ValueError(
-                    f"kto: argument 'options.{name}' must be one of {sorted(table)}; "
-                    f"got {getattr(self, name)!r}"
-                )
-        return dict(
-            beta=np.float64(self.beta),
-            desirable_weight=np.float64(self.desirable_weight),
-            undesirable_weight=np.float64(self.undesirable_weight),
-            loss_type=np.int32(LOSS_TYPES[self.loss_type]),
-            link=np.int32(LINKS[self.link]),
-            reference_point=np.int32(REFERENCE_POINTS[self.reference_point]),
-            kl_estimator=np.int32(KL_ESTIMATORS[self.kl_estimator]),
-            clamp_kl=bool(self.clamp_kl),
-            fixed_z0=np.float64(self.fixed_z0),
-            average_logprob=bool(self.average_logprob),
-            reduction=np.int32(REDUCTIONS[self.reduction]),
-            mean_denominator=np.int64(self.mean_denominator),
-            ignore_index=np.int64(self.ignore_index),
-            token_statistics=bool(self.token_statistics),
-            **self.transform_attributes(),
-        )
-
-    def transform_attributes(self) -> dict:
-        """The logit transform's attributes, which every op that reads logits takes."""
-        return transform_attributes(self.logit_scale, self.logit_softcap, self.temperature)
-
-
-def transform_attributes(logit_scale=1.0, logit_softcap=0.0, temperature=1.0) -> dict:
-    return dict(logit_scale=np.float64(logit_scale), logit_softcap=np.float64(logit_softcap),
-                temperature=np.float64(temperature))
+    def values(self) -> np.ndarray:
+        """The options as the binding contract's array (kto/options.hpp: OPTION_NAMES'
+        order, named values as their codes, flags as 0/1), the "options" attribute of
+        every op. Raises ValueError naming an unknown value of a named option."""
+        values = []
+        for name in OPTION_NAMES:
+            value = getattr(self, name)
+            if name in OPTION_CHOICES:
+                table = OPTION_CHOICES[name]
+                if value not in table:
+                    raise ValueError(f"kto: argument 'options.{name}' must be one of "
+                                     f"{sorted(table)}; got {value!r}")
+                value = table[value]
+            values.append(float(value))
+        return np.asarray(values, np.float64)
 
 
 # --------------------------------------------------------------------------- libraries
@@ -215,19 +186,32 @@ def cuda_library() -> Path | None:
 
 
 def _library_contract():
-    """The library's constants (kto/metrics.hpp, kto/fused_linear.hpp), read from the CPU
-    library: metric names, per-example row names, default chunk budgets (CPU, CUDA)."""
+    """The library's constants (kto/options.hpp, kto/metrics.hpp, kto/fused_linear.hpp),
+    read from the CPU library: option names and the names of each named option's values,
+    metric names, per-example row names, default chunk budgets (CPU, CUDA)."""
     lib = ctypes.cdll.LoadLibrary(str(cpu_library()))
-    lib.KtoMetricName.restype = lib.KtoExampleOutputName.restype = ctypes.c_char_p
+    for f in (lib.KtoOptionName, lib.KtoOptionChoiceName, lib.KtoMetricName,
+              lib.KtoExampleOutputName):
+        f.restype = ctypes.c_char_p
     lib.KtoDefaultChunkBytes.restype = ctypes.c_int64
+    options = tuple(lib.KtoOptionName(i).decode() for i in range(lib.KtoOptionCount()))
+    choices = {name: {lib.KtoOptionChoiceName(i, code).decode(): code
+                      for code in range(lib.KtoOptionChoiceCount(i))}
+               for i, name in enumerate(options) if lib.KtoOptionChoiceCount(i) > 0}
     metrics = tuple(lib.KtoMetricName(i).decode() for i in range(lib.KtoMetricCount()))
     rows = tuple(lib.KtoExampleOutputName(i).decode()
                  for i in range(lib.KtoExampleOutputCount()))
-    return metrics, rows, (lib.KtoDefaultChunkBytes(0), lib.KtoDefaultChunkBytes(1))
+    return (options, choices, metrics, rows,
+            (lib.KtoDefaultChunkBytes(0), lib.KtoDefaultChunkBytes(1)))
 
 
-METRIC_NAMES, PER_EXAMPLE_NAMES, (DEFAULT_CHUNK_BYTES, DEFAULT_CUDA_CHUNK_BYTES) = \
-    _library_contract()
+(OPTION_NAMES, OPTION_CHOICES, METRIC_NAMES, PER_EXAMPLE_NAMES,
+ (DEFAULT_CHUNK_BYTES, DEFAULT_CUDA_CHUNK_BYTES)) = _library_contract()
+LOSS_TYPES = OPTION_CHOICES["loss_type"]
+LINKS = OPTION_CHOICES["link"]
+REFERENCE_POINTS = OPTION_CHOICES["reference_point"]
+KL_ESTIMATORS = OPTION_CHOICES["kl_estimator"]
+REDUCTIONS = OPTION_CHOICES["reduction"]
 
 
 def _chunk_bytes(chunk_bytes):
@@ -380,8 +364,9 @@ def sequence_logprobs(logits, targets, offsets=None, *, average_logprob=False, i
     b = offsets.shape[0] - 1
     call = _call("kto_sequence_logprobs",
                  (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
-                 ignore_index=np.int64(ignore_index), average_logprob=bool(average_logprob),
-                 **transform_attributes(logit_scale, logit_softcap, temperature))
+                 options=KTOOptions(average_logprob=average_logprob, ignore_index=ignore_index,
+                                    logit_scale=logit_scale, logit_softcap=logit_softcap,
+                                    temperature=temperature).values())
     return call(lax.stop_gradient(logits), targets, offsets)
 
 
@@ -400,7 +385,7 @@ def kl_partial(kl_policy_logp, kl_reference_logp, kl_num_tokens, *, kl_estimator
 def _step_forward(options, logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
                   kl_reference_logp, kl_num_tokens, global_kl):
     call = _call("kto_step_forward", _step_results(logits.shape[0], offsets.shape[0] - 1, options),
-                 **options.attributes())
+                 options=options.values())
     return call(logits, targets, offsets, reference_logp, desirable, kl_policy_logp,
                 kl_reference_logp, kl_num_tokens, global_kl)
 
@@ -431,7 +416,7 @@ def _kto_core_bwd(static, residuals, cotangents):
     logits, targets, offsets, row_lse, grad_logp, n = residuals
     loss_cotangent = _f32(cotangents[0]).reshape(1)
     call = _call("kto_step_backward", jax.ShapeDtypeStruct(logits.shape, logits.dtype),
-                 **options.attributes())
+                 options=options.values())
     dlogits = call(logits, targets, offsets, row_lse, grad_logp, n, loss_cotangent)
     # Only the policy logits are differentiable; the rest get no cotangent.
     return (_cotangent(dlogits, logits_axes, axes),) + (None,) * 8
@@ -487,9 +472,10 @@ def fused_linear_logprobs(hidden, weight, targets, offsets=None, bias=None, *,
     b = offsets.shape[0] - 1
     call = _call("kto_fused_linear_logprobs",
                  (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)),
-                 average_logprob=bool(average_logprob), ignore_index=np.int64(ignore_index),
-                 chunk_bytes=np.int64(chunk_bytes),
-                 **transform_attributes(logit_scale, logit_softcap, temperature))
+                 options=KTOOptions(average_logprob=average_logprob, ignore_index=ignore_index,
+                                    logit_scale=logit_scale, logit_softcap=logit_softcap,
+                                    temperature=temperature).values(),
+                 chunk_bytes=np.int64(chunk_bytes))
     return call(*map(lax.stop_gradient, (hidden, weight, bias)), targets, offsets)
 
 
@@ -509,8 +495,8 @@ def _row_partials(hidden, weight, bias, targets, offsets, kl_hidden, kl_targets,
                   vocab_begin, vocab_total, options, chunk_bytes):
     rows = hidden.shape[0] + (kl_hidden.shape[0] if kl_offsets.shape[0] > 0 else 0)
     call = _call("kto_fused_linear_row_partials", jax.ShapeDtypeStruct((rows, 2), jnp.float32),
-                 ignore_index=np.int64(options.ignore_index), vocab_total=np.int64(vocab_total),
-                 chunk_bytes=np.int64(chunk_bytes), **options.transform_attributes())
+                 options=options.values(), vocab_total=np.int64(vocab_total),
+                 chunk_bytes=np.int64(chunk_bytes))
     return call(*map(lax.stop_gradient, (hidden, weight, bias)), targets, offsets,
                 lax.stop_gradient(kl_hidden), kl_targets, kl_offsets, vocab_begin)
 
@@ -527,7 +513,7 @@ def _fused_step(static, hidden, weight, bias, targets, offsets, reference_logp, 
         jax.ShapeDtypeStruct((v, d), jnp.float32),
         jax.ShapeDtypeStruct(bias.shape, jnp.float32),
     )
-    call = _call("kto_fused_linear_step", results, **options.attributes(),
+    call = _call("kto_fused_linear_step", results, options=options.values(),
                  vocab_total=np.int64(vocab_total), chunk_bytes=np.int64(chunk_bytes),
                  strategy=np.int32(STRATEGIES[strategy]))
     return call(hidden, weight, bias, targets, offsets, reference_logp, desirable, kl_hidden,
