@@ -64,6 +64,21 @@ ref::Step reference_step(const StepCase<T>& c, const kto::Options& o) {
   return ref::step(c.st.problem, ref_logp, c.desirable, kl_rho, c.kl_tokens, o);
 }
 
+/// A step's metrics and per-sequence outputs, for compare_examples() (the gradient
+/// accessor is the caller's).
+template <class Acc>
+Observed observed(const kto::cpu::StepResult<Acc>& got) {
+  Observed obs;
+  obs.metrics = got.metrics;
+  obs.num_tokens = got.num_tokens;
+  obs.logp.assign(got.logp.begin(), got.logp.end());
+  obs.ratio.assign(got.examples.ratio.begin(), got.examples.ratio.end());
+  obs.reward.assign(got.examples.reward.begin(), got.examples.reward.end());
+  obs.loss.assign(got.examples.loss.begin(), got.examples.loss.end());
+  obs.grad_logp.assign(got.examples.grad_logp.begin(), got.examples.grad_logp.end());
+  return obs;
+}
+
 /// Runs kto_step (out of place or in place) and checks loss, metrics,
 /// per-sequence values and every gradient element.
 template <class T>
@@ -83,14 +98,7 @@ void check_step(const StepCase<T>& c, const kto::Options& o, bool in_place,
   }
   const auto got = kto::cpu::kto_step<T>(in, o, c.st.view_over(storage), exec);
 
-  Observed obs;
-  obs.metrics = got.metrics;
-  obs.num_tokens = got.num_tokens;
-  obs.logp.assign(got.logp.begin(), got.logp.end());
-  obs.ratio.assign(got.examples.ratio.begin(), got.examples.ratio.end());
-  obs.reward.assign(got.examples.reward.begin(), got.examples.reward.end());
-  obs.loss.assign(got.examples.loss.begin(), got.examples.loss.end());
-  obs.grad_logp.assign(got.examples.grad_logp.begin(), got.examples.grad_logp.end());
+  Observed obs = observed(got);
   obs.grad = [&](index_t r, index_t v) { return grad_at(c.st, storage, r, v); };
   std::vector<double> reference_logp(c.ref_logp.begin(), c.ref_logp.end());
   compare_step(p, reference_logp, want, obs, o, tol, unit_roundoff<T>());

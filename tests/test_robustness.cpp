@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "fused_fixture.hpp"
+#include "ranks.hpp"
 #include "step_fixture.hpp"
 
 namespace {
@@ -38,53 +39,6 @@ index_t ignored_row(const FusedFixture& f) {
   for (index_t r = 0; r < f.fp.rows; ++r)
     if (f.fp.targets[static_cast<size_t>(r)] == f.o.ignore_index) return r;
   return -1;
-}
-
-/// An all-reduce of KlPartial between threads standing in for ranks.
-class ThreadAllReduce {
- public:
-  explicit ThreadAllReduce(int ranks) : ranks_(ranks) {}
-  void operator()(kto::KlPartial& p) {
-    std::unique_lock<std::mutex> lock(m_);
-    const int round = round_;
-    sum_ = kto::merge(sum_, p);
-    if (++arrived_ == ranks_) {
-      result_ = sum_;
-      sum_ = {};
-      arrived_ = 0;
-      ++round_;
-      cv_.notify_all();
-    } else {
-      // Bounded: a rank that never arrives fails the test instead of hanging it.
-      const bool done =
-          cv_.wait_for(lock, std::chrono::seconds(20), [&] { return round_ != round; });
-      if (!done) throw std::runtime_error("all-reduce timed out: a rank never joined");
-    }
-    p = result_;
-  }
-
- private:
-  int ranks_, arrived_ = 0, round_ = 0;
-  kto::KlPartial sum_, result_;
-  std::mutex m_;
-  std::condition_variable cv_;
-};
-
-/// Runs body(rank) on `ranks` threads; returns each rank's exception (or null).
-template <class Body>
-std::vector<std::exception_ptr> run_ranks(int ranks, Body body) {
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int k = 0; k < ranks; ++k)
-    threads.emplace_back([&, k] {
-      try {
-        body(k);
-      } catch (...) {
-        errors[static_cast<size_t>(k)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  return errors;
 }
 
 /// f() raises an E naming `function` and `argument`.
@@ -465,8 +419,8 @@ TEST_CASE("review: fused-step checks that run before anything is read", "[robust
 
 TEST_CASE("review: overflow found on the rank, before the collective", "[robustness]") {
   const bool fused = GENERATE(false, true);
-  ThreadAllReduce all_reduce(2);
-  const auto errors = run_ranks(2, [&](int rank) {
+  test::ThreadSum all_reduce(2);
+  const auto errors = test::run_ranks(2, [&](int rank) {
     kto::KlAllReduce hook = [&](kto::KlPartial& p) { all_reduce(p); };
     if (!fused) {
       // Finite token log-probs whose sum overflows float.
@@ -554,8 +508,8 @@ TEST_CASE("guarantee: nothing is written when validation fails", "[robustness]")
 
 TEST_CASE("data parallel: one rank's bad input raises on every rank, none waits", "[robustness]") {
   const bool fused = GENERATE(false, true);
-  ThreadAllReduce all_reduce(2);
-  const auto errors = run_ranks(2, [&](int rank) {
+  test::ThreadSum all_reduce(2);
+  const auto errors = test::run_ranks(2, [&](int rank) {
     kto::KlAllReduce hook = [&](kto::KlPartial& p) { all_reduce(p); };
     if (!fused) {
       Fixture f;
@@ -580,9 +534,9 @@ TEST_CASE("data parallel: one rank's bad input raises on every rank, none waits"
 }
 
 TEST_CASE("data parallel: healthy ranks agree with one process", "[robustness]") {
-  ThreadAllReduce all_reduce(2);
+  test::ThreadSum all_reduce(2);
   std::vector<kto::Metrics> metrics(2);
-  const auto errors = run_ranks(2, [&](int rank) {
+  const auto errors = test::run_ranks(2, [&](int rank) {
     Fixture f;
     kto::KlAllReduce hook = [&](kto::KlPartial& p) { all_reduce(p); };
     metrics[static_cast<size_t>(rank)] =
@@ -639,8 +593,8 @@ TEST_CASE("issue 27: a half gradient scale that cannot fit raises before the col
   // Rank 0 (B = 1) has a gradient scale of 250000 > 65504; rank 1 (B = 4) of 62500.
   const bool split = GENERATE(false, true);  // kto_step, or step_forward (then the backward)
   INFO((split ? "step_forward" : "kto_step"));
-  ThreadAllReduce all_reduce(2);
-  const auto errors = run_ranks(2, [&](int rank) {
+  test::ThreadSum all_reduce(2);
+  const auto errors = test::run_ranks(2, [&](int rank) {
     kto::KlAllReduce hook = [&](kto::KlPartial& p) { all_reduce(p); };
     HalfRank h(rank == 0 ? 1 : 4);
     if (split) {
@@ -688,8 +642,8 @@ TEST_CASE("issue 27: a fused gradient that overflows raises before the collectiv
           "[robustness]") {
   const auto strategy =
       GENERATE(kto::cpu::FusedStrategy::keep_chunk, kto::cpu::FusedStrategy::recompute);
-  ThreadAllReduce all_reduce(2);
-  const auto errors = run_ranks(2, [&](int rank) {
+  test::ThreadSum all_reduce(2);
+  const auto errors = test::run_ranks(2, [&](int rank) {
     FusedFixture f;
     f.o.desirable_weight = f.o.undesirable_weight = 1e6;  // g_s of about 1e3 to 1e4
     f.o.reduction = kto::Reduction::sum;

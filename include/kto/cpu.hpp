@@ -2,6 +2,7 @@
 #pragma once
 
 #include "cpu/backward.hpp"
+#include "cpu/context_parallel.hpp"
 #include "cpu/fused_linear.hpp"
 #include "cpu/kto_step.hpp"
 #include "cpu/parallel.hpp"
