@@ -295,7 +295,7 @@ def test_malformed_options_array_is_refused_by_the_library():
     results = (jax.ShapeDtypeStruct((b,), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32))
 
     def call(values):
-        return kto_jax._call("kto_sequence_logprobs", results, options=values)(
+        return kto_jax._library._call("kto_sequence_logprobs", results, options=values)(
             batch["logits"], jnp.asarray(batch["targets"], jnp.int32),
             jnp.asarray(batch["offsets"], jnp.int32))
 
@@ -427,8 +427,8 @@ def test_statistics_result_must_match_the_option(asked):
     b = len(batch["desirable"])
     options = kto_jax.KTOOptions(token_statistics=asked)
     wrong = dataclasses.replace(options, token_statistics=not asked)
-    call = kto_jax._call("kto_step_forward",
-                         kto_jax._step_results(batch["logits"].shape[0], b, wrong),
+    call = kto_jax._library._call("kto_step_forward",
+                         kto_jax.functional._step_results(batch["logits"].shape[0], b, wrong),
                          options=options.values())
     want = 2 * b if asked else 0
     with pytest.raises(Exception, match=f"kto_jax.kto_loss: the token statistics result must "

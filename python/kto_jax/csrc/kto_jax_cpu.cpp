@@ -1,6 +1,6 @@
 // kto_jax_cpu.cpp — XLA FFI handlers (CPU) that run the kto Eigen path for JAX.
 //
-// Targets, registered by kto_jax/__init__.py (the CUDA twins in kto_jax_cuda.cu
+// Targets, registered by kto_jax/_library.py (the CUDA twins in kto_jax_cuda.cu
 // take the same operands, attributes and results):
 //   kto_sequence_logprobs      logits [N, V], targets [N], offsets [B+1] → logp [B], n [B]
 //   kto_kl_partial             KL log-probs and counts → (S, C) [2]
@@ -412,7 +412,7 @@ extern "C" int64_t KtoDefaultChunkBytes(int cuda) {
   return static_cast<int64_t>(cuda ? kto::kDefaultCudaChunkBytes : kto::kDefaultCpuChunkBytes);
 }
 
-// Runtime ISA dispatch (kto_jax/__init__.py): the level this copy was compiled for, the
+// Runtime ISA dispatch (kto_jax/_library.py): the level this copy was compiled for, the
 // level the CPU runs (compiled for the baseline), and what Eigen vectorises with.
 extern "C" const char* KtoCompiledIsa() {
   return kto::cpu::compiled_isa();

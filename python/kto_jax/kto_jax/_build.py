@@ -1,5 +1,5 @@
 """How kto_jax's XLA FFI libraries are compiled: one place for setup.py (the
-install-time build) and for the source-tree fallback of kto_jax/__init__.py.
+install-time build) and for the source-tree fallback of kto_jax/_library.py.
 
 No jax import at module level: setup.py loads this file by path.
 
@@ -14,7 +14,7 @@ No jax import at module level: setup.py loads this file by path.
   them is an error that says how to get it.
 - Runtime ISA dispatch: the CPU library is built for the baseline and, on x86-64, once
   more per level in isa_levels() (x86-64-v3: AVX2 + FMA; x86-64-v4: AVX-512), each its
-  own .so; kto_jax/__init__.py loads the best one the CPU runs. KTO_ISA_LEVELS overrides
+  own .so; kto_jax/_library.py loads the best one the CPU runs. KTO_ISA_LEVELS overrides
   the list ("" for none). KTO_JAX_NATIVE=1 instead builds one library for -march=native
   (fastest on the machine that builds, wrong for a wheel that travels).
 - The CUDA library needs nvcc ($CUDA_HOME/bin or PATH); KTO_JAX_CUDA=0 skips it,
