@@ -25,10 +25,7 @@
 
 #include <cmath>
 #include <cstddef>
-#include <cstdint>
-#include <limits>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "config.hpp"
@@ -54,28 +51,6 @@ constexpr size_t kDefaultCudaChunkBytes = size_t{1} << 30;
 /// is one GEMM, fp32 inside, written once in the output's type (the weight's,
 /// with FusedLinearOutputs::d_weight_in_input_type), so no V × D fp32 accumulator.
 enum class FusedStrategy : int { keep_chunk = 0, recompute = 1, vocab_blocks = 2 };
-
-/// A row-major matrix: `rows` rows of `cols` elements, `stride` elements apart.
-template <class T>
-struct MatrixView {
-  T* data = nullptr;
-  index_t rows = 0;
-  index_t cols = 0;
-  index_t stride = 0;
-  KTO_HOST_DEVICE T* row(index_t r) const { return data + r * stride; }
-};
-
-/// A contiguous rows × cols matrix.
-template <class T>
-MatrixView<T> matrix_view(T* data, index_t rows, index_t cols) {
-  return MatrixView<T>{data, rows, cols, cols};
-}
-
-/// A rows × cols matrix whose rows are `stride` elements apart (taken literally).
-template <class T>
-MatrixView<T> matrix_view(T* data, index_t rows, index_t cols, index_t stride) {
-  return MatrixView<T>{data, rows, cols, stride};
-}
 
 /// The lm_head, or this rank's vocabulary slice of it: weight is V_local × D
 /// (torch.nn.Linear's layout), bias V_local entries or empty (no bias).
@@ -174,33 +149,6 @@ inline std::vector<ChunkGroup> plan_chunks(const SequencesView& sequences, index
 
 namespace detail {
 
-/// Rows never share memory (stride >= cols); the extent fits index_t in bytes.
-template <class T>
-void validate_matrix(const MatrixView<T>& m, const char* fn, const std::string& name) {
-  require(m.rows >= 0, fn, name + ".rows", "be >= 0", m.rows);
-  require(m.cols >= 1, fn, name + ".cols", "be >= 1", m.cols);
-  require(m.stride >= m.cols || m.rows <= 1, fn, name + ".stride",
-          "be >= cols (" + std::to_string(m.cols) + ") so rows do not overlap", m.stride);
-  require(m.data != nullptr || m.rows == 0, fn, name + ".data", "be non-null when there are rows",
-          "nullptr");
-  const index_t extent = m.rows > 1
-                             ? checked_add(checked_mul(m.rows - 1, m.stride, fn, name.c_str()),
-                                           m.cols, fn, name.c_str())
-                             : m.cols;
-  checked_mul(extent, static_cast<index_t>(sizeof(T)), fn, name.c_str());
-}
-
-/// `m` is a valid rows × cols matrix; `what` names the shape it must have.
-template <class T>
-void validate_shape(const MatrixView<T>& m, index_t rows, index_t cols, const char* fn,
-                    const std::string& name, const std::string& what) {
-  validate_matrix(m, fn, name);
-  require(m.rows == rows && m.cols == cols, fn, name,
-          "have the shape of " + what + " (" + std::to_string(rows) + " x " + std::to_string(cols) +
-              ")",
-          std::to_string(m.rows) + " x " + std::to_string(m.cols));
-}
-
 template <class T>
 void validate_head(const LinearHead<T>& h, const char* fn) {
   validate_matrix(h.weight, fn, "head.weight");
@@ -235,45 +183,6 @@ inline void validate_strategy(FusedStrategy s, const char* fn, bool vocab_blocks
                 ? "be keep_chunk (0) or recompute (1) (vocab_blocks is CUDA only)"
                 : "be keep_chunk (0) or recompute (1)",
             static_cast<int>(s));
-}
-
-/// The bytes a buffer spans, for overlap checks (validated views only).
-struct ByteRange {
-  std::uintptr_t begin = 0, end = 0;
-  std::string name;
-};
-template <class T>
-ByteRange byte_range(const MatrixView<T>& m, std::string name) {
-  if (m.rows == 0 || m.data == nullptr) return {0, 0, std::move(name)};
-  const auto b = reinterpret_cast<std::uintptr_t>(m.data);
-  const auto elements = static_cast<std::uintptr_t>((m.rows - 1) * m.stride + m.cols);
-  return {b, b + elements * sizeof(T), std::move(name)};
-}
-inline ByteRange byte_range(const TargetsView& t, std::string name) {
-  if (t.rows.rows == 0 || t.data == nullptr) return {0, 0, std::move(name)};
-  const auto b = reinterpret_cast<std::uintptr_t>(t.data);
-  return {b, b + static_cast<std::uintptr_t>(view_extent(t.rows, 1)) * sizeof(index_t),
-          std::move(name)};
-}
-template <class T>
-ByteRange byte_range(const Span<T>& s, std::string name) {
-  if (s.size == 0 || s.data == nullptr) return {0, 0, std::move(name)};
-  const auto b = reinterpret_cast<std::uintptr_t>(s.data);
-  return {b, b + static_cast<std::uintptr_t>(s.size) * sizeof(T), std::move(name)};
-}
-
-/// Every output shares no byte with another output or with any input: the
-/// gradients are written before (and while) the inputs are read.
-inline void validate_disjoint(const std::vector<ByteRange>& outputs,
-                              const std::vector<ByteRange>& inputs, const char* fn) {
-  auto check = [&](const ByteRange& out, const ByteRange& other) {
-    if (out.begin < other.end && other.begin < out.end)
-      fail(fn, out.name, "share no memory with " + other.name, "an overlap");
-  };
-  for (std::size_t i = 0; i < outputs.size(); ++i) {
-    for (std::size_t j = i + 1; j < outputs.size(); ++j) check(outputs[i], outputs[j]);
-    for (const ByteRange& in : inputs) check(outputs[i], in);
-  }
 }
 
 }  // namespace detail

@@ -10,6 +10,9 @@
 // batch_stride = T·V, row_stride = V; its targets `labels[:, 1:]` are the same
 // two-level view over the labels (data + 1, batch_stride = T, stride 1).
 //
+// Hidden states, weights and their gradients are plain row-major matrices
+// (MatrixView): `rows` rows of `cols` elements, `stride` elements apart.
+//
 // Sequences are CSR offsets over the row index: sequence s owns rows
 // [offsets[s], offsets[s+1]). Padded batches use offsets s·T, packed batches any
 // non-decreasing offsets.
@@ -125,6 +128,29 @@ KTO_HOST_DEVICE inline index_t sequence_of_row(const SequencesView& seqs, index_
       hi = mid;
   }
   return lo;
+}
+
+/// A row-major matrix (hidden states, a weight, their gradients): `rows` rows of
+/// `cols` elements, `stride` elements apart.
+template <class T>
+struct MatrixView {
+  T* data = nullptr;
+  index_t rows = 0;
+  index_t cols = 0;
+  index_t stride = 0;
+  KTO_HOST_DEVICE T* row(index_t r) const { return data + r * stride; }
+};
+
+/// A contiguous rows × cols matrix.
+template <class T>
+MatrixView<T> matrix_view(T* data, index_t rows, index_t cols) {
+  return MatrixView<T>{data, rows, cols, cols};
+}
+
+/// A rows × cols matrix whose rows are `stride` elements apart (taken literally).
+template <class T>
+MatrixView<T> matrix_view(T* data, index_t rows, index_t cols, index_t stride) {
+  return MatrixView<T>{data, rows, cols, stride};
 }
 
 /// A contiguous (rows × vocab) matrix.

@@ -2,7 +2,8 @@
 //
 // Each check throws kto::Error naming the argument, the expectation and what
 // came. Checks that read index arrays (offsets, target ids) need them in host
-// memory; the CUDA path does those on the device instead.
+// memory; the CUDA path does those on the device instead. Outputs that must
+// share no byte with other buffers go through one overlap checker (ByteRange).
 #pragma once
 
 #include <algorithm>
@@ -122,6 +123,33 @@ inline void validate_target_ids(const TargetsView& t, const SequencesView& s, in
   }
 }
 
+/// Rows never share memory (stride >= cols); the extent fits index_t in bytes.
+template <class T>
+void validate_matrix(const MatrixView<T>& m, const char* fn, const std::string& name) {
+  require(m.rows >= 0, fn, name + ".rows", "be >= 0", m.rows);
+  require(m.cols >= 1, fn, name + ".cols", "be >= 1", m.cols);
+  require(m.stride >= m.cols || m.rows <= 1, fn, name + ".stride",
+          "be >= cols (" + std::to_string(m.cols) + ") so rows do not overlap", m.stride);
+  require(m.data != nullptr || m.rows == 0, fn, name + ".data", "be non-null when there are rows",
+          "nullptr");
+  const index_t extent = m.rows > 1
+                             ? checked_add(checked_mul(m.rows - 1, m.stride, fn, name.c_str()),
+                                           m.cols, fn, name.c_str())
+                             : m.cols;
+  checked_mul(extent, static_cast<index_t>(sizeof(T)), fn, name.c_str());
+}
+
+/// `m` is a valid rows × cols matrix; `what` names the shape it must have.
+template <class T>
+void validate_shape(const MatrixView<T>& m, index_t rows, index_t cols, const char* fn,
+                    const std::string& name, const std::string& what) {
+  validate_matrix(m, fn, name);
+  require(m.rows == rows && m.cols == cols, fn, name,
+          "have the shape of " + what + " (" + std::to_string(rows) + " x " + std::to_string(cols) +
+              ")",
+          std::to_string(m.rows) + " x " + std::to_string(m.cols));
+}
+
 template <class T>
 void validate_span(const Span<T>& sp, index_t expected, const char* fn, const std::string& name) {
   require(sp.size >= 0, fn, name + ".size", "be >= 0", sp.size);
@@ -162,45 +190,102 @@ inline void validate_labels(const Span<const std::uint8_t>& d, const char* fn,
   }
 }
 
-/// Byte ranges [begin, end) of every row of a view, sorted and merged.
+// ------------------------------------------------------------- overlap --
+// One checker for every "these buffers share no byte" rule: a buffer is a list of
+// byte spans, and two buffers overlap when any spans do. A matrix or array is the
+// one span from its first byte to its last; a logits view is its rows exactly (two
+// interleaved views may have their rows between each other's and share nothing).
+
+/// The bytes a buffer covers: sorted, disjoint [begin, end) spans, and the name
+/// its errors use.
+struct ByteRange {
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;
+  std::string name;
+};
+
+/// [begin, begin + bytes), or no span when empty.
+inline ByteRange byte_span(const void* begin, std::uintptr_t bytes, std::string name) {
+  ByteRange out{{}, std::move(name)};
+  const auto b = reinterpret_cast<std::uintptr_t>(begin);
+  if (begin != nullptr && bytes > 0) out.spans.emplace_back(b, b + bytes);
+  return out;
+}
+
+/// First byte to last of a validated matrix.
 template <class T>
-std::vector<std::pair<std::uintptr_t, std::uintptr_t>> row_byte_ranges(const LogitsView<T>& v) {
-  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> out;
-  out.reserve(static_cast<std::size_t>(v.rows.rows));
+ByteRange byte_range(const MatrixView<T>& m, std::string name) {
+  if (m.rows == 0) return byte_span(nullptr, 0, std::move(name));
+  const auto elements = static_cast<std::uintptr_t>((m.rows - 1) * m.stride + m.cols);
+  return byte_span(m.data, elements * sizeof(T), std::move(name));
+}
+inline ByteRange byte_range(const TargetsView& t, std::string name) {
+  return byte_span(t.data, static_cast<std::uintptr_t>(view_extent(t.rows, 1)) * sizeof(index_t),
+                   std::move(name));
+}
+template <class T>
+ByteRange byte_range(const Span<T>& s, std::string name) {
+  return byte_span(s.data, static_cast<std::uintptr_t>(s.size > 0 ? s.size : 0) * sizeof(T),
+                   std::move(name));
+}
+
+/// Every row of a logits view exactly, sorted and merged.
+template <class T>
+ByteRange row_byte_ranges(const LogitsView<T>& v, std::string name = {}) {
+  ByteRange out{{}, std::move(name)};
+  auto& spans = out.spans;
+  spans.reserve(static_cast<std::size_t>(v.rows.rows));
   const auto base = reinterpret_cast<std::uintptr_t>(v.data);
   const auto bytes = static_cast<std::uintptr_t>(sizeof(T));
   for (index_t r = 0; r < v.rows.rows; ++r) {
     const auto b = base + static_cast<std::uintptr_t>(v.rows.offset(r)) * bytes;
-    out.emplace_back(b, b + static_cast<std::uintptr_t>(v.vocab) * bytes);
+    spans.emplace_back(b, b + static_cast<std::uintptr_t>(v.vocab) * bytes);
   }
-  std::sort(out.begin(), out.end());
+  std::sort(spans.begin(), spans.end());
   std::size_t n = 0;
-  for (const auto& iv : out) {
-    if (n > 0 && iv.first <= out[n - 1].second) {
-      out[n - 1].second = std::max(out[n - 1].second, iv.second);
+  for (const auto& iv : spans) {
+    if (n > 0 && iv.first <= spans[n - 1].second) {
+      spans[n - 1].second = std::max(spans[n - 1].second, iv.second);
     } else {
-      out[n++] = iv;
+      spans[n++] = iv;
     }
   }
-  out.resize(n);
+  spans.resize(n);
   return out;
 }
 
-/// Whether two views have an element in common (not just overlapping bounds:
-/// the rows of two interleaved views may sit between each other's rows).
-template <class T, class U>
-bool views_share_memory(const LogitsView<T>& a, const LogitsView<U>& b) {
-  const auto ra = row_byte_ranges(a), rb = row_byte_ranges(b);
+/// Whether two buffers have a byte in common (one walk over both span lists).
+inline bool shares_memory(const ByteRange& a, const ByteRange& b) {
   std::size_t i = 0, j = 0;
-  while (i < ra.size() && j < rb.size()) {
-    if (ra[i].first < rb[j].second && rb[j].first < ra[i].second) return true;
-    if (ra[i].second <= rb[j].second) {
+  while (i < a.spans.size() && j < b.spans.size()) {
+    const auto &x = a.spans[i], &y = b.spans[j];
+    if (x.first < y.second && y.first < x.second) return true;
+    if (x.second <= y.second) {
       ++i;
     } else {
       ++j;
     }
   }
   return false;
+}
+
+/// Whether two views have an element in common (not just overlapping bounds).
+template <class T, class U>
+bool views_share_memory(const LogitsView<T>& a, const LogitsView<U>& b) {
+  return shares_memory(row_byte_ranges(a), row_byte_ranges(b));
+}
+
+/// Every output shares no byte with another output or with any input: the
+/// gradients are written before (and while) the inputs are read.
+inline void validate_disjoint(const std::vector<ByteRange>& outputs,
+                              const std::vector<ByteRange>& inputs, const char* fn) {
+  auto check = [&](const ByteRange& out, const ByteRange& other) {
+    if (shares_memory(out, other))
+      fail(fn, out.name, "share no memory with " + other.name, "an overlap");
+  };
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    for (std::size_t j = i + 1; j < outputs.size(); ++j) check(outputs[i], outputs[j]);
+    for (const ByteRange& in : inputs) check(outputs[i], in);
+  }
 }
 
 /// A gradient view must match the logits' shape and either share no element

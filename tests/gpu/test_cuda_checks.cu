@@ -327,6 +327,32 @@ TEST_CASE("cuda checks: vocab block geometry", "[cuda_checks]") {
     }
 }
 
+TEST_CASE("cuda checks: FusedLinearArguments, the fused-linear step in CUTLASS's shape",
+          "[cuda_checks]") {
+  FusedStep f;
+  const kto::cuda::FusedLinearArguments<float> args{f.in, f.head, f.o, f.out, {}, {}};
+  const std::string fn = "kto::cuda::fused_linear_kto_step";
+  CHECK(kto::cuda::can_implement(args).ok());
+  CHECK(kto::cuda::workspace_bytes(args) == kto::cuda::fused_linear_workspace_bytes(f.in, f.head));
+  expect_refused_when(args, fn, "desirable", [](auto& a) { a.inputs.desirable = nullptr; });
+  expect_refused_when(args, fn, "out.d_weight", [](auto& a) { a.outputs.d_weight.rows -= 1; });
+  expect_refused_when(args, fn, "config.chunk_bytes", [](auto& a) { a.config.chunk_bytes = 0; });
+  expect_refused_when(args, fn, "gather_partials", [](auto& a) {  // the head is whole
+    a.hooks.gather_partials.ranks = 2;
+    a.hooks.gather_partials.gather = [](const kto::RowPartial<float>*, kto::RowPartial<float>*,
+                                        index_t,
+                                        cudaStream_t) { return kto::cuda::Status::success(); };
+  });
+  // run() checks first: a refused call answers no size; then the handle, by name.
+  auto bad = args;
+  bad.inputs.desirable = nullptr;
+  size_t bytes = 0;
+  expect_refused(kto::cuda::run(nullptr, nullptr, bytes, bad, nullptr), fn, "desirable");
+  CHECK(bytes == 0);
+  expect_refused(kto::cuda::run(nullptr, nullptr, bytes, args, nullptr), fn, "handle");
+  CHECK(bytes == 0);
+}
+
 TEST_CASE("cuda checks: vocab-parallel slices need the gather and refuse what it cannot carry",
           "[cuda_checks]") {
   FusedStep f;

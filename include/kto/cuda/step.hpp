@@ -60,6 +60,8 @@ struct StepOutputs {
 /// ranks) across ranks on `stream`, e.g. ncclAllReduce(p, p, 3, ncclFloat64,
 /// ncclSum, comm, stream). A rank whose kernels recorded an error contributes
 /// failures = 1, so the others' read_status reports StatusCode::peer_failure.
+/// The twin of kto::cpu::KlAllReduce (kl_all_reduce.hpp), which sums on the host
+/// in place and raises instead.
 using KlAllReduce = std::function<Status(KlPartial* device_partial, cudaStream_t stream)>;
 
 namespace detail {
