@@ -7,8 +7,10 @@
 // (cuBLAS, fp32 accumulate) as the peak, then times (median of --reps, CUDA
 // events) the reference forward, the policy step kept, recomputed and by vocabulary
 // blocks (dW written once in bf16; one more logits pass), the full step with its KL
-// batch, and "reference forward + policy step" — the work Liger's
-// LigerFusedLinearKTOLoss does with use_ref_model=True, kept and by blocks — and prints
+// batch, "reference forward + policy step" — the work Liger's
+// LigerFusedLinearKTOLoss does with use_ref_model=True, kept and by blocks — and the
+// policy step with a frozen head (LoRA: no dW, 2 passes kept, 3 recomputed), alone and
+// after the reference forward, and prints
 // ms, TFLOP/s, the fraction of the measured peak and the device memory this
 // program holds (inputs, outputs, workspace), with a table last. With
 // --prompt-fraction P the first P·T tokens of each sequence are prompt (ignored),
@@ -185,6 +187,8 @@ int main(int argc, char** argv) {
     kto::cuda::FusedLinearOutputs out_bf16 = out;
     out_bf16.d_weight = {};
     out_bf16.d_weight_in_input_type = kto::MatrixView<void>{d_weight_bf16, vocab, D, D};
+    kto::cuda::FusedLinearOutputs out_frozen = out;  // LoRA: the lm_head gets no gradient
+    out_frozen.d_weight = {};
 
     const double pass = 2.0 * double(N) * double(vocab) * double(D) / 1e12;  // TFLOP
     for (const index_t mb : chunk_mb) {
@@ -218,10 +222,14 @@ int main(int argc, char** argv) {
                                                             in.sequences, ref_head, fixed, ref_logp,
                                                             ref_tokens, s, keep));
       };
-      auto step = [&](const kto::Options& o, const kto::cuda::FusedLinearConfig& cfg) {
-        return [&, o, cfg](cudaStream_t s) {
+      // `frozen`: no dW asked for (the frozen step's workspace is no larger than the full one's).
+      auto step = [&](const kto::Options& o, const kto::cuda::FusedLinearConfig& cfg,
+                      bool frozen = false) {
+        return [&, o, cfg, frozen](cudaStream_t s) {
           size_t b = ws_bytes;
-          const auto& outputs = cfg.strategy == blocks.strategy ? out_bf16 : out;
+          const auto& outputs = frozen                            ? out_frozen
+                                : cfg.strategy == blocks.strategy ? out_bf16
+                                                                  : out;
           CHECK_STATUS(
               kto::cuda::fused_linear_kto_step<bf16>(blas, ws, b, in, head, o, outputs, s, cfg));
         };
@@ -244,6 +252,11 @@ int main(int argc, char** argv) {
       add("policy step, vocab_blocks (bf16 dW)", 3 * pass,
           median_ms(reps, stream, flush, flush_bytes, step(fixed, blocks)));
       CHECK_STATUS(kto::cuda::read_status(ws, stream));
+      add("policy step, keep, frozen head (no dW)", 2 * pass,
+          median_ms(reps, stream, flush, flush_bytes, step(fixed, keep, true)));
+      add("policy step, recompute, frozen head (no dW)", 2 * pass,
+          median_ms(reps, stream, flush, flush_bytes, step(fixed, recompute, true)));
+      CHECK_STATUS(kto::cuda::read_status(ws, stream));
       if (prompt > 0) {  // the same step, its GEMMs over the scored rows only
         in.host_targets = host_targets.data();
         add("policy step, keep, compact scoring", 3 * pass * double(scored) / double(N),
@@ -265,6 +278,12 @@ int main(int argc, char** argv) {
           median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t s) {
             reference(s);
             both_blocks(s);
+          }));
+      auto both_frozen = step(fixed, keep, true);
+      add("ref forward + policy step, keep, frozen head (LoRA)", 3 * pass,
+          median_ms(reps, stream, flush, flush_bytes, [&](cudaStream_t s) {
+            reference(s);
+            both_frozen(s);
           }));
       {
         // The three GEMM passes alone, on the step's chunks: the step minus this is

@@ -216,6 +216,8 @@ struct FusedStep {
   std::vector<float> hidden = std::vector<float>(Storage::kRows * D);
   std::vector<float> weight = std::vector<float>(Storage::kVocab * D);
   std::vector<float> d_hidden = hidden, d_weight = weight;
+  std::vector<float> bias = std::vector<float>(Storage::kVocab),
+                     d_bias = bias;  // unused unless set
   kto::cuda::FusedLinearInputs<float> in;
   kto::LinearHead<float> head;
   kto::cuda::FusedLinearOutputs out;
@@ -303,6 +305,112 @@ TEST_CASE("cuda checks: vocab_blocks and dW in the input type", "[cuda_checks]")
                  "config.strategy");
 }
 
+TEST_CASE("cuda checks: a frozen head (no dW, no db) is accepted, its workspace smaller",
+          "[cuda_checks][frozen]") {
+  // Empty d_weight (and d_weight_in_input_type) and d_bias views ask for no dW and no db,
+  // each on its own, for every strategy and a vocabulary slice. A view that is given is
+  // checked as before. The workspace gives back the db GEMV's ones without db; dW never
+  // had workspace (its GEMM writes the caller's array, which a frozen head does without).
+  FusedStep f;
+  const kto::cuda::FusedLinearInputs<float>& in = f.in;
+  kto::LinearHead<float>& head = f.head;
+  const kto::Options& o = f.o;
+  kto::cuda::FusedLinearOutputs& full = f.out;
+  constexpr index_t D = FusedStep::D, V = Storage::kVocab;
+  const std::string fn = "kto::cuda::fused_linear_kto_step";
+  head.bias = kto::make_span<const float>(f.bias.data(), V);
+  full.d_bias = kto::make_span(f.d_bias.data(), V);
+  auto frozen = full;  // LoRA: neither
+  frozen.d_weight = {};
+  frozen.d_bias = {};
+  auto bias_only = frozen;  // a trainable bias on a frozen weight
+  bias_only.d_bias = full.d_bias;
+  auto weight_only = full;
+  weight_only.d_bias = {};
+  kto::cuda::RowPartialsAllGather gather;  // a vocabulary slice: rows [5, 5 + V) of V + 9
+  gather.ranks = 2;
+  gather.gather = [](const kto::RowPartial<float>*, kto::RowPartial<float>*, index_t,
+                     cudaStream_t) { return kto::cuda::Status::success(); };
+  auto slice = head;
+  slice.vocab_begin = 5;
+  slice.vocab_total = V + 9;
+  for (const auto strategy : {kto::FusedStrategy::keep_chunk, kto::FusedStrategy::recompute,
+                              kto::FusedStrategy::vocab_blocks}) {
+    for (const bool sharded : {false, true}) {
+      if (sharded && strategy == kto::FusedStrategy::vocab_blocks) continue;  // refused
+      kto::cuda::FusedLinearConfig cfg;
+      cfg.strategy = strategy;
+      const auto& h = sharded ? slice : head;
+      const auto& g = sharded ? gather : kto::cuda::RowPartialsAllGather{};
+      INFO("strategy " << int(strategy) << " sharded " << sharded);
+      for (const auto* out : {&full, &frozen, &bias_only, &weight_only})
+        CHECK(kto::cuda::can_implement<float>(in, h, o, *out, cfg, g).ok());
+      auto bytes = [&](const kto::cuda::FusedLinearOutputs& out) {
+        return kto::cuda::fused_linear_workspace_bytes<float>(in, h, out, cfg, g);
+      };
+      CHECK(bytes(full) == kto::cuda::fused_linear_workspace_bytes<float>(in, h, cfg, g));
+      CHECK(bytes(bias_only) == bytes(full));
+      CHECK(bytes(frozen) == bytes(weight_only));
+      CHECK(bytes(full) - bytes(frozen) == 256);  // 7 rows of float ones, 256-byte aligned
+      const kto::cuda::FusedLinearArguments<float> args{in, h, o, frozen, cfg, {{}, g}};
+      CHECK(kto::cuda::can_implement(args).ok());
+      CHECK(kto::cuda::workspace_bytes(args) == bytes(frozen));
+    }
+  }
+  // dW in the input type is dW too: with vocab_blocks, given or left out with d_weight.
+  kto::cuda::FusedLinearConfig blocks;
+  blocks.strategy = kto::FusedStrategy::vocab_blocks;
+  auto typed = frozen;
+  typed.d_weight_in_input_type = kto::MatrixView<void>{f.d_weight.data(), V, D, D};
+  CHECK(kto::cuda::can_implement<float>(in, head, o, typed, blocks).ok());
+  typed.d_weight_in_input_type.data = nullptr;  // rows without a buffer
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, typed, blocks), fn,
+                 "out.d_weight_in_input_type.data");
+  // A view that is given is checked as before: rows without a buffer, a buffer without
+  // rows, the wrong rows; a db of the wrong size or without a buffer.
+  auto refused = [&](auto&& brk, const std::string& argument) {
+    auto bad = frozen;
+    brk(bad);
+    expect_refused(kto::cuda::can_implement<float>(in, head, o, bad), fn, argument);
+  };
+  refused(
+      [&](auto& x) {
+        x.d_weight = kto::MatrixView<float>{nullptr, V, D, D};
+      },
+      "out.d_weight.data");
+  refused(
+      [&](auto& x) {
+        x.d_weight = kto::MatrixView<float>{f.d_weight.data(), 0, D, D};
+      },
+      "out.d_weight");
+  refused([&](auto& x) { x.d_weight = kto::matrix_view(f.d_weight.data(), V - 1, D); },
+          "out.d_weight");
+  refused([&](auto& x) { x.d_bias = kto::make_span(f.d_bias.data(), V - 1); }, "out.d_bias.size");
+  refused([&](auto& x) { x.d_bias = kto::Span<float>{nullptr, V}; }, "out.d_bias.data");
+  // At scale (bf16, N = 16384, V = 128256, 1 GB chunks: 1395 rows of fp32 logits and bf16
+  // gradient), no db gives back 1395 bf16 ones rounded up to 256 bytes; vocab_blocks sums
+  // every row at once, 16384 of them.
+  kto::LinearHead<__nv_bfloat16> big;
+  big.weight = kto::matrix_view<const __nv_bfloat16>(nullptr, 128256, 1024);
+  kto::cuda::FusedLinearInputs<__nv_bfloat16> batch;
+  batch.hidden.rows = 16384;
+  batch.sequences.count = 32;
+  kto::cuda::FusedLinearOutputs with_db, without_db;
+  with_db.d_bias.size = 128256;
+  kto::cuda::FusedLinearConfig cfg;
+  cfg.chunk_bytes = size_t{1} << 30;
+  REQUIRE(kto::cuda::detail::ChunkShape<__nv_bfloat16>(128256, cfg.chunk_bytes, 16384).rows ==
+          1395);
+  for (const auto strategy : {kto::FusedStrategy::keep_chunk, kto::FusedStrategy::recompute,
+                              kto::FusedStrategy::vocab_blocks}) {
+    cfg.strategy = strategy;
+    const size_t saved = strategy == kto::FusedStrategy::vocab_blocks ? 32768 : 2816;
+    CHECK(kto::cuda::fused_linear_workspace_bytes(batch, big, with_db, cfg) -
+              kto::cuda::fused_linear_workspace_bytes(batch, big, without_db, cfg) ==
+          saved);
+  }
+}
+
 TEST_CASE("cuda checks: vocab block geometry", "[cuda_checks]") {
   using Shape = kto::cuda::detail::VocabBlockShape;
   constexpr index_t kMin = Shape::kMinCols;
@@ -333,7 +441,10 @@ TEST_CASE("cuda checks: FusedLinearArguments, the fused-linear step in CUTLASS's
   const kto::cuda::FusedLinearArguments<float> args{f.in, f.head, f.o, f.out, {}, {}};
   const std::string fn = "kto::cuda::fused_linear_kto_step";
   CHECK(kto::cuda::can_implement(args).ok());
-  CHECK(kto::cuda::workspace_bytes(args) == kto::cuda::fused_linear_workspace_bytes(f.in, f.head));
+  CHECK(kto::cuda::workspace_bytes(args) ==
+        kto::cuda::fused_linear_workspace_bytes(f.in, f.head, f.out));
+  // Without outputs the query answers for any (dW and db asked): no less.
+  CHECK(kto::cuda::workspace_bytes(args) <= kto::cuda::fused_linear_workspace_bytes(f.in, f.head));
   expect_refused_when(args, fn, "desirable", [](auto& a) { a.inputs.desirable = nullptr; });
   expect_refused_when(args, fn, "out.d_weight", [](auto& a) { a.outputs.d_weight.rows -= 1; });
   expect_refused_when(args, fn, "config.chunk_bytes", [](auto& a) { a.config.chunk_bytes = 0; });
@@ -429,7 +540,7 @@ TEST_CASE("cuda checks: random fused-step arguments are refused by name or carve
     kto::cuda::FusedLinearConfig cfg;
     kto::cuda::RowPartialsAllGather gather;
     const int mutations = 1 + static_cast<int>(rng() % 3);
-    for (int m = 0; m < mutations; ++m) switch (rng() % 12) {
+    for (int m = 0; m < mutations; ++m) switch (rng() % 13) {
         case 0:
           in.hidden.rows = pick({-1, 0, 3, Storage::kRows, index_t{1} << 31, index_t{1} << 40});
           break;
@@ -472,6 +583,25 @@ TEST_CASE("cuda checks: random fused-step arguments are refused by name or carve
           in.kl.sequences = kto::sequences(f.st.offsets.data(), pick({0, 1, 3}));
           in.kl.reference_logp = kto::reference_logp(f.st.sequence_array(2), 3);
           break;
+        case 11:  // a frozen head, a bias gradient, or a gradient view half given
+          switch (rng() % 4) {
+            case 0:
+              out.d_weight = {};
+              break;
+            case 1:
+              out.d_bias =
+                  kto::make_span(f.d_bias.data(), pick({0, Storage::kVocab - 1, Storage::kVocab}));
+              break;
+            case 2:
+              out.d_weight =
+                  kto::MatrixView<float>{rng() % 2 ? f.d_weight.data() : nullptr,
+                                         pick({0, 1, Storage::kVocab}), FusedStep::D, FusedStep::D};
+              break;
+            default:
+              out.d_bias = kto::Span<float>{nullptr, pick({0, Storage::kVocab})};
+              break;
+          }
+          break;
         case 10:
           o.token_statistics = rng() % 2;
           if (rng() % 2)
@@ -492,6 +622,8 @@ TEST_CASE("cuda checks: random fused-step arguments are refused by name or carve
     }
     ++accepted;
     const size_t bytes = kto::cuda::fused_linear_workspace_bytes<float>(in, head, cfg, gather);
+    // The query without outputs is the most any outputs need (dW and db asked for).
+    CHECK(kto::cuda::fused_linear_workspace_bytes<float>(in, head, out, cfg, gather) <= bytes);
     const size_t floor =
         sizeof(float) * static_cast<size_t>(in.hidden.rows) *
         (1 + (cfg.strategy == kto::FusedStrategy::vocab_blocks ? static_cast<size_t>(FusedStep::D)

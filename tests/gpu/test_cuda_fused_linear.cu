@@ -3,12 +3,14 @@
 // Fresh inputs each run, poisoned outputs, every output element checked under
 // fused_problem.hpp's rule (dZ is rounded to the input type before the two
 // gradient GEMMs, so that type's unit roundoff adds to the dH/dW/db bound);
-// repeat runs bit-identical, a graph-captured run equal to the eager one.
+// repeat runs bit-identical, a graph-captured run equal to the eager one; a frozen
+// head (no dW, no db) bit for bit the full run but for them, its workspace smaller.
 #include <catch2/catch.hpp>
 
 #include <kto/cuda.hpp>
 #include <kto/cuda/fused_linear.hpp>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <memory>
@@ -54,6 +56,8 @@ struct DeviceProblem {
   DeviceArray<float> logp, ratio, reward, loss, grad_logp, d_hidden, d_weight, d_bias;
   /// outputs() asks for dW in T (strategy vocab_blocks) instead of fp32 when set.
   bool dw_in_input_type = false;
+  /// outputs() asks for dW, db: unset, the view stays empty (a frozen head).
+  bool weight_grad = true, bias_grad = true;
   DeviceArray<T> d_weight_in_input_type;
   DeviceArray<index_t> num_tokens;
   DeviceArray<double> entropy_sum, mean_logit_sum;
@@ -136,12 +140,14 @@ struct DeviceProblem {
     out.num_tokens = num_tokens.get();
     out.examples = {ratio.get(), reward.get(), loss.get(), grad_logp.get()};
     out.d_hidden = kto::matrix_view(d_hidden.get(), fp.rows, fp.dim);
-    if (dw_in_input_type)
+    if (!weight_grad) {  // both dW views empty
+    } else if (dw_in_input_type) {
       out.d_weight_in_input_type =
           kto::MatrixView<void>{d_weight_in_input_type.get(), fp.vocab, fp.dim, fp.dim};
-    else
+    } else {
       out.d_weight = kto::matrix_view(d_weight.get(), fp.vocab, fp.dim);
-    out.d_bias = kto::make_span(d_bias.get(), fp.vocab);
+    }
+    if (bias_grad) out.d_bias = kto::make_span(d_bias.get(), fp.vocab);
     out.token_statistics = {entropy_sum.get(), mean_logit_sum.get()};  // with the option only
     return out;
   }
@@ -149,13 +155,24 @@ struct DeviceProblem {
 
 struct Outcome {
   kto::cuda::Status status;
+  size_t workspace = 0;  ///< the step's workspace query
   kto::Metrics metrics;
   std::vector<float> logp, ratio, reward, loss, grad_logp, d_hidden, d_weight, d_bias;
   std::vector<index_t> num_tokens;
   std::vector<double> entropy_sum, mean_logit_sum;
 };
 
-/// Every output of a finished step into `res` (its status aside).
+/// Still the poison's bytes: nothing wrote it.
+template <class U>
+bool untouched(const DeviceArray<U>& a) {
+  const std::vector<U> host = a.download();
+  const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
+  return std::all_of(bytes, bytes + host.size() * sizeof(U),
+                     [](unsigned char b) { return b == 0xFF; });
+}
+
+/// Every output of a finished step into `res` (its status aside). dW and db the step
+/// was not asked for stay empty, their buffers checked untouched.
 template <class T>
 void download_into(DeviceProblem<T>& d, Outcome& res) {
   res.metrics = d.metrics.download()[0];
@@ -166,13 +183,19 @@ void download_into(DeviceProblem<T>& d, Outcome& res) {
   res.grad_logp = d.grad_logp.download();
   res.num_tokens = d.num_tokens.download();
   res.d_hidden = d.d_hidden.download();
-  if (d.dw_in_input_type) {  // T → float is exact
+  if (!d.weight_grad) {
+    CHECK(untouched(d.d_weight));
+    CHECK(untouched(d.d_weight_in_input_type));
+  } else if (d.dw_in_input_type) {  // T → float is exact
     for (const T x : d.d_weight_in_input_type.download())
       res.d_weight.push_back(static_cast<float>(Type<T>::up(x)));
   } else {
     res.d_weight = d.d_weight.download();
   }
-  res.d_bias = d.d_bias.download();
+  if (d.bias_grad)
+    res.d_bias = d.d_bias.download();
+  else
+    CHECK(untouched(d.d_bias));
   res.entropy_sum = d.entropy_sum.download();
   res.mean_logit_sum = d.mean_logit_sum.download();
 }
@@ -191,6 +214,7 @@ Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
   res.status = kto::cuda::fused_linear_kto_step<T>(blas.handle, nullptr, bytes, in, head, o,
                                                    d.outputs(), stream, cfg);
   if (!res.status.ok() && bytes == 0) return res;
+  res.workspace = bytes;
   DeviceArray<char> workspace(bytes);
   d.poison();
   // The uploads and the poison ran on the legacy stream; a non-blocking `stream` does not wait.
@@ -253,16 +277,68 @@ kto::cuda::FusedLinearConfig config_rows(const test::FusedProblem& fp, index_t r
   return cfg;
 }
 
+template <class V>
+bool same(const V& x, const V& y) {
+  return x.size() == y.size() &&
+         (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0);
+}
+
+/// Every output but dW and db, bit for bit.
+void same_outputs(const Outcome& a, const Outcome& b) {
+  CHECK(std::memcmp(&a.metrics, &b.metrics, sizeof(kto::Metrics)) == 0);
+  CHECK(same(a.logp, b.logp));
+  CHECK(same(a.num_tokens, b.num_tokens));
+  CHECK(same(a.ratio, b.ratio));
+  CHECK(same(a.reward, b.reward));
+  CHECK(same(a.loss, b.loss));
+  CHECK(same(a.grad_logp, b.grad_logp));
+  CHECK(same(a.d_hidden, b.d_hidden));
+  CHECK(same(a.entropy_sum, b.entropy_sum));
+  CHECK(same(a.mean_logit_sum, b.mean_logit_sum));
+}
+
 template <class T>
 void same_bits(const Outcome& a, const Outcome& b) {
-  auto eq = [](const auto& x, const auto& y) {
-    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
-  };
-  CHECK(std::memcmp(&a.metrics, &b.metrics, sizeof(kto::Metrics)) == 0);
-  CHECK(eq(a.logp, b.logp));
-  CHECK(eq(a.d_hidden, b.d_hidden));
-  CHECK(eq(a.d_weight, b.d_weight));
-  CHECK(eq(a.d_bias, b.d_bias));
+  same_outputs(a, b);
+  CHECK(same(a.d_weight, b.d_weight));
+  CHECK(same(a.d_bias, b.d_bias));
+}
+
+/// The workspace of the db GEMV's ones (T, one a row the GEMV sums: the chunk's rows, with
+/// vocab_blocks every hidden row), 256-byte aligned: what a step that asks for no db saves.
+/// `vocab`: the head's rows (a slice's own). dW takes no workspace (it is the caller's).
+template <class T>
+size_t db_ones_bytes(index_t vocab, index_t rows, index_t kl_rows,
+                     const kto::cuda::FusedLinearConfig& cfg) {
+  const kto::cuda::detail::ChunkShape<T> chunk(vocab, cfg.chunk_bytes, std::max(rows, kl_rows));
+  const index_t ones =
+      cfg.strategy == FusedStrategy::vocab_blocks ? std::max(chunk.rows, rows) : chunk.rows;
+  return (sizeof(T) * static_cast<size_t>(ones) + 255) / 256 * 256;
+}
+
+/// A frozen head on the problem `full` ran (no dW; with and without db, a trainable bias on
+/// a frozen weight): dH, the loss, the metrics, the per-example outputs and the token
+/// statistics `full`'s bit for bit (the dH product never reads dW's), so under the
+/// reference's rule too; the dW (and db) buffers untouched; the workspace smaller by the
+/// db GEMV's ones without db, by nothing more.
+template <class T>
+void check_frozen(const test::FusedProblem& fp, const kto::Options& o,
+                  const kto::cuda::FusedLinearConfig& cfg, bool host_offsets, bool compact,
+                  const Outcome& full) {
+  for (const int grads : {0, 1, 2}) {  // neither; db only; dW only
+    INFO("frozen head: dW " << (grads == 2) << " db " << (grads == 1));
+    DeviceProblem<T> d(fp);
+    d.weight_grad = grads == 2;
+    d.bias_grad = grads == 1;
+    const Outcome got = run_step(d, o, cfg, host_offsets, nullptr, false, compact);
+    INFO(got.status.message);
+    REQUIRE(got.status.ok());
+    same_outputs(got, full);
+    CHECK(same(got.d_weight, d.weight_grad ? full.d_weight : std::vector<float>{}));
+    CHECK(same(got.d_bias, d.bias_grad ? full.d_bias : std::vector<float>{}));
+    const size_t saved = d.bias_grad ? 0 : db_ones_bytes<T>(fp.vocab, fp.rows, fp.kl_rows, cfg);
+    CHECK(full.workspace - got.workspace == saved);
+  }
 }
 
 }  // namespace
@@ -291,7 +367,10 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step matches the float64 reference", "[fus
   kto::Options o;
   o.undesirable_weight = 1.33;
   DeviceProblem<T> d(fp);
-  check<T>(fp, o, run_step(d, o, config_rows<T>(fp, chunk_rows, strategy), host_offsets));
+  const auto cfg = config_rows<T>(fp, chunk_rows, strategy);
+  const Outcome got = run_step(d, o, cfg, host_offsets);
+  check<T>(fp, o, got);
+  check_frozen<T>(fp, o, cfg, host_offsets, false, got);
 }
 
 TEMPLATE_TEST_CASE("CUDA fused-linear step with a logit transform and token statistics",
@@ -347,6 +426,7 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step with compact scoring matches the floa
   check<T>(fp, o, got);
   test::compare_token_statistics(fp.target_problem(), o.ignore_index, got.entropy_sum,
                                  got.mean_logit_sum);
+  check_frozen<T>(fp, o, cfg, true, true, got);
 }
 
 TEST_CASE("CUDA fused-linear step: host targets that differ from the targets are reported",
@@ -503,36 +583,20 @@ class SliceGather {
   bool abandoned_ = false;
 };
 
-TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one process",
-                   "[fused][vocab_parallel]", KTO_CUDA_DTYPES) {
-  // Rank k holds W rows [v_k, v_k+1) (uneven slices) and runs the step with the gather
-  // hook. Every rank gets the same loss, metrics and log-probs (the merged partials, in
-  // rank order); its dW and db are the reference's rows of its slice; dH summed over the
-  // ranks (the caller's all-reduce, in float64 here) is the reference's, under check()'s
-  // rule. With a logit transform (per element, so slices compose) and compact scoring.
-  using T = TestType;
-  const uint64_t seed = test::fresh_seed();
-  std::mt19937_64 rng(seed);
-  const index_t ranks = GENERATE(2, 3);
-  const index_t vocab = GENERATE(123, 5001);
-  const bool compact = GENERATE(false, true);
-  const bool kl = GENERATE(true, false);  // z0 from the KL batch, or 0 (its rows not gathered)
-  INFO("seed " << seed << " dtype " << Type<T>::name() << " ranks " << ranks << " V " << vocab
-               << " compact " << compact << " kl " << kl);
-  test::FusedSpec spec;
-  spec.vocab = vocab;
-  spec.dim = 24;
-  spec.ignore_fraction = 0.3;
-  auto fp = test::make_fused_problem(rng, spec, round_to<T>);
-  fp.with_bias = true;
-  kto::Options o;
-  o.logit_softcap = 15.0;
-  if (!kl) o.reference_point = kto::ReferencePoint::zero;
-  std::vector<index_t> begin(static_cast<size_t>(ranks + 1), 0);
-  for (index_t k = 1; k < ranks; ++k) begin[k] = vocab * k / ranks + (k % 2 ? 3 : -2);
-  begin[ranks] = vocab;
+/// Vocab parallel in one process: one thread per rank, rank k over W rows
+/// [begin[k], begin[k + 1]) with the gather hook; each rank's outputs (dW and db its
+/// slice's rows), or with `frozen` no dW and no db asked for.
+template <class T>
+std::vector<Outcome> run_slices(const test::FusedProblem& fp, const kto::Options& o,
+                                const std::vector<index_t>& begin,
+                                const kto::cuda::FusedLinearConfig& cfg, bool compact, bool kl,
+                                bool frozen) {
+  const index_t ranks = static_cast<index_t>(begin.size()) - 1, vocab = fp.vocab;
   std::vector<std::unique_ptr<DeviceProblem<T>>> d;
-  for (index_t k = 0; k < ranks; ++k) d.push_back(std::make_unique<DeviceProblem<T>>(fp));
+  for (index_t k = 0; k < ranks; ++k) {
+    d.push_back(std::make_unique<DeviceProblem<T>>(fp));
+    d.back()->weight_grad = d.back()->bias_grad = !frozen;
+  }
   SliceGather gather(ranks, (kl ? fp.kl_rows : 0) + fp.rows);
   // Set up every rank here; the threads only run the steps (no Catch2 assertion in them).
   struct Rank {
@@ -546,7 +610,6 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
     size_t bytes = 0;
     kto::cuda::Status status;
   };
-  const auto cfg = config_rows<T>(fp, 3, FusedStrategy::keep_chunk);  // runs as recompute
   std::vector<Rank> rank(static_cast<size_t>(ranks));
   for (index_t k = 0; k < ranks; ++k) {
     DeviceProblem<T>& p = *d[k];
@@ -558,8 +621,10 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
     r.head.vocab_total = vocab;
     r.in = p.inputs(true, compact);
     r.out = p.outputs();
-    r.out.d_weight = kto::matrix_view(p.d_weight.get() + v0 * D, n, D);
-    r.out.d_bias = kto::make_span(p.d_bias.get() + v0, n);
+    if (!frozen) {
+      r.out.d_weight = kto::matrix_view(p.d_weight.get() + v0 * D, n, D);
+      r.out.d_bias = kto::make_span(p.d_bias.get() + v0, n);
+    }
     r.hook = gather.hook(k);
     r.blas = std::make_unique<Cublas>();
     CUDA_REQUIRE(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
@@ -591,13 +656,48 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
     CUDA_REQUIRE(cudaStreamSynchronize(r.stream));
     cudaStreamDestroy(r.stream);
     res.status = r.status;
+    res.workspace = r.bytes;
     download_into(p, res);
+    if (frozen) continue;  // no dW or db (download_into checked their buffers untouched)
     const index_t v0 = begin[k], n = begin[k + 1] - v0, D = fp.dim;  // the slice's rows
     res.d_weight.erase(res.d_weight.begin() + (v0 + n) * D, res.d_weight.end());
     res.d_weight.erase(res.d_weight.begin(), res.d_weight.begin() + v0 * D);
     res.d_bias.erase(res.d_bias.begin() + v0 + n, res.d_bias.end());
     res.d_bias.erase(res.d_bias.begin(), res.d_bias.begin() + v0);
   }
+  return got;
+}
+
+TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one process",
+                   "[fused][vocab_parallel]", KTO_CUDA_DTYPES) {
+  // Rank k holds W rows [v_k, v_k+1) (uneven slices) and runs the step with the gather
+  // hook. Every rank gets the same loss, metrics and log-probs (the merged partials, in
+  // rank order); its dW and db are the reference's rows of its slice; dH summed over the
+  // ranks (the caller's all-reduce, in float64 here) is the reference's, under check()'s
+  // rule. With a logit transform (per element, so slices compose) and compact scoring.
+  using T = TestType;
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const index_t ranks = GENERATE(2, 3);
+  const index_t vocab = GENERATE(123, 5001);
+  const bool compact = GENERATE(false, true);
+  const bool kl = GENERATE(true, false);  // z0 from the KL batch, or 0 (its rows not gathered)
+  INFO("seed " << seed << " dtype " << Type<T>::name() << " ranks " << ranks << " V " << vocab
+               << " compact " << compact << " kl " << kl);
+  test::FusedSpec spec;
+  spec.vocab = vocab;
+  spec.dim = 24;
+  spec.ignore_fraction = 0.3;
+  auto fp = test::make_fused_problem(rng, spec, round_to<T>);
+  fp.with_bias = true;
+  kto::Options o;
+  o.logit_softcap = 15.0;
+  if (!kl) o.reference_point = kto::ReferencePoint::zero;
+  std::vector<index_t> begin(static_cast<size_t>(ranks + 1), 0);
+  for (index_t k = 1; k < ranks; ++k) begin[k] = vocab * k / ranks + (k % 2 ? 3 : -2);
+  begin[ranks] = vocab;
+  const auto cfg = config_rows<T>(fp, 3, FusedStrategy::keep_chunk);  // runs as recompute
+  const std::vector<Outcome> got = run_slices<T>(fp, o, begin, cfg, compact, kl, false);
   for (index_t k = 0; k < ranks; ++k) {
     INFO("rank " << k << ": " << got[k].status.message);
     REQUIRE(got[k].status.ok());
@@ -625,6 +725,16 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
     obs.d_weight.assign(g.d_weight.begin(), g.d_weight.end());
     obs.d_bias.assign(g.d_bias.begin(), g.d_bias.end());
     test::compare_fused(fp, R, obs, o, 1e-5, begin[k], begin[k + 1] - begin[k], u);
+  }
+  // A frozen head on every rank (no dW, no db): the same bits but for them, each rank's
+  // workspace smaller by its db ones (fused_linear.hpp's workspace_bytes).
+  const std::vector<Outcome> frozen = run_slices<T>(fp, o, begin, cfg, compact, kl, true);
+  for (index_t k = 0; k < ranks; ++k) {
+    INFO("frozen rank " << k << ": " << frozen[k].status.message);
+    REQUIRE(frozen[k].status.ok());
+    same_outputs(frozen[k], got[k]);
+    CHECK(got[k].workspace - frozen[k].workspace ==
+          db_ones_bytes<T>(begin[k + 1] - begin[k], fp.rows, fp.kl_rows, cfg));
   }
 }
 
@@ -658,17 +768,21 @@ TEST_CASE("CUDA fused-linear step for every option combination", "[fused][option
 }
 
 TEST_CASE("CUDA fused-linear step under the sanitizers: both strategies, split sequences",
-          "[fused][sanitize]") {
+          "[fused][sanitize][frozen]") {
   std::mt19937_64 rng(test::fresh_seed());
   test::FusedSpec spec;
   spec.vocab = 4099;  // block-per-row kernels and a ragged float4 tail
   spec.dim = 16;
   const auto fp = test::make_fused_problem(rng, spec, round_to<__nv_bfloat16>);
   kto::Options o;
-  DeviceProblem<__nv_bfloat16> d(fp);
+  DeviceProblem<__nv_bfloat16> d(fp), frozen(fp);
+  frozen.weight_grad = frozen.bias_grad = false;  // a frozen head: no dW GEMM, no db GEMV
   for (auto strategy :
-       {FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks})
-    check<__nv_bfloat16>(fp, o, run_step(d, o, config_rows<__nv_bfloat16>(fp, 3, strategy), true));
+       {FusedStrategy::keep_chunk, FusedStrategy::recompute, FusedStrategy::vocab_blocks}) {
+    const auto cfg = config_rows<__nv_bfloat16>(fp, 3, strategy);
+    check<__nv_bfloat16>(fp, o, run_step(d, o, cfg, true));
+    check<__nv_bfloat16>(fp, o, run_step(frozen, o, cfg, true));
+  }
 }
 
 TEST_CASE("CUDA fused-linear step: a NaN hidden state on an ignored row reaches no gradient",

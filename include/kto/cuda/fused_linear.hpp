@@ -12,6 +12,10 @@
 //               dW += dZ_cᵀ H_c         cublasGemmEx, fp32 accumulate across chunks
 //               db += dZ_cᵀ 1           cublasGemmEx (a GEMV against ones)
 //
+// A frozen head (LoRA: outputs.d_weight and d_weight_in_input_type empty) skips the dW
+// GEMM, an empty outputs.d_bias the db GEMV and its ones (fused_linear_types.hpp):
+// keep_chunk is then 2 GEMM passes a row, recompute, vocab_blocks and a slice's 3.
+//
 // In CUTLASS's shape, as phases.hpp: can_implement(args) checks every host-visible
 // argument and launches nothing, workspace_bytes(args) is the scratch,
 // run(handle, workspace, bytes, args, stream) checks, then launches;
@@ -50,7 +54,9 @@ namespace cuda {
 
 // ------------------------------------------------------------ the step --
 
-/// Checks every host-visible argument of the step; launches nothing.
+/// Checks every host-visible argument of the step; launches nothing. Gradients:
+/// d_hidden required; d_weight (or d_weight_in_input_type) and d_bias each checked
+/// when given, skipped when empty (a frozen head; fused_linear_types.hpp).
 template <class T>
 Status can_implement(const FusedLinearArguments<T>& a) {
   detail::check_logit_type<T>();
@@ -63,7 +69,10 @@ Status can_implement(const FusedLinearArguments<T>& a) {
 }
 
 /// Bytes of workspace the step needs (vocab parallel: with its ranks × (KL rows +
-/// rows) gathered partials).
+/// rows) gathered partials). An empty outputs.d_bias needs round_up(sizeof(T) ×
+/// ones rows, 256) bytes less (the db GEMV's ones: the chunk's rows; with vocab_blocks
+/// max(chunk rows, hidden.rows)); an empty d_weight changes nothing here (dW is written
+/// into the caller's array, which a frozen head does not allocate).
 template <class T>
 size_t workspace_bytes(const FusedLinearArguments<T>& a) {
   return detail::fused_workspace_bytes(detail::FusedLayout::of(a), a.head, a.config);
@@ -97,12 +106,25 @@ Status can_implement(const FusedLinearInputs<T>& in, const LinearHead<T>& head, 
   return can_implement(FusedLinearArguments<T>{in, head, o, out, cfg, {{}, gather_partials}});
 }
 
-/// workspace_bytes() of the step's arguments; `gather_partials`: vocab parallel.
+/// workspace_bytes() of the step's arguments for any outputs: the most it needs (dW and
+/// db asked for); `gather_partials`: vocab parallel.
 template <class T>
 size_t fused_linear_workspace_bytes(const FusedLinearInputs<T>& in, const LinearHead<T>& head,
                                     const FusedLinearConfig& cfg = {},
                                     const RowPartialsAllGather& gather_partials = {}) {
-  return workspace_bytes(FusedLinearArguments<T>{in, head, {}, {}, cfg, {{}, gather_partials}});
+  detail::FusedLayout l = detail::FusedLayout::of(
+      FusedLinearArguments<T>{in, head, {}, {}, cfg, {{}, gather_partials}});
+  l.bias_grad = true;
+  return detail::fused_workspace_bytes(l, head, cfg);
+}
+
+/// workspace_bytes() of the step's arguments with these outputs: exact (less without db).
+template <class T>
+size_t fused_linear_workspace_bytes(const FusedLinearInputs<T>& in, const LinearHead<T>& head,
+                                    const FusedLinearOutputs& out,
+                                    const FusedLinearConfig& cfg = {},
+                                    const RowPartialsAllGather& gather_partials = {}) {
+  return workspace_bytes(FusedLinearArguments<T>{in, head, {}, out, cfg, {{}, gather_partials}});
 }
 
 /// run() of FusedLinearArguments{in, head, o, out, cfg, {all_reduce, gather_partials}}.

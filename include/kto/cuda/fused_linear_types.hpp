@@ -57,9 +57,22 @@ struct FusedLinearInputs {
   } kl;
 };
 
-/// The head's gradients, written (not accumulated) in fp32: d_hidden is required,
-/// and one of d_weight and d_weight_in_input_type; d_bias is empty (skipped) or
-/// head.weight.rows entries. The twin of kto::cpu::LinearGradients.
+/// The head's gradients, written (not accumulated) in fp32. The twin of
+/// kto::cpu::LinearGradients:
+///
+///   d_hidden                rows × D, required
+///   d_weight                head.weight's shape (V_local × D, a cuBLAS leading dimension),
+///                           or empty (data == nullptr, 0 rows) to skip dW
+///   d_weight_in_input_type  the same shape in T instead (strategy vocab_blocks; d_weight
+///                           then empty), or empty
+///   d_bias                  head.weight.rows entries (data non-null), or empty (size 0)
+///                           to skip db
+///
+/// Frozen head (LoRA): with d_weight and d_weight_in_input_type both empty the step
+/// launches no dW GEMM and the caller holds no V × D array; with d_bias empty, no db
+/// GEMV and no workspace for it (its vector of ones). Each is independent (a trainable
+/// bias on a frozen weight gets its db). dH, the loss, the metrics and the per-example
+/// outputs are bit for bit those of the run that asks for dW and db.
 struct LinearGradients {
   MatrixView<float> d_hidden;
   MatrixView<float> d_weight;
@@ -68,6 +81,15 @@ struct LinearGradients {
   /// one GEMM and rounded once, so no V × D fp32 array exists (half of fp32's bytes).
   MatrixView<void> d_weight_in_input_type;
   Span<float> d_bias;
+
+  /// A view the caller filled in (any pointer or row): it is checked as an output.
+  template <class M>
+  static bool given(const M& m) {
+    return m.data != nullptr || m.rows != 0;
+  }
+  /// dW is asked for, in fp32 or in the input type (checked: exactly one of them).
+  bool wants_weight() const { return given(d_weight) || given(d_weight_in_input_type); }
+  bool wants_bias() const { return d_bias.size != 0; }
 };
 
 /// Device outputs: the logits step's (metrics required, a null per-example

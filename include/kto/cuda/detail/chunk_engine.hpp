@@ -11,7 +11,9 @@
 //                                                                       3 cublasGemmEx
 //   backward_blocks() the same by blocks of vocabulary columns over every row (vocab_blocks)
 //
-// fp32 sums inside every GEMM; the bias is added by the row kernels.
+// fp32 sums inside every GEMM; the bias is added by the row kernels. An empty
+// d_weight (and d_weight_in_input_type) or d_bias skips its product: a frozen head's
+// backward is dZ_c and dH_c alone.
 #pragma once
 
 #include <cublas_v2.h>
@@ -170,8 +172,9 @@ class ChunkEngine {
   }
 
   /// dZ_c from the chunk's logits, then dH_c, dW and db (dW from the hidden
-  /// rows the last logits() call gathered: the same chunk). With a compact map,
-  /// dH_c goes to the workspace first, then to its batch rows of out.d_hidden.
+  /// rows the last logits() call gathered: the same chunk; each skipped when its
+  /// output is empty). With a compact map, dH_c goes to the workspace first, then to
+  /// its batch rows of out.d_hidden.
   Status backward(const device::BatchRows& batch, index_t r0, index_t n, const index_t* row_of,
                   const LinearGradients& out, bool first_chunk) {
     const device::ChunkView chunk = view(r0, n, row_of);
@@ -181,7 +184,7 @@ class ChunkEngine {
     Products p;
     p.dh = row_of ? b_.d_hidden : out.d_hidden.row(r0);
     p.lddh = row_of ? D : out.d_hidden.stride;
-    p.dw = out.d_weight.data;
+    p.dw = out.d_weight.data;  // null: a frozen head
     p.lddw = out.d_weight.stride;
     p.db = out.d_bias.size ? out.d_bias.data : nullptr;
     p.beta_w = first_chunk ? 0.0f : 1.0f;  // dW and db sum over the chunks
@@ -201,6 +204,7 @@ class ChunkEngine {
     const device::ChunkView all = view(0, rows, row_of);
     gather(hidden, batch, all);
     const bool typed_dw = out.d_weight_in_input_type.data != nullptr;
+    const bool weight_grad = typed_dw || out.d_weight.data != nullptr;  // else a frozen head
     Products p;
     p.dh = row_of ? b_.d_hidden : out.d_hidden.data;
     p.lddh = row_of ? D : out.d_hidden.stride;
@@ -215,8 +219,9 @@ class ChunkEngine {
       z.bias = b_.bias ? b_.bias + v0 : nullptr;
       s = logit_gradients(z, batch, blocks.cols, v0, w);
       if (!s) return s;
-      p.dw = typed_dw ? static_cast<void*>(typed<T>(out.d_weight_in_input_type).row(v0))
-                      : static_cast<void*>(out.d_weight.row(v0));
+      p.dw = !weight_grad ? nullptr
+             : typed_dw   ? static_cast<void*>(typed<T>(out.d_weight_in_input_type).row(v0))
+                          : static_cast<void*>(out.d_weight.row(v0));
       p.db = out.d_bias.size ? out.d_bias.data + v0 : nullptr;
       p.beta_h = v0 == 0 ? 0.0f : 1.0f;  // dH sums over the blocks
       s = products(v0, w, rows, blocks.cols, p);
@@ -226,8 +231,8 @@ class ChunkEngine {
   }
 
  private:
-  /// Where the gradient products go: dH (fp32, beta_h), dW (dw_type, beta_w), db (fp32,
-  /// beta_w; null: none), leading dimensions in elements.
+  /// Where the gradient products go: dH (fp32, beta_h), dW (dw_type, beta_w; null: none),
+  /// db (fp32, beta_w; null: none), leading dimensions in elements.
   struct Products {
     float* dh = nullptr;
     index_t lddh = 0;
@@ -283,7 +288,8 @@ class ChunkEngine {
   }
 
   /// dH, dW and db from dZ (b_.grad, `n` rows of `w` columns from column v0, `ldg` apart)
-  /// and the gathered hidden rows; fp32 sums inside each GEMM.
+  /// and the gathered hidden rows; fp32 sums inside each GEMM. No dW GEMM without p.dw,
+  /// no db GEMV without p.db.
   Status products(index_t v0, index_t w, index_t n, index_t ldg, const Products& p) {
     const float one = 1.0f;
     const cudaDataType_t t = cuda_data_type<T>();
@@ -295,11 +301,12 @@ class ChunkEngine {
                      CUDA_R_32F, static_cast<int>(p.lddh), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         fn_, "dH GEMM");
     if (!s) return s;
-    s = cublas_check(
-        cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, d, wi, ni, &one, b_.hidden, t, d, b_.grad,
-                     t, lg, &p.beta_w, p.dw, p.dw_type, static_cast<int>(p.lddw),
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-        fn_, "dW GEMM");
+    if (p.dw != nullptr)
+      s = cublas_check(
+          cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_T, d, wi, ni, &one, b_.hidden, t, d, b_.grad,
+                       t, lg, &p.beta_w, p.dw, p.dw_type, static_cast<int>(p.lddw),
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          fn_, "dW GEMM");
     if (!s || p.db == nullptr) return s;
     return cublas_check(
         cublasGemmEx(handle_, CUBLAS_OP_N, CUBLAS_OP_N, wi, 1, ni, &one, b_.grad, t, lg, b_.ones, t,

@@ -10,7 +10,7 @@
 //     run_recompute     forward over every chunk, then Z_c recomputed for the backward
 //     run_vocab_blocks  forward over row chunks, backward by blocks of vocabulary columns
 //     run_vocab_slice   rows already merged by gather_slices(): the slice's backward
-//   finish()         weight gradients zeroed if no row ran, then loss and metrics
+//   finish()         the weight gradients asked for zeroed if no row ran, then loss and metrics
 //
 // g_s needs the whole sequence's logp and z0, so a chunk's backward waits for its
 // sequences' forward (../../fused_linear.hpp). Arguments are checked before any of this.
@@ -101,8 +101,9 @@ struct FusedStep {
                         sizeof(float) * out.d_hidden.cols, static_cast<size_t>(N), stream);
     if (a.head.bias.size)
       device::convert_kernel<T, float><<<256, 256, 0, stream>>>(a.head.bias.data, b.bias, V);
-    device::convert_kernel<T, T>
-        <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), b.ones_count);
+    if (b.ones)  // the db GEMV's operand, carved only when db is asked for
+      device::convert_kernel<T, T>
+          <<<64, 256, 0, stream>>>(nullptr, static_cast<T*>(b.ones), b.ones_count);
     launch_validate_offsets(a.inputs.sequences, N, b.errors, 0u, stream);
     launch_compact_rows(compact, rows, b.row_of, b.errors, 0u, stream);
     if (kl_used) {
@@ -215,7 +216,8 @@ struct FusedStep {
     return Status::success();
   }
 
-  /// dW and db are zero when no row ran a backward; then the loss and the metrics.
+  /// dW and db (those asked for) are zero when no row ran a backward; then the loss and
+  /// the metrics.
   Status finish() {
     const LinearGradients& out = a.outputs;
     const index_t V = a.head.weight.rows;
@@ -224,7 +226,7 @@ struct FusedStep {
         cudaMemset2DAsync(
             out.d_weight_in_input_type.data, sizeof(T) * out.d_weight_in_input_type.stride, 0,
             sizeof(T) * out.d_weight_in_input_type.cols, static_cast<size_t>(V), stream);
-      else
+      else if (out.d_weight.data)  // none for a frozen head
         cudaMemset2DAsync(out.d_weight.data, sizeof(float) * out.d_weight.stride, 0,
                           sizeof(float) * out.d_weight.cols, static_cast<size_t>(V), stream);
       if (out.d_bias.size)

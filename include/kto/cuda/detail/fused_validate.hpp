@@ -122,13 +122,17 @@ void validate(const FusedLinearArguments<T>& a, const char* fn) {
   validate_statistics(out.token_statistics, o, in.sequences.count, fn, "out.token_statistics");
   kto::detail::validate_shape(out.d_hidden, in.hidden.rows, in.hidden.cols, fn, "out.d_hidden",
                               "hidden");
+  // dW and db are each optional (a frozen head: both views empty, nothing computed for
+  // them); one that is given is checked as before, whatever the other.
   const MatrixView<T> typed_dw = detail::typed<T>(out.d_weight_in_input_type);
-  if (typed_dw.data == nullptr) {
-    kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
-                                "out.d_weight", "head.weight");
-    validate_cublas_operand(out.d_weight, fn, "out.d_weight");
+  if (!LinearGradients::given(typed_dw)) {
+    if (LinearGradients::given(out.d_weight)) {
+      kto::detail::validate_shape(out.d_weight, head.weight.rows, head.weight.cols, fn,
+                                  "out.d_weight", "head.weight");
+      validate_cublas_operand(out.d_weight, fn, "out.d_weight");
+    }
   } else {
-    kto::detail::require(out.d_weight.data == nullptr, fn, "out.d_weight",
+    kto::detail::require(!LinearGradients::given(out.d_weight), fn, "out.d_weight",
                          "be empty when out.d_weight_in_input_type is given (one dW output)",
                          "a pointer");
     kto::detail::require(cfg.strategy == FusedStrategy::vocab_blocks, fn,
@@ -145,6 +149,8 @@ void validate(const FusedLinearArguments<T>& a, const char* fn) {
       out.d_bias.size == 0 || out.d_bias.size == head.weight.rows, fn, "out.d_bias.size",
       "be 0 (skipped) or head.weight.rows (" + std::to_string(head.weight.rows) + ")",
       out.d_bias.size);
+  kto::detail::require(out.d_bias.data != nullptr || out.d_bias.size == 0, fn, "out.d_bias.data",
+                       "be non-null when size > 0", "nullptr");
   kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
                        static_cast<index_t>(cfg.chunk_bytes));
   kto::detail::validate_strategy(cfg.strategy, fn, true);

@@ -4,9 +4,11 @@
 // their gradient dZ_c in the input type (ld_grad apart; fp32 reuses the logits),
 // and its hidden rows H_c gathered contiguous. As many rows as config.chunk_bytes
 // holds, never more than the batch. Beside it: the step's batch scratch
-// (step.hpp), row scales g_s c_r, an fp32 bias, ones for the db GEMV, compact
-// scoring's row maps, vocab parallel's row partials, and the cuBLAS workspace.
-// The same Carver order answers the size query and lays the buffers out.
+// (step.hpp), row scales g_s c_r, an fp32 bias, ones for the db GEMV (only when
+// db is asked for), compact scoring's row maps, vocab parallel's row partials, and
+// the cuBLAS workspace. The same Carver order answers the size query and lays the
+// buffers out. dW needs no workspace: its GEMM writes the caller's d_weight (fp32
+// sums across chunks there), so a frozen head (no dW) saves that array, not scratch.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -97,14 +99,14 @@ inline CompactPlan compact_plan(const index_t* host_targets, const RowIndex& lay
 }
 
 /// The batch scratch of a step plus the fused step's own: row scales, the fp32
-/// bias, the ones of the db product, one chunk (logits, their gradient, hidden
-/// rows, and with compact scoring its dH rows) and the cuBLAS workspace; with
-/// compact scoring, each batch's map from compact to batch rows.
+/// bias, the ones of the db product (without db: none), one chunk (logits, their
+/// gradient, hidden rows, and with compact scoring its dH rows) and the cuBLAS
+/// workspace; with compact scoring, each batch's map from compact to batch rows.
 struct FusedBuffers : BatchBuffers {
   float* row_scale;
   float* bias;
-  void* ones;
-  index_t ones_count;  ///< the most rows one db product sums
+  void* ones;          ///< T, ones_count of them; null without db
+  index_t ones_count;  ///< the most rows one db product sums (0 without db)
   float* logits;
   void* grad;
   size_t chunk_elements;        ///< logits (fp32) and gradient (T) elements the chunk holds
@@ -117,17 +119,21 @@ struct FusedBuffers : BatchBuffers {
 };
 
 /// What the fused scratch is carved for: the batches' rows and examples, which batch
-/// scores compact rows, and whether the backward runs (its dH rows for compact scoring).
+/// scores compact rows, whether the backward runs (its dH rows for compact scoring)
+/// and whether it computes db (the ones of its GEMV).
 struct FusedLayout {
   index_t rows = 0, sequences = 0, kl_rows = 0, kl_sequences = 0;
   bool compact = false, kl_compact = false, backward = true;
+  /// db is asked for (outputs.d_bias given). dW takes no workspace either way.
+  bool bias_grad = true;
   /// Strategy vocab_blocks: the backward holds every row's hidden states (and with
   /// compact scoring, their dH), a block of logits at least kMinCols wide over them.
   bool vocab_blocks = false;
   /// Vocab parallel: the slices whose row partials are gathered (0: not sharded).
   index_t ranks = 0;
 
-  /// A step's: compact scoring where host targets and offsets are given.
+  /// A step's: compact scoring where host targets and offsets are given; db where
+  /// outputs.d_bias is.
   template <class T>
   static FusedLayout of(const FusedLinearArguments<T>& a) {
     const FusedLinearInputs<T>& in = a.inputs;
@@ -142,6 +148,7 @@ struct FusedLayout {
     l.kl_sequences = in.kl.sequences.count;
     l.compact = in.host_targets != nullptr && in.host_offsets != nullptr;
     l.kl_compact = in.kl.host_targets != nullptr && in.kl.host_offsets != nullptr;
+    l.bias_grad = a.outputs.wants_bias();
     return l;
   }
   /// fused_linear_logprobs': one batch, forward only.
@@ -150,6 +157,7 @@ struct FusedLayout {
     l.rows = rows;
     l.compact = compact;
     l.backward = false;
+    l.bias_grad = false;
     return l;
   }
 };
@@ -173,8 +181,9 @@ FusedBuffers carve_fused(Carver& c, const FusedLayout& l, const LinearHead<T>& h
   b.d_hidden = l.compact && l.backward ? c.take<float>(rows * D) : nullptr;
   b.row_scale = c.take<float>(N);
   b.bias = head.bias.size ? c.take<float>(head.weight.rows) : nullptr;
-  b.ones_count = rows;
-  b.ones = c.take<T>(rows);
+  const bool ones = l.backward && l.bias_grad;  // the db GEMV's operand
+  b.ones_count = ones ? rows : 0;
+  b.ones = ones ? c.take<T>(rows) : nullptr;
   b.chunk_elements = elements;
   b.logits = c.take<float>(static_cast<index_t>(elements));
   // The gradient's rows are ld_grad >= ld_logits apart: as many rows as the logits.
