@@ -71,11 +71,15 @@ def test_fused_linear_matches_kto_torch_and_the_reference(dtype, unit_roundoff, 
 
     td = TORCH_DTYPES[dtype]
     h, w, b = (to_torch(batch[k], td, grad=True) for k in ("hidden", "weight", "bias"))
+    with torch.no_grad():  # kto_torch takes the KL batch as its log-probs
+        kl_logp, kl_n = kto_torch.fused_linear_logprobs(
+            to_torch(batch["kl_hidden"], td), w, to_torch(batch["kl_targets"]).long(),
+            to_torch(batch["kl_offsets"]).long(), b,
+            average_logprob=opts.get("average_logprob", False))
     out = kto_torch.fused_linear_kto_loss(
         h, w, to_torch(batch["targets"]).long(), to_torch(batch["offsets"]).long(),
-        to_torch(ref), to_torch(batch["desirable"]).bool(), b, to_torch(batch["kl_hidden"], td),
-        to_torch(batch["kl_targets"]).long(), to_torch(batch["kl_offsets"]).long(),
-        to_torch(kl_ref), **opts)
+        to_torch(ref), to_torch(batch["desirable"]).bool(), b, kl_policy_logp=kl_logp,
+        kl_reference_logp=to_torch(kl_ref), kl_num_tokens=kl_n, **opts)
     out.loss.backward()
 
     z = np.abs(np.asarray(batch["hidden"], np.float64)).max() * np.abs(

@@ -162,11 +162,11 @@ def test_torch_compile_traces_without_graph_breaks():
 def test_errors_surface_with_the_library_message():
     batch = make_batch(7)
     batch["targets"][0, 1] = 10_000
-    with pytest.raises((ValueError, RuntimeError), match=r"targets\[1\]' must be in \[0, 29\)"):
+    with pytest.raises(ValueError, match=r"targets\[0, 1\]' must be in \[0, 29\)"):
         run_ours(batch, torch.zeros(4), {})
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ValueError, match="kto_torch.kto_loss: argument 'loss_type'"):
         run_ours(make_batch(7), torch.zeros(4), dict(loss_type="dpo"))
-    with pytest.raises((ValueError, RuntimeError), match="options.beta"):
+    with pytest.raises(ValueError, match="kto_torch.kto_loss: argument 'beta' must be finite, > 0"):
         run_ours(make_batch(7), torch.zeros(4), dict(beta=-1.0))
 
 

@@ -55,3 +55,21 @@ def test_errors_are_kto_torch_classes_and_value_errors():
     import kto_torch.distributed as kto_dist
 
     assert kto_dist.PeerError is kto_torch.PeerError
+
+
+def test_option_tables_are_the_library_contract():
+    """The named options' values come from the library (kto::option_choices), not a copy;
+    every option of its options array has a default."""
+    assert kto_torch.LOSS_TYPES == {"kto": 0, "apo_zero_unpaired": 1}
+    assert kto_torch.LINKS == {"one_minus_sigmoid": 0, "neg_log_sigmoid": 1}
+    assert kto_torch.REFERENCE_POINTS == {"kl_batch": 0, "fixed": 1, "zero": 2}
+    assert kto_torch.KL_ESTIMATORS == {"mean": 0, "nonempty_mean": 1}
+    assert kto_torch.REDUCTIONS == {"mean": 0, "sum": 1}
+    assert kto_torch._C.option_choices()["link"] == ["one_minus_sigmoid", "neg_log_sigmoid"]
+    import torch
+
+    want = r"kto_torch.kto_loss: argument 'link' must be one of \['neg_log_sigmoid', 'one_minus_sig"
+    with pytest.raises(kto_torch.KTOError, match=want):
+        kto_torch.kto_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), None,
+                           torch.zeros(1), torch.ones(1, dtype=torch.bool), link="softplus",
+                           reference_point="zero")

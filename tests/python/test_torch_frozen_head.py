@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 kto_torch = pytest.importorskip("kto_torch")
 
-from test_torch_fused import assert_matches, make_problem, reference  # noqa: E402
+from test_torch_fused import assert_matches, kl_logprobs, make_problem, reference  # noqa: E402
 
 OPTIONS = dict(beta=0.3, undesirable_weight=1.33)
 
@@ -23,9 +23,7 @@ def run(p, frozen_weight, frozen_bias, strategy="keep_chunk", chunk_bytes=None, 
     b = b.detach().clone().requires_grad_(not frozen_bias) if b is not None else None
     out = kto_torch.fused_linear_kto_loss(
         h, w, p["targets"], None, p["reference_logp"], p["desirable"], bias=b,
-        kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
-        kl_reference_logp=p["kl_reference_logp"], strategy=strategy, chunk_bytes=chunk_bytes,
-        **OPTIONS, **o)
+        **kl_logprobs(p), strategy=strategy, chunk_bytes=chunk_bytes, **OPTIONS, **o)
     out.loss.backward()
     return out, h.grad, w.grad, (b.grad if b is not None else None)
 
@@ -63,8 +61,8 @@ def test_the_op_returns_an_empty_dw_and_no_v_by_d_array():
     p = make_problem(5, B=3, T=5, D=8, V=29, bias=True)
     h, w, b = p["hidden"].reshape(-1, 8), p["weight"], p["bias"]
     offsets = torch.arange(0, 16, 5)
-    kl = (p["kl_hidden"].reshape(-1, 8), p["kl_targets"].reshape(-1), offsets,
-          p["kl_reference_logp"][:3])
+    logp = kl_logprobs(p)
+    kl = (logp["kl_policy_logp"], logp["kl_reference_logp"], logp["kl_num_tokens"], None)
     args = (h, w, b, p["targets"].reshape(-1), offsets, p["reference_logp"][:3],
             p["desirable"][:3], *kl, kto_torch._options(beta=0.1), 1 << 20, 0)
     full = torch.ops.kto.fused_linear_forward(*args)
@@ -95,20 +93,18 @@ def test_under_no_grad_nothing_is_asked_for_the_head():
     with torch.no_grad():
         out = kto_torch.fused_linear_kto_loss(
             p["hidden"], w, p["targets"], None, p["reference_logp"], p["desirable"],
-            bias=p["bias"], kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
-            kl_reference_logp=p["kl_reference_logp"])
+            bias=p["bias"], **kl_logprobs(p))
     assert w.grad is None and torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_frozen_head_under_torch_compile(dtype):
     p = make_problem(11, bias=False)
+    kl = kl_logprobs(p, weight=p["weight"].to(dtype), dtype=dtype)
 
     def step(h, w):
         return kto_torch.fused_linear_kto_loss(
-            h, w, p["targets"], None, p["reference_logp"], p["desirable"],
-            kl_hidden=p["kl_hidden"].to(dtype), kl_targets=p["kl_targets"],
-            kl_reference_logp=p["kl_reference_logp"]).loss
+            h, w, p["targets"], None, p["reference_logp"], p["desirable"], **kl).loss
 
     h = p["hidden"].to(dtype).requires_grad_(True)
     w = p["weight"].to(dtype)  # frozen

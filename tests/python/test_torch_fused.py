@@ -37,6 +37,27 @@ def make_problem(seed, B=4, T=6, D=12, V=41, dtype=torch.float32, bias=True):
                 kl_reference_logp=kl_reference_logp)
 
 
+# The options that shape a sequence log-prob (the KL batch's as the target batch's).
+LOGPROB_OPTIONS = ("average_logprob", "ignore_index", "logit_scale", "logit_softcap",
+                   "temperature")
+
+
+def kl_logprobs(p, o=None, device="cpu", weight=None, bias=None, dtype=None):
+    """The KL batch of a make_problem() problem as both loss functions take it: its
+    log-probs from its hidden states (in `dtype`, else as made; fused_linear_logprobs under
+    no_grad, with the options that shape a log-prob), the reference log-probs and the token
+    counts."""
+    weight = p["weight"] if weight is None else weight
+    bias = p["bias"] if bias is None else bias
+    shaping = {k: v for k, v in (o or {}).items() if k in LOGPROB_OPTIONS}
+    with torch.no_grad():
+        logp, n = kto_torch.fused_linear_logprobs(
+            p["kl_hidden"].to(device, dtype), weight.to(device), p["kl_targets"].to(device),
+            bias=bias.to(device) if bias is not None else None, **shaping)
+    return dict(kl_policy_logp=logp, kl_reference_logp=p["kl_reference_logp"].to(device),
+                kl_num_tokens=n)
+
+
 def logits_of(p, hidden, weight, bias):
     z = hidden @ weight.T
     return z + bias if bias is not None else z
@@ -59,15 +80,15 @@ def reference(p, o):
 
 
 def fused(p, o, device="cpu", **kw):
+    needs_kl = o.get("reference_point", "kl_batch") == "kl_batch"
+    kl = kl_logprobs(p, o, device) if needs_kl else {}
     h = p["hidden"].detach().clone().to(device).requires_grad_(True)
     w = p["weight"].detach().clone().to(device).requires_grad_(True)
     b = p["bias"]
     b = b.detach().clone().to(device).requires_grad_(True) if b is not None else None
     out = kto_torch.fused_linear_kto_loss(
         h, w, p["targets"].to(device), None, p["reference_logp"].to(device),
-        p["desirable"].to(device), bias=b, kl_hidden=p["kl_hidden"].to(device),
-        kl_targets=p["kl_targets"].to(device), kl_reference_logp=p["kl_reference_logp"].to(device),
-        **o, **kw)
+        p["desirable"].to(device), bias=b, **kl, **o, **kw)
     out.loss.backward()
     return out, h.grad, w.grad, (b.grad if b is not None else None)
 
@@ -155,9 +176,7 @@ def test_fused_backward_scales_by_the_incoming_gradient():
     _, dh, dw, db = fused(p, {})
     h, w, b = (p[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
     out = kto_torch.fused_linear_kto_loss(h, w, p["targets"], None, p["reference_logp"],
-                                          p["desirable"], bias=b, kl_hidden=p["kl_hidden"],
-                                          kl_targets=p["kl_targets"],
-                                          kl_reference_logp=p["kl_reference_logp"])
+                                          p["desirable"], bias=b, **kl_logprobs(p))
     (-2.5 * out.loss).backward()
     torch.testing.assert_close(h.grad, -2.5 * dh, rtol=1e-14, atol=0)
     torch.testing.assert_close(w.grad, -2.5 * dw, rtol=1e-14, atol=0)
@@ -178,9 +197,10 @@ def op_args(p, device="cpu"):
     """The inputs of torch.ops.kto.fused_linear_forward for a make_problem() problem."""
     B, T, D = p["hidden"].shape
     offsets = torch.arange(B + 1, dtype=torch.int64) * T
+    kl = kl_logprobs(p)
     args = (p["hidden"].reshape(-1, D), p["weight"], p["bias"], p["targets"].reshape(-1), offsets,
-            p["reference_logp"], p["desirable"], p["kl_hidden"].reshape(-1, D),
-            p["kl_targets"].reshape(-1), offsets, p["kl_reference_logp"])
+            p["reference_logp"], p["desirable"], kl["kl_policy_logp"], kl["kl_reference_logp"],
+            kl["kl_num_tokens"], None)
     # The differentiable inputs (hidden, weight, bias) require grad, as in a training step.
     return tuple(None if a is None else a.detach().to(device).requires_grad_(i < 3)
                  for i, a in enumerate(args))
@@ -198,11 +218,11 @@ def test_fused_opcheck_and_compile():
     torch.library.opcheck(torch.ops.kto.fused_linear_forward.default,
                           bare + (kto_torch._options(reference_point="zero"), 1 << 20, 0))
 
+    kl = kl_logprobs(p)
+
     def step(h, w, b):
         return kto_torch.fused_linear_kto_loss(
-            h, w, p["targets"], None, p["reference_logp"], p["desirable"], bias=b,
-            kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
-            kl_reference_logp=p["kl_reference_logp"]).loss
+            h, w, p["targets"], None, p["reference_logp"], p["desirable"], bias=b, **kl).loss
 
     params = (p["hidden"], p["weight"], p["bias"])
     leaves = [t.detach().clone().requires_grad_(True) for t in params]
@@ -218,14 +238,18 @@ def test_fused_opcheck_and_compile():
 
 def test_fused_errors_name_the_argument():
     p = make_problem(6)
+    kl = kl_logprobs(p)
     with pytest.raises((ValueError, RuntimeError),
                        match="'weight' must have the dtype of 'hidden'"):
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"].double(), p["targets"], None,
-                                        p["reference_logp"], p["desirable"])
-    with pytest.raises((ValueError, RuntimeError),
-                       match=r"hidden.cols' must equal head.weight.cols"):
+                                        p["reference_logp"], p["desirable"], **kl)
+    with pytest.raises(kto_torch.KTOError,
+                       match=r"kto_torch.fused_linear_kto_loss: argument 'weight' must be the "
+                             r"lm_head's weight \[V, D\] with V >= 1 and D = 11 \(the last "
+                             r"dimension of 'hidden'\), as nn.Linear\(D, V\).weight holds it; "
+                             r"got shape \[41, 12\]$"):
         kto_torch.fused_linear_kto_loss(p["hidden"][..., :-1], p["weight"], p["targets"], None,
-                                        p["reference_logp"], p["desirable"])
+                                        p["reference_logp"], p["desirable"], **kl)
     with pytest.raises(ValueError, match="strategy"):
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], p["targets"], None,
                                         p["reference_logp"], p["desirable"], strategy="tiles")
@@ -242,12 +266,13 @@ def test_fused_errors_name_the_argument():
         torch.ops.kto.fused_linear_forward(*op_args(p), kto_torch._options(), 1 << 20, 2)
     with pytest.raises(ValueError, match="'hidden' must be"):
         kto_torch.fused_linear_kto_loss(p["hidden"][None], p["weight"], p["targets"], None,
-                                        p["reference_logp"], p["desirable"])
+                                        p["reference_logp"], p["desirable"], **kl)
     bad = p["targets"].clone()
     bad[0, 3] = 41
-    with pytest.raises((ValueError, RuntimeError), match=r"targets\[3\]' must be in \[0, 41\)"):
+    with pytest.raises(ValueError, match=r"kto_torch.fused_linear_kto_loss: argument "
+                                         r"'targets\[0, 3\]' must be in \[0, 41\)"):
         kto_torch.fused_linear_kto_loss(p["hidden"], p["weight"], bad, None, p["reference_logp"],
-                                        p["desirable"])
+                                        p["desirable"], **kl)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -311,19 +336,22 @@ def test_mixed_precision_logprobs_equal_the_all_half_call():
     assert torch.equal(half[0], mixed[0]) and torch.equal(half[1], mixed[1])
 
 
+ZERO = dict(reference_point="zero")  # no KL batch needed
+
+
 def test_mixed_precision_is_half_hidden_with_an_fp32_head_only():
     p = make_problem(5, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"kto_torch.fused_linear_kto_loss: argument 'weight' "
                                          r"must have the dtype of 'hidden' \(BFloat16\) or be "
                                          r"Float; got Double"):
-        fused(dict(p, weight=p["weight"].double(), bias=None), {})
+        fused(dict(p, weight=p["weight"].double(), bias=None), ZERO)
     with pytest.raises(ValueError, match=r"argument 'bias' must have the dtype of 'weight' "
                                          r"\(Float\); got BFloat16"):
-        fused(dict(p, weight=p["weight"].float()), {})
+        fused(dict(p, weight=p["weight"].float()), ZERO)
     f32 = make_problem(5)
     with pytest.raises(ValueError, match=r"argument 'weight' must have the dtype of 'hidden' "
                                          r"\(Float\); got BFloat16"):
-        fused(dict(f32, weight=f32["weight"].bfloat16(), bias=None), {})
+        fused(dict(f32, weight=f32["weight"].bfloat16(), bias=None), ZERO)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

@@ -52,7 +52,8 @@ def kl_batch_is_empty(tokens, o) -> bool:
     return tokens.numel() == 0
 
 
-EMPTY_KL = r"argument 'kl.count' must be >= 1 with options.reference_point kl_batch"
+# An empty KL batch under nonempty_mean (no sequence with a token), or an all-reduced one.
+EMPTY_KL = r"argument '(kl_num_tokens|global_kl)' must count at least one KL"
 
 
 # ---- strategies ----
@@ -252,7 +253,11 @@ def test_fused_linear_kto_loss_matches_the_float64_reference(p, D, dtype, h_layo
         kl_t = torch.randint(0, V, (N,), generator=g)
         kl_t[torch.rand(N, generator=g) < 0.3] = o["ignore_index"]
         kl_ref = torch.randn(B, generator=g) * 2 - 8
-        kw.update(kl_hidden=kl_h, kl_targets=kl_t, kl_offsets=offsets, kl_reference_logp=kl_ref)
+        with torch.no_grad():  # the KL batch as the loss takes it: its log-probs
+            kl_logp, kl_n = kto_torch.fused_linear_logprobs(
+                kl_h, w, kl_t, offsets, bias=b, average_logprob=o["average_logprob"],
+                ignore_index=o["ignore_index"])
+        kw.update(kl_policy_logp=kl_logp, kl_reference_logp=kl_ref, kl_num_tokens=kl_n)
     elif o["reference_point"] == "kl_batch":
         kw["reference_point"] = "zero"  # no KL batch: z0 = 0 stated explicitly
     o_ref = dict(o, reference_point=kw.get("reference_point", o["reference_point"]))
@@ -404,8 +409,8 @@ def test_invalid_inputs_raise_a_value_or_runtime_error(p, corruption, dtype, whi
 
 
 FUSED_CORRUPTIONS = ["bias_short", "bias_long", "bias_dtype", "weight_dtype", "weight_cols",
-                     "hidden_nan", "target_too_large", "offsets_float", "kl_hidden_cols",
-                     "kl_targets_short", "meta_weight", "desirable_2", "chunk_bytes_0"]
+                     "hidden_nan", "target_too_large", "offsets_float", "kl_logp_nan",
+                     "kl_reference_short", "meta_weight", "desirable_2", "chunk_bytes_0"]
 
 
 @settings(max_examples=150, **SETTINGS)
@@ -424,7 +429,7 @@ def test_invalid_fused_inputs_raise_a_value_or_runtime_error(p, D, corruption, w
     inputs = per_sequence_inputs(g, B)
     desirable = inputs["desirable"]
     offsets = torch.arange(B + 1) * T
-    kl_hidden, kl_targets = torch.randn(N, D, generator=g), torch.randint(0, V, (N,), generator=g)
+    kl_logp, kl_reference = torch.randn(B, generator=g) - 8, torch.randn(B, generator=g) - 8
     kw = dict(chunk_bytes=1024)
     if corruption == "bias_short":
         bias = bias[:-1] if V > 1 else bias[:0]
@@ -442,10 +447,10 @@ def test_invalid_fused_inputs_raise_a_value_or_runtime_error(p, D, corruption, w
         targets[r] = V + which % 3
     elif corruption == "offsets_float":
         offsets = offsets.double()
-    elif corruption == "kl_hidden_cols":
-        kl_hidden = torch.randn(N, D + 1, generator=g)
-    elif corruption == "kl_targets_short":
-        kl_targets = kl_targets[:-1]
+    elif corruption == "kl_logp_nan":
+        kl_logp[which % B] = float("nan")
+    elif corruption == "kl_reference_short":
+        kl_reference = kl_reference[:-1]
     elif corruption == "meta_weight":
         weight = weight.to("meta")
     elif corruption == "desirable_2":
@@ -456,6 +461,5 @@ def test_invalid_fused_inputs_raise_a_value_or_runtime_error(p, D, corruption, w
     with pytest.raises((ValueError, RuntimeError)):
         kto_torch.fused_linear_kto_loss(hidden, weight, targets, offsets,
                                         inputs["reference_logp"], desirable, bias=bias,
-                                        kl_hidden=kl_hidden, kl_targets=kl_targets,
-                                        kl_offsets=offsets,
-                                        kl_reference_logp=torch.randn(B, generator=g) - 8, **kw)
+                                        kl_policy_logp=kl_logp, kl_reference_logp=kl_reference,
+                                        **kw)

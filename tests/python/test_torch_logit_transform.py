@@ -17,7 +17,7 @@ kto_torch = pytest.importorskip("kto_torch")
 
 import kto_reference as kr  # noqa: E402
 from test_torch import make_batch  # noqa: E402
-from test_torch_fused import logits_of, make_problem  # noqa: E402
+from test_torch_fused import kl_logprobs, logits_of, make_problem  # noqa: E402
 
 TRANSFORMS = [dict(logit_scale=0.5), dict(logit_softcap=2.0),
               dict(logit_scale=2.0, logit_softcap=5.0, temperature=0.7),
@@ -80,12 +80,9 @@ def test_sequence_and_fused_logprobs_with_a_logit_transform(t):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t", TRANSFORMS, ids=IDS)
 def test_fused_linear_kto_loss_with_a_logit_transform(t, device):
-    p = make_problem(43)
-    kl_hidden, kl_targets, kl_ref, targets, ref, desirable = on(
-        device, p["kl_hidden"], p["kl_targets"], p["kl_reference_logp"], p["targets"],
-        p["reference_logp"], p["desirable"])
-    kwargs = dict(bias=None, kl_hidden=kl_hidden, kl_targets=kl_targets,
-                  kl_reference_logp=kl_ref)
+    p = dict(make_problem(43), bias=None)
+    targets, ref, desirable = on(device, p["targets"], p["reference_logp"], p["desirable"])
+    kwargs = kl_logprobs(p, t, device)  # the KL batch's log-probs, under the same transform
     h = p["hidden"].detach().clone().to(device).requires_grad_(True)
     w = p["weight"].detach().clone().to(device).requires_grad_(True)
     out = kto_torch.fused_linear_kto_loss(h, w, targets, None, ref, desirable,
@@ -107,9 +104,10 @@ def test_fused_linear_kto_loss_with_a_logit_transform(t, device):
 
 def test_transform_options_are_checked():
     batch = make_batch(44)
-    with pytest.raises(ValueError, match=r"argument 'options.logit_softcap' must be finite, >= 0"):
+    with pytest.raises(ValueError, match=r"kto_torch.sequence_logprobs: argument 'logit_softcap' "
+                                         r"must be finite, >= 0"):
         kto_torch.sequence_logprobs(batch["logits"], batch["targets"], logit_softcap=-1.0)
-    with pytest.raises(ValueError, match=r"argument 'options.temperature' must be finite"):
+    with pytest.raises(ValueError, match=r"argument 'temperature' must be finite"):
         kto_torch.sequence_logprobs(batch["logits"], batch["targets"], temperature=0.0)
 
 

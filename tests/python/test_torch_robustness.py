@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 kto_torch = pytest.importorskip("kto_torch")
 
 from test_torch import make_batch  # noqa: E402
-from test_torch_fused import make_problem  # noqa: E402
+from test_torch_fused import kl_logprobs, make_problem  # noqa: E402
 
 ERRORS = (ValueError, RuntimeError)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -152,8 +152,7 @@ def fused_with_bias(p, bias, fn=kto_torch.fused_linear_kto_loss):
     if fn is kto_torch.fused_linear_logprobs:
         return fn(p["hidden"], p["weight"], p["targets"], bias=bias)
     return fn(p["hidden"], p["weight"], p["targets"], None, p["reference_logp"], p["desirable"],
-              bias=bias, kl_hidden=p["kl_hidden"], kl_targets=p["kl_targets"],
-              kl_reference_logp=p["kl_reference_logp"])
+              bias=bias, **kl_logprobs(p))
 
 
 @pytest.mark.parametrize("fn", [kto_torch.fused_linear_kto_loss, kto_torch.fused_linear_logprobs])
@@ -223,15 +222,19 @@ def test_d5_meta_logits_beside_cpu_targets_raise_and_all_meta_traces():
 
 def test_d5_fused_tensors_on_another_device_raise():
     p = make_problem(9, V=41)
-    for name in ("weight", "bias", "targets", "kl_hidden", "kl_targets"):
+    p.update(kl_logprobs(p))
+    for name in ("weight", "bias", "targets", "kl_policy_logp", "kl_reference_logp"):
         q = dict(p)
         q[name] = p[name].to("meta")
+        # The per-sequence tensors may also be on the CPU.
+        or_cpu = r" \(or on the CPU\)" if name.startswith("kl_") else ""
         with pytest.raises(ValueError, match=rf"kto_torch.fused_linear_kto_loss: argument "
-                                             rf"'{name}' must be on cpu like 'hidden'; got meta"):
+                                             rf"'{name}' must be on cpu like 'hidden'{or_cpu}; "
+                                             rf"got meta"):
             kto_torch.fused_linear_kto_loss(
                 q["hidden"], q["weight"], q["targets"], None, q["reference_logp"],
-                q["desirable"], bias=q["bias"], kl_hidden=q["kl_hidden"],
-                kl_targets=q["kl_targets"], kl_reference_logp=q["kl_reference_logp"])
+                q["desirable"], bias=q["bias"], kl_policy_logp=q["kl_policy_logp"],
+                kl_reference_logp=q["kl_reference_logp"], kl_num_tokens=q["kl_num_tokens"])
     with pytest.raises(ValueError, match=r"fused_linear_logprobs: argument 'weight' must be on "
                                          r"cpu like 'hidden'; got meta"):
         kto_torch.fused_linear_logprobs(p["hidden"], p["weight"].to("meta"), p["targets"])
@@ -364,11 +367,12 @@ def test_d17_float_offsets_raise_and_int32_offsets_work():
         kto_torch.fused_linear_kto_loss(p["hidden"].reshape(-1, 12), p["weight"], p["targets"],
                                         torch.arange(5.0) * 6, p["reference_logp"],
                                         p["desirable"])
-    with pytest.raises(ValueError, match=r"argument 'kl_offsets' must hold int64"):
+    kl = kl_logprobs(p)
+    with pytest.raises(ValueError, match=r"fused_linear_kto_loss: argument 'kl_num_tokens' must be "
+                                         r"an integer tensor \(token counts\); got Float"):
         kto_torch.fused_linear_kto_loss(
             p["hidden"], p["weight"], p["targets"], None, p["reference_logp"], p["desirable"],
-            kl_hidden=p["kl_hidden"].reshape(-1, 12), kl_targets=p["kl_targets"],
-            kl_offsets=torch.arange(5.0) * 6, kl_reference_logp=p["kl_reference_logp"])
+            **dict(kl, kl_num_tokens=kl["kl_num_tokens"].float()))
 
 
 # ---- every other tensor: dtype, shape, and the function named ----
@@ -404,16 +408,18 @@ def test_other_arguments_are_checked_and_named():
         kto_torch.kl_partial(batch["kl_policy"], batch["kl_reference"], torch.ones(4))
 
 
-def test_library_errors_name_the_library_step():
-    """The CPU forward is one call of kto::cpu::step_forward (not a re-chained forward)."""
+def test_library_errors_name_the_python_function_and_argument():
+    """The CPU forward is one call of kto::cpu::step_forward (not a re-chained forward); what
+    it raises names the Python function and argument, the index in the argument's shape."""
     batch = make_batch(19)
     batch["targets"][1, 2] = 29
-    with pytest.raises(ValueError, match=r"kto::cpu::step_forward: argument 'targets\[8\]' must be "
-                                         r"in \[0, 29\)"):
+    with pytest.raises(ValueError, match=r"^kto_torch.kto_loss: argument 'targets\[1, 2\]' must "
+                                         r"be in \[0, 29\)"):
         loss_and_grad(batch["logits"], batch["targets"])
     nan = make_batch(19)
     nan["logits"][0, 1, 4] = float("nan")
-    with pytest.raises(ValueError, match=r"kto::cpu::step_forward: .*sequence 0, row 1"):
+    with pytest.raises(ValueError, match=r"^kto_torch.kto_loss: argument 'logits' .*sequence 0, "
+                                         r"row 1 \(logits\[0, 1\]\)"):
         loss_and_grad(nan["logits"], nan["targets"].clamp(min=0))
 
 
@@ -437,8 +443,8 @@ def test_the_ops_options_list_is_checked_and_named():
         op(good[:-1])
     bad = list(good)
     bad[kto_torch.OPTION_NAMES.index("loss_type")] = 0.5
-    with pytest.raises(ValueError, match=r"argument 'options.loss_type' must be a whole number "
-                                         r"in \[0, 1\]; got 0.5"):
+    with pytest.raises(ValueError, match=r"kto_torch.kto_loss: argument 'loss_type' must be a "
+                                         r"whole number in \[0, 1\]; got 0.5"):
         op(bad)
-    with pytest.raises(ValueError, match=r"kto: argument 'link' must be one of"):
+    with pytest.raises(ValueError, match=r"kto_torch: argument 'link' must be one of"):
         kto_torch._options(link="sigmoid")

@@ -17,7 +17,7 @@ kto_torch = pytest.importorskip("kto_torch")
 
 import kto_reference as kr  # noqa: E402
 from test_torch import make_batch  # noqa: E402
-from test_torch_fused import logits_of, make_problem  # noqa: E402
+from test_torch_fused import kl_logprobs, logits_of, make_problem  # noqa: E402
 from test_torch_logit_transform import DEVICES, on  # noqa: E402
 
 
@@ -62,11 +62,10 @@ def test_kto_loss_token_statistics(dtype, device):
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 3 * 4 * (41 + 12)], ids=["whole", "3_rows"])
 def test_fused_linear_kto_loss_token_statistics(strategy, chunk_bytes, device):
     p = make_problem(32)
-    bias, kl_hidden, kl_targets, kl_ref, weight, targets, ref, desirable = on(
-        device, p["bias"], p["kl_hidden"], p["kl_targets"], p["kl_reference_logp"], p["weight"],
-        p["targets"], p["reference_logp"], p["desirable"])
-    kwargs = dict(bias=bias, kl_hidden=kl_hidden, kl_targets=kl_targets,
-                  kl_reference_logp=kl_ref, chunk_bytes=chunk_bytes, strategy=strategy)
+    bias, weight, targets, ref, desirable = on(
+        device, p["bias"], p["weight"], p["targets"], p["reference_logp"], p["desirable"])
+    kwargs = dict(bias=bias, chunk_bytes=chunk_bytes, strategy=strategy,
+                  **kl_logprobs(p, device=device))
     h = p["hidden"].detach().clone().to(device).requires_grad_(True)
     out = kto_torch.fused_linear_kto_loss(h, weight, targets, None, ref, desirable,
                                           token_statistics=True, **kwargs)

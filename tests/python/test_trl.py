@@ -33,16 +33,21 @@ import train_trl_kto as example  # noqa: E402  (examples/trl: tiny model, tokeni
 import kto_reference as kr  # noqa: E402  (tests/python: the float64 reference and the rule)
 
 
-def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
-                  label=lambda i, c: i % 3 == 0, fused=False, bf16=None, **ours_kwargs):
-    policy = example.make_model(seed=0)
+def perturbed_pair(policy):
+    """(policy, reference): a peaky reference (a copy of `policy` with noise on its lm_head)
+    and a flatter, perturbed policy: mismatched (KL) pairs are likelier under the policy, so
+    z0 > 0 and the reference point is exercised."""
     reference = copy.deepcopy(policy)
     with torch.no_grad():
-        # A peaky reference and a flatter, perturbed policy: mismatched (KL) pairs are likelier
-        # under the policy, so z0 > 0 and the reference point is exercised.
         reference.lm_head.weight.add_(torch.randn_like(reference.lm_head.weight))
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return policy, reference
+
+
+def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
+                  label=lambda i, c: i % 3 == 0, fused=False, bf16=None, **ours_kwargs):
+    policy, reference = perturbed_pair(example.make_model(seed=0))
     args = trl.KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1,
                          report_to="none", beta=0.3, loss_type=loss_type,
                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
@@ -55,9 +60,13 @@ def make_trainers(tmp_path, loss_type="kto", desirable_weight=1.0, undesirable_w
     # autocast_lm_head=True: under TRL's default bf16 autocast the logits path keeps TRL's bf16
     # logits even on a CPU without bf16 GEMM units, where it would multiply in fp32
     # (test_trl_cpu_head.py), so that the two trainers compute the same function.
+    # padding_free=False: TRL's padded layout, so that under bf16 autocast (the reference
+    # model's forward, which TRL prepares at construction) both trainers' backbones round
+    # alike; the packed step is held to the padded one in test_trl_padding_free.py.
     ours = kto_trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
                               fused_linear=fused, fused_chunk_bytes=4096, **common,
-                              **{"autocast_lm_head": True, **ours_kwargs})
+                              **{"autocast_lm_head": True, "padding_free": False,
+                                 **ours_kwargs})
     return theirs, ours
 
 
@@ -192,7 +201,7 @@ def test_non_finite_precomputed_kl_reference_names_the_kl_estimate(tmp_path):
     with pytest.raises(ValueError) as raised:
         ours.compute_loss(ours.model, batch)
     assert "(in the KL estimate)" in raised.value.__notes__
-    assert "kl.reference_logp" in str(raised.value), str(raised.value)
+    assert "argument 'kl_reference_logp[1]'" in str(raised.value), str(raised.value)
 
 
 def test_one_import_trains(tmp_path):

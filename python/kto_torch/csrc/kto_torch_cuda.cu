@@ -192,10 +192,11 @@ std::string fused_linear_step(const Matrix& hidden, const Matrix& weight, const 
     out.num_tokens = num_tokens;
     out.examples = {per_example + B, per_example + 2 * B, per_example + 3 * B, per_example + 4 * B};
     out.d_hidden = kto::matrix_view(d_hidden, hidden.rows, hidden.cols);
-    if (d_weight_in_input_type)
+    // A null d_weight (a frozen head) asks for no dW at all.
+    if (d_weight && d_weight_in_input_type)
       out.d_weight_in_input_type =
           kto::MatrixView<void>{d_weight, weight.rows, weight.cols, weight.cols};
-    else
+    else if (d_weight)
       out.d_weight = kto::matrix_view(static_cast<float*>(d_weight), weight.rows, weight.cols);
     if (d_bias) out.d_bias = kto::make_span(d_bias, weight.rows);
     out.token_statistics = statistics_of(token_statistics, B);

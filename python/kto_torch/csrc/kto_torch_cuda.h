@@ -67,11 +67,11 @@ struct Bias {
 
 /// The fused-linear step (kto::cuda::fused_linear_kto_step). With workspace ==
 /// nullptr only *workspace_bytes is set. metrics[9] float64, per_example[5, B]
-/// (logp, ρ, βρ, loss, g_s), token_statistics[2, B] as step_forward's; d_bias may be
-/// null. d_weight is fp32, or with d_weight_in_input_type hidden's dtype (strategy
-/// vocab_blocks only). Host copies of each batch's targets and offsets turn on compact scoring (the
-/// GEMMs multiply the scored rows only); `host_offsets` (B + 1, host)
-/// lets whole sequences share a chunk (keep_chunk).
+/// (logp, ρ, βρ, loss, g_s), token_statistics[2, B] as step_forward's; d_weight and
+/// d_bias may be null (not computed: a frozen head). d_weight is fp32, or with
+/// d_weight_in_input_type hidden's dtype (strategy vocab_blocks only). Host copies of each batch's
+/// targets and offsets turn on compact scoring (the GEMMs multiply the scored rows only);
+/// `host_offsets` (B + 1, host) lets whole sequences share a chunk (keep_chunk).
 std::string fused_linear_step(const Matrix& hidden, const Matrix& weight, const Bias& bias,
                               const kto::TargetsView& targets, const kto::SequencesView& sequences,
                               const kto::index_t* host_offsets, const kto::index_t* host_targets,

@@ -30,6 +30,20 @@ models add TRL's load-balancing auxiliary loss (and log ``aux_loss``). Not
 covered (it falls back to TRL's own path): PEFT models without a separate
 reference model.
 
+Padding-free batches: each batch's sequences, and the KL batch's, run as one packed row
+(input_ids and position_ids [1, N], from which transformers builds the block-diagonal
+causal mask, or flash-attention's varlen call), the ops taking the sequences' CSR offsets;
+the (context, target) pairs scored are exactly the padded batch's (pack_sequences). By
+default a batch is packed where that costs fewer estimated FLOPs than padding it
+(packing_pays). Models that cannot keep packed sequences apart (VLMs, recurrent or
+convolutional token mixers, attention without position_ids, a mask built without them)
+and batches with other model inputs are padded, the reason logged (``padding_free=True``
+refuses them, by name).
+
+The modules: this one holds the trainer (and re-exports kto_torch.hf's names),
+kto_torch.hf the transformers side (the fused head patched into the model, the logits
+path's views, packing), kto_torch._trl_compat every TRL-internal import.
+
 Non-finite values (a float16 overflow, a diverged model) stop training with
 ``NonFiniteModelOutputError`` (a ValueError) that says what most likely happened
 and what to try, where TRL's own trainer would go on with NaN parameters.
@@ -40,20 +54,38 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import inspect
 import logging
-import re
-import types
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from accelerate.utils import is_peft_model
-from torch.distributed.tensor import DTensor, Partial, Replicate
-from trl import KTOTrainer as _TRLKTOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
+from torch.distributed.tensor import DTensor
 
 import kto_torch
+
+from ._trl_compat import TRLKTOTrainer as _TRLKTOTrainer
+from ._trl_compat import disable_gradient_checkpointing, use_adapter
+from .hf import (
+    HeadRequest,
+    LayoutCosts,
+    PackedSequences,
+    _lm_head_in_fp32,
+    _shifted,
+    _unfusable_reason,
+    install_kto_head,
+    layout_costs,
+    logit_transform,
+    pack_sequences,
+    packed_attention_reason,
+    packing_pays,
+    unpackable_batch_reason,
+    unpackable_model_reason,
+)
+
+__all__ = ["HeadRequest", "KTOTrainer", "LayoutCosts", "NonFiniteModelOutputError",
+           "PackedSequences", "check_token_ids", "install_kto_head", "layout_costs",
+           "logit_transform", "model_inputs", "pack_sequences", "packed_attention_reason",
+           "packing_pays", "unpackable_batch_reason", "unpackable_model_reason"]
 
 logger = logging.getLogger(__name__)
 _TRAINER = "kto_torch.trl.KTOTrainer"
@@ -109,363 +141,16 @@ def check_token_ids(models, batch: dict) -> None:
                              "model disagree")
 
 
-def _labels(inputs: dict, completion_mask):
-    """Next-token targets: completion tokens only, labels[:, 1:] (a view)."""
-    return inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
-
-
-def _shifted(model, inputs, completion_mask, aux_loss=False):
-    """(logits, targets, offsets) for the library's ops: of a padded batch logits[:, :-1]
-    and labels[:, 1:] as views (no copy of the logits) and offsets None; of a packed one
-    (``completion_mask`` a PackedSequences) the row's [N, V] logits, its targets and
-    offsets. Only the last T positions are read (prompt-learning PEFT prepends virtual
-    tokens to the outputs). With ``aux_loss``, also the MoE load-balancing loss the model's
-    forward computes."""
-    outputs = model(**inputs, output_router_logits=True) if aux_loss else model(**inputs)
-    logits = outputs.logits
-    t = inputs["input_ids"].size(1)
-    if isinstance(completion_mask, PackedSequences):
-        shifted = (logits[0, logits.size(1) - t:], completion_mask.targets,
-                   completion_mask.offsets)
-    else:
-        shifted = (logits[:, logits.size(1) - t:-1], _labels(inputs, completion_mask), None)
-    return shifted + (outputs.aux_loss,) if aux_loss else shifted
-
-
-class PackedSequences(NamedTuple):
-    """A padded batch's sequences packed into one row, as transformers' packed-sequence
-    attention takes them (pack_sequences): ``inputs`` are the model's keyword arguments
-    (input_ids and position_ids [1, N], no attention_mask, use_cache=False), ``targets`` [N]
-    the next-token target of each row (completion tokens only; -100 at each sequence's last
-    row, whose next token belongs to the next sequence), ``offsets`` [B + 1] (int64) the CSR
-    rows of the sequences, as the library's ops take them."""
-
-    inputs: dict
-    targets: torch.Tensor
-    offsets: torch.Tensor
-
-
-# The model inputs a packed row is built from; any other key of a batch (pixel_values,
-# token_type_ids, a custom collator's) is per padded sequence, so such a batch stays padded.
-_PACKABLE_INPUTS = frozenset({"input_ids", "attention_mask", "use_cache"})
-
-
-def unpackable_batch_reason(inputs: dict) -> Optional[str]:
-    """Why the model inputs of a padded batch (model_inputs) cannot be packed into one row,
-    or None when they can: inputs other than input_ids and attention_mask, or an attention
-    mask that is not right padding (each sequence's tokens first, at positions 0, 1, ...,
-    as TRL 1.16's text collator pads), where the padded model's positions would differ."""
-    extra = sorted(set(inputs) - _PACKABLE_INPUTS)
-    if extra:
-        return f"the batch holds model inputs other than input_ids and attention_mask ({extra})"
-    mask = inputs.get("attention_mask")
-    if mask is not None:
-        lengths = mask.sum(1, keepdim=True)
-        prefix = torch.arange(mask.size(1), device=mask.device) < lengths
-        if not bool(torch.equal(mask.bool(), prefix)):
-            return "its attention mask is not right padding (each sequence's tokens first)"
-    return None
-
-
-def pack_sequences(inputs: dict, completion_mask: torch.Tensor) -> PackedSequences:
-    """The right-padded batch ``inputs`` (input_ids, attention_mask [B, T]) packed into one
-    row of its N real tokens, sequence after sequence, with position_ids restarting at 0 for
-    each: from these transformers builds the block-diagonal causal mask (SDPA, eager, flex)
-    or the varlen call (flash-attention), so each sequence attends to itself only and sees
-    the positions it has in the padded batch. Targets: row r of sequence s predicts token
-    r + 1 where that token is a completion token of s, so the pairs (context, target) scored
-    are exactly those of the padded batch's logits[:, :-1] against labels[:, 1:]."""
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    lengths = mask.sum(1)
-    offsets = torch.zeros(ids.size(0) + 1, dtype=torch.int64, device=ids.device)
-    offsets[1:] = lengths.cumsum(0)
-    flat = ids[mask]
-    positions = (mask.cumsum(1) - 1)[mask]
-    scored = completion_mask.bool()[mask]
-    targets = torch.full_like(flat, -100)
-    targets[:-1] = flat[1:].masked_fill(~scored[1:], -100)
-    if offsets.numel() > 2:  # a sequence's last row must not predict the next one's first token
-        ends = offsets[1:-1] - 1
-        targets[ends[ends >= 0]] = -100
-    return PackedSequences(dict(input_ids=flat[None], position_ids=positions[None],
-                                use_cache=False), targets, offsets)
-
-
-# Attention implementations that read packed sequences from position_ids in transformers
-# 5.x: the causal-mask builders (masking_utils: find_packed_sequence_indices, a
-# block-diagonal mask) and flash-attention's varlen path (_is_packed_sequence, batch 1).
-_PACKED_ATTENTION = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2",
-                               "flash_attention_3", "flash_attention_4"})
-_ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-# Token mixers with state along the sequence (SSM, linear attention, recurrences, short
-# convolutions): across a packed row that state would flow from one sequence into the next.
-_RECURRENT_MIXER = re.compile(r"Mamba|Mixer|DeltaNet|ShortConv|Recurrent|Rglru|Rwkv|"
-                              r"LinearAttention|LightningAttention|SSM|Ssm")
-
-
-def _takes_position_ids(module) -> bool:
-    try:
-        parameters = inspect.signature(type(module).forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "position_ids" in parameters
-
-
-def unpackable_model_reason(model, name: str) -> Optional[str]:
-    """Why ``model`` cannot take packed sequences (padding_free), or None when it can: a
-    prompt-learning PEFT model, an encoder-decoder, an attention implementation that does
-    not read packed sequences from position_ids, layers other than (full, sliding, chunked)
-    attention, a token mixer with state along the sequence, or a forward without
-    position_ids (positions taken from the attention mask, as ALiBi models do)."""
-    if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False)
-                                    for c in model.peft_config.values()):
-        return (f"{name} is a prompt-learning PEFT model (its virtual tokens would be prepended "
-                "to the packed row once, not to each sequence)")
-    base = model.get_base_model() if is_peft_model(model) else model
-    config = _text_config(model)
-    if config is None:
-        return f"{name} has no transformers config"
-    if getattr(config, "is_encoder_decoder", False):
-        return f"{name} is an encoder-decoder model"
-    attention = getattr(config, "_attn_implementation", None)
-    if attention not in _PACKED_ATTENTION:
-        return (f"{name}'s attention implementation {attention!r} does not read packed "
-                f"sequences from position_ids (transformers does for {sorted(_PACKED_ATTENTION)})")
-    kinds = sorted(set(getattr(config, "layer_types", None) or ()) - _ATTENTION_LAYERS)
-    if kinds:
-        return (f"{name} has {kinds} layers, which carry state along the whole packed row "
-                "from one sequence into the next")
-    for module in base.modules():
-        if _RECURRENT_MIXER.search(type(module).__name__):
-            return (f"{name} has {type(module).__name__} layers (a token mixer with state along "
-                    "the sequence, which would carry from one packed sequence into the next)")
-    for module in dict.fromkeys((base, _backbone(model))):
-        if not _takes_position_ids(module):
-            return (f"{name}'s forward ({type(module).__name__}) takes no position_ids: its "
-                    "positions come from the attention mask")
-    return None
-
-
-@contextlib.contextmanager
-def _lm_head_in_fp32(model):
-    """The model's lm_head multiplies in fp32, outside autocast, for the calls inside.
-
-    On a CPU without bf16 GEMM units (no AVX512-BF16 or AMX: kto_torch.BF16_GEMM is False),
-    torch's bf16 GEMM runs at a fraction of fp32's speed (14.8 against 80 GFLOP/s on an AVX2
-    EPYC), and the logits path forms all [B, T, V] logits with it. The logits then come out
-    in fp32, the exact product rather than its bf16 rounding."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear:  # a wrapped or custom head: left as it is
-        yield
-        return
-
-    def forward(hidden):
-        with torch.autocast("cpu", enabled=False):
-            bias = None if head.bias is None else head.bias.float()
-            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward
-
-
-def _load_balancing_loss(model, router_logits, attention_mask):
-    """The MoE auxiliary loss as TRL 1.16's fused head computes it (Mixtral's
-    load-balancing loss, which every MoE family in transformers shares)."""
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-    config = _text_config(model)
-    experts = getattr(config, "num_experts", None) or config.num_local_experts
-    return load_balancing_loss_func(router_logits, experts, config.num_experts_per_tok,
-                                    attention_mask)
-
-
-def _text_config(model):
-    base = model.get_base_model() if is_peft_model(model) else model
-    config = getattr(base, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return config
-
-
-def logit_transform(model) -> dict:
-    """What the model does to lm_head(hidden) before its softmax, read from its (text) config
-    as TRL 1.16's fused head reads it: the scale from ``logit_scale``, else
-    ``output_multiplier``, else ``lm_head_multiplier``, else 1 / ``logits_scaling``
-    (HyperCLOVA X multiplies by it); the soft-cap from ``final_logit_softcapping``. As the
-    library's options (kto_torch.fused_linear_kto_loss's logit_scale, logit_softcap)."""
-    config = _text_config(model)
-    scale = None
-    for field in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        if scale is None:
-            scale = getattr(config, field, None)
-    scaling = getattr(config, "logits_scaling", None)
-    if scale is None and scaling is not None:
-        hyperclovax = getattr(config, "model_type", None) == "hyperclovax"
-        scale = scaling if hyperclovax else 1.0 / scaling
-    # c·tanh(z / c) is the same function for −c: the library takes |c|.
-    softcap = abs(getattr(config, "final_logit_softcapping", None) or 0.0)
-    return dict(logit_scale=float(1.0 if scale is None else scale),
-                logit_softcap=float(softcap or 0.0))
-
-
-def _backbone(model):
-    """The module whose forward takes every model input (vision tower included) and returns
-    the last hidden states: what TRL's fused head calls, ``model.base_model``."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    return getattr(base, "base_model", base)
-
-
-def _unfusable_reason(model, name: str) -> Optional[str]:
-    """Why the fused head cannot stand in for `model`'s logits, or None when it can."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    transform = logit_transform(model)
-    if transform["logit_scale"] == 0.0:
-        return f"{name}'s config scales its logits by 0"
-    if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False)
-                                    for c in model.peft_config.values()):
-        return (f"{name} is a prompt-learning PEFT model (its forward passes inputs_embeds "
-                "with virtual tokens, not input_ids)")
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if not isinstance(getattr(head, "weight", None), torch.Tensor):
-        return f"{name} has no output embedding (lm_head) with a weight"
-    if not isinstance(head, torch.nn.Linear):
-        return f"{name}'s lm_head is a {type(head).__name__}, not one linear layer"
-    if _backbone(model) is base:
-        return f"{name} has no backbone module (model.base_model) returning the hidden states"
-    return None
-
-
-def _gathered(param):
-    """The whole tensor of an FSDP2-sharded (DTensor) parameter, for a forward that reads it
-    without calling its module (whose hooks would gather it). Its gradient is this rank's
-    share of the batch's: averaged over the ranks on the way back (Partial("avg") to the
-    parameter's sharding, a reduce-scatter), as FSDP2 averages the gradients it gathers
-    itself. (``full_tensor()`` would slice the gradient without that reduction, leaving each
-    rank's shard with its own batch's gradient only.)"""
-    if param is None:
-        return None
-    whole = param.redistribute(param.device_mesh, [Replicate()] * param.device_mesh.ndim)
-    return whole.to_local(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
-
-
-class HeadRequest:
-    """What the patched forward computes from the last hidden states instead of the logits:
-    ``model(**inputs, kto_head=HeadRequest(completion_mask, context, chunk_bytes[, loss]))``.
-    ``completion_mask``: the padded batch's [B, T], or for a packed row (padding_free) its
-    PackedSequences, called as ``model(**packed.inputs, kto_head=HeadRequest(packed, ...))``.
-
-    Without ``loss``: (logp [B], num_tokens [B]) of the completion tokens
-    (kto_torch.fused_linear_logprobs). With ``loss`` (the keyword arguments of
-    kto_torch.fused_linear_kto_loss past the hidden states, weight and targets): its
-    KTOOutput, differentiable w.r.t. the hidden states and the lm_head. ``context`` (the
-    trainer's autocast) is entered around the backbone and the head."""
-
-    def __init__(self, completion_mask, context, chunk_bytes: Optional[int],
-                 loss: Optional[dict] = None, aux_loss: bool = False):
-        self.completion_mask = completion_mask
-        self.context = context
-        self.chunk_bytes = chunk_bytes
-        self.loss = loss
-        self.aux_loss = aux_loss  # MoE: also return the load-balancing loss
-
-    def __call__(self, model, **inputs):
-        with self.context():
-            if self.aux_loss:
-                inputs["output_router_logits"] = True
-            backbone = _backbone(model)(**inputs)
-            head = model.get_output_embeddings()
-            weight, bias = head.weight, head.bias
-            if isinstance(weight, DTensor):  # an lm_head FSDP2 has not gathered (sharded alone)
-                weight, bias = _gathered(weight), _gathered(bias)
-            with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gathered for the call
-                out = self._head(inputs, backbone.last_hidden_state, weight, bias,
-                                 logit_transform(model))
-            if not self.aux_loss:
-                return out
-            return out, _load_balancing_loss(model, backbone.router_logits,
-                                             inputs.get("attention_mask"))
-
-    def _head(self, inputs, hidden, weight, bias, transform):
-        # Only the last T positions are read (prompt-learning PEFT prepends virtual tokens).
-        # The head multiplies in the dtype autocast would give the lm_head's matmul, as TRL's
-        # head does (its compute dtype): the autocast dtype when autocast is on, else the
-        # hidden states' (gradients flow back through the casts). The library accumulates
-        # in fp32 either way and keeps the logits in fp32. An fp32 head under half-precision
-        # autocast goes to the op as it is: the op multiplies a half copy and returns the fp32
-        # sums as its gradients, where a cast here would round them to half on the way back.
-        t = inputs["input_ids"].size(1)
-        packed = self.completion_mask if isinstance(self.completion_mask, PackedSequences) \
-            else None
-        if packed is not None:  # one row: every position, the targets say which are scored
-            hidden = hidden[0, hidden.size(1) - t:].to(weight.device)
-        else:
-            hidden = hidden[:, hidden.size(1) - t:-1].to(weight.device)
-        device = weight.device.type
-        dtype = hidden.dtype
-        if torch.is_autocast_enabled(device):
-            autocast_dtype = torch.get_autocast_dtype(device)
-            # On the CPU only where the library multiplies bf16 natively
-            # (kto_torch.BF16_GEMM); otherwise it would widen back to fp32.
-            if device != "cpu" or (autocast_dtype == torch.bfloat16 and kto_torch.BF16_GEMM):
-                dtype = autocast_dtype
-        hidden = hidden.to(dtype)
-        if not (weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)):
-            weight = weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        elif bias is not None:
-            bias = bias.float()
-        if packed is not None:
-            labels, offsets = packed.targets.to(weight.device), packed.offsets
-        else:
-            labels, offsets = _labels(inputs, self.completion_mask).to(weight.device), None
-        if self.loss is None:
-            return kto_torch.fused_linear_logprobs(hidden, weight, labels, offsets, bias=bias,
-                                                   chunk_bytes=self.chunk_bytes, **transform)
-        return kto_torch.fused_linear_kto_loss(hidden, weight, labels, offsets, bias=bias,
-                                               chunk_bytes=self.chunk_bytes, **transform,
-                                               **self.loss)
-
-
-def install_kto_head(model) -> None:
-    """Patch ``model.forward`` (the transformers model; under PEFT its base model) so that
-    ``model(**inputs, kto_head=request)`` runs the backbone and the fused head, the way TRL
-    1.16's add_fused_lm_head enters its own head: the call goes through whatever wrapper
-    accelerate put around the model (DDP, FSDP2, ZeRO-3), whose forward hooks prepare the
-    gradient reduction and gather parameters. Without ``kto_head`` the forward is the one
-    the model had (TRL's fused-head forward included), so generation is unchanged."""
-    target = model.get_base_model() if is_peft_model(model) else model
-    if getattr(target, "_kto_head_installed", False):
-        return
-    original = target.forward
-
-    # The original signature: generate() validates its model kwargs against it.
-    @functools.wraps(type(target).forward)
-    def forward(self, *args, kto_head=None, **kwargs):
-        if kto_head is None:
-            return original(*args, **kwargs)
-        if args:
-            raise TypeError("kto_torch.trl: a forward with kto_head takes keyword inputs only")
-        kwargs["use_cache"] = False
-        return kto_head(self, **kwargs)
-
-    target.forward = types.MethodType(forward, target)
-    target._kto_head_installed = True
-
-
 class NonFiniteModelOutputError(ValueError):
     """The policy or reference model produced NaN/inf log-probs: the library's message, and
     what most likely happened and what to try."""
 
 
 def _non_finite(error: ValueError) -> bool:
+    """A non-finite value the model produced, not a bad option (an option's error names it)."""
     text = str(error)
-    return text.startswith("kto") and "finite" in text and "options." not in text
+    return (text.startswith("kto") and "finite" in text
+            and getattr(error, "argument", "") not in kto_torch.OPTION_NAMES)
 
 
 def _without_liger(args: tuple, kwargs: dict) -> tuple:
@@ -502,16 +187,20 @@ class KTOTrainer(_TRLKTOTrainer):
     None (default) multiplies the lm_head in fp32 under bf16 autocast on a CPU without bf16
     GEMM units (kto_torch.BF16_GEMM False; there torch's bf16 GEMM is several times slower
     than fp32), logging it, and in the autocast dtype elsewhere; True always in the autocast
-    dtype (TRL's logits bit for bit); False always in fp32. ``padding_free``: None packs
-    each batch's sequences (and the KL batch's) into one row with position_ids, the library's
-    ops taking the CSR offsets, wherever the policy and the reference model can take packed
-    input (unpackable_model_reason) and the batch is TRL's right-padded text batch
-    (unpackable_batch_reason), padding elsewhere with the reason logged; True insists (a
-    ValueError names what prevents it); False (the default) keeps TRL's padded batches."""
+    dtype (TRL's logits bit for bit); False always in fp32. ``padding_free``: None (default)
+    packs a batch's sequences (and the KL batch's) into one row with position_ids, the
+    library's ops taking the CSR offsets, where the policy and the reference model can take
+    packed input (unpackable_model_reason at construction, packed_attention_reason at the
+    first step), the batch is TRL's right-padded text batch (unpackable_batch_reason) and
+    the packed row costs fewer estimated FLOPs than the padded batch (packing_pays; on the
+    CPU eager and SDPA attention compute the packed row's whole N × N mask), padding
+    elsewhere, with the reason logged where the model or the batch cannot be packed; True
+    packs every batch (a ValueError names what prevents it); False keeps TRL's padded
+    batches."""
 
     def __init__(self, *args, fused_linear: Optional[bool] = None,
                  fused_chunk_bytes: Optional[int] = None, fused_strategy: str = "keep_chunk",
-                 autocast_lm_head: Optional[bool] = None, padding_free: Optional[bool] = False,
+                 autocast_lm_head: Optional[bool] = None, padding_free: Optional[bool] = None,
                  **kwargs):
         if fused_strategy not in kto_torch.STRATEGIES:
             raise ValueError(f"kto_torch.trl.KTOTrainer: argument 'fused_strategy' must be one of "
@@ -579,20 +268,52 @@ class KTOTrainer(_TRLKTOTrainer):
         self.padding_free_reason = reason
         self._padding_free_required = bool(padding_free)
         self._padding_free_fallbacks = set()
+        self._packing_verified = False
+        self._layout_costs: Optional[LayoutCosts] = None
         if self.padding_free:
-            logger.info("%s: padding-free (each batch packed into one row)", _TRAINER)
+            logger.info("%s: padding-free, %s", _TRAINER,
+                        "every batch packed into one row" if padding_free else
+                        "each batch packed into one row where that costs fewer estimated FLOPs "
+                        "than padding it")
         elif padding_free is None:
             logger.warning("%s: padded batches, not padding-free, because %s", _TRAINER, reason)
+
+    def _verify_packing(self, model, batch) -> None:
+        """At the first packed step: packed_attention_reason for the policy and a separate
+        reference model (every rank alike, so a sharded forward's collectives match). A
+        model that would let packed sequences attend to each other turns padding_free off
+        (None, logged) or raises (True)."""
+        inputs = model_inputs(batch)
+        if unpackable_batch_reason(inputs) is not None:
+            return  # this batch stays padded; a later one is checked
+        models = [(model, "the policy")]
+        if self.ref_model is not None and not self.precompute_ref_logps:
+            models.append((self.ref_model, "the reference model"))
+        for m, name in models:
+            reason = packed_attention_reason(m, inputs, name,
+                                             functools.partial(self._forward_context, m))
+            if reason is not None:
+                if self._padding_free_required:
+                    raise ValueError(f"{_TRAINER}: padding_free=True cannot be honoured: {reason}")
+                logger.warning("%s: padded batches, not padding-free, because %s", _TRAINER,
+                               reason)
+                self.padding_free, self.padding_free_reason = False, reason
+                break
+        self._packing_verified = True
 
     def _rows(self, inputs: dict, completion_mask):
         """(model inputs, completion mask) of one batch as the step runs it: packed into one
         row (PackedSequences in place of the mask) where self.padding_free and the batch
-        allows it; otherwise as given. A batch that cannot be packed raises with
-        padding_free=True and is padded, logged once per reason, with None."""
+        allows it, with padding_free=None only where the packed row costs fewer FLOPs
+        (packing_pays); otherwise as given. A batch that cannot be packed raises with
+        padding_free=True and is padded, logged once per reason, with None. The policy and
+        the reference model run each batch in the same layout."""
         if not self.padding_free:
             return inputs, completion_mask
         reason = unpackable_batch_reason(inputs)
         if reason is None:
+            if not (self._padding_free_required or self._packing_pays(inputs)):
+                return inputs, completion_mask
             packed = pack_sequences(inputs, completion_mask)
             return packed.inputs, packed
         if self._padding_free_required:
@@ -601,6 +322,25 @@ class KTOTrainer(_TRLKTOTrainer):
             self._padding_free_fallbacks.add(reason)
             logger.warning("%s: a padded batch, not padding-free, because %s", _TRAINER, reason)
         return inputs, completion_mask
+
+    def _packing_pays(self, inputs: dict) -> bool:
+        """packing_pays for this batch, with the policy's layout_costs (computed once)."""
+        if self._layout_costs is None:
+            self._layout_costs = layout_costs(self.accelerator.unwrap_model(self.model),
+                                              logits=not self.fused_linear)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            return False  # no padding to save
+        return packing_pays(self._layout_costs, mask.sum(1).tolist(), mask.size(1))
+
+    @contextlib.contextmanager
+    def _forward_context(self, model):
+        """A whole forward of ``model`` as a step runs it (the padding-free probe's): inside
+        the trainer's autocast, the lm_head in fp32 where self.lm_head_in_fp32 says so."""
+        with self.accelerator.autocast(), (
+                _lm_head_in_fp32(self.accelerator.unwrap_model(model)) if self.lm_head_in_fp32
+                else contextlib.nullcontext()):
+            yield
 
     def _shifted(self, model, inputs, completion_mask, aux_loss=False):
         """The logits path's shifted logits and labels (_shifted), the lm_head in fp32 where
@@ -665,9 +405,6 @@ class KTOTrainer(_TRLKTOTrainer):
         device = self.accelerator.device
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         desirable = torch.as_tensor(batch["label"], dtype=torch.bool)
-        target = self._rows(model_inputs(batch), batch["completion_mask"])
-        kl_batch = (self._rows(model_inputs(batch, kl=True), batch.get("KL_completion_mask"))
-                    if self.calculate_KL else None)
         fused = self.fused_linear
         # The fused head runs inside each model's own forward (model(..., kto_head=request)):
         # through the DDP/FSDP wrapper accelerate put around the policy, under the same
@@ -691,6 +428,11 @@ class KTOTrainer(_TRLKTOTrainer):
             return done
 
         stage("the batch check", lambda: self._check_token_ids(model, batch))
+        if self.padding_free and not self._packing_verified:
+            stage("the padding-free check", lambda: self._verify_packing(model, batch))
+        target = self._rows(model_inputs(batch), batch["completion_mask"])
+        kl_batch = (self._rows(model_inputs(batch, kl=True), batch.get("KL_completion_mask"))
+                    if self.calculate_KL else None)
         with torch.no_grad():
             if self.calculate_KL:
                 kl_logp, kl_tokens = stage("the policy's forward on the KL batch",
