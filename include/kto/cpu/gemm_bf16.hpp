@@ -29,6 +29,8 @@
 // denormal inputs and results to zero.
 // The result does not depend on the buffers' alignment: every call packs, and
 // each C element is one sequential fp32 sum in k order whatever the blocking.
+// One file of ~600 lines on purpose: the packing, the micro-kernel and the
+// blocking share one panel layout, which reads best in one place.
 #pragma once
 
 #include <Eigen/Core>
