@@ -73,9 +73,9 @@ if want fused_bench && ! want bench; then  # the fused benchmark alone
   note "bench_fused_cuda: rc=$?"
 fi
 if want tests || want sanitize || want bench; then
-  build test_cuda_step tests/gpu/test_cuda_step.cu tests/gpu/gpu_main.cu &
+  build test_cuda_step tests/cpp/cuda/test_cuda_step.cu tests/cpp/cuda/gpu_main.cu &
   p1=$!
-  build test_cuda_fused_linear tests/gpu/test_cuda_fused_linear.cu tests/gpu/gpu_main.cu -lcublas &
+  build test_cuda_fused_linear tests/cpp/cuda/test_cuda_fused_linear.cu tests/cpp/cuda/gpu_main.cu -lcublas &
   p2=$!
   build bench_cuda bench/bench_cuda.cu &
   p3=$!
@@ -129,20 +129,20 @@ if want bench; then
 fi
 
 if [ -f build-gpu/torch_build.rc ] && [ "$(cat build-gpu/torch_build.rc)" = 0 ]; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/python/test_torch.py \
-    tests/python/test_torch_fused.py tests/python/test_torch_logit_transform.py \
-    tests/python/test_torch_token_statistics.py -k cuda >"$logs/pytest_cuda.txt" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/python/torch/test_torch.py \
+    tests/python/torch/test_torch_fused.py tests/python/torch/test_torch_logit_transform.py \
+    tests/python/torch/test_torch_token_statistics.py -k cuda >"$logs/pytest_cuda.txt" 2>&1
   note "pytest CUDA ops: rc=$?, $(tail -1 "$logs/pytest_cuda.txt")"
 fi
 if want jax; then
-  # kto_jax's CUDA handlers against its CPU ones (tests/python/test_jax_cuda.py).
+  # kto_jax's CUDA handlers against its CPU ones (tests/python/jax/test_jax_cuda.py).
   # Needs a CUDA build of jaxlib on this machine (carry its wheels: the device
   # README says how); without one this part only notes the skip.
   if python3 -c "import jax, sys; sys.exit(0 if jax.devices('cuda') else 1)" >/dev/null 2>&1; then
     python3 -m pip install -q --no-build-isolation --target build-gpu/jax_site ./python/kto_jax \
       >"$logs/jax_build.txt" 2>&1
     PYTHONPATH=build-gpu/jax_site:$PYTHONPATH timeout 150 python3 -m pytest -q -p no:cacheprovider \
-      tests/python/test_jax_cuda.py >"$logs/pytest_jax_cuda.txt" 2>&1
+      tests/python/jax/test_jax_cuda.py >"$logs/pytest_jax_cuda.txt" 2>&1
     note "pytest kto_jax CUDA: rc=$?, $(tail -1 "$logs/pytest_jax_cuda.txt")"
   else
     note "kto_jax CUDA: skipped (no CUDA build of jaxlib on this machine)"

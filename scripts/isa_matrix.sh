@@ -6,7 +6,7 @@
 #             (cmake/aarch64-linux-gnu.cmake) and run under qemu-aarch64-static;
 #   x86-64-v4 the CPU tests for AVX-512, when -march=native does not already cover it:
 #             compiled, and run where the CPU can (else each reports a skip naming
-#             the missing feature: kto/cpu/isa.hpp, tests/catch_main.cpp).
+#             the missing feature: kto/cpu/isa.hpp, tests/cpp/catch_main.cpp).
 #
 #   KTO_ISA_JOBS   build and ctest jobs (default: nproc)
 #   KTO_ISA_STAGES the stages to run (default: "aarch64 x86-64-v4")

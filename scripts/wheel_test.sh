@@ -29,7 +29,7 @@ build_pin=build==1.6.1
 eigen_pin=cmeel-eigen==3.4.1
 # The tests run against the installed wheels: both packages' ops against the float64
 # references, the two against each other, the documentation's snippets.
-tests=(test_torch.py test_torch_isa.py test_jax.py test_jax_isa.py test_jax_torch.py test_docs.py)
+tests=(torch/test_torch.py torch/test_torch_isa.py jax/test_jax.py jax/test_jax_isa.py jax/test_jax_torch.py test_docs.py)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kto-wheel-test.XXXXXX")
 if [ "${KTO_WHEEL_TEST_KEEP:-0}" = 1 ]; then
@@ -147,7 +147,7 @@ if [ "${KTO_WHEEL_TEST_NEWEST_TORCH:-0}" = 1 ]; then
   cd "$work/run"
   # test_torch.py skips where kto_torch does not import: import it first.
   "$npy" -c 'import torch, kto_torch; print("  kto_torch from", kto_torch.__file__, "on torch", torch.__version__)'
-  PYTHONDONTWRITEBYTECODE=1 "$npy" -m pytest -q -p no:cacheprovider "$repo/tests/python/test_torch.py"
+  PYTHONDONTWRITEBYTECODE=1 "$npy" -m pytest -q -p no:cacheprovider "$repo/tests/python/torch/test_torch.py"
   cd "$repo"
 fi
 stamp "done"

@@ -17,7 +17,7 @@
 
 // KTO_UNROLL() or KTO_UNROLL(n) before a loop: `#pragma unroll [n]` in the device
 // pass only. The host pass of a KTO_HOST_DEVICE function (the kernels' logic run
-// on the CPU, tests/gpu/test_device_logic.cu) would otherwise warn of an unknown
+// on the CPU, tests/cpp/cuda/test_device_logic.cu) would otherwise warn of an unknown
 // pragma (GCC's -Wunknown-pragmas).
 #define KTO_PRAGMA_(text) _Pragma(#text)
 #if defined(__CUDA_ARCH__)

@@ -15,7 +15,7 @@
 // float, double, half and bfloat16 logits.
 #include <kto/cpu/kto_step.hpp>
 
-#include "../type_name.hpp"
+#include "../cpp/type_name.hpp"
 #include "fuzz_common.hpp"
 
 namespace {

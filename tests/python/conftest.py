@@ -3,7 +3,7 @@ import os
 import sys
 from pathlib import Path
 
-# Four CPU devices for the jax.sharding tests (tests/python/test_jax_sharding.py). Set
+# Four CPU devices for the jax.sharding tests (tests/python/jax/test_jax_sharding.py). Set
 # before anything imports jax; a caller's own XLA_FLAGS wins.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
@@ -15,3 +15,6 @@ _REPOSITORY = Path(__file__).resolve().parents[2]
 if importlib.util.find_spec("kto_jax") is None:
     sys.path.insert(0, str(_REPOSITORY / "python" / "kto_jax"))
 sys.path.insert(0, str(_REPOSITORY / "examples" / "trl"))
+# The tests live in torch/, jax/ and trl/ beside this file; what they share
+# (kto_reference, isa_support) lives here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,5 +1,5 @@
 """The float64 reference of the KTO loss for the Python tests, and the tolerance rule they
-compare with (the Python twin of tests/support.hpp; docs/math.md §7).
+compare with (the Python twin of tests/cpp/support.hpp; docs/math.md §7).
 
 Tolerance rule
 --------------
@@ -43,7 +43,7 @@ Scales (module functions; all computed from the batch in float64 — what the te
   Entropy H_r = lse_r − Σ_v p_v z_v: 1 + |lse_r| + Σ_v p_v|z_v| (+ the same product term
   through ∂H/∂z_v = −p_v (z_v − Σ p z)). Mean logit Σ_v z_v / V: Σ_v |z_v| / V (+ Σ_v P_v / V).
 * logp_s = Σ_r ℓ_r over the scored rows [sequence_scale]: S_s = 1 + Σ_r scale(ℓ_r), the 1
-  for the log of the exponentials' sum, whose rounding is absolute (as tests/compare.hpp);
+  for the log of the exponentials' sum, whose rounding is absolute (as tests/cpp/compare.hpp);
   divided by n_s with the average option.
 * ρ_s = logp_s − ref_s: S_ρ,s = S_s + S_ref,s, the reference model's S (or |ref_s| where the
   reference log-prob is given to both sides, precomputed). A reward βρ_s: β S_ρ,s.

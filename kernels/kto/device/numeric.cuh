@@ -24,7 +24,7 @@ struct is_logit_type : std::integral_constant<bool, std::is_same<T, float>::valu
                                                         std::is_same<T, __nv_bfloat16>::value> {};
 
 // Host-and-device where they can be, so tests can run the index and
-// reduction logic of the kernels on a CPU (tests/gpu/test_device_logic.cu).
+// reduction logic of the kernels on a CPU (tests/cpp/cuda/test_device_logic.cu).
 KTO_HOST_DEVICE inline float to_float(float x) {
   return x;
 }

@@ -74,7 +74,7 @@ kto::device::StatisticsState emulate_extended_row(const T* row, index_t vocab,
   return emulate_group_reduce(st);
 }
 
-/// z' and ∂z'/∂z of the float64 reference (tests/reference.hpp).
+/// z' and ∂z'/∂z of the float64 reference (tests/cpp/reference.hpp).
 double reference_transform(double z, const kto::LogitTransform& t) {
   return ref::transform(z, t.scale, t.softcap, t.temperature);
 }

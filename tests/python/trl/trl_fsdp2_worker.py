@@ -1,7 +1,7 @@
 """One rank of the fused KTO head under FSDP2 (torch's fully_shard over gloo, CPU), launched by
-tests/python/test_trl_fsdp2.py:
+tests/python/trl/test_trl_fsdp2.py:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/python/trl_fsdp2_worker.py \
+    python -m torch.distributed.run --nproc_per_node 2 tests/python/trl/trl_fsdp2_worker.py \
         --out DIR --layout {root_head,sharded_head}
 
 accelerate enables FSDP only on accelerators (its state leaves MULTI_CPU out of FSDP), so
@@ -30,10 +30,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "trl"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples" / "trl"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/python: kto_reference
 import train_trl_kto as example  # noqa: E402
 
-import kto_reference as kr  # noqa: E402  (this file's directory, tests/python)
+import kto_reference as kr  # noqa: E402
 from kto_torch.trl import HeadRequest, install_kto_head  # noqa: E402
 
 B, T, COMPLETION = 8, 10, 5

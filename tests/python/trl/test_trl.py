@@ -4,7 +4,7 @@ kto_torch.trl.KTOTrainer on the same model, batch and options: loss, metrics
 and the gradient of every model parameter.
 
 Tolerance: kto_reference's rule (tests/python/kto_reference.py, the twin of
-tests/support.hpp). Both trainers compute in fp32 from the same weights and batch, in
+tests/cpp/support.hpp). Both trainers compute in fp32 from the same weights and batch, in
 different orders (TRL's chunked head and torch's kernels for this CPU's ISA; kto's lse kernel
 or fused head). Each logged metric and the loss, of either trainer, must be within
 rtol = 1e-5 of the float64 reference of the batch (kto_reference.trl_reference, from the

@@ -363,7 +363,7 @@ def test_package_version_is_the_library_version():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "include" / "kto" / "config.hpp").read_text()
+    text = (Path(__file__).resolve().parents[3] / "include" / "kto" / "config.hpp").read_text()
     want = ".".join(re.search(rf"#define KTO_VERSION_{k} (\d+)", text).group(1)
                     for k in ("MAJOR", "MINOR", "PATCH"))
     assert kto_jax.__version__ == want

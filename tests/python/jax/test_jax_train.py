@@ -5,7 +5,7 @@ rise well above the reference model's (≈ 0.06 → ≈ 0.95 in 60 steps, seed 0
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "jax"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples" / "jax"))
 
 import train_tiny_lm  # noqa: E402
 

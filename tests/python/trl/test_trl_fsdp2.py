@@ -1,5 +1,5 @@
 """The TRL drop-in's fused head under FSDP2 (torch's fully_shard, two gloo processes on the
-CPU): tests/python/trl_fsdp2_worker.py drives kto_torch.trl.install_kto_head / HeadRequest,
+CPU): tests/python/trl/trl_fsdp2_worker.py drives kto_torch.trl.install_kto_head / HeadRequest,
 the code the trainer runs, under fully_shard directly, because accelerate enables FSDP only on
 accelerators (on the CPU it sets up DDP; see the worker's docstring).
 

@@ -9,7 +9,7 @@ import pytest
 
 kto_torch = pytest.importorskip("kto_torch")
 
-CONFIG = Path(__file__).resolve().parents[2] / "include" / "kto" / "config.hpp"
+CONFIG = Path(__file__).resolve().parents[3] / "include" / "kto" / "config.hpp"
 
 
 def test_version_is_the_librarys():

@@ -1,6 +1,6 @@
-"""One rank of a data-parallel KTO training step, launched by tests/python/test_trl_ddp.py:
+"""One rank of a data-parallel KTO training step, launched by tests/python/trl/test_trl_ddp.py:
 
-    python -m torch.distributed.run --nproc_per_node N tests/python/trl_ddp_worker.py \
+    python -m torch.distributed.run --nproc_per_node N tests/python/trl/trl_ddp_worker.py \
         --impl {trl,default,logits} --out DIR [--fault {none,nan_kl,bad_target}] \
         [--strategy {ddp,zero3}]
 
@@ -46,7 +46,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "trl"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples" / "trl"))
 import train_trl_kto as example  # noqa: E402
 
 GLOBAL_BATCH = 8

@@ -1,5 +1,5 @@
 // One regression test per defect class of the hostile-input review (D1–D19,
-// the core-library side; the PyTorch side is tests/python/test_torch_robustness.py),
+// the core-library side; the PyTorch side is tests/python/torch/test_torch_robustness.py),
 // plus the guarantees of docs/guarantees.md: nothing is written on a
 // validation error, and a data-parallel rank's failure raises on every rank.
 #include <algorithm>

@@ -1,7 +1,7 @@
 """kto_torch.trl.KTOTrainer over two processes (torchrun, gloo; DistributedDataParallel as
 accelerate sets it up on the CPU, and DeepSpeed ZeRO-3) against one process over the same
 global batch and against TRL 1.16's own KTOTrainer over the same two processes
-(tests/python/trl_ddp_worker.py says how the data make those the same step). The fused head
+(tests/python/trl/trl_ddp_worker.py says how the data make those the same step). The fused head
 runs inside the wrapper's forward (model(..., kto_head=...)), so DDP's gradient all-reduce
 sees it; under ZeRO-3 every parameter is partitioned and the head gathers the lm_head for its
 call, as TRL's own head does.

@@ -1,7 +1,7 @@
 """Parity: on the same inputs kto_jax's ops equal kto_torch's (the PyTorch extension,
 python/kto_torch) and both equal the float64 reference of test_jax.py / test_jax_fused.py.
 
-Tolerance rule (tests/support.hpp): fp32 accumulation ≈ 1e-5 relative to the quantity's
+Tolerance rule (tests/cpp/support.hpp): fp32 accumulation ≈ 1e-5 relative to the quantity's
 condition scale; bf16 inputs are upcast exactly, so the two bindings of one library agree
 to that rule, and a gradient stored in bf16 adds bf16's unit roundoff (2^-8) relative to
 the value. Skipped with a message where kto_torch is not built.

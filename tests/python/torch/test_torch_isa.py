@@ -45,7 +45,7 @@ loss64 = torch.where(desirable, 1 - torch.sigmoid(u), 1 - torch.sigmoid(-u)).mea
 loss64.backward()
 lse = z64.detach().logsumexp(-1)
 scored = labels != -100
-# The rule's scales (kto_reference.py, as tests/support.hpp): a sequence's log-prob is
+# The rule's scales (kto_reference.py, as tests/cpp/support.hpp): a sequence's log-prob is
 # computed from sum |l_r| + |lse_r| over its scored rows; the loss moves by at most
 # beta/4 (the sigmoid's slope) times that; a gradient element's is |g_s|(1 + |lse_r|)
 # with |g_s| <= beta / (4 B).

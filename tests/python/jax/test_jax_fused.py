@@ -1,7 +1,7 @@
 """kto_jax.fused_linear_kto_loss (hidden states + lm_head, CPU) against a float64 JAX
 reference that materialises Z = H Wᵀ + b and applies the KTO loss of docs/math.md.
 
-Tolerance rule (docs/math.md §7, tests/fused_problem.hpp): the logits-level rule of test_jax.py
+Tolerance rule (docs/math.md §7, tests/cpp/fused_problem.hpp): the logits-level rule of test_jax.py
 (1e-5 relative to the condition scale of the log-probs) carried through one product: an
 element of dH is bounded by 1e-4 · max|∂L/∂Z| · Σ_v |W[v, :]|, of dW by
 1e-4 · max|∂L/∂Z| · Σ_r |H[r, :]|, of db by 1e-4 · max|∂L/∂Z| · rows; a gradient returned
