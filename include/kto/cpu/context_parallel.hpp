@@ -102,17 +102,20 @@ StepResult<accumulator_t<T>> context_parallel_forward_impl(
     partials.failures() = 1.0;
   }
   sequence_all_reduce(partials.values.data(), static_cast<index_t>(partials.values.size()));
-  if (error) std::rethrow_exception(error);
-  if (partials.failures() != 0.0) {
-    std::ostringstream os;
-    os << fn << ": " << partials.failures()
-       << " context-parallel rank(s) failed before the sequence all-reduce; their own errors "
-          "name the cause (this rank's inputs passed every check)";
-    throw PeerError(fn, partials.failures(), os.str());
-  }
 
   StepResult<Acc> out;
   const KlPartial kl = kto::detail::reduce_kl_or_fail(kl_all_reduce, fn, [&] {
+    // A failure in this context-parallel group is raised inside the KL all-reduce's
+    // protocol: the group's ranks still join it with a failure, so that their peers in
+    // the other groups raise too instead of waiting in it.
+    if (error) std::rethrow_exception(error);
+    if (partials.failures() != 0.0) {
+      std::ostringstream os;
+      os << fn << ": " << partials.failures()
+         << " context-parallel rank(s) failed before the sequence all-reduce; their own "
+            "errors name the cause (this rank's inputs passed every check)";
+      throw PeerError(fn, partials.failures(), os.str());
+    }
     out.logp.assign(static_cast<size_t>(B), Acc(0));
     out.num_tokens.assign(static_cast<size_t>(B), 0);
     for (index_t s = 0; s < B; ++s) {

@@ -223,6 +223,37 @@ double reference_point(const torch::Tensor& global_kl, bool clamp_kl) {
   return kto::reference_point(kto::KlPartial{g->first, g->second}, o);
 }
 
+/// Loss, metrics and per-example outputs from whole sequence log-probs and an all-reduced
+/// (S, C): kto::finish, for kto_torch.distributed's context-parallel loss, whose ranks each
+/// hold a slice of every sequence and all-reduce their log-prob sums first. (metrics [9],
+/// per_example [5, B]) float64 on the CPU: O(B) work, the same on every rank.
+std::vector<torch::Tensor> finish(const torch::Tensor& policy_logp,
+                                  const torch::Tensor& reference_logp,
+                                  const torch::Tensor& desirable, const torch::Tensor& global_kl,
+                                  const std::vector<double>& options) {
+  const char* fn = kContextParallelLoss;
+  const Names names(
+      fn,
+      {{"policy_logp", "logits", {}}, {"kl.count", "global_kl", {}}, {"kl.sum", "global_kl", {}}});
+  return names.run([&] {
+    const auto cpu = torch::Device(torch::kCPU);
+    const auto p = float_vector(fn, "policy_logp", policy_logp, policy_logp, "policy_logp", -1,
+                                torch::kDouble, cpu);
+    const auto r = float_vector(fn, "reference_logp", reference_logp, policy_logp, "policy_logp",
+                                p.size(0), torch::kDouble, cpu);
+    const auto d = labels_operand(fn, desirable, policy_logp, "policy_logp", p.size(0), cpu);
+    const auto g = global_kl_operand(fn, global_kl, policy_logp, "policy_logp");
+    require(g.has_value(), fn, "global_kl", "hold the all-reduced (S, C)", "an empty tensor");
+    const kto::Options o = options_of(fn, options);
+    const auto out = kto::detail::finish_impl<double>(
+        kto::KlPartial{g->first, g->second}, span_of<double>(p), span_of<double>(r),
+        kto::make_span(d.data_ptr<uint8_t>(), d.numel()), o, fn, "reference_logp");
+    const std::vector<double> logp(p.data_ptr<double>(), p.data_ptr<double>() + p.numel());
+    return std::vector<torch::Tensor>{metrics_tensor(out.metrics),
+                                      per_example_tensor(logp, out.examples, p.size(0))};
+  });
+}
+
 // ---- the library's contract, read by kto_torch at import ----
 
 /// The library's metric names, in the order of the metrics array.
@@ -293,6 +324,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cuda", &has_cuda);
   m.def("kl_partial", &kl_partial);
   m.def("reference_point", &reference_point);
+  m.def("finish", &finish);
   m.def("metric_names", &metric_names);
   m.def("option_names", &option_names);
   m.def("option_choices", &option_choices);

@@ -38,6 +38,7 @@ constexpr const char* kKtoLoss = "kto_torch.kto_loss";
 constexpr const char* kKtoLossBackward = "kto_torch.kto_loss (backward)";
 constexpr const char* kKlPartial = "kto_torch.kl_partial";
 constexpr const char* kReferencePoint = "kto_torch.reference_point";
+constexpr const char* kContextParallelLoss = "kto_torch.distributed.context_parallel_kto_loss";
 constexpr const char* kFusedLoss = "kto_torch.fused_linear_kto_loss";
 constexpr const char* kFusedLogprobs = "kto_torch.fused_linear_logprobs";
 

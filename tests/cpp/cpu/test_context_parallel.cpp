@@ -42,6 +42,25 @@ struct Slice {
   }
 };
 
+/// A 2 × 2 mesh of threads: rank 2d + k holds slice k of replica d's batch; the sequence
+/// sums travel over the context-parallel group {(d, 0), (d, 1)}, the KL (S, C) over the
+/// data-parallel group {(0, k), (1, k)}. Returns each rank's exception (or null).
+template <class T>
+std::vector<std::exception_ptr> run_mesh(const std::vector<test::StepCase<T>>& cases,
+                                         const std::vector<Slice<T>>& slices, const kto::Options& o,
+                                         std::vector<kto::cpu::StepResult<T>>& results) {
+  test::ThreadSum context0(2), context1(2), data0(2), data1(2);
+  test::ThreadSum* context[2] = {&context0, &context1};
+  test::ThreadSum* data[2] = {&data0, &data1};
+  results.resize(4);
+  return test::run_ranks(4, [&](int rank) {
+    const int d = rank / 2, k = rank % 2;
+    results[static_cast<size_t>(rank)] = kto::cpu::context_parallel_step_forward<T>(
+        slices[static_cast<size_t>(rank)].inputs(test::step_inputs(cases[static_cast<size_t>(d)])),
+        o, std::ref(*context[d]), {}, std::ref(*data[k]));
+  });
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("context parallel: R ranks' slices equal the float64 reference of the batch",
@@ -132,18 +151,10 @@ TEST_CASE("context parallel composes with data parallel: 2 replicas × 2 slices"
                           other.kl_reference.end());
     j.kl_tokens.insert(j.kl_tokens.end(), other.kl_tokens.begin(), other.kl_tokens.end());
   }
-  test::ThreadSum context0(2), context1(2), data0(2), data1(2);
-  test::ThreadSum* context[2] = {&context0, &context1};
-  test::ThreadSum* data[2] = {&data0, &data1};
-  std::vector<kto::cpu::StepResult<float>> results(4);
+  std::vector<kto::cpu::StepResult<float>> results;
   std::vector<Slice<float>> slices;
   for (int rank = 0; rank < 4; ++rank) slices.emplace_back(cases[rank / 2].st, rank % 2, 2);
-  const auto errors = test::run_ranks(4, [&](int rank) {
-    const int d = rank / 2, k = rank % 2;
-    results[static_cast<size_t>(rank)] = kto::cpu::context_parallel_step_forward<float>(
-        slices[static_cast<size_t>(rank)].inputs(test::step_inputs(cases[static_cast<size_t>(d)])),
-        o, std::ref(*context[d]), {}, std::ref(*data[k]));
-  });
+  const auto errors = run_mesh(cases, slices, o, results);
   for (const auto& e : errors) REQUIRE(!e);
   for (int rank = 0; rank < 4; ++rank) {
     INFO("rank " << rank);
@@ -189,4 +200,40 @@ TEST_CASE("context parallel: a failing rank raises on every rank of the group",
                     "kto::cpu::context_parallel_step_forward: argument 'sequence_all_reduce' "
                     "must be set: it sums across the context-parallel group; got an empty "
                     "function");
+}
+
+TEST_CASE("context parallel with data parallel: a failing rank raises on all 2 × 2 ranks",
+          "[context_parallel]") {
+  // Rank (1, 1) has a NaN: its context-parallel group {(1, 0), (1, 1)} learns it from the
+  // sequence all-reduce, and the other group from the KL all-reduce, which the failed
+  // group still joins; nobody waits in a collective (ThreadSum times out otherwise).
+  std::mt19937_64 rng(11);
+  kto::Options o;
+  test::ShapeSpec spec;
+  spec.ignore_fraction = 0.0;
+  std::vector<test::StepCase<float>> cases;
+  for (int d = 0; d < 2; ++d)
+    cases.push_back(test::make_step_case<float>(rng, Layout::packed, spec, o));
+  std::vector<Slice<float>> slices;
+  for (int rank = 0; rank < 4; ++rank) slices.emplace_back(cases[rank / 2].st, rank % 2, 2);
+  slices[3].logits[3] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<kto::cpu::StepResult<float>> results;
+  const auto errors = run_mesh(cases, slices, o, results);
+  const auto what = [&](int rank) {
+    try {
+      std::rethrow_exception(errors[static_cast<size_t>(rank)]);
+    } catch (const kto::PeerError& e) {
+      return std::string("PeerError: ") + e.what();
+    } catch (const kto::Error& e) {
+      return std::string("Error: ") + e.what();
+    }
+  };
+  for (int rank = 0; rank < 4; ++rank) REQUIRE(errors[static_cast<size_t>(rank)]);
+  CHECK(what(3).find("Error: kto::cpu::context_parallel_step_forward") == 0);
+  CHECK(what(3).find("is nan") != std::string::npos);
+  CHECK(what(2).find("1 context-parallel rank(s) failed before the sequence all-reduce") !=
+        std::string::npos);
+  for (int rank : {0, 1})
+    CHECK(what(rank).find("data-parallel rank(s) failed before the KL all-reduce") !=
+          std::string::npos);
 }

@@ -9,7 +9,6 @@ file, and the parent joins with a deadline.
 """
 
 import os
-import tempfile
 import time
 from datetime import timedelta
 
@@ -18,11 +17,12 @@ import pytest
 torch = pytest.importorskip("torch")
 kto_torch = pytest.importorskip("kto_torch")
 
+from gloo_ranks import spawn_ranks  # noqa: E402
 from test_torch import make_batch  # noqa: E402
 
 WORLD = 2
 TIMEOUT_S = 60  # the process group's collective timeout; a scenario must end well before it
-FAULTS = ("none", "nan_kl_logits", "bad_target")
+FAULTS = ("none", "nan_kl_logp", "bad_target")
 
 
 def _batch():
@@ -44,10 +44,12 @@ def _scenario(rank, batch, fault):
 
     per = batch["logits"].shape[0] // WORLD
     sl = slice(rank * per, (rank + 1) * per)
-    kl_logits = batch["kl_logits"][sl].clone()
+    with torch.no_grad():  # the KL batch's log-probs, as a trainer computes them
+        kl_logp, kl_n = kto_torch.sequence_logprobs(batch["kl_logits"][sl],
+                                                    batch["kl_targets"][sl])
     targets = batch["targets"][sl].clone()
-    if rank == 1 and fault == "nan_kl_logits":
-        kl_logits[0, 2, 4] = float("nan")  # a scored row of rank 1's KL batch
+    if rank == 1 and fault == "nan_kl_logp":
+        kl_logp[0] = float("nan")  # rank 1's KL batch: found in its KL partial
     if rank == 1 and fault == "bad_target":
         targets[1, 3] = 13  # out of [0, V): found in the target batch, after the KL all-reduce
     z = batch["logits"][sl].detach().clone().requires_grad_(True)
@@ -55,8 +57,7 @@ def _scenario(rank, batch, fault):
     start = time.monotonic()
     try:
         out = kto_dist.kto_loss(z, targets, None, batch["ref_logp"][sl], batch["desirable"][sl],
-                                kl_reference_logp=batch["kl_ref_logp"][sl], kl_logits=kl_logits,
-                                kl_targets=batch["kl_targets"][sl],
+                                kl_logp, batch["kl_ref_logp"][sl], kl_n,
                                 mean_denominator=batch["logits"].shape[0])
         out.loss.backward()
         record.update(loss=out.loss.detach(), kl=out.metrics["kl"], grad=z.grad)
@@ -88,20 +89,8 @@ def _rank_main(rank, init_file, batch, out_dir):
 @pytest.fixture(scope="module")
 def runs():
     """{fault: [rank 0's record, rank 1's record]}, and the batch."""
-    import torch.multiprocessing as mp
-
     batch = _batch()
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_rank_main, args=(os.path.join(tmp, "init"), batch, tmp), nprocs=WORLD,
-                       join=False)
-        deadline = time.monotonic() + len(FAULTS) * TIMEOUT_S + 60
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                pytest.fail("the ranks did not finish: a collective is waiting for a rank")
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = spawn_ranks(_rank_main, WORLD, batch, len(FAULTS) * TIMEOUT_S + 60)
     return {fault: [r[fault] for r in ranks] for fault in FAULTS}, batch
 
 
@@ -121,8 +110,8 @@ def test_healthy_step_equals_one_process(runs):
     torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), z.grad, rtol=1e-12, atol=0)
 
 
-def test_nan_in_one_ranks_kl_logits_raises_on_every_rank(runs):
-    for r in runs[0]["nan_kl_logits"]:
+def test_nan_in_one_ranks_kl_batch_raises_on_every_rank(runs):
+    for r in runs[0]["nan_kl_logp"]:
         assert r["seconds"] < TIMEOUT_S / 2
         assert r.get("error") == "PeerError" and r["is_value_error"], r
         assert r["phase"] == "before the KL all-reduce"

@@ -111,9 +111,9 @@ def test_transform_options_are_checked():
         kto_torch.sequence_logprobs(batch["logits"], batch["targets"], temperature=0.0)
 
 
-def test_distributed_kto_loss_applies_the_transform_to_kl_logits(tmp_path):
-    """kto_torch.distributed.kto_loss with the KL batch as logits: its log-probs take the same
-    logit transform as the target batch (one gloo rank, so the step equals kto_loss)."""
+def test_distributed_kto_loss_passes_the_transform_on(tmp_path):
+    """kto_torch.distributed.kto_loss with a logit transform: on one gloo rank the step is
+    kto_loss's (the KL batch's log-probs taken under the same transform)."""
     import torch.distributed as dist
 
     import kto_torch.distributed as kto_dist
@@ -124,16 +124,19 @@ def test_distributed_kto_loss_applies_the_transform_to_kl_logits(tmp_path):
     kl_targets = torch.randint(0, 29, (4, 6), generator=g)
     kl_ref = torch.full((4,), -30.0)
     t = dict(logit_softcap=2.0, logit_scale=1.5)
+    kl_logp, kl_n = kto_torch.sequence_logprobs(kl_logits, kl_targets, **t)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                             world_size=1)
     try:
         got = kto_dist.kto_loss(batch["logits"], batch["targets"], None, torch.full((4,), -20.0),
-                                batch["desirable"], kl_reference_logp=kl_ref,
-                                kl_logits=kl_logits, kl_targets=kl_targets, **t)
+                                batch["desirable"], kl_logp, kl_ref, kl_n, **t)
     finally:
         dist.destroy_process_group()
-    kl_logp, kl_n = kto_torch.sequence_logprobs(kl_logits, kl_targets, **t)
     want = kto_torch.kto_loss(batch["logits"], batch["targets"], None, torch.full((4,), -20.0),
                               batch["desirable"], kl_logp, kl_ref, kl_n, **t)
     assert torch.equal(got.metrics["kl"], want.metrics["kl"])
     assert torch.equal(got.loss, want.loss)
+    # A transform changes the loss: the options reached the op.
+    plain = kto_torch.kto_loss(batch["logits"], batch["targets"], None, torch.full((4,), -20.0),
+                               batch["desirable"], kl_logp, kl_ref, kl_n)
+    assert not torch.equal(plain.loss, want.loss)
