@@ -29,7 +29,7 @@ try:
     print(f"kto_jax {build.library_version()}: -std={build.cxx_standard()}, "
           f"Eigen {build.eigen_include()}, CUDA {'on' if build.nvcc() else 'off'}, "
           f"CPU levels {['baseline', *build.isa_levels()]}", flush=True)
-except (build.EigenNotFound, FileNotFoundError) as e:
+except build.BuildError as e:
     raise SystemExit(str(e)) from None
 
 

@@ -1,5 +1,7 @@
 """How kto_jax's XLA FFI libraries are compiled: one place for setup.py (the
-install-time build) and for the source-tree fallback of kto_jax/_library.py.
+install-time build) and for the source-tree fallback of kto_jax/_library.py. What it
+shares with kto_torch's build (the headers, the version, Eigen, the C++ standard probe,
+the ISA levels, the CUDA architectures) is _build_common.py.
 
 No jax import at module level: setup.py loads this file by path.
 
@@ -25,10 +27,8 @@ No jax import at module level: setup.py loads this file by path.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
-import platform
-import re
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,87 +36,33 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 SOURCE = PACKAGE.parent  # python/kto_jax (or an unpacked sdist, or the build's copy of it)
 ROOT = SOURCE.parent.parent  # the repository
-BUNDLE = SOURCE / "kto_src"  # the library's headers in an sdist
 CPU_SOURCE = SOURCE / "csrc" / "kto_jax_cpu.cpp"
 CUDA_SOURCE = SOURCE / "csrc" / "kto_jax_cuda.cu"
+NAME = "kto_jax"
+
+# What both packages' builds share (kto_torch/_kto_build_common.py; a symlink here, a copy in
+# an sdist), loaded by path: setup.py loads this file by path too, outside the package.
+_spec = importlib.util.spec_from_file_location("kto_jax_build_common",
+                                               Path(__file__).parent / "_build_common.py")
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+BuildError = common.BuildError
+EigenNotFound = common.EigenNotFound
 
 
 def kto_root() -> Path:
     """The directory holding the library's include/ and kernels/: the repository, else
     the sdist's bundle."""
-    for root in (ROOT, BUNDLE):
-        if (root / "include" / "kto" / "config.hpp").is_file():
-            return root
-    raise FileNotFoundError(f"kto_jax: the kto headers are missing: neither {ROOT} (a "
-                            f"repository checkout) nor {BUNDLE} (an sdist) holds "
-                            "include/kto/config.hpp")
+    return common.kto_root(SOURCE, NAME)
 
 
 def library_version(root: Path | None = None) -> str:
-    text = ((root or kto_root()) / "include" / "kto" / "config.hpp").read_text()
-    return ".".join(
-        re.search(rf"#define KTO_VERSION_{k} (\d+)", text).group(1)
-        for k in ("MAJOR", "MINOR", "PATCH")
-    )
-
-
-EIGEN_HELP = ("Eigen 3.4's headers are needed to build kto. Get them with one of\n"
-              "  pip install cmeel-eigen              (then build without isolation)\n"
-              "  apt-get install libeigen3-dev        (Debian, Ubuntu)\n"
-              "  KTO_EIGEN_DIR=/path/to/eigen3        (the directory that holds Eigen/Core)")
-
-
-class EigenNotFound(RuntimeError):
-    pass
-
-
-def eigen_version(directory: Path) -> tuple[int, ...] | None:
-    try:
-        text = (directory / "Eigen" / "src" / "Core" / "util" / "Macros.h").read_text()
-    except OSError:
-        return None
-    found = [re.search(rf"#define EIGEN_{k}_VERSION (\d+)", text)
-             for k in ("WORLD", "MAJOR", "MINOR")]
-    return tuple(int(m.group(1)) for m in found) if all(found) else None
-
-
-def eigen_candidates():
-    """(where it came from, directory), in the order they are tried."""
-    if os.environ.get("KTO_EIGEN_DIR"):
-        yield "KTO_EIGEN_DIR", Path(os.environ["KTO_EIGEN_DIR"])
-        return
-    from importlib.metadata import PackageNotFoundError, distribution  # noqa: PLC0415
-
-    try:
-        yield "the cmeel-eigen package", Path(distribution("cmeel-eigen").locate_file(
-            "cmeel.prefix/include/eigen3"))
-    except PackageNotFoundError:
-        pass
-    try:
-        flags = subprocess.run(["pkg-config", "--cflags-only-I", "eigen3"], check=True,
-                               capture_output=True, text=True).stdout
-        for f in shlex.split(flags):
-            if f.startswith("-I"):
-                yield "pkg-config eigen3", Path(f[2:])
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    yield "the system", Path("/usr/include/eigen3")
+    return common.library_version(root or kto_root())
 
 
 @functools.lru_cache(maxsize=None)
 def eigen_include() -> str:
-    tried = []
-    for origin, directory in eigen_candidates():
-        if (directory / "Eigen" / "Core").is_file():
-            version = eigen_version(directory)
-            if version is not None and version[:2] < (3, 4):
-                raise EigenNotFound(f"kto_jax: Eigen {'.'.join(map(str, version))} in "
-                                    f"{directory} ({origin}) is too old: kto needs 3.4.\n"
-                                    + EIGEN_HELP)
-            return str(directory)
-        tried.append(f"{directory} ({origin})")
-    raise EigenNotFound("kto_jax: Eigen not found; looked in " + ", ".join(tried) + ".\n"
-                        + EIGEN_HELP)
+    return common.eigen_include(NAME)
 
 
 def ffi_include() -> str:
@@ -138,16 +84,7 @@ def cxx() -> str:
 @functools.lru_cache(maxsize=None)
 def cxx_standard() -> str:
     """The oldest of C++17 and C++20 under which jaxlib's FFI header compiles."""
-    errors = ""
-    for std in ("c++17", "c++20"):
-        probe = subprocess.run([cxx(), f"-std={std}", "-fsyntax-only", "-x", "c++", "-isystem",
-                                ffi_include(), "-"], input='#include "xla/ffi/api/ffi.h"\n',
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            return std
-        errors = probe.stderr
-    raise RuntimeError(f"kto_jax: {cxx()} cannot compile jaxlib's xla/ffi/api/ffi.h at "
-                       f"-std=c++17 or -std=c++20:\n{errors[-3000:]}")
+    return common.oldest_standard(cxx(), ["-isystem", ffi_include()], "xla/ffi/api/ffi.h", NAME)
 
 
 def native() -> bool:
@@ -155,14 +92,8 @@ def native() -> bool:
 
 
 def isa_levels() -> list[str]:
-    """The extra x86-64 levels of the CPU library (runtime ISA dispatch): those the
-    compiler knows, on an x86-64 build that is not native; KTO_ISA_LEVELS overrides."""
-    if native() or platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    wanted = os.environ.get("KTO_ISA_LEVELS", "x86-64-v3 x86-64-v4").split()
-    return [level for level in wanted if subprocess.run(
-        [cxx(), f"-march={level}", "-x", "c++", "-E", "-", "-o", os.devnull], input="",
-        capture_output=True, text=True).returncode == 0]
+    """The extra x86-64 levels of the CPU library (runtime ISA dispatch)."""
+    return common.isa_levels(cxx(), native(), NAME)
 
 
 def cpu_command(out: Path, root: Path | None = None, level: str | None = None) -> list[str]:
@@ -186,12 +117,10 @@ def nvcc() -> str | None:
 
 
 def cuda_command(out: Path, compiler: str, root: Path | None = None) -> list[str]:
-    archs = os.environ.get("KTO_CUDA_ARCHS", "80;90").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
     host = ["-O3", "-fPIC", "-pthread"] + (["-march=native"] if native() else [])
     return [compiler, f"-std={cxx_standard()}", "-O3", "-shared", "--expt-relaxed-constexpr",
-            "-Xcompiler", ",".join(host), *gencode, *includes(root), str(CUDA_SOURCE),
-            "-o", str(out), "-lcublas"]
+            "-Xcompiler", ",".join(host), *common.cuda_gencode(), *includes(root),
+            str(CUDA_SOURCE), "-o", str(out), "-lcublas"]
 
 
 def build_in_source_tree(build_dir: Path) -> Path:

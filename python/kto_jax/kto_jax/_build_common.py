@@ -1,0 +1,1 @@
+../../kto_torch/_kto_build_common.py
