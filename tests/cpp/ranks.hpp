@@ -1,7 +1,9 @@
-// ranks.hpp — threads standing in for the ranks of a data- or context-parallel group:
-// an all-reduce (sum) between them, and a runner that keeps each rank's exception.
+// ranks.hpp — threads standing in for the ranks of a data-, context- or vocabulary-parallel
+// group: an all-reduce (sum) and an all-gather of row partials between them, and a runner
+// that keeps each rank's exception.
 #pragma once
 
+#include <kto/fused_linear.hpp>
 #include <kto/layout.hpp>
 #include <kto/reference_point.hpp>
 
@@ -50,6 +52,29 @@ class ThreadSum {
  private:
   int ranks_, arrived_ = 0, round_ = 0;
   std::vector<double> sum_, result_;
+  std::mutex m_;
+  std::condition_variable cv_;
+};
+
+/// All-gathers each rank's row partials (a vocabulary-parallel step's collective) between
+/// threads standing in for `ranks` ranks; every rank gets all of them in rank order.
+template <class Acc>
+class GatherBoard {
+ public:
+  explicit GatherBoard(int ranks) : parts_(static_cast<size_t>(ranks)), ranks_(ranks) {}
+  void gather(int rank, const std::vector<kto::RowPartial<Acc>>& local,
+              std::vector<kto::RowPartial<Acc>>& all) {
+    std::unique_lock<std::mutex> lock(m_);
+    parts_[static_cast<size_t>(rank)] = local;
+    if (++arrived_ == ranks_) cv_.notify_all();
+    cv_.wait(lock, [&] { return arrived_ == ranks_; });
+    all.clear();
+    for (const auto& p : parts_) all.insert(all.end(), p.begin(), p.end());
+  }
+
+ private:
+  std::vector<std::vector<kto::RowPartial<Acc>>> parts_;
+  int ranks_, arrived_ = 0;
   std::mutex m_;
   std::condition_variable cv_;
 };

@@ -11,6 +11,7 @@
 #include <kto/cpu/fused_linear.hpp>
 
 #include "fused_fixture.hpp"
+#include "ranks.hpp"
 
 namespace {
 
@@ -124,28 +125,6 @@ TEST_CASE("frozen head: a d_bias alone, or dW alone, each equal the full run's",
 
 namespace {
 
-/// In-process stand-in for an all-gather across `ranks` threads.
-template <class Acc>
-class Board {
- public:
-  explicit Board(int ranks) : parts_(static_cast<size_t>(ranks)), ranks_(ranks) {}
-  void gather(int rank, const std::vector<kto::RowPartial<Acc>>& local,
-              std::vector<kto::RowPartial<Acc>>& all) {
-    std::unique_lock<std::mutex> lock(m_);
-    parts_[static_cast<size_t>(rank)] = local;
-    if (++arrived_ == ranks_) cv_.notify_all();
-    cv_.wait(lock, [&] { return arrived_ == ranks_; });
-    all.clear();
-    for (const auto& p : parts_) all.insert(all.end(), p.begin(), p.end());
-  }
-
- private:
-  std::vector<std::vector<kto::RowPartial<Acc>>> parts_;
-  int ranks_, arrived_ = 0;
-  std::mutex m_;
-  std::condition_variable cv_;
-};
-
 /// Each rank's run on its vocabulary slice (2 ranks), frozen or not.
 template <class T>
 std::vector<Run<T>> sharded_runs(const FusedProblem& fp, const kto::Options& o, bool frozen) {
@@ -153,7 +132,7 @@ std::vector<Run<T>> sharded_runs(const FusedProblem& fp, const kto::Options& o, 
   const int ranks = 2;
   const auto cfg = config_rows<T>(fp, 6, FusedStrategy::keep_chunk);
   const Storage<T> st(fp);
-  Board<Acc> board(ranks);
+  test::GatherBoard<Acc> board(ranks);
   std::vector<Run<T>> runs(static_cast<size_t>(ranks));
   std::vector<std::exception_ptr> errors(static_cast<size_t>(ranks));
   std::vector<std::thread> threads;

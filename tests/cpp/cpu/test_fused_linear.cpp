@@ -9,6 +9,7 @@
 #include <kto/cpu/fused_linear.hpp>
 
 #include "fused_fixture.hpp"
+#include "ranks.hpp"
 
 #define KTO_DTYPES float, double, Eigen::half, Eigen::bfloat16
 
@@ -329,32 +330,6 @@ TEST_CASE(
   test::compare_fused(fp, test::fused_reference(fp, o), observe(c), o, 1e-5);
 }
 
-namespace {
-
-/// In-process stand-in for an all-gather across `ranks` threads.
-template <class Acc>
-class GatherBoard {
- public:
-  explicit GatherBoard(int ranks) : parts_(static_cast<size_t>(ranks)), ranks_(ranks) {}
-  void gather(int rank, const std::vector<kto::RowPartial<Acc>>& local,
-              std::vector<kto::RowPartial<Acc>>& all) {
-    std::unique_lock<std::mutex> lock(m_);
-    parts_[static_cast<size_t>(rank)] = local;
-    if (++arrived_ == ranks_) cv_.notify_all();
-    cv_.wait(lock, [&] { return arrived_ == ranks_; });
-    all.clear();
-    for (const auto& p : parts_) all.insert(all.end(), p.begin(), p.end());
-  }
-
- private:
-  std::vector<std::vector<kto::RowPartial<Acc>>> parts_;
-  int ranks_, arrived_ = 0;
-  std::mutex m_;
-  std::condition_variable cv_;
-};
-
-}  // namespace
-
 TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused][tp]", float,
                    Eigen::bfloat16) {
   using T = TestType;
@@ -370,7 +345,7 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
   o.undesirable_weight = 1.33;
   const auto cfg = config_rows<T>(fp, 6, FusedStrategy::keep_chunk);
   const Storage<T> st(fp);
-  GatherBoard<Acc> board(ranks);
+  test::GatherBoard<Acc> board(ranks);
   std::vector<Run<T>> runs(static_cast<size_t>(ranks));
   std::vector<index_t> begins;
   std::vector<std::thread> threads;
