@@ -225,16 +225,20 @@ double reference_point(const torch::Tensor& global_kl, bool clamp_kl) {
 
 /// Loss, metrics and per-example outputs from whole sequence log-probs and an all-reduced
 /// (S, C): kto::finish, for kto_torch.distributed's context-parallel loss, whose ranks each
-/// hold a slice of every sequence and all-reduce their log-prob sums first. (metrics [9],
-/// per_example [5, B]) float64 on the CPU: O(B) work, the same on every rank.
+/// hold a slice of every sequence and all-reduce their log-prob sums first. Also the
+/// backward's one refusal z0 does not decide (the gradient's scale in the logits' dtype, on
+/// the whole token counts `num_tokens`), here, before the backward: it raises on every rank
+/// of the group alike. (metrics [9], per_example [5, B]) float64 on the CPU: O(B) work.
 std::vector<torch::Tensor> finish(const torch::Tensor& policy_logp,
                                   const torch::Tensor& reference_logp,
                                   const torch::Tensor& desirable, const torch::Tensor& global_kl,
+                                  const torch::Tensor& num_tokens, const torch::Tensor& logits,
                                   const std::vector<double>& options) {
   const char* fn = kContextParallelLoss;
-  const Names names(
-      fn,
-      {{"policy_logp", "logits", {}}, {"kl.count", "global_kl", {}}, {"kl.sum", "global_kl", {}}});
+  // An empty KL batch (C = 0 on every rank) is the KL batch's fault.
+  const Names names(fn, {{"policy_logp", "logits", {}},
+                         {"kl.count", "kl_policy_logp", {}},
+                         {"kl.sum", "kl_policy_logp", {}}});
   return names.run([&] {
     const auto cpu = torch::Device(torch::kCPU);
     const auto p = float_vector(fn, "policy_logp", policy_logp, policy_logp, "policy_logp", -1,
@@ -242,12 +246,18 @@ std::vector<torch::Tensor> finish(const torch::Tensor& policy_logp,
     const auto r = float_vector(fn, "reference_logp", reference_logp, policy_logp, "policy_logp",
                                 p.size(0), torch::kDouble, cpu);
     const auto d = labels_operand(fn, desirable, policy_logp, "policy_logp", p.size(0), cpu);
+    const auto n =
+        int_vector(fn, "num_tokens", num_tokens, policy_logp, "policy_logp", p.size(0), cpu);
     const auto g = global_kl_operand(fn, global_kl, policy_logp, "policy_logp");
     require(g.has_value(), fn, "global_kl", "hold the all-reduced (S, C)", "an empty tensor");
     const kto::Options o = options_of(fn, options);
-    const auto out = kto::detail::finish_impl<double>(
-        kto::KlPartial{g->first, g->second}, span_of<double>(p), span_of<double>(r),
-        kto::make_span(d.data_ptr<uint8_t>(), d.numel()), o, fn, "reference_logp");
+    const auto labels = kto::make_span(d.data_ptr<uint8_t>(), d.numel());
+    const auto out =
+        kto::detail::finish_impl<double>(kto::KlPartial{g->first, g->second}, span_of<double>(p),
+                                         span_of<double>(r), labels, o, fn, "reference_logp");
+    dispatch(logits, [&](auto tag) {
+      kto::cpu::detail::check_gradient_scale_bound<decltype(tag)>(labels, index_span(n), o, fn);
+    });
     const std::vector<double> logp(p.data_ptr<double>(), p.data_ptr<double>() + p.numel());
     return std::vector<torch::Tensor>{metrics_tensor(out.metrics),
                                       per_example_tensor(logp, out.examples, p.size(0))};

@@ -47,6 +47,7 @@ here and may not be passed.
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -72,6 +73,12 @@ _LOGPROB_OPTIONS = ("average_logprob", "ignore_index", "logit_scale", "logit_sof
 
 def _collective_device(anchor: Tensor) -> torch.device:
     return anchor.device if anchor.is_cuda else torch.device("cpu")
+
+
+def _device(logits) -> torch.device:
+    """The collectives' device: the logits' if on CUDA (NCCL), else the CPU (also for a
+    rank whose `logits` is not a tensor: it still joins, with its error)."""
+    return _collective_device(logits) if isinstance(logits, Tensor) else torch.device("cpu")
 
 
 def _fail(error_class, fn: str, name: str, message: str):
@@ -177,16 +184,15 @@ def kto_loss(logits: Tensor, targets: Tensor, offsets: Optional[Tensor], referen
     ``kl_reference_logp``, ``kl_num_tokens``: this rank's KL sequences, from
     ``kto_torch.sequence_logprobs`` under ``torch.no_grad()``). ``group``: the data-parallel
     process group (default: the world)."""
-    _check_options(_FN, options)
-    _tensors(_FN, logits=logits)
-    device = _collective_device(logits)
-
+    device = _device(logits)
     partial, error = None, None
-    try:
+    try:  # every check inside: a rank that raised here would leave the others in the all-reduce
+        _check_options(_FN, options)
+        _tensors(_FN, logits=logits)
         partial = _local_kl_partial(_FN, kl_policy_logp, kl_reference_logp, kl_num_tokens,
                                     options)
     except Exception as e:  # noqa: BLE001 — carried to every rank below
-        error = e
+        error = _in_our_name(_FN, e)
     global_kl = sum_or_fail(partial, error, "before the KL all-reduce", size=2, device=device,
                             group=group)
 
@@ -195,7 +201,7 @@ def kto_loss(logits: Tensor, targets: Tensor, offsets: Optional[Tensor], referen
         out = kto_torch.kto_loss(logits, targets, offsets, reference_logp, desirable,
                                  global_kl=global_kl, **options)
     except Exception as e:  # noqa: BLE001
-        error = e
+        error = _in_our_name(_FN, e)
     sum_or_fail(None, error, "in the target batch's step", size=0, device=device, group=group)
     return out
 
@@ -218,9 +224,42 @@ def _local_kl_partial(fn: str, kl_policy_logp, kl_reference_logp, kl_num_tokens,
 
 
 # ---- context parallel ----
+#
+# Every check, even of an argument's type, runs inside a `try` whose failure travels with the
+# next collective: a rank that raised before a collective would leave the others in it.
+# The collectives, every rank in the same order:
+#   1. agree on B (MAX over cp_group): the size of the next one;
+#   2. the sequence sums [Σℓ (B), n (B), fingerprint (4), failed] (SUM over cp_group);
+#   3. with dp_group: [S, C, failed] (SUM over dp_group); then raise together if any failed;
+#   4. after the finish: a failure flag over cp_group, then dp_group.
 
-def _offsets(fn: str, logits: Tensor, offsets: Optional[Tensor]) -> Tensor:
-    return _padded_offsets(fn, "logits", logits) if offsets is None else offsets
+def _in_our_name(fn: str, error: BaseException) -> BaseException:
+    """An error of a kto_torch function called here, in this function's name (its class,
+    argument and location kept)."""
+    called = getattr(error, "function", "")
+    if isinstance(error, KTOError) and called and called != fn:
+        renamed = copy.copy(error)
+        renamed.args = (str(error).replace(called, fn, 1),)
+        renamed.function = fn
+        renamed.__cause__ = error
+        return renamed
+    return error
+
+
+def _agree_on_count(count: int, error: Optional[BaseException], name: str, device, group,
+                    fn: str) -> tuple:
+    """Collective 1: every rank's `count` (B) must be equal; a rank that failed already
+    passes no count. Returns (the group's count, this rank's error or a disagreement)."""
+    mine = torch.tensor([-1.0, -2.0**60] if error is not None else [count, -count],
+                        dtype=torch.float64, device=device)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
+    largest, smallest = int(mine[0]), -int(mine[1])
+    if error is None and largest >= 0 and smallest != largest:
+        error = KTOError(f"{fn}: argument '{name}' must be the same on every rank of cp_group "
+                         f"(one entry per sequence); got {count} here, between {smallest} and "
+                         f"{largest} on the group")
+        error.function, error.argument = fn, name
+    return max(largest, 0), error
 
 
 def _local_sums(fn: str, logits: Tensor, targets: Tensor, offsets: Tensor, sequences: int,
@@ -233,20 +272,21 @@ def _local_sums(fn: str, logits: Tensor, targets: Tensor, offsets: Tensor, seque
         logits.detach(), targets, offsets,
         _options(fn, **{k: local[k] for k in _LOGPROB_OPTIONS if k in local}))
     if logp_sum.numel() != sequences:
-        _fail(KTOError, fn, "offsets", f"must delimit {sequences} sequences (one per entry of "
-                                       f"reference_logp, on every rank); got {logp_sum.numel()}")
+        _fail(KTOError, fn, "offsets", f"must delimit {sequences} sequences (B, on every rank of "
+                                       f"cp_group); got {logp_sum.numel()}")
     return logp_sum, n, row_lse
-
-
-def _on_cpu(t):
-    return t.cpu() if isinstance(t, Tensor) else t
 
 
 def _whole(sums: Tensor, sequences: int, average_logprob: bool) -> tuple:
     """The whole sequences' log-probs and token counts from the all-reduced sums."""
-    logp_sum, n = sums[:sequences], sums[sequences:].round().to(torch.int64)
+    logp_sum = sums[:sequences]
+    n = sums[sequences:2 * sequences].round().to(torch.int64)
     logp = logp_sum / n.clamp(min=1) if average_logprob else logp_sum
     return logp, n
+
+
+def _offsets(fn: str, logits: Tensor, offsets: Optional[Tensor]) -> Tensor:
+    return _padded_offsets(fn, "logits", logits) if offsets is None else offsets
 
 
 def context_parallel_sequence_logprobs(logits: Tensor, targets: Tensor,
@@ -259,8 +299,7 @@ def context_parallel_sequence_logprobs(logits: Tensor, targets: Tensor,
     Args:
         logits, targets, offsets: this rank's rows, as sequence_logprobs takes them; offsets
             delimit each sequence's slice on this rank (a slice may be empty).
-        sequences: B, the same on every rank (the all-reduce's size must be known even on a
-            rank whose inputs are malformed).
+        sequences: B, the same on every rank.
         cp_group: the context-parallel process group; dp_group: the data-parallel one, over
             which only a failure is carried (None: no data parallel).
         average_logprob, ignore_index, logit_scale, logit_softcap, temperature: as in
@@ -270,19 +309,28 @@ def context_parallel_sequence_logprobs(logits: Tensor, targets: Tensor,
     every rank of ``cp_group``; PeerError on every rank where any failed.
     """
     fn = _CP_LOGPROBS_FN
-    unknown = sorted(set(options) - set(_LOGPROB_OPTIONS))
-    if unknown:
-        raise KTOTypeError(f"{fn}: unknown option(s) {unknown}; the options are "
-                           f"{sorted(_LOGPROB_OPTIONS)}")
-    _tensors(fn, logits=logits, targets=targets, offsets=offsets)
-    device = _collective_device(logits)
-    values, error = None, None
+    device = _device(logits)
+    error = None
     try:
-        logp_sum, n, _ = _local_sums(fn, logits, targets, _offsets(fn, logits, offsets),
-                                     sequences, options)
-        values = torch.cat([logp_sum.double(), n.double()])
+        unknown = sorted(set(options) - set(_LOGPROB_OPTIONS))
+        if unknown:
+            raise KTOTypeError(f"{fn}: unknown option(s) {unknown}; the options are "
+                               f"{sorted(_LOGPROB_OPTIONS)}")
+        _tensors(fn, logits=logits, targets=targets, offsets=offsets)
+        if not isinstance(sequences, int) or sequences < 0:
+            _fail(KTOError, fn, "sequences", f"must be an int >= 0; got {sequences!r}")
     except Exception as e:  # noqa: BLE001 — carried to every rank
         error = e
+    sequences, error = _agree_on_count(sequences if error is None else 0, error, "sequences",
+                                       device, cp_group, fn)
+    values = None
+    if error is None:
+        try:
+            logp_sum, n, _ = _local_sums(fn, logits, targets, _offsets(fn, logits, offsets),
+                                         sequences, options)
+            values = torch.cat([logp_sum.double(), n.double()])
+        except Exception as e:  # noqa: BLE001
+            error = _in_our_name(fn, e)
     sums = _sum_over_groups(values, error, "before the sequence all-reduce", 2 * sequences,
                             device, cp_group, dp_group, fn)
     return _whole(sums, sequences, bool(options.get("average_logprob", False)))
@@ -308,6 +356,27 @@ class _LocalRowsGradient(torch.autograd.Function):
         return (dlogits,) + (None,) * 7
 
 
+# What every rank of cp_group must pass alike, summed with the sequence sums: Σ reference_logp,
+# Σ desirable and the KL batch's (S, C). Equal inputs sum to R times each rank's own; a rank
+# that differs makes every rank raise in the finish's failure flag.
+_FINGERPRINT = ("reference_logp", "desirable", "the KL batch (kl_policy_logp, ...)",
+                "the KL batch (kl_policy_logp, ...)")
+
+
+def _fingerprint(reference_logp: Tensor, desirable: Tensor, kl: Tensor) -> Tensor:
+    return torch.stack([reference_logp.detach().double().sum().cpu(),
+                        desirable.detach().double().sum().cpu(), kl[0].cpu(), kl[1].cpu()])
+
+
+def _check_fingerprint(fn: str, mine: Tensor, summed: Tensor, ranks: int) -> None:
+    for k, name in enumerate(_FINGERPRINT):
+        want = ranks * float(mine[k])
+        if abs(float(summed[k]) - want) > 1e-12 * ranks * (1.0 + abs(want)):
+            _fail(KTOError, fn, name.split(" ")[0] if k < 2 else "kl_policy_logp",
+                  f"must be the same on every rank of cp_group ({name}); the ranks' sums "
+                  f"differ: {float(summed[k])!r} over {ranks} ranks, {float(mine[k])!r} here")
+
+
 def context_parallel_kto_loss(logits: Tensor, targets: Tensor, offsets: Optional[Tensor],
                               reference_logp: Tensor, desirable: Tensor,
                               kl_policy_logp: Optional[Tensor] = None,
@@ -319,15 +388,18 @@ def context_parallel_kto_loss(logits: Tensor, targets: Tensor, offsets: Optional
     Each rank passes its contiguous slice of every sequence: its rows of the logits and
     targets, with ``offsets`` delimiting each sequence's slice (a slice may be empty), or
     [B, T_r, V] logits (offsets None: each sequence's T_r rows here). Every rank of the group
-    passes the same B, ``reference_logp``, ``desirable``, KL batch and options.
+    passes the same B, ``reference_logp``, ``desirable``, KL batch and options (the first
+    three and the KL batch are checked: a rank that differs raises on every rank).
 
     1. local: this rank's per-sequence log-prob sums and scored-token counts (and its rows'
        lse, for the backward), and the KL batch's (S, C), inside ``try``;
-    2. one all-reduce (SUM) over ``cp_group`` of [Σℓ (B), n (B), failed];
+    2. one all-reduce (SUM) over ``cp_group`` of [Σℓ (B), n (B), failed] (after a MAX one
+       that agrees on B);
     3. with ``dp_group``: one all-reduce of [S, C, failed] over it (the KL batch of the
        global batch, as ``kto_loss``'s); without it, the KL batch is this group's whole;
     4. the loss, metrics and g_s of the whole sequences (kto::finish), the same on every
-       rank of the group; a failure flag over both groups;
+       rank of the group, and the check that the gradient fits the logits' dtype; a failure
+       flag over both groups;
     5. ``loss.backward()``: ∂L/∂logits for this rank's rows only, no communication.
 
     The KL batch: its whole sequences' log-probs (``kl_policy_logp``, ``kl_reference_logp``,
@@ -337,55 +409,71 @@ def context_parallel_kto_loss(logits: Tensor, targets: Tensor, offsets: Optional
     ``cp_group`` (a trainer that averages them over a folded dp × cp mesh multiplies the loss
     by the group's size first, as Megatron and torchtitan do).
 
-    Returns a KTOOutput as kto_loss's (loss and metrics the same on every rank of the group;
-    ``num_tokens`` the whole sequences'); PeerError on every rank where any failed.
-    ``token_statistics`` is not offered here.
+    Returns a KTOOutput as kto_loss's (loss, metrics and per-sequence outputs on the logits'
+    device, the same on every rank of the group; ``num_tokens`` the whole sequences');
+    PeerError on every rank where any failed. ``token_statistics`` is not offered here.
     """
     fn = _CP_FN
-    _check_options(fn, options)
-    if options.get("token_statistics", False):
-        _fail(KTOError, fn, "token_statistics",
-              "must be False: the context-parallel loss does not sum token statistics over "
-              "the group (kto::cpu::context_parallel_kto_step does); got True")
-    _tensors(fn, logits=logits, targets=targets, offsets=offsets, reference_logp=reference_logp,
-             desirable=desirable, kl_policy_logp=kl_policy_logp,
-             kl_reference_logp=kl_reference_logp, kl_num_tokens=kl_num_tokens)
-    device = _collective_device(logits)
-    sequences = reference_logp.numel()
-
-    values, error, local = None, None, None
-    try:
-        offsets = _offsets(fn, logits, offsets)
-        local = _local_sums(fn, logits, targets, offsets, sequences, options)
-        kl = _local_kl_partial(fn, kl_policy_logp, kl_reference_logp, kl_num_tokens, options)
-        values = torch.cat([local[0].double(), local[1].double()])
+    device = _device(logits)
+    groups = [cp_group] + ([dp_group] if dp_group is not None else [])
+    error, sequences = None, 0
+    try:  # checks of this rank's arguments alone
+        _check_options(fn, options)
+        if options.get("token_statistics", False):
+            _fail(KTOError, fn, "token_statistics",
+                  "must be False: the context-parallel loss does not sum token statistics "
+                  "over the group (kto::cpu::context_parallel_kto_step does); got True")
+        _tensors(fn, logits=logits, targets=targets, offsets=offsets,
+                 reference_logp=reference_logp, desirable=desirable,
+                 kl_policy_logp=kl_policy_logp, kl_reference_logp=kl_reference_logp,
+                 kl_num_tokens=kl_num_tokens)
+        if reference_logp.dim() != 1:
+            _fail(KTOError, fn, "reference_logp", f"must be 1-D (one entry per sequence); got "
+                                                  f"shape {list(reference_logp.shape)}")
+        sequences = reference_logp.numel()
     except Exception as e:  # noqa: BLE001 — carried to every rank
         error = e
-    sums, failed = _all_reduce_with_flag(values, float(error is not None), 2 * sequences, device,
+    sequences, error = _agree_on_count(sequences, error, "reference_logp", device, cp_group, fn)
+
+    values, local, mine = None, None, None
+    if error is None:
+        try:
+            offsets = _offsets(fn, logits, offsets)
+            local = _local_sums(fn, logits, targets, offsets, sequences, options)
+            kl = _local_kl_partial(fn, kl_policy_logp, kl_reference_logp, kl_num_tokens,
+                                   options)
+            mine = _fingerprint(reference_logp, desirable, kl)
+            values = torch.cat([local[0].double().cpu(), local[1].double().cpu(), mine])
+        except Exception as e:  # noqa: BLE001
+            error = _in_our_name(fn, e)
+    size = 2 * sequences + len(_FINGERPRINT)
+    sums, failed = _all_reduce_with_flag(values, float(error is not None), size, device,
                                          cp_group)
     global_kl = None if failed else kl.to(device)
     if dp_group is not None:  # the KL batch of the global batch, and the verdict
         global_kl, failed = _all_reduce_with_flag(global_kl, failed, 2, device, dp_group)
-    _raise_if_failed(failed, error, "before the sequence all-reduce",
-                     [cp_group] + ([dp_group] if dp_group is not None else []), fn,
+    _raise_if_failed(failed, error, "before the sequence all-reduce", groups, fn,
                      _kind(dp_group))
 
-    out, error = None, None
+    out = None
     try:
-        average = bool(options.get("average_logprob", False))
-        logp, n = _whole(sums, sequences, average)
+        logp, n = _whole(sums, sequences, bool(options.get("average_logprob", False)))
         all_options = _options(fn, **options)
-        metrics, per_example = _C.finish(logp.cpu(), _on_cpu(reference_logp),
-                                         _on_cpu(desirable), global_kl.cpu(), all_options)
+        metrics, per_example = _C.finish(logp.cpu(), reference_logp.cpu(), desirable.cpu(),
+                                         global_kl.cpu(), n.cpu(), logits, all_options)
+        # After the finish's own checks, which name a bad value more precisely.
+        _check_fingerprint(fn, mine, sums[2 * sequences:].cpu(),
+                           dist.get_world_size(cp_group))
         acc = _accumulation(logits)
         per_example = per_example.to(device=logits.device, dtype=acc)
+        metrics = metrics.to(logits.device)
         grad_logp = per_example[EXAMPLE_OUTPUT_NAMES.index("grad_logp")]
-        loss = _LocalRowsGradient.apply(logits, metrics[0].to(device=logits.device, dtype=acc),
-                                        targets, offsets, local[2], grad_logp,
-                                        n.to(logits.device), all_options)
-        out = _kto_output(logits, metrics, per_example, n, None)._replace(loss=loss)
+        loss = _LocalRowsGradient.apply(logits, metrics[0].to(acc), targets, offsets, local[2],
+                                        grad_logp, n.to(logits.device), all_options)
+        out = _kto_output(logits, metrics, per_example, n.to(logits.device), None)
+        out = out._replace(loss=loss)
     except Exception as e:  # noqa: BLE001 — carried to every rank
-        error = e
+        error = _in_our_name(fn, e)
     _sum_over_groups(None, error, "in the target batch's step", 0, device, cp_group, dp_group,
                      fn)
     return out

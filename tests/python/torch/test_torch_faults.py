@@ -117,6 +117,7 @@ def test_nan_in_one_ranks_kl_batch_raises_on_every_rank(runs):
         assert r["phase"] == "before the KL all-reduce"
         assert list(r["failures"]) == [1]
         assert "rank 1: " in r["message"] and "nan" in r["message"].lower()
+        assert "kto_torch.distributed.kto_loss: argument 'kl_policy_logp[0]'" in r["message"]
         assert "1 of 2 data-parallel rank(s) failed before the KL all-reduce" in r["message"]
         assert r["after"] == WORLD
 
@@ -128,5 +129,6 @@ def test_bad_target_in_one_ranks_target_batch_raises_on_every_rank(runs):
         assert r["phase"] == "in the target batch's step"
         assert list(r["failures"]) == [1]
         assert "rank 1: " in r["message"]
-        assert "kto_torch.kto_loss: argument 'targets[1, 3]' must be in [0, 13)" in r["message"]
+        assert ("kto_torch.distributed.kto_loss: argument 'targets[1, 3]' must be in [0, 13)"
+                in r["message"])
         assert r["after"] == WORLD
