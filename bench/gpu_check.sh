@@ -131,7 +131,8 @@ fi
 if [ -f build-gpu/torch_build.rc ] && [ "$(cat build-gpu/torch_build.rc)" = 0 ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/python/torch/test_torch.py \
     tests/python/torch/test_torch_fused.py tests/python/torch/test_torch_logit_transform.py \
-    tests/python/torch/test_torch_token_statistics.py -k cuda >"$logs/pytest_cuda.txt" 2>&1
+    tests/python/torch/test_torch_token_statistics.py tests/python/torch/test_torch_frozen_head.py \
+    -k cuda >"$logs/pytest_cuda.txt" 2>&1
   note "pytest CUDA ops: rc=$?, $(tail -1 "$logs/pytest_cuda.txt")"
 fi
 if want jax; then

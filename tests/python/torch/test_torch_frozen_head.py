@@ -16,6 +16,10 @@ from test_torch_fused import assert_matches, kl_logprobs, make_problem, referenc
 OPTIONS = dict(beta=0.3, undesirable_weight=1.33)
 
 
+def on(p, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+
+
 def run(p, frozen_weight, frozen_bias, strategy="keep_chunk", chunk_bytes=None, **o):
     h = p["hidden"].detach().clone().requires_grad_(True)
     w = p["weight"].detach().clone().requires_grad_(not frozen_weight)
@@ -53,6 +57,26 @@ def test_frozen_head_equals_the_full_run_bit_for_bit(dtype, strategy, chunk_byte
     # And within the float64 reference's rule (test_torch_fused.assert_matches: the loss, logp,
     # kl and dH; dW and db there are the full run's, which that rule also holds).
     assert_matches(p, OPTIONS, (frozen, zh, fw, fb), reference(p, OPTIONS), 0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the CUDA frozen head is untested here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["keep_chunk", "recompute", "vocab_blocks"])
+def test_cuda_frozen_head_equals_the_full_run(dtype, strategy):
+    """On CUDA the library launches no dW GEMM and no db GEMV for an empty d_weight /
+    d_bias; dH, the loss and the metrics are the full run's, bit for bit."""
+    assert kto_torch._C.has_cuda(), "kto_torch was built without its CUDA kernels"
+    p = on(make_problem(7, B=5, T=9, D=32, V=211, dtype=dtype, bias=True), "cuda")
+    kw = dict(strategy=strategy, chunk_bytes=1 << 14)
+    full, fh, fw, fb = run(p, False, False, **kw)
+    frozen, zh, zw, zb = run(p, True, True, **kw)
+    assert zw is None and zb is None and fw is not None and fb is not None
+    assert same(zh, fh)
+    assert full.loss.item() == frozen.loss.item()
+    for key, value in full.metrics.items():
+        assert same(frozen.metrics[key], value), key
+    assert same(frozen.grad_logp, full.grad_logp)
 
 
 def test_the_op_returns_an_empty_dw_and_no_v_by_d_array():
