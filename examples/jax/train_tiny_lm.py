@@ -11,7 +11,8 @@ Each step takes 16 target examples and a KL batch of 16 mismatched (prompt, comp
 pairs (completions rotated by one, as TRL builds them) and calls
 kto_jax.fused_linear_kto_loss on the last hidden states and the lm_head weight: the
 logits are never materialised, and jax.grad flows from the loss through dH and dW into
-every parameter. The reference log-probs come from kto_jax.fused_linear_logprobs. The
+every parameter. The reference log-probs, and the KL batch's under the policy (forward
+only), come from kto_jax.fused_linear_logprobs. The
 desirable rate of the policy's own samples is printed before, during and after training.
 
     python examples/jax/train_tiny_lm.py [--steps 150] [--seed 0]
@@ -111,11 +112,10 @@ def train(steps=150, seed=0, batch=16, log_every=25, verbose=True):
     say(f"dataset: {len(good)} desirable, {len(bad)} undesirable (1:4); "
         f"lambda_D={options.desirable_weight} lambda_U={options.undesirable_weight}")
 
-    def loss_fn(params, tokens, desirable, ref_logp, kl_tokens, kl_ref_logp):
+    def loss_fn(params, tokens, desirable, ref_logp, kl_logp, kl_ref_logp):
         return kto_jax.fused_linear_kto_loss(
             hidden_states(params, tokens), params["lm_head"], tokens[:, 1:], None, ref_logp,
-            desirable, kl_hidden=hidden_states(params, kl_tokens), kl_targets=kl_tokens[:, 1:],
-            kl_reference_logp=kl_ref_logp, options=options)
+            desirable, options=options, kl_policy_logp=kl_logp, kl_reference_logp=kl_ref_logp)
 
     opt_init, opt_update = adam()
 
@@ -125,8 +125,10 @@ def train(steps=150, seed=0, batch=16, log_every=25, verbose=True):
         kl_tokens = jnp.concatenate([tokens[:, :1], jnp.roll(tokens[:, 1:], 1, axis=0)], axis=1)
         ref_logp = sequence_logprobs(reference, tokens)
         kl_ref_logp = sequence_logprobs(reference, kl_tokens)
+        # The KL batch under the policy, forward only: it estimates z0, never gets a gradient.
+        kl_logp = sequence_logprobs(jax.lax.stop_gradient(params), kl_tokens)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, tokens, desirable, ref_logp, kl_tokens, kl_ref_logp)
+            params, tokens, desirable, ref_logp, kl_logp, kl_ref_logp)
         params, opt_state = opt_update(grads, opt_state, params)
         return params, opt_state, loss, metrics
 

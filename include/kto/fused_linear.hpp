@@ -52,6 +52,11 @@ constexpr size_t kDefaultCudaChunkBytes = size_t{1} << 30;
 /// with FusedLinearOutputs::d_weight_in_input_type), so no V × D fp32 accumulator.
 enum class FusedStrategy : int { keep_chunk = 0, recompute = 1, vocab_blocks = 2 };
 
+/// The strategies' names at their codes: what the bindings accept for `strategy`.
+constexpr int kFusedStrategyCount = 3;
+constexpr const char* kFusedStrategyNames[kFusedStrategyCount] = {"keep_chunk", "recompute",
+                                                                  "vocab_blocks"};
+
 /// The lm_head, or this rank's vocabulary slice of it: weight is V_local × D
 /// (torch.nn.Linear's layout), bias V_local entries or empty (no bias).
 template <class T>

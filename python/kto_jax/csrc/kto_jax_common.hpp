@@ -4,6 +4,7 @@
 // framework-free; only this binding sees XLA's headers.
 #pragma once
 
+#include <kto/bind/dtype.hpp>
 #include <kto/error.hpp>
 #include <kto/layout.hpp>
 #include <kto/metrics.hpp>
@@ -26,8 +27,7 @@ using kto::index_t;
 #define KTO_JAX_OPTIONS_ATTR .Attr<ffi::Span<const double>>("options")
 
 /// The batches the ops read, in argument order: logits, targets, offsets; or hidden
-/// states, the head's weight and bias, targets, offsets; a KL batch's hidden states,
-/// targets and offsets.
+/// states, the head's weight and bias, targets, offsets.
 #define KTO_JAX_ARGS_LOGITS_BATCH \
   .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
 #define KTO_JAX_ARGS_HIDDEN_BATCH   \
@@ -36,8 +36,6 @@ using kto::index_t;
       .Arg<ffi::AnyBuffer>()        \
       .Arg<ffi::Buffer<ffi::S32>>() \
       .Arg<ffi::Buffer<ffi::S32>>()
-#define KTO_JAX_ARGS_KL_HIDDEN_BATCH \
-  .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
 
 /// The argument, attribute and result lists of each op, bound once for both platforms:
 /// `ctx` is ffi::Ffi::Bind() on the CPU, with the stream and scratch allocator on CUDA.
@@ -76,27 +74,31 @@ using kto::index_t;
       .Ret<ffi::Buffer<ffi::F32>>()                                                 \
       .Ret<ffi::Buffer<ffi::S32>>()
 
-#define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx)                                   \
-  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH KTO_JAX_ARGS_KL_HIDDEN_BATCH                        \
+#define KTO_JAX_BIND_FUSED_LINEAR_ROW_PARTIALS(ctx)            \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::S32>>() \
+      KTO_JAX_OPTIONS_ATTR.Attr<int64_t>("vocab_total")        \
+          .Attr<int64_t>("chunk_bytes")                        \
+          .Ret<ffi::Buffer<ffi::F32>>()
+
+/// The fused step: the target batch, its reference log-probs and labels, then the KL
+/// batch's all-reduced (S, C) (or none), the gathered row partials (vocab parallel, or
+/// none) and this slice's first vocabulary id. dW is float32, or with vocab_blocks on CUDA
+/// the input dtype.
+#define KTO_JAX_BIND_FUSED_LINEAR_STEP(ctx)                                           \
+  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::U8>>()                                                    \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                   \
       .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTIONS_ATTR.Attr<int64_t>("vocab_total") \
       .Attr<int64_t>("chunk_bytes")                                                   \
-      .Ret<ffi::Buffer<ffi::F32>>()
-
-#define KTO_JAX_BIND_FUSED_LINEAR_STEP(ctx)                                                  \
-  (ctx) KTO_JAX_ARGS_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>()                               \
-      .Arg<ffi::Buffer<ffi::U8>>() KTO_JAX_ARGS_KL_HIDDEN_BATCH.Arg<ffi::Buffer<ffi::F32>>() \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                          \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                          \
-      .Arg<ffi::Buffer<ffi::S32>>() KTO_JAX_OPTIONS_ATTR.Attr<int64_t>("vocab_total")        \
-      .Attr<int64_t>("chunk_bytes")                                                          \
-      .Attr<int32_t>("strategy")                                                             \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                          \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
+      .Attr<int32_t>("strategy")                                                      \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::S32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                   \
+      .Ret<ffi::AnyBuffer>()                                                          \
       .Ret<ffi::Buffer<ffi::F32>>()
 
 /// Metric count and order: the library's (kto::kMetricNames; kto_jax.METRIC_NAMES).
@@ -150,22 +152,46 @@ inline ffi::Error decode_options(ffi::Span<const double> values, const char* fn,
   });
 }
 
-/// Calls fn(T{}) with the element type `dtype`: float, or the platform's bfloat16 and
-/// half types (Eigen's on the CPU, CUDA's on the GPU).
+/// The binding core's code of an XLA element type (bind/dtype.hpp); false for a type
+/// the library has no code for.
+inline bool dtype_code(ffi::DataType dtype, kto::bind::DType& code) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      code = kto::bind::DType::f32;
+      return true;
+    case ffi::DataType::BF16:
+      code = kto::bind::DType::bf16;
+      return true;
+    case ffi::DataType::F16:
+      code = kto::bind::DType::f16;
+      return true;
+    case ffi::DataType::F64:
+      code = kto::bind::DType::f64;
+      return true;
+    default:
+      return false;
+  }
+}
+
+/// The argument's dtype as the core's code (the ops take float32, bfloat16 and float16),
+/// or InvalidArgument naming `fn` and `arg`.
+inline ffi::Error dtype_of(ffi::DataType dtype, const char* fn, const char* arg,
+                           kto::bind::DType& code) {
+  const bool known = dtype_code(dtype, code);
+  if (known && code != kto::bind::DType::f64) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(fn) + ": argument '" + arg + "' must be " +
+                                     kto::bind::dtype_expectation(false) + "; got " +
+                                     (known ? kto::bind::dtype_name(code) : "another dtype"));
+}
+
+/// Calls fn(T{}) with the element type `dtype`: the core's dispatch (bind/dtype.hpp) over
+/// float and the platform's bfloat16 and half types (Eigen's on the CPU, CUDA's on the GPU).
 template <class Bf16, class Half, class Fn>
 ffi::Error dispatch_float(ffi::DataType dtype, const char* fn_name, const char* arg, Fn&& fn) {
+  kto::bind::DType code;
+  KTO_JAX_TRY(dtype_of(dtype, fn_name, arg, code));
   return guarded([&]() -> ffi::Error {
-    switch (dtype) {
-      case ffi::DataType::F32:
-        return fn(float{});
-      case ffi::DataType::BF16:
-        return fn(Bf16{});
-      case ffi::DataType::F16:
-        return fn(Half{});
-      default:
-        return ffi::Error::InvalidArgument(std::string(fn_name) + ": argument '" + arg +
-                                           "' must be float32, bfloat16 or float16");
-    }
+    return kto::bind::dispatch_dtype<Half, Bf16>(code, fn_name, arg, fn);
   });
 }
 

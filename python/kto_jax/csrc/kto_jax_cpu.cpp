@@ -11,13 +11,14 @@
 //                              replaces the KL batch
 //   kto_step_backward          kto::cpu::step_backward: residuals, cotangent → dlogits
 //   kto_fused_linear_logprobs  hidden [N, D], weight [V, D], bias [V] or [0] → logp, n
-//   kto_fused_linear_row_partials  per-row (lse over this vocab slice, target logit) of the
-//                              KL rows then the target rows [K + N, 2] (vocab parallel)
+//   kto_fused_linear_row_partials  per-row (lse over this vocab slice, target logit)
+//                              [N, 2] (vocab parallel)
 //   kto_fused_linear_step      kto::cpu::fused_linear_kto_step: the forward's outputs and
-//                              dH [N, D], dW [V, D], db [V] (fp32); global_kl as above;
-//                              gathered [R, K + N, 2] (R vocab slices' row partials) feeds
-//                              its gather hook when the head is a slice
-// Dtype dispatch (f32 / bf16 / f16) happens here, at the edge. JAX's int32 ids
+//                              dH [N, D], dW [V, D], db [V] (fp32); the KL batch as
+//                              global_kl (as above) or none; gathered [R, N, 2] (R vocab
+//                              slices' row partials) feeds its gather hook when the head is
+//                              a slice; strategies keep_chunk and recompute
+// Dtype dispatch (f32 / bf16 / f16) is the binding core's (kto/bind/dtype.hpp). JAX's int32 ids
 // and offsets are widened to the library's int64 (O(rows)). kto::Error becomes
 // an FFI InvalidArgument error carrying the library's message.
 #include <kto/cpu/isa.hpp>
@@ -274,13 +275,11 @@ struct Batch {
 
 ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
                            ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-                           ffi::AnyBuffer kl_hidden, ffi::Buffer<ffi::S32> kl_targets,
-                           ffi::Buffer<ffi::S32> kl_offsets, ffi::Buffer<ffi::S32> vocab_begin,
-                           ffi::Span<const double> options, int64_t vocab_total,
-                           int64_t chunk_bytes, ffi::ResultBuffer<ffi::F32> partials) {
+                           ffi::Buffer<ffi::S32> vocab_begin, ffi::Span<const double> options,
+                           int64_t vocab_total, int64_t chunk_bytes,
+                           ffi::ResultBuffer<ffi::F32> partials) {
   if (auto e = check_fused_operands(kPartials, hidden, weight, bias); !e.success()) return e;
   const Batch target{widen(targets), widen(offsets)};
-  const Batch kl{widen(kl_targets), widen(kl_offsets)};
   kto::Options o;
   KTO_JAX_TRY(decode_options(options, kPartials, o));
   return dispatch(hidden.element_type(), kPartials, "hidden", [&](auto tag) {
@@ -290,11 +289,6 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
     in.hidden = matrix_of<T>(hidden);
     in.targets = target.targets_view();
     in.sequences = target.sequences();
-    if (kl.present()) {
-      in.kl.hidden = matrix_of<T>(kl_hidden);
-      in.kl.targets = kl.targets_view();
-      in.kl.sequences = kl.sequences();
-    }
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
     const auto rows = kto::cpu::fused_linear_row_partials<T>(in, head, o, cfg);
@@ -307,23 +301,44 @@ ffi::Error RowPartialsImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::An
   });
 }
 
-ffi::Error FusedStepImpl(
-    ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
-    ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-    ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable, ffi::AnyBuffer kl_hidden,
-    ffi::Buffer<ffi::S32> kl_targets, ffi::Buffer<ffi::S32> kl_offsets,
-    ffi::Buffer<ffi::F32> kl_reference_logp, ffi::Buffer<ffi::F32> global_kl,
-    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32> vocab_begin,
-    ffi::Span<const double> options, int64_t vocab_total, int64_t chunk_bytes, int32_t strategy,
-    ffi::ResultBuffer<ffi::F32> metrics, ffi::ResultBuffer<ffi::F32> per_example,
-    ffi::ResultBuffer<ffi::S32> num_tokens, ffi::ResultBuffer<ffi::F32> row_lse,
-    ffi::ResultBuffer<ffi::F32> statistics, ffi::ResultBuffer<ffi::F32> d_hidden,
-    ffi::ResultBuffer<ffi::F32> d_weight, ffi::ResultBuffer<ffi::F32> d_bias) {
+/// vocab_blocks is the CUDA step's (kto::cuda); the CPU step has no such strategy.
+ffi::Error check_cpu_strategy(int32_t strategy) {
+  if (strategy == static_cast<int32_t>(kto::FusedStrategy::keep_chunk) ||
+      strategy == static_cast<int32_t>(kto::FusedStrategy::recompute))
+    return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(
+      std::string(kFused) + ": argument 'strategy' must be 'keep_chunk' or 'recompute' on cpu" +
+      (strategy == static_cast<int32_t>(kto::FusedStrategy::vocab_blocks)
+           ? " ('vocab_blocks' runs on CUDA only); got 'vocab_blocks'"
+           : "; got code " + std::to_string(strategy)));
+}
+
+ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                         ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
+                         ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable,
+                         ffi::Buffer<ffi::F32> global_kl, ffi::Buffer<ffi::F32> gathered,
+                         ffi::Buffer<ffi::S32> vocab_begin, ffi::Span<const double> options,
+                         int64_t vocab_total, int64_t chunk_bytes, int32_t strategy,
+                         ffi::ResultBuffer<ffi::F32> metrics,
+                         ffi::ResultBuffer<ffi::F32> per_example,
+                         ffi::ResultBuffer<ffi::S32> num_tokens,
+                         ffi::ResultBuffer<ffi::F32> row_lse,
+                         ffi::ResultBuffer<ffi::F32> statistics,
+                         ffi::ResultBuffer<ffi::F32> d_hidden, ffi::Result<ffi::AnyBuffer> d_weight,
+                         ffi::ResultBuffer<ffi::F32> d_bias) {
   if (auto e = check_fused_operands(kFused, hidden, weight, bias); !e.success()) return e;
+  KTO_JAX_TRY(check_cpu_strategy(strategy));
+  kto::bind::DType dw_dtype;
+  const bool known = dtype_code(d_weight->element_type(), dw_dtype);
+  if (!known || dw_dtype != kto::bind::DType::f32)
+    return ffi::Error::InvalidArgument(
+        std::string(kFused) +
+        ": argument 'd_weight' (the dW result) must be float32 on cpu (dW in the input dtype "
+        "comes with 'vocab_blocks', CUDA only); got " +
+        (known ? kto::bind::dtype_name(dw_dtype) : "another dtype"));
   kto::KlAllReduce hook;
   if (auto e = global_kl_hook(global_kl, kFused, hook); !e.success()) return e;
   const Batch target{widen(targets), widen(offsets)};
-  const Batch kl{widen(kl_targets), widen(kl_offsets)};
   kto::Options o;
   KTO_JAX_TRY(decode_options(options, kFused, o));
   if (auto e = check_statistics_result(kFused, statistics->element_count(), o.token_statistics,
@@ -335,6 +350,7 @@ ffi::Error FusedStepImpl(
     const auto head = head_of<T>(weight, bias, vocab_begin.typed_data()[0], vocab_total);
     const index_t N = hidden.dimensions()[0], D = hidden.dimensions()[1];
     const index_t V = weight.dimensions()[0], B = target.sequences().count;
+    // The KL batch enters as its all-reduced (S, C) (the hook) or not at all.
     kto::cpu::FusedLinearInputs<T> in;
     in.hidden = matrix_of<T>(hidden);
     in.targets = target.targets_view();
@@ -342,15 +358,9 @@ ffi::Error FusedStepImpl(
     in.reference_logp = kto::reference_logp(span_of<float>(reference_logp));
     in.desirable =
         kto::make_span(desirable.typed_data(), static_cast<index_t>(desirable.element_count()));
-    if (kl.present() && !hook) {
-      in.kl.hidden = matrix_of<T>(kl_hidden);
-      in.kl.targets = kl.targets_view();
-      in.kl.sequences = kl.sequences();
-      in.kl.reference_logp = kto::reference_logp(span_of<float>(kl_reference_logp));
-    }
     const kto::cpu::LinearGradients<float> grads{
         kto::matrix_view(d_hidden->typed_data(), N, D),
-        kto::matrix_view(d_weight->typed_data(), V, D),
+        kto::matrix_view(static_cast<float*>(d_weight->untyped_data()), V, D),
         kto::make_span(d_bias->typed_data(), static_cast<index_t>(d_bias->element_count()))};
     kto::cpu::FusedLinearConfig cfg;
     cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
@@ -395,6 +405,13 @@ extern "C" int KtoOptionChoiceCount(int i) {
 }
 extern "C" const char* KtoOptionChoiceName(int i, int code) {
   return kto::option_choices(i).names[code];
+}
+/// The fused step's strategy names at their codes (kto::FusedStrategy).
+extern "C" int KtoStrategyCount() {
+  return kto::kFusedStrategyCount;
+}
+extern "C" const char* KtoStrategyName(int code) {
+  return kto::kFusedStrategyNames[code];
 }
 extern "C" int KtoMetricCount() {
   return kto::kMetricCount;

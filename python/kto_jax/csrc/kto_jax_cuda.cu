@@ -1,24 +1,20 @@
 // kto_jax_cuda.cu — the XLA FFI handlers of kto_jax_cpu.cpp on CUDA: the same
 // target names, operands, attributes and results, registered for platform "CUDA".
 //
-// Each handler runs kto's CUDA host API on the stream XLA gives
-// (ffi::PlatformStream<cudaStream_t>), takes every workspace from XLA's scratch
-// allocator (ffi::ScratchAllocator: no cudaMalloc here), and returns a bad
-// argument as ffi::Error. Device-detected errors (a target id out of range, a
-// NaN logit, bad offsets) come back through kto::cuda::read_status, which
-// synchronises the stream once per call, as kto_torch's CUDA op does.
-// JAX's int32 ids and offsets are widened to the library's int64 on the
-// device; num_tokens is narrowed back.
-//
-// Not implemented in these handlers (an error says so): the vocab-parallel row
-// partials and a sharded head. The library's CUDA step has the gather hook
-// (RowPartialsAllGather); these handlers do not wire it to XLA yet (issue 24).
+// Each handler checks XLA's buffers, widens JAX's int32 ids and offsets to the
+// library's int64 on the device (num_tokens is narrowed back), takes every workspace
+// from XLA's scratch allocator (ffi::ScratchAllocator: no cudaMalloc here) and makes
+// one call into the binding core (kto/cuda/bind.hpp), which runs kto's CUDA host API
+// on XLA's stream (ffi::PlatformStream<cudaStream_t>) — the same core kto_torch's CUDA
+// op calls. A bad argument comes back as ffi::Error; device-detected errors (a target
+// id out of range, a NaN logit, bad offsets) through read_status, which synchronises
+// the stream once per call. The fused ops copy the ids to the host first (one more
+// synchronisation): compact scoring, the GEMMs multiply the scored rows only. Vocab
+// parallel: fused_linear_row_partials gives this slice's row partials, the step takes
+// every slice's, all-gathered by the caller, through the library's gather hook.
 // What has run on a GPU, and when: docs/status.md.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <kto/cuda.hpp>
-#include <kto/cuda/fused_linear.hpp>
+#include <kto/cuda/bind.hpp>
 
 #include <cstdint>
 #include <string>
@@ -29,6 +25,7 @@ namespace {
 
 using namespace kto_jax;
 using Stream = ffi::PlatformStream<cudaStream_t>;
+namespace bind = kto::bind;
 
 // ------------------------------------------------------------------ kernels --
 
@@ -44,32 +41,16 @@ __global__ void narrow_kernel(const int64_t* in, int32_t* out, int64_t n) {
     out[i] = static_cast<int32_t>(in[i]);
 }
 
-/// The metrics array of the binding contract (kto::metrics_to_array), in float32.
-__global__ void metrics_kernel(const kto::Metrics* m, float* out) {
-  double values[kto::kMetricCount];
-  kto::metrics_to_array(*m, values);
-  for (int i = 0; i < kto::kMetricCount; ++i) out[i] = static_cast<float>(values[i]);
-}
-
 __global__ void partial_to_f32(const kto::KlPartial* p, float* out) {
   out[0] = static_cast<float>(p->sum);
   out[1] = static_cast<float>(p->count);
 }
 
-__global__ void partial_from_f32(const float* g, kto::KlPartial* p) {
-  p->sum = g[0];
-  p->count = g[1];
-  p->failures = 0.0;
-}
-
-/// The library's per-sequence statistics (doubles) as rows of [2, B] in float32.
-__global__ void statistics_kernel(const double* entropy_sum, const double* mean_logit_sum,
-                                  float* out, int64_t B) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = static_cast<float>(entropy_sum[i]);
-    out[B + i] = static_cast<float>(mean_logit_sum[i]);
-  }
+/// The library's per-sequence statistics ([2, B] doubles) as [2, B] float32.
+__global__ void statistics_kernel(const double* sums, float* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = static_cast<float>(sums[i]);
 }
 
 __global__ void scale_kernel(const float* in, const float* factor, float* out, int64_t n) {
@@ -105,17 +86,21 @@ struct Scratch {
   }
 };
 
-ffi::Error to_error(const kto::cuda::Status& s) {
-  if (s.ok()) return ffi::Error::Success();
-  const bool internal = s.code == kto::cuda::StatusCode::cuda_error;
-  return ffi::Error(internal ? ffi::ErrorCode::kInternal : ffi::ErrorCode::kInvalidArgument,
-                    s.message);
+/// The core's message as an ffi::Error: a failure of the CUDA runtime (no argument
+/// named) is Internal, anything else InvalidArgument.
+ffi::Error from_message(const std::string& m) {
+  if (m.empty()) return ffi::Error::Success();
+  return ffi::Error(
+      bind::is_runtime_failure(m) ? ffi::ErrorCode::kInternal : ffi::ErrorCode::kInvalidArgument,
+      m);
+}
+
+ffi::Error from_status(const kto::cuda::Status& s) {
+  return from_message(s.ok() ? std::string() : std::string(s.message));
 }
 
 ffi::Error launch_error(const char* fn) {
-  const cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string(fn) + ": " + cudaGetErrorString(e));
+  return from_message(bind::last_launch(fn));
 }
 
 const int64_t* widen(Scratch& s, const ffi::Buffer<ffi::S32>& b, cudaStream_t stream) {
@@ -130,23 +115,104 @@ void narrow(const int64_t* in, int32_t* out, int64_t n, cudaStream_t stream) {
 }
 
 /// Device doubles for the library's statistics when the result asks for them ([2, B]).
-kto::cuda::SequenceTokenStatistics statistics_scratch(Scratch& s, index_t B,
-                                                      ffi::ResultBuffer<ffi::F32>& out) {
-  if (out->element_count() == 0) return {};
-  double* p = s.take<double>(2 * B);
-  return {p, p ? p + B : nullptr};
+double* statistics_scratch(Scratch& s, index_t B, ffi::ResultBuffer<ffi::F32>& out) {
+  return out->element_count() == 0 ? nullptr : s.take<double>(2 * B);
 }
 
-void write_statistics(const kto::cuda::SequenceTokenStatistics& st, index_t B,
-                      ffi::ResultBuffer<ffi::F32>& out, cudaStream_t stream) {
-  if (st.entropy_sum != nullptr && B > 0)
-    statistics_kernel<<<grid_for(B), 256, 0, stream>>>(st.entropy_sum, st.mean_logit_sum,
-                                                       out->typed_data(), B);
+void write_statistics(const double* sums, index_t B, ffi::ResultBuffer<ffi::F32>& out,
+                      cudaStream_t stream) {
+  if (sums != nullptr && B > 0)
+    statistics_kernel<<<grid_for(2 * B), 256, 0, stream>>>(sums, out->typed_data(), 2 * B);
 }
 
-template <class Fn>
-ffi::Error dispatch(ffi::DataType dtype, const char* fn_name, const char* arg, Fn&& fn) {
-  return dispatch_float<__nv_bfloat16, __half>(dtype, fn_name, arg, fn);
+/// A per-sequence operand holds one value a sequence.
+template <class Buffer>
+ffi::Error require_count(const Buffer& b, int64_t want, const char* fn, const char* name) {
+  if (static_cast<int64_t>(b.element_count()) == want) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(fn) + ": argument '" + name + "' must have " +
+                                     std::to_string(want) + " entries (one per sequence); got " +
+                                     std::to_string(b.element_count()));
+}
+
+/// The batch's ids on the host too (the core widens them): compact scoring.
+ffi::Error compact_batch(const ffi::Buffer<ffi::S32>& targets, const ffi::Buffer<ffi::S32>& offsets,
+                         cudaStream_t stream, bind::CompactBatch& out) {
+  const index_t rows = targets.element_count(), B = offsets.element_count() - 1;
+  return from_message(
+      bind::copy_compact_batch(targets.typed_data(), rows, offsets.typed_data(), B, stream, out));
+}
+
+/// This slice's first vocabulary id (a device scalar: lax.axis_index), on the host.
+ffi::Error vocab_begin_on_host(const ffi::Buffer<ffi::S32>& b, cudaStream_t stream, index_t& out) {
+  int32_t value = 0;
+  cudaMemcpyAsync(&value, b.typed_data(), sizeof(value), cudaMemcpyDeviceToHost, stream);
+  const cudaError_t err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) return from_status(kto::cuda::Status::from(err, "kto_jax: vocab_begin"));
+  out = value;
+  return ffi::Error::Success();
+}
+
+ffi::Error check_fused(const char* fn, const ffi::AnyBuffer& hidden, const ffi::AnyBuffer& weight,
+                       const ffi::AnyBuffer& bias, bind::DType& dtype) {
+  KTO_JAX_TRY(require_rank(hidden, 2, fn, "hidden", "2-D [rows, D]"));
+  KTO_JAX_TRY(require_rank(weight, 2, fn, "weight", "2-D [V, D]"));
+  if (weight.element_type() != hidden.element_type() ||
+      bias.element_type() != hidden.element_type())
+    return ffi::Error::InvalidArgument(std::string(fn) +
+                                       ": hidden, weight and bias must share one dtype");
+  return dtype_of(hidden.element_type(), fn, "hidden", dtype);
+}
+
+/// The head as the core takes it (a vocabulary slice from vocab_begin of vocab_total).
+bind::LinearHead head_of(bind::DType dtype, const ffi::AnyBuffer& weight,
+                         const ffi::AnyBuffer& bias, index_t vocab_begin = 0,
+                         index_t vocab_total = 0) {
+  const auto d = weight.dimensions();
+  return bind::LinearHead{bind::matrix(dtype, weight.untyped_data(), d[0], d[1]),
+                          bias.untyped_data(), static_cast<index_t>(bias.element_count()),
+                          vocab_begin, vocab_total};
+}
+
+bind::Matrix hidden_of(bind::DType dtype, const ffi::AnyBuffer& hidden) {
+  const auto d = hidden.dimensions();
+  return bind::matrix(dtype, hidden.untyped_data(), d[0], d[1]);
+}
+
+/// Runs a core call of the workspace protocol: its size query, the workspace from XLA's
+/// scratch allocator (into `workspace`), then the call.
+template <class Call>
+ffi::Error run_with_workspace(Scratch& s, void*& workspace, Call&& call) {
+  size_t bytes = 0;
+  KTO_JAX_TRY(from_message(call(nullptr, &bytes)));
+  workspace = s.take<char>(bytes);
+  if (!s.ok) return s.error();
+  return from_message(call(workspace, &bytes));
+}
+
+/// A fused op's batch of hidden states: its dtype and options, the ids widened on the
+/// device, and their host copies (compact scoring) that `batch` points into.
+struct HiddenBatch {
+  bind::DType dtype = bind::DType::f32;
+  kto::Options options;
+  bind::CompactBatch compact;
+  bind::Batch batch;
+};
+
+ffi::Error hidden_batch(const char* fn, Scratch& s, const ffi::AnyBuffer& hidden,
+                        const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias,
+                        const ffi::Buffer<ffi::S32>& targets, const ffi::Buffer<ffi::S32>& offsets,
+                        ffi::Span<const double> options, cudaStream_t stream, HiddenBatch& out) {
+  KTO_JAX_TRY(check_fused(fn, hidden, weight, bias, out.dtype));
+  KTO_JAX_TRY(decode_options(options, fn, out.options));
+  const index_t rows = hidden.dimensions()[0], B = offsets.element_count() - 1;
+  const int64_t* t = widen(s, targets, stream);
+  const int64_t* off = widen(s, offsets, stream);
+  if (!s.ok) return s.error();
+  KTO_JAX_TRY(compact_batch(targets, offsets, stream, out.compact));
+  out.batch =
+      out.compact.applied_to({kto::targets_vector(t, static_cast<index_t>(targets.element_count())),
+                              kto::sequences(off, B)});
+  return ffi::Error::Success();
 }
 
 constexpr const char* kLogprobs = "kto_jax.sequence_logprobs";
@@ -164,26 +230,27 @@ ffi::Error SequenceLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc
                                 ffi::ResultBuffer<ffi::F32> logp,
                                 ffi::ResultBuffer<ffi::S32> num_tokens) {
   KTO_JAX_TRY(require_rank(logits, 2, kLogprobs, "logits", "2-D [rows, vocab]"));
+  bind::DType dtype;
+  KTO_JAX_TRY(dtype_of(logits.element_type(), kLogprobs, "logits", dtype));
+  kto::Options o;
+  KTO_JAX_TRY(decode_options(options, kLogprobs, o));
   Scratch s{alloc};
-  const index_t rows = logits.dimensions()[0], B = offsets.element_count() - 1;
+  const index_t rows = logits.dimensions()[0], V = logits.dimensions()[1];
+  const index_t B = offsets.element_count() - 1;
   const int64_t* t = widen(s, targets, stream);
   const int64_t* off = widen(s, offsets, stream);
   int64_t* n = s.take<int64_t>(B);
-  size_t bytes = kto::cuda::sequence_logprobs_workspace_bytes(rows);
+  const size_t bytes = bind::sequence_logprobs_workspace_bytes(rows);
   void* ws = s.take<char>(bytes);
   if (!s.ok) return s.error();
-  kto::Options o;
-  KTO_JAX_TRY(decode_options(options, kLogprobs, o));
-  const auto seqs = kto::sequences(off, B);
-  return dispatch(logits.element_type(), kLogprobs, "logits", [&](auto tag) -> ffi::Error {
-    using T = decltype(tag);
-    KTO_JAX_TRY(to_error(kto::cuda::sequence_logprobs<T>(ws, bytes, logits_of<T>(logits),
-                                                         kto::targets_vector(t, rows), seqs, o,
-                                                         logp->typed_data(), n, stream)));
-    narrow(n, num_tokens->typed_data(), B, stream);
-    KTO_JAX_TRY(launch_error(kLogprobs));
-    return to_error(kto::cuda::read_status(ws, stream, seqs));
-  });
+  const bind::Batch batch{kto::targets_vector(t, static_cast<index_t>(targets.element_count())),
+                          kto::sequences(off, B)};
+  KTO_JAX_TRY(from_message(
+      bind::sequence_logprobs(bind::logits_matrix(dtype, logits.untyped_data(), rows, V), batch, o,
+                              logp->typed_data(), n, nullptr, ws, bytes, stream)));
+  narrow(n, num_tokens->typed_data(), B, stream);
+  KTO_JAX_TRY(launch_error(kLogprobs));
+  return from_message(bind::read_status(ws, batch.sequences, stream));
 }
 
 ffi::Error KlPartialImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
@@ -202,14 +269,14 @@ ffi::Error KlPartialImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
     o.kl_estimator = static_cast<kto::KlEstimator>(kl_estimator);
     cudaMemsetAsync(p, 0, sizeof(kto::KlPartial), stream);
     if (K > 0)
-      KTO_JAX_TRY(to_error(kto::cuda::kl_partial(
+      KTO_JAX_TRY(from_status(kto::cuda::kl_partial(
           small, bytes, kto::policy_logp(policy.typed_data(), K),
           kto::reference_logp(reference.typed_data(),
                               static_cast<index_t>(reference.element_count())),
           n, o, p, stream)));
     partial_to_f32<<<1, 1, 0, stream>>>(p, partial->typed_data());
     KTO_JAX_TRY(launch_error(kKl));
-    return K > 0 ? to_error(kto::cuda::read_status(small, stream)) : ffi::Error::Success();
+    return K > 0 ? from_status(kto::cuda::read_status(small, stream)) : ffi::Error::Success();
   });
 }
 
@@ -228,60 +295,45 @@ ffi::Error StepForwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi
   if (global_kl.element_count() != 0 && global_kl.element_count() != 2)
     return ffi::Error::InvalidArgument(std::string(kStep) +
                                        ": argument 'global_kl' must hold (S, C): 2 elements");
+  bind::DType dtype;
+  KTO_JAX_TRY(dtype_of(logits.element_type(), kStep, "logits", dtype));
   kto::Options o;
   KTO_JAX_TRY(decode_options(options, kStep, o));
-  Scratch s{alloc};
-  const index_t rows = logits.dimensions()[0], B = offsets.element_count() - 1;
+  const index_t rows = logits.dimensions()[0], V = logits.dimensions()[1];
+  const index_t B = offsets.element_count() - 1;
   KTO_JAX_TRY(check_statistics_result(kStep, statistics->element_count(), o.token_statistics, B));
-  const bool global = global_kl.element_count() == 2;
-  const index_t K = global ? 0 : kl_policy_logp.element_count();
+  KTO_JAX_TRY(require_count(desirable, B, kStep, "desirable"));
+  Scratch s{alloc};
   const int64_t* t = widen(s, targets, stream);
   const int64_t* off = widen(s, offsets, stream);
   const int64_t* kl_n = widen(s, kl_num_tokens, stream);
   int64_t* n = s.take<int64_t>(B);
-  auto* m = s.take<kto::Metrics>(1);
-  const auto sums = statistics_scratch(s, B, statistics);
+  double* sums = statistics_scratch(s, B, statistics);
   if (!s.ok) return s.error();
-  const auto seqs = kto::sequences(off, B);
-  float* pe = per_example->typed_data();
-  return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) -> ffi::Error {
-    using T = decltype(tag);
-    kto::cuda::StepInputs<T> in;
-    in.policy_logits = logits_of<T>(logits);
-    in.targets = kto::targets_vector(t, rows);
-    in.sequences = seqs;
-    in.reference_logp = kto::reference_logp(reference_logp.typed_data(),
-                                            static_cast<index_t>(reference_logp.element_count()));
-    in.desirable = desirable.typed_data();
-    in.kl.policy_logp = kto::policy_logp(kl_policy_logp.typed_data(), K);
-    in.kl.num_tokens = kl_n;
-    in.kl.reference_logp =
-        kto::reference_logp(kl_reference_logp.typed_data(),
-                            global ? 0 : static_cast<index_t>(kl_reference_logp.element_count()));
-    kto::cuda::StepOutputs out;
-    out.metrics = m;
-    out.logp = pe;
-    out.examples = {pe + B, pe + 2 * B, pe + 3 * B, pe + 4 * B};
-    out.num_tokens = n;
-    out.row_lse = row_lse->typed_data();
-    out.token_statistics = sums;
-    // An all-reduced (S, C) given by the caller stands in for the local KL partial.
-    kto::cuda::KlAllReduce use_global;
-    if (global)
-      use_global = [g = global_kl.typed_data()](kto::KlPartial* p, cudaStream_t st) {
-        partial_from_f32<<<1, 1, 0, st>>>(g, p);
-        return kto::cuda::Status::success();
-      };
-    size_t bytes = kto::cuda::kto_step_workspace_bytes(in);
-    void* ws = s.take<char>(bytes);
-    if (!s.ok) return s.error();
-    KTO_JAX_TRY(to_error(kto::cuda::step_forward<T>(ws, bytes, in, o, out, stream, use_global)));
-    metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
-    narrow(n, num_tokens->typed_data(), B, stream);
-    write_statistics(sums, B, statistics, stream);
-    KTO_JAX_TRY(launch_error(kStep));
-    return to_error(kto::cuda::read_status(ws, stream, seqs));
-  });
+  bind::StepForwardCall c;
+  c.logits = bind::logits_matrix(dtype, logits.untyped_data(), rows, V);
+  c.batch = {kto::targets_vector(t, static_cast<index_t>(targets.element_count())),
+             kto::sequences(off, B)};
+  c.reference_logp = kto::make_span(reference_logp.typed_data(),
+                                    static_cast<index_t>(reference_logp.element_count()));
+  c.desirable = desirable.typed_data();
+  c.kl.policy_logp = kto::make_span(kl_policy_logp.typed_data(),
+                                    static_cast<index_t>(kl_policy_logp.element_count()));
+  c.kl.reference_logp = kto::make_span(kl_reference_logp.typed_data(),
+                                       static_cast<index_t>(kl_reference_logp.element_count()));
+  c.kl.num_tokens = kl_n;
+  if (global_kl.element_count() == 2) c.global_kl = {bind::DType::f32, global_kl.typed_data()};
+  c.options = o;
+  c.outputs = {metrics->typed_data(),     bind::DType::f32,
+               per_example->typed_data(), n,
+               row_lse->typed_data(),     sums};
+  void* ws = nullptr;
+  KTO_JAX_TRY(run_with_workspace(
+      s, ws, [&](void* w, size_t* bytes) { return bind::step_forward(c, w, bytes, stream); }));
+  narrow(n, num_tokens->typed_data(), B, stream);
+  write_statistics(sums, B, statistics, stream);
+  KTO_JAX_TRY(launch_error(kStep));
+  return from_message(bind::read_status(ws, c.batch.sequences, stream));
 }
 
 ffi::Error StepBackwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::AnyBuffer logits,
@@ -292,6 +344,8 @@ ffi::Error StepBackwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ff
   KTO_JAX_TRY(require_rank(logits, 2, kStep, "logits", "2-D [rows, vocab]"));
   if (dlogits->element_type() != logits.element_type())
     return ffi::Error::InvalidArgument("kto_jax.kto_loss: dlogits must have the logits' dtype");
+  bind::DType dtype;
+  KTO_JAX_TRY(dtype_of(logits.element_type(), kStep, "logits", dtype));
   kto::Options o;
   KTO_JAX_TRY(decode_options(options, kStep, o));
   Scratch s{alloc};
@@ -306,35 +360,18 @@ ffi::Error StepBackwardImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ff
   if (B > 0)
     scale_kernel<<<grid_for(B), 256, 0, stream>>>(grad_logp.typed_data(),
                                                   loss_cotangent.typed_data(), g, B);
-  return dispatch(logits.element_type(), kStep, "logits", [&](auto tag) -> ffi::Error {
-    using T = decltype(tag);
-    const kto::LogitsView<T> grad =
-        kto::logits_matrix<T>(static_cast<T*>(dlogits->untyped_data()), rows, V);
-    KTO_JAX_TRY(to_error(kto::cuda::backward<T>(logits_of<T>(logits), kto::targets_vector(t, rows),
-                                                kto::sequences(off, B), row_lse.typed_data(), g, n,
-                                                o, grad, stream)));
-    return launch_error(kStep);
-  });
-}
-
-ffi::Error check_fused(const char* fn, const ffi::AnyBuffer& hidden, const ffi::AnyBuffer& weight,
-                       const ffi::AnyBuffer& bias) {
-  KTO_JAX_TRY(require_rank(hidden, 2, fn, "hidden", "2-D [rows, D]"));
-  KTO_JAX_TRY(require_rank(weight, 2, fn, "weight", "2-D [V, D]"));
-  if (weight.element_type() != hidden.element_type() ||
-      bias.element_type() != hidden.element_type())
-    return ffi::Error::InvalidArgument(std::string(fn) +
-                                       ": hidden, weight and bias must share one dtype");
-  return ffi::Error::Success();
-}
-
-template <class T>
-kto::LinearHead<T> head_of(const ffi::AnyBuffer& weight, const ffi::AnyBuffer& bias) {
-  kto::LinearHead<T> head;
-  head.weight = matrix_of<T>(weight);
-  head.bias = kto::make_span(static_cast<const T*>(bias.untyped_data()),
-                             static_cast<index_t>(bias.element_count()));
-  return head;
+  bind::BackwardCall c;
+  c.logits = bind::logits_matrix(dtype, logits.untyped_data(), rows, V);
+  c.batch = {kto::targets_vector(t, static_cast<index_t>(targets.element_count())),
+             kto::sequences(off, B)};
+  c.row_lse = row_lse.typed_data();
+  c.grad_logp = g;
+  c.num_tokens = n;
+  c.options = o;
+  c.grad = dlogits->untyped_data();
+  c.grad_rows = c.logits.rows;
+  KTO_JAX_TRY(from_message(bind::backward(c, stream)));
+  return launch_error(kStep);
 }
 
 ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
@@ -343,142 +380,129 @@ ffi::Error FusedLogprobsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc,
                              ffi::Span<const double> options, int64_t chunk_bytes,
                              ffi::ResultBuffer<ffi::F32> logp,
                              ffi::ResultBuffer<ffi::S32> num_tokens) {
-  KTO_JAX_TRY(check_fused(kFusedLogprobs, hidden, weight, bias));
   Scratch s{alloc};
-  const index_t rows = hidden.dimensions()[0], B = offsets.element_count() - 1;
-  const int64_t* t = widen(s, targets, stream);
-  const int64_t* off = widen(s, offsets, stream);
+  HiddenBatch h;
+  KTO_JAX_TRY(
+      hidden_batch(kFusedLogprobs, s, hidden, weight, bias, targets, offsets, options, stream, h));
+  const index_t B = h.batch.sequences.count;
   int64_t* n = s.take<int64_t>(B);
   if (!s.ok) return s.error();
-  kto::Options o;
-  KTO_JAX_TRY(decode_options(options, kFusedLogprobs, o));
-  const auto seqs = kto::sequences(off, B);
-  return dispatch(hidden.element_type(), kFusedLogprobs, "hidden", [&](auto tag) -> ffi::Error {
-    using T = decltype(tag);
-    const auto head = head_of<T>(weight, bias);
-    kto::cuda::FusedLinearConfig cfg;
-    cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
-    size_t bytes = kto::cuda::fused_linear_logprobs_workspace_bytes(rows, head, cfg);
-    void* ws = s.take<char>(bytes);
-    if (!s.ok) return s.error();
-    cublasHandle_t handle = nullptr;
-    KTO_JAX_TRY(to_error(kto::cuda::shared_blas_handle(&handle)));
-    KTO_JAX_TRY(to_error(kto::cuda::fused_linear_logprobs<T>(
-        handle, ws, bytes, matrix_of<T>(hidden), kto::targets_vector(t, rows), seqs, head, o,
-        logp->typed_data(), n, stream, cfg)));
-    narrow(n, num_tokens->typed_data(), B, stream);
-    KTO_JAX_TRY(launch_error(kFusedLogprobs));
-    return to_error(kto::cuda::read_status(ws, stream, seqs));
-  });
+  bind::FusedLogprobsCall c;
+  c.hidden = hidden_of(h.dtype, hidden);
+  c.batch = h.batch;
+  c.head = head_of(h.dtype, weight, bias);
+  c.options = h.options;
+  c.chunk_bytes = static_cast<size_t>(chunk_bytes);
+  c.logp = logp->typed_data();
+  c.num_tokens = n;
+  void* ws = nullptr;
+  KTO_JAX_TRY(run_with_workspace(s, ws, [&](void* w, size_t* bytes) {
+    return bind::fused_linear_logprobs(c, w, bytes, stream);
+  }));
+  narrow(n, num_tokens->typed_data(), B, stream);
+  KTO_JAX_TRY(launch_error(kFusedLogprobs));
+  return from_message(bind::read_status(ws, c.batch.sequences, stream));
 }
 
-ffi::Error RowPartialsImpl(cudaStream_t, ffi::ScratchAllocator, ffi::AnyBuffer, ffi::AnyBuffer,
-                           ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
-                           ffi::AnyBuffer, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
-                           ffi::Buffer<ffi::S32>, ffi::Span<const double>, int64_t, int64_t,
-                           ffi::ResultBuffer<ffi::F32>) {
-  return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    std::string(kPartials) +
-                        ": vocab parallel runs on the CPU only (the library's CUDA fused step "
-                        "has no per-slice partials yet)");
-}
-
-ffi::Error FusedStepImpl(
-    cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::AnyBuffer hidden, ffi::AnyBuffer weight,
-    ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
-    ffi::Buffer<ffi::F32> reference_logp, ffi::Buffer<ffi::U8> desirable, ffi::AnyBuffer kl_hidden,
-    ffi::Buffer<ffi::S32> kl_targets, ffi::Buffer<ffi::S32> kl_offsets,
-    ffi::Buffer<ffi::F32> kl_reference_logp, ffi::Buffer<ffi::F32> global_kl,
-    ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32>, ffi::Span<const double> options,
-    int64_t vocab_total, int64_t chunk_bytes, int32_t strategy, ffi::ResultBuffer<ffi::F32> metrics,
-    ffi::ResultBuffer<ffi::F32> per_example, ffi::ResultBuffer<ffi::S32> num_tokens,
-    ffi::ResultBuffer<ffi::F32> row_lse, ffi::ResultBuffer<ffi::F32> statistics,
-    ffi::ResultBuffer<ffi::F32> d_hidden, ffi::ResultBuffer<ffi::F32> d_weight,
-    ffi::ResultBuffer<ffi::F32> d_bias) {
-  KTO_JAX_TRY(check_fused(kFused, hidden, weight, bias));
-  if (gathered.element_count() > 0 || vocab_total != 0)
-    return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      std::string(kFused) + ": vocab parallel runs on the CPU only");
-  kto::Options o;
-  KTO_JAX_TRY(decode_options(options, kFused, o));
+ffi::Error RowPartialsImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::AnyBuffer hidden,
+                           ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                           ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::S32> offsets,
+                           ffi::Buffer<ffi::S32> vocab_begin, ffi::Span<const double> options,
+                           int64_t vocab_total, int64_t chunk_bytes,
+                           ffi::ResultBuffer<ffi::F32> partials) {
   Scratch s{alloc};
-  const index_t N = hidden.dimensions()[0], D = hidden.dimensions()[1];
-  const index_t V = weight.dimensions()[0], B = offsets.element_count() - 1;
-  KTO_JAX_TRY(check_statistics_result(kFused, statistics->element_count(), o.token_statistics, B));
-  const bool global = global_kl.element_count() == 2;
-  const bool kl = !global && kl_offsets.element_count() > 0;
-  const int64_t* t = widen(s, targets, stream);
-  const int64_t* off = widen(s, offsets, stream);
-  const int64_t* kl_t = kl ? widen(s, kl_targets, stream) : nullptr;
-  const int64_t* kl_off = kl ? widen(s, kl_offsets, stream) : nullptr;
+  HiddenBatch h;
+  KTO_JAX_TRY(
+      hidden_batch(kPartials, s, hidden, weight, bias, targets, offsets, options, stream, h));
+  index_t first = 0;
+  KTO_JAX_TRY(vocab_begin_on_host(vocab_begin, stream, first));
+  bind::FusedLinearCall c;
+  c.hidden = hidden_of(h.dtype, hidden);
+  c.batch = h.batch;
+  c.head = head_of(h.dtype, weight, bias, first, vocab_total);
+  c.options = h.options;
+  c.chunk_bytes = static_cast<size_t>(chunk_bytes);
+  static_assert(sizeof(kto::RowPartial<float>) == 2 * sizeof(float), "two floats a row");
+  auto* out = reinterpret_cast<kto::RowPartial<float>*>(partials->typed_data());
+  void* ws = nullptr;
+  KTO_JAX_TRY(run_with_workspace(s, ws, [&](void* w, size_t* bytes) {
+    return bind::fused_linear_row_partials(c, out, w, bytes, stream);
+  }));
+  KTO_JAX_TRY(launch_error(kPartials));
+  return from_message(bind::read_status(ws, c.batch.sequences, stream));
+}
+
+ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::AnyBuffer hidden,
+                         ffi::AnyBuffer weight, ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> targets,
+                         ffi::Buffer<ffi::S32> offsets, ffi::Buffer<ffi::F32> reference_logp,
+                         ffi::Buffer<ffi::U8> desirable, ffi::Buffer<ffi::F32> global_kl,
+                         ffi::Buffer<ffi::F32> gathered, ffi::Buffer<ffi::S32> vocab_begin,
+                         ffi::Span<const double> options, int64_t vocab_total, int64_t chunk_bytes,
+                         int32_t strategy, ffi::ResultBuffer<ffi::F32> metrics,
+                         ffi::ResultBuffer<ffi::F32> per_example,
+                         ffi::ResultBuffer<ffi::S32> num_tokens,
+                         ffi::ResultBuffer<ffi::F32> row_lse,
+                         ffi::ResultBuffer<ffi::F32> statistics,
+                         ffi::ResultBuffer<ffi::F32> d_hidden, ffi::Result<ffi::AnyBuffer> d_weight,
+                         ffi::ResultBuffer<ffi::F32> d_bias) {
+  // The cheap checks first: hidden_batch() copies the ids to the host (a synchronisation).
+  bind::DType dw_dtype;
+  KTO_JAX_TRY(dtype_of(d_weight->element_type(), kFused, "d_weight", dw_dtype));
+  if (strategy < 0 || strategy >= kto::kFusedStrategyCount)
+    return ffi::Error::InvalidArgument(
+        std::string(kFused) + ": argument 'strategy' must be a code in [0, " +
+        std::to_string(kto::kFusedStrategyCount - 1) + "] (keep_chunk, recompute, " +
+        "vocab_blocks); got " + std::to_string(strategy));
+  if (global_kl.element_count() != 0 && global_kl.element_count() != 2)
+    return ffi::Error::InvalidArgument(std::string(kFused) +
+                                       ": argument 'global_kl' must hold (S, C): 2 elements");
+  Scratch s{alloc};
+  HiddenBatch h;
+  KTO_JAX_TRY(hidden_batch(kFused, s, hidden, weight, bias, targets, offsets, options, stream, h));
+  const index_t N = hidden.dimensions()[0], B = h.batch.sequences.count;
+  KTO_JAX_TRY(
+      check_statistics_result(kFused, statistics->element_count(), h.options.token_statistics, B));
+  KTO_JAX_TRY(require_count(desirable, B, kFused, "desirable"));
+  // Vocab parallel: [ranks, N, 2] row partials of every slice, this one among them.
+  const int64_t partial_floats = static_cast<int64_t>(gathered.element_count());
+  const int64_t ranks = N > 0 ? partial_floats / (2 * N) : 0;
+  if (partial_floats > 0 && (ranks < 2 || ranks * 2 * N != partial_floats))
+    return ffi::Error::InvalidArgument(
+        std::string(kFused) + ": argument 'gathered' must hold [slices >= 2, " + std::to_string(N) +
+        ", 2] row partials; got " + std::to_string(partial_floats) + " floats");
   int64_t* n = s.take<int64_t>(B);
-  auto* m = s.take<kto::Metrics>(1);
-  const auto sums = statistics_scratch(s, B, statistics);
+  double* sums = statistics_scratch(s, B, statistics);
   if (!s.ok) return s.error();
-  // keep_chunk plans its chunks over host offsets: one copy of B + 1 integers.
-  std::vector<int64_t> host_offsets;
-  if (strategy == static_cast<int32_t>(kto::FusedStrategy::keep_chunk)) {
-    host_offsets.resize(static_cast<size_t>(B + 1));
-    cudaMemcpyAsync(host_offsets.data(), off, (B + 1) * sizeof(int64_t), cudaMemcpyDeviceToHost,
-                    stream);
-    cudaStreamSynchronize(stream);
-  }
-  const auto seqs = kto::sequences(off, B);
-  float* pe = per_example->typed_data();
-  return dispatch(hidden.element_type(), kFused, "hidden", [&](auto tag) -> ffi::Error {
-    using T = decltype(tag);
-    const auto head = head_of<T>(weight, bias);
-    kto::cuda::FusedLinearInputs<T> in;
-    in.hidden = matrix_of<T>(hidden);
-    in.targets = kto::targets_vector(t, N);
-    in.sequences = seqs;
-    in.host_offsets = host_offsets.empty() ? nullptr : host_offsets.data();
-    in.reference_logp = kto::reference_logp(reference_logp.typed_data(),
-                                            static_cast<index_t>(reference_logp.element_count()));
-    in.desirable = desirable.typed_data();
-    if (kl) {
-      in.kl.hidden = matrix_of<T>(kl_hidden);
-      in.kl.targets = kto::targets_vector(kl_t, kl_hidden.dimensions()[0]);
-      in.kl.sequences = kto::sequences(kl_off, kl_offsets.element_count() - 1);
-      in.kl.reference_logp = kto::reference_logp(
-          kl_reference_logp.typed_data(), static_cast<index_t>(kl_reference_logp.element_count()));
-    }
-    kto::cuda::FusedLinearConfig cfg;
-    cfg.chunk_bytes = static_cast<size_t>(chunk_bytes);
-    cfg.strategy = static_cast<kto::FusedStrategy>(strategy);
-    kto::cuda::FusedLinearOutputs out;
-    out.metrics = m;
-    out.logp = pe;
-    out.num_tokens = n;
-    out.examples = {pe + B, pe + 2 * B, pe + 3 * B, pe + 4 * B};
-    out.d_hidden = kto::matrix_view(d_hidden->typed_data(), N, D);
-    out.d_weight = kto::matrix_view(d_weight->typed_data(), V, D);
-    if (d_bias->element_count() > 0) out.d_bias = kto::make_span(d_bias->typed_data(), V);
-    out.token_statistics = sums;
-    kto::cuda::KlAllReduce all_reduce;
-    if (global) {
-      const float* g = global_kl.typed_data();
-      all_reduce = [g](kto::KlPartial* p, cudaStream_t st) {
-        partial_from_f32<<<1, 1, 0, st>>>(g, p);
-        return kto::cuda::Status::success();
-      };
-    }
-    size_t bytes = kto::cuda::fused_linear_workspace_bytes(in, head, cfg);
-    void* ws = s.take<char>(bytes);
-    if (!s.ok) return s.error();
-    cublasHandle_t handle = nullptr;
-    KTO_JAX_TRY(to_error(kto::cuda::shared_blas_handle(&handle)));
-    KTO_JAX_TRY(to_error(kto::cuda::fused_linear_kto_step<T>(handle, ws, bytes, in, head, o, out,
-                                                             stream, cfg, all_reduce)));
-    metrics_kernel<<<1, 1, 0, stream>>>(m, metrics->typed_data());
-    narrow(n, num_tokens->typed_data(), B, stream);
-    write_statistics(sums, B, statistics, stream);
-    // The CUDA step keeps lse_r in its workspace; report 0 for every row until the
-    // library exposes it (the JAX backward does not need it: the gradients are outputs).
-    cudaMemsetAsync(row_lse->typed_data(), 0, N * sizeof(float), stream);
-    KTO_JAX_TRY(launch_error(kFused));
-    return to_error(kto::cuda::read_status(ws, stream, seqs));
-  });
+  index_t first = 0;
+  if (partial_floats > 0) KTO_JAX_TRY(vocab_begin_on_host(vocab_begin, stream, first));
+  bind::FusedLinearCall c;
+  c.hidden = hidden_of(h.dtype, hidden);
+  c.batch = h.batch;
+  c.reference_logp = kto::make_span(reference_logp.typed_data(),
+                                    static_cast<index_t>(reference_logp.element_count()));
+  c.desirable = desirable.typed_data();
+  c.head = head_of(h.dtype, weight, bias, first, vocab_total);
+  c.options = h.options;
+  c.outputs = {
+      metrics->typed_data(), bind::DType::f32, per_example->typed_data(), n, nullptr, sums};
+  c.gradients = {d_hidden->typed_data(), d_weight->untyped_data(), dw_dtype,
+                 d_bias->element_count() > 0 ? d_bias->typed_data() : nullptr};
+  c.chunk_bytes = static_cast<size_t>(chunk_bytes);
+  c.strategy = static_cast<kto::FusedStrategy>(strategy);
+  if (global_kl.element_count() == 2) c.global_kl = {bind::DType::f32, global_kl.typed_data()};
+  if (partial_floats > 0)
+    c.vocab = {ranks, N, reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data())};
+  void* ws = nullptr;
+  KTO_JAX_TRY(run_with_workspace(s, ws, [&](void* w, size_t* bytes) {
+    return bind::fused_linear_kto_step(c, w, bytes, stream);
+  }));
+  narrow(n, num_tokens->typed_data(), B, stream);
+  write_statistics(sums, B, statistics, stream);
+  // The CUDA step keeps lse_r in its workspace; report 0 for every row (the JAX backward
+  // does not need it: the gradients are outputs).
+  cudaMemsetAsync(row_lse->typed_data(), 0, N * sizeof(float), stream);
+  KTO_JAX_TRY(launch_error(kFused));
+  return from_message(bind::read_status(ws, c.batch.sequences, stream));
 }
 
 }  // namespace

@@ -7,15 +7,18 @@
                                      kl_policy_logp, kl_reference_logp, kl_num_tokens, opts)
     # from hidden states [N, D] (or [B, T, D]) and the lm_head weight [V, D], logits never
     # materialised:
+    # (the KL batch as its log-probs: fused_linear_logprobs of its hidden states)
+    kl_logp, kl_n = kto_jax.fused_linear_logprobs(kl_hidden, weight, kl_targets, kl_offsets)
     loss, metrics = kto_jax.fused_linear_kto_loss(hidden, weight, targets, offsets,
                                                   reference_logp, desirable, bias=None,
-                                                  kl_hidden=..., kl_targets=..., kl_offsets=...,
-                                                  kl_reference_logp=..., options=opts)
+                                                  options=opts, kl_policy_logp=kl_logp,
+                                                  kl_reference_logp=kl_reference_logp,
+                                                  kl_num_tokens=kl_n)
 
 Both are jax.custom_vjp functions (jit, grad): the gradient flows from the loss to the
 logits, or to hidden, weight and bias, scaled by the loss's cotangent; the metrics carry
 no gradient. Inside jax.shard_map, ``kl_axis_name`` all-reduces the KL estimate's (S, C)
-between the two phases (data parallel) and, for the fused op, ``vocab_axis_name`` runs
+between the two phases (data parallel) and, for the fused ops, ``vocab_axis_name`` runs
 the lm_head sharded over the vocabulary (the per-row partials all-gathered and merged by
 the library). See docs/jax.md.
 

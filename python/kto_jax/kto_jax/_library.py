@@ -98,10 +98,11 @@ def cuda_library() -> Path | None:
 def _library_contract():
     """The library's constants (kto/options.hpp, kto/metrics.hpp, kto/fused_linear.hpp),
     read from the CPU library: option names and the names of each named option's values,
-    metric names, per-example row names, default chunk budgets (CPU, CUDA)."""
+    metric names, per-example row names, the fused strategies' names, default chunk budgets
+    (CPU, CUDA)."""
     lib = ctypes.cdll.LoadLibrary(str(cpu_library()))
     for f in (lib.KtoOptionName, lib.KtoOptionChoiceName, lib.KtoMetricName,
-              lib.KtoExampleOutputName):
+              lib.KtoExampleOutputName, lib.KtoStrategyName):
         f.restype = ctypes.c_char_p
     lib.KtoDefaultChunkBytes.restype = ctypes.c_int64
     options = tuple(lib.KtoOptionName(i).decode() for i in range(lib.KtoOptionCount()))
@@ -111,11 +112,13 @@ def _library_contract():
     metrics = tuple(lib.KtoMetricName(i).decode() for i in range(lib.KtoMetricCount()))
     rows = tuple(lib.KtoExampleOutputName(i).decode()
                  for i in range(lib.KtoExampleOutputCount()))
-    return (options, choices, metrics, rows,
+    strategies = {lib.KtoStrategyName(code).decode(): code
+                  for code in range(lib.KtoStrategyCount())}
+    return (options, choices, metrics, rows, strategies,
             (lib.KtoDefaultChunkBytes(0), lib.KtoDefaultChunkBytes(1)))
 
 
-(OPTION_NAMES, OPTION_CHOICES, METRIC_NAMES, PER_EXAMPLE_NAMES,
+(OPTION_NAMES, OPTION_CHOICES, METRIC_NAMES, PER_EXAMPLE_NAMES, STRATEGIES,
  (DEFAULT_CHUNK_BYTES, DEFAULT_CUDA_CHUNK_BYTES)) = _library_contract()
 LOSS_TYPES = OPTION_CHOICES["loss_type"]
 LINKS = OPTION_CHOICES["link"]

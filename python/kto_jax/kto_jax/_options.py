@@ -7,11 +7,12 @@ import dataclasses
 
 import numpy as np
 
-from ._library import OPTION_CHOICES, OPTION_NAMES
+from ._library import OPTION_CHOICES, OPTION_NAMES, STRATEGIES
 
-# The fused step's strategies (kto::FusedStrategy); vocab_blocks is CUDA-only in the
-# library and not bound by kto_jax's handlers yet.
-STRATEGIES = {"keep_chunk": 0, "recompute": 1}
+# STRATEGIES: the fused step's strategies from the library (kto::kFusedStrategyNames), as
+# kto_torch's: keep_chunk and recompute on every platform, vocab_blocks on CUDA only (the
+# CPU step refuses it).
+__all__ = ["KTOOptions", "STRATEGIES"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,13 @@
 // cuda_ops.hpp — the CUDA kernels of kto_torch's ops (built with nvcc only:
-// KTO_TORCH_WITH_CUDA): the checked operands (operands.hpp) handed to kto's CUDA
-// host API through kto_torch_cuda.h, which keeps torch's headers away from nvcc and
-// CUDA's from this translation unit. Outputs are float32 (the kernels' accumulation
-// type) on the logits' device. Errors the kernels record on the device are read
-// back after the forward (one stream synchronisation); they and the host API's come
-// back as messages, raised here as the CPU path raises them (throw_library_error)
-// and put in the Python API's words as theirs are (errors.hpp).
+// KTO_TORCH_WITH_CUDA): the checked operands (operands.hpp) as the binding core's call
+// structs (kto/bind/arguments.hpp), handed through kto_torch_cuda.h to the core's CUDA
+// half (kto/cuda/bind.hpp, the one kto_jax calls too); that header keeps torch's headers
+// away from nvcc and CUDA's from this translation unit. Outputs are float32 (the
+// kernels' accumulation type) on the logits' device. Errors the kernels record on the
+// device are read back after the forward (one stream synchronisation); they and the
+// host API's come back as messages, raised here as the CPU path raises them
+// (bind::raise_library_error) and put in the Python API's words as theirs are
+// (errors.hpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -13,10 +15,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <kto/bind/compact.hpp>
+#include <kto/bind/message.hpp>
 #include <kto/kto.hpp>
 
 #include <cstddef>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -27,53 +30,41 @@ namespace kto_torch {
 namespace {
 namespace cuda_detail {
 
-/// Throws a library message (the CUDA wrapper's strings) as the CPU path would have: a
-/// kto::Error with the argument found in "argument '<name>'", a non-finite logit as
-/// NonFiniteLogitsError with the sequence and row the message gives (-1 where it gives
-/// none); a failure of the CUDA runtime itself as the RuntimeError it is.
-[[noreturn]] void throw_library_error(const std::string& message) {
-  std::string argument;
-  const auto at = message.find("argument '");
-  if (at != std::string::npos) {
-    const auto begin = at + 10, end = message.find('\'', begin);
-    if (end != std::string::npos) argument = message.substr(begin, end - begin);
-  }
-  TORCH_CHECK(!argument.empty() || message.find("CUDA error") == std::string::npos, message);
-  const auto number_after = [&](const std::string& key) -> int64_t {
-    const auto k = message.find(key);
-    if (k == std::string::npos) return -1;
-    return std::strtoll(message.c_str() + k + key.size(), nullptr, 10);
-  };
-  const std::string function = message.substr(0, message.find(": "));
-  if (argument == "logits" && message.find("finite") != std::string::npos)
-    throw kto::NonFiniteLogitsError(function, argument, number_after("sequence "),
-                                    number_after("row "), message);
-  throw kto::Error(function, argument, message);
-}
+namespace bind = kto::bind;
 
-/// The CUDA wrapper's message (empty: success) as the kto::Error the CPU path would throw.
+/// The CUDA wrapper's message (empty: success) raised as the CPU path would raise it
+/// (the binding core's conversion, kto/bind/message.hpp).
 void check(const std::string& message) {
-  if (!message.empty()) throw_library_error(message);
+  if (!message.empty()) bind::raise_library_error(message);
 }
 
 void* stream() {
   return at::cuda::getCurrentCUDAStream().stream();
 }
 
-kto_torch_cuda::DType dtype_of(const torch::Tensor& x) {
+bind::DType dtype_of(const torch::Tensor& x) {
   switch (x.scalar_type()) {
     case torch::kHalf:
-      return kto_torch_cuda::DType::f16;
+      return bind::DType::f16;
     case torch::kBFloat16:
-      return kto_torch_cuda::DType::bf16;
+      return bind::DType::bf16;
     default:  // float32: check_logit_dtype ran first
-      return kto_torch_cuda::DType::f32;
+      return bind::DType::f32;
   }
 }
 
-kto_torch_cuda::Logits logits_of(const torch::Tensor& z) {
+bind::Logits logits_of(const torch::Tensor& z) {
   const auto v = logits_view<const char>(z);
-  return kto_torch_cuda::Logits{dtype_of(z), z.data_ptr(), v.vocab, v.rows};
+  return bind::Logits{dtype_of(z), z.data_ptr(), v.vocab, v.rows};
+}
+
+bind::Batch batch_of(const torch::Tensor& targets, const Offsets& offsets) {
+  return bind::Batch{targets_view(targets), offsets.view};
+}
+
+template <class T>
+kto::Span<const T> span_of_vector(const torch::Tensor& x) {
+  return kto::make_span(x.data_ptr<T>(), x.numel());
 }
 
 /// token_statistics [2, B] float64 on the device (the library writes it), or [2, 0] when
@@ -82,8 +73,22 @@ torch::Tensor token_statistics_on(const torch::Device& d, const kto::Options& o,
   return torch::empty({2, o.token_statistics ? B : 0}, torch::dtype(torch::kDouble).device(d));
 }
 
+double* statistics_data(torch::Tensor& statistics, const kto::Options& o) {
+  return o.token_statistics ? statistics.data_ptr<double>() : nullptr;
+}
+
 torch::Tensor workspace(std::size_t bytes, const torch::Device& d) {
   return torch::empty({static_cast<int64_t>(bytes)}, torch::dtype(torch::kUInt8).device(d));
+}
+
+/// Runs a call of the core's workspace protocol: the size query, then the call.
+template <class Call>
+torch::Tensor run_with_workspace(const torch::Device& d, Call&& call) {
+  std::size_t bytes = 0;
+  check(call(nullptr, &bytes));
+  auto ws = workspace(bytes, d);
+  check(call(ws.data_ptr(), &bytes));
+  return ws;
 }
 
 /// (logp [B], num_tokens [B], row_lse [rows]) in float32.
@@ -94,11 +99,11 @@ std::vector<torch::Tensor> sequence_logprobs(const StepOperands& s, const kto::O
   auto logp = torch::empty({B}, torch::dtype(torch::kFloat).device(d));
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto lse = torch::empty({rows}, torch::dtype(torch::kFloat).device(d));
-  const std::size_t bytes = kto_torch_cuda::forward_workspace_bytes(rows);
+  const std::size_t bytes = kto_torch_cuda::sequence_logprobs_workspace_bytes(rows);
   auto ws = workspace(bytes, d);
-  check(kto_torch_cuda::forward(logits_of(s.logits), targets_view(s.targets), s.offsets.view, o,
-                                logp.data_ptr<float>(), n.data_ptr<int64_t>(),
-                                lse.data_ptr<float>(), ws.data_ptr(), bytes, stream()));
+  check(kto_torch_cuda::sequence_logprobs(logits_of(s.logits), batch_of(s.targets, s.offsets), o,
+                                          logp.data_ptr<float>(), n.data_ptr<int64_t>(),
+                                          lse.data_ptr<float>(), ws.data_ptr(), bytes, stream()));
   check(kto_torch_cuda::read_status(ws.data_ptr(), s.offsets.view, stream()));
   return {logp, n, lse};
 }
@@ -114,28 +119,28 @@ std::vector<torch::Tensor> step_forward(const StepOperands& s, const StepVectors
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
   auto lse = torch::empty({rows}, f32);
   auto statistics = token_statistics_on(d, o, B);
+  bind::StepForwardCall c;
+  c.logits = logits_of(s.logits);
+  c.batch = batch_of(s.targets, s.offsets);
+  c.reference_logp = span_of_vector<float>(v.reference_logp);
+  c.desirable = v.desirable.data_ptr<uint8_t>();
   torch::Tensor global_kl;
-  if (v.global_kl)
+  if (v.global_kl) {
     global_kl =
         torch::tensor({v.global_kl->first, v.global_kl->second}, torch::dtype(torch::kDouble))
             .to(d);
-  const bool kl = !v.global_kl && kto::uses_kl_batch(o) && v.kl_policy_logp.numel() > 0;
-  const auto& kn = v.kl_num_tokens;
-  auto call = [&](void* ws, std::size_t* bytes) {
-    return kto_torch_cuda::step_forward(
-        logits_of(s.logits), targets_view(s.targets), s.offsets.view,
-        v.reference_logp.data_ptr<float>(), v.desirable.data_ptr<uint8_t>(),
-        kl ? v.kl_policy_logp.data_ptr<float>() : nullptr,
-        kl ? v.kl_reference_logp.data_ptr<float>() : nullptr,
-        kl && kn.numel() ? kn.data_ptr<int64_t>() : nullptr, kl ? v.kl_policy_logp.numel() : 0,
-        global_kl.defined() ? global_kl.data_ptr<double>() : nullptr, o, metrics.data_ptr<double>(),
-        per_example.data_ptr<float>(), n.data_ptr<int64_t>(), lse.data_ptr<float>(),
-        o.token_statistics ? statistics.data_ptr<double>() : nullptr, ws, bytes, stream());
-  };
-  std::size_t bytes = 0;
-  check(call(nullptr, &bytes));
-  auto ws = workspace(bytes, d);
-  check(call(ws.data_ptr(), &bytes));
+    c.global_kl = {bind::DType::f64, global_kl.data_ptr<double>()};
+  } else if (kto::uses_kl_batch(o) && v.kl_policy_logp.numel() > 0) {
+    c.kl.policy_logp = span_of_vector<float>(v.kl_policy_logp);
+    c.kl.reference_logp = span_of_vector<float>(v.kl_reference_logp);
+    if (v.kl_num_tokens.numel()) c.kl.num_tokens = v.kl_num_tokens.data_ptr<int64_t>();
+  }
+  c.options = o;
+  c.outputs = {metrics.data_ptr<double>(), bind::DType::f64,      per_example.data_ptr<float>(),
+               n.data_ptr<int64_t>(),      lse.data_ptr<float>(), statistics_data(statistics, o)};
+  const auto ws = run_with_workspace(d, [&](void* w, std::size_t* bytes) {
+    return kto_torch_cuda::step_forward(c, w, bytes, stream());
+  });
   check(kto_torch_cuda::read_status(ws.data_ptr(), s.offsets.view, stream()));
   return {metrics, per_example, n, lse, statistics};
 }
@@ -145,37 +150,47 @@ torch::Tensor step_backward(const StepOperands& s, const BackwardVectors& b,
   const c10::cuda::CUDAGuard guard(s.logits.device());
   auto grad = torch::empty(s.logits.sizes(),
                            s.logits.options().memory_format(torch::MemoryFormat::Contiguous));
-  check(kto_torch_cuda::backward(logits_of(s.logits), targets_view(s.targets), s.offsets.view,
-                                 b.row_lse.data_ptr<float>(), b.grad_logp.data_ptr<float>(),
-                                 b.num_tokens.data_ptr<int64_t>(), o, grad.data_ptr(),
-                                 logits_view<const char>(grad).rows, stream()));
+  bind::BackwardCall c;
+  c.logits = logits_of(s.logits);
+  c.batch = batch_of(s.targets, s.offsets);
+  c.row_lse = b.row_lse.data_ptr<float>();
+  c.grad_logp = b.grad_logp.data_ptr<float>();
+  c.num_tokens = b.num_tokens.data_ptr<int64_t>();
+  c.options = o;
+  c.grad = grad.data_ptr();
+  c.grad_rows = logits_view<const char>(grad).rows;
+  check(kto_torch_cuda::backward(c, stream()));
   return grad;
 }
 
-kto_torch_cuda::Matrix matrix_cuda(const torch::Tensor& x) {
+bind::Matrix matrix_of_tensor(const torch::Tensor& x) {
   const auto m = matrix_of<char>(x);
-  return kto_torch_cuda::Matrix{dtype_of(x), x.data_ptr(), m.rows, m.cols, m.stride};
+  return bind::Matrix{dtype_of(x), x.data_ptr(), m.rows, m.cols, m.stride};
 }
 
-kto_torch_cuda::Bias bias_cuda(const Head& h) {
-  if (!h.bias.defined()) return kto_torch_cuda::Bias{nullptr, 0};
-  return kto_torch_cuda::Bias{h.bias.data_ptr(), h.bias.numel()};
-}
-
-/// A batch's targets and offsets for compact scoring: the targets contiguous on the
-/// device and a host copy of each (one layout on both sides). Empty when absent.
-struct CompactBatch {
-  torch::Tensor targets, host_targets, host_offsets;
-  CompactBatch() = default;
-  CompactBatch(const torch::Tensor& t, const Offsets& offsets)
-      : targets(t.contiguous()),
-        host_targets(targets.to(torch::kCPU)),
-        host_offsets(offsets.tensor.to(torch::kCPU).contiguous()) {}
-  const int64_t* host_targets_data() const {
-    return host_targets.defined() ? host_targets.data_ptr<int64_t>() : nullptr;
+bind::LinearHead head_of(const Head& h) {
+  bind::LinearHead head;
+  head.weight = matrix_of_tensor(h.weight);
+  if (h.bias.defined()) {
+    head.bias = h.bias.data_ptr();
+    head.bias_size = h.bias.numel();
   }
-  const int64_t* host_offsets_data() const {
-    return host_offsets.defined() ? host_offsets.data_ptr<int64_t>() : nullptr;
+  return head;
+}
+
+/// A batch for compact scoring: the targets contiguous on the device, and host copies of
+/// them and of the offsets in the binding core's plan (one layout on both sides).
+struct CompactTargets {
+  torch::Tensor targets;
+  bind::CompactBatch host;
+  CompactTargets(const torch::Tensor& t, const Offsets& offsets) : targets(t.contiguous()) {
+    const auto host_targets = targets.to(torch::kCPU);
+    const auto host_offsets = offsets.tensor.to(torch::kCPU).contiguous();
+    host = bind::CompactBatch::of(host_targets.data_ptr<int64_t>(), host_targets.numel(),
+                                  host_offsets.data_ptr<int64_t>(), offsets.count());
+  }
+  bind::Batch batch(const Offsets& offsets) const {
+    return host.applied_to(bind::Batch{targets_view(targets), offsets.view});
   }
 };
 
@@ -187,9 +202,9 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
                                                 bool weight_grad, bool bias_grad) {
   const auto d = f.head.hidden.device();
   const c10::cuda::CUDAGuard guard(d);
-  // Host copies of targets and offsets: whole sequences share a chunk, and the GEMMs multiply
-  // the scored rows only (compact scoring).
-  const CompactBatch target(f.targets, f.offsets);
+  // Compact scoring: whole sequences share a chunk, and the GEMMs multiply the scored
+  // rows only.
+  const CompactTargets target(f.targets, f.offsets);
   const index_t N = f.head.N, D = f.head.D, V = f.head.V, B = f.offsets.count();
   const auto f32 = torch::dtype(torch::kFloat).device(d);
   auto metrics = torch::empty({kto::kMetricCount}, torch::dtype(torch::kDouble).device(d));
@@ -205,27 +220,22 @@ std::vector<torch::Tensor> fused_linear_forward(const FusedOperands& f, const kt
   const bool want_db = bias_grad && f.head.bias.defined();
   auto db = torch::empty({want_db ? V : 0}, f32);
   auto statistics = token_statistics_on(d, o, B);
-  // No KL batch of its own (B_kl = 0; the CUDA step wants its offsets non-null).
-  const auto no_kl_targets = torch::empty({0}, torch::dtype(torch::kLong).device(d));
-  const auto no_kl_offsets = torch::zeros({1}, torch::dtype(torch::kLong).device(d));
-  const kto_torch_cuda::Matrix no_kl_hidden{dtype_of(f.head.hidden), nullptr, 0, D, D};
-  auto call = [&](void* ws, std::size_t* bytes) {
-    check(kto_torch_cuda::fused_linear_step(
-        matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
-        targets_view(target.targets), f.offsets.view, target.host_offsets_data(),
-        target.host_targets_data(), f.v.reference_logp.data_ptr<float>(),
-        f.v.desirable.data_ptr<uint8_t>(), no_kl_hidden, targets_view(no_kl_targets),
-        kto::sequences(no_kl_offsets.data_ptr<int64_t>(), 0), nullptr, nullptr, nullptr, o,
-        static_cast<std::size_t>(chunk_bytes), static_cast<int>(strategy),
-        metrics.data_ptr<double>(), per_example.data_ptr<float>(), n.data_ptr<int64_t>(),
-        o.token_statistics ? statistics.data_ptr<double>() : nullptr, dh.data_ptr<float>(),
-        weight_grad ? dw.data_ptr() : nullptr, dw_in_input_type,
-        want_db ? db.data_ptr<float>() : nullptr, ws, bytes, stream()));
-  };
-  std::size_t bytes = 0;
-  call(nullptr, &bytes);
-  auto ws = workspace(bytes, d);
-  call(ws.data_ptr(), &bytes);
+  bind::FusedLinearCall c;
+  c.hidden = matrix_of_tensor(f.head.hidden);
+  c.batch = target.batch(f.offsets);
+  c.reference_logp = span_of_vector<float>(f.v.reference_logp);
+  c.desirable = f.v.desirable.data_ptr<uint8_t>();
+  c.head = head_of(f.head);
+  c.options = o;
+  c.outputs = {metrics.data_ptr<double>(), bind::DType::f64, per_example.data_ptr<float>(),
+               n.data_ptr<int64_t>(),      nullptr,          statistics_data(statistics, o)};
+  c.gradients = {dh.data_ptr<float>(), weight_grad ? dw.data_ptr() : nullptr, dtype_of(dw),
+                 want_db ? db.data_ptr<float>() : nullptr};
+  c.chunk_bytes = static_cast<std::size_t>(chunk_bytes);
+  c.strategy = static_cast<kto::FusedStrategy>(strategy);
+  const auto ws = run_with_workspace(d, [&](void* w, std::size_t* bytes) {
+    return kto_torch_cuda::fused_linear_kto_step(c, w, bytes, stream());
+  });
   check(kto_torch_cuda::read_status(ws.data_ptr(), f.offsets.view, stream()));
   return {metrics, per_example, n, dh, dw, db, statistics};
 }
@@ -237,18 +247,18 @@ std::vector<torch::Tensor> fused_linear_logprobs(const FusedLogprobOperands& f,
   const index_t B = f.offsets.count();
   auto logp = torch::empty({B}, torch::dtype(torch::kFloat).device(d));
   auto n = torch::empty({B}, torch::dtype(torch::kLong).device(d));
-  const CompactBatch target(f.targets, f.offsets);  // compact scoring, as in the step
-  auto call = [&](void* ws, std::size_t* bytes) {
-    check(kto_torch_cuda::fused_linear_logprobs(
-        matrix_cuda(f.head.hidden), matrix_cuda(f.head.weight), bias_cuda(f.head),
-        targets_view(target.targets), f.offsets.view, target.host_offsets_data(),
-        target.host_targets_data(), o, static_cast<std::size_t>(chunk_bytes),
-        logp.data_ptr<float>(), n.data_ptr<int64_t>(), ws, bytes, stream()));
-  };
-  std::size_t bytes = 0;
-  call(nullptr, &bytes);
-  auto ws = workspace(bytes, d);
-  call(ws.data_ptr(), &bytes);
+  const CompactTargets target(f.targets, f.offsets);  // compact scoring, as in the step
+  bind::FusedLogprobsCall c;
+  c.hidden = matrix_of_tensor(f.head.hidden);
+  c.batch = target.batch(f.offsets);
+  c.head = head_of(f.head);
+  c.options = o;
+  c.chunk_bytes = static_cast<std::size_t>(chunk_bytes);
+  c.logp = logp.data_ptr<float>();
+  c.num_tokens = n.data_ptr<int64_t>();
+  const auto ws = run_with_workspace(d, [&](void* w, std::size_t* bytes) {
+    return kto_torch_cuda::fused_linear_logprobs(c, w, bytes, stream());
+  });
   check(kto_torch_cuda::read_status(ws.data_ptr(), f.offsets.view, stream()));
   return {logp, n};
 }

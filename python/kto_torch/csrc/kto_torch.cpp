@@ -294,6 +294,12 @@ std::map<std::string, std::vector<std::string>> option_choices() {
   return out;
 }
 
+/// The fused step's strategy names, at their codes (kto::FusedStrategy).
+std::vector<std::string> strategy_names() {
+  return std::vector<std::string>(kto::kFusedStrategyNames,
+                                  kto::kFusedStrategyNames + kto::kFusedStrategyCount);
+}
+
 /// The library's default chunk budget of the fused-linear step on each device.
 int64_t default_chunk_bytes(bool cuda) {
   return static_cast<int64_t>(cuda ? kto::kDefaultCudaChunkBytes : kto::kDefaultCpuChunkBytes);
@@ -338,6 +344,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("metric_names", &metric_names);
   m.def("option_names", &option_names);
   m.def("option_choices", &option_choices);
+  m.def("strategy_names", &strategy_names);
   m.def("example_output_names", &example_output_names);
   m.def("default_chunk_bytes", &default_chunk_bytes);
   m.def("bf16_gemm_supported", &kto::cpu::bf16_gemm_supported);

@@ -45,7 +45,7 @@ LINKS = _ENUMS["link"]
 REFERENCE_POINTS = _ENUMS["reference_point"]
 KL_ESTIMATORS = _ENUMS["kl_estimator"]
 REDUCTIONS = _ENUMS["reduction"]
-STRATEGIES = {"keep_chunk": 0, "recompute": 1, "vocab_blocks": 2}
+STRATEGIES = {name: code for code, name in enumerate(_C.strategy_names())}  # kto::FusedStrategy
 
 _DEFAULT_OPTIONS = dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
                         link="one_minus_sigmoid", reference_point="kl_batch",

@@ -370,6 +370,15 @@ TEST_CASE("options contract: the enum options' value names, one table", "[errors
   CHECK(enums == 5);
 }
 
+TEST_CASE("the fused strategies' names sit at their codes", "[errors]") {
+  using kto::FusedStrategy;
+  auto name_of = [](FusedStrategy s) { return std::string(kto::kFusedStrategyNames[int(s)]); };
+  CHECK(name_of(FusedStrategy::keep_chunk) == "keep_chunk");
+  CHECK(name_of(FusedStrategy::recompute) == "recompute");
+  CHECK(name_of(FusedStrategy::vocab_blocks) == "vocab_blocks");
+  CHECK(kto::kFusedStrategyCount == int(FusedStrategy::vocab_blocks) + 1);
+}
+
 TEST_CASE("error: a kto step estimating z0 from an empty KL batch", "[errors]") {
   // z0 from no KL example would silently be 0; the caller must choose that.
   Fixture f;

@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include <kto/cuda.hpp>
+#include <kto/cuda/bind.hpp>
 #include <kto/cuda/fused_linear.hpp>
 
 #include <random>
@@ -633,4 +634,134 @@ TEST_CASE("cuda checks: random fused-step arguments are refused by name or carve
   }
   CHECK(accepted > 100);  // both sides of the checks were reached
   CHECK(refused > 100);
+}
+
+// ---------------------------------------------------------------- binding core --
+
+namespace {
+
+/// A binding's fused call (kto/bind/arguments.hpp) over host storage standing in for
+/// device memory: 3 sequences over 7 rows, D = 4, V = 11, z0 from a given (S, C).
+struct BindCall {
+  static constexpr index_t N = 7, D = 4, V = 11, B = 3;
+  std::vector<float> hidden = std::vector<float>(N * D), weight = std::vector<float>(V * D),
+                     bias = std::vector<float>(V), reference = std::vector<float>(B),
+                     per_example = std::vector<float>(5 * B), dh = std::vector<float>(N * D),
+                     dw = std::vector<float>(V * D), db = std::vector<float>(V),
+                     global_kl = {1.0f, 3.0f};
+  std::vector<index_t> targets = std::vector<index_t>(N, 1), offsets = {0, 2, 5, 7},
+                       counts = std::vector<index_t>(B);
+  std::vector<std::uint8_t> desirable = std::vector<std::uint8_t>(B, 1);
+  std::vector<double> metrics = std::vector<double>(kto::kMetricCount);
+  std::vector<kto::RowPartial<float>> gathered = std::vector<kto::RowPartial<float>>(2 * N);
+  kto::Metrics m{};
+  kto::bind::FusedLinearCall call;
+
+  explicit BindCall(kto::bind::DType dtype = kto::bind::DType::f32) {
+    namespace bind = kto::bind;
+    call.hidden = bind::matrix(dtype, hidden.data(), N, D);
+    call.batch = {kto::targets_vector(targets.data(), N), kto::sequences(offsets.data(), B)};
+    call.reference_logp = kto::make_span<const float>(reference.data(), B);
+    call.desirable = desirable.data();
+    call.head = {bind::matrix(dtype, weight.data(), V, D), bias.data(), V};
+    call.outputs = {metrics.data(), bind::DType::f64, per_example.data(),
+                    counts.data(),  nullptr,          nullptr};
+    call.gradients = {dh.data(), dw.data(), bind::DType::f32, db.data()};
+    call.global_kl = {bind::DType::f32, global_kl.data()};
+  }
+
+  /// can_implement of the library arguments the core builds from `c`.
+  template <class T>
+  kto::cuda::Status check(const kto::bind::FusedLinearCall& c) {
+    return kto::cuda::can_implement(kto::bind::cuda_detail::fused_arguments<T>(c, &m));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cuda checks: the binding core's fused call is a step the library accepts",
+          "[cuda_checks]") {
+  namespace bind = kto::bind;
+  const std::string fn = "kto::cuda::fused_linear_kto_step";
+  BindCall b;
+  auto& c = b.call;
+  SECTION("z0 from global_kl: no KL batch of its own, reference_point kl_batch") {
+    const auto s = b.check<float>(c);
+    INFO("message: " << s.message);
+    CHECK(s.ok());
+  }
+  SECTION("compact scoring: the host copies of the ids reach the step") {
+    const auto compact =
+        bind::CompactBatch::of(b.targets.data(), BindCall::N, b.offsets.data(), BindCall::B);
+    auto cc = c;
+    cc.batch = compact.applied_to(c.batch);
+    CHECK(cc.batch.host_targets == compact.targets.data());
+    CHECK(compact.offsets == b.offsets);
+    CHECK(b.check<float>(cc).ok());
+    const auto args = bind::cuda_detail::fused_arguments<float>(cc, &b.m);
+    CHECK(args.inputs.host_offsets == compact.offsets.data());
+    auto broken = compact;  // offsets past the rows: the library's check names them
+    broken.offsets.back() = BindCall::N + 1;
+    cc.batch = broken.applied_to(c.batch);
+    expect_refused(b.check<float>(cc), fn, "host_offsets.offsets[3]");
+  }
+  SECTION("dW in the input type goes with vocab_blocks only") {
+    BindCall h(bind::DType::f16);
+    auto hc = h.call;
+    hc.gradients.d_weight_dtype = bind::DType::f16;
+    expect_refused(h.check<__half>(hc), fn, "out.d_weight_in_input_type");
+    hc.strategy = kto::FusedStrategy::vocab_blocks;
+    CHECK(h.check<__half>(hc).ok());
+    hc.gradients.d_weight_dtype = bind::DType::bf16;  // neither fp32 nor hidden's dtype
+    std::size_t bytes = 0;
+    const std::string message = bind::fused_linear_kto_step(hc, nullptr, &bytes, nullptr);
+    CHECK(message.find(fn + ": argument 'd_weight' must be float32 or hidden's dtype (float16); "
+                            "got bfloat16") != std::string::npos);
+  }
+  SECTION("a vocabulary slice takes every slice's gathered partials through the hook") {
+    c.head.vocab_total = 2 * BindCall::V;
+    expect_refused(b.check<float>(c), fn, "gather_partials");
+    c.vocab = {2, BindCall::N, b.gathered.data()};
+    CHECK(b.check<float>(c).ok());
+  }
+  SECTION("the workspace query: the library's bytes and the core's metrics") {
+    std::size_t bytes = 0;
+    CHECK(bind::fused_linear_kto_step(c, nullptr, &bytes, nullptr).empty());
+    const auto args = bind::cuda_detail::fused_arguments<float>(c, nullptr);
+    CHECK(bytes ==
+          bind::cuda_detail::round_up(kto::cuda::workspace_bytes(args)) + sizeof(kto::Metrics));
+  }
+  SECTION("a dtype the CUDA path does not take is refused by name") {
+    c.hidden.dtype = bind::DType::f64;
+    std::size_t bytes = 0;
+    CHECK(bind::fused_linear_kto_step(c, nullptr, &bytes, nullptr) ==
+          fn + ": argument 'hidden' must be float32, bfloat16 or float16; got float64");
+  }
+}
+
+TEST_CASE("cuda checks: a library message raised as the CPU path raises it", "[cuda_checks]") {
+  using kto::bind::raise_library_error;
+  try {
+    raise_library_error(
+        "kto::cuda::read_status: argument 'logits' must be finite on scored "
+        "rows; got nan in sequence 2, row 5");
+    FAIL("no exception");
+  } catch (const kto::NonFiniteLogitsError& e) {
+    CHECK(e.function() == "kto::cuda::read_status");
+    CHECK(e.sequence() == 2);
+    CHECK(e.row() == 5);
+  }
+  try {
+    raise_library_error("kto::cuda::step_forward: argument 'options.beta' must be > 0; got 0");
+    FAIL("no exception");
+  } catch (const kto::NonFiniteLogitsError&) {
+    FAIL("not a non-finite logit");
+  } catch (const kto::Error& e) {
+    CHECK(e.argument() == "options.beta");
+  }
+  CHECK_THROWS_AS(raise_library_error("kto::cuda::read_status: CUDA error cudaErrorLaunchFailure"),
+                  std::runtime_error);
+  CHECK(kto::bind::message_of([]() -> std::string {
+          throw kto::Error("f", "x", "f: argument 'x' must be 1; got 2");
+        }) == "f: argument 'x' must be 1; got 2");
 }

@@ -439,3 +439,23 @@ def test_statistics_result_must_match_the_option(asked):
              jnp.asarray(batch["kl_policy_logp"], jnp.float32),
              jnp.asarray(batch["kl_reference_logp"], jnp.float32),
              jnp.asarray(batch["kl_num_tokens"], jnp.int32), jnp.zeros((0,), jnp.float32))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_targets_must_hold_one_id_per_row(fused):
+    """A targets array shorter than the rows is refused in Python, naming the public function
+    (the CUDA handlers would otherwise read past it)."""
+    rows, d, v = 6, 8, 11
+    targets, offsets = jnp.zeros((rows - 1,), jnp.int32), jnp.array([0, 3, 6], jnp.int32)
+    opts = kto_jax.KTOOptions(reference_point="zero")
+    if fused:
+        call, fn = (lambda: kto_jax.fused_linear_kto_loss(
+            jnp.ones((rows, d)), jnp.ones((v, d)), targets, offsets, jnp.zeros(2),
+            jnp.array([1, 0]), options=opts)), "kto_jax.fused_linear_kto_loss"
+    else:
+        call, fn = (lambda: kto_jax.kto_loss(jnp.ones((rows, v)), targets, offsets,
+                                             jnp.zeros(2), jnp.array([1, 0]), options=opts),
+                    "kto_jax.kto_loss")
+    with pytest.raises(ValueError, match=rf"{fn}: argument 'targets' must hold one token id per "
+                                         rf"row of '(logits|hidden)' \(6\); got 5"):
+        call()

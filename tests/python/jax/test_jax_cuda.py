@@ -58,9 +58,13 @@ def test_cuda_fused_and_logits_ops_match_the_cpu(dtype, transform):
     opts = kto_jax.KTOOptions(beta=0.3, logit_scale=scale, logit_softcap=cap, temperature=tau,
                               token_statistics=True)
 
-    def fused(h, w, b, klh):
+    def fused(h, w, b, klh, strategy="keep_chunk"):
+        lp, n = kto_jax.fused_linear_logprobs(klh, w, p["labels"], None, b, logit_scale=scale,
+                                              logit_softcap=cap, temperature=tau)
         return kto_jax.fused_linear_kto_loss(h, w, p["labels"], None, p["ref"], p["des"], b,
-                                             klh, p["labels"], None, p["kl_ref"], opts)
+                                             options=opts, kl_policy_logp=lp,
+                                             kl_reference_logp=p["kl_ref"], kl_num_tokens=n,
+                                             strategy=strategy)
 
     def logits(z, klz):
         lp, n = kto_jax.sequence_logprobs(klz, p["labels"], logit_scale=scale,
@@ -90,3 +94,67 @@ def test_cuda_fused_and_logits_ops_match_the_cpu(dtype, transform):
     for a, b in zip(list(cpu[2]) + [cpu[5]], list(gpu[2]) + [gpu[5]], strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= tol * np.abs(a).max() + 1e-7
+
+
+def _flat(p):
+    B, T = p["labels"].shape
+    return (p["hidden"].reshape(B * T, -1), jnp.asarray(p["labels"].reshape(-1)),
+            jnp.arange(B + 1, dtype=jnp.int32) * T)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cuda_vocab_blocks_matches_the_cpu_keep_chunk(dtype):
+    """vocab_blocks (CUDA only) gives the CPU step's loss and gradients. Its dW is written in
+    the input dtype (each block rounded once: the op's declared result, which the handler
+    follows), so the bf16 rule allows one more rounding than keep_chunk's fp32 dW."""
+    p = _problem(dtype)
+    opts = kto_jax.KTOOptions(beta=0.3, reference_point="zero")
+
+    def loss(h, w, b, strategy):
+        return kto_jax.fused_linear_kto_loss(h, w, p["labels"], None, p["ref"], p["des"], b,
+                                             options=opts, strategy=strategy)[0]
+
+    results = []
+    for dev, strategy in ((jax.devices("cpu")[0], "keep_chunk"),
+                          (_cuda_devices()[0], "vocab_blocks")):
+        args = [_on(dev, p[k]) for k in ("hidden", "weight", "bias")]
+        results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
+                               static_argnums=3)(*args, strategy))
+    (l1, g1), (l2, g2) = results
+    tol = 1e-5 if dtype == jnp.float32 else 2.0**-7
+    np.testing.assert_allclose(float(l2), float(l1), rtol=tol, atol=1e-6)
+    for a, b in zip(g1, g2, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= tol * np.abs(a).max() + 1e-7
+
+
+def test_cuda_vocab_slices_match_the_cpu():
+    """Vocab parallel on one device: the head cut into two slices by hand, each slice's row
+    partials (fused_linear_row_partials), stacked as the all-gather would, then each slice's
+    step — on CUDA as on the CPU: the same loss, dH summed over the slices, each dW slice."""
+    from kto_jax.functional import _empty, _fused_step, _head, _row_partials
+
+    p = _problem(jnp.float32)
+    opts = kto_jax.KTOOptions(beta=0.3, reference_point="zero")
+    V = p["weight"].shape[0]
+    cut = [(0, 128), (128, V)]
+    chunk = 1 << 20
+    results = []
+    for dev in (jax.devices("cpu")[0], _cuda_devices()[0]):
+        hidden, targets, offsets = (_on(dev, x) for x in _flat(p))
+        h, w, b = _head(hidden, _on(dev, p["weight"]), _on(dev, p["bias"]))
+        begins = [_on(dev, jnp.asarray([lo], jnp.int32)) for lo, _ in cut]
+        partials = [_row_partials(h, w[lo:hi], b[lo:hi], targets, offsets, begin, V, opts, chunk)
+                    for (lo, hi), begin in zip(cut, begins, strict=True)]
+        gathered = jnp.stack(partials)
+        steps = [_fused_step((opts, V, chunk, "keep_chunk"), h, w[lo:hi], b[lo:hi], targets,
+                             offsets, _on(dev, p["ref"]), _on(dev, p["des"]), _on(dev, _empty()),
+                             gathered, begin)
+                 for (lo, hi), begin in zip(cut, begins, strict=True)]
+        results.append((steps[0][0][0], steps[1][0][0], steps[0][5] + steps[1][5],
+                        jnp.concatenate([steps[0][6], steps[1][6]])))
+    cpu, gpu = results
+    assert float(cpu[0]) == float(cpu[1])  # every slice computes the same loss
+    for a, b in zip(cpu, gpu, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1.0)

@@ -98,12 +98,25 @@ def reference(batch, options):
     return ref, kl_ref, loss, aux, grads, dz
 
 
+def kl_logprobs(batch, options):
+    """The KL batch's log-probs as a user computes them: fused_linear_logprobs of its hidden
+    states with the options' log-prob settings (forward only)."""
+    return kto_jax.fused_linear_logprobs(
+        batch["kl_hidden"], batch["weight"], batch["kl_targets"], batch["kl_offsets"],
+        batch["bias"],
+        average_logprob=options.average_logprob, ignore_index=options.ignore_index,
+        logit_scale=options.logit_scale, logit_softcap=options.logit_softcap,
+        temperature=options.temperature)
+
+
 def run(batch, ref, kl_ref, options, jit=True, **kwargs):
+    kl_logp, kl_n = kl_logprobs(batch, options)
+
     def f(h, w, b):
         return kto_jax.fused_linear_kto_loss(
             h, w, batch["targets"], batch["offsets"], ref, batch["desirable"], b,
-            batch["kl_hidden"], batch["kl_targets"], batch["kl_offsets"], kl_ref, options,
-            **kwargs)
+            options=options, kl_policy_logp=kl_logp, kl_reference_logp=kl_ref,
+            kl_num_tokens=kl_n, **kwargs)
 
     args = (batch["hidden"], batch["weight"], batch["bias"])
     grad = jax.value_and_grad(f, argnums=(0, 1, 2) if args[2] is not None else (0, 1),
@@ -217,12 +230,12 @@ def test_cotangent_scales_the_gradients():
     batch = make_fused_batch(6)
     ref, kl_ref, *_ = reference(batch, kto_jax.KTOOptions())
     opts = kto_jax.KTOOptions()
+    kl_logp, _ = kl_logprobs(batch, opts)
 
     def f(h, scale):
         loss, _ = kto_jax.fused_linear_kto_loss(
             h, batch["weight"], batch["targets"], batch["offsets"], ref, batch["desirable"],
-            batch["bias"], batch["kl_hidden"], batch["kl_targets"], batch["kl_offsets"], kl_ref,
-            opts)
+            batch["bias"], options=opts, kl_policy_logp=kl_logp, kl_reference_logp=kl_ref)
         return scale * loss
 
     g1 = jax.grad(f)(batch["hidden"], 1.0)
@@ -280,9 +293,139 @@ def test_bad_target_id_raises_the_library_message():
 
 def test_bad_strategy_raises_before_calling_the_library():
     batch = make_fused_batch(10)
-    with pytest.raises(ValueError, match="strategy"):
+    with pytest.raises(ValueError, match=r"kto_jax.fused_linear_kto_loss: argument 'strategy' "
+                                         r"must be one of \['keep_chunk', 'recompute', "
+                                         r"'vocab_blocks'\]; got 'fast'"):
         run(batch, np.zeros(5, np.float32), np.zeros(4, np.float32), kto_jax.KTOOptions(),
             strategy="fast")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_vocab_blocks_is_refused_on_the_cpu(jit):
+    batch = make_fused_batch(10)
+    with pytest.raises(ValueError, match=r"kto_jax.fused_linear_kto_loss: argument 'strategy' "
+                                         r"must be 'keep_chunk' or 'recompute' on cpu "
+                                         r"\('vocab_blocks' runs on CUDA only\); got "
+                                         r"'vocab_blocks'"):
+        run(batch, np.zeros(5, np.float32), np.zeros(4, np.float32), kto_jax.KTOOptions(),
+            jit=jit, strategy="vocab_blocks")
+
+
+def test_the_cpu_handler_refuses_vocab_blocks_too():
+    """A direct call of the FFI target (past the Python check) gets the same refusal."""
+    from kto_jax.functional import _fused_step, _head
+    batch = make_fused_batch(10)
+    h, w, b = _head(batch["hidden"], batch["weight"], batch["bias"])
+    static = (kto_jax.KTOOptions(), 0, 1 << 20, "vocab_blocks")
+    with pytest.raises(Exception, match=r"argument 'strategy' must be 'keep_chunk' or "
+                                        r"'recompute' on cpu"):
+        jax.block_until_ready(_fused_step(
+            static, h, w, b, jnp.asarray(batch["targets"]), jnp.asarray(batch["offsets"]),
+            jnp.zeros(5, jnp.float32), jnp.asarray(batch["desirable"]),
+            jnp.asarray([0.0, 1.0], jnp.float32), jnp.zeros((0,), jnp.float32),
+            jnp.zeros((1,), jnp.int32)))
+
+
+def _call_with_kl(batch, options=None, **kl):
+    return kto_jax.fused_linear_kto_loss(
+        batch["hidden"], batch["weight"], batch["targets"], batch["offsets"],
+        np.zeros(5, np.float32), batch["desirable"], batch["bias"],
+        options=options or kto_jax.KTOOptions(), **kl)
+
+
+@pytest.mark.parametrize("kl,match", [
+    (dict(), r"argument 'kl_policy_logp' must hold the KL batch's log-probs \(at least one "
+             r"sequence\) with reference_point='kl_batch' \(the default\).*; got none"),
+    (dict(kl_reference_logp=np.zeros(4, np.float32)),
+     r"argument 'kl_policy_logp' must be given with kl_reference_logp .*; got None"),
+    (dict(kl_policy_logp=np.zeros(4, np.float32)),
+     r"argument 'kl_reference_logp' must be given with kl_policy_logp \(4 entries.*; got None"),
+    (dict(kl_policy_logp=np.zeros(4, np.float32), kl_reference_logp=np.zeros(3, np.float32)),
+     r"argument 'kl_reference_logp' must have 4 entries .*; got 3"),
+    (dict(kl_policy_logp=np.zeros(4, np.float32), kl_reference_logp=np.zeros(4, np.float32),
+          kl_num_tokens=np.ones(2, np.int32)),
+     r"argument 'kl_num_tokens' must have 4 entries .*; got 2"),
+    (dict(kl_policy_logp=np.zeros((4, 1), np.float32), kl_reference_logp=np.zeros(4, np.float32)),
+     r"argument 'kl_policy_logp' must be 1-D .*; got shape \[4, 1\]"),
+    (dict(global_kl=np.zeros(3, np.float32)),
+     r"argument 'global_kl' must hold the all-reduced \(S, C\): 1-D with 2 elements .*; got "
+     r"shape \[3\]"),
+])
+def test_bad_kl_batch_is_refused_by_name(kl, match):
+    with pytest.raises(ValueError, match="kto_jax.fused_linear_kto_loss: " + match):
+        _call_with_kl(make_fused_batch(12), **kl)
+
+
+def test_nonempty_mean_needs_the_kl_token_counts():
+    options = kto_jax.KTOOptions(kl_estimator="nonempty_mean")
+    with pytest.raises(ValueError, match=r"kto_jax.fused_linear_kto_loss: argument "
+                                         r"'kl_num_tokens' must have 4 entries \(one per KL "
+                                         r"sequence\) with kl_estimator='nonempty_mean'; got None"):
+        _call_with_kl(make_fused_batch(12), options, kl_policy_logp=np.zeros(4, np.float32),
+                      kl_reference_logp=np.zeros(4, np.float32))
+
+
+def test_no_kl_batch_is_needed_without_a_kl_reference_point():
+    loss, _ = _call_with_kl(make_fused_batch(12), kto_jax.KTOOptions(reference_point="zero"))
+    assert np.isfinite(float(loss))
+
+
+def test_global_kl_equals_the_kl_batch_it_sums():
+    batch = make_fused_batch(13)
+    options = kto_jax.KTOOptions(beta=0.6)
+    kl_logp, kl_n = kl_logprobs(batch, options)
+    kl_ref = np.asarray(kl_logp) - 1.0 + 0.1 * np.arange(4)  # z0 > 0: the clamp hides nothing
+    local = _call_with_kl(batch, options, kl_policy_logp=kl_logp, kl_reference_logp=kl_ref,
+                          kl_num_tokens=kl_n)
+    # (S, C) of the KL batch, computed here in float64 (the mean estimator: C = K).
+    rho = np.asarray(kl_logp, np.float64) - np.asarray(kl_ref, np.float64)
+    s_c = np.array([rho.sum(), len(rho)])
+    given = _call_with_kl(batch, options, global_kl=s_c)
+    assert float(local[1]["kl"]) > 0
+    # The same z0 either way (the float32 KL log-probs summed in float32 or float64): within
+    # a few float32 roundings of the log-probs' magnitude.
+    scale = np.abs(np.asarray(kl_logp)).max()
+    assert abs(float(local[1]["kl"]) - rho.mean()) <= 1e-5 * scale
+    assert abs(float(given[1]["kl"]) - rho.mean()) <= 1e-5 * scale
+    assert abs(float(local[0]) - float(given[0])) <= 1e-5
+
+
+def test_compact_scoring_equals_the_full_batch():
+    """Only the scored rows carry a loss: the batch with its prompt, padding and outside
+    rows removed (the compact plan: scored rows, offsets over them) gives the same loss,
+    metrics and dW, db, and the scored rows' dH, within the tolerance rule."""
+    batch = make_fused_batch(14, num_sequences=6)
+    options = kto_jax.KTOOptions(beta=0.5, undesirable_weight=1.33)
+    ref, kl_ref, *_ = reference(batch, options)
+    kl_logp, kl_n = kl_logprobs(batch, options)
+    offsets, targets = batch["offsets"], batch["targets"]
+    rows = np.arange(len(targets))
+    scored = (targets != -100) & (rows >= offsets[0]) & (rows < offsets[-1])
+    assert 0 < scored.sum() < len(rows)  # rows to drop
+    compact_offsets = np.concatenate([[0], np.cumsum(
+        [scored[offsets[s]:offsets[s + 1]].sum() for s in range(len(offsets) - 1)])])
+
+    def loss(h, w, b, targets, offsets):
+        return kto_jax.fused_linear_kto_loss(
+            h, w, targets, offsets.astype(np.int32), ref, batch["desirable"], b,
+            options=options, kl_policy_logp=kl_logp, kl_reference_logp=kl_ref,
+            kl_num_tokens=kl_n)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (l1, m1), g1 = grad(batch["hidden"], batch["weight"], batch["bias"], targets, offsets)
+    (l2, m2), g2 = grad(batch["hidden"][scored], batch["weight"], batch["bias"],
+                        targets[scored], compact_offsets)
+    z = transformed(logits64(batch, batch["hidden"], batch["weight"], batch["bias"]), options)
+    scale = 1.0 + float(jnp.abs(z).max()) * batch["hidden"].shape[0]
+    assert abs(float(l1) - float(l2)) <= RTOL * scale * options.beta
+    for name in ("kl", "rewards/chosen", "rewards/rejected", "per_example/logp",
+                 "per_example/grad_logp"):
+        np.testing.assert_allclose(m2[name], m1[name], rtol=0, atol=RTOL * scale)
+    np.testing.assert_array_equal(m2["per_example/num_tokens"], m1["per_example/num_tokens"])
+    assert np.all(np.asarray(g1[0])[~scored] == 0)
+    gmax = float(jnp.abs(g1[1]).max()) + float(jnp.abs(g1[0]).max())
+    for got, want in ((g2[0], np.asarray(g1[0])[scored]), (g2[1], g1[1]), (g2[2], g1[2])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=RTOL * gmax)
 
 
 @pytest.mark.parametrize("strategy", ["keep_chunk", "recompute"])
@@ -311,3 +454,27 @@ def test_token_statistics_match_reference(strategy, dtype):
                                     num_segments=6)[:5]
     assert_statistic(metrics["per_example/entropy_sum"], ent, ent_scale + extra_sum)
     assert_statistic(metrics["per_example/mean_logit_sum"], mean, mean_scale + extra_sum)
+
+
+def test_the_cpu_handler_takes_dw_in_float32_only():
+    """A direct call of the FFI target asking for dW in bfloat16 (what vocab_blocks gives on
+    CUDA) with a CPU strategy is refused by name."""
+    from kto_jax._library import _call
+    from kto_jax.functional import _head, _step_results
+    batch = make_fused_batch(10)
+    h, w, b = _head(batch["hidden"], batch["weight"], batch["bias"])
+    options = kto_jax.KTOOptions(reference_point="zero")
+    n, d, v = h.shape[0], h.shape[1], w.shape[0]
+    results = _step_results(n, 5, options) + (
+        jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((v, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((v,), jnp.float32))
+    call = _call("kto_fused_linear_step", results, options=options.values(),
+                 vocab_total=np.int64(0), chunk_bytes=np.int64(1 << 20), strategy=np.int32(0))
+    with pytest.raises(Exception, match=r"kto_jax.fused_linear_kto_loss: argument 'd_weight' "
+                                        r"\(the dW result\) must be float32 on cpu .*; got "
+                                        r"bfloat16"):
+        jax.block_until_ready(call(
+            h, w, b, jnp.asarray(batch["targets"]), jnp.asarray(batch["offsets"]),
+            jnp.zeros(5, jnp.float32), jnp.asarray(batch["desirable"]),
+            jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32),
+            jnp.zeros((1,), jnp.int32)))

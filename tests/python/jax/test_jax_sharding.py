@@ -7,7 +7,8 @@ library), each against the unsharded step on the same inputs.
 Tolerances: data parallel, the loss within 1e-6 relative and every gradient element
 within 1e-6 of the largest (the psum'd S is float32; the rest is the same arithmetic);
 vocab parallel, the loss within 1e-6 relative and dH, dW, db within 1e-5 of the largest
-element (the lse is merged from slices instead of one pass over the row).
+element (the lse is merged from slices instead of one pass over the row); the KL batch's
+log-probs (fused_linear_logprobs over the slices) within 1e-5 relative.
 """
 
 import jax
@@ -91,6 +92,14 @@ def test_data_parallel_logits_equals_the_unsharded_step(kl_estimator):
     close([g2], [g1], 1e-6)
 
 
+def kl_logprobs(klh, w, kll, b, opts, vocab_axis_name=None):
+    """The KL batch's log-probs as a user computes them (forward only)."""
+    return kto_jax.fused_linear_logprobs(klh, w, kll, None, b, logit_scale=opts.logit_scale,
+                                         logit_softcap=opts.logit_softcap,
+                                         temperature=opts.temperature,
+                                         vocab_axis_name=vocab_axis_name)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_data_parallel_fused_equals_the_unsharded_step(dtype):
     p = problem(2, dtype=dtype)
@@ -100,8 +109,10 @@ def test_data_parallel_fused_equals_the_unsharded_step(dtype):
     def loss(h, w, b, *, kl_axis_name=None, labels=p["labels"], ref=p["reference_logp"],
              des=p["desirable"], klh=p["kl_hidden"], kll=p["kl_labels"],
              klr=p["kl_reference_logp"]):
-        return kto_jax.fused_linear_kto_loss(h, w, labels, None, ref, des, b, klh, kll, None, klr,
-                                             opts, kl_axis_name=kl_axis_name)[0]
+        kl_logp, kl_n = kl_logprobs(klh, w, kll, b, opts)
+        return kto_jax.fused_linear_kto_loss(h, w, labels, None, ref, des, b, options=opts,
+                                             kl_policy_logp=kl_logp, kl_reference_logp=klr,
+                                             kl_num_tokens=kl_n, kl_axis_name=kl_axis_name)[0]
 
     def sharded(h, w, b):
         def local(h, labels, ref, des, klh, kll, klr, w, b):
@@ -125,47 +136,91 @@ def test_data_parallel_fused_equals_the_unsharded_step(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_vocab_parallel_fused_equals_the_unsharded_step(dtype, bias, transform):
-    """With a logit transform too: each slice's partials are of the transformed logits."""
+    """With a logit transform too: each slice's partials are of the transformed logits. The
+    KL log-probs come from fused_linear_logprobs over the same slices."""
     p = problem(3, V=20, dtype=dtype)
     a, c, tau = transform
     opts = kto_jax.KTOOptions(beta=0.5, undesirable_weight=1.33, logit_scale=a, logit_softcap=c,
                               temperature=tau)
     rest = (p["labels"], None, p["reference_logp"], p["desirable"])
-    kl = dict(kl_hidden=p["kl_hidden"], kl_targets=p["kl_labels"],
-              kl_reference_logp=p["kl_reference_logp"])
 
-    def whole(h, w, b):
-        return kto_jax.fused_linear_kto_loss(h, w, *rest, b, options=opts, **kl)
+    def step(h, w, b, vocab_axis_name=None):
+        kl_logp, kl_n = kl_logprobs(p["kl_hidden"], w, p["kl_labels"], b, opts, vocab_axis_name)
+        loss, metrics = kto_jax.fused_linear_kto_loss(
+            h, w, *rest, b, options=opts, kl_policy_logp=kl_logp,
+            kl_reference_logp=p["kl_reference_logp"], kl_num_tokens=kl_n,
+            vocab_axis_name=vocab_axis_name)
+        return loss, dict(metrics, kl_logp=kl_logp)
 
     def sharded(h, w, b):
-        def local(h, w, b):
-            return kto_jax.fused_linear_kto_loss(h, w, *rest, b, options=opts,
-                                                 vocab_axis_name="tp", **kl)
-
         in_specs = (P(), P("tp"), P("tp") if b is not None else None)
-        return jax.shard_map(local, mesh=mesh("tp"), in_specs=in_specs,
-                             out_specs=(P(), P()))(h, w, b)
+        return jax.shard_map(lambda h, w, b: step(h, w, b, "tp"), mesh=mesh("tp"),
+                             in_specs=in_specs, out_specs=(P(), P()))(h, w, b)
 
     b = p["bias"] if bias else None
     argnums = (0, 1, 2) if bias else (0, 1)
-    (l1, m1), g1 = jax.value_and_grad(whole, argnums=argnums, has_aux=True)(
+    (l1, m1), g1 = jax.value_and_grad(step, argnums=argnums, has_aux=True)(
         p["hidden"], p["weight"], b)
     (l2, m2), g2 = jax.jit(jax.value_and_grad(sharded, argnums=argnums, has_aux=True))(
         p["hidden"], p["weight"], b)
     np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    np.testing.assert_allclose(m2["kl_logp"], m1["kl_logp"], rtol=1e-5)
     np.testing.assert_allclose(float(m2["kl"]), float(m1["kl"]), rtol=1e-5, atol=1e-6)
+    assert float(m1["kl"]) > 0  # the clamp did not hide the estimate
     np.testing.assert_allclose(m2["per_example/logp"], m1["per_example/logp"], rtol=1e-5)
     close(g2, g1, 1e-5 if dtype == jnp.float32 else 2.0**-7)
 
 
-def test_vocab_and_data_parallel_together_is_reported_as_not_implemented():
-    p = problem(4)
-    with pytest.raises(NotImplementedError, match="kl_axis_name with vocab_axis_name"):
-        kto_jax.fused_linear_kto_loss(p["hidden"], p["weight"], p["labels"], None,
-                                      p["reference_logp"], p["desirable"],
-                                      kl_hidden=p["kl_hidden"], kl_targets=p["kl_labels"],
-                                      kl_reference_logp=p["kl_reference_logp"],
-                                      kl_axis_name="dp", vocab_axis_name="tp")
+@pytest.mark.parametrize("average", [False, True])
+def test_vocab_parallel_logprobs_equal_the_whole_head(average):
+    p = problem(5, V=24)
+    args = (p["hidden"], p["weight"], p["labels"], None, p["bias"])
+    kw = dict(average_logprob=average, logit_softcap=2.0)
+    logp1, n1 = kto_jax.fused_linear_logprobs(*args, **kw)
+    logp2, n2 = jax.jit(jax.shard_map(
+        lambda h, w, t, b: kto_jax.fused_linear_logprobs(h, w, t, None, b, vocab_axis_name="tp",
+                                                         **kw),
+        mesh=mesh("tp"), in_specs=(P(), P("tp"), P(), P("tp")), out_specs=(P(), P())))(
+        p["hidden"], p["weight"], p["labels"], p["bias"])
+    np.testing.assert_allclose(logp2, logp1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(n2, n1)
+
+
+def test_vocab_and_data_parallel_together_equal_the_unsharded_step():
+    """A 2 × 2 mesh: the batch over "dp", the head over "tp"; the KL log-probs over the
+    slices, their (S, C) psum'd over "dp"."""
+    p = problem(4, V=20)
+    B = p["labels"].shape[0]
+    opts = kto_jax.KTOOptions(beta=0.5, mean_denominator=B)
+
+    def step(h, w, b, labels, ref, des, klh, kll, klr, kl_axis_name=None, vocab_axis_name=None):
+        kl_logp, kl_n = kl_logprobs(klh, w, kll, b, opts, vocab_axis_name)
+        return kto_jax.fused_linear_kto_loss(h, w, labels, None, ref, des, b, options=opts,
+                                             kl_policy_logp=kl_logp, kl_reference_logp=klr,
+                                             kl_num_tokens=kl_n, kl_axis_name=kl_axis_name,
+                                             vocab_axis_name=vocab_axis_name)
+
+    data = (p["labels"], p["reference_logp"], p["desirable"], p["kl_hidden"], p["kl_labels"],
+            p["kl_reference_logp"])
+
+    def whole(h, w, b):
+        return step(h, w, b, *data)[0]
+
+    def sharded(h, w, b):
+        def local(h, w, b, *d):
+            loss, _ = step(h, w, b, *d, kl_axis_name="dp", vocab_axis_name="tp")
+            return jax.lax.psum(loss, "dp")
+
+        grid = Mesh(np.array(jax.devices()[:DEVICES]).reshape(2, 2), ("dp", "tp"))
+        return jax.shard_map(local, mesh=grid,
+                             in_specs=(P("dp"), P("tp"), P("tp")) + (P("dp"),) * 6,
+                             out_specs=P())(h, w, b, *data)
+
+    args = (p["hidden"], p["weight"], p["bias"])
+    l1, g1 = jax.value_and_grad(whole, argnums=(0, 1, 2))(*args)
+    l2, g2 = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(*args)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    close(g2, g1, 1e-5)
 
 
 def test_token_statistics_with_vocab_parallel_is_refused():
@@ -176,3 +231,13 @@ def test_token_statistics_with_vocab_parallel_is_refused():
         kto_jax.fused_linear_kto_loss(p["hidden"], p["weight"], p["labels"], None,
                                       p["reference_logp"], p["desirable"], options=opts,
                                       vocab_axis_name="tp")
+
+
+def test_vocab_blocks_with_vocab_parallel_is_refused():
+    p = problem(4)
+    with pytest.raises(ValueError, match=r"argument 'strategy' must be 'keep_chunk' or "
+                                         r"'recompute' with vocab_axis_name"):
+        kto_jax.fused_linear_kto_loss(p["hidden"], p["weight"], p["labels"], None,
+                                      p["reference_logp"], p["desirable"],
+                                      options=kto_jax.KTOOptions(reference_point="zero"),
+                                      vocab_axis_name="tp", strategy="vocab_blocks")

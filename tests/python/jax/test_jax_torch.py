@@ -7,6 +7,8 @@ to that rule, and a gradient stored in bf16 adds bf16's unit roundoff (2^-8) rel
 the value. Skipped with a message where kto_torch is not built.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,10 +63,15 @@ def test_fused_linear_matches_kto_torch_and_the_reference(dtype, unit_roundoff, 
         want_loss, dz = want_loss * factor, dz * factor
         want_grads = [g * factor for g in want_grads]
 
-    def f(h, w, b):
+    jax_kl_logp, jax_kl_n = kto_jax.fused_linear_logprobs(
+        batch["kl_hidden"], batch["weight"], batch["kl_targets"], batch["kl_offsets"],
+        batch["bias"], average_logprob=options.average_logprob)
+
+    def f(h, w, b):  # the KL batch as log-probs, as kto_torch takes it
         return kto_jax.fused_linear_kto_loss(
             h, w, batch["targets"], batch["offsets"], ref, batch["desirable"], b,
-            batch["kl_hidden"], batch["kl_targets"], batch["kl_offsets"], kl_ref, options)
+            options=options, kl_policy_logp=jax_kl_logp, kl_reference_logp=kl_ref,
+            kl_num_tokens=jax_kl_n)
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
         batch["hidden"], batch["weight"], batch["bias"])
@@ -134,3 +141,9 @@ def test_both_bindings_read_the_library_contract():
     assert kto_jax.PER_EXAMPLE_NAMES == kto_torch.EXAMPLE_OUTPUT_NAMES
     assert kto_jax.DEFAULT_CHUNK_BYTES == kto_torch._C.default_chunk_bytes(False)
     assert kto_jax.DEFAULT_CUDA_CHUNK_BYTES == kto_torch._C.default_chunk_bytes(True)
+
+
+def test_both_bindings_expose_the_same_strategies_and_options():
+    assert kto_jax.STRATEGIES == kto_torch.STRATEGIES
+    assert tuple(kto_jax.OPTION_NAMES) == tuple(kto_torch.OPTION_NAMES)
+    assert [f.name for f in dataclasses.fields(kto_jax.KTOOptions)] == list(kto_torch.OPTION_NAMES)

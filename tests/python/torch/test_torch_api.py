@@ -66,6 +66,9 @@ def test_option_tables_are_the_library_contract():
     assert kto_torch.KL_ESTIMATORS == {"mean": 0, "nonempty_mean": 1}
     assert kto_torch.REDUCTIONS == {"mean": 0, "sum": 1}
     assert kto_torch._C.option_choices()["link"] == ["one_minus_sigmoid", "neg_log_sigmoid"]
+    # The fused strategies too (kto::kFusedStrategyNames).
+    assert kto_torch._C.strategy_names() == ["keep_chunk", "recompute", "vocab_blocks"]
+    assert kto_torch.STRATEGIES == {"keep_chunk": 0, "recompute": 1, "vocab_blocks": 2}
     import torch
 
     want = r"kto_torch.kto_loss: argument 'link' must be one of \['neg_log_sigmoid', 'one_minus_sig"
