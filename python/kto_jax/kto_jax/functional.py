@@ -90,14 +90,17 @@ def _cotangent(grad, operand_axes, all_axes):
 
 
 def _outputs(metrics, per_example, num_tokens, row_lse, statistics=None, axes=frozenset()):
-    """The metrics dict; ``statistics`` ([2, B]) only when the options asked for them."""
-    metrics, per_example, num_tokens, row_lse = (
-        _vary(x, axes) for x in (metrics, per_example, num_tokens, row_lse))
+    """The metrics dict; ``statistics`` ([2, B]) only when the options asked for them;
+    ``row_lse`` only from the logits step (None from the fused one, whose lse stays in the
+    library's workspace on CUDA)."""
+    metrics, per_example, num_tokens = (_vary(x, axes) for x in (metrics, per_example,
+                                                                 num_tokens))
     out = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
     for k, name in enumerate(PER_EXAMPLE_NAMES):
         out[f"per_example/{name}"] = per_example[k]
     out["per_example/num_tokens"] = num_tokens
-    out["per_row/lse"] = row_lse  # 0 on unscored rows
+    if row_lse is not None:
+        out["per_row/lse"] = _vary(row_lse, axes)  # 0 on unscored rows
     if statistics is not None:
         statistics = _vary(statistics, axes)
         out["per_example/entropy_sum"] = statistics[0]
@@ -356,14 +359,14 @@ def _fused_step(static, hidden, weight, bias, targets, offsets, reference_logp, 
 # loss), axes of hidden, weight and bias)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_core(static, *args):
-    metrics, per_example, n, row_lse, statistics, *_ = _fused_step(static, *args)
-    out = _outputs(metrics, per_example, n, row_lse, _requested(static[0], statistics), static[6])
+    metrics, per_example, n, _, statistics, *_ = _fused_step(static, *args)
+    out = _outputs(metrics, per_example, n, None, _requested(static[0], statistics), static[6])
     return out["loss"], out
 
 
 def _fused_core_fwd(static, *args):
-    metrics, per_example, n, row_lse, statistics, dh, dw, db = _fused_step(static, *args)
-    out = _outputs(metrics, per_example, n, row_lse, _requested(static[0], statistics), static[6])
+    metrics, per_example, n, _, statistics, dh, dw, db = _fused_step(static, *args)
+    out = _outputs(metrics, per_example, n, None, _requested(static[0], statistics), static[6])
     return (out["loss"], out), (dh, dw, db)
 
 

@@ -136,9 +136,10 @@ def check(batch, options, unit_roundoff=0.0, **kwargs):
     np.testing.assert_allclose(metrics["per_example/ratio"], rho, rtol=0, atol=RTOL * scale)
     np.testing.assert_allclose(metrics["per_example/loss"], losses, rtol=0,
                                atol=RTOL * scale * options.beta * 2)
-    # Unscored rows: lse reported as 0, gradient exactly 0.
+    # The fused op reports no per-row lse (on CUDA it never leaves the library's workspace).
+    assert "per_row/lse" not in metrics
+    # Unscored rows (outside every sequence, or ignored): gradient exactly 0, below.
     unscored = (batch["seq_of_row"] == len(batch["desirable"])) | (batch["targets"] == -100)
-    assert np.all(np.asarray(metrics["per_row/lse"])[unscored] == 0)
     gmax = float(jnp.abs(dz).max()) + 1e-30
     h, w = (np.abs(np.asarray(x, np.float64)) for x in (batch["hidden"], batch["weight"]))
     bounds = [10 * RTOL * gmax * w.sum(axis=0)[None, :], 10 * RTOL * gmax * h.sum(axis=0)[None, :],
