@@ -58,7 +58,7 @@ import kto_torch
 from kto_torch import _C
 from kto_torch._errors import KTOError, KTOTypeError, PeerError
 from kto_torch._ops import EXAMPLE_OUTPUT_NAMES, OPTION_NAMES, _accumulation, _options
-from kto_torch.functional import KTOOutput, _kto_output, _padded_offsets, _tensors
+from kto_torch.functional import KTOOutput, _fail, _kto_output, _padded_offsets, _tensors
 
 __all__ = ["PeerError", "context_parallel_kto_loss", "context_parallel_sequence_logprobs",
            "kto_loss", "sum_or_fail"]
@@ -80,11 +80,6 @@ def _device(logits) -> torch.device:
     rank whose `logits` is not a tensor: it still joins, with its error)."""
     return _collective_device(logits) if isinstance(logits, Tensor) else torch.device("cpu")
 
-
-def _fail(error_class, fn: str, name: str, message: str):
-    error = error_class(f"{fn}: argument '{name}' {message}")
-    error.function, error.argument = fn, name
-    raise error
 
 
 def _check_options(fn: str, options: dict) -> None:
@@ -359,8 +354,9 @@ class _LocalRowsGradient(torch.autograd.Function):
 # What every rank of cp_group must pass alike, summed with the sequence sums: Σ reference_logp,
 # Σ desirable and the KL batch's (S, C). Equal inputs sum to R times each rank's own; a rank
 # that differs makes every rank raise in the finish's failure flag.
-_FINGERPRINT = ("reference_logp", "desirable", "the KL batch (kl_policy_logp, ...)",
-                "the KL batch (kl_policy_logp, ...)")
+# (the argument named, what differs) of each entry.
+_FINGERPRINT = (("reference_logp", "reference_logp"), ("desirable", "desirable"),
+                ("kl_policy_logp", "the KL batch's S"), ("kl_policy_logp", "the KL batch's C"))
 
 
 def _fingerprint(reference_logp: Tensor, desirable: Tensor, kl: Tensor) -> Tensor:
@@ -369,11 +365,11 @@ def _fingerprint(reference_logp: Tensor, desirable: Tensor, kl: Tensor) -> Tenso
 
 
 def _check_fingerprint(fn: str, mine: Tensor, summed: Tensor, ranks: int) -> None:
-    for k, name in enumerate(_FINGERPRINT):
+    for k, (argument, what) in enumerate(_FINGERPRINT):
         want = ranks * float(mine[k])
         if abs(float(summed[k]) - want) > 1e-12 * ranks * (1.0 + abs(want)):
-            _fail(KTOError, fn, name.split(" ")[0] if k < 2 else "kl_policy_logp",
-                  f"must be the same on every rank of cp_group ({name}); the ranks' sums "
+            _fail(KTOError, fn, argument,
+                  f"must be the same on every rank of cp_group ({what}); the ranks' sums "
                   f"differ: {float(summed[k])!r} over {ranks} ranks, {float(mine[k])!r} here")
 
 
