@@ -234,6 +234,53 @@ void BM_materialised_linear_step(benchmark::State& state) {
   w.counters(state, double(sizeof(float)) * N * V);
 }
 
+/// One rank of a vocabulary split in two (W rows [0, V/2) of V), as kto_jax runs it: this
+/// slice's fused_linear_row_partials, the all-gather (here: into rank 0's place of an
+/// array that holds rank 1's partials already), then the step. state.range(0): 0 hands
+/// the gathered partials to the step through hooks.gather_partials, which computes the
+/// slice's partials again and discards them (kto_jax before 2026-12-06); 1 through
+/// hooks.gathered_partials (none computed in the step). range(1): threads.
+void BM_vocab_slice_step(benchmark::State& state) {
+  FusedWorkload w;
+  kto::Options o;
+  o.reference_point = kto::ReferencePoint::zero;
+  kto::cpu::FusedLinearConfig cfg;
+  cfg.strategy = kto::FusedStrategy::recompute;  // what a slice runs
+  kto::cpu::ExecutionPolicy exec;
+  exec.num_threads = static_cast<int>(state.range(1));
+  const index_t V = FusedWorkload::kVocab, half = V / 2, D = FusedWorkload::kDim;
+  auto slice = [&](index_t begin) {
+    kto::LinearHead<float> h;
+    h.weight = kto::matrix_view<const float>(w.weight.data() + begin * D, half, D);
+    h.vocab_begin = begin;
+    h.vocab_total = V;
+    return h;
+  };
+  const auto head = slice(0);
+  const auto in = w.inputs();
+  std::vector<kto::RowPartial<float>> gathered =
+      kto::cpu::fused_linear_row_partials<float>(in, head, o, cfg, exec);
+  const auto other = kto::cpu::fused_linear_row_partials<float>(in, slice(half), o, cfg, exec);
+  gathered.insert(gathered.end(), other.begin(), other.end());
+  kto::cpu::FusedLinearHooks<float> hooks;
+  if (state.range(0) == 0)
+    hooks.gather_partials = [&](const auto&, auto& all) { all = gathered; };
+  else
+    hooks.gathered_partials = kto::make_span(gathered);
+  kto::cpu::LinearGradients<float> g;
+  g.d_hidden = kto::matrix_view(w.d_hidden.data(), w.rows, D);
+  g.d_weight = kto::matrix_view(w.d_weight.data(), half, D);
+  for (auto _ : state) {
+    const auto local = kto::cpu::fused_linear_row_partials<float>(in, head, o, cfg, exec);
+    std::copy(local.begin(), local.end(), gathered.begin());
+    auto r = kto::cpu::fused_linear_kto_step<float>(in, head, o, g, cfg, exec, hooks);
+    benchmark::DoNotOptimize(r.metrics.loss);
+  }
+  w.counters(state, double(kto::cpu::fused_linear_workspace_bytes(head, cfg)));
+  state.counters["GFLOP/s"] = benchmark::Counter(  // a slice's useful work: half the head's
+      3.0 * w.rows * V * D * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
 void vocab_args(benchmark::internal::Benchmark* b) {
   for (int64_t v : {32000, 128256}) b->Args({v});
 }
@@ -255,6 +302,10 @@ KTO_BENCH(BM_kto_forward_backward, float, vocab_thread_args);
 KTO_BENCH(BM_kto_forward_backward, Eigen::bfloat16, vocab_thread_args);
 BENCHMARK(BM_fused_linear_step)
     ->ArgsProduct({{0, 1}, {64, 512}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_vocab_slice_step)
+    ->ArgsProduct({{0, 1}, {1, 2}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_materialised_linear_step)

@@ -252,6 +252,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   const bool kl = uses_kl_batch(o);
   const bool sharded = head.sharded();
   const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
+  const bool pre_gathered = hooks.gathered_partials.size > 0;
   const detail::HiddenBatch<T> target_batch{in.hidden, in.targets, in.sequences, "hidden"};
   const detail::HiddenBatch<T> kl_batch{in.kl.hidden, in.kl.targets, in.kl.sequences, "kl.hidden"};
   std::unique_ptr<detail::ChunkEngine<T>> engine;
@@ -310,24 +311,39 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
                          "be false with a vocabulary slice (the row partials carry no entropy)",
                          "true");
     kto::detail::require(
-        !sharded || static_cast<bool>(hooks.gather_partials), fn, "hooks.gather_partials",
-        "be set when head.weight holds a vocabulary slice (" + std::to_string(head.weight.rows) +
-            " of " + std::to_string(head.total_vocab()) + " rows)",
+        !sharded || static_cast<bool>(hooks.gather_partials) || pre_gathered, fn,
+        "hooks.gather_partials",
+        "be set (or hooks.gathered_partials given) when head.weight holds a vocabulary slice (" +
+            std::to_string(head.weight.rows) + " of " + std::to_string(head.total_vocab()) +
+            " rows)",
         "an empty function");
+    kto::detail::require(!pre_gathered || !hooks.gather_partials, fn, "hooks.gathered_partials",
+                         "be empty when hooks.gather_partials is set (one or the other)",
+                         hooks.gathered_partials.size);
+    kto::detail::require(hooks.gathered_partials.size >= 0, fn, "hooks.gathered_partials.size",
+                         "be >= 0", hooks.gathered_partials.size);
+    kto::detail::require(hooks.gathered_partials.data != nullptr || !pre_gathered, fn,
+                         "hooks.gathered_partials.data", "be non-null when size > 0", "nullptr");
+    kto::detail::require(!pre_gathered || sharded, fn, "hooks.gathered_partials",
+                         "be empty when head.weight holds the whole vocabulary",
+                         hooks.gathered_partials.size);
   };
 
+  auto make_engine = [&] {
+    engine = std::make_unique<detail::ChunkEngine<T>>(detail::make_engine(
+        head, cfg, std::max(in.hidden.rows, kl ? in.kl.hidden.rows : index_t{0}), exec, o, fn));
+    kl_rows = kl ? in.kl.hidden.rows : 0;
+    target_scorer = std::make_unique<detail::RowScorer>(in.targets, in.sequences, o.ignore_index);
+    statistics = detail::row_statistics_of<Acc>(o, in.hidden.rows);
+  };
   // Forward-only partials of the KL batch, and, when the vocab is sharded or the
   // strategy is recompute, of the target batch too: one gather serves both.
   auto local_partials = [&] {
-    engine = std::make_unique<detail::ChunkEngine<T>>(detail::make_engine(
-        head, cfg, std::max(in.hidden.rows, kl ? in.kl.hidden.rows : index_t{0}), exec, o, fn));
+    make_engine();
     if (kl) {
       const detail::RowScorer kl_scorer(in.kl.targets, in.kl.sequences, o.ignore_index);
       partials = detail::batch_partials(*engine, in.kl.hidden, kl_scorer);
-      kl_rows = in.kl.hidden.rows;
     }
-    target_scorer = std::make_unique<detail::RowScorer>(in.targets, in.sequences, o.ignore_index);
-    statistics = detail::row_statistics_of<Acc>(o, in.hidden.rows);
     if (recompute_all) {
       auto target = detail::batch_partials(*engine, in.hidden, *target_scorer,
                                            statistics.empty() ? nullptr : statistics.data());
@@ -336,14 +352,22 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   };
   auto merge_gathered = [&] {
     std::vector<RowPartial<Acc>> all;
-    hooks.gather_partials(partials, all);
-    kto::detail::require(!partials.empty() || all.empty(), fn, "hooks.gather_partials",
-                         "return nothing for an empty input", static_cast<index_t>(all.size()));
-    const index_t n = static_cast<index_t>(partials.size());
-    kto::detail::require(n == 0 || (static_cast<index_t>(all.size()) % n == 0 && !all.empty()), fn,
-                         "hooks.gather_partials",
-                         "return ranks x " + std::to_string(n) + " partials",
-                         static_cast<index_t>(all.size()));
+    const char* given = pre_gathered ? "hooks.gathered_partials" : "hooks.gather_partials";
+    if (pre_gathered)
+      all.assign(hooks.gathered_partials.data,
+                 hooks.gathered_partials.data + hooks.gathered_partials.size);
+    else
+      hooks.gather_partials(partials, all);
+    const index_t n = kl_rows + in.hidden.rows;  // a slice's rows: KL batch, then target
+    kto::detail::require(
+        n > 0 || all.empty(), fn, given,
+        pre_gathered ? "be empty for batches of no rows" : "return nothing for an empty input",
+        static_cast<index_t>(all.size()));
+    kto::detail::require(
+        n == 0 || (static_cast<index_t>(all.size()) % n == 0 && !all.empty()), fn, given,
+        std::string(pre_gathered ? "hold" : "return") + " ranks x " + std::to_string(n) +
+            " partials (a slice's KL rows, then its target rows)",
+        static_cast<index_t>(all.size()));
     partials = merge_row_partials(all, n > 0 ? static_cast<index_t>(all.size()) / n : 1);
   };
   // The (merged) partials to sequences; what can still fail here (a non-finite
@@ -376,7 +400,10 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     // The gather is a collective of its own: checks and the local forward run
     // before it (a failure there is not yet carried to the other slices).
     validate();
-    local_partials();
+    if (pre_gathered)
+      make_engine();
+    else
+      local_partials();
     merge_gathered();
     kl_sum = kto::detail::reduce_kl_or_fail(hooks.kl_all_reduce, fn, checked_kl_sum);
   } else {

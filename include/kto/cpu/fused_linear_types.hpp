@@ -80,6 +80,11 @@ template <class Acc>
 struct FusedLinearHooks {
   KlAllReduce kl_all_reduce;                  ///< data parallel: sums (S, C) over ranks
   RowPartialsAllGather<Acc> gather_partials;  ///< vocab parallel: set when W is sharded
+  /// Vocab parallel, gathered by the caller before the step (each slice's
+  /// fused_linear_row_partials, all-gathered rank-major): the step computes no row partials
+  /// of its own (one forward pass over the slice fewer) and calls no gather. Set this or
+  /// gather_partials, never both.
+  Span<const RowPartial<Acc>> gathered_partials;
 };
 
 }  // namespace cpu

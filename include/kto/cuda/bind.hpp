@@ -125,26 +125,14 @@ inline cuda::KlAllReduce global_kl_hook(const GlobalKl& g) {
   };
 }
 
-/// Vocab parallel: hands the step the caller's all-gathered row partials.
-inline cuda::RowPartialsAllGather gather_hook(const VocabSlices& v) {
+/// Vocab parallel: the caller's all-gathered row partials, which the step merges as they
+/// are (it computes none of its own). The call has no KL batch, so each slice holds the
+/// batch's rows (checked by fused_linear_kto_step below).
+inline cuda::RowPartialsAllGather gathered_partials(const VocabSlices& v) {
   cuda::RowPartialsAllGather g;
   if (!v) return g;
   g.ranks = v.ranks;
-  g.gather = [v](const RowPartial<float>*, RowPartial<float>* gathered, index_t rows,
-                 cudaStream_t stream) {
-    if (rows != v.rows)
-      return cuda::Status::make(cuda::StatusCode::invalid_argument,
-                                "kto::cuda::fused_linear_kto_step: argument 'gathered' must hold "
-                                "%lld rows a slice (the batch's); got %lld",
-                                static_cast<long long>(rows), static_cast<long long>(v.rows));
-    const cudaError_t err =
-        cudaMemcpyAsync(gathered, v.gathered,
-                        sizeof(RowPartial<float>) * static_cast<std::size_t>(v.ranks) *
-                            static_cast<std::size_t>(rows),
-                        cudaMemcpyDeviceToDevice, stream);
-    return err == cudaSuccess ? cuda::Status::success()
-                              : cuda::Status::from(err, "kto::bind: gathered row partials");
-  };
+  g.gathered = v.gathered;
   return g;
 }
 
@@ -194,7 +182,7 @@ cuda::FusedLinearArguments<T> fused_arguments(const FusedLinearCall& c, Metrics*
   a.config.chunk_bytes = c.chunk_bytes;
   a.config.strategy = c.strategy;
   a.hooks.kl_all_reduce = global_kl_hook(c.global_kl);
-  a.hooks.gather_partials = gather_hook(c.vocab);
+  a.hooks.gather_partials = gathered_partials(c.vocab);
   return a;
 }
 
@@ -283,6 +271,10 @@ inline std::string fused_linear_kto_step(const FusedLinearCall& c, void* workspa
       c.gradients.d_weight_dtype != c.hidden.dtype)
     return std::string(fn) + ": argument 'd_weight' must be float32 or hidden's dtype (" +
            dtype_name(c.hidden.dtype) + "); got " + dtype_name(c.gradients.d_weight_dtype);
+  if (c.vocab && c.vocab.rows != c.hidden.rows)
+    return std::string(fn) + ": argument 'vocab.rows' must equal hidden.rows (" +
+           std::to_string(c.hidden.rows) + ", the rows of each slice's partials); got " +
+           std::to_string(c.vocab.rows);
   return cuda_detail::dispatch(c.hidden.dtype, fn, "hidden", [&](auto tag) -> std::string {
     using T = decltype(tag);
     const auto query = cuda_detail::fused_arguments<T>(c, nullptr);
@@ -306,74 +298,37 @@ inline std::string fused_linear_kto_step(const FusedLinearCall& c, void* workspa
 
 /// A vocabulary slice's row partials of the call's batch (`partials`, hidden.rows of them;
 /// {0, 0} on unscored rows), for the caller to all-gather and hand to
-/// fused_linear_kto_step as `vocab`. The library computes them in the step itself, ahead of
-/// its gather hook: this runs the step up to that hook and stops there (one forward GEMM
-/// pass). The call's outputs, gradients, labels and reference log-probs are not read: the
-/// core carves what the step needs from the workspace it asks for.
-inline std::string fused_linear_row_partials(const FusedLinearCall& call,
-                                             RowPartial<float>* partials, void* workspace,
-                                             std::size_t* workspace_bytes, cudaStream_t stream) {
+/// fused_linear_kto_step as `vocab`: kto::cuda::fused_linear_row_partials, one forward
+/// GEMM pass over the slice. Only the batch, the head, the options and chunk_bytes are
+/// read; host targets and offsets, when given, turn compact scoring on.
+inline std::string fused_linear_row_partials(const FusedLinearCall& c, RowPartial<float>* partials,
+                                             void* workspace, std::size_t* workspace_bytes,
+                                             cudaStream_t stream) {
   const char* fn = "kto::cuda::fused_linear_row_partials";
-  const index_t total = call.head.vocab_total, V = call.head.weight.rows;
+  const index_t total = c.head.vocab_total, V = c.head.weight.rows;
   if (total <= V)
     return std::string(fn) +
            ": argument 'head.vocab_total' must exceed head.weight.rows (a vocabulary slice); "
            "got " +
            std::to_string(total) + " for " + std::to_string(V) + " rows";
-  FusedLinearCall c = call;
-  const index_t N = c.hidden.rows, D = c.hidden.cols, B = c.batch.sequences.count;
-  c.desirable = nullptr;  // carved below
-  c.options.token_statistics = false;
-  c.options.reference_point = ReferencePoint::zero;  // stops before z0: no KL batch needed
-  c.strategy = FusedStrategy::recompute;
-  c.global_kl = {};
-  c.gradients = {};
-  c.outputs = {};
-  c.vocab = {};  // the hook below: it takes the partials and stops the step there
   return cuda_detail::dispatch(c.hidden.dtype, fn, "hidden", [&](auto tag) -> std::string {
     using T = decltype(tag);
-    bool taken = false;
-    auto args = cuda_detail::fused_arguments<T>(c, nullptr);
-    args.hooks.gather_partials.ranks = 2;
-    args.hooks.gather_partials.gather = [&taken, partials](const RowPartial<float>* local,
-                                                           RowPartial<float>*, index_t rows,
-                                                           cudaStream_t st) {
-      cudaMemcpyAsync(partials, local, sizeof(RowPartial<float>) * static_cast<std::size_t>(rows),
-                      cudaMemcpyDeviceToDevice, st);
-      taken = true;
-      return cuda::Status::make(cuda::StatusCode::invalid_argument, "row partials taken");
-    };
-    const std::size_t step_bytes = cuda_detail::round_up(cuda::workspace_bytes(args));
-    // After the step's bytes: its metrics, dH, reference log-probs, labels, counts.
-    const std::size_t metrics_at = step_bytes,
-                      dh_at = metrics_at + cuda_detail::round_up(sizeof(Metrics)),
-                      ref_at = dh_at + cuda_detail::round_up(sizeof(float) * N * D),
-                      labels_at = ref_at + cuda_detail::round_up(sizeof(float) * B),
-                      counts_at = labels_at + cuda_detail::round_up(B),
-                      total_bytes = counts_at + sizeof(index_t) * B;
+    cuda::FusedLinearConfig cfg;
+    cfg.chunk_bytes = c.chunk_bytes;
+    const auto head = cuda_detail::typed<T>(c.head);
     if (workspace == nullptr) {
-      *workspace_bytes = total_bytes;
+      *workspace_bytes = cuda::fused_linear_row_partials_workspace_bytes<T>(
+          c.hidden.rows, head, cfg,
+          c.batch.host_targets != nullptr && c.batch.host_offsets != nullptr);
       return std::string();
     }
-    char* w = static_cast<char*>(workspace);
-    auto* reference = reinterpret_cast<float*>(w + ref_at);
-    auto* labels = reinterpret_cast<std::uint8_t*>(w + labels_at);
-    cudaMemsetAsync(reference, 0, sizeof(float) * B, stream);
-    cudaMemsetAsync(labels, 0, B, stream);
-    args.inputs.reference_logp = kto::reference_logp<float>(reference, B);
-    args.inputs.desirable = labels;
-    args.outputs.metrics = reinterpret_cast<Metrics*>(w + metrics_at);
-    args.outputs.num_tokens = reinterpret_cast<index_t*>(w + counts_at);
-    args.outputs.d_hidden = matrix_view(reinterpret_cast<float*>(w + dh_at), N, D);
     cublasHandle_t handle = nullptr;
     const auto hs = cuda::shared_blas_handle(&handle);
     if (!hs.ok()) return cuda_detail::message(hs);
-    std::size_t bytes = step_bytes;
-    const auto s = cuda::run(handle, workspace, bytes, args, stream);
-    if (!taken)
-      return s.ok() ? std::string(fn) + ": the step never reached its gather hook"
-                    : cuda_detail::message(s);
-    return last_launch(fn);
+    return cuda_detail::message(cuda::fused_linear_row_partials<T>(
+        handle, workspace, *workspace_bytes, cuda_detail::typed<T>(c.hidden), c.batch.targets,
+        c.batch.sequences, head, c.options, partials, stream, cfg, c.batch.host_offsets,
+        c.batch.host_targets));
   });
 }
 

@@ -150,6 +150,51 @@ size_t fused_linear_logprobs_workspace_bytes(index_t rows, const LinearHead<T>& 
   return detail::fused_workspace_bytes(detail::FusedLayout::forward_only(rows, compact), head, cfg);
 }
 
+namespace detail {
+
+/// What the forward-only entries share, after their own checks: the handle, the
+/// workspace (the query when null), cuBLAS bound, errors reset, the bias in fp32, the
+/// offsets checked and the compact rows mapped; then run(engine, rows, chunked rows,
+/// buffers) launches the entry's own work.
+template <class T, class Run>
+Status run_forward_only(cublasHandle_t handle, void* workspace, size_t& workspace_bytes,
+                        const MatrixView<const T>& hidden, const TargetsView& targets,
+                        const SequencesView& sequences, const LinearHead<T>& head, const Options& o,
+                        cudaStream_t stream, const FusedLinearConfig& cfg,
+                        const SequenceTokenStatistics& statistics, const index_t* host_offsets,
+                        const index_t* host_targets, const char* fn, Run&& run) {
+  if (handle == nullptr)
+    return Status::make(StatusCode::invalid_argument,
+                        "%s: argument 'handle' must be a cuBLAS handle; got nullptr", fn);
+  Status status;
+  const CompactPlan compact =
+      compact_plan(host_targets, targets.rows, host_offsets, sequences.count, o.ignore_index);
+  if (!workspace_ready(
+          workspace, workspace_bytes,
+          fused_workspace_bytes(FusedLayout::forward_only(hidden.rows, compact.on), head, cfg),
+          status, fn))
+    return status;
+  Carver c(workspace);
+  const FusedBuffers b =
+      carve_fused(c, FusedLayout::forward_only(hidden.rows, compact.on), head, cfg);
+  status = bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
+  if (!status) return status;
+  reset_errors(b.errors, stream);
+  if (head.bias.size)
+    device::convert_kernel<T, float>
+        <<<256, 256, 0, stream>>>(head.bias.data, b.bias, head.weight.rows);
+  launch_validate_offsets(sequences, hidden.rows, b.errors, 0u, stream);
+  ChunkEngine<T> engine(handle, head, cfg, hidden.rows, b,
+                        row_extras(o, b.row_entropy, b.row_mean_logit, statistics), stream, fn);
+  const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
+  launch_compact_rows(compact, rows, b.row_of, b.errors, 0u, stream);
+  status = run(engine, rows, compact.on ? compact.rows() : hidden.rows, b);
+  if (!status) return status;
+  return last_launch(fn);
+}
+
+}  // namespace detail
+
 /// With host copies of the targets and offsets (`host_offsets`, `host_targets`, the
 /// targets' layout), the GEMMs multiply the scored rows only, as in the step.
 template <class T>
@@ -169,36 +214,64 @@ Status fused_linear_logprobs(cublasHandle_t handle, void* workspace, size_t& wor
   } catch (const kto::Error& e) {
     return Status::from(e);
   }
-  if (handle == nullptr)
-    return Status::make(StatusCode::invalid_argument,
-                        "%s: argument 'handle' must be a cuBLAS handle; got nullptr", fn);
-  Status status;
-  const detail::CompactPlan compact = detail::compact_plan(host_targets, targets.rows, host_offsets,
-                                                           sequences.count, o.ignore_index);
-  if (!detail::workspace_ready(
-          workspace, workspace_bytes,
-          fused_linear_logprobs_workspace_bytes(hidden.rows, head, cfg, compact.on), status, fn))
-    return status;
-  detail::Carver c(workspace);
-  const detail::FusedBuffers b =
-      detail::carve_fused(c, detail::FusedLayout::forward_only(hidden.rows, compact.on), head, cfg);
-  status = detail::bind_cublas(handle, stream, b.cublas, cfg.cublas_workspace_bytes, fn);
-  if (!status) return status;
-  detail::reset_errors(b.errors, stream);
-  if (head.bias.size)
-    device::convert_kernel<T, float>
-        <<<256, 256, 0, stream>>>(head.bias.data, b.bias, head.weight.rows);
-  detail::launch_validate_offsets(sequences, hidden.rows, b.errors, 0u, stream);
-  detail::ChunkEngine<T> engine(handle, head, cfg, hidden.rows, b,
-                                detail::row_extras(o, b.row_entropy, b.row_mean_logit, statistics),
-                                stream, fn);
-  const device::BatchRows rows{targets, sequences, hidden.rows, o.ignore_index};
-  detail::launch_compact_rows(compact, rows, b.row_of, b.errors, 0u, stream);
-  status = engine.forward_rows(hidden, rows, 0, compact.on ? compact.rows() : hidden.rows, b.row_of,
-                               b.row_lse, b.token_logp, 0u);
-  if (!status) return status;
-  engine.sequences(rows, 0, sequences.count, o.average_logprob, b.token_logp, logp, num_tokens, 0u);
-  return detail::last_launch(fn);
+  return detail::run_forward_only(handle, workspace, workspace_bytes, hidden, targets, sequences,
+                                  head, o, stream, cfg, statistics, host_offsets, host_targets, fn,
+                                  [&](detail::ChunkEngine<T>& engine, const device::BatchRows& rows,
+                                      index_t chunked, const detail::FusedBuffers& b) {
+                                    const Status status =
+                                        engine.forward_rows(hidden, rows, 0, chunked, b.row_of,
+                                                            b.row_lse, b.token_logp, 0u);
+                                    if (!status) return status;
+                                    engine.sequences(rows, 0, sequences.count, o.average_logprob,
+                                                     b.token_logp, logp, num_tokens, 0u);
+                                    return Status::success();
+                                  });
+}
+
+// ------------------------------------------------- vocab parallel, gathered ahead --
+
+/// Bytes of workspace fused_linear_row_partials() needs (`compact`: with host targets
+/// and offsets): fused_linear_logprobs'.
+template <class T>
+size_t fused_linear_row_partials_workspace_bytes(index_t rows, const LinearHead<T>& head,
+                                                 const FusedLinearConfig& cfg = {},
+                                                 bool compact = false) {
+  return fused_linear_logprobs_workspace_bytes(rows, head, cfg, compact);
+}
+
+/// Vocab parallel, for a caller that gathers the slices' partials itself (a JAX
+/// all_gather, or an ncclAllGather ahead of the step): this slice's RowPartial of every
+/// row of one batch into `partials` (hidden.rows of them, device; {0, 0} on unscored
+/// rows), forward only: one GEMM pass over the slice. All-gathered rank-major (a KL
+/// batch's rows first, when the step has one), they are the step's
+/// gather_partials.gathered. The twin of kto::cpu::fused_linear_row_partials, which takes
+/// both batches in one call. Host targets and offsets: compact scoring, as in the step.
+template <class T>
+Status fused_linear_row_partials(cublasHandle_t handle, void* workspace, size_t& workspace_bytes,
+                                 const MatrixView<const T>& hidden, const TargetsView& targets,
+                                 const SequencesView& sequences, const LinearHead<T>& head,
+                                 const Options& o, RowPartial<float>* partials, cudaStream_t stream,
+                                 const FusedLinearConfig& cfg = {},
+                                 const index_t* host_offsets = nullptr,
+                                 const index_t* host_targets = nullptr) {
+  detail::check_logit_type<T>();
+  const char* fn = "kto::cuda::fused_linear_row_partials";
+  try {
+    detail::validate_row_partials(hidden, targets, sequences, head, o, partials, host_offsets,
+                                  host_targets, fn);
+  } catch (const kto::Error& e) {
+    return Status::from(e);
+  }
+  return detail::run_forward_only(
+      handle, workspace, workspace_bytes, hidden, targets, sequences, head, o, stream, cfg, {},
+      host_offsets, host_targets, fn,
+      [&](detail::ChunkEngine<T>& engine, const device::BatchRows& rows, index_t chunked,
+          const detail::FusedBuffers& b) {
+        if (hidden.rows > 0)  // rows no chunk visits (unscored): {0, 0}
+          cudaMemsetAsync(partials, 0, sizeof(RowPartial<float>) * static_cast<size_t>(hidden.rows),
+                          stream);
+        return engine.partials_rows(hidden, rows, 0, chunked, b.row_of, partials, 0u);
+      });
 }
 
 }  // namespace cuda

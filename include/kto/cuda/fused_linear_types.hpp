@@ -104,12 +104,17 @@ constexpr index_t kMaxVocabRanks = index_t{1} << 16;
 /// `stream`, e.g. ncclAllGather. Called once a step, for the KL batch's rows and then the
 /// target batch's together; `ranks` is the number of vocabulary slices. The twin of
 /// kto::cpu::RowPartialsAllGather, which gathers host vectors and infers the ranks.
+/// Or `gathered` instead of `gather`: the partials the caller all-gathered before the step
+/// (each slice's fused_linear_row_partials), in that layout; the step then computes none
+/// of its own (one forward pass over the slice fewer). The twin of the CPU path's
+/// hooks.gathered_partials.
 struct RowPartialsAllGather {
   index_t ranks = 0;  ///< in [2, min(head.vocab_total, kMaxVocabRanks)]
   std::function<Status(const RowPartial<float>* local, RowPartial<float>* gathered, index_t rows,
                        cudaStream_t stream)>
       gather;
-  explicit operator bool() const { return static_cast<bool>(gather); }
+  const RowPartial<float>* gathered = nullptr;  ///< device, ranks × rows; set this or gather
+  explicit operator bool() const { return static_cast<bool>(gather) || gathered != nullptr; }
 };
 
 /// The caller's collectives, both stream-ordered; empty ones are not called.

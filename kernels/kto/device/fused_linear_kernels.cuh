@@ -227,12 +227,15 @@ struct MergePartialsParams {
 };
 
 /// lse_r and ℓ_r = target logit − lse_r of every scored row from the gathered partials;
-/// a non-finite one is reported as the whole-vocabulary forward reports it.
+/// a non-finite one and a target outside the vocabulary are reported as the
+/// whole-vocabulary forward reports them (partials gathered before the step passed no
+/// kernel of this step's that would).
 __global__ void merge_partials_kernel(MergePartialsParams p) {
   for (index_t r = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; r < p.batch.rows;
        r += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t t = p.batch.target(r);
     if (t == p.batch.ignore_index || t < 0 || t >= p.vocab) {  // as the whole-vocabulary forward
+      if (t != p.batch.ignore_index) record_error(p.errors, r, kTargetOutOfRange | p.error_tag);
       p.row_lse[r] = p.token_logp[r] = 0.0f;
       continue;
     }

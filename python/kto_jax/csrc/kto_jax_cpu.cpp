@@ -368,14 +368,12 @@ ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyB
     kto::cpu::FusedLinearHooks<float> hooks;
     hooks.kl_all_reduce = hook;
     if (gathered.element_count() > 0) {
-      // The caller all-gathered every slice's row partials (rank-major): hand them over.
+      // The caller all-gathered every slice's row partials (rank-major): the step takes
+      // them as they are and computes none of its own.
       static_assert(sizeof(kto::RowPartial<float>) == 2 * sizeof(float), "two floats a row");
-      const auto* g = reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data());
-      const size_t n = gathered.element_count() / 2;
-      hooks.gather_partials = [g, n](const std::vector<kto::RowPartial<float>>&,
-                                     std::vector<kto::RowPartial<float>>& all) {
-        all.assign(g, g + n);
-      };
+      hooks.gathered_partials =
+          kto::make_span(reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data()),
+                         static_cast<index_t>(gathered.element_count() / 2));
     }
     const auto r = kto::cpu::fused_linear_kto_step<T>(in, head, o, grads, cfg, {}, hooks);
     metrics_values(r.metrics, metrics->typed_data());

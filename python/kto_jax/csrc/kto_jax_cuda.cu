@@ -11,7 +11,8 @@
 // the stream once per call. The fused ops copy the ids to the host first (one more
 // synchronisation): compact scoring, the GEMMs multiply the scored rows only. Vocab
 // parallel: fused_linear_row_partials gives this slice's row partials, the step takes
-// every slice's, all-gathered by the caller, through the library's gather hook.
+// every slice's, all-gathered by the caller, as they are (gather_partials.gathered: it
+// computes no partials of its own).
 // What has run on a GPU, and when: docs/status.md.
 #include <kto/cuda.hpp>
 #include <kto/cuda/bind.hpp>

@@ -337,7 +337,10 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
   const int ranks = GENERATE(2, 3);
-  INFO("seed " << seed << " ranks " << ranks);
+  // The gather inside the step (hooks.gather_partials), or before it, as kto_jax does:
+  // each slice's fused_linear_row_partials all-gathered, then hooks.gathered_partials.
+  const bool pre_gathered = GENERATE(false, true);
+  INFO("seed " << seed << " ranks " << ranks << " pre_gathered " << pre_gathered);
   test::FusedSpec spec;
   spec.vocab = 101;
   const auto fp = make_problem<T>(rng, spec);
@@ -362,7 +365,17 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
         head.vocab_begin = b;
         head.vocab_total = fp.vocab;
         kto::cpu::FusedLinearHooks<Acc> hooks;
-        hooks.gather_partials = [&](const auto& local, auto& all) { board.gather(k, local, all); };
+        std::vector<kto::RowPartial<Acc>> gathered;
+        if (pre_gathered) {
+          const auto local = kto::cpu::fused_linear_row_partials<T>(st.inputs(), head, o, cfg,
+                                                                    kto::cpu::ExecutionPolicy{1});
+          board.gather(k, local, gathered);
+          hooks.gathered_partials = kto::make_span(gathered);
+        } else {
+          hooks.gather_partials = [&](const auto& local, auto& all) {
+            board.gather(k, local, all);
+          };
+        }
         runs[k] = run_fused<T>(fp, o, cfg, kto::cpu::ExecutionPolicy{1}, &head, hooks);
       } catch (...) {
         errors[k] = std::current_exception();
@@ -477,25 +490,52 @@ TEST_CASE("fused error: d_weight of the wrong shape", "[fused][errors]") {
                "36 x 16");
 }
 
-TEST_CASE("fused error: a sharded head without a gather hook", "[fused][errors]") {
-  FusedFixture f;
+/// The fixture's head as the slice of its first 20 rows of 37 (and its dW and db with it).
+static void slice_first_rows(FusedFixture& f) {
   f.head.weight.rows = 20;
   f.head.bias.size = 20;
   f.head.vocab_total = 37;
   f.grads.d_weight.rows = 20;
   f.grads.d_bias.size = 20;
+}
+
+TEST_CASE("fused error: a sharded head without a gather hook", "[fused][errors]") {
+  FusedFixture f;
+  slice_first_rows(f);
   expect_error([&] { f.run(); }, "hooks.gather_partials",
-               "be set when head.weight holds a vocabulary slice (20 of 37 rows)",
+               "be set (or hooks.gathered_partials given) when head.weight holds a vocabulary "
+               "slice (20 of 37 rows)",
                "an empty function");
+}
+
+TEST_CASE("fused error: gathered partials with a gather hook, or for a whole head",
+          "[fused][errors]") {
+  FusedFixture f;
+  const auto n = f.fp.rows + f.fp.kl_rows;
+  std::vector<kto::RowPartial<float>> gathered(static_cast<size_t>(2 * n));
+  f.hooks.gathered_partials = kto::make_span(gathered);
+  expect_error([&] { f.run(); }, "hooks.gathered_partials",
+               "be empty when head.weight holds the whole vocabulary", std::to_string(2 * n));
+  slice_first_rows(f);
+  f.hooks.gather_partials = [](const auto& local, auto& all) { all = local; };
+  expect_error([&] { f.run(); }, "hooks.gathered_partials",
+               "be empty when hooks.gather_partials is set (one or the other)",
+               std::to_string(2 * n));
+}
+
+TEST_CASE("fused error: gathered partials of the wrong count", "[fused][errors]") {
+  FusedFixture f;
+  slice_first_rows(f);
+  const auto n = f.fp.rows + f.fp.kl_rows;
+  std::vector<kto::RowPartial<float>> gathered(static_cast<size_t>(2 * n - 1));
+  f.hooks.gathered_partials = kto::make_span(gathered);
+  expect_error([&] { f.run(); }, "hooks.gathered_partials",
+               "hold ranks x " + std::to_string(n) + " partials", std::to_string(2 * n - 1));
 }
 
 TEST_CASE("fused error: a gather hook that returns the wrong count", "[fused][errors]") {
   FusedFixture f;
-  f.head.weight.rows = 20;
-  f.head.bias.size = 20;
-  f.head.vocab_total = 37;
-  f.grads.d_weight.rows = 20;
-  f.grads.d_bias.size = 20;
+  slice_first_rows(f);
   f.hooks.gather_partials = [](const auto& local, auto& all) {
     all = local;
     all.pop_back();

@@ -510,6 +510,34 @@ TEST_CASE("cuda checks: vocab-parallel slices need the gather and refuse what it
         kto::cuda::fused_linear_workspace_bytes(in, head, cfg, gather));
   CHECK(kto::cuda::fused_linear_workspace_bytes(in, head, cfg, gather) >
         kto::cuda::fused_linear_workspace_bytes(in, head, cfg));
+  // Partials gathered ahead of the step: accepted instead of the gather, never with it.
+  std::vector<kto::RowPartial<float>> ahead(static_cast<size_t>(2 * (in.hidden.rows)));
+  auto given = gather;
+  given.gather = {};
+  given.gathered = ahead.data();
+  CHECK(kto::cuda::can_implement<float>(in, head, o, out, cfg, given).ok());
+  auto both = gather;
+  both.gathered = ahead.data();
+  expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg, both), fn,
+                 "gather_partials.gathered");
+  expect_refused(kto::cuda::can_implement<float>(in, whole, o, out, cfg, given), fn,
+                 "gather_partials");
+  // A slice's partials, gathered ahead: checked before anything runs, by their own name.
+  const std::string rp = "kto::cuda::fused_linear_row_partials";
+  size_t rp_bytes = 0;
+  const auto& batch = f.in;  // (structured bindings cannot be captured in C++17)
+  auto row_partials = [&](const kto::LinearHead<float>& h, const kto::Options& opts,
+                          kto::RowPartial<float>* into) {
+    return kto::cuda::fused_linear_row_partials<float>(nullptr, nullptr, rp_bytes, batch.hidden,
+                                                       batch.targets, batch.sequences, h, opts,
+                                                       into, nullptr);
+  };
+  expect_refused(row_partials(head, o, ahead.data()), rp, "handle");  // every argument passed
+  expect_refused(row_partials(head, o, nullptr), rp, "partials");
+  expect_refused(row_partials(head, statistics, ahead.data()), rp, "options.token_statistics");
+  expect_refused(row_partials(past, o, ahead.data()), rp, "head.vocab_begin");
+  CHECK(rp_bytes == 0);
+  CHECK(kto::cuda::fused_linear_row_partials_workspace_bytes(in.hidden.rows, head) > 0);
   // The forward-only entry takes whole heads only (slices merge in the step).
   float logp[3];
   index_t num_tokens[3];

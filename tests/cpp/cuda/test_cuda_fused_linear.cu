@@ -243,12 +243,8 @@ Outcome run_step(DeviceProblem<T>& d, const kto::Options& o,
 }
 
 /// `u_extra`: a further rounding of dW, dH and db relative to themselves (dW stored in T).
-template <class T>
-void check(const test::FusedProblem& fp, const kto::Options& o, const Outcome& got,
-           double u_extra = 0.0) {
-  INFO("status: " << got.status.message);
-  REQUIRE(got.status.ok());
-  const test::FusedReference R = test::fused_reference(fp, o);
+/// A run's outputs as compare_fused reads them.
+test::FusedObserved observed(const Outcome& got) {
   test::FusedObserved obs;
   obs.examples.metrics = got.metrics;
   obs.examples.num_tokens = got.num_tokens;
@@ -260,6 +256,16 @@ void check(const test::FusedProblem& fp, const kto::Options& o, const Outcome& g
   obs.d_hidden.assign(got.d_hidden.begin(), got.d_hidden.end());
   obs.d_weight.assign(got.d_weight.begin(), got.d_weight.end());
   obs.d_bias.assign(got.d_bias.begin(), got.d_bias.end());
+  return obs;
+}
+
+template <class T>
+void check(const test::FusedProblem& fp, const kto::Options& o, const Outcome& got,
+           double u_extra = 0.0) {
+  INFO("status: " << got.status.message);
+  REQUIRE(got.status.ok());
+  const test::FusedReference R = test::fused_reference(fp, o);
+  const test::FusedObserved obs = observed(got);
   const double u = std::is_same<T, float>::value ? 0.0 : Type<T>::unit_roundoff;
   test::compare_fused(fp, R, obs, o, 1e-5, 0, -1, u + u_extra);
 }
@@ -585,19 +591,23 @@ class SliceGather {
 
 /// Vocab parallel in one process: one thread per rank, rank k over W rows
 /// [begin[k], begin[k + 1]) with the gather hook; each rank's outputs (dW and db its
-/// slice's rows), or with `frozen` no dW and no db asked for.
+/// slice's rows), or with `frozen` no dW and no db asked for. `ahead`: the partials
+/// gathered before the steps instead (each slice's fused_linear_row_partials, KL rows
+/// first, into one rank-major array: gather_partials.gathered), as kto_jax does.
 template <class T>
 std::vector<Outcome> run_slices(const test::FusedProblem& fp, const kto::Options& o,
                                 const std::vector<index_t>& begin,
                                 const kto::cuda::FusedLinearConfig& cfg, bool compact, bool kl,
-                                bool frozen) {
+                                bool frozen, bool ahead = false) {
   const index_t ranks = static_cast<index_t>(begin.size()) - 1, vocab = fp.vocab;
   std::vector<std::unique_ptr<DeviceProblem<T>>> d;
   for (index_t k = 0; k < ranks; ++k) {
     d.push_back(std::make_unique<DeviceProblem<T>>(fp));
     d.back()->weight_grad = d.back()->bias_grad = !frozen;
   }
-  SliceGather gather(ranks, (kl ? fp.kl_rows : 0) + fp.rows);
+  const index_t slice_rows = (kl ? fp.kl_rows : 0) + fp.rows;
+  SliceGather gather(ranks, slice_rows);
+  DeviceArray<kto::RowPartial<float>> gathered_ahead(ranks * slice_rows);
   // Set up every rank here; the threads only run the steps (no Catch2 assertion in them).
   struct Rank {
     kto::LinearHead<T> head;
@@ -628,6 +638,36 @@ std::vector<Outcome> run_slices(const test::FusedProblem& fp, const kto::Options
     r.hook = gather.hook(k);
     r.blas = std::make_unique<Cublas>();
     CUDA_REQUIRE(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
+    if (ahead) {  // this slice's partials of both batches, at rank k's place
+      kto::RowPartial<float>* at = gathered_ahead.get() + k * slice_rows;
+      auto partials_of = [&](const kto::MatrixView<const T>& hidden,
+                             const kto::TargetsView& targets, const kto::SequencesView& sequences,
+                             const index_t* host_offsets, const index_t* host_targets,
+                             kto::RowPartial<float>* into) {
+        size_t bytes = 0;
+        REQUIRE(kto::cuda::fused_linear_row_partials<T>(r.blas->handle, nullptr, bytes, hidden,
+                                                        targets, sequences, r.head, o, into,
+                                                        r.stream, cfg, host_offsets, host_targets)
+                    .ok());
+        DeviceArray<char> w(bytes);
+        const auto s = kto::cuda::fused_linear_row_partials<T>(
+            r.blas->handle, w.get(), bytes, hidden, targets, sequences, r.head, o, into, r.stream,
+            cfg, host_offsets, host_targets);
+        INFO(s.message);
+        REQUIRE(s.ok());
+        const auto errors = kto::cuda::read_status(w.get(), r.stream, sequences);
+        INFO(errors.message);
+        REQUIRE(errors.ok());
+      };
+      if (kl)
+        partials_of(r.in.kl.hidden, r.in.kl.targets, r.in.kl.sequences, r.in.kl.host_offsets,
+                    r.in.kl.host_targets, at);
+      partials_of(r.in.hidden, r.in.targets, r.in.sequences, r.in.host_offsets, r.in.host_targets,
+                  at + (kl ? fp.kl_rows : 0));
+      r.hook = kto::cuda::RowPartialsAllGather{};
+      r.hook.ranks = ranks;
+      r.hook.gathered = gathered_ahead.get();
+    }
     const auto query = kto::cuda::fused_linear_kto_step<T>(
         r.blas->handle, nullptr, r.bytes, r.in, r.head, o, r.out, r.stream, cfg, {}, r.hook);
     INFO(query.message);
@@ -697,35 +737,32 @@ TEMPLATE_TEST_CASE("CUDA fused-linear step, vocab parallel: slices in one proces
   for (index_t k = 1; k < ranks; ++k) begin[k] = vocab * k / ranks + (k % 2 ? 3 : -2);
   begin[ranks] = vocab;
   const auto cfg = config_rows<T>(fp, 3, FusedStrategy::keep_chunk);  // runs as recompute
-  const std::vector<Outcome> got = run_slices<T>(fp, o, begin, cfg, compact, kl, false);
-  for (index_t k = 0; k < ranks; ++k) {
-    INFO("rank " << k << ": " << got[k].status.message);
-    REQUIRE(got[k].status.ok());
-  }
   const test::FusedReference R = test::fused_reference(fp, o);
   const double u = std::is_same<T, float>::value ? 0.0 : Type<T>::unit_roundoff;
-  std::vector<double> d_hidden(got[0].d_hidden.size(), 0.0);
-  for (const Outcome& g : got)
-    for (size_t i = 0; i < d_hidden.size(); ++i) d_hidden[i] += g.d_hidden[i];
-  for (index_t k = 0; k < ranks; ++k) {
-    INFO("rank " << k);
-    const Outcome& g = got[static_cast<size_t>(k)];
-    CHECK(std::memcmp(&g.metrics, &got[0].metrics, sizeof(kto::Metrics)) == 0);
-    CHECK(g.logp == got[0].logp);
-    CHECK(g.grad_logp == got[0].grad_logp);
-    test::FusedObserved obs;
-    obs.examples.metrics = g.metrics;
-    obs.examples.num_tokens = g.num_tokens;
-    obs.examples.logp.assign(g.logp.begin(), g.logp.end());
-    obs.examples.ratio.assign(g.ratio.begin(), g.ratio.end());
-    obs.examples.reward.assign(g.reward.begin(), g.reward.end());
-    obs.examples.loss.assign(g.loss.begin(), g.loss.end());
-    obs.examples.grad_logp.assign(g.grad_logp.begin(), g.grad_logp.end());
-    obs.d_hidden = d_hidden;
-    obs.d_weight.assign(g.d_weight.begin(), g.d_weight.end());
-    obs.d_bias.assign(g.d_bias.begin(), g.d_bias.end());
-    test::compare_fused(fp, R, obs, o, 1e-5, begin[k], begin[k + 1] - begin[k], u);
-  }
+  auto compare_slices = [&](const std::vector<Outcome>& runs, const char* how) {
+    for (index_t k = 0; k < ranks; ++k) {
+      INFO(how << ", rank " << k << ": " << runs[k].status.message);
+      REQUIRE(runs[k].status.ok());
+    }
+    std::vector<double> d_hidden(runs[0].d_hidden.size(), 0.0);
+    for (const Outcome& g : runs)
+      for (size_t i = 0; i < d_hidden.size(); ++i) d_hidden[i] += g.d_hidden[i];
+    for (index_t k = 0; k < ranks; ++k) {
+      INFO(how << ", rank " << k);
+      const Outcome& g = runs[static_cast<size_t>(k)];
+      CHECK(std::memcmp(&g.metrics, &runs[0].metrics, sizeof(kto::Metrics)) == 0);
+      CHECK(g.logp == runs[0].logp);
+      CHECK(g.grad_logp == runs[0].grad_logp);
+      test::FusedObserved obs = observed(g);
+      obs.d_hidden = d_hidden;
+      test::compare_fused(fp, R, obs, o, 1e-5, begin[k], begin[k + 1] - begin[k], u);
+    }
+  };
+  const std::vector<Outcome> got = run_slices<T>(fp, o, begin, cfg, compact, kl, false);
+  compare_slices(got, "gather hook");
+  // The partials gathered ahead of the steps (kto_jax's way): the same outputs under the
+  // same rule (the partials' GEMMs may tile the rows differently: not the same bits).
+  compare_slices(run_slices<T>(fp, o, begin, cfg, compact, kl, false, true), "gathered ahead");
   // A frozen head on every rank (no dW, no db): the same bits but for them, each rank's
   // workspace smaller by its db ones (fused_linear.hpp's workspace_bytes).
   const std::vector<Outcome> frozen = run_slices<T>(fp, o, begin, cfg, compact, kl, true);

@@ -121,28 +121,32 @@ struct FusedStep {
     const RowPartialsAllGather& gather = a.hooks.gather_partials;
     const index_t N = in.hidden.rows, NK = in.kl.hidden.rows;
     const index_t kl_gathered = kl_used ? NK : 0, gathered_rows = kl_gathered + N;
-    cudaMemsetAsync(b.partials, 0, sizeof(RowPartial<float>) * static_cast<size_t>(gathered_rows),
-                    stream);  // rows no chunk visits: defined bytes for the collective
-    Status status;
-    if (kl_used) {
-      status = engine.partials_rows(in.kl.hidden, kl_rows, 0, kl_chunked_rows, b.kl_row_of,
-                                    b.partials, device::kKlBatchTag);
+    const RowPartial<float>* all = gather.gathered;  // given: no partials of our own
+    if (all == nullptr) {
+      cudaMemsetAsync(b.partials, 0, sizeof(RowPartial<float>) * static_cast<size_t>(gathered_rows),
+                      stream);  // rows no chunk visits: defined bytes for the collective
+      Status status;
+      if (kl_used) {
+        status = engine.partials_rows(in.kl.hidden, kl_rows, 0, kl_chunked_rows, b.kl_row_of,
+                                      b.partials, device::kKlBatchTag);
+        if (!status) return status;
+      }
+      status = engine.partials_rows(in.hidden, rows, 0, chunked_rows, b.row_of,
+                                    b.partials + kl_gathered, 0u);
       if (!status) return status;
+      status = gather.gather(b.partials, b.gathered, gathered_rows, stream);
+      if (!status) return status;
+      all = b.gathered;
     }
-    status = engine.partials_rows(in.hidden, rows, 0, chunked_rows, b.row_of,
-                                  b.partials + kl_gathered, 0u);
-    if (!status) return status;
-    status = gather.gather(b.partials, b.gathered, gathered_rows, stream);
-    if (!status) return status;
     const index_t ranks = gather.ranks, V_all = a.head.total_vocab();
     if (kl_used) {
       device::MergePartialsParams mk{
-          b.gathered, ranks,        gathered_rows,   0,        kl_rows,
-          V_all,      b.kl_row_lse, b.kl_token_logp, b.errors, device::kKlBatchTag};
+          all,   ranks,        gathered_rows,   0,        kl_rows,
+          V_all, b.kl_row_lse, b.kl_token_logp, b.errors, device::kKlBatchTag};
       device::merge_partials_kernel<<<256, 256, 0, stream>>>(mk);
     }
-    device::MergePartialsParams mt{b.gathered, ranks,     gathered_rows, kl_gathered, rows,
-                                   V_all,      b.row_lse, b.token_logp,  b.errors,    0u};
+    device::MergePartialsParams mt{all,   ranks,     gathered_rows, kl_gathered, rows,
+                                   V_all, b.row_lse, b.token_logp,  b.errors,    0u};
     device::merge_partials_kernel<<<256, 256, 0, stream>>>(mt);
     return last_launch(fn);
   }

@@ -79,10 +79,15 @@ void validate(const FusedLinearArguments<T>& a, const char* fn) {
   validate_cuda_head(head, fn, true);
   if (head.sharded()) {
     kto::detail::require(static_cast<bool>(gather_partials), fn, "gather_partials",
-                         "be set when head.weight holds a vocabulary slice (" +
+                         "be set (a gather function or the gathered partials) when "
+                         "head.weight holds a vocabulary slice (" +
                              std::to_string(head.weight.rows) + " of " +
                              std::to_string(head.total_vocab()) + " rows)",
                          "an empty function");
+    kto::detail::require(!gather_partials.gather || gather_partials.gathered == nullptr, fn,
+                         "gather_partials.gathered",
+                         "be null when gather_partials.gather is set (one or the other)",
+                         "a pointer");
     kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
                          "be false with a vocabulary slice (the row partials carry no entropy)",
                          "true");
@@ -178,6 +183,26 @@ void validate_logprobs(const MatrixView<const T>& hidden, const TargetsView& tar
   kto::detail::require(num_tokens != nullptr || sequences.count == 0, fn, "num_tokens",
                        "be non-null", "nullptr");
   validate_statistics(statistics, o, sequences.count, fn, "statistics");
+  if (host_offsets)
+    kto::detail::validate_sequences(SequencesView{host_offsets, sequences.count}, hidden.rows, fn,
+                                    "host_offsets", true);
+  validate_compact(host_targets, host_offsets, fn, "");
+}
+
+/// Every host-visible argument of fused_linear_row_partials(), under `fn`.
+template <class T>
+void validate_row_partials(const MatrixView<const T>& hidden, const TargetsView& targets,
+                           const SequencesView& sequences, const LinearHead<T>& head,
+                           const Options& o, const RowPartial<float>* partials,
+                           const index_t* host_offsets, const index_t* host_targets,
+                           const char* fn) {
+  validate_options(o, fn);
+  kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
+                       "be false for row partials (they carry no entropy)", "true");
+  validate_cuda_head(head, fn, true);
+  validate_hidden(hidden, targets, sequences, head, fn, "", true);
+  kto::detail::require(partials != nullptr || hidden.rows == 0, fn, "partials", "be non-null",
+                       "nullptr");
   if (host_offsets)
     kto::detail::validate_sequences(SequencesView{host_offsets, sequences.count}, hidden.rows, fn,
                                     "host_offsets", true);
