@@ -234,12 +234,15 @@ void BM_materialised_linear_step(benchmark::State& state) {
   w.counters(state, double(sizeof(float)) * N * V);
 }
 
-/// One rank of a vocabulary split in two (W rows [0, V/2) of V), as kto_jax runs it: this
-/// slice's fused_linear_row_partials, the all-gather (here: into rank 0's place of an
-/// array that holds rank 1's partials already), then the step. state.range(0): 0 hands
-/// the gathered partials to the step through hooks.gather_partials, which computes the
-/// slice's partials again and discards them (kto_jax before 2026-12-06); 1 through
-/// hooks.gathered_partials (none computed in the step). range(1): threads.
+/// One rank of a vocabulary split in two (W rows [0, V/2) of V); the all-gather copies
+/// this rank's partials into rank 0's place of an array that holds rank 1's already.
+/// state.range(0): how the partials reach the step —
+///   0  gathered ahead (fused_linear_row_partials, the gather, then the step) and handed
+///      over through hooks.gather_partials, so the step computes them again and discards
+///      them: kto_jax before 2026-12-06;
+///   1  gathered ahead, handed over as hooks.gathered_partials: kto_jax now;
+///   2  gathered inside the step by hooks.gather_partials (the MPI example's way).
+/// range(1): threads.
 void BM_vocab_slice_step(benchmark::State& state) {
   FusedWorkload w;
   kto::Options o;
@@ -262,17 +265,25 @@ void BM_vocab_slice_step(benchmark::State& state) {
       kto::cpu::fused_linear_row_partials<float>(in, head, o, cfg, exec);
   const auto other = kto::cpu::fused_linear_row_partials<float>(in, slice(half), o, cfg, exec);
   gathered.insert(gathered.end(), other.begin(), other.end());
+  const int64_t mode = state.range(0);
   kto::cpu::FusedLinearHooks<float> hooks;
-  if (state.range(0) == 0)
+  if (mode == 0)
     hooks.gather_partials = [&](const auto&, auto& all) { all = gathered; };
-  else
+  else if (mode == 1)
     hooks.gathered_partials = kto::make_span(gathered);
+  else
+    hooks.gather_partials = [&](const auto& local, auto& all) {
+      std::copy(local.begin(), local.end(), gathered.begin());
+      all = gathered;
+    };
   kto::cpu::LinearGradients<float> g;
   g.d_hidden = kto::matrix_view(w.d_hidden.data(), w.rows, D);
   g.d_weight = kto::matrix_view(w.d_weight.data(), half, D);
   for (auto _ : state) {
-    const auto local = kto::cpu::fused_linear_row_partials<float>(in, head, o, cfg, exec);
-    std::copy(local.begin(), local.end(), gathered.begin());
+    if (mode != 2) {
+      const auto local = kto::cpu::fused_linear_row_partials<float>(in, head, o, cfg, exec);
+      std::copy(local.begin(), local.end(), gathered.begin());
+    }
     auto r = kto::cpu::fused_linear_kto_step<float>(in, head, o, g, cfg, exec, hooks);
     benchmark::DoNotOptimize(r.metrics.loss);
   }
@@ -305,7 +316,7 @@ BENCHMARK(BM_fused_linear_step)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_vocab_slice_step)
-    ->ArgsProduct({{0, 1}, {1, 2}})
+    ->ArgsProduct({{0, 1, 2}, {1, 2}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_materialised_linear_step)

@@ -71,6 +71,10 @@ struct LinearHead {
   KTO_HOST_DEVICE bool sharded() const { return total_vocab() != weight.rows; }
 };
 
+/// The most vocabulary slices a step gathers (CUDA's workspace holds ranks × rows
+/// partials); both paths refuse more.
+constexpr index_t kMaxVocabRanks = index_t{1} << 16;
+
 /// One vocabulary slice's share of a row: lse over the slice, and the target
 /// logit if the slice holds the target (0 otherwise).
 template <class Acc>

@@ -95,7 +95,7 @@ struct Case {
   index_t ref_size = 0, kl_ref_size = 0, desirable_size = 0;
   std::vector<std::uint8_t> desirable;
   index_t vocab_begin = 0, vocab_total = 0;
-  int gather = 0;  ///< 0 identity, 1 two equal ranks, 2 one extra partial, 3 nothing, 4 NaN
+  int gather = 0;  ///< 0 two equal ranks, 1 one rank only, 2 one extra partial, 3 nothing, 4 NaN
   int alias = 0;   ///< 0 none, else which output lands on which buffer (see place())
   index_t alias_offset = 0;
   bool determinism = false;
@@ -326,11 +326,13 @@ Outcome<T> run(const Case<T>& c, const Placement& pl, const kto::cpu::ExecutionP
   bool* malformed = &out.malformed_gather;
   hooks.gather_partials = [gather, malformed](const std::vector<kto::RowPartial<Acc>>& local,
                                               std::vector<kto::RowPartial<Acc>>& all) {
-    // Detectably wrong: nothing for something, or a count no rank count explains
-    // (one extra after a single partial looks like two ranks).
-    *malformed = (gather == 3 && !local.empty()) || (gather == 2 && local.size() != 1);
+    // Detectably wrong: nothing for something, one rank's partials alone (a slice needs
+    // two at least), or a count no rank count explains (one extra after a single partial
+    // looks like two ranks).
+    *malformed = (gather == 3 && !local.empty()) || (gather == 1 && !local.empty()) ||
+                 (gather == 2 && local.size() != 1);
     all = local;
-    if (gather == 1) all.insert(all.end(), local.begin(), local.end());
+    if (gather == 0) all.insert(all.end(), local.begin(), local.end());
     if (gather == 2) all.push_back({Acc(0), Acc(0)});
     if (gather == 3) all.clear();
     if (gather == 4)
@@ -386,7 +388,9 @@ void check(const Case<T>& c, const Outcome<T>& r) {
              "fused_linear_kto_step accepted FusedStrategy code %d", c.strategy_code);
   FUZZ_CHECK(!r.malformed_gather,
              "fused_linear_kto_step accepted a malformed all-gather (mode %d: %s)", c.gather,
-             c.gather == 2 ? "one partial too many" : "no partials");
+             c.gather == 1   ? "one rank's partials alone"
+             : c.gather == 2 ? "one partial too many"
+                             : "no partials");
   const auto& m = r.result.metrics;
   FUZZ_CHECK(std::isfinite(m.loss) && std::isfinite(m.kl),
              "fused_linear_kto_step returned loss %g, kl (z0) %g; options %s", m.loss, m.kl,

@@ -115,7 +115,8 @@ struct LinearGradients {
 /// Vocab parallel (the head a vocabulary slice): every slice's row partials of the
 /// batch, `ranks` × `rows` kto::RowPartial<float> in device memory, rank-major (rank k's
 /// row r at k·rows + r), as an all-gather of fused_linear_row_partials leaves them.
-/// The step merges them in rank order. Null: the head is the whole vocabulary.
+/// The step merges them in rank order. Null, or ignored when the head is the whole
+/// vocabulary (a vocab axis of one device).
 struct VocabSlices {
   index_t ranks = 0;
   index_t rows = 0;  ///< each slice's rows: the batch's (checked against the step's)

@@ -209,14 +209,19 @@ std::vector<RowPartial<accumulator_t<T>>> row_partials_impl(
                        static_cast<index_t>(cfg.chunk_bytes));
   kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
                        "be false for row partials (they carry no entropy)", "true");
+  // The KL batch's rows exactly when the step gathers them (it uses the KL batch), so
+  // the layouts agree whatever views the caller passes.
+  const bool kl_used = uses_kl_batch(o);
   const HiddenBatch<T> target{in.hidden, in.targets, in.sequences, "hidden"};
   const HiddenBatch<T> kl{in.kl.hidden, in.kl.targets, in.kl.sequences, "kl.hidden"};
   validate_hidden_batch(target, head, o, fn, "", true);
-  validate_hidden_batch(kl, head, o, fn, "kl.", true);
-  ChunkEngine<T> engine =
-      make_engine(head, cfg, std::max(in.hidden.rows, in.kl.hidden.rows), exec, o, fn);
-  auto rows = batch_partials(engine, in.kl.hidden,
-                             RowScorer(in.kl.targets, in.kl.sequences, o.ignore_index));
+  if (kl_used) validate_hidden_batch(kl, head, o, fn, "kl.", true);
+  ChunkEngine<T> engine = make_engine(
+      head, cfg, std::max(in.hidden.rows, kl_used ? in.kl.hidden.rows : index_t{0}), exec, o, fn);
+  std::vector<RowPartial<accumulator_t<T>>> rows;
+  if (kl_used)
+    rows = batch_partials(engine, in.kl.hidden,
+                          RowScorer(in.kl.targets, in.kl.sequences, o.ignore_index));
   const auto t =
       batch_partials(engine, in.hidden, RowScorer(in.targets, in.sequences, o.ignore_index));
   rows.insert(rows.end(), t.begin(), t.end());
@@ -226,10 +231,11 @@ std::vector<RowPartial<accumulator_t<T>>> row_partials_impl(
 }  // namespace detail
 
 /// Vocab parallel, for a caller that gathers the slices' partials itself (a JAX
-/// all_gather, MPI_Allgather): this slice's RowPartial of every row of the KL
-/// batch, then of the target batch ({0, 0} on unscored rows: never read), forward only —
-/// what fused_linear_kto_step hands its hooks.gather_partials. Absent KL views
-/// mean no KL rows. Only the batches, the head and the options are read.
+/// all_gather, MPI_Allgather): this slice's RowPartial of every row of the KL batch
+/// when the options use it (uses_kl_batch), then of the target batch ({0, 0} on
+/// unscored rows: never read), forward only — the layout fused_linear_kto_step gathers.
+/// Every slice's, all-gathered rank-major, is its hooks.gathered_partials. Only the
+/// batches, the head and the options are read.
 template <class T>
 std::vector<RowPartial<accumulator_t<T>>> fused_linear_row_partials(
     const FusedLinearInputs<T>& in, const LinearHead<T>& head, const Options& o,
@@ -252,7 +258,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   const bool kl = uses_kl_batch(o);
   const bool sharded = head.sharded();
   const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
-  const bool pre_gathered = hooks.gathered_partials.size > 0;
+  const bool pre_gathered = hooks.gathered_partials.size != 0;
   const detail::HiddenBatch<T> target_batch{in.hidden, in.targets, in.sequences, "hidden"};
   const detail::HiddenBatch<T> kl_batch{in.kl.hidden, in.kl.targets, in.kl.sequences, "kl.hidden"};
   std::unique_ptr<detail::ChunkEngine<T>> engine;
@@ -310,6 +316,8 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     kto::detail::require(!sharded || !o.token_statistics, fn, "options.token_statistics",
                          "be false with a vocabulary slice (the row partials carry no entropy)",
                          "true");
+    kto::detail::require(hooks.gathered_partials.size >= 0, fn, "hooks.gathered_partials.size",
+                         "be >= 0", hooks.gathered_partials.size);
     kto::detail::require(
         !sharded || static_cast<bool>(hooks.gather_partials) || pre_gathered, fn,
         "hooks.gather_partials",
@@ -320,8 +328,6 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     kto::detail::require(!pre_gathered || !hooks.gather_partials, fn, "hooks.gathered_partials",
                          "be empty when hooks.gather_partials is set (one or the other)",
                          hooks.gathered_partials.size);
-    kto::detail::require(hooks.gathered_partials.size >= 0, fn, "hooks.gathered_partials.size",
-                         "be >= 0", hooks.gathered_partials.size);
     kto::detail::require(hooks.gathered_partials.data != nullptr || !pre_gathered, fn,
                          "hooks.gathered_partials.data", "be non-null when size > 0", "nullptr");
     kto::detail::require(!pre_gathered || sharded, fn, "hooks.gathered_partials",
@@ -359,16 +365,21 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     else
       hooks.gather_partials(partials, all);
     const index_t n = kl_rows + in.hidden.rows;  // a slice's rows: KL batch, then target
+    const auto size = static_cast<index_t>(all.size());
     kto::detail::require(
         n > 0 || all.empty(), fn, given,
         pre_gathered ? "be empty for batches of no rows" : "return nothing for an empty input",
-        static_cast<index_t>(all.size()));
-    kto::detail::require(
-        n == 0 || (static_cast<index_t>(all.size()) % n == 0 && !all.empty()), fn, given,
-        std::string(pre_gathered ? "hold" : "return") + " ranks x " + std::to_string(n) +
-            " partials (a slice's KL rows, then its target rows)",
-        static_cast<index_t>(all.size()));
-    partials = merge_row_partials(all, n > 0 ? static_cast<index_t>(all.size()) / n : 1);
+        size);
+    // Two slices at least: one rank's partials alone would give a loss over its slice.
+    kto::detail::require(n == 0 || (size % n == 0 && size / n >= 2 &&
+                                    size / n <= std::min(head.total_vocab(), kMaxVocabRanks)),
+                         fn, given,
+                         std::string(pre_gathered ? "hold" : "return") + " ranks x " +
+                             std::to_string(n) +
+                             " partials (each slice's KL rows, then its target rows; ranks in "
+                             "[2, min(head.vocab_total, 65536)])",
+                         size);
+    partials = merge_row_partials(all, n > 0 ? size / n : 1);
   };
   // The (merged) partials to sequences; what can still fail here (a non-finite
   // row or sequence log-prob) fails before the collective.

@@ -132,7 +132,7 @@ inline cuda::RowPartialsAllGather gathered_partials(const VocabSlices& v) {
   cuda::RowPartialsAllGather g;
   if (!v) return g;
   g.ranks = v.ranks;
-  g.gathered = v.gathered;
+  g.gathered = make_span(v.gathered, v.ranks * v.rows);
   return g;
 }
 
@@ -182,7 +182,8 @@ cuda::FusedLinearArguments<T> fused_arguments(const FusedLinearCall& c, Metrics*
   a.config.chunk_bytes = c.chunk_bytes;
   a.config.strategy = c.strategy;
   a.hooks.kl_all_reduce = global_kl_hook(c.global_kl);
-  a.hooks.gather_partials = gathered_partials(c.vocab);
+  if (a.head.sharded())  // a whole head (a vocab axis of one device) needs no partials
+    a.hooks.gather_partials = gathered_partials(c.vocab);
   return a;
 }
 
@@ -271,7 +272,7 @@ inline std::string fused_linear_kto_step(const FusedLinearCall& c, void* workspa
       c.gradients.d_weight_dtype != c.hidden.dtype)
     return std::string(fn) + ": argument 'd_weight' must be float32 or hidden's dtype (" +
            dtype_name(c.hidden.dtype) + "); got " + dtype_name(c.gradients.d_weight_dtype);
-  if (c.vocab && c.vocab.rows != c.hidden.rows)
+  if (c.vocab && c.head.vocab_total > c.head.weight.rows && c.vocab.rows != c.hidden.rows)
     return std::string(fn) + ": argument 'vocab.rows' must equal hidden.rows (" +
            std::to_string(c.hidden.rows) + ", the rows of each slice's partials); got " +
            std::to_string(c.vocab.rows);
@@ -305,12 +306,6 @@ inline std::string fused_linear_row_partials(const FusedLinearCall& c, RowPartia
                                              void* workspace, std::size_t* workspace_bytes,
                                              cudaStream_t stream) {
   const char* fn = "kto::cuda::fused_linear_row_partials";
-  const index_t total = c.head.vocab_total, V = c.head.weight.rows;
-  if (total <= V)
-    return std::string(fn) +
-           ": argument 'head.vocab_total' must exceed head.weight.rows (a vocabulary slice); "
-           "got " +
-           std::to_string(total) + " for " + std::to_string(V) + " rows";
   return cuda_detail::dispatch(c.hidden.dtype, fn, "hidden", [&](auto tag) -> std::string {
     using T = decltype(tag);
     cuda::FusedLinearConfig cfg;

@@ -40,7 +40,9 @@
 // Vocab-parallel (head.weight a vocabulary slice, hooks.gather_partials set): as on
 // the CPU, each rank's row partials of both batches go out in one all-gather, the
 // ranks are merged in rank order (the same lse on every rank), the backward needs
-// no more communication; dH is a partial sum for the caller to all-reduce.
+// no more communication; dH is a partial sum for the caller to all-reduce. Or the
+// caller gathers them ahead (fused_linear_row_partials below, each slice's, then
+// gather_partials.gathered) and the step computes none of its own.
 #pragma once
 
 #include <cublas_v2.h>
@@ -257,7 +259,7 @@ Status fused_linear_row_partials(cublasHandle_t handle, void* workspace, size_t&
   detail::check_logit_type<T>();
   const char* fn = "kto::cuda::fused_linear_row_partials";
   try {
-    detail::validate_row_partials(hidden, targets, sequences, head, o, partials, host_offsets,
+    detail::validate_row_partials(hidden, targets, sequences, head, o, partials, cfg, host_offsets,
                                   host_targets, fn);
   } catch (const kto::Error& e) {
     return Status::from(e);

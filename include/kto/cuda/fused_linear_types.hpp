@@ -96,25 +96,25 @@ struct LinearGradients {
 /// array stays in the workspace) plus the head's gradients.
 struct FusedLinearOutputs : StepOutputs, LinearGradients {};
 
-/// The most vocabulary slices a step gathers (the workspace holds ranks × rows partials).
-constexpr index_t kMaxVocabRanks = index_t{1} << 16;
-
 /// Vocab parallel: all-gathers this rank's row partials (`local`, device, `rows` of them)
 /// into `gathered` (device, ranks × rows, rank-major: rank k's row r at k·rows + r) on
 /// `stream`, e.g. ncclAllGather. Called once a step, for the KL batch's rows and then the
 /// target batch's together; `ranks` is the number of vocabulary slices. The twin of
 /// kto::cpu::RowPartialsAllGather, which gathers host vectors and infers the ranks.
 /// Or `gathered` instead of `gather`: the partials the caller all-gathered before the step
-/// (each slice's fused_linear_row_partials), in that layout; the step then computes none
-/// of its own (one forward pass over the slice fewer). The twin of the CPU path's
+/// (each slice's fused_linear_row_partials: the KL batch's rows when the step uses it,
+/// i.e. uses_kl_batch(options) and a KL batch of at least one sequence, then the target
+/// batch's), in that layout, ready in `stream`'s order; the step then computes none of
+/// its own (one forward pass over the slice fewer) and calls no gather. Its size (device
+/// data, host-visible size) must be ranks × those rows. The twin of the CPU path's
 /// hooks.gathered_partials.
 struct RowPartialsAllGather {
   index_t ranks = 0;  ///< in [2, min(head.vocab_total, kMaxVocabRanks)]
   std::function<Status(const RowPartial<float>* local, RowPartial<float>* gathered, index_t rows,
                        cudaStream_t stream)>
       gather;
-  const RowPartial<float>* gathered = nullptr;  ///< device, ranks × rows; set this or gather
-  explicit operator bool() const { return static_cast<bool>(gather) || gathered != nullptr; }
+  Span<const RowPartial<float>> gathered;  ///< set this or gather
+  explicit operator bool() const { return static_cast<bool>(gather) || gathered.data != nullptr; }
 };
 
 /// The caller's collectives, both stream-ordered; empty ones are not called.

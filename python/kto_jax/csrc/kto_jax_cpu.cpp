@@ -16,8 +16,8 @@
 //   kto_fused_linear_step      kto::cpu::fused_linear_kto_step: the forward's outputs and
 //                              dH [N, D], dW [V, D], db [V] (fp32); the KL batch as
 //                              global_kl (as above) or none; gathered [R, N, 2] (R vocab
-//                              slices' row partials) feeds its gather hook when the head is
-//                              a slice; strategies keep_chunk and recompute
+//                              slices' row partials): the step's gathered partials when
+//                              the head is a slice; strategies keep_chunk and recompute
 // Dtype dispatch (f32 / bf16 / f16) is the binding core's (kto/bind/dtype.hpp). JAX's int32 ids
 // and offsets are widened to the library's int64 (O(rows)). kto::Error becomes
 // an FFI InvalidArgument error carrying the library's message.
@@ -367,13 +367,19 @@ ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyB
     cfg.strategy = static_cast<kto::FusedStrategy>(strategy);
     kto::cpu::FusedLinearHooks<float> hooks;
     hooks.kl_all_reduce = hook;
-    if (gathered.element_count() > 0) {
-      // The caller all-gathered every slice's row partials (rank-major): the step takes
-      // them as they are and computes none of its own.
+    if (head.sharded()) {
+      // The caller all-gathered every slice's row partials (rank-major, [slices, N, 2]):
+      // the step takes them as they are and computes none of its own. On a vocab axis of
+      // one device the head is whole and its one slice's partials are not needed.
+      const auto floats = static_cast<index_t>(gathered.element_count());
+      const index_t ranks = N > 0 ? floats / (2 * N) : 0;
+      if (N > 0 && (ranks < 2 || ranks * 2 * N != floats))
+        return ffi::Error::InvalidArgument(
+            std::string(kFused) + ": argument 'gathered' must hold [slices >= 2, " +
+            std::to_string(N) + ", 2] row partials; got " + std::to_string(floats) + " floats");
       static_assert(sizeof(kto::RowPartial<float>) == 2 * sizeof(float), "two floats a row");
-      hooks.gathered_partials =
-          kto::make_span(reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data()),
-                         static_cast<index_t>(gathered.element_count() / 2));
+      hooks.gathered_partials = kto::make_span(
+          reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data()), floats / 2);
     }
     const auto r = kto::cpu::fused_linear_kto_step<T>(in, head, o, grads, cfg, {}, hooks);
     metrics_values(r.metrics, metrics->typed_data());

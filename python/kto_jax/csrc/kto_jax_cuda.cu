@@ -464,10 +464,12 @@ ffi::Error FusedStepImpl(cudaStream_t stream, ffi::ScratchAllocator alloc, ffi::
   KTO_JAX_TRY(
       check_statistics_result(kFused, statistics->element_count(), h.options.token_statistics, B));
   KTO_JAX_TRY(require_count(desirable, B, kFused, "desirable"));
-  // Vocab parallel: [ranks, N, 2] row partials of every slice, this one among them.
-  const int64_t partial_floats = static_cast<int64_t>(gathered.element_count());
+  // Vocab parallel: [ranks, N, 2] row partials of every slice, this one among them (a
+  // vocab axis of one device: the head is whole, its one slice's partials not needed).
+  const bool sharded = vocab_total > weight.dimensions()[0];
+  const int64_t partial_floats = sharded ? static_cast<int64_t>(gathered.element_count()) : 0;
   const int64_t ranks = N > 0 ? partial_floats / (2 * N) : 0;
-  if (partial_floats > 0 && (ranks < 2 || ranks * 2 * N != partial_floats))
+  if (sharded && N > 0 && (ranks < 2 || ranks * 2 * N != partial_floats))
     return ffi::Error::InvalidArgument(
         std::string(kFused) + ": argument 'gathered' must hold [slices >= 2, " + std::to_string(N) +
         ", 2] row partials; got " + std::to_string(partial_floats) + " floats");

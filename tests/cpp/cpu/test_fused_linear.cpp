@@ -340,12 +340,16 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
   // The gather inside the step (hooks.gather_partials), or before it, as kto_jax does:
   // each slice's fused_linear_row_partials all-gathered, then hooks.gathered_partials.
   const bool pre_gathered = GENERATE(false, true);
-  INFO("seed " << seed << " ranks " << ranks << " pre_gathered " << pre_gathered);
+  // z0 from the KL batch (its rows gathered too), or 0 with the KL batch still given: the
+  // partials then hold no KL rows, on both sides.
+  const bool kl = GENERATE(true, false);
+  INFO("seed " << seed << " ranks " << ranks << " pre_gathered " << pre_gathered << " kl " << kl);
   test::FusedSpec spec;
   spec.vocab = 101;
   const auto fp = make_problem<T>(rng, spec);
   kto::Options o;
   o.undesirable_weight = 1.33;
+  if (!kl) o.reference_point = kto::ReferencePoint::zero;
   const auto cfg = config_rows<T>(fp, 6, FusedStrategy::keep_chunk);
   const Storage<T> st(fp);
   test::GatherBoard<Acc> board(ranks);
@@ -521,6 +525,62 @@ TEST_CASE("fused error: gathered partials with a gather hook, or for a whole hea
   expect_error([&] { f.run(); }, "hooks.gathered_partials",
                "be empty when hooks.gather_partials is set (one or the other)",
                std::to_string(2 * n));
+}
+
+TEST_CASE("vocab parallel: the step reads the gathered partials it is given", "[fused][tp]") {
+  // Rank 0 of two slices, the partials gathered ahead; one scored row's target logit moved
+  // by +1 in rank 0's partials moves its sequence's log-prob (a sum) by +1 and no other.
+  FusedFixture f;
+  const index_t V = f.head.weight.rows, half = V / 2;
+  auto slice = [&](index_t begin, index_t rows) {
+    kto::LinearHead<float> h = f.head;
+    h.weight.data += begin * h.weight.stride;
+    h.weight.rows = rows;
+    h.bias = kto::make_span(h.bias.data ? h.bias.data + begin : nullptr, h.bias.data ? rows : 0);
+    h.vocab_begin = begin;
+    h.vocab_total = V;
+    return h;
+  };
+  auto gathered = kto::cpu::fused_linear_row_partials<float>(f.in, slice(0, half), f.o);
+  const auto other = kto::cpu::fused_linear_row_partials<float>(f.in, slice(half, V - half), f.o);
+  gathered.insert(gathered.end(), other.begin(), other.end());
+  f.head = slice(0, half);
+  f.grads.d_weight.rows = half;
+  f.grads.d_bias.size = f.grads.d_bias.size ? half : 0;
+  f.hooks.gathered_partials = kto::make_span(gathered);
+  REQUIRE(!f.o.average_logprob);
+  const auto base =
+      kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, {}, {}, f.hooks);
+  const index_t kl_rows = kto::uses_kl_batch(f.o) ? f.fp.kl_rows : 0;
+  index_t row = -1, sequence = -1;  // the first scored row of the target batch
+  for (index_t s = 0; s + 1 < static_cast<index_t>(f.fp.offsets.size()) && row < 0; ++s)
+    for (index_t r = f.fp.offsets[s]; r < f.fp.offsets[s + 1] && row < 0; ++r)
+      if (f.fp.targets[r] != f.o.ignore_index) row = r, sequence = s;
+  REQUIRE(row >= 0);
+  gathered[static_cast<size_t>(kl_rows + row)].target_logit += 1.0f;
+  const auto moved =
+      kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, {}, {}, f.hooks);
+  for (index_t s = 0; s < static_cast<index_t>(base.logp.size()); ++s) {
+    INFO("sequence " << s << " (moved: " << sequence << ")");
+    const double delta = double(moved.logp[s]) - double(base.logp[s]);
+    CHECK(std::fabs(delta - (s == sequence ? 1.0 : 0.0)) <= 1e-4 * (1 + std::fabs(base.logp[s])));
+  }
+}
+
+TEST_CASE("fused error: one slice's partials alone", "[fused][errors]") {
+  // A sharded head needs two slices at least: this slice's partials alone would give a
+  // loss over its part of the vocabulary.
+  FusedFixture f;
+  slice_first_rows(f);
+  const auto n = f.fp.rows + f.fp.kl_rows;
+  std::vector<kto::RowPartial<float>> gathered(static_cast<size_t>(n));
+  f.hooks.gathered_partials = kto::make_span(gathered);
+  expect_error([&] { f.run(); }, "hooks.gathered_partials",
+               "hold ranks x " + std::to_string(n) + " partials", std::to_string(n));
+  f.hooks.gathered_partials = {};
+  f.hooks.gather_partials = [](const auto& local, auto& all) { all = local; };
+  expect_error([&] { f.run(); }, "hooks.gather_partials",
+               "return ranks x " + std::to_string(n) + " partials", std::to_string(n));
 }
 
 TEST_CASE("fused error: gathered partials of the wrong count", "[fused][errors]") {

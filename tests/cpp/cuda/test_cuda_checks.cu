@@ -511,13 +511,25 @@ TEST_CASE("cuda checks: vocab-parallel slices need the gather and refuse what it
   CHECK(kto::cuda::fused_linear_workspace_bytes(in, head, cfg, gather) >
         kto::cuda::fused_linear_workspace_bytes(in, head, cfg));
   // Partials gathered ahead of the step: accepted instead of the gather, never with it.
-  std::vector<kto::RowPartial<float>> ahead(static_cast<size_t>(2 * (in.hidden.rows)));
+  // Their count: ranks x (the KL rows, when the step uses the KL batch, + the rows).
+  const bool kl_used = kto::uses_kl_batch(o) && in.kl.sequences.count > 0;
+  const index_t rows = (kl_used ? in.kl.hidden.rows : 0) + in.hidden.rows;
+  std::vector<kto::RowPartial<float>> ahead(static_cast<size_t>(2 * rows));
   auto given = gather;
   given.gather = {};
-  given.gathered = ahead.data();
+  given.gathered = kto::make_span(ahead);
   CHECK(kto::cuda::can_implement<float>(in, head, o, out, cfg, given).ok());
+  // Gathered ahead, the step carves no room for a gather.
+  CHECK(kto::cuda::fused_linear_workspace_bytes(in, head, cfg, given) ==
+        kto::cuda::fused_linear_workspace_bytes(in, head, cfg));
+  for (const index_t size : {2 * rows - 1, 2 * rows + 1, rows, 3 * rows}) {
+    auto short_or_long = given;
+    short_or_long.gathered.size = size;
+    expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg, short_or_long), fn,
+                   "gather_partials.gathered.size");
+  }
   auto both = gather;
-  both.gathered = ahead.data();
+  both.gathered = kto::make_span(ahead);
   expect_refused(kto::cuda::can_implement<float>(in, head, o, out, cfg, both), fn,
                  "gather_partials.gathered");
   expect_refused(kto::cuda::can_implement<float>(in, whole, o, out, cfg, given), fn,
@@ -536,6 +548,10 @@ TEST_CASE("cuda checks: vocab-parallel slices need the gather and refuse what it
   expect_refused(row_partials(head, o, nullptr), rp, "partials");
   expect_refused(row_partials(head, statistics, ahead.data()), rp, "options.token_statistics");
   expect_refused(row_partials(past, o, ahead.data()), rp, "head.vocab_begin");
+  expect_refused(kto::cuda::fused_linear_row_partials<float>(
+                     nullptr, nullptr, rp_bytes, batch.hidden, batch.targets, batch.sequences, head,
+                     o, ahead.data(), nullptr, kto::cuda::FusedLinearConfig{0}),
+                 rp, "config.chunk_bytes");
   CHECK(rp_bytes == 0);
   CHECK(kto::cuda::fused_linear_row_partials_workspace_bytes(in.hidden.rows, head) > 0);
   // The forward-only entry takes whole heads only (slices merge in the step).

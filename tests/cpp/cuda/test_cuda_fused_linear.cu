@@ -639,6 +639,8 @@ std::vector<Outcome> run_slices(const test::FusedProblem& fp, const kto::Options
     r.blas = std::make_unique<Cublas>();
     CUDA_REQUIRE(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
     if (ahead) {  // this slice's partials of both batches, at rank k's place
+      // The uploads ran on the legacy stream; this rank's stream does not wait for them.
+      CUDA_REQUIRE(cudaDeviceSynchronize());
       kto::RowPartial<float>* at = gathered_ahead.get() + k * slice_rows;
       auto partials_of = [&](const kto::MatrixView<const T>& hidden,
                              const kto::TargetsView& targets, const kto::SequencesView& sequences,
@@ -666,7 +668,8 @@ std::vector<Outcome> run_slices(const test::FusedProblem& fp, const kto::Options
                   at + (kl ? fp.kl_rows : 0));
       r.hook = kto::cuda::RowPartialsAllGather{};
       r.hook.ranks = ranks;
-      r.hook.gathered = gathered_ahead.get();
+      r.hook.gathered =
+          kto::make_span<const kto::RowPartial<float>>(gathered_ahead.get(), ranks * slice_rows);
     }
     const auto query = kto::cuda::fused_linear_kto_step<T>(
         r.blas->handle, nullptr, r.bytes, r.in, r.head, o, r.out, r.stream, cfg, {}, r.hook);

@@ -171,6 +171,27 @@ def test_vocab_parallel_fused_equals_the_unsharded_step(dtype, bias, transform):
     close(g2, g1, 1e-5 if dtype == jnp.float32 else 2.0**-7)
 
 
+def test_vocab_parallel_over_one_device_equals_the_unsharded_step():
+    """A vocab axis of one device (tp = 1 in a config written for more): the head is whole,
+    its one slice's gathered partials are not needed, and the step is the unsharded one."""
+    p = problem(5, V=20)
+    opts = kto_jax.KTOOptions(beta=0.5, reference_point="zero")
+    rest = (p["labels"], None, p["reference_logp"], p["desirable"])
+
+    def step(h, w, b, vocab_axis_name=None):
+        return kto_jax.fused_linear_kto_loss(h, w, *rest, b, options=opts,
+                                             vocab_axis_name=vocab_axis_name)[0]
+
+    one = Mesh(np.array(jax.devices()[:1]), ("tp",))
+    sharded = jax.shard_map(lambda h, w, b: step(h, w, b, "tp"), mesh=one,
+                            in_specs=(P(), P("tp"), P("tp")), out_specs=P())
+    args = (p["hidden"], p["weight"], p["bias"])
+    l1, g1 = jax.value_and_grad(step, argnums=(0, 1, 2))(*args)
+    l2, g2 = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(*args)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    close(g2, g1, 1e-5)
+
+
 @pytest.mark.parametrize("average", [False, True])
 def test_vocab_parallel_logprobs_equal_the_whole_head(average):
     p = problem(5, V=24)

@@ -121,7 +121,7 @@ struct FusedStep {
     const RowPartialsAllGather& gather = a.hooks.gather_partials;
     const index_t N = in.hidden.rows, NK = in.kl.hidden.rows;
     const index_t kl_gathered = kl_used ? NK : 0, gathered_rows = kl_gathered + N;
-    const RowPartial<float>* all = gather.gathered;  // given: no partials of our own
+    const RowPartial<float>* all = gather.gathered.data;  // given: no partials of our own
     if (all == nullptr) {
       cudaMemsetAsync(b.partials, 0, sizeof(RowPartial<float>) * static_cast<size_t>(gathered_rows),
                       stream);  // rows no chunk visits: defined bytes for the collective

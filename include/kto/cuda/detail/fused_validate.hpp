@@ -84,9 +84,9 @@ void validate(const FusedLinearArguments<T>& a, const char* fn) {
                              std::to_string(head.weight.rows) + " of " +
                              std::to_string(head.total_vocab()) + " rows)",
                          "an empty function");
-    kto::detail::require(!gather_partials.gather || gather_partials.gathered == nullptr, fn,
+    kto::detail::require(!gather_partials.gather || gather_partials.gathered.data == nullptr, fn,
                          "gather_partials.gathered",
-                         "be null when gather_partials.gather is set (one or the other)",
+                         "be empty when gather_partials.gather is set (one or the other)",
                          "a pointer");
     kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
                          "be false with a vocabulary slice (the row partials carry no entropy)",
@@ -107,7 +107,18 @@ void validate(const FusedLinearArguments<T>& a, const char* fn) {
     kto::detail::require(!gather_partials, fn, "gather_partials",
                          "be empty when head.weight holds the whole vocabulary (a gather "
                          "the step never calls would leave the other ranks waiting)",
-                         "a function");
+                         gather_partials.gather ? "a function" : "gathered partials");
+  if (gather_partials.gathered.data != nullptr) {
+    const bool kl_used = uses_kl_batch(o) && in.kl.sequences.count > 0;
+    const index_t rows = (kl_used ? in.kl.hidden.rows : 0) + in.hidden.rows;
+    kto::detail::require(
+        gather_partials.gathered.size == kto::detail::checked_mul(gather_partials.ranks, rows, fn,
+                                                                  "gather_partials.gathered.size"),
+        fn, "gather_partials.gathered.size",
+        "be ranks x " + std::to_string(rows) +
+            " (each slice's KL rows when the step uses them, then its target rows)",
+        gather_partials.gathered.size);
+  }
   validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
   validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
   kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
@@ -194,8 +205,8 @@ template <class T>
 void validate_row_partials(const MatrixView<const T>& hidden, const TargetsView& targets,
                            const SequencesView& sequences, const LinearHead<T>& head,
                            const Options& o, const RowPartial<float>* partials,
-                           const index_t* host_offsets, const index_t* host_targets,
-                           const char* fn) {
+                           const FusedLinearConfig& cfg, const index_t* host_offsets,
+                           const index_t* host_targets, const char* fn) {
   validate_options(o, fn);
   kto::detail::require(!o.token_statistics, fn, "options.token_statistics",
                        "be false for row partials (they carry no entropy)", "true");
@@ -203,6 +214,8 @@ void validate_row_partials(const MatrixView<const T>& hidden, const TargetsView&
   validate_hidden(hidden, targets, sequences, head, fn, "", true);
   kto::detail::require(partials != nullptr || hidden.rows == 0, fn, "partials", "be non-null",
                        "nullptr");
+  kto::detail::require(cfg.chunk_bytes > 0, fn, "config.chunk_bytes", "be > 0",
+                       static_cast<index_t>(cfg.chunk_bytes));
   if (host_offsets)
     kto::detail::validate_sequences(SequencesView{host_offsets, sequences.count}, hidden.rows, fn,
                                     "host_offsets", true);

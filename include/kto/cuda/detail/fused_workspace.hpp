@@ -141,7 +141,8 @@ struct FusedLayout {
     FusedLayout l;
     l.vocab_blocks = a.config.strategy == FusedStrategy::vocab_blocks;
     // can_implement checks the range; clamped here for a query made before it.
-    l.ranks = gather ? std::min(std::max<index_t>(gather.ranks, 1), kMaxVocabRanks) : 0;
+    // Partials gathered ahead (gather.gathered) need no room of the step's.
+    l.ranks = gather.gather ? std::min(std::max<index_t>(gather.ranks, 1), kMaxVocabRanks) : 0;
     l.rows = in.hidden.rows;
     l.sequences = in.sequences.count;
     l.kl_rows = in.kl.hidden.rows;
