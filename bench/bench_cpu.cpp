@@ -270,7 +270,7 @@ void BM_vocab_slice_step(benchmark::State& state) {
   if (mode == 0)
     hooks.gather_partials = [&](const auto&, auto& all) { all = gathered; };
   else if (mode == 1)
-    hooks.gathered_partials = kto::make_span(gathered);
+    hooks.gathered_partials = {kto::make_span(gathered), 2};
   else
     hooks.gather_partials = [&](const auto& local, auto& all) {
       std::copy(local.begin(), local.end(), gathered.begin());

@@ -95,7 +95,8 @@ struct Case {
   index_t ref_size = 0, kl_ref_size = 0, desirable_size = 0;
   std::vector<std::uint8_t> desirable;
   index_t vocab_begin = 0, vocab_total = 0;
-  int gather = 0;  ///< 0 two equal ranks, 1 one rank only, 2 one extra partial, 3 nothing, 4 NaN
+  int gather = 0;  ///< 0 two equal ranks, 1 one rank only, 2 one extra partial, 3 nothing,
+                   ///< 4 two ranks of NaN lse
   int alias = 0;   ///< 0 none, else which output lands on which buffer (see place())
   index_t alias_offset = 0;
   bool determinism = false;
@@ -332,7 +333,7 @@ Outcome<T> run(const Case<T>& c, const Placement& pl, const kto::cpu::ExecutionP
     *malformed = (gather == 3 && !local.empty()) || (gather == 1 && !local.empty()) ||
                  (gather == 2 && local.size() != 1);
     all = local;
-    if (gather == 0) all.insert(all.end(), local.begin(), local.end());
+    if (gather == 0 || gather == 4) all.insert(all.end(), local.begin(), local.end());
     if (gather == 2) all.push_back({Acc(0), Acc(0)});
     if (gather == 3) all.clear();
     if (gather == 4)

@@ -258,7 +258,8 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
   const bool kl = uses_kl_batch(o);
   const bool sharded = head.sharded();
   const bool recompute_all = sharded || cfg.strategy == FusedStrategy::recompute;
-  const bool pre_gathered = hooks.gathered_partials.size != 0;
+  const Span<const RowPartial<Acc>>& ahead = hooks.gathered_partials.partials;
+  const bool pre_gathered = ahead.size != 0;
   const detail::HiddenBatch<T> target_batch{in.hidden, in.targets, in.sequences, "hidden"};
   const detail::HiddenBatch<T> kl_batch{in.kl.hidden, in.kl.targets, in.kl.sequences, "kl.hidden"};
   std::unique_ptr<detail::ChunkEngine<T>> engine;
@@ -316,8 +317,8 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     kto::detail::require(!sharded || !o.token_statistics, fn, "options.token_statistics",
                          "be false with a vocabulary slice (the row partials carry no entropy)",
                          "true");
-    kto::detail::require(hooks.gathered_partials.size >= 0, fn, "hooks.gathered_partials.size",
-                         "be >= 0", hooks.gathered_partials.size);
+    kto::detail::require(ahead.size >= 0, fn, "hooks.gathered_partials.partials.size", "be >= 0",
+                         ahead.size);
     kto::detail::require(
         !sharded || static_cast<bool>(hooks.gather_partials) || pre_gathered, fn,
         "hooks.gather_partials",
@@ -327,12 +328,30 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
         "an empty function");
     kto::detail::require(!pre_gathered || !hooks.gather_partials, fn, "hooks.gathered_partials",
                          "be empty when hooks.gather_partials is set (one or the other)",
-                         hooks.gathered_partials.size);
-    kto::detail::require(hooks.gathered_partials.data != nullptr || !pre_gathered, fn,
-                         "hooks.gathered_partials.data", "be non-null when size > 0", "nullptr");
+                         ahead.size);
+    kto::detail::require(ahead.data != nullptr || !pre_gathered, fn,
+                         "hooks.gathered_partials.partials.data", "be non-null when size > 0",
+                         "nullptr");
     kto::detail::require(!pre_gathered || sharded, fn, "hooks.gathered_partials",
-                         "be empty when head.weight holds the whole vocabulary",
-                         hooks.gathered_partials.size);
+                         "be empty when head.weight holds the whole vocabulary", ahead.size);
+    const index_t ranks = hooks.gathered_partials.ranks;
+    kto::detail::require(
+        !pre_gathered || (ranks >= 2 && ranks <= std::min(head.total_vocab(), kMaxVocabRanks)), fn,
+        "hooks.gathered_partials.ranks",
+        "be in [2, min(head.vocab_total, 65536)] (the vocabulary slices gathered, this one "
+        "among them)",
+        ranks);
+    if (pre_gathered) {
+      const index_t rows = kto::detail::checked_add(kl ? in.kl.hidden.rows : 0, in.hidden.rows, fn,
+                                                    "hooks.gathered_partials.partials.size");
+      kto::detail::require(
+          ahead.size ==
+              kto::detail::checked_mul(ranks, rows, fn, "hooks.gathered_partials.partials.size"),
+          fn, "hooks.gathered_partials.partials.size",
+          "be ranks x " + std::to_string(rows) +
+              " (each slice's KL rows when the options use the KL batch, then its target rows)",
+          ahead.size);
+    }
   };
 
   auto make_engine = [&] {
@@ -360,8 +379,7 @@ StepResult<accumulator_t<T>> fused_linear_kto_step(
     std::vector<RowPartial<Acc>> all;
     const char* given = pre_gathered ? "hooks.gathered_partials" : "hooks.gather_partials";
     if (pre_gathered)
-      all.assign(hooks.gathered_partials.data,
-                 hooks.gathered_partials.data + hooks.gathered_partials.size);
+      all.assign(ahead.data, ahead.data + ahead.size);
     else
       hooks.gather_partials(partials, all);
     const index_t n = kl_rows + in.hidden.rows;  // a slice's rows: KL batch, then target

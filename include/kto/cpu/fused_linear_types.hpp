@@ -74,17 +74,28 @@ template <class Acc>
 using RowPartialsAllGather = std::function<void(const std::vector<RowPartial<Acc>>& local,
                                                 std::vector<RowPartial<Acc>>& all)>;
 
+/// Vocab parallel, gathered by the caller before the step: every slice's
+/// fused_linear_row_partials, all-gathered rank-major (rank k's row r at k·rows + r), and
+/// how many slices they are. The step requires partials.size == ranks × its rows (the KL
+/// batch's when the options use it, then the target batch's), so a layout it does not
+/// expect is refused rather than read as more ranks. The twin of CUDA's
+/// RowPartialsAllGather{ranks, gathered}.
+template <class Acc>
+struct GatheredRowPartials {
+  Span<const RowPartial<Acc>> partials;
+  index_t ranks = 0;  ///< in [2, min(head.vocab_total, kMaxVocabRanks)]
+};
+
 /// The caller's collectives, host calls; empty ones are not called. The twin of
 /// kto::cuda::FusedLinearHooks (the same two, on the stream).
 template <class Acc>
 struct FusedLinearHooks {
   KlAllReduce kl_all_reduce;                  ///< data parallel: sums (S, C) over ranks
   RowPartialsAllGather<Acc> gather_partials;  ///< vocab parallel: set when W is sharded
-  /// Vocab parallel, gathered by the caller before the step (each slice's
-  /// fused_linear_row_partials, all-gathered rank-major): the step computes no row partials
-  /// of its own (one forward pass over the slice fewer) and calls no gather. Set this or
-  /// gather_partials, never both.
-  Span<const RowPartial<Acc>> gathered_partials;
+  /// Vocab parallel, gathered by the caller before the step: the step computes no row
+  /// partials of its own (one forward pass over the slice fewer) and calls no gather.
+  /// Set this or gather_partials, never both.
+  GatheredRowPartials<Acc> gathered_partials;
 };
 
 }  // namespace cpu

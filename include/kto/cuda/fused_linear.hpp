@@ -70,11 +70,11 @@ Status can_implement(const FusedLinearArguments<T>& a) {
   return Status::success();
 }
 
-/// Bytes of workspace the step needs (vocab parallel: with its ranks × (KL rows +
-/// rows) gathered partials). An empty outputs.d_bias needs round_up(sizeof(T) ×
-/// ones rows, 256) bytes less (the db GEMV's ones: the chunk's rows; with vocab_blocks
-/// max(chunk rows, hidden.rows)); an empty d_weight changes nothing here (dW is written
-/// into the caller's array, which a frozen head does not allocate).
+/// Bytes of workspace the step needs (vocab parallel through gather_partials.gather:
+/// with its ranks × (KL rows + rows) gathered partials; gathered ahead, none). An empty
+/// outputs.d_bias needs round_up(sizeof(T) × ones rows, 256) bytes less (the db GEMV's ones: the
+/// chunk's rows; with vocab_blocks max(chunk rows, hidden.rows)); an empty d_weight changes nothing
+/// here (dW is written into the caller's array, which a frozen head does not allocate).
 template <class T>
 size_t workspace_bytes(const FusedLinearArguments<T>& a) {
   return detail::fused_workspace_bytes(detail::FusedLayout::of(a), a.head, a.config);
@@ -244,10 +244,12 @@ size_t fused_linear_row_partials_workspace_bytes(index_t rows, const LinearHead<
 /// Vocab parallel, for a caller that gathers the slices' partials itself (a JAX
 /// all_gather, or an ncclAllGather ahead of the step): this slice's RowPartial of every
 /// row of one batch into `partials` (hidden.rows of them, device; {0, 0} on unscored
-/// rows), forward only: one GEMM pass over the slice. All-gathered rank-major (a KL
-/// batch's rows first, when the step has one), they are the step's
-/// gather_partials.gathered. The twin of kto::cpu::fused_linear_row_partials, which takes
-/// both batches in one call. Host targets and offsets: compact scoring, as in the step.
+/// rows), forward only: one GEMM pass over the slice. All-gathered rank-major (the KL
+/// batch's rows first when the step uses them: uses_kl_batch(options) and a KL batch of
+/// one sequence at least), they are the step's gather_partials.gathered. Its errors are
+/// reported as the target batch's (read_status), whichever batch the call was for. The twin of
+/// kto::cpu::fused_linear_row_partials, which takes both batches in one call. Host targets and
+/// offsets: compact scoring, as in the step.
 template <class T>
 Status fused_linear_row_partials(cublasHandle_t handle, void* workspace, size_t& workspace_bytes,
                                  const MatrixView<const T>& hidden, const TargetsView& targets,

@@ -378,8 +378,10 @@ ffi::Error FusedStepImpl(ffi::AnyBuffer hidden, ffi::AnyBuffer weight, ffi::AnyB
             std::string(kFused) + ": argument 'gathered' must hold [slices >= 2, " +
             std::to_string(N) + ", 2] row partials; got " + std::to_string(floats) + " floats");
       static_assert(sizeof(kto::RowPartial<float>) == 2 * sizeof(float), "two floats a row");
-      hooks.gathered_partials = kto::make_span(
-          reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data()), floats / 2);
+      hooks.gathered_partials = {
+          kto::make_span(reinterpret_cast<const kto::RowPartial<float>*>(gathered.typed_data()),
+                         floats / 2),
+          ranks};
     }
     const auto r = kto::cpu::fused_linear_kto_step<T>(in, head, o, grads, cfg, {}, hooks);
     metrics_values(r.metrics, metrics->typed_data());

@@ -374,7 +374,7 @@ TEMPLATE_TEST_CASE("vocab-parallel fused step equals the unsharded one", "[fused
           const auto local = kto::cpu::fused_linear_row_partials<T>(st.inputs(), head, o, cfg,
                                                                     kto::cpu::ExecutionPolicy{1});
           board.gather(k, local, gathered);
-          hooks.gathered_partials = kto::make_span(gathered);
+          hooks.gathered_partials = {kto::make_span(gathered), ranks};
         } else {
           hooks.gather_partials = [&](const auto& local, auto& all) {
             board.gather(k, local, all);
@@ -517,7 +517,7 @@ TEST_CASE("fused error: gathered partials with a gather hook, or for a whole hea
   FusedFixture f;
   const auto n = f.fp.rows + f.fp.kl_rows;
   std::vector<kto::RowPartial<float>> gathered(static_cast<size_t>(2 * n));
-  f.hooks.gathered_partials = kto::make_span(gathered);
+  f.hooks.gathered_partials = {kto::make_span(gathered), 2};
   expect_error([&] { f.run(); }, "hooks.gathered_partials",
                "be empty when head.weight holds the whole vocabulary", std::to_string(2 * n));
   slice_first_rows(f);
@@ -527,70 +527,105 @@ TEST_CASE("fused error: gathered partials with a gather hook, or for a whole hea
                std::to_string(2 * n));
 }
 
-TEST_CASE("vocab parallel: the step reads the gathered partials it is given", "[fused][tp]") {
-  // Rank 0 of two slices, the partials gathered ahead; one scored row's target logit moved
-  // by +1 in rank 0's partials moves its sequence's log-prob (a sum) by +1 and no other.
+/// Rank 0 of two slices of the fixture's head, with the partials gathered ahead from
+/// kto::cpu::fused_linear_row_partials (the fixture's inputs and options).
+struct TwoSlices {
   FusedFixture f;
-  const index_t V = f.head.weight.rows, half = V / 2;
-  auto slice = [&](index_t begin, index_t rows) {
-    kto::LinearHead<float> h = f.head;
-    h.weight.data += begin * h.weight.stride;
-    h.weight.rows = rows;
-    h.bias = kto::make_span(h.bias.data ? h.bias.data + begin : nullptr, h.bias.data ? rows : 0);
-    h.vocab_begin = begin;
-    h.vocab_total = V;
-    return h;
-  };
-  auto gathered = kto::cpu::fused_linear_row_partials<float>(f.in, slice(0, half), f.o);
-  const auto other = kto::cpu::fused_linear_row_partials<float>(f.in, slice(half, V - half), f.o);
-  gathered.insert(gathered.end(), other.begin(), other.end());
-  f.head = slice(0, half);
-  f.grads.d_weight.rows = half;
-  f.grads.d_bias.size = f.grads.d_bias.size ? half : 0;
-  f.hooks.gathered_partials = kto::make_span(gathered);
-  REQUIRE(!f.o.average_logprob);
-  const auto base =
-      kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, {}, {}, f.hooks);
-  const index_t kl_rows = kto::uses_kl_batch(f.o) ? f.fp.kl_rows : 0;
-  index_t row = -1, sequence = -1;  // the first scored row of the target batch
-  for (index_t s = 0; s + 1 < static_cast<index_t>(f.fp.offsets.size()) && row < 0; ++s)
-    for (index_t r = f.fp.offsets[s]; r < f.fp.offsets[s + 1] && row < 0; ++r)
-      if (f.fp.targets[r] != f.o.ignore_index) row = r, sequence = s;
+  std::vector<kto::RowPartial<float>> gathered;
+  TwoSlices() {
+    const index_t V = f.head.weight.rows, half = V / 2;
+    auto slice = [&](index_t begin, index_t rows) {
+      kto::LinearHead<float> h = f.head;
+      h.weight.data += begin * h.weight.stride;
+      h.weight.rows = rows;
+      h.bias = kto::make_span(h.bias.data ? h.bias.data + begin : nullptr, h.bias.data ? rows : 0);
+      h.vocab_begin = begin;
+      h.vocab_total = V;
+      return h;
+    };
+    gathered = kto::cpu::fused_linear_row_partials<float>(f.in, slice(0, half), f.o);
+    const auto other = kto::cpu::fused_linear_row_partials<float>(f.in, slice(half, V - half), f.o);
+    gathered.insert(gathered.end(), other.begin(), other.end());
+    f.head = slice(0, half);
+    f.grads.d_weight.rows = half;
+    f.grads.d_bias.size = f.grads.d_bias.size ? half : 0;
+    f.hooks.gathered_partials = {kto::make_span(gathered), 2};
+  }
+  kto::cpu::StepResult<float> run() {
+    return kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, {}, {}, f.hooks);
+  }
+};
+
+/// The first scored row of a batch and its sequence.
+static std::pair<index_t, index_t> first_scored(const std::vector<index_t>& targets,
+                                                const std::vector<index_t>& offsets,
+                                                index_t ignore_index) {
+  for (index_t s = 0; s + 1 < static_cast<index_t>(offsets.size()); ++s)
+    for (index_t r = offsets[s]; r < offsets[s + 1]; ++r)
+      if (targets[r] != ignore_index) return {r, s};
+  return {-1, -1};
+}
+
+TEST_CASE("vocab parallel: the step reads the gathered partials it is given", "[fused][tp]") {
+  // One scored row's target logit moved by +1 in rank 0's partials: a target row moves its
+  // sequence's log-prob (a sum) by +1 and no other, z0 unchanged; a KL row moves z0 and no
+  // target log-prob. So the step reads each row where the layout puts it.
+  TwoSlices t;
+  REQUIRE(kto::uses_kl_batch(t.f.o));  // the KL batch's rows come first
+  REQUIRE(!t.f.o.average_logprob);
+  const auto base = t.run();
+  const index_t kl_rows = t.f.fp.kl_rows;
+  const auto [row, sequence] = first_scored(t.f.fp.targets, t.f.fp.offsets, t.f.o.ignore_index);
   REQUIRE(row >= 0);
-  gathered[static_cast<size_t>(kl_rows + row)].target_logit += 1.0f;
-  const auto moved =
-      kto::cpu::fused_linear_kto_step<float>(f.in, f.head, f.o, f.grads, {}, {}, f.hooks);
+  t.gathered[static_cast<size_t>(kl_rows + row)].target_logit += 1.0f;
+  const auto moved = t.run();
+  CHECK(moved.metrics.kl == base.metrics.kl);
   for (index_t s = 0; s < static_cast<index_t>(base.logp.size()); ++s) {
     INFO("sequence " << s << " (moved: " << sequence << ")");
     const double delta = double(moved.logp[s]) - double(base.logp[s]);
     CHECK(std::fabs(delta - (s == sequence ? 1.0 : 0.0)) <= 1e-4 * (1 + std::fabs(base.logp[s])));
   }
+  t.gathered[static_cast<size_t>(kl_rows + row)].target_logit -= 1.0f;
+  const auto kl_row = first_scored(t.f.fp.kl_targets, t.f.fp.kl_offsets, t.f.o.ignore_index).first;
+  REQUIRE(kl_row >= 0);
+  t.gathered[static_cast<size_t>(kl_row)].target_logit += 1.0f;
+  const auto kl_moved = t.run();
+  CHECK(kl_moved.metrics.kl != base.metrics.kl);
+  CHECK(kl_moved.logp == base.logp);
 }
 
-TEST_CASE("fused error: one slice's partials alone", "[fused][errors]") {
-  // A sharded head needs two slices at least: this slice's partials alone would give a
-  // loss over its part of the vocabulary.
+TEST_CASE("fused error: gathered partials of another layout, count or rank number",
+          "[fused][errors]") {
+  // The KL rows gathered while the step takes z0 without its KL batch (kto_jax's pattern
+  // done wrong): 2 x (KL rows + rows) is no longer read as more ranks.
+  {
+    TwoSlices t;
+    t.f.in.kl = {};
+    t.f.in.kl.hidden.cols = t.f.fp.dim;
+    t.f.hooks.kl_all_reduce = [](kto::KlPartial&) {};
+    const auto n = t.f.fp.rows;
+    expect_error([&] { t.run(); }, "hooks.gathered_partials.partials.size",
+                 "be ranks x " + std::to_string(n), std::to_string(2 * (n + t.f.fp.kl_rows)));
+  }
   FusedFixture f;
   slice_first_rows(f);
   const auto n = f.fp.rows + f.fp.kl_rows;
-  std::vector<kto::RowPartial<float>> gathered(static_cast<size_t>(n));
-  f.hooks.gathered_partials = kto::make_span(gathered);
-  expect_error([&] { f.run(); }, "hooks.gathered_partials",
-               "hold ranks x " + std::to_string(n) + " partials", std::to_string(n));
+  std::vector<kto::RowPartial<float>> gathered(static_cast<size_t>(3 * n));
+  for (const index_t size : {2 * n - 1, 2 * n + 1, 3 * n}) {
+    f.hooks.gathered_partials = {kto::make_span(gathered.data(), size), 2};
+    expect_error([&] { f.run(); }, "hooks.gathered_partials.partials.size",
+                 "be ranks x " + std::to_string(n), std::to_string(size));
+  }
+  // One slice's partials alone would give a loss over its part of the vocabulary.
+  for (const index_t ranks : {index_t{1}, index_t{38}}) {
+    f.hooks.gathered_partials = {kto::make_span(gathered.data(), ranks * n), ranks};
+    expect_error([&] { f.run(); }, "hooks.gathered_partials.ranks",
+                 "be in [2, min(head.vocab_total, 65536)]", std::to_string(ranks));
+  }
   f.hooks.gathered_partials = {};
   f.hooks.gather_partials = [](const auto& local, auto& all) { all = local; };
   expect_error([&] { f.run(); }, "hooks.gather_partials",
                "return ranks x " + std::to_string(n) + " partials", std::to_string(n));
-}
-
-TEST_CASE("fused error: gathered partials of the wrong count", "[fused][errors]") {
-  FusedFixture f;
-  slice_first_rows(f);
-  const auto n = f.fp.rows + f.fp.kl_rows;
-  std::vector<kto::RowPartial<float>> gathered(static_cast<size_t>(2 * n - 1));
-  f.hooks.gathered_partials = kto::make_span(gathered);
-  expect_error([&] { f.run(); }, "hooks.gathered_partials",
-               "hold ranks x " + std::to_string(n) + " partials", std::to_string(2 * n - 1));
 }
 
 TEST_CASE("fused error: a gather hook that returns the wrong count", "[fused][errors]") {

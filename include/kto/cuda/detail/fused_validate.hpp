@@ -108,17 +108,6 @@ void validate(const FusedLinearArguments<T>& a, const char* fn) {
                          "be empty when head.weight holds the whole vocabulary (a gather "
                          "the step never calls would leave the other ranks waiting)",
                          gather_partials.gather ? "a function" : "gathered partials");
-  if (gather_partials.gathered.data != nullptr) {
-    const bool kl_used = uses_kl_batch(o) && in.kl.sequences.count > 0;
-    const index_t rows = (kl_used ? in.kl.hidden.rows : 0) + in.hidden.rows;
-    kto::detail::require(
-        gather_partials.gathered.size == kto::detail::checked_mul(gather_partials.ranks, rows, fn,
-                                                                  "gather_partials.gathered.size"),
-        fn, "gather_partials.gathered.size",
-        "be ranks x " + std::to_string(rows) +
-            " (each slice's KL rows when the step uses them, then its target rows)",
-        gather_partials.gathered.size);
-  }
   validate_hidden(in.hidden, in.targets, in.sequences, head, fn, "", false);
   validate_device_logp(in.reference_logp, in.sequences.count, fn, "reference_logp");
   kto::detail::require(in.desirable != nullptr, fn, "desirable", "be non-null", "nullptr");
@@ -178,6 +167,19 @@ void validate(const FusedLinearArguments<T>& a, const char* fn) {
        byte_range(head.bias, "head.bias"),
        byte_range(uses_kl_batch(o) ? in.kl.hidden : MatrixView<const T>{}, "kl.hidden")},
       fn);
+  // After the batches are checked: the count the step reads (gather_slices()).
+  if (gather_partials.gathered.data != nullptr) {
+    const bool kl_used = uses_kl_batch(o) && in.kl.sequences.count > 0;
+    const index_t rows = kto::detail::checked_add(kl_used ? in.kl.hidden.rows : 0, in.hidden.rows,
+                                                  fn, "gather_partials.gathered.size");
+    kto::detail::require(
+        gather_partials.gathered.size == kto::detail::checked_mul(gather_partials.ranks, rows, fn,
+                                                                  "gather_partials.gathered.size"),
+        fn, "gather_partials.gathered.size",
+        "be ranks x " + std::to_string(rows) +
+            " (each slice's KL rows when the step uses them, then its target rows)",
+        gather_partials.gathered.size);
+  }
 }
 
 /// The arguments of fused_linear_logprobs(), under `fn`.

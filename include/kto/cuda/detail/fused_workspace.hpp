@@ -129,7 +129,8 @@ struct FusedLayout {
   /// Strategy vocab_blocks: the backward holds every row's hidden states (and with
   /// compact scoring, their dH), a block of logits at least kMinCols wide over them.
   bool vocab_blocks = false;
-  /// Vocab parallel: the slices whose row partials are gathered (0: not sharded).
+  /// Vocab parallel: the slices whose row partials the step gathers (0: not sharded, or
+  /// the partials gathered ahead by the caller).
   index_t ranks = 0;
 
   /// A step's: compact scoring where host targets and offsets are given; db where
