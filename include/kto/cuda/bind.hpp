@@ -297,6 +297,34 @@ inline std::string fused_linear_kto_step(const FusedLinearCall& c, void* workspa
   });
 }
 
+namespace cuda_detail {
+
+/// The forward-only calls' shared frame: dtype dispatch, the chunk budget, the workspace
+/// query (the library's forward-only layout, compact when host ids are given), the shared
+/// cuBLAS handle, then run(handle, head, cfg) with the typed head.
+template <class Run>
+std::string forward_only(const Matrix& hidden, const LinearHead& h, const Batch& batch,
+                         std::size_t chunk_bytes, void* workspace, std::size_t* workspace_bytes,
+                         const char* fn, Run&& run) {
+  return dispatch(hidden.dtype, fn, "hidden", [&](auto tag) -> std::string {
+    using T = decltype(tag);
+    const auto head = typed<T>(h);
+    cuda::FusedLinearConfig cfg;
+    cfg.chunk_bytes = chunk_bytes;
+    if (workspace == nullptr) {
+      *workspace_bytes = cuda::fused_linear_logprobs_workspace_bytes(
+          hidden.rows, head, cfg, batch.host_offsets != nullptr && batch.host_targets != nullptr);
+      return std::string();
+    }
+    cublasHandle_t handle = nullptr;
+    const auto hs = cuda::shared_blas_handle(&handle);
+    if (!hs.ok()) return message(hs);
+    return message(run(handle, typed<T>(hidden), head, cfg));
+  });
+}
+
+}  // namespace cuda_detail
+
 /// A vocabulary slice's row partials of the call's batch (`partials`, hidden.rows of them;
 /// {0, 0} on unscored rows), for the caller to all-gather and hand to
 /// fused_linear_kto_step as `vocab`: kto::cuda::fused_linear_row_partials, one forward
@@ -305,51 +333,28 @@ inline std::string fused_linear_kto_step(const FusedLinearCall& c, void* workspa
 inline std::string fused_linear_row_partials(const FusedLinearCall& c, RowPartial<float>* partials,
                                              void* workspace, std::size_t* workspace_bytes,
                                              cudaStream_t stream) {
-  const char* fn = "kto::cuda::fused_linear_row_partials";
-  return cuda_detail::dispatch(c.hidden.dtype, fn, "hidden", [&](auto tag) -> std::string {
-    using T = decltype(tag);
-    cuda::FusedLinearConfig cfg;
-    cfg.chunk_bytes = c.chunk_bytes;
-    const auto head = cuda_detail::typed<T>(c.head);
-    if (workspace == nullptr) {
-      *workspace_bytes = cuda::fused_linear_row_partials_workspace_bytes<T>(
-          c.hidden.rows, head, cfg,
-          c.batch.host_targets != nullptr && c.batch.host_offsets != nullptr);
-      return std::string();
-    }
-    cublasHandle_t handle = nullptr;
-    const auto hs = cuda::shared_blas_handle(&handle);
-    if (!hs.ok()) return cuda_detail::message(hs);
-    return cuda_detail::message(cuda::fused_linear_row_partials<T>(
-        handle, workspace, *workspace_bytes, cuda_detail::typed<T>(c.hidden), c.batch.targets,
-        c.batch.sequences, head, c.options, partials, stream, cfg, c.batch.host_offsets,
-        c.batch.host_targets));
-  });
+  return cuda_detail::forward_only(
+      c.hidden, c.head, c.batch, c.chunk_bytes, workspace, workspace_bytes,
+      "kto::cuda::fused_linear_row_partials",
+      [&](cublasHandle_t handle, const auto& hidden, const auto& head, const auto& cfg) {
+        return cuda::fused_linear_row_partials(
+            handle, workspace, *workspace_bytes, hidden, c.batch.targets, c.batch.sequences, head,
+            c.options, partials, stream, cfg, c.batch.host_offsets, c.batch.host_targets);
+      });
 }
 
 /// Forward only: logp [B] and num_tokens [B] from hidden states and the head.
 inline std::string fused_linear_logprobs(const FusedLogprobsCall& c, void* workspace,
                                          std::size_t* workspace_bytes, cudaStream_t stream) {
-  const char* fn = "kto::cuda::fused_linear_logprobs";
-  return cuda_detail::dispatch(c.hidden.dtype, fn, "hidden", [&](auto tag) -> std::string {
-    using T = decltype(tag);
-    const auto head = cuda_detail::typed<T>(c.head);
-    cuda::FusedLinearConfig cfg;
-    cfg.chunk_bytes = c.chunk_bytes;
-    const bool compact = c.batch.host_offsets != nullptr && c.batch.host_targets != nullptr;
-    if (workspace == nullptr) {
-      *workspace_bytes =
-          cuda::fused_linear_logprobs_workspace_bytes(c.hidden.rows, head, cfg, compact);
-      return std::string();
-    }
-    cublasHandle_t handle = nullptr;
-    const auto hs = cuda::shared_blas_handle(&handle);
-    if (!hs.ok()) return cuda_detail::message(hs);
-    return cuda_detail::message(cuda::fused_linear_logprobs<T>(
-        handle, workspace, *workspace_bytes, cuda_detail::typed<T>(c.hidden), c.batch.targets,
-        c.batch.sequences, head, c.options, c.logp, c.num_tokens, stream, cfg, {},
-        c.batch.host_offsets, c.batch.host_targets));
-  });
+  return cuda_detail::forward_only(
+      c.hidden, c.head, c.batch, c.chunk_bytes, workspace, workspace_bytes,
+      "kto::cuda::fused_linear_logprobs",
+      [&](cublasHandle_t handle, const auto& hidden, const auto& head, const auto& cfg) {
+        return cuda::fused_linear_logprobs(handle, workspace, *workspace_bytes, hidden,
+                                           c.batch.targets, c.batch.sequences, head, c.options,
+                                           c.logp, c.num_tokens, stream, cfg, {},
+                                           c.batch.host_offsets, c.batch.host_targets);
+      });
 }
 
 /// Synchronises the stream and reports the errors the kernels recorded in `workspace`
